@@ -1,0 +1,592 @@
+//! The typed layer: [`EventBus`] publishes payloads as envelopes and runs a
+//! consume loop that hands typed [`Message`]s to a tower `Service`.
+//!
+//! # The consume loop
+//!
+//! The loop owns each [`Delivery`]; the handler never settles it. For each
+//! delivery, in order:
+//!
+//! 1. bytes that do not decode into `EventEnvelope<E>` (including another
+//!    major version) go to the dead-letter queue at once — the handler never
+//!    sees them;
+//! 2. the handler's `Ok` acks;
+//! 3. an error carrying [`Error::requeue_after`] (an open breaker, a
+//!    duplicate still in progress) nacks with that delay;
+//! 4. any other error — what is left after the handler's own retry layer gave
+//!    up — dead-letters with reason, attempts and the last error, and a
+//!    panic counts as such an error.
+//!
+//! A poison message therefore never blocks the ones behind it. The loop asks
+//! the handler's `poll_ready` before pulling each message, so a handler that
+//! is not ready (a breaker that is open) stops the pulling instead of letting
+//! messages pile up. At most `concurrency` handlers run at once, inside the
+//! subscription's own task (no task per message); a handler that needs a core
+//! of its own can spawn. `concurrency = 1` handles messages in order.
+//! A transport that cannot nack or dead-letter gets the message acked and the
+//! failure logged, so it cannot loop forever.
+
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tower::Service;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::codec::Codec;
+use crate::envelope::{Event, EventEnvelope};
+use crate::error::{Error, ErrorKind};
+use crate::topology::Topology;
+use crate::transport::{
+    DeadLetter, DeadLetterQueue, Delivery, RawMessage, SubscribeOptions, Subscription, Transport,
+    header,
+};
+
+/// Adapts an async function into a handler: re-export of
+/// [`tower::service_fn`].
+pub use tower::service_fn as handler_fn;
+
+/// What a handler receives: the typed envelope (shared, not copied), where it
+/// came from, and which attempt this is.
+pub struct Message<E> {
+    envelope: Arc<EventEnvelope<E>>,
+    topic: Arc<str>,
+    group: Arc<str>,
+    attempt: u32,
+}
+
+impl<E> Message<E> {
+    /// A message for a handler, as the consume loop builds it. Useful to call
+    /// a handler directly in its own tests.
+    pub fn new(
+        envelope: EventEnvelope<E>,
+        topic: impl Into<Arc<str>>,
+        group: impl Into<Arc<str>>,
+        attempt: u32,
+    ) -> Self {
+        Self {
+            envelope: Arc::new(envelope),
+            topic: topic.into(),
+            group: group.into(),
+            attempt,
+        }
+    }
+
+    /// The whole envelope.
+    pub fn envelope(&self) -> &EventEnvelope<E> {
+        &self.envelope
+    }
+
+    /// The envelope as a shared pointer, to keep beyond the handler.
+    pub fn shared_envelope(&self) -> Arc<EventEnvelope<E>> {
+        self.envelope.clone()
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &E {
+        self.envelope.payload()
+    }
+
+    /// The event's unique id.
+    pub fn event_id(&self) -> Uuid {
+        self.envelope.event_id()
+    }
+
+    /// The topic it arrived on.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The consumer group handling it.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Which attempt this is: the transport's delivery count, raised by each
+    /// in-process retry.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The same message, marked as attempt `attempt` (used by retry layers).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+}
+
+impl<E> Clone for Message<E> {
+    fn clone(&self) -> Self {
+        Self {
+            envelope: self.envelope.clone(),
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            attempt: self.attempt,
+        }
+    }
+}
+
+impl<E: fmt::Debug> fmt::Debug for Message<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("envelope", &self.envelope)
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+/// Typed publishing and consuming over any [`Transport`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use serde::{Deserialize, Serialize};
+/// use switchboard::{handler_fn, Event, EventBus, Message, MemoryTransport, SubscribeOptions};
+/// use tokio::sync::mpsc;
+///
+/// #[derive(Debug, Clone, Serialize, Deserialize)]
+/// struct UserRegistered { user_id: String }
+/// impl Event for UserRegistered {
+///     const TYPE: &'static str = "user.registered";
+///     const VERSION: &'static str = "1.0";
+/// }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let bus = EventBus::new(Arc::new(MemoryTransport::new()), "auth-service");
+/// let (seen, mut rx) = mpsc::unbounded_channel();
+/// let consumer = bus
+///     .subscribe::<UserRegistered, _>(
+///         SubscribeOptions::new("game"),
+///         handler_fn(move |message: Message<UserRegistered>| {
+///             let seen = seen.clone();
+///             async move {
+///                 seen.send(message.payload().user_id.clone()).ok();
+///                 Ok::<_, switchboard::Error>(())
+///             }
+///         }),
+///     )
+///     .await?;
+///
+/// bus.publish(UserRegistered { user_id: "42".into() }).await?;
+/// assert_eq!(rx.recv().await.as_deref(), Some("42"));
+/// consumer.shutdown().await?;
+/// # Ok::<(), switchboard::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct EventBus {
+    transport: Arc<dyn Transport>,
+    source: Arc<str>,
+    codec: Codec,
+    namespace: Option<Arc<str>>,
+}
+
+impl EventBus {
+    /// A bus over `transport` that stamps `source` (such as
+    /// `"trading-service"`) on every envelope it publishes.
+    pub fn new(transport: Arc<dyn Transport>, source: impl Into<String>) -> Self {
+        Self {
+            transport,
+            source: source.into().into(),
+            codec: Codec::default(),
+            namespace: None,
+        }
+    }
+
+    /// Puts every topic of this bus under `namespace`: events of type
+    /// `trade.executed` travel on `<namespace>.trade.executed`. Lets several
+    /// environments (or test runs) share one broker without seeing each
+    /// other's events. Publishers and consumers must use the same namespace.
+    pub fn with_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into().into());
+        self
+    }
+
+    /// The topic events of type `E` travel on.
+    pub fn topic_of<E: Event>(&self) -> std::borrow::Cow<'static, str> {
+        match &self.namespace {
+            None => std::borrow::Cow::Borrowed(E::TYPE),
+            Some(namespace) => std::borrow::Cow::Owned(format!("{namespace}.{}", E::TYPE)),
+        }
+    }
+
+    /// Replaces the codec (to change the size limit).
+    pub fn with_codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// The transport underneath.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// The codec in use.
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// Creates every group and queue `topology` names (under the bus's
+    /// namespace, if any); call at start-up.
+    pub async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        match &self.namespace {
+            None => self.transport.declare(topology).await,
+            Some(namespace) => {
+                let namespaced = topology.namespaced(namespace);
+                self.transport.declare(&namespaced).await
+            }
+        }
+    }
+
+    /// The transport's dead-letter queue.
+    pub fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
+        self.transport.dead_letters()
+    }
+
+    /// Publishes `payload` to the topic of [`E::TYPE`](Event::TYPE) in a fresh
+    /// envelope; returns its `event_id` once the transport accepted it.
+    pub async fn publish<E: Event>(&self, payload: E) -> Result<Uuid, Error> {
+        let envelope = EventEnvelope::new(&*self.source, payload);
+        self.publish_envelope(&envelope).await?;
+        Ok(envelope.event_id())
+    }
+
+    /// Publishes an envelope built by the caller (to carry headers or keep
+    /// an id).
+    pub async fn publish_envelope<E: Event>(
+        &self,
+        envelope: &EventEnvelope<E>,
+    ) -> Result<(), Error> {
+        let topic = self.topic_of::<E>();
+        let span = tracing::info_span!(
+            "publish",
+            event_id = %envelope.event_id(),
+            event_type = E::TYPE,
+            topic = &*topic,
+            transport = self.transport.name(),
+        );
+        async {
+            let message = self.raw_message(envelope)?;
+            self.transport.publish(&topic, message).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Publishes several payloads in as few round trips as the transport
+    /// allows; returns their ids in order.
+    pub async fn publish_batch<E: Event>(
+        &self,
+        payloads: impl IntoIterator<Item = E>,
+    ) -> Result<Vec<Uuid>, Error> {
+        let mut ids = Vec::new();
+        let mut messages = Vec::new();
+        for payload in payloads {
+            let envelope = EventEnvelope::new(&*self.source, payload);
+            ids.push(envelope.event_id());
+            messages.push(self.raw_message(&envelope)?);
+        }
+        let topic = self.topic_of::<E>();
+        let span = tracing::info_span!(
+            "publish_batch",
+            event_type = E::TYPE,
+            topic = &*topic,
+            count = ids.len(),
+            transport = self.transport.name(),
+        );
+        self.transport
+            .publish_batch(&topic, messages)
+            .instrument(span)
+            .await?;
+        Ok(ids)
+    }
+
+    fn raw_message<E: Event>(&self, envelope: &EventEnvelope<E>) -> Result<RawMessage, Error> {
+        Ok(RawMessage::new(self.codec.encode(envelope)?)
+            .with_header(header::EVENT_ID, envelope.event_id().to_string())
+            .with_header(header::EVENT_TYPE, E::TYPE))
+    }
+
+    /// Subscribes `handler` to events of type `E` (topic
+    /// [`E::TYPE`](Event::TYPE)) and runs the consume loop in a task.
+    ///
+    /// Returns once the subscription is live. Dropping the returned handle
+    /// stops the consumer; [`ConsumerHandle::shutdown`] also waits for the
+    /// handlers in flight.
+    pub async fn subscribe<E, H>(
+        &self,
+        options: SubscribeOptions,
+        handler: H,
+    ) -> Result<ConsumerHandle, Error>
+    where
+        E: Event,
+        H: Service<Message<E>, Response = ()> + Send + 'static,
+        H::Error: Into<Error>,
+        H::Future: Send + 'static,
+    {
+        let concurrency = options.concurrency;
+        let subscription = self
+            .transport
+            .subscribe(&self.topic_of::<E>(), options)
+            .await?;
+        let (topic, group) = (
+            subscription.topic().to_owned(),
+            subscription.group().to_owned(),
+        );
+        let (stop, stopped) = oneshot::channel();
+        let consume = ConsumeLoop {
+            subscription,
+            handler,
+            codec: self.codec,
+            concurrency,
+            _event: std::marker::PhantomData::<fn() -> E>,
+        };
+        let task = tokio::spawn(consume.run(stopped));
+        Ok(ConsumerHandle {
+            topic,
+            group,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+}
+
+impl fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBus")
+            .field("transport", &self.transport.name())
+            .field("source", &self.source)
+            .field("codec", &self.codec)
+            .finish()
+    }
+}
+
+/// A running consumer. Dropping it stops the consumer in the background.
+#[must_use = "dropping the handle stops the consumer"]
+pub struct ConsumerHandle {
+    topic: String,
+    group: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), Error>>>,
+}
+
+impl ConsumerHandle {
+    /// The topic consumed.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Whether the consume loop has ended (shut down, or the transport
+    /// closed the subscription).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops pulling messages, waits for the handlers in flight to finish and
+    /// their deliveries to be settled, then shuts the subscription down.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.map_err(|error| {
+                Error::new(ErrorKind::Closed, "consumer task failed").with_source(error)
+            })?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ConsumerHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl fmt::Debug for ConsumerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerHandle")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
+type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+struct ConsumeLoop<E, H> {
+    subscription: Subscription,
+    handler: H,
+    codec: Codec,
+    concurrency: usize,
+    _event: std::marker::PhantomData<fn() -> E>,
+}
+
+impl<E, H> ConsumeLoop<E, H>
+where
+    E: Event,
+    H: Service<Message<E>, Response = ()> + Send + 'static,
+    H::Error: Into<Error>,
+    H::Future: Send + 'static,
+{
+    async fn run(mut self, mut stopped: oneshot::Receiver<()>) -> Result<(), Error> {
+        let mut in_flight = FuturesUnordered::<Settling>::new();
+        let mut ready = false;
+        let mut outcome = Ok(());
+        loop {
+            let room = in_flight.len() < self.concurrency;
+            tokio::select! {
+                biased;
+                _ = &mut stopped => break,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                readiness = poll_fn(|cx| self.handler.poll_ready(cx)), if room && !ready => {
+                    match readiness {
+                        Ok(()) => ready = true,
+                        Err(error) => {
+                            let error = error.into();
+                            tracing::error!(
+                                topic = self.subscription.topic(),
+                                group = self.subscription.group(),
+                                %error,
+                                "handler failed for good; consumer stopping",
+                            );
+                            outcome = Err(error);
+                            break;
+                        }
+                    }
+                }
+                delivery = self.subscription.recv(), if room && ready => match delivery {
+                    Some(delivery) => {
+                        let (settling, used_readiness) = self.start(delivery);
+                        ready &= !used_readiness;
+                        in_flight.push(settling);
+                    }
+                    None => break,
+                },
+            }
+        }
+        while in_flight.next().await.is_some() {}
+        let drained = self.subscription.shutdown().await;
+        outcome.and(drained)
+    }
+
+    /// Decodes a delivery and starts handling it; returns the future that
+    /// handles and settles it, and whether it used the handler's readiness.
+    fn start(&mut self, delivery: Delivery) -> (Settling, bool) {
+        let (topic, group) = delivery.shared_names();
+        let envelope = match self.codec.decode::<E>(delivery.body()) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                let span = tracing::info_span!(
+                    "consume",
+                    event_type = E::TYPE,
+                    topic = &*topic,
+                    group = &*group,
+                    attempt = delivery.attempt(),
+                );
+                let letter = DeadLetter::new(format!("cannot decode as {}: {error}", E::TYPE));
+                return (
+                    Box::pin(dead_letter(delivery, letter).instrument(span)),
+                    false,
+                );
+            }
+        };
+        let span = tracing::info_span!(
+            "consume",
+            event_id = %envelope.event_id(),
+            event_type = E::TYPE,
+            topic = &*topic,
+            group = &*group,
+            attempt = delivery.attempt(),
+        );
+        let message = Message {
+            envelope: Arc::new(envelope),
+            topic,
+            group,
+            attempt: delivery.attempt(),
+        };
+        let call = span
+            .in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.call(message))));
+        let settling = async move {
+            let result = match call {
+                Ok(call) => match AssertUnwindSafe(call).catch_unwind().await {
+                    Ok(result) => result.map_err(Into::into),
+                    Err(_) => Err(Error::permanent("handler panicked")),
+                },
+                Err(_) => Err(Error::permanent("handler panicked")),
+            };
+            settle(delivery, result).await;
+        };
+        (Box::pin(settling.instrument(span)), true)
+    }
+}
+
+/// Settles a delivery by the handler's result (see the module docs).
+async fn settle(delivery: Delivery, result: Result<(), Error>) {
+    let error = match result {
+        Ok(()) => {
+            if let Err((error, _delivery)) = delivery.ack().await {
+                // The delivery is dropped unsettled: the broker redelivers it.
+                tracing::warn!(%error, "ack failed; the message will be delivered again");
+            }
+            return;
+        }
+        Err(error) => error,
+    };
+    if let Some(delay) = error.requeue_after() {
+        match delivery.nack(delay).await {
+            Ok(()) => return,
+            Err((nack_error, delivery)) => {
+                tracing::warn!(%error, %nack_error, "cannot requeue; dead-lettering instead");
+                return dead_letter(delivery, failure_letter(&error)).await;
+            }
+        }
+    }
+    dead_letter(delivery, failure_letter(&error)).await;
+}
+
+fn failure_letter(error: &Error) -> DeadLetter {
+    DeadLetter::new("handler failed").with_last_error(error.to_string())
+}
+
+/// Dead-letters a delivery; where the transport has no dead-letter queue,
+/// logs the loss and acks so the message cannot come back forever.
+async fn dead_letter(delivery: Delivery, letter: DeadLetter) {
+    let attempt = delivery.attempt();
+    tracing::warn!(
+        reason = letter.reason(),
+        last_error = letter.last_error(),
+        attempt,
+        "dead-lettering message",
+    );
+    match delivery.dead_letter(letter.clone()).await {
+        Ok(()) => {}
+        Err((error, delivery)) if error.kind() == ErrorKind::Unsupported => {
+            tracing::error!(
+                reason = letter.reason(),
+                "transport keeps no dead letters; message dropped",
+            );
+            if let Err((error, _)) = delivery.ack().await {
+                tracing::warn!(%error, "ack after failed handling also failed");
+            }
+        }
+        Err((error, _delivery)) => {
+            tracing::warn!(%error, "dead-letter failed; the message will be delivered again");
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! JSON encoding and checked decoding of [`EventEnvelope`]s.
+//!
+//! Decoding takes untrusted bytes. It refuses a document over the size limit
+//! before parsing it, so memory use is bounded by the limit (serde_json also
+//! bounds nesting depth); it never panics; and each kind of bad input gets its
+//! own [`DecodeError`] naming the problem.
+//!
+//! Valid input takes one pass straight into the typed envelope. Only when that
+//! pass fails is the document parsed again, field by field, to say exactly
+//! what is wrong — so the diagnosis costs nothing on the happy path.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::envelope::{Event, EventEnvelope, Headers, is_supported, major_version};
+use crate::error::{Error, ErrorKind};
+
+/// The default size limit for one encoded envelope: 1 MiB.
+pub const DEFAULT_MAX_SIZE: usize = 1024 * 1024;
+
+/// Why bytes are not an acceptable envelope.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The document is larger than the codec's limit; it was not parsed.
+    #[error("document is {size} bytes, over the {limit}-byte limit")]
+    TooLarge {
+        /// Size of the document in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// The bytes are not JSON at all.
+    #[error("not JSON: {reason}")]
+    NotJson {
+        /// The parser's message, with line and column.
+        reason: String,
+    },
+    /// The JSON document is not an object.
+    #[error("the envelope must be a JSON object")]
+    NotAnObject,
+    /// A required field is absent.
+    #[error("missing field `{field}`")]
+    MissingField {
+        /// The field's name.
+        field: &'static str,
+    },
+    /// A field has the wrong JSON type.
+    #[error("field `{field}` must be {expected}")]
+    WrongType {
+        /// The field's name.
+        field: &'static str,
+        /// What the field must hold.
+        expected: &'static str,
+    },
+    /// `event_id` is not a UUID.
+    #[error("field `event_id` is not a UUID: {value:?}")]
+    BadEventId {
+        /// The text found.
+        value: String,
+    },
+    /// `timestamp` is not an RFC 3339 date-time.
+    #[error("field `timestamp` is not an RFC 3339 date-time: {value:?}")]
+    BadTimestamp {
+        /// The text found.
+        value: String,
+    },
+    /// `version` is not of the form `MAJOR.MINOR`.
+    #[error("field `version` is not MAJOR.MINOR: {value:?}")]
+    BadVersion {
+        /// The text found.
+        value: String,
+    },
+    /// The envelope names another event type than the one decoded into.
+    #[error("event type {found:?} where {expected:?} was expected")]
+    TypeMismatch {
+        /// The type the consumer reads.
+        expected: &'static str,
+        /// The type the envelope names.
+        found: String,
+    },
+    /// The envelope's major version is not the consumer's.
+    #[error(
+        "version {found:?} is not supported: this consumer reads major version of {supported:?}"
+    )]
+    UnsupportedVersion {
+        /// The version the envelope carries.
+        found: String,
+        /// The version the consumer was built for.
+        supported: &'static str,
+    },
+    /// The payload does not fit the event type.
+    #[error("payload does not match {event_type}: {reason}")]
+    BadPayload {
+        /// The event type decoded into.
+        event_type: &'static str,
+        /// The deserializer's message.
+        reason: String,
+    },
+    /// Anything else the parser refused (a duplicated field, for example).
+    #[error("invalid envelope: {reason}")]
+    Malformed {
+        /// The parser's message.
+        reason: String,
+    },
+}
+
+/// Encodes envelopes to JSON and decodes them back with a size limit.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// # struct UserRegistered { user_id: String }
+/// # impl switchboard::Event for UserRegistered {
+/// #     const TYPE: &'static str = "user.registered";
+/// #     const VERSION: &'static str = "1.0";
+/// # }
+/// use switchboard::{Codec, DecodeError, EventEnvelope};
+///
+/// let codec = Codec::default();
+/// let sent = EventEnvelope::new("auth-service", UserRegistered { user_id: "42".into() });
+/// let bytes = codec.encode(&sent)?;
+/// let received = codec.decode::<UserRegistered>(&bytes)?;
+/// assert_eq!(received, sent);
+///
+/// let tiny = Codec::default().with_max_size(16);
+/// assert!(matches!(tiny.decode::<UserRegistered>(&bytes), Err(DecodeError::TooLarge { .. })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Codec {
+    max_size: usize,
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Self {
+            max_size: DEFAULT_MAX_SIZE,
+        }
+    }
+}
+
+impl Codec {
+    /// Sets the largest document, in bytes, that encodes or decodes.
+    pub fn with_max_size(mut self, bytes: usize) -> Self {
+        self.max_size = bytes;
+        self
+    }
+
+    /// The size limit in bytes.
+    pub fn max_size(&self) -> usize {
+        self.max_size
+    }
+
+    /// Encodes an envelope to JSON, refusing one over the size limit (a
+    /// consumer with the same limit would refuse it).
+    pub fn encode<T: Serialize>(&self, envelope: &EventEnvelope<T>) -> Result<Bytes, Error> {
+        let mut buffer = Vec::with_capacity(512);
+        serde_json::to_writer(&mut buffer, envelope).map_err(|error| {
+            Error::new(
+                ErrorKind::Encode,
+                format!("{}: {error}", envelope.event_type()),
+            )
+        })?;
+        if buffer.len() > self.max_size {
+            return Err(Error::new(
+                ErrorKind::Encode,
+                format!(
+                    "{} envelope is {} bytes, over the {}-byte limit",
+                    envelope.event_type(),
+                    buffer.len(),
+                    self.max_size
+                ),
+            ));
+        }
+        Ok(Bytes::from(buffer))
+    }
+
+    /// Decodes an envelope of event type `E`, checking its type and version.
+    pub fn decode<E: Event>(&self, bytes: &[u8]) -> Result<EventEnvelope<E>, DecodeError> {
+        self.check_size(bytes)?;
+        match serde_json::from_slice::<Wire<'_, E>>(bytes) {
+            Ok(wire) => {
+                check_type_and_version::<E>(&wire.event_type, &wire.version)?;
+                Ok(wire.into_envelope(Cow::Borrowed(E::TYPE), Cow::Borrowed(E::VERSION)))
+            }
+            Err(error) => Err(diagnose(bytes, error, Some(check_typed::<E>))),
+        }
+    }
+
+    /// Decodes an envelope of any event type, keeping the payload as JSON.
+    pub fn decode_value(
+        &self,
+        bytes: &[u8],
+    ) -> Result<EventEnvelope<serde_json::Value>, DecodeError> {
+        self.check_size(bytes)?;
+        match serde_json::from_slice::<Wire<'_, Value>>(bytes) {
+            Ok(wire) if major_version(&wire.version).is_none() => Err(DecodeError::BadVersion {
+                value: wire.version.into_owned(),
+            }),
+            Ok(wire) => {
+                let event_type = Cow::Owned(wire.event_type.to_string());
+                let version = Cow::Owned(wire.version.to_string());
+                Ok(wire.into_envelope(event_type, version))
+            }
+            Err(error) => Err(diagnose(bytes, error, None)),
+        }
+    }
+
+    fn check_size(&self, bytes: &[u8]) -> Result<(), DecodeError> {
+        if bytes.len() > self.max_size {
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                limit: self.max_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The envelope as it is parsed: borrowed strings where the JSON allows.
+#[derive(Deserialize)]
+struct Wire<'a, T> {
+    event_id: Uuid,
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    #[serde(deserialize_with = "deserialize_timestamp")]
+    timestamp: DateTime<Utc>,
+    source: String,
+    #[serde(borrow)]
+    version: Cow<'a, str>,
+    payload: T,
+    #[serde(default)]
+    headers: Headers,
+}
+
+impl<T> Wire<'_, T> {
+    fn into_envelope(
+        self,
+        event_type: Cow<'static, str>,
+        version: Cow<'static, str>,
+    ) -> EventEnvelope<T> {
+        EventEnvelope::from_parts(
+            self.event_id,
+            event_type,
+            self.timestamp,
+            self.source,
+            version,
+            self.payload,
+            self.headers,
+        )
+    }
+}
+
+fn check_type_and_version<E: Event>(event_type: &str, version: &str) -> Result<(), DecodeError> {
+    if event_type != E::TYPE {
+        return Err(DecodeError::TypeMismatch {
+            expected: E::TYPE,
+            found: event_type.to_owned(),
+        });
+    }
+    if major_version(version).is_none() {
+        return Err(DecodeError::BadVersion {
+            value: version.to_owned(),
+        });
+    }
+    if !is_supported::<E>(version) {
+        return Err(DecodeError::UnsupportedVersion {
+            found: version.to_owned(),
+            supported: E::VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// The typed checks of the slow path: type, version, then payload shape.
+fn check_typed<E: Event>(fields: &Fields<'_>) -> Result<(), DecodeError> {
+    check_type_and_version::<E>(fields.event_type, fields.version)?;
+    E::deserialize(fields.payload).map_err(|error| DecodeError::BadPayload {
+        event_type: E::TYPE,
+        reason: error.to_string(),
+    })?;
+    Ok(())
+}
+
+/// The envelope's fields after the field-by-field check.
+struct Fields<'a> {
+    event_type: &'a str,
+    version: &'a str,
+    payload: &'a Value,
+}
+
+/// Explains why the fast pass failed, by checking one field at a time in the
+/// order a reader would: JSON, object, each envelope field, then the typed
+/// checks.
+fn diagnose(
+    bytes: &[u8],
+    fast_error: serde_json::Error,
+    typed: Option<fn(&Fields<'_>) -> Result<(), DecodeError>>,
+) -> DecodeError {
+    let document: Value = match serde_json::from_slice(bytes) {
+        Ok(document) => document,
+        Err(error) => {
+            return DecodeError::NotJson {
+                reason: error.to_string(),
+            };
+        }
+    };
+    let Some(object) = document.as_object() else {
+        return DecodeError::NotAnObject;
+    };
+    let text = |field: &'static str| -> Result<&str, DecodeError> {
+        match object.get(field) {
+            None => Err(DecodeError::MissingField { field }),
+            Some(Value::String(text)) => Ok(text),
+            Some(_) => Err(DecodeError::WrongType {
+                field,
+                expected: "a string",
+            }),
+        }
+    };
+    let fields = (|| {
+        let event_id = text("event_id")?;
+        if Uuid::try_parse(event_id).is_err() {
+            return Err(DecodeError::BadEventId {
+                value: event_id.to_owned(),
+            });
+        }
+        let event_type = text("event_type")?;
+        let timestamp = text("timestamp")?;
+        if DateTime::parse_from_rfc3339(timestamp).is_err() {
+            return Err(DecodeError::BadTimestamp {
+                value: timestamp.to_owned(),
+            });
+        }
+        text("source")?;
+        let version = text("version")?;
+        if major_version(version).is_none() {
+            return Err(DecodeError::BadVersion {
+                value: version.to_owned(),
+            });
+        }
+        match object.get("headers") {
+            None => {}
+            Some(Value::Object(headers)) if headers.values().all(Value::is_string) => {}
+            Some(_) => {
+                return Err(DecodeError::WrongType {
+                    field: "headers",
+                    expected: "an object of strings",
+                });
+            }
+        }
+        let payload = object
+            .get("payload")
+            .ok_or(DecodeError::MissingField { field: "payload" })?;
+        Ok(Fields {
+            event_type,
+            version,
+            payload,
+        })
+    })();
+    match fields.and_then(|fields| typed.map_or(Ok(()), |check| check(&fields))) {
+        Err(specific) => specific,
+        Ok(()) => DecodeError::Malformed {
+            reason: fast_error.to_string(),
+        },
+    }
+}
+
+/// Writes a timestamp as RFC 3339 UTC with exactly six fractional digits, so
+/// every envelope's timestamp has the same length and sorts as text.
+pub(crate) fn serialize_timestamp<S: Serializer>(
+    timestamp: &DateTime<Utc>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&timestamp.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+/// Reads any RFC 3339 date-time (any offset) as UTC.
+fn deserialize_timestamp<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<DateTime<Utc>, D::Error> {
+    let text = Cow::<'de, str>::deserialize(deserializer)?;
+    DateTime::parse_from_rfc3339(&text)
+        .map(|timestamp| timestamp.with_timezone(&Utc))
+        .map_err(serde::de::Error::custom)
+}

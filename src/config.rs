@@ -1,0 +1,604 @@
+//! Circuit-breaker and retry settings, read from YAML.
+//!
+//! A service's resilience is configured in one YAML file, so operators can
+//! tune it without a rebuild. The file has up to two top-level blocks:
+//!
+//! ```yaml
+//! circuit_breaker:
+//!   failure_threshold: 5
+//!   timeout_ms: 5000
+//!   reset_timeout_ms: 30000
+//!
+//! retry:
+//!   max_attempts: 3
+//!   backoff_ms: 100
+//!   backoff_multiplier: 2
+//!   max_backoff_ms: 1000
+//! ```
+//!
+//! The values shown are the defaults. A block, or any key inside one, may be
+//! left out to keep its default, so a file only has to say what it changes.
+//!
+//! [`ResilienceConfig::from_yaml`] parses and validates the whole file;
+//! [`CircuitBreakerConfig::from_yaml`] and [`RetryConfig::from_yaml`] take a
+//! document holding just their own block. A misspelt key, a value of the
+//! wrong type and an impossible value (a zero threshold, a multiplier below
+//! one, ...) are all refused with an [`ErrorKind::Config`] error naming the
+//! key, because a typo that silently fell back to a default would only
+//! surface during an outage.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, ErrorKind};
+
+/// When a circuit breaker opens, and how long it stays open.
+///
+/// The YAML block is `circuit_breaker:`; see the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive failures that open the breaker. At least 1.
+    pub failure_threshold: u32,
+    /// Deadline for one call through the breaker, in milliseconds; a call
+    /// that misses it counts as a failure. At least 1.
+    pub timeout_ms: u64,
+    /// How long an open breaker fails calls without trying them before it
+    /// lets a trial call through, in milliseconds. At least 1.
+    pub reset_timeout_ms: u64,
+}
+
+impl Default for CircuitBreakerConfig {
+    /// Five failures to open, a 5 s call timeout, 30 s before a trial call.
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            timeout_ms: 5_000,
+            reset_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl CircuitBreakerConfig {
+    /// Parses and validates a YAML document holding only the
+    /// `circuit_breaker:` block.
+    ///
+    /// Keys left out take their defaults, as does the whole block if the
+    /// document is empty.
+    ///
+    /// # Errors
+    ///
+    /// An [`ErrorKind::Config`] error if the text is not YAML, has a key
+    /// other than `circuit_breaker` or one of its fields, has a value of the
+    /// wrong type, or fails [`validate`](Self::validate).
+    pub fn from_yaml(text: &str) -> Result<Self, Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Document {
+            #[serde(default)]
+            circuit_breaker: CircuitBreakerConfig,
+        }
+
+        let config = parse::<Document>(text)?.circuit_breaker;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that every value is usable.
+    ///
+    /// # Errors
+    ///
+    /// An [`ErrorKind::Config`] error naming the key (for example
+    /// `circuit_breaker.timeout_ms`) if any value is zero.
+    pub fn validate(&self) -> Result<(), Error> {
+        at_least_one(
+            "circuit_breaker.failure_threshold",
+            self.failure_threshold.into(),
+        )?;
+        at_least_one("circuit_breaker.timeout_ms", self.timeout_ms)?;
+        at_least_one("circuit_breaker.reset_timeout_ms", self.reset_timeout_ms)
+    }
+
+    /// [`timeout_ms`](Self::timeout_ms) as a [`Duration`].
+    pub const fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// [`reset_timeout_ms`](Self::reset_timeout_ms) as a [`Duration`].
+    pub const fn reset_timeout(&self) -> Duration {
+        Duration::from_millis(self.reset_timeout_ms)
+    }
+}
+
+/// How often a failed operation is tried again, and how long to wait between
+/// tries.
+///
+/// The wait before the second attempt is [`backoff`](Self::backoff); each
+/// later wait is the previous one times
+/// [`backoff_multiplier`](Self::backoff_multiplier), never more than
+/// [`max_backoff`](Self::max_backoff).
+///
+/// The YAML block is `retry:`; see the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// The most times an operation is attempted, the first attempt included,
+    /// so 1 means no retries. At least 1.
+    pub max_attempts: u32,
+    /// The first wait, in milliseconds. At least 1 and at most
+    /// [`max_backoff_ms`](Self::max_backoff_ms).
+    pub backoff_ms: u64,
+    /// What each wait is multiplied by to get the next. A finite number, at
+    /// least 1 (1 keeps the wait constant). YAML may write it as an integer.
+    pub backoff_multiplier: f64,
+    /// The longest wait, in milliseconds. At least 1.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    /// Three attempts, waiting 100 ms and then doubling, up to 1 s.
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            backoff_ms: 100,
+            backoff_multiplier: 2.0,
+            max_backoff_ms: 1_000,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Parses and validates a YAML document holding only the `retry:` block.
+    ///
+    /// Keys left out take their defaults, as does the whole block if the
+    /// document is empty.
+    ///
+    /// # Errors
+    ///
+    /// An [`ErrorKind::Config`] error if the text is not YAML, has a key
+    /// other than `retry` or one of its fields, has a value of the wrong
+    /// type, or fails [`validate`](Self::validate).
+    pub fn from_yaml(text: &str) -> Result<Self, Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Document {
+            #[serde(default)]
+            retry: RetryConfig,
+        }
+
+        let config = parse::<Document>(text)?.retry;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that every value is usable.
+    ///
+    /// # Errors
+    ///
+    /// An [`ErrorKind::Config`] error naming the key (for example
+    /// `retry.max_attempts`) if a count or duration is zero, if
+    /// `backoff_multiplier` is below 1 or not finite, or if `backoff_ms` is
+    /// above `max_backoff_ms`.
+    pub fn validate(&self) -> Result<(), Error> {
+        at_least_one("retry.max_attempts", self.max_attempts.into())?;
+        at_least_one("retry.backoff_ms", self.backoff_ms)?;
+        at_least_one("retry.max_backoff_ms", self.max_backoff_ms)?;
+        // Written so that NaN fails too: every comparison with NaN is false.
+        if !(self.backoff_multiplier.is_finite() && self.backoff_multiplier >= 1.0) {
+            return Err(invalid(format!(
+                "retry.backoff_multiplier must be a finite number of at least 1, got {}",
+                self.backoff_multiplier
+            )));
+        }
+        if self.backoff_ms > self.max_backoff_ms {
+            return Err(invalid(format!(
+                "retry.backoff_ms ({}) must not be above retry.max_backoff_ms ({})",
+                self.backoff_ms, self.max_backoff_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// The first wait, [`backoff_ms`](Self::backoff_ms), as a [`Duration`].
+    pub const fn backoff(&self) -> Duration {
+        Duration::from_millis(self.backoff_ms)
+    }
+
+    /// The cap on every wait, [`max_backoff_ms`](Self::max_backoff_ms), as a
+    /// [`Duration`].
+    pub const fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_backoff_ms)
+    }
+}
+
+/// A service's whole resilience configuration: the YAML file with its
+/// `circuit_breaker:` and `retry:` blocks.
+///
+/// Deserializing through serde directly does not validate; use
+/// [`from_yaml`](Self::from_yaml), or call [`validate`](Self::validate)
+/// afterwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResilienceConfig {
+    /// The `circuit_breaker:` block.
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// The `retry:` block.
+    pub retry: RetryConfig,
+}
+
+impl ResilienceConfig {
+    /// Parses and validates a resilience configuration file.
+    ///
+    /// Blocks and keys left out take their defaults; an empty document gives
+    /// [`ResilienceConfig::default`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::ErrorKind;
+    /// use switchboard::config::ResilienceConfig;
+    ///
+    /// let config = ResilienceConfig::from_yaml(
+    ///     "\
+    /// circuit_breaker:
+    ///   failure_threshold: 5
+    ///   timeout_ms: 5000
+    ///   reset_timeout_ms: 30000
+    ///
+    /// retry:
+    ///   max_attempts: 3
+    ///   backoff_ms: 100
+    ///   backoff_multiplier: 2
+    ///   max_backoff_ms: 1000
+    /// ",
+    /// )?;
+    /// assert_eq!(config.circuit_breaker.failure_threshold, 5);
+    /// assert_eq!(config.circuit_breaker.timeout(), Duration::from_secs(5));
+    /// assert_eq!(config.circuit_breaker.reset_timeout(), Duration::from_secs(30));
+    /// assert_eq!(config.retry.max_attempts, 3);
+    /// assert_eq!(config.retry.backoff(), Duration::from_millis(100));
+    /// assert_eq!(config.retry.backoff_multiplier, 2.0);
+    /// assert_eq!(config.retry.max_backoff(), Duration::from_secs(1));
+    /// assert_eq!(config, ResilienceConfig::default());
+    ///
+    /// let typo = ResilienceConfig::from_yaml("retry:\n  max_attempt: 5\n").unwrap_err();
+    /// assert_eq!(typo.kind(), ErrorKind::Config);
+    /// assert!(typo.message().contains("max_attempt"));
+    /// # Ok::<(), switchboard::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// An [`ErrorKind::Config`] error if the text is not YAML, has an unknown
+    /// key at any level, has a value of the wrong type, or fails
+    /// [`validate`](Self::validate). The message names the offending key and,
+    /// for problems found while parsing, the line.
+    pub fn from_yaml(text: &str) -> Result<Self, Error> {
+        let config = parse::<Self>(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Validates both blocks.
+    ///
+    /// # Errors
+    ///
+    /// The first error from [`CircuitBreakerConfig::validate`] or
+    /// [`RetryConfig::validate`].
+    pub fn validate(&self) -> Result<(), Error> {
+        self.circuit_breaker.validate()?;
+        self.retry.validate()
+    }
+}
+
+fn parse<T: DeserializeOwned>(text: &str) -> Result<T, Error> {
+    serde_norway::from_str(text).map_err(|error| {
+        let mut message = error.to_string();
+        // serde_norway leaves the position out of its message when it is the
+        // very start of the document, which is where it reports unknown
+        // top-level keys on the first line.
+        if let Some(location) = error.location() {
+            let at = format!("at line {} column {}", location.line(), location.column());
+            if !message.contains(&at) {
+                message.push(' ');
+                message.push_str(&at);
+            }
+        }
+        Error::new(ErrorKind::Config, message).with_source(error)
+    })
+}
+
+fn at_least_one(key: &str, value: u64) -> Result<(), Error> {
+    if value == 0 {
+        return Err(invalid(format!("{key} must be at least 1, got 0")));
+    }
+    Ok(())
+}
+
+fn invalid(message: String) -> Error {
+    Error::new(ErrorKind::Config, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC_CIRCUIT_BREAKER: &str = "\
+circuit_breaker:
+  failure_threshold: 5
+  timeout_ms: 5000
+  reset_timeout_ms: 30000
+";
+
+    const SPEC_RETRY: &str = "\
+retry:
+  max_attempts: 3
+  backoff_ms: 100
+  backoff_multiplier: 2
+  max_backoff_ms: 1000
+";
+
+    /// Both spec blocks, as one file would hold them.
+    fn spec_yaml() -> String {
+        format!("{SPEC_CIRCUIT_BREAKER}\n{SPEC_RETRY}")
+    }
+
+    #[track_caller]
+    fn assert_config_error(result: Result<impl std::fmt::Debug, Error>, needles: &[&str]) {
+        let error = result.expect_err("configuration should be refused");
+        assert_eq!(error.kind(), ErrorKind::Config, "{error:?}");
+        for needle in needles {
+            assert!(
+                error.message().contains(needle),
+                "message {:?} should contain {needle:?}",
+                error.message()
+            );
+        }
+    }
+
+    fn retry(yaml_body: &str) -> Result<ResilienceConfig, Error> {
+        ResilienceConfig::from_yaml(&format!("retry:\n{yaml_body}"))
+    }
+
+    fn circuit_breaker(yaml_body: &str) -> Result<ResilienceConfig, Error> {
+        ResilienceConfig::from_yaml(&format!("circuit_breaker:\n{yaml_body}"))
+    }
+
+    #[test]
+    fn spec_yaml_gives_the_spec_values_which_are_the_defaults() {
+        let config = ResilienceConfig::from_yaml(&spec_yaml()).unwrap();
+        assert_eq!(
+            config,
+            ResilienceConfig {
+                circuit_breaker: CircuitBreakerConfig {
+                    failure_threshold: 5,
+                    timeout_ms: 5000,
+                    reset_timeout_ms: 30000,
+                },
+                retry: RetryConfig {
+                    max_attempts: 3,
+                    backoff_ms: 100,
+                    backoff_multiplier: 2.0,
+                    max_backoff_ms: 1000,
+                },
+            }
+        );
+        assert_eq!(config, ResilienceConfig::default());
+        assert_eq!(config.circuit_breaker.timeout(), Duration::from_secs(5));
+        assert_eq!(
+            config.circuit_breaker.reset_timeout(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(config.retry.backoff(), Duration::from_millis(100));
+        assert_eq!(config.retry.max_backoff(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn spec_blocks_parse_on_their_own() {
+        assert_eq!(
+            CircuitBreakerConfig::from_yaml(SPEC_CIRCUIT_BREAKER).unwrap(),
+            CircuitBreakerConfig::default()
+        );
+        assert_eq!(
+            RetryConfig::from_yaml(SPEC_RETRY).unwrap(),
+            RetryConfig::default()
+        );
+        assert_eq!(
+            ResilienceConfig::from_yaml(SPEC_RETRY).unwrap(),
+            ResilienceConfig::default()
+        );
+    }
+
+    #[test]
+    fn a_single_block_parser_refuses_the_other_block() {
+        assert_config_error(RetryConfig::from_yaml(&spec_yaml()), &["circuit_breaker"]);
+        assert_config_error(
+            CircuitBreakerConfig::from_yaml(SPEC_RETRY),
+            &["retry", "line 1"],
+        );
+    }
+
+    #[test]
+    fn a_single_block_parser_validates() {
+        assert_config_error(
+            RetryConfig::from_yaml("retry:\n  max_attempts: 0\n"),
+            &["retry.max_attempts"],
+        );
+        assert_config_error(
+            CircuitBreakerConfig::from_yaml("circuit_breaker:\n  timeout_ms: 0\n"),
+            &["circuit_breaker.timeout_ms"],
+        );
+    }
+
+    #[test]
+    fn one_key_can_be_overridden() {
+        let config = ResilienceConfig::from_yaml("retry:\n  max_attempts: 5\n").unwrap();
+        assert_eq!(
+            config,
+            ResilienceConfig {
+                retry: RetryConfig {
+                    max_attempts: 5,
+                    ..RetryConfig::default()
+                },
+                ..ResilienceConfig::default()
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_document_gives_the_defaults() {
+        for text in ["", "# nothing to change\n", "retry:\n"] {
+            assert_eq!(
+                ResilienceConfig::from_yaml(text).unwrap(),
+                ResilienceConfig::default(),
+                "{text:?}"
+            );
+        }
+        assert_eq!(RetryConfig::from_yaml("").unwrap(), RetryConfig::default());
+        assert_eq!(
+            CircuitBreakerConfig::from_yaml("").unwrap(),
+            CircuitBreakerConfig::default()
+        );
+    }
+
+    #[test]
+    fn default_round_trips_through_yaml() {
+        let yaml = serde_norway::to_string(&ResilienceConfig::default()).unwrap();
+        assert_eq!(
+            ResilienceConfig::from_yaml(&yaml).unwrap(),
+            ResilienceConfig::default()
+        );
+    }
+
+    #[test]
+    fn unknown_key_inside_a_block_is_refused_with_its_name_and_line() {
+        assert_config_error(
+            retry("  max_attempts: 5\n  max_retries: 2\n"),
+            &["retry", "max_retries", "line 3"],
+        );
+        assert_config_error(
+            circuit_breaker("  treshold: 2\n"),
+            &["circuit_breaker", "treshold", "line 2"],
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_refused_with_its_name_and_line() {
+        assert_config_error(
+            ResilienceConfig::from_yaml("retries:\n  max_attempts: 5\n"),
+            &["retries", "line 1"],
+        );
+        assert_config_error(
+            ResilienceConfig::from_yaml(&format!("{}bulkhead:\n  limit: 3\n", spec_yaml())),
+            &["bulkhead", "line 11"],
+        );
+    }
+
+    #[test]
+    fn zero_failure_threshold_is_refused() {
+        assert_config_error(
+            circuit_breaker("  failure_threshold: 0\n"),
+            &["circuit_breaker.failure_threshold"],
+        );
+    }
+
+    #[test]
+    fn zero_timeout_is_refused() {
+        assert_config_error(
+            circuit_breaker("  timeout_ms: 0\n"),
+            &["circuit_breaker.timeout_ms"],
+        );
+    }
+
+    #[test]
+    fn zero_reset_timeout_is_refused() {
+        assert_config_error(
+            circuit_breaker("  reset_timeout_ms: 0\n"),
+            &["circuit_breaker.reset_timeout_ms"],
+        );
+    }
+
+    #[test]
+    fn zero_max_attempts_is_refused() {
+        assert_config_error(retry("  max_attempts: 0\n"), &["retry.max_attempts"]);
+    }
+
+    #[test]
+    fn backoff_multiplier_below_one_is_refused() {
+        assert_config_error(
+            retry("  backoff_multiplier: 0.5\n"),
+            &["retry.backoff_multiplier", "0.5"],
+        );
+    }
+
+    #[test]
+    fn backoff_multiplier_of_one_is_accepted() {
+        let config = retry("  backoff_multiplier: 1\n").unwrap();
+        assert_eq!(config.retry.backoff_multiplier, 1.0);
+    }
+
+    #[test]
+    fn non_finite_backoff_multiplier_is_refused() {
+        for value in [".nan", ".inf", "-.inf"] {
+            assert_config_error(
+                retry(&format!("  backoff_multiplier: {value}\n")),
+                &["retry.backoff_multiplier"],
+            );
+        }
+    }
+
+    #[test]
+    fn zero_backoff_is_refused() {
+        assert_config_error(retry("  backoff_ms: 0\n"), &["retry.backoff_ms"]);
+    }
+
+    #[test]
+    fn zero_max_backoff_is_refused() {
+        assert_config_error(retry("  max_backoff_ms: 0\n"), &["retry.max_backoff_ms"]);
+    }
+
+    #[test]
+    fn first_backoff_above_its_cap_is_refused() {
+        assert_config_error(
+            retry("  backoff_ms: 2000\n  max_backoff_ms: 1000\n"),
+            &["retry.backoff_ms", "retry.max_backoff_ms"],
+        );
+        let equal = retry("  backoff_ms: 1000\n  max_backoff_ms: 1000\n").unwrap();
+        assert_eq!(equal.retry.backoff(), equal.retry.max_backoff());
+    }
+
+    #[test]
+    fn text_that_is_not_yaml_is_refused() {
+        assert_config_error(
+            ResilienceConfig::from_yaml("retry:\n\tmax_attempts: 1\n"),
+            &["line 2"],
+        );
+        assert_config_error(ResilienceConfig::from_yaml("retry: [\n"), &["retry"]);
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_refused() {
+        assert_config_error(
+            retry("  max_attempts: three\n"),
+            &["retry.max_attempts", "three", "line 2"],
+        );
+        assert_config_error(
+            circuit_breaker("  timeout_ms: -1\n"),
+            &["circuit_breaker.timeout_ms", "line 2"],
+        );
+        assert_config_error(
+            ResilienceConfig::from_yaml("retry: 3\n"),
+            &["retry", "line 1"],
+        );
+        assert_config_error(ResilienceConfig::from_yaml("- retry\n"), &["line 1"]);
+    }
+
+    #[test]
+    fn validate_checks_values_built_in_code() {
+        let mut config = ResilienceConfig::default();
+        assert!(config.validate().is_ok());
+        config.retry.max_attempts = 0;
+        assert_config_error(config.validate(), &["retry.max_attempts"]);
+    }
+}

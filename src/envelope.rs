@@ -1,0 +1,246 @@
+//! The event envelope of the wire format, and the [`Event`] trait that binds a
+//! payload type to its name and version.
+//!
+//! The JSON form is exactly:
+//!
+//! ```json
+//! {
+//!   "event_id": "1b4e28ba-2fa1-41d2-883f-0016d3cca427",
+//!   "event_type": "trade.executed",
+//!   "timestamp": "2026-02-19T12:00:00.000000Z",
+//!   "source": "trading-service",
+//!   "version": "1.0",
+//!   "payload": { "order_id": "123" }
+//! }
+//! ```
+//!
+//! plus an optional `headers` object of strings (correlation id, trace
+//! context, dead-letter facts), left out when empty.
+//!
+//! Fields are private so that an envelope built for a payload type always
+//! carries that type's [`Event::TYPE`] and [`Event::VERSION`]: a publisher
+//! cannot send a `TradeExecuted` under another name. Bytes become an envelope
+//! only through [`Codec`](crate::Codec), which checks all of it.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+/// String headers carried with an envelope or a raw message, sorted by name.
+pub type Headers = BTreeMap<String, String>;
+
+/// A payload type with a fixed event name and schema version.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use switchboard::Event;
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct UserRegistered {
+///     user_id: String,
+/// }
+///
+/// impl Event for UserRegistered {
+///     const TYPE: &'static str = "user.registered";
+///     const VERSION: &'static str = "1.0";
+/// }
+/// ```
+pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The event name on the wire, such as `"trade.executed"`. The typed bus
+    /// also uses it as the topic.
+    const TYPE: &'static str;
+    /// The schema version, `"MAJOR.MINOR"`. Consumers accept any version
+    /// with the same major and refuse another major as unsupported.
+    const VERSION: &'static str;
+}
+
+/// One event as it travels: identity, name, time, origin, version, payload.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// # struct UserRegistered { user_id: String }
+/// # impl switchboard::Event for UserRegistered {
+/// #     const TYPE: &'static str = "user.registered";
+/// #     const VERSION: &'static str = "1.0";
+/// # }
+/// use switchboard::EventEnvelope;
+///
+/// let envelope = EventEnvelope::new("auth-service", UserRegistered { user_id: "42".into() })
+///     .with_header("correlation-id", "req-7");
+/// assert_eq!(envelope.event_type(), "user.registered");
+/// assert_eq!(envelope.version(), "1.0");
+/// assert_eq!(envelope.headers()["correlation-id"], "req-7");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventEnvelope<T> {
+    event_id: Uuid,
+    event_type: Cow<'static, str>,
+    #[serde(serialize_with = "crate::codec::serialize_timestamp")]
+    timestamp: DateTime<Utc>,
+    source: String,
+    version: Cow<'static, str>,
+    payload: T,
+    #[serde(skip_serializing_if = "Headers::is_empty")]
+    headers: Headers,
+}
+
+impl<E: Event> EventEnvelope<E> {
+    /// Wraps `payload` with a fresh UUID v4, the current time, and the type's
+    /// name and version.
+    pub fn new(source: impl Into<String>, payload: E) -> Self {
+        Self::from_parts(
+            Uuid::new_v4(),
+            Cow::Borrowed(E::TYPE),
+            now(),
+            source.into(),
+            Cow::Borrowed(E::VERSION),
+            payload,
+            Headers::new(),
+        )
+    }
+}
+
+impl EventEnvelope<serde_json::Value> {
+    /// An untyped envelope, for tools that forward events they do not know
+    /// (a dead-letter browser, a bridge). Typed code uses
+    /// [`EventEnvelope::new`].
+    pub fn untyped(
+        event_type: impl Into<String>,
+        version: impl Into<String>,
+        source: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Self {
+        Self::from_parts(
+            Uuid::new_v4(),
+            Cow::Owned(event_type.into()),
+            now(),
+            source.into(),
+            Cow::Owned(version.into()),
+            payload,
+            Headers::new(),
+        )
+    }
+}
+
+impl<T> EventEnvelope<T> {
+    pub(crate) fn from_parts(
+        event_id: Uuid,
+        event_type: Cow<'static, str>,
+        timestamp: DateTime<Utc>,
+        source: String,
+        version: Cow<'static, str>,
+        payload: T,
+        headers: Headers,
+    ) -> Self {
+        Self {
+            event_id,
+            event_type,
+            timestamp,
+            source,
+            version,
+            payload,
+            headers,
+        }
+    }
+
+    /// Replaces the generated id, for a publisher that must re-send an event
+    /// under the id it had (an outbox, a redrive tool).
+    pub fn with_event_id(mut self, event_id: Uuid) -> Self {
+        self.event_id = event_id;
+        self
+    }
+
+    /// Adds or replaces one header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// The unique id consumers deduplicate on.
+    pub fn event_id(&self) -> Uuid {
+        self.event_id
+    }
+
+    /// The event name, such as `"trade.executed"`.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// When the event was created, in UTC.
+    pub fn timestamp(&self) -> DateTime<Utc> {
+        self.timestamp
+    }
+
+    /// The service that created the event, such as `"trading-service"`.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The schema version of the payload, `"MAJOR.MINOR"`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &T {
+        &self.payload
+    }
+
+    /// Takes the payload out.
+    pub fn into_payload(self) -> T {
+        self.payload
+    }
+
+    /// The headers (empty unless set).
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The headers, to add trace context or correlation ids.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+}
+
+/// The major part of a `"MAJOR.MINOR"` version, or `None` when the text is
+/// not of that form.
+pub(crate) fn major_version(version: &str) -> Option<u64> {
+    let mut parts = version.split('.');
+    let major = parts.next()?;
+    let all_digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(major) || !parts.all(all_digits) {
+        return None;
+    }
+    major.parse().ok()
+}
+
+/// Whether a consumer built for `E` can read `version`.
+pub(crate) fn is_supported<E: Event>(version: &str) -> bool {
+    major_version(version).is_some_and(|found| major_version(E::VERSION) == Some(found))
+}
+
+/// The current time at the precision the wire format keeps, so that an
+/// envelope compares equal to itself after a round trip.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn major_version_reads_digits_only() {
+        assert_eq!(major_version("1.0"), Some(1));
+        assert_eq!(major_version("12.3.4"), Some(12));
+        assert_eq!(major_version("2"), Some(2));
+        for bad in ["", "1.", ".1", "v1.0", "1.x", "1 .0", "-1.0"] {
+            assert_eq!(major_version(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! One error type for the whole crate, and whether to try again.
+//!
+//! Every failure is an [`Error`] with an [`ErrorKind`]. The kind answers the
+//! question a caller has to answer first — *does trying again help?* — through
+//! [`Error::is_retryable`], in the spirit of redis-rs's `retry_method()`:
+//! a lost connection, a timeout or an overloaded peer is worth another try;
+//! bad input, a refused request, an open circuit breaker or an unsupported
+//! operation is not.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use crate::codec::DecodeError;
+
+/// A boxed error from a lower layer (a client library, a handler).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong, coarsely enough that callers can decide what to do.
+///
+/// New kinds may be added in minor releases, so matches need a wildcard arm.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The connection to a broker or peer was refused or lost. Retryable.
+    Connection,
+    /// An operation did not finish within its deadline. Retryable.
+    Timeout,
+    /// The peer cannot serve right now (5xx, gRPC `UNAVAILABLE` or
+    /// `RESOURCE_EXHAUSTED`, a broker's negative confirm) or a handler failed
+    /// for a reason that may pass. Retryable.
+    Unavailable,
+    /// The request or message was refused as invalid (4xx, gRPC
+    /// `INVALID_ARGUMENT`, a bad topic name, a handler's permanent failure).
+    /// Repeating it will not help.
+    Rejected,
+    /// The caller is not authenticated or not allowed. Not retryable.
+    Unauthorized,
+    /// Bytes did not decode into an event envelope; [`Error::decode_error`]
+    /// says exactly why. Not retryable.
+    Decode,
+    /// A value could not be encoded, or its encoding is over the size limit.
+    /// Not retryable.
+    Encode,
+    /// A configuration value is missing or impossible. Not retryable.
+    Config,
+    /// The thing asked for (a dead-lettered message, a topic) does not exist.
+    /// Not retryable.
+    NotFound,
+    /// A circuit breaker is open and failed the call without trying it.
+    /// Not retryable: the breaker decides when to try again.
+    BreakerOpen,
+    /// The transport cannot do this operation (for example `nack` on an
+    /// at-most-once broadcast). Not retryable.
+    Unsupported,
+    /// The transport, subscription or bus has been shut down. Not retryable.
+    Closed,
+}
+
+impl ErrorKind {
+    /// Whether an operation that failed with this kind may succeed if tried
+    /// again unchanged.
+    pub const fn is_retryable(self) -> bool {
+        matches!(self, Self::Connection | Self::Timeout | Self::Unavailable)
+    }
+
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Connection => "connection failed",
+            Self::Timeout => "timed out",
+            Self::Unavailable => "unavailable",
+            Self::Rejected => "rejected",
+            Self::Unauthorized => "unauthorized",
+            Self::Decode => "cannot decode",
+            Self::Encode => "cannot encode",
+            Self::Config => "invalid configuration",
+            Self::NotFound => "not found",
+            Self::BreakerOpen => "circuit breaker open",
+            Self::Unsupported => "unsupported",
+            Self::Closed => "closed",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The crate's error: a [`kind`](Error::kind), a message, and the underlying
+/// cause when there is one.
+///
+/// ```
+/// use switchboard::{Error, ErrorKind};
+///
+/// let lost = Error::new(ErrorKind::Connection, "redis: connection reset");
+/// assert!(lost.is_retryable());
+///
+/// let bad = Error::permanent("quantity must be positive");
+/// assert_eq!(bad.kind(), ErrorKind::Rejected);
+/// assert!(!bad.is_retryable());
+/// ```
+#[derive(thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Error {
+    kind: ErrorKind,
+    message: Cow<'static, str>,
+    requeue_after: Option<Duration>,
+    #[source]
+    source: Option<BoxError>,
+}
+
+impl Error {
+    /// An error of `kind` with a message saying what failed.
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            requeue_after: None,
+            source: None,
+        }
+    }
+
+    /// A failure that may pass (kind [`ErrorKind::Unavailable`]): the retry
+    /// layer tries again, and only when it gives up is the message
+    /// dead-lettered.
+    pub fn transient(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+
+    /// A failure that will not pass (kind [`ErrorKind::Rejected`]): not
+    /// retried; a consumed message goes straight to the dead-letter queue.
+    pub fn permanent(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::Rejected, message)
+    }
+
+    /// An [`ErrorKind::Unsupported`] error naming the transport and operation.
+    pub fn unsupported(transport: &str, operation: &str) -> Self {
+        Self::new(
+            ErrorKind::Unsupported,
+            format!("the {transport} transport cannot {operation}"),
+        )
+    }
+
+    /// Attaches the lower-level cause.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Asks the consume loop to put the message back and deliver it again
+    /// after `delay`, instead of dead-lettering it.
+    ///
+    /// This is for "not now" rather than "failed": an open circuit breaker in
+    /// the handler's path, or a duplicate whose first copy is still being
+    /// handled. Nothing bounds how often a message comes back this way.
+    pub fn with_requeue(mut self, delay: Duration) -> Self {
+        self.requeue_after = Some(delay);
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message, without the kind.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether trying the same operation again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+
+    /// The delay set by [`with_requeue`](Error::with_requeue), if any.
+    pub fn requeue_after(&self) -> Option<Duration> {
+        self.requeue_after
+    }
+
+    /// The exact decoding problem, when this error came from decoding.
+    pub fn decode_error(&self) -> Option<&DecodeError> {
+        self.source.as_deref()?.downcast_ref::<DecodeError>()
+    }
+
+    pub(crate) fn closed(what: &str) -> Self {
+        Self::new(ErrorKind::Closed, format!("{what} has been shut down"))
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("Error");
+        debug
+            .field("kind", &self.kind)
+            .field("message", &self.message);
+        if let Some(delay) = self.requeue_after {
+            debug.field("requeue_after", &delay);
+        }
+        if let Some(source) = &self.source {
+            debug.field("source", source);
+        }
+        debug.finish()
+    }
+}
+
+impl From<DecodeError> for Error {
+    fn from(error: DecodeError) -> Self {
+        Self::new(ErrorKind::Decode, error.to_string()).with_source(error)
+    }
+}
+
+/// Errors from tower layers and other libraries arrive boxed. An [`Error`]
+/// inside keeps its kind; anything else is taken as a transient failure, the
+/// way a handler's unexpected error is usually best treated (retried, then
+/// dead-lettered).
+impl From<BoxError> for Error {
+    fn from(error: BoxError) -> Self {
+        match error.downcast::<Error>() {
+            Ok(error) => *error,
+            Err(other) => Self::new(ErrorKind::Unavailable, other.to_string()).with_source(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_infrastructure_failures_are_retryable() {
+        let retryable: Vec<_> = [
+            ErrorKind::Connection,
+            ErrorKind::Timeout,
+            ErrorKind::Unavailable,
+            ErrorKind::Rejected,
+            ErrorKind::Unauthorized,
+            ErrorKind::Decode,
+            ErrorKind::Encode,
+            ErrorKind::Config,
+            ErrorKind::NotFound,
+            ErrorKind::BreakerOpen,
+            ErrorKind::Unsupported,
+            ErrorKind::Closed,
+        ]
+        .into_iter()
+        .filter(|kind| kind.is_retryable())
+        .collect();
+        assert_eq!(
+            retryable,
+            [
+                ErrorKind::Connection,
+                ErrorKind::Timeout,
+                ErrorKind::Unavailable
+            ]
+        );
+    }
+
+    #[test]
+    fn display_names_kind_and_message_and_keeps_the_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let error = Error::new(ErrorKind::Connection, "redis publish").with_source(io);
+        assert_eq!(error.to_string(), "connection failed: redis publish");
+        let source = std::error::Error::source(&error).expect("source kept");
+        assert_eq!(source.to_string(), "reset by peer");
+    }
+
+    #[test]
+    fn boxed_errors_keep_their_kind_or_become_transient() {
+        let boxed: BoxError = Box::new(Error::permanent("bad order"));
+        assert_eq!(Error::from(boxed).kind(), ErrorKind::Rejected);
+        let boxed: BoxError = "socket closed".into();
+        let error = Error::from(boxed);
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
+        assert_eq!(error.message(), "socket closed");
+    }
+
+    #[test]
+    fn decode_errors_are_reachable_from_the_error() {
+        let error = Error::from(DecodeError::TooLarge { size: 10, limit: 5 });
+        assert_eq!(error.kind(), ErrorKind::Decode);
+        assert_eq!(
+            error.decode_error(),
+            Some(&DecodeError::TooLarge { size: 10, limit: 5 })
+        );
+    }
+}

@@ -1,0 +1,86 @@
+//! Typed events and queries between services, with one envelope, one delivery
+//! contract and the resilience to outlive a failing dependency.
+//!
+//! * [`EventEnvelope`] is the wire format every event travels in; the
+//!   [`Event`] trait binds a payload type to its name and version, and the
+//!   [`Codec`] refuses bad input with an error naming the problem.
+//! * [`Transport`] is the untyped, object-safe delivery contract
+//!   ([`Publisher`], [`Subscriber`], [`Delivery`], [`Capabilities`]);
+//!   [`MemoryTransport`] keeps all of it in-process and needs no broker.
+//! * [`EventBus`] publishes typed payloads and runs consume loops that hand
+//!   [`Message`]s to tower services, settling each delivery by the result.
+//! * [`Topology`] declares which groups subscribe to which events, before the
+//!   first publish.
+//! * [`config`] reads the circuit-breaker and retry settings from YAML.
+//!
+//! # Quick start
+//!
+//! ```
+//! use std::sync::Arc;
+//! use serde::{Deserialize, Serialize};
+//! use switchboard::{handler_fn, Event, EventBus, MemoryTransport, Message, SubscribeOptions, Topology};
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! struct TradeExecuted { order_id: String, symbol: String, quantity: u64 }
+//! impl Event for TradeExecuted {
+//!     const TYPE: &'static str = "trade.executed";
+//!     const VERSION: &'static str = "1.0";
+//! }
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let bus = EventBus::new(Arc::new(MemoryTransport::new()), "trading-service");
+//! bus.declare(&Topology::new().with_event::<TradeExecuted, _>(["game"])).await?;
+//!
+//! // Published before the consumer starts: the declared group keeps it.
+//! bus.publish(TradeExecuted { order_id: "123".into(), symbol: "AAPL".into(), quantity: 100 }).await?;
+//!
+//! let (done, mut seen) = tokio::sync::mpsc::unbounded_channel();
+//! let consumer = bus
+//!     .subscribe(SubscribeOptions::new("game"), handler_fn(move |message: Message<TradeExecuted>| {
+//!         let done = done.clone();
+//!         async move {
+//!             done.send(message.payload().quantity).ok();
+//!             Ok::<_, switchboard::Error>(())
+//!         }
+//!     }))
+//!     .await?;
+//! assert_eq!(seen.recv().await, Some(100));
+//! consumer.shutdown().await?;
+//! # Ok::<(), switchboard::Error>(())
+//! # }).unwrap();
+//! ```
+//!
+//! # Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `test-util` | `switchboard::testing`: the conformance suite any transport can run |
+//!
+//! Without features the crate is the in-memory core: envelope, codec,
+//! contract, bus, topology, config.
+#![forbid(unsafe_code)]
+#![deny(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![warn(rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod bus;
+mod codec;
+pub mod config;
+mod envelope;
+mod error;
+#[cfg(feature = "test-util")]
+pub mod testing;
+mod topology;
+pub mod transport;
+
+pub use bus::{ConsumerHandle, EventBus, Message, handler_fn};
+pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
+pub use envelope::{Event, EventEnvelope, Headers};
+pub use error::{BoxError, Error, ErrorKind};
+pub use topology::Topology;
+pub use transport::memory::MemoryTransport;
+pub use transport::{
+    Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
+    Publisher, RawMessage, Redrive, SettleError, SubscribeOptions, Subscriber, Subscription,
+    Transport, header, validate_name,
+};

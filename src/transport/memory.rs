@@ -1,0 +1,432 @@
+//! The in-memory transport: the whole delivery contract inside one process.
+//!
+//! It is the embedded default — examples, doctests and unit tests run on it
+//! with no broker — and the reference the conformance suite is written
+//! against. Each topic keeps one FIFO queue per consumer group; the members
+//! of a group compete for its queue. Nothing survives the process.
+//!
+//! A topic that no group has subscribed to or declared keeps nothing: declare
+//! the [`Topology`] at start-up, as with a broker.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use super::{
+    Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
+    Publisher, RawMessage, Redrive, SubscribeOptions, Subscriber, Subscription, Transport, header,
+    validate_name,
+};
+use crate::error::{Error, ErrorKind};
+use crate::topology::Topology;
+
+const NAME: &str = "memory";
+
+/// The in-memory transport. Clones share the same topics.
+///
+/// ```
+/// use switchboard::{MemoryTransport, Publisher, RawMessage, SubscribeOptions, Subscriber};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let transport = MemoryTransport::new();
+/// let mut subscription = transport
+///     .subscribe("price.updated", SubscribeOptions::new("game"))
+///     .await?;
+/// transport.publish("price.updated", RawMessage::new("AAPL 150.00")).await?;
+///
+/// let delivery = subscription.recv().await.expect("a message");
+/// assert_eq!(delivery.body().as_ref(), b"AAPL 150.00");
+/// delivery.ack().await.map_err(|(error, _)| error)?;
+/// # Ok::<(), switchboard::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone, Default)]
+pub struct MemoryTransport {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    next_id: AtomicU64,
+}
+
+struct Topic {
+    name: Arc<str>,
+    groups: RwLock<HashMap<Arc<str>, Arc<GroupQueue>>>,
+    dead_letters: Mutex<VecDeque<DeadLettered>>,
+}
+
+/// One group's queue. Its members take turns on the receiver, so each
+/// message goes to exactly one of them.
+struct GroupQueue {
+    name: Arc<str>,
+    sender: mpsc::UnboundedSender<Entry>,
+    receiver: tokio::sync::Mutex<mpsc::UnboundedReceiver<Entry>>,
+}
+
+struct Entry {
+    id: u64,
+    message: RawMessage,
+    /// How many times it has been handed out so far.
+    deliveries: u32,
+}
+
+impl MemoryTransport {
+    /// An empty transport.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        read(&self.inner.topics).get(name).cloned()
+    }
+
+    fn topic_or_create(&self, name: &str) -> Arc<Topic> {
+        if let Some(topic) = self.topic(name) {
+            return topic;
+        }
+        write(&self.inner.topics)
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Topic {
+                    name: name.into(),
+                    groups: RwLock::default(),
+                    dead_letters: Mutex::default(),
+                })
+            })
+            .clone()
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn enqueue(&self, topic: &Topic, message: RawMessage) {
+        let groups = read(&topic.groups);
+        if groups.is_empty() {
+            tracing::debug!(topic = %topic.name, "no group subscribes; message dropped");
+            return;
+        }
+        let id = self.next_id();
+        // Every group but the last gets a copy; the last takes the message.
+        let mut remaining = groups.len();
+        let mut message = Some(message);
+        for queue in groups.values() {
+            remaining -= 1;
+            let message = if remaining == 0 {
+                message.take()
+            } else {
+                message.clone()
+            };
+            if let Some(message) = message {
+                queue.push(Entry {
+                    id,
+                    message,
+                    deliveries: 0,
+                });
+            }
+        }
+    }
+}
+
+impl Topic {
+    fn group(&self, name: &str) -> Arc<GroupQueue> {
+        if let Some(queue) = read(&self.groups).get(name) {
+            return queue.clone();
+        }
+        write(&self.groups)
+            .entry(name.into())
+            .or_insert_with(|| {
+                let (sender, receiver) = mpsc::unbounded_channel();
+                Arc::new(GroupQueue {
+                    name: name.into(),
+                    sender,
+                    receiver: tokio::sync::Mutex::new(receiver),
+                })
+            })
+            .clone()
+    }
+}
+
+impl GroupQueue {
+    fn push(&self, entry: Entry) {
+        // The queue holds its own sender, so the channel is never closed.
+        let _ = self.sender.send(entry);
+    }
+
+    async fn pop(&self) -> Option<Entry> {
+        self.receiver.lock().await.recv().await
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryTransport {
+    async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        validate_name("topic", topic)?;
+        if let Some(topic) = self.topic(topic) {
+            self.enqueue(&topic, message);
+        }
+        Ok(())
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
+        validate_name("topic", topic)?;
+        if let Some(topic) = self.topic(topic) {
+            for message in messages {
+                self.enqueue(&topic, message);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemoryTransport {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        validate_name("topic", topic)?;
+        options.validate()?;
+        let topic = self.topic_or_create(topic);
+        let queue = topic.group(&options.group);
+        let prefetch = options
+            .prefetch
+            .min(u32::MAX as usize)
+            .min(Semaphore::MAX_PERMITS);
+        let permits = Arc::new(Semaphore::new(prefetch));
+        let consumer = Consumer {
+            topic,
+            queue,
+            permits: permits.clone(),
+        };
+        let (topic_name, group_name) = (consumer.topic.name.clone(), consumer.queue.name.clone());
+        let deliveries = futures_util::stream::unfold(consumer, |consumer| async move {
+            let delivery = consumer.next().await?;
+            Some((delivery, consumer))
+        });
+        // Draining means every permit is back: each delivery handed out holds one.
+        let drain = async move {
+            let _all = permits
+                .acquire_many(prefetch as u32)
+                .await
+                .map_err(|_| Error::closed("subscription"))?;
+            Ok(())
+        };
+        Ok(Subscription::new(topic_name, group_name, deliveries, drain))
+    }
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(DeliveryMode::Competing)
+            .with_ordered(true)
+            .with_redelivers_unacked(true)
+            .with_nack(true)
+            .with_dead_letter(true)
+    }
+
+    async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        topology.validate()?;
+        for topic in topology.topics() {
+            let state = self.topic_or_create(topic);
+            for group in topology.groups(topic) {
+                state.group(group);
+            }
+        }
+        Ok(())
+    }
+
+    fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
+        Ok(self)
+    }
+}
+
+#[async_trait]
+impl DeadLetterQueue for MemoryTransport {
+    async fn list(&self, topic: &str, limit: usize) -> Result<Vec<DeadLettered>, Error> {
+        let Some(topic) = self.topic(topic) else {
+            return Ok(Vec::new());
+        };
+        let letters = lock(&topic.dead_letters);
+        Ok(letters.iter().take(limit).cloned().collect())
+    }
+
+    async fn inspect(&self, topic: &str, id: &str) -> Result<DeadLettered, Error> {
+        self.topic(topic)
+            .and_then(|state| {
+                lock(&state.dead_letters)
+                    .iter()
+                    .find(|letter| letter.id == id)
+                    .cloned()
+            })
+            .ok_or_else(|| not_found(topic, id))
+    }
+
+    async fn redrive(&self, topic: &str, which: Redrive) -> Result<usize, Error> {
+        let state = self.topic(topic);
+        let taken: Vec<DeadLettered> = match (&state, &which) {
+            (None, Redrive::All) => Vec::new(),
+            (None, Redrive::One(id)) => return Err(not_found(topic, id)),
+            (Some(state), Redrive::All) => lock(&state.dead_letters).drain(..).collect(),
+            (Some(state), Redrive::One(id)) => {
+                let mut letters = lock(&state.dead_letters);
+                let position = letters
+                    .iter()
+                    .position(|letter| &letter.id == id)
+                    .ok_or_else(|| not_found(topic, id))?;
+                letters.remove(position).into_iter().collect()
+            }
+        };
+        let count = taken.len();
+        if let Some(state) = state {
+            for letter in taken {
+                state.group(&letter.group).push(Entry {
+                    id: self.next_id(),
+                    message: letter.message,
+                    deliveries: 0,
+                });
+            }
+        }
+        Ok(count)
+    }
+}
+
+fn not_found(topic: &str, id: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("no dead letter {id:?} on topic {topic:?}"),
+    )
+}
+
+/// One subscription's side of a group queue.
+struct Consumer {
+    topic: Arc<Topic>,
+    queue: Arc<GroupQueue>,
+    permits: Arc<Semaphore>,
+}
+
+impl Consumer {
+    async fn next(&self) -> Option<Delivery> {
+        let permit = self.permits.clone().acquire_owned().await.ok()?;
+        let mut entry = self.queue.pop().await?;
+        entry.deliveries += 1;
+        let acker = MemoryAcker {
+            topic: self.topic.clone(),
+            queue: self.queue.clone(),
+            id: entry.id,
+            deliveries: entry.deliveries,
+            _permit: permit,
+        };
+        Some(Delivery::new(
+            entry.message,
+            self.topic.name.clone(),
+            self.queue.name.clone(),
+            entry.deliveries,
+            Box::new(acker),
+        ))
+    }
+}
+
+struct MemoryAcker {
+    topic: Arc<Topic>,
+    queue: Arc<GroupQueue>,
+    id: u64,
+    deliveries: u32,
+    /// Held until the delivery is settled or dropped; counts it as in flight.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl MemoryAcker {
+    fn entry(&self, message: RawMessage) -> Entry {
+        Entry {
+            id: self.id,
+            message,
+            deliveries: self.deliveries,
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn nack(&mut self, message: &RawMessage, delay: Duration) -> Result<(), Error> {
+        let entry = self.entry(message.clone());
+        if delay.is_zero() {
+            self.queue.push(entry);
+        } else {
+            let queue = self.queue.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                queue.push(entry);
+            });
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        message: &RawMessage,
+        letter: &DeadLetter,
+    ) -> Result<(), Error> {
+        let id = match message.headers.get(header::EVENT_ID) {
+            Some(event_id) => event_id.clone(),
+            None => self.id.to_string(),
+        };
+        lock(&self.topic.dead_letters).push_back(DeadLettered {
+            id,
+            topic: self.topic.name.to_string(),
+            group: self.queue.name.to_string(),
+            message: message.clone(),
+            reason: letter.reason().to_owned(),
+            attempts: letter.attempts().unwrap_or(self.deliveries),
+            last_error: letter.last_error().map(str::to_owned),
+            dead_lettered_at: Utc::now(),
+        });
+        Ok(())
+    }
+
+    fn abandoned(&mut self, message: RawMessage) {
+        // Like a broker whose consumer went away: the message is due again now.
+        self.queue.push(self.entry(message));
+    }
+}
+
+impl fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let topics = read(&self.inner.topics);
+        f.debug_struct("MemoryTransport")
+            .field("topics", &topics.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+// A poisoned lock only means another thread panicked mid-update of plain
+// collections; the data is still consistent enough to keep serving.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(PoisonError::into_inner)
+}

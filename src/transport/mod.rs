@@ -1,0 +1,241 @@
+//! The untyped delivery contract every transport keeps, and the transports.
+//!
+//! Transports move bytes; typing lives in [`EventBus`](crate::EventBus). The
+//! traits here are object-safe, so a service holds an `Arc<dyn Transport>`
+//! picked from configuration.
+//!
+//! # The contract
+//!
+//! * [`Publisher::publish`] returns `Ok` only once the transport has accepted
+//!   the message as far as its guarantee goes (the in-memory queue holds it;
+//!   Redis replied to XADD; RabbitMQ confirmed; a push receiver answered OK
+//!   after its handler ran). An `Err` means the message may or may not have
+//!   been taken: at-least-once publishers send it again and consumers
+//!   deduplicate on `event_id`.
+//! * [`Subscriber::subscribe`] returns a [`Subscription`] only once it is
+//!   live, so a message published after `subscribe` returns reaches it.
+//! * With [`DeliveryMode::Competing`], each consumer group gets every message
+//!   of the topic and exactly one member of a group handles it; with
+//!   [`DeliveryMode::Broadcast`], every live subscriber gets every message.
+//! * A [`Delivery`] is settled once: `ack`, `nack(delay)` or
+//!   `dead_letter(reason)`. An operation the transport cannot do fails with
+//!   [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported), never a silent
+//!   success. What happens to a delivery dropped unsettled is what
+//!   [`Capabilities::redelivers_unacked`] says.
+//! * `concurrency = 1` with [`Capabilities::ordered`] delivers a group's
+//!   messages in publish order (a nack moves a message to the back).
+//! * [`Transport::declare`] creates what a [`Topology`] names (stream groups,
+//!   queues) so nothing published before a subscriber's first start is lost.
+//!
+//! The conformance suite in `switchboard::testing` (feature `test-util`)
+//! checks all of this against any transport.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::error::Error;
+use crate::topology::Topology;
+
+pub(crate) mod delivery;
+pub mod memory;
+
+pub use delivery::{
+    Acker, DeadLetter, Delivery, RawMessage, SettleError, SubscribeOptions, Subscription,
+    validate_name,
+};
+
+/// Names of the headers this crate reads and writes on a [`RawMessage`].
+pub mod header {
+    /// The envelope's `event_id`, set by the typed bus on publish.
+    pub const EVENT_ID: &str = "event-id";
+    /// The envelope's `event_type`, set by the typed bus on publish.
+    pub const EVENT_TYPE: &str = "event-type";
+}
+
+/// Sends messages to a topic.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publishes one message; returns once the transport has accepted it as
+    /// far as its guarantee goes.
+    async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error>;
+
+    /// Publishes several messages, in order, in as few round trips as the
+    /// transport allows. On `Err` any prefix may have been accepted.
+    async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
+        for message in messages {
+            self.publish(topic, message).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Receives messages from a topic.
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// Starts receiving `topic` for `options.group`; returns once live.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error>;
+}
+
+/// A message transport: the in-memory bus, a broker, or a push protocol.
+///
+/// ```
+/// use std::sync::Arc;
+/// use switchboard::{MemoryTransport, Transport};
+///
+/// let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
+/// assert_eq!(transport.name(), "memory");
+/// assert!(transport.capabilities().redelivers_unacked);
+/// ```
+#[async_trait]
+pub trait Transport: Publisher + Subscriber {
+    /// A short name for logs and errors, such as `"redis-streams"`.
+    fn name(&self) -> &'static str;
+
+    /// What this transport guarantees.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates the groups, queues or streams `topology` names. Idempotent:
+    /// what exists already is left as it is.
+    async fn declare(&self, topology: &Topology) -> Result<(), Error>;
+
+    /// The dead-letter queue, for transports with
+    /// [`Capabilities::dead_letter`]; others return
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
+    fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
+        Err(Error::unsupported(self.name(), "keep dead letters"))
+    }
+}
+
+/// How messages are shared among subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeliveryMode {
+    /// Each consumer group gets every message; one member of the group
+    /// handles each (work queues, event notification).
+    Competing,
+    /// Every live subscriber gets every message; groups play no part.
+    Broadcast,
+}
+
+/// What a transport guarantees. The conformance suite runs the cases each
+/// claim implies and checks that unclaimed operations say `Unsupported`.
+///
+/// ```
+/// use switchboard::{Capabilities, DeliveryMode};
+///
+/// let caps = Capabilities::new(DeliveryMode::Broadcast);
+/// assert!(!caps.persistent && !caps.nack);
+/// let caps = Capabilities::new(DeliveryMode::Competing).with_nack(true);
+/// assert!(caps.nack);
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Capabilities {
+    /// Competing groups or broadcast.
+    pub delivery: DeliveryMode,
+    /// Accepted messages survive a restart of the broker.
+    pub persistent: bool,
+    /// With concurrency 1, a group receives messages in publish order.
+    pub ordered: bool,
+    /// The broker keeps messages for a group while none of its consumers is
+    /// connected, and delivers again what was handed out but never settled.
+    pub redelivers_unacked: bool,
+    /// [`Delivery::nack`] is supported.
+    pub nack: bool,
+    /// [`Delivery::dead_letter`] and [`Transport::dead_letters`] are supported.
+    pub dead_letter: bool,
+}
+
+impl Capabilities {
+    /// Capabilities with the given delivery mode and every guarantee off.
+    pub const fn new(delivery: DeliveryMode) -> Self {
+        Self {
+            delivery,
+            persistent: false,
+            ordered: false,
+            redelivers_unacked: false,
+            nack: false,
+            dead_letter: false,
+        }
+    }
+
+    /// Sets [`persistent`](Self::persistent).
+    pub const fn with_persistent(mut self, yes: bool) -> Self {
+        self.persistent = yes;
+        self
+    }
+
+    /// Sets [`ordered`](Self::ordered).
+    pub const fn with_ordered(mut self, yes: bool) -> Self {
+        self.ordered = yes;
+        self
+    }
+
+    /// Sets [`redelivers_unacked`](Self::redelivers_unacked).
+    pub const fn with_redelivers_unacked(mut self, yes: bool) -> Self {
+        self.redelivers_unacked = yes;
+        self
+    }
+
+    /// Sets [`nack`](Self::nack).
+    pub const fn with_nack(mut self, yes: bool) -> Self {
+        self.nack = yes;
+        self
+    }
+
+    /// Sets [`dead_letter`](Self::dead_letter).
+    pub const fn with_dead_letter(mut self, yes: bool) -> Self {
+        self.dead_letter = yes;
+        self
+    }
+}
+
+/// A message in a dead-letter queue, with the facts of why it is there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLettered {
+    /// The id to inspect or redrive it by: its `event_id` when the message
+    /// carried one, otherwise the transport's own id.
+    pub id: String,
+    /// The topic it was published to.
+    pub topic: String,
+    /// The consumer group that gave up on it.
+    pub group: String,
+    /// The message as it was delivered.
+    pub message: RawMessage,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// How many times it was tried.
+    pub attempts: u32,
+    /// The last error, when there was one.
+    pub last_error: Option<String>,
+    /// When it was dead-lettered.
+    pub dead_lettered_at: DateTime<Utc>,
+}
+
+/// Which dead letters to send back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redrive {
+    /// The one with this [`DeadLettered::id`].
+    One(String),
+    /// All of the topic's dead letters.
+    All,
+}
+
+/// A transport's dead-letter queue: list, inspect and redrive (SPEC §6.3's
+/// manual retry).
+#[async_trait]
+pub trait DeadLetterQueue: Send + Sync {
+    /// Up to `limit` dead letters of `topic`, oldest first.
+    async fn list(&self, topic: &str, limit: usize) -> Result<Vec<DeadLettered>, Error>;
+
+    /// One dead letter by id;
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) when absent.
+    async fn inspect(&self, topic: &str, id: &str) -> Result<DeadLettered, Error>;
+
+    /// Sends dead letters back to the group that gave up on them and removes
+    /// them from the queue; returns how many were sent.
+    async fn redrive(&self, topic: &str, which: Redrive) -> Result<usize, Error>;
+}
