@@ -295,13 +295,16 @@ struct Fields<'a> {
     payload: &'a Value,
 }
 
+/// The checks only a typed decode makes, run after the envelope's own.
+type TypedCheck = fn(&Fields<'_>) -> Result<(), DecodeError>;
+
 /// Explains why the fast pass failed, by checking one field at a time in the
 /// order a reader would: JSON, object, each envelope field, then the typed
 /// checks.
 fn diagnose(
     bytes: &[u8],
     fast_error: serde_json::Error,
-    typed: Option<fn(&Fields<'_>) -> Result<(), DecodeError>>,
+    typed: Option<TypedCheck>,
 ) -> DecodeError {
     let document: Value = match serde_json::from_slice(bytes) {
         Ok(document) => document,

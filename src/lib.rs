@@ -73,6 +73,11 @@ pub mod testing;
 mod topology;
 pub mod transport;
 
+// The README's examples compile and run as doctests.
+#[cfg(all(doctest, feature = "test-util"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub use bus::{ConsumerHandle, EventBus, Message, handler_fn};
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
 pub use envelope::{Event, EventEnvelope, Headers};

@@ -1,7 +1,7 @@
 //! Test utilities (feature `test-util`): the transport conformance suite.
 //!
 //! Any [`Transport`] — one of this crate's or one written elsewhere — proves
-//! it keeps the delivery contract by expanding [`conformance_tests!`] in a
+//! it keeps the delivery contract by expanding [`conformance_tests!`](crate::conformance_tests) in a
 //! test file with a factory that builds a fresh transport:
 //!
 //! ```
