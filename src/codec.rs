@@ -301,11 +301,7 @@ type TypedCheck = fn(&Fields<'_>) -> Result<(), DecodeError>;
 /// Explains why the fast pass failed, by checking one field at a time in the
 /// order a reader would: JSON, object, each envelope field, then the typed
 /// checks.
-fn diagnose(
-    bytes: &[u8],
-    fast_error: serde_json::Error,
-    typed: Option<TypedCheck>,
-) -> DecodeError {
+fn diagnose(bytes: &[u8], fast_error: serde_json::Error, typed: Option<TypedCheck>) -> DecodeError {
     let document: Value = match serde_json::from_slice(bytes) {
         Ok(document) => document,
         Err(error) => {
