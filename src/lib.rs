@@ -66,6 +66,7 @@
 mod bus;
 mod codec;
 pub mod config;
+pub mod middleware;
 mod envelope;
 mod error;
 #[cfg(feature = "test-util")]

@@ -1,0 +1,9 @@
+//! tower middleware that keeps callers and consumers alive when a dependency
+//! fails.
+//!
+//! Stacks, outer to inner:
+//!
+//! * RPC clients: `fallback ▸ retry ▸ circuit_breaker ▸ timeout ▸ service`;
+//! * consumer handlers: `dedupe ▸ dead_letter ▸ retry ▸ timeout ▸ handler`.
+
+pub mod dedupe;
