@@ -53,6 +53,13 @@ pub mod header {
 }
 
 /// Sends messages to a topic.
+///
+/// `publish` returns `Ok` only once the transport has accepted the message as
+/// far as its guarantee goes (see [the contract](self#the-contract)); an
+/// `Err` leaves it unknown whether the message was taken, so at-least-once
+/// publishers send it again and consumers deduplicate on `event_id`. An
+/// invalid topic name (see [`validate_name`]) is refused with
+/// [`ErrorKind::Rejected`](crate::ErrorKind::Rejected).
 #[async_trait]
 pub trait Publisher: Send + Sync {
     /// Publishes one message; returns once the transport has accepted it as
@@ -70,6 +77,14 @@ pub trait Publisher: Send + Sync {
 }
 
 /// Receives messages from a topic.
+///
+/// `subscribe` returns only once the subscription is live: a message
+/// published after it returns reaches it. With
+/// [`DeliveryMode::Competing`] each group receives every message and one
+/// member of the group handles it; the subscription hands out at most
+/// `prefetch` unsettled deliveries, each to be settled once (ack, nack or
+/// dead-letter); `Subscription::shutdown` stops receiving and waits until
+/// every delivery handed out is settled or dropped.
 #[async_trait]
 pub trait Subscriber: Send + Sync {
     /// Starts receiving `topic` for `options.group`; returns once live.
@@ -81,6 +96,12 @@ pub trait Subscriber: Send + Sync {
 }
 
 /// A message transport: the in-memory bus, a broker, or a push protocol.
+///
+/// It keeps [the delivery contract](self#the-contract): what it guarantees
+/// is what [`capabilities`](Transport::capabilities) claims, and an
+/// operation it cannot do fails with
+/// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported), never a silent
+/// success. The conformance suite (feature `test-util`) checks both.
 ///
 /// ```
 /// use std::sync::Arc;
