@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 use uuid::Uuid;
@@ -35,7 +35,8 @@ pub enum DecodeError {
         /// The configured limit in bytes.
         limit: usize,
     },
-    /// The bytes are not JSON at all.
+    /// The bytes are not JSON the parser accepts: a syntax error, or nesting
+    /// deeper than 128 levels.
     #[error("not JSON: {reason}")]
     NotJson {
         /// The parser's message, with line and column.
@@ -157,9 +158,20 @@ impl Codec {
         self.max_size
     }
 
-    /// Encodes an envelope to JSON, refusing one over the size limit (a
-    /// consumer with the same limit would refuse it).
+    /// Encodes an envelope to JSON, refusing one a consumer would refuse: a
+    /// `version` that is not `MAJOR.MINOR`, or a document over the size
+    /// limit.
     pub fn encode<T: Serialize>(&self, envelope: &EventEnvelope<T>) -> Result<Bytes, Error> {
+        if major_version(envelope.version()).is_none() {
+            return Err(Error::new(
+                ErrorKind::Encode,
+                format!(
+                    "{} envelope has version {:?}, not MAJOR.MINOR",
+                    envelope.event_type(),
+                    envelope.version()
+                ),
+            ));
+        }
         let mut buffer = Vec::with_capacity(512);
         serde_json::to_writer(&mut buffer, envelope).map_err(|error| {
             Error::new(
@@ -187,7 +199,14 @@ impl Codec {
         match serde_json::from_slice::<Wire<'_, E>>(bytes) {
             Ok(wire) => {
                 check_type_and_version::<E>(&wire.event_type, &wire.version)?;
-                Ok(wire.into_envelope(Cow::Borrowed(E::TYPE), Cow::Borrowed(E::VERSION)))
+                // Keep the minor version the producer sent; borrow the
+                // consumer's own text when it is the same.
+                let version = if wire.version == E::VERSION {
+                    Cow::Borrowed(E::VERSION)
+                } else {
+                    Cow::Owned(wire.version.to_string())
+                };
+                Ok(wire.into_envelope(Cow::Borrowed(E::TYPE), version))
             }
             Err(error) => Err(diagnose(bytes, error, Some(check_typed::<E>))),
         }
@@ -281,9 +300,12 @@ fn check_type_and_version<E: Event>(event_type: &str, version: &str) -> Result<(
 /// The typed checks of the slow path: type, version, then payload shape.
 fn check_typed<E: Event>(fields: &Fields<'_>) -> Result<(), DecodeError> {
     check_type_and_version::<E>(fields.event_type, fields.version)?;
-    E::deserialize(fields.payload).map_err(|error| DecodeError::BadPayload {
-        event_type: E::TYPE,
-        reason: error.to_string(),
+    // The path names the payload field at fault (`quantity: invalid type`).
+    serde_path_to_error::deserialize::<_, E>(fields.payload).map_err(|error| {
+        DecodeError::BadPayload {
+            event_type: E::TYPE,
+            reason: error.to_string(),
+        }
     })?;
     Ok(())
 }
@@ -380,12 +402,26 @@ pub(crate) fn serialize_timestamp<S: Serializer>(
     serializer.serialize_str(&timestamp.to_rfc3339_opts(SecondsFormat::Micros, true))
 }
 
-/// Reads any RFC 3339 date-time (any offset) as UTC.
+/// Reads any RFC 3339 date-time (any offset) as UTC, at the precision the
+/// wire format writes, so a decoded envelope re-encodes to an equal one.
 fn deserialize_timestamp<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<DateTime<Utc>, D::Error> {
     let text = Cow::<'de, str>::deserialize(deserializer)?;
     DateTime::parse_from_rfc3339(&text)
-        .map(|timestamp| timestamp.with_timezone(&Utc))
+        .map(|timestamp| timestamp.with_timezone(&Utc).trunc_subsecs(6))
         .map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_refuses_a_version_a_consumer_would_refuse() {
+        let envelope = EventEnvelope::untyped("trade.executed", "one", "svc", Value::Null);
+        let error = Codec::default().encode(&envelope).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Encode);
+        assert!(error.message().contains("\"one\""), "{error}");
+    }
 }

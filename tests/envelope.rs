@@ -278,6 +278,26 @@ fn new_envelope_round_trips_with_its_headers() {
 }
 
 #[test]
+fn a_published_price_arrives_unchanged() {
+    // Money must not drift by a unit in the last place between services;
+    // this double's shortest text reads back exactly only when the parser
+    // rounds correctly.
+    let codec = Codec::default();
+    let trade = TradeExecuted {
+        price: 1.0715660391465826e-75,
+        ..spec_trade()
+    };
+    let sent = EventEnvelope::new("trading-service", trade);
+    let received = codec
+        .decode::<TradeExecuted>(&codec.encode(&sent).unwrap())
+        .unwrap();
+    assert_eq!(
+        received.payload().price.to_bits(),
+        sent.payload().price.to_bits()
+    );
+}
+
+#[test]
 fn untyped_envelope_round_trips_through_the_codec() {
     let codec = Codec::default();
     let sent = EventEnvelope::untyped(
@@ -309,6 +329,7 @@ fn a_newer_minor_version_is_read_by_an_older_consumer() {
         .decode::<TradeExecuted>(&document)
         .expect("1.7 shares the consumer's major version 1");
     assert_eq!(envelope.payload(), &spec_trade());
+    assert_eq!(envelope.version(), "1.7", "the producer's version is kept");
 }
 
 #[test]
