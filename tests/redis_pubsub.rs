@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use switchboard::transport::redis_pubsub::{
-    Channels, ConnectionState, FRAME_MAGIC, RedisPubSubTransport, decode_payload,
+    Channels, ConnectionState, FRAME_MAGIC, RedisPubSubOptions, RedisPubSubTransport,
+    decode_payload,
 };
 use switchboard::{
     Delivery, Error, ErrorKind, Event, EventBus, Message, Publisher, RawMessage, SubscribeOptions,
@@ -335,4 +336,138 @@ async fn the_first_connection_failing_is_a_retryable_error() {
         .await
         .expect_err("a bad url");
     assert_eq!(error.kind(), ErrorKind::Config, "{error}");
+}
+
+/// A `redis-server` of the test's own on a free port, in a temporary
+/// directory; killed (by its PID) and cleaned up when dropped, so a failing
+/// test never leaves it behind. The shared Redis is never touched.
+struct PrivateRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(unique("redis"));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let mut server = Self {
+            port,
+            dir,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+    }
+
+    /// Waits until the server answers PING, failing after a deadline.
+    async fn wait_ready(&self) {
+        let client = redis::Client::open(self.url()).expect("url");
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(mut connection) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "private redis-server on port {} does not answer PING",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILLs the server this test started.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn subscriber_keeps_retrying_while_redis_is_down_and_resubscribes_when_it_is_back() {
+    let mut server = PrivateRedis::start();
+    server.wait_ready().await;
+    let options = RedisPubSubOptions::default()
+        .with_reconnect_delays(Duration::from_millis(10), Duration::from_millis(100));
+    let transport = RedisPubSubTransport::connect_with(&server.url(), options)
+        .await
+        .expect("connect to the private Redis");
+    let topic = unique("outage");
+    let (mut subscription, mut status) = transport
+        .subscribe_to(Channels::Topic(topic.clone()), SubscribeOptions::new("g"))
+        .await
+        .expect("subscribe");
+
+    server.kill();
+    let retrying = tokio::time::timeout(
+        PATIENCE,
+        status.wait_for(
+            |state| matches!(state, ConnectionState::Reconnecting { attempt } if *attempt >= 3),
+        ),
+    )
+    .await
+    .expect("reconnection attempts in time")
+    .expect("the subscription is still open");
+    assert!(matches!(retrying, ConnectionState::Reconnecting { .. }));
+
+    server.spawn();
+    server.wait_ready().await;
+    tokio::time::timeout(
+        PATIENCE,
+        status.wait_for(|state| *state == ConnectionState::Subscribed { connection: 2 }),
+    )
+    .await
+    .expect("resubscribed in time")
+    .expect("the subscription is still open");
+
+    // A fresh publisher, so the test does not depend on when the first
+    // transport's publishing connection notices the restart.
+    let publisher = RedisPubSubTransport::connect(&server.url())
+        .await
+        .expect("connect to the restarted Redis");
+    publisher
+        .publish(&topic, RawMessage::new("back").with_header("h", "v"))
+        .await
+        .expect("publish");
+    let delivery = recv(&mut subscription, "after the outage").await;
+    assert_eq!(delivery.body().as_ref(), b"back");
+    assert_eq!(delivery.headers()["h"], "v");
+    ack(delivery).await;
+    subscription.shutdown().await.expect("shutdown");
 }

@@ -307,9 +307,15 @@ impl RedisPubSubTransport {
             .set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(settings))
             .map_err(|error| redis_error("open client", error))?;
+        // Few connection retries per command: a publish while Redis is away
+        // fails fast with a retryable error instead of hanging for seconds,
+        // and the caller's retry policy decides what happens next.
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(options.response_timeout))
-            .set_connection_timeout(Some(options.connection_timeout));
+            .set_connection_timeout(Some(options.connection_timeout))
+            .set_min_delay(options.reconnect_min_delay)
+            .set_max_delay(options.reconnect_max_delay)
+            .set_number_of_retries(2);
         let publisher = client
             .get_connection_manager_with_config(config)
             .await
