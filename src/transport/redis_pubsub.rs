@@ -22,6 +22,8 @@
 //!   (exponential backoff with jitter, through `backon`), subscribes again
 //!   and reports each step in a [`ConnectionStatus`]. Messages published
 //!   while it was away are lost — that is Pub/Sub.
+//! * Subscriptions speak RESP3 (`HELLO 3`), so the server must be Redis 6 or
+//!   newer.
 //! * The response timeout of both connections is configurable and 5 s by
 //!   default (redis 1.x would give up after 500 ms).
 //!
