@@ -38,6 +38,8 @@ use crate::topology::Topology;
 
 pub(crate) mod delivery;
 pub mod memory;
+#[cfg(feature = "redis-pubsub")]
+pub mod redis_pubsub;
 
 pub use delivery::{
     Acker, DeadLetter, Delivery, RawMessage, SettleError, SubscribeOptions, Subscription,

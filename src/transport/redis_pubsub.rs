@@ -1,0 +1,847 @@
+//! Redis Pub/Sub: broadcast to whoever is listening right now, at most once
+//! (SPEC §1.2, "broadcast").
+//!
+//! Pub/Sub is the cheapest way to tell every live instance something — a
+//! price tick, a cache invalidation — and it keeps nothing: a message
+//! published while a subscriber is disconnected is gone for that subscriber.
+//! So this transport claims [`DeliveryMode::Broadcast`], not persistent, no
+//! redelivery, and neither `nack` nor dead letters: those fail with
+//! [`ErrorKind::Unsupported`] instead of pretending. Use Redis Streams or
+//! RabbitMQ for anything that must not be lost.
+//!
+//! # Connections
+//!
+//! * Publishing goes through one [`ConnectionManager`], which reconnects by
+//!   itself; `publish_batch` pipelines its PUBLISHes in one round trip.
+//! * Each subscription owns one RESP3 connection whose server pushes arrive
+//!   through a push sender, named with `CLIENT SETNAME` so an operator finds
+//!   it in `CLIENT LIST`. [`Subscriber::subscribe`] returns only after Redis
+//!   confirmed the SUBSCRIBE, so a message published after it returns is
+//!   received.
+//! * When that connection is lost, the subscription reconnects by itself
+//!   (exponential backoff with jitter, through `backon`), subscribes again
+//!   and reports each step in a [`ConnectionStatus`]. Messages published
+//!   while it was away are lost — that is Pub/Sub.
+//! * Subscriptions speak RESP3 (`HELLO 3`), so the server must be Redis 6 or
+//!   newer.
+//! * The response timeout of both connections is configurable and 5 s by
+//!   default (redis 1.x would give up after 500 ms).
+//!
+//! # Patterns
+//!
+//! [`RedisPubSubTransport::subscribe_to`] with [`Channels::Pattern`] (or the
+//! shortcut [`RedisPubSubTransport::psubscribe`]) uses `PSUBSCRIBE`: one
+//! subscription receives every channel matching a glob such as `price.*`, and
+//! each [`Delivery::topic`] is the channel the message was published to.
+//!
+//! # Wire format
+//!
+//! A message without headers is published as its body alone, so any Redis
+//! client sees exactly the bytes (a SPEC §5.1 JSON envelope, for the typed
+//! bus). A message with headers is framed:
+//!
+//! ```text
+//! \0 S B 1 | header length: u32, big-endian | headers: JSON object of strings | body
+//! ```
+//!
+//! A NUL byte never starts a JSON document, so on receipt a payload that
+//! starts with [`FRAME_MAGIC`] is unframed and anything else — for example a
+//! SPEC §5.1 envelope published with `redis-cli PUBLISH` — is taken whole as
+//! the body, with no headers. [`encode_payload`] and [`decode_payload`] are
+//! the two directions.
+//!
+//! # Back-pressure
+//!
+//! redis-rs reads pushes as fast as they come, so messages wait in process
+//! memory while every `prefetch` delivery is unsettled, rather than in the
+//! server's output buffer (where Redis would cut a slow subscriber off at
+//! `client-output-buffer-limit pubsub`).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{
+    AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value,
+};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use uuid::Uuid;
+
+use super::{
+    Acker, Capabilities, DeadLetter, Delivery, DeliveryMode, Publisher, RawMessage,
+    SubscribeOptions, Subscriber, Subscription, Transport, validate_name,
+};
+use crate::envelope::Headers;
+use crate::error::{Error, ErrorKind};
+use crate::topology::Topology;
+
+const NAME: &str = "redis-pubsub";
+
+/// The first bytes of a framed payload (see the [module docs](self)).
+pub const FRAME_MAGIC: &[u8; 4] = b"\0SB1";
+
+/// Settings of a [`RedisPubSubTransport`].
+///
+/// ```
+/// use std::time::Duration;
+/// use switchboard::transport::redis_pubsub::RedisPubSubOptions;
+///
+/// let options = RedisPubSubOptions::default()
+///     .with_response_timeout(Duration::from_secs(2))
+///     .with_client_name_prefix("market-prices");
+/// assert_eq!(options.response_timeout(), Duration::from_secs(2));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisPubSubOptions {
+    response_timeout: Duration,
+    connection_timeout: Duration,
+    reconnect_min_delay: Duration,
+    reconnect_max_delay: Duration,
+    client_name_prefix: String,
+}
+
+impl Default for RedisPubSubOptions {
+    fn default() -> Self {
+        Self {
+            response_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(5),
+            reconnect_min_delay: Duration::from_millis(50),
+            reconnect_max_delay: Duration::from_secs(5),
+            client_name_prefix: "switchboard-pubsub".to_owned(),
+        }
+    }
+}
+
+impl RedisPubSubOptions {
+    /// How long a command (PUBLISH, SUBSCRIBE) may wait for its reply
+    /// (default 5 s).
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How long opening a connection may take (default 5 s).
+    pub fn with_connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// The first and the longest pause between reconnection attempts of a
+    /// subscription (default 50 ms and 5 s; exponential, with jitter).
+    pub fn with_reconnect_delays(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_min_delay = min;
+        self.reconnect_max_delay = max.max(min);
+        self
+    }
+
+    /// The start of each subscription's `CLIENT SETNAME`; a random suffix
+    /// makes every name unique (default `switchboard-pubsub`). Redis allows
+    /// no spaces in it.
+    pub fn with_client_name_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.client_name_prefix = prefix.into();
+        self
+    }
+
+    /// The response timeout.
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
+    /// The connection timeout.
+    pub fn connection_timeout(&self) -> Duration {
+        self.connection_timeout
+    }
+}
+
+/// Broadcast over Redis Pub/Sub. Clones share the publishing connection.
+///
+/// Needs a Redis at 127.0.0.1:6379:
+///
+/// ```
+/// use switchboard::{Publisher, RawMessage, RedisPubSubTransport, SubscribeOptions, Subscriber};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # let topic = format!("doc.price.{}", uuid::Uuid::new_v4().simple());
+/// # let topic = topic.as_str(); // "price.updated" in a real service
+/// let transport = RedisPubSubTransport::connect("redis://127.0.0.1:6379").await?;
+/// let mut prices = transport.subscribe(topic, SubscribeOptions::new("game")).await?;
+/// transport.publish(topic, RawMessage::new("AAPL 150.00")).await?;
+///
+/// let delivery = prices.recv().await.expect("a message");
+/// assert_eq!(delivery.body().as_ref(), b"AAPL 150.00");
+/// delivery.ack().await.map_err(|(error, _)| error)?;
+/// # Ok::<(), switchboard::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct RedisPubSubTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    publisher: ConnectionManager,
+    options: RedisPubSubOptions,
+}
+
+/// What a subscription listens to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Channels {
+    /// One topic (`SUBSCRIBE`); a name as [`validate_name`] accepts.
+    Topic(String),
+    /// Every channel matching a Redis glob (`PSUBSCRIBE`), such as
+    /// `price.*`: the characters of a topic name plus `* ? [ ] ^ \`.
+    Pattern(String),
+}
+
+impl Channels {
+    fn validate(&self) -> Result<(), Error> {
+        match self {
+            Self::Topic(topic) => validate_name("topic", topic),
+            Self::Pattern(pattern) => {
+                let allowed = |b: u8| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'.' | b'_' | b'-' | b':' | b'*' | b'?' | b'[' | b']')
+                        || matches!(b, b'^' | b'\\')
+                };
+                if pattern.is_empty() || pattern.len() > 255 || !pattern.bytes().all(allowed) {
+                    return Err(Error::new(
+                        ErrorKind::Rejected,
+                        format!(
+                            "invalid channel pattern {pattern:?}: use 1 to 255 ASCII letters, \
+                             digits, . _ - : and the glob characters * ? [ ] ^ \\"
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Self::Topic(name) | Self::Pattern(name) => name,
+        }
+    }
+}
+
+/// Where a subscription's connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectionState {
+    /// Redis confirmed the subscription on the subscription's
+    /// `connection`-th connection (1 for the first; it rises by one with
+    /// each reconnection).
+    Subscribed {
+        /// How many connections this subscription has had.
+        connection: u64,
+    },
+    /// The connection was lost; this is the `attempt`-th try to reconnect
+    /// and subscribe again.
+    Reconnecting {
+        /// Attempts so far, 1 for the first.
+        attempt: u32,
+    },
+    /// The subscription was dropped or shut down; nothing more will arrive.
+    Closed,
+}
+
+/// A live view of one subscription's connection, for health checks and for
+/// waiting until a lost connection is back.
+#[derive(Debug, Clone)]
+pub struct ConnectionStatus {
+    client_name: Arc<str>,
+    state: watch::Receiver<ConnectionState>,
+}
+
+impl ConnectionStatus {
+    /// The name the connection gives itself with `CLIENT SETNAME` (the same
+    /// on every reconnection), as `CLIENT LIST` shows it.
+    pub fn client_name(&self) -> &str {
+        &self.client_name
+    }
+
+    /// The state right now.
+    pub fn current(&self) -> ConnectionState {
+        *self.state.borrow()
+    }
+
+    /// The state as a [`watch`] channel.
+    pub fn watch(&self) -> watch::Receiver<ConnectionState> {
+        self.state.clone()
+    }
+
+    /// Waits until the state satisfies `predicate` and returns it; fails
+    /// with [`ErrorKind::Closed`] when the subscription ends first.
+    pub async fn wait_for(
+        &mut self,
+        mut predicate: impl FnMut(&ConnectionState) -> bool,
+    ) -> Result<ConnectionState, Error> {
+        self.state
+            .wait_for(|state| predicate(state))
+            .await
+            .map(|state| *state)
+            .map_err(|_| Error::closed("the redis pub/sub subscription"))
+    }
+}
+
+impl RedisPubSubTransport {
+    /// Connects to the Redis at `url` (`redis://host:port/db`) with default
+    /// options.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        Self::connect_with(url, RedisPubSubOptions::default()).await
+    }
+
+    /// Connects to the Redis at `url` with `options`. Fails when Redis does
+    /// not answer; later losses of the connection are recovered from.
+    pub async fn connect_with(url: &str, options: RedisPubSubOptions) -> Result<Self, Error> {
+        let info = url.into_connection_info().map_err(|error| {
+            Error::new(ErrorKind::Config, format!("redis url {url:?}: {error}")).with_source(error)
+        })?;
+        // RESP3: subscribed connections receive pushes and still answer
+        // commands such as CLIENT SETNAME.
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings))
+            .map_err(|error| redis_error("open client", error))?;
+        // Few connection retries per command: a publish while Redis is away
+        // fails fast with a retryable error instead of hanging for seconds,
+        // and the caller's retry policy decides what happens next.
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(options.response_timeout))
+            .set_connection_timeout(Some(options.connection_timeout))
+            .set_min_delay(options.reconnect_min_delay)
+            .set_max_delay(options.reconnect_max_delay)
+            .set_number_of_retries(2);
+        let publisher = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|error| redis_error("connect", error))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                publisher,
+                options,
+            }),
+        })
+    }
+
+    /// Subscribes to a topic or a pattern and returns the subscription with
+    /// a view of its connection. Returns once Redis confirmed the
+    /// (P)SUBSCRIBE.
+    pub async fn subscribe_to(
+        &self,
+        channels: Channels,
+        options: SubscribeOptions,
+    ) -> Result<(Subscription, ConnectionStatus), Error> {
+        channels.validate()?;
+        options.validate()?;
+        let client_name: Arc<str> = format!(
+            "{}-{}",
+            self.inner.options.client_name_prefix,
+            Uuid::new_v4().simple()
+        )
+        .into();
+        let fixed_topic = match &channels {
+            Channels::Topic(topic) => Some(Arc::from(topic.as_str())),
+            Channels::Pattern(_) => None,
+        };
+        let subscription_name: Arc<str> = channels.name().into();
+        let (messages, inbox) = mpsc::unbounded_channel();
+        let listener = Listener {
+            client: self.inner.client.clone(),
+            options: self.inner.options.clone(),
+            channels,
+            client_name: client_name.clone(),
+            fixed_topic,
+            messages,
+            state: watch::Sender::new(ConnectionState::Subscribed { connection: 1 }),
+        };
+        // The first connection is made here so its failure reaches the caller.
+        let live = listener
+            .connect()
+            .await
+            .map_err(|error| redis_error("subscribe", error))?;
+        let status = ConnectionStatus {
+            client_name,
+            state: listener.state.subscribe(),
+        };
+        let listening = tokio::spawn(listener.run(live));
+
+        let prefetch = options.prefetch.min(Semaphore::MAX_PERMITS);
+        let permits = Arc::new(Semaphore::new(prefetch));
+        let consumer = Consumer {
+            inbox,
+            permits: permits.clone(),
+            group: options.group.as_str().into(),
+        };
+        let group = consumer.group.clone();
+        let deliveries = futures_util::stream::unfold(consumer, |mut consumer| async move {
+            let delivery = consumer.next().await?;
+            Some((delivery, consumer))
+        });
+        // Draining: every delivery handed out is settled (each holds a
+        // permit), and the listener has closed its connection.
+        let drain = async move {
+            let _all = permits
+                .acquire_many(prefetch as u32)
+                .await
+                .map_err(|_| Error::closed("subscription"))?;
+            listening.await.map_err(|error| {
+                Error::new(ErrorKind::Closed, "the redis pub/sub listener failed")
+                    .with_source(error)
+            })
+        };
+        let subscription = Subscription::new(subscription_name, group, deliveries, drain);
+        Ok((subscription, status))
+    }
+
+    /// Subscribes to every channel matching `pattern` (`PSUBSCRIBE`); each
+    /// delivery's [`topic`](Delivery::topic) is the channel it came from.
+    pub async fn psubscribe(
+        &self,
+        pattern: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        let (subscription, _status) = self
+            .subscribe_to(Channels::Pattern(pattern.to_owned()), options)
+            .await?;
+        Ok(subscription)
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisPubSubTransport {
+    /// Returns once Redis accepted the PUBLISH — whether or not anyone was
+    /// subscribed.
+    async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        validate_name("topic", topic)?;
+        let payload = encode_payload(&message)?;
+        let mut connection = self.inner.publisher.clone();
+        let receivers: i64 = redis::cmd("PUBLISH")
+            .arg(topic)
+            .arg(payload.as_ref())
+            .query_async(&mut connection)
+            .await
+            .map_err(|error| redis_error("PUBLISH", error))?;
+        tracing::trace!(topic, receivers, "published");
+        Ok(())
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
+        validate_name("topic", topic)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = redis::pipe();
+        for message in &messages {
+            let payload = encode_payload(message)?;
+            pipeline
+                .cmd("PUBLISH")
+                .arg(topic)
+                .arg(payload.as_ref())
+                .ignore();
+        }
+        let mut connection = self.inner.publisher.clone();
+        pipeline
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|error| redis_error("PUBLISH (pipelined)", error))
+    }
+}
+
+#[async_trait]
+impl Subscriber for RedisPubSubTransport {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        let (subscription, _status) = self
+            .subscribe_to(Channels::Topic(topic.to_owned()), options)
+            .await?;
+        Ok(subscription)
+    }
+}
+
+#[async_trait]
+impl Transport for RedisPubSubTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // One publisher's messages reach a subscriber in publish order; what
+        // a subscriber misses while disconnected is never delivered.
+        Capabilities::new(DeliveryMode::Broadcast).with_ordered(true)
+    }
+
+    /// Checks the topology; Pub/Sub has nothing to create and keeps no
+    /// message for a subscriber that has not started yet.
+    async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        topology.validate()
+    }
+}
+
+/// Turns a message into the bytes to PUBLISH: the body alone when there are
+/// no headers, otherwise the frame described in the [module docs](self).
+///
+/// ```
+/// use switchboard::RawMessage;
+/// use switchboard::transport::redis_pubsub::{decode_payload, encode_payload, FRAME_MAGIC};
+///
+/// let plain = encode_payload(&RawMessage::new(r#"{"event_id":"1"}"#))?;
+/// assert_eq!(plain.as_ref(), br#"{"event_id":"1"}"#);
+///
+/// let message = RawMessage::new("body").with_header("correlation-id", "7");
+/// let framed = encode_payload(&message)?;
+/// assert!(framed.starts_with(FRAME_MAGIC));
+/// assert_eq!(decode_payload(framed), message);
+/// # Ok::<(), switchboard::Error>(())
+/// ```
+pub fn encode_payload(message: &RawMessage) -> Result<Bytes, Error> {
+    if message.headers.is_empty() && !message.body.starts_with(FRAME_MAGIC) {
+        return Ok(message.body.clone());
+    }
+    let headers = serde_json::to_vec(&message.headers).map_err(|error| {
+        Error::new(ErrorKind::Encode, "headers of a pub/sub message").with_source(error)
+    })?;
+    let length = u32::try_from(headers.len()).map_err(|_| {
+        Error::new(
+            ErrorKind::Encode,
+            format!("headers of {} bytes do not fit a frame", headers.len()),
+        )
+    })?;
+    let mut frame = Vec::with_capacity(FRAME_MAGIC.len() + 4 + headers.len() + message.body.len());
+    frame.extend_from_slice(FRAME_MAGIC);
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(&headers);
+    frame.extend_from_slice(&message.body);
+    Ok(frame.into())
+}
+
+/// Turns received bytes back into a message. A payload without
+/// [`FRAME_MAGIC`] — such as SPEC §5.1 JSON sent by `redis-cli PUBLISH` — is
+/// the body, with no headers; so is a frame whose header block is damaged
+/// (logged as a warning), so the consumer still sees it.
+///
+/// ```
+/// use switchboard::transport::redis_pubsub::decode_payload;
+///
+/// let message = decode_payload(r#"{"event_type":"price.updated"}"#.into());
+/// assert!(message.headers.is_empty());
+/// assert_eq!(message.body.as_ref(), br#"{"event_type":"price.updated"}"#);
+/// ```
+pub fn decode_payload(payload: Bytes) -> RawMessage {
+    let Some(rest) = payload.strip_prefix(FRAME_MAGIC.as_slice()) else {
+        return RawMessage::new(payload);
+    };
+    let unframed = rest.split_first_chunk::<4>().and_then(|(length, rest)| {
+        let length = u32::from_be_bytes(*length) as usize;
+        let headers = serde_json::from_slice::<Headers>(rest.get(..length)?).ok()?;
+        Some((headers, FRAME_MAGIC.len() + 4 + length))
+    });
+    match unframed {
+        Some((headers, body_start)) => RawMessage {
+            headers,
+            body: payload.slice(body_start..),
+        },
+        None => {
+            tracing::warn!(
+                bytes = payload.len(),
+                "pub/sub frame with a damaged header block; delivered whole as the body"
+            );
+            RawMessage::new(payload)
+        }
+    }
+}
+
+/// A received message, on its way from the connection to the subscription.
+struct Incoming {
+    topic: Arc<str>,
+    message: RawMessage,
+}
+
+/// One subscription's connection keeper: connects, subscribes, and does it
+/// again whenever the connection is lost, until the subscription is gone.
+struct Listener {
+    client: redis::Client,
+    options: RedisPubSubOptions,
+    channels: Channels,
+    client_name: Arc<str>,
+    /// The topic of an exact subscription, shared by all its deliveries.
+    fixed_topic: Option<Arc<str>>,
+    messages: mpsc::UnboundedSender<Incoming>,
+    state: watch::Sender<ConnectionState>,
+}
+
+/// A subscribed connection, and the signal that it was lost.
+struct Live {
+    _connection: MultiplexedConnection,
+    lost: Arc<Notify>,
+}
+
+impl Listener {
+    async fn connect(&self) -> Result<Live, redis::RedisError> {
+        let lost = Arc::new(Notify::new());
+        let forward = {
+            let (messages, lost, fixed_topic) = (
+                self.messages.clone(),
+                lost.clone(),
+                self.fixed_topic.clone(),
+            );
+            // Runs on the connection's own task, so the message reaches the
+            // subscription without another task hop.
+            move |push: PushInfo| -> Result<(), ()> {
+                if push.kind == PushKind::Disconnection {
+                    // `notify_one` keeps the signal if nobody waits yet.
+                    lost.notify_one();
+                    return Ok(());
+                }
+                match incoming(push, fixed_topic.as_ref()) {
+                    Some(incoming) => messages.send(incoming).map_err(|_| ()),
+                    None => Ok(()),
+                }
+            }
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.options.connection_timeout))
+            .set_response_timeout(Some(self.options.response_timeout))
+            .set_push_sender(forward);
+        let mut connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(&*self.client_name)
+            .query_async::<()>(&mut connection)
+            .await?;
+        match &self.channels {
+            Channels::Topic(topic) => connection.subscribe(topic).await?,
+            Channels::Pattern(pattern) => connection.psubscribe(pattern).await?,
+        }
+        Ok(Live {
+            _connection: connection,
+            lost,
+        })
+    }
+
+    async fn run(self, mut live: Live) {
+        let mut connection = 1;
+        loop {
+            tokio::select! {
+                () = self.messages.closed() => break,
+                () = live.lost.notified() => {}
+            }
+            drop(live);
+            tracing::warn!(
+                client = %self.client_name,
+                channels = self.channels.name(),
+                "redis pub/sub connection lost; reconnecting"
+            );
+            live = match self.reconnect().await {
+                Some(live) => live,
+                None => break,
+            };
+            connection += 1;
+            tracing::info!(
+                client = %self.client_name,
+                channels = self.channels.name(),
+                connection,
+                "redis pub/sub subscription restored"
+            );
+            self.state
+                .send_replace(ConnectionState::Subscribed { connection });
+        }
+        self.state.send_replace(ConnectionState::Closed);
+    }
+
+    /// Tries until subscribed again; `None` when the subscription is dropped
+    /// meanwhile.
+    async fn reconnect(&self) -> Option<Live> {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(self.options.reconnect_min_delay)
+            .with_max_delay(self.options.reconnect_max_delay)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.state
+                .send_replace(ConnectionState::Reconnecting { attempt });
+            let error = tokio::select! {
+                () = self.messages.closed() => return None,
+                result = self.connect() => match result {
+                    Ok(live) => return Some(live),
+                    Err(error) => error,
+                },
+            };
+            let delay = delays.next().unwrap_or(self.options.reconnect_max_delay);
+            tracing::warn!(
+                client = %self.client_name,
+                attempt,
+                ?delay,
+                %error,
+                "redis pub/sub reconnection failed"
+            );
+            tokio::select! {
+                () = self.messages.closed() => return None,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// The message in a `message` or `pmessage` push; `None` for anything else
+/// (subscribe confirmations).
+fn incoming(push: PushInfo, fixed_topic: Option<&Arc<str>>) -> Option<Incoming> {
+    let mut data = push.data.into_iter();
+    let channel = match push.kind {
+        PushKind::Message => data.next()?,
+        PushKind::PMessage => data.nth(1)?,
+        _ => return None,
+    };
+    let payload = match data.next()? {
+        Value::BulkString(bytes) => Bytes::from(bytes),
+        Value::SimpleString(text) => Bytes::from(text),
+        _ => return None,
+    };
+    let topic = match (fixed_topic, channel) {
+        (Some(topic), _) => topic.clone(),
+        (None, Value::BulkString(name)) => String::from_utf8_lossy(&name).into(),
+        (None, Value::SimpleString(name)) => name.into(),
+        (None, _) => return None,
+    };
+    Some(Incoming {
+        topic,
+        message: decode_payload(payload),
+    })
+}
+
+/// The subscription's side: hands out what the listener received, at most
+/// `prefetch` unsettled at a time.
+struct Consumer {
+    inbox: mpsc::UnboundedReceiver<Incoming>,
+    permits: Arc<Semaphore>,
+    group: Arc<str>,
+}
+
+impl Consumer {
+    async fn next(&mut self) -> Option<Delivery> {
+        let permit = self.permits.clone().acquire_owned().await.ok()?;
+        let Incoming { topic, message } = self.inbox.recv().await?;
+        let acker = PubSubAcker { _permit: permit };
+        // Pub/Sub never delivers a message twice: every delivery is the first.
+        Some(Delivery::new(
+            message,
+            topic,
+            self.group.clone(),
+            1,
+            Box::new(acker),
+        ))
+    }
+}
+
+/// Settles nothing on the server: Pub/Sub forgets a message once sent.
+struct PubSubAcker {
+    /// Held until the delivery is settled or dropped; counts it as in flight.
+    _permit: OwnedSemaphorePermit,
+}
+
+#[async_trait]
+impl Acker for PubSubAcker {
+    async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn nack(&mut self, _message: &RawMessage, _delay: Duration) -> Result<(), Error> {
+        Err(Error::unsupported(
+            NAME,
+            "nack: Pub/Sub keeps no message to deliver again",
+        ))
+    }
+
+    async fn dead_letter(
+        &mut self,
+        _message: &RawMessage,
+        _letter: &DeadLetter,
+    ) -> Result<(), Error> {
+        Err(Error::unsupported(
+            NAME,
+            "dead-letter: Pub/Sub has no dead-letter queue",
+        ))
+    }
+}
+
+/// Classifies a redis error by whether trying again can help.
+fn redis_error(operation: &str, error: redis::RedisError) -> Error {
+    let kind = if error.is_timeout() {
+        ErrorKind::Timeout
+    } else if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
+    {
+        ErrorKind::Connection
+    } else if error.kind() == redis::ErrorKind::AuthenticationFailed {
+        ErrorKind::Unauthorized
+    } else {
+        ErrorKind::Unavailable
+    };
+    Error::new(kind, format!("redis {operation}: {error}")).with_source(error)
+}
+
+impl fmt::Debug for RedisPubSubTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisPubSubTransport")
+            .field("addr", self.inner.client.get_connection_info().addr())
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_plain_payloads_are_bodies() {
+        let message = RawMessage::new("ü body").with_header("a", "1 \"q\"");
+        assert_eq!(decode_payload(encode_payload(&message).unwrap()), message);
+
+        let plain = RawMessage::new(r#"{"event_id":"x"}"#);
+        let encoded = encode_payload(&plain).unwrap();
+        assert_eq!(encoded, plain.body, "no headers: the body alone");
+        assert_eq!(decode_payload(encoded), plain);
+    }
+
+    #[test]
+    fn a_headerless_body_that_looks_framed_is_framed_to_survive() {
+        let tricky = RawMessage::new(Bytes::from_static(b"\0SB1 not a frame"));
+        let encoded = encode_payload(&tricky).unwrap();
+        assert_ne!(encoded, tricky.body);
+        assert_eq!(decode_payload(encoded), tricky);
+    }
+
+    #[test]
+    fn damaged_frames_are_delivered_whole() {
+        for damaged in [&b"\0SB1"[..], b"\0SB1\0\0\0\x09{}", b"\0SB1\0\0\0\x02[]x"] {
+            let message = decode_payload(Bytes::copy_from_slice(damaged));
+            assert!(message.headers.is_empty());
+            assert_eq!(message.body.as_ref(), damaged);
+        }
+    }
+
+    #[test]
+    fn patterns_allow_globs_and_refuse_the_rest() {
+        assert!(Channels::Pattern("price.*".into()).validate().is_ok());
+        assert!(Channels::Pattern("h?llo.[ab]".into()).validate().is_ok());
+        assert!(Channels::Pattern("two words*".into()).validate().is_err());
+        assert!(Channels::Pattern(String::new()).validate().is_err());
+        assert!(Channels::Topic("price.*".into()).validate().is_err());
+    }
+}
