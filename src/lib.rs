@@ -76,7 +76,7 @@ mod topology;
 pub mod transport;
 
 // The README's examples compile and run as doctests.
-#[cfg(all(doctest, feature = "test-util"))]
+#[cfg(all(doctest, feature = "test-util", feature = "redis-pubsub"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
