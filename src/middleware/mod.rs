@@ -6,4 +6,5 @@
 //! * RPC clients: `fallback ▸ retry ▸ circuit_breaker ▸ timeout ▸ service`;
 //! * consumer handlers: `dedupe ▸ dead_letter ▸ retry ▸ timeout ▸ handler`.
 
+pub mod circuit_breaker;
 pub mod dedupe;
