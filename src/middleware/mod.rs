@@ -8,3 +8,8 @@
 
 pub mod circuit_breaker;
 pub mod dedupe;
+pub mod retry;
+pub mod timeout;
+
+#[cfg(test)]
+mod test_support;
