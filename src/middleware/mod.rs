@@ -7,6 +7,7 @@
 //! * consumer handlers: `dedupe ▸ dead_letter ▸ retry ▸ timeout ▸ handler`.
 
 pub mod circuit_breaker;
+pub mod dead_letter;
 pub mod dedupe;
 pub mod retry;
 pub mod timeout;
