@@ -9,6 +9,7 @@
 pub mod circuit_breaker;
 pub mod dead_letter;
 pub mod dedupe;
+pub mod fallback;
 pub mod retry;
 pub mod timeout;
 

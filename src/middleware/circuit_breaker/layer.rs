@@ -49,6 +49,11 @@ impl CircuitBreakerLayer {
         self
     }
 
+    /// The breaker's name, as it appears in logs and errors.
+    pub fn name(&self) -> &str {
+        self.shared.name()
+    }
+
     /// The breaker's state now.
     pub fn state(&self) -> BreakerState {
         self.shared.state()
