@@ -13,5 +13,9 @@ pub mod fallback;
 pub mod retry;
 pub mod timeout;
 
+mod stack;
+
+pub use stack::{Client, Handler, Resilience};
+
 #[cfg(test)]
 mod test_support;

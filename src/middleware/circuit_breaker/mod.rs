@@ -26,8 +26,9 @@
 //! What a service does while the breaker is open is set by [`WhenOpen`]:
 //!
 //! * [`WhenOpen::FailFast`] (the default, for RPC clients): `poll_ready` is
-//!   ready and the call fails at once with `BreakerOpen`, so a fallback
-//!   outside it answers without waiting;
+//!   the inner service's, and each call is decided when it is made: while
+//!   open it fails at once with `BreakerOpen`, so a fallback outside it
+//!   answers without waiting;
 //! * [`WhenOpen::Wait`] (for consumer handlers): `poll_ready` is `Pending`
 //!   until the trial call is due, and wakes then. The consume loop of
 //!   [`EventBus::subscribe`](crate::EventBus::subscribe) asks `poll_ready`
@@ -81,7 +82,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tower::Service;
 
 pub use self::future::ResponseFuture;
@@ -95,7 +95,8 @@ use crate::error::Error;
 /// [module docs](self).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum WhenOpen {
-    /// `poll_ready` is ready; calls fail at once with `BreakerOpen`.
+    /// `poll_ready` is the inner service's; calls fail at once with
+    /// `BreakerOpen`.
     #[default]
     FailFast,
     /// `poll_ready` is `Pending` until the trial call is due (or, while the
@@ -110,8 +111,6 @@ pub struct CircuitBreaker<S> {
     inner: S,
     shared: Arc<Shared>,
     when_open: WhenOpen,
-    /// Set by `poll_ready` in fail-fast mode: the next call fails with it.
-    reject: Option<Error>,
     /// What `poll_ready` waits for in wait mode.
     wait: Option<Wait>,
 }
@@ -128,7 +127,6 @@ impl<S> CircuitBreaker<S> {
             inner,
             shared,
             when_open,
-            reject: None,
             wait: None,
         }
     }
@@ -168,30 +166,25 @@ impl<S> CircuitBreaker<S> {
         self.inner
     }
 
-    /// Waits (wait mode) or arranges to fail the next call (fail-fast mode)
-    /// while the breaker lets nothing through.
+    /// In wait mode, waits while the breaker lets nothing through.
     fn poll_breaker(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.when_open == WhenOpen::FailFast {
+            // Decided at call time, so a call long after `poll_ready` (a
+            // consume loop waiting for the next message) sees the state of
+            // that moment.
+            return Poll::Ready(());
+        }
         loop {
             if let Some(wait) = &mut self.wait {
                 ready!(wait.as_mut().poll(cx));
                 self.wait = None;
             }
-            let readiness = self.shared.readiness();
-            self.reject = None;
-            match (readiness, self.when_open) {
-                (Readiness::Ready, _) => return Poll::Ready(()),
-                (Readiness::OpenUntil(due), WhenOpen::FailFast) => {
-                    self.reject = Some(self.shared.open_error(due - Instant::now()));
-                    return Poll::Ready(());
-                }
-                (Readiness::ProbeInFlight, WhenOpen::FailFast) => {
-                    self.reject = Some(self.shared.open_error(self.shared.config().timeout()));
-                    return Poll::Ready(());
-                }
-                (Readiness::OpenUntil(due), WhenOpen::Wait) => {
+            match self.shared.readiness() {
+                Readiness::Ready => return Poll::Ready(()),
+                Readiness::OpenUntil(due) => {
                     self.wait = Some(Box::pin(tokio::time::sleep_until(due)));
                 }
-                (Readiness::ProbeInFlight, WhenOpen::Wait) => {
+                Readiness::ProbeInFlight => {
                     // Subscribed before looking again, so an outcome that
                     // lands in between still wakes the wait.
                     let mut changes = self.shared.watch();
@@ -217,18 +210,10 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         ready!(self.poll_breaker(cx));
-        if self.reject.is_some() {
-            // The next call fails without the inner service; do not wait
-            // for it to be ready (a dead dependency may never be).
-            return Poll::Ready(Ok(()));
-        }
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        if let Some(error) = self.reject.take() {
-            return ResponseFuture::rejected(error);
-        }
         match self.shared.acquire() {
             Ok(permit) => {
                 ResponseFuture::called(self.inner.call(request), self.shared.clone(), permit)
