@@ -111,6 +111,15 @@ fn held_by(entry: Option<&Entry>, token: &str) -> bool {
 #[async_trait]
 impl DedupeStore for MokaDedupeStore {
     async fn try_begin(&self, key: &str, token: &str, ttl: Duration) -> Result<Mark, Error> {
+        // A mark that exists is only read: duplicates are the common case
+        // worth making cheap, and reading needs no entry lock.
+        if let Some(entry) = self.marks.get(key) {
+            return Ok(if entry.token.is_some() {
+                Mark::InProgress
+            } else {
+                Mark::Done
+            });
+        }
         Ok(self.compute(key, |current| match current {
             None => {
                 let entry = Entry {
