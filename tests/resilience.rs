@@ -143,7 +143,7 @@ async fn each_path_has_its_own_timeout() {
     let grpc = resilience.clone().with_timeout(Duration::from_millis(20));
     let started = Instant::now();
     let error = grpc
-        .client("market", slow.clone())
+        .client("market", slow)
         .oneshot("AAPL".into())
         .await
         .unwrap_err();

@@ -51,7 +51,7 @@
 //! use switchboard::config::CircuitBreakerConfig;
 //! use switchboard::middleware::circuit_breaker::{BreakerState, CircuitBreakerLayer};
 //! use switchboard::{Error, ErrorKind};
-//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 //!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let config = CircuitBreakerConfig { failure_threshold: 2, ..Default::default() };

@@ -19,7 +19,7 @@
 //! the breaker still sees every real failure: a fallback inside it would turn
 //! failures into successes and keep the breaker closed while the dependency
 //! is down. They step in only for failures of the dependency — retryable
-//! kinds and [`ErrorKind::BreakerOpen`](crate::ErrorKind::BreakerOpen); a
+//! kinds and [`ErrorKind::BreakerOpen`]; a
 //! refused request is the caller's problem and passes through.
 
 mod gate;

@@ -23,7 +23,7 @@
 //!
 //! Requests must be `Clone` to be sent again. A [`NextAttempt`] hook changes
 //! the request between attempts: [`CountAttempts`] raises a
-//! [`Message`](crate::Message)'s [`attempt`](crate::Message::attempt), so the
+//! [`Message`]'s [`attempt`](crate::Message::attempt), so the
 //! handler — and the dead-letter facts — see one attempt count that includes
 //! the broker's deliveries and the in-process retries.
 //!

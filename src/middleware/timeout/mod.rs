@@ -1,5 +1,5 @@
 //! A deadline for each call, failing with a retryable
-//! [`ErrorKind::Timeout`].
+//! [`ErrorKind::Timeout`](crate::ErrorKind::Timeout).
 //!
 //! tower has a timeout layer, but its error is an opaque boxed `Elapsed`: the
 //! retry layer and the circuit breaker here decide by
@@ -43,7 +43,7 @@ pub use self::future::ResponseFuture;
 pub use self::layer::TimeoutLayer;
 use crate::error::Error;
 
-/// A service whose calls fail with [`ErrorKind::Timeout`] when they take
+/// A service whose calls fail with [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) when they take
 /// longer than a deadline.
 #[derive(Debug, Clone)]
 pub struct Timeout<S> {
