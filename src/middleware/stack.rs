@@ -1,6 +1,7 @@
 //! Both stacks, assembled in the one order that works, from one
 //! configuration file.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,10 @@ use super::dead_letter::{DeadLetterAlert, DeadLettering, DeadLetteringLayer};
 use super::dedupe::{Dedupe, DedupeLayer, DedupeStore, DedupeTtls, MokaDedupeStore};
 use super::retry::{CountAttempts, Retry, RetryLayer};
 use super::timeout::{Timeout, TimeoutLayer};
-use crate::config::ResilienceConfig;
-use crate::error::Error;
+use crate::config::{CircuitBreakerConfig, ResilienceConfig, RetryConfig};
+use serde::Deserialize;
+
+use crate::error::{Error, ErrorKind};
 
 /// An RPC client stack: `retry ▸ circuit_breaker ▸ timeout ▸ service`.
 pub type Client<S> = Retry<CircuitBreaker<Timeout<S>>>;
@@ -38,8 +41,12 @@ pub type Handler<H> = Dedupe<DeadLettering<Retry<Timeout<H>, CountAttempts>>>;
 ///   no retry and a failure (also a dead-lettered one) releases its mark;
 ///   dead-lettering sees what retry finally gave up with.
 ///
-/// Each path has its own timeout ([`with_timeout`](Self::with_timeout));
-/// the default is the configuration's `circuit_breaker.timeout_ms`.
+/// Each path has its own timeout: the YAML file may carry, beside the
+/// SPEC's two blocks, a `timeouts:` block of milliseconds per path name
+/// (SPEC §3's budgets are far below the breaker's 5 s `timeout_ms`, which is
+/// the default). [`client`](Self::client) looks its dependency's name up
+/// there; [`path`](Self::path) does so for anything else, and
+/// [`with_timeout`](Self::with_timeout) sets one in code.
 ///
 /// ```
 /// use std::time::Duration;
@@ -49,11 +56,23 @@ pub type Handler<H> = Dedupe<DeadLettering<Retry<Timeout<H>, CountAttempts>>>;
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let resilience = Resilience::from_yaml(
-///     "circuit_breaker:\n  failure_threshold: 5\nretry:\n  max_attempts: 3\n",
+///     "\
+/// circuit_breaker:
+///   failure_threshold: 5
+///   timeout_ms: 5000
+///   reset_timeout_ms: 30000
+/// retry:
+///   max_attempts: 3
+/// timeouts:
+///   market: 20     # Trading → Market, gRPC (SPEC §3)
+///   ledger: 250    # the Game consumer's handler
+/// ",
 /// )?;
-/// // Trading → Market has a 20 ms budget (SPEC §3).
+/// assert_eq!(resilience.path("market").timeout(), Duration::from_millis(20));
+/// assert_eq!(resilience.path("ledger").timeout(), Duration::from_millis(250));
+/// assert_eq!(resilience.path("auth").timeout(), Duration::from_secs(5));
+///
 /// let market = resilience
-///     .with_timeout(Duration::from_millis(20))
 ///     .client("market", service_fn(|symbol: String| async move { Ok::<_, Error>(150.0) }));
 /// assert_eq!(market.oneshot("AAPL".into()).await?, 150.0);
 /// # Ok::<(), Error>(())
@@ -63,6 +82,7 @@ pub type Handler<H> = Dedupe<DeadLettering<Retry<Timeout<H>, CountAttempts>>>;
 pub struct Resilience {
     config: ResilienceConfig,
     timeout: Duration,
+    timeouts: Arc<BTreeMap<String, Duration>>,
     jitter: bool,
     dedupe_store: Arc<dyn DedupeStore>,
     dedupe_ttls: Option<DedupeTtls>,
@@ -75,6 +95,7 @@ impl Resilience {
     pub fn new(config: ResilienceConfig) -> Self {
         Self {
             timeout: config.circuit_breaker.timeout(),
+            timeouts: Arc::default(),
             config,
             jitter: false,
             dedupe_store: Arc::new(MokaDedupeStore::new()),
@@ -83,15 +104,64 @@ impl Resilience {
         }
     }
 
-    /// Parses and validates a resilience YAML file (see
-    /// [`ResilienceConfig::from_yaml`]).
+    /// Parses and validates a resilience YAML file: the `circuit_breaker:`
+    /// and `retry:` blocks of [`ResilienceConfig`] and an optional
+    /// `timeouts:` block mapping path names to milliseconds.
     ///
     /// # Errors
     ///
-    /// An [`ErrorKind::Config`](crate::ErrorKind::Config) error naming the
-    /// bad key.
+    /// An [`ErrorKind::Config`] error naming the bad key: anything
+    /// [`ResilienceConfig::from_yaml`] refuses, and a zero timeout.
     pub fn from_yaml(text: &str) -> Result<Self, Error> {
-        Ok(Self::new(ResilienceConfig::from_yaml(text)?))
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Document {
+            #[serde(default)]
+            circuit_breaker: CircuitBreakerConfig,
+            #[serde(default)]
+            retry: RetryConfig,
+            #[serde(default)]
+            timeouts: BTreeMap<String, u64>,
+        }
+
+        let document: Document = serde_norway::from_str(text).map_err(|error| {
+            let mut message = error.to_string();
+            if let Some(at) = error.location() {
+                let at = format!("at line {} column {}", at.line(), at.column());
+                if !message.contains(&at) {
+                    message = format!("{message} {at}");
+                }
+            }
+            Error::new(ErrorKind::Config, message).with_source(error)
+        })?;
+        let config = ResilienceConfig {
+            circuit_breaker: document.circuit_breaker,
+            retry: document.retry,
+        };
+        config.validate()?;
+        let mut timeouts = BTreeMap::new();
+        for (path, ms) in document.timeouts {
+            if ms == 0 {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("timeouts.{path} must be at least 1, got 0"),
+                ));
+            }
+            timeouts.insert(path, Duration::from_millis(ms));
+        }
+        let mut resilience = Self::new(config);
+        resilience.timeouts = Arc::new(timeouts);
+        Ok(resilience)
+    }
+
+    /// The stacks for the path `name`: its timeout from the `timeouts:`
+    /// block, or the current one if the block does not name it.
+    pub fn path(&self, name: &str) -> Self {
+        let mut path = self.clone();
+        if let Some(timeout) = self.timeouts.get(name) {
+            path.timeout = *timeout;
+        }
+        path
     }
 
     /// The configuration.
@@ -145,9 +215,11 @@ impl Resilience {
     }
 
     /// The dedupe in-progress TTL: the [worst case](Self::worst_case) plus
-    /// one more timeout, so a live holder never loses its mark.
+    /// one more timeout and the breaker's reset timeout (a breaker in wait
+    /// mode inside the handler can hold a retry that long), so a live holder
+    /// never loses its mark.
     pub fn in_progress_ttl(&self) -> Duration {
-        self.worst_case() + self.timeout
+        self.worst_case() + self.timeout + self.config.circuit_breaker.reset_timeout()
     }
 
     /// A new circuit breaker named after the dependency it guards, for
@@ -167,9 +239,11 @@ impl Resilience {
     }
 
     /// `retry ▸ circuit_breaker ▸ timeout ▸ service`, with a new breaker
-    /// named `dependency` that fails fast while open.
+    /// named `dependency` that fails fast while open, and the timeout of the
+    /// path `dependency` (see [`path`](Self::path)).
     pub fn client<S>(&self, dependency: &str, service: S) -> Client<S> {
-        self.client_with_breaker(&self.breaker(dependency), service)
+        self.path(dependency)
+            .client_with_breaker(&self.breaker(dependency), service)
     }
 
     /// `retry ▸ circuit_breaker ▸ timeout ▸ service` around `breaker` (to
@@ -208,6 +282,7 @@ impl fmt::Debug for Resilience {
         f.debug_struct("Resilience")
             .field("config", &self.config)
             .field("timeout", &self.timeout)
+            .field("timeouts", &self.timeouts)
             .field("jitter", &self.jitter)
             .field("dedupe_ttls", &self.dedupe_ttls)
             .field("dead_letter", &self.dead_letter)
@@ -219,5 +294,64 @@ impl Default for Resilience {
     /// The SPEC's values.
     fn default() -> Self {
         Self::new(ResilienceConfig::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_yaml_file_sets_the_spec_blocks_and_a_timeout_per_path() {
+        let resilience = Resilience::from_yaml(
+            "circuit_breaker:\n  failure_threshold: 2\nretry:\n  max_attempts: 4\ntimeouts:\n  market: 20\n",
+        )
+        .unwrap();
+        assert_eq!(resilience.config().circuit_breaker.failure_threshold, 2);
+        assert_eq!(resilience.config().retry.max_attempts, 4);
+        assert_eq!(resilience.timeout(), Duration::from_secs(5));
+        assert_eq!(
+            resilience.path("market").timeout(),
+            Duration::from_millis(20)
+        );
+        assert_eq!(resilience.path("game").timeout(), Duration::from_secs(5));
+        let client = resilience.client(
+            "market",
+            tower::service_fn(|_: ()| async { Ok::<_, Error>(()) }),
+        );
+        assert_eq!(
+            client.get_ref().get_ref().timeout(),
+            Duration::from_millis(20)
+        );
+        assert_eq!(client.get_ref().name(), "market");
+    }
+
+    #[test]
+    fn a_bad_file_is_refused_naming_the_key() {
+        for (text, needle) in [
+            ("timeouts:\n  market: 0\n", "timeouts.market"),
+            ("retry:\n  max_attempts: 0\n", "retry.max_attempts"),
+            ("circuit_breaker:\n  treshold: 2\n", "treshold"),
+            ("timeout:\n  market: 20\n", "timeout"),
+            ("timeouts:\n  market: fast\n", "line 2"),
+        ] {
+            let error = Resilience::from_yaml(text).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Config);
+            assert!(error.message().contains(needle), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_in_progress_ttl_outlasts_everything_inside_the_dedupe_layer() {
+        let resilience = Resilience::default().with_timeout(Duration::from_millis(250));
+        // 3 × 250 ms attempts, 2 waits of at most 2 × 1 s (jitter), then one
+        // more timeout and the breaker's 30 s reset.
+        assert_eq!(resilience.worst_case(), Duration::from_millis(4_750));
+        assert_eq!(resilience.in_progress_ttl(), Duration::from_millis(35_000));
+        let handler = resilience.handler(tower::service_fn(
+            |_: crate::Message<crate::middleware::test_support::Ping>| async { Ok::<_, Error>(()) },
+        ));
+        assert_eq!(handler.ttls().in_progress, resilience.in_progress_ttl());
+        assert!(handler.ttls().in_progress > resilience.timeout() * 3);
     }
 }
