@@ -104,7 +104,7 @@ pub enum WhenOpen {
     Wait,
 }
 
-type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
+type WaitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A service behind a circuit breaker; see the [module docs](self).
 pub struct CircuitBreaker<S> {
@@ -112,7 +112,7 @@ pub struct CircuitBreaker<S> {
     shared: Arc<Shared>,
     when_open: WhenOpen,
     /// What `poll_ready` waits for in wait mode.
-    wait: Option<Wait>,
+    wait: Option<WaitFuture>,
 }
 
 impl<S> CircuitBreaker<S> {
