@@ -560,8 +560,13 @@ async fn settle(delivery: Delivery, result: Result<(), Error>) {
     dead_letter(delivery, failure_letter(&error)).await;
 }
 
+/// The facts a failed message is dead-lettered with: those the handler's
+/// dead-letter layer attached to the error, or a generic letter.
 fn failure_letter(error: &Error) -> DeadLetter {
-    DeadLetter::new("handler failed").with_last_error(error.to_string())
+    match error.dead_letter() {
+        Some(letter) => letter.clone(),
+        None => DeadLetter::new("handler failed").with_last_error(error.to_string()),
+    }
 }
 
 /// Dead-letters a delivery; where the transport has no dead-letter queue,

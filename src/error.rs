@@ -12,6 +12,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::codec::DecodeError;
+use crate::transport::DeadLetter;
 
 /// A boxed error from a lower layer (a client library, a handler).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -107,6 +108,8 @@ pub struct Error {
     kind: ErrorKind,
     message: Cow<'static, str>,
     requeue_after: Option<Duration>,
+    attempts: Option<u32>,
+    dead_letter: Option<Box<DeadLetter>>,
     #[source]
     source: Option<BoxError>,
 }
@@ -118,6 +121,8 @@ impl Error {
             kind,
             message: message.into(),
             requeue_after: None,
+            attempts: None,
+            dead_letter: None,
             source: None,
         }
     }
@@ -160,6 +165,24 @@ impl Error {
         self
     }
 
+    /// Records how many times the operation was tried before this error
+    /// (set by the retry layer when it gives up).
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
+        self.attempts = Some(attempts);
+        self
+    }
+
+    /// Attaches the facts a consumed message is to be dead-lettered with.
+    ///
+    /// The consume loop dead-letters a message whose handler failed; when the
+    /// error carries a letter (the dead-letter layer sets one, with the
+    /// attempts counted by the retry layer) the loop uses it instead of its
+    /// own generic one.
+    pub fn with_dead_letter(mut self, letter: DeadLetter) -> Self {
+        self.dead_letter = Some(Box::new(letter));
+        self
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -180,6 +203,17 @@ impl Error {
         self.requeue_after
     }
 
+    /// How many times the operation was tried, when a retry layer said so.
+    pub fn attempts(&self) -> Option<u32> {
+        self.attempts
+    }
+
+    /// The dead-letter facts set by
+    /// [`with_dead_letter`](Error::with_dead_letter), if any.
+    pub fn dead_letter(&self) -> Option<&DeadLetter> {
+        self.dead_letter.as_deref()
+    }
+
     /// The exact decoding problem, when this error came from decoding.
     pub fn decode_error(&self) -> Option<&DecodeError> {
         self.source.as_deref()?.downcast_ref::<DecodeError>()
@@ -198,6 +232,12 @@ impl fmt::Debug for Error {
             .field("message", &self.message);
         if let Some(delay) = self.requeue_after {
             debug.field("requeue_after", &delay);
+        }
+        if let Some(attempts) = self.attempts {
+            debug.field("attempts", &attempts);
+        }
+        if let Some(letter) = &self.dead_letter {
+            debug.field("dead_letter", letter);
         }
         if let Some(source) = &self.source {
             debug.field("source", source);

@@ -12,6 +12,10 @@
 //! * [`Topology`] declares which groups subscribe to which events, before the
 //!   first publish.
 //! * [`config`] reads the circuit-breaker and retry settings from YAML.
+//! * [`middleware`] keeps callers and consumers alive when a dependency
+//!   fails: circuit breaker, retry, timeout, degraded answers, idempotent
+//!   consumers and dead letters, assembled by
+//!   [`Resilience`](middleware::Resilience).
 //!
 //! # Quick start
 //!
@@ -58,7 +62,7 @@
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
-//! contract, bus, topology, config.
+//! contract, bus, topology, config, middleware.
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![warn(rust_2018_idioms)]

@@ -1,9 +1,28 @@
 //! tower middleware that keeps callers and consumers alive when a dependency
-//! fails.
+//! fails (SPEC §4 and §6.2–6.3).
 //!
-//! Stacks, outer to inner:
+//! Each concern is one layer in tower's shape — a service, its layer, its
+//! response future — so they compose with tower's own and with each other,
+//! and every one decides by [`ErrorKind`](crate::ErrorKind): only
+//! infrastructure failures are retried or trip a breaker; a refused request
+//! is the caller's to fix.
+//!
+//! Their order matters, and [`Resilience`] builds the two stacks in the one
+//! that works (outer to inner):
 //!
 //! * RPC clients: `fallback ▸ retry ▸ circuit_breaker ▸ timeout ▸ service`;
 //! * consumer handlers: `dedupe ▸ dead_letter ▸ retry ▸ timeout ▸ handler`.
 
+pub mod circuit_breaker;
+pub mod dead_letter;
 pub mod dedupe;
+pub mod fallback;
+pub mod retry;
+pub mod timeout;
+
+mod stack;
+
+pub use stack::{Client, Handler, Resilience};
+
+#[cfg(test)]
+mod test_support;

@@ -1,10 +1,305 @@
 //! Idempotent consumers: each event id is handled once, however often it is
 //! delivered.
+//!
+//! Every transport here delivers at least once: a publisher that lost a
+//! confirm sends again, a broker redelivers what a dead consumer held, an
+//! operator redrives the dead-letter queue. SPEC §6.2 asks consumers to keep
+//! a record of handled events and skip duplicates. [`Dedupe`] keeps that
+//! record in a [`DedupeStore`], keyed by the consumer group and the
+//! envelope's `event_id` (two groups handling one event are not duplicates
+//! of each other):
+//!
+//! * no mark: the handler runs under an *in-progress* mark holding a fresh
+//!   fencing token; success turns it into a *done* mark, failure releases it
+//!   (compare-and-delete on the token), so a redelivery or a redrive of a
+//!   dead-lettered message runs the handler again;
+//! * a done mark: the delivery is a duplicate of a handled event — `Ok`
+//!   without running the handler, and the consume loop acks it;
+//! * an in-progress mark: another delivery of the same event is being handled
+//!   right now — an error with [`requeue_after`](crate::Error::requeue_after),
+//!   so the loop nacks it and it comes back once the first one has finished
+//!   (and is then acked as a duplicate, or run if the first one failed).
+//!
+//! The in-progress mark has a TTL, so a consumer that dies mid-handler does
+//! not block the event forever; it must be longer than everything inside the
+//! dedupe layer can take (all retries with their timeouts and waits), or a
+//! slow first delivery could lose its mark to a second.
+//! [`Resilience::handler`](crate::middleware::Resilience::handler) derives it
+//! from the retry and timeout settings. The fencing token makes sure a holder
+//! whose mark expired and was taken over cannot complete or release the new
+//! holder's mark.
+//!
+//! A handler that succeeded but whose done mark could not be written (the
+//! store failed, or the mark had expired) is still acked; the event may then
+//! run again on a later redelivery, which is what at-least-once allows.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::sync::Arc;
+//! use serde::{Deserialize, Serialize};
+//! use switchboard::middleware::dedupe::DedupeLayer;
+//! use switchboard::{handler_fn, Error, Event, EventEnvelope, Message};
+//! use tower::{Layer, ServiceExt};
+//!
+//! #[derive(Clone, Serialize, Deserialize)]
+//! struct Credited { amount: u64 }
+//! impl Event for Credited {
+//!     const TYPE: &'static str = "account.credited";
+//!     const VERSION: &'static str = "1.0";
+//! }
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let applied = Arc::new(AtomicU32::new(0));
+//! let counter = applied.clone();
+//! let handler = DedupeLayer::in_memory().layer(handler_fn(move |_: Message<Credited>| {
+//!     counter.fetch_add(1, Ordering::SeqCst);
+//!     async { Ok::<_, Error>(()) }
+//! }));
+//!
+//! let envelope = EventEnvelope::new("bank", Credited { amount: 5 });
+//! let delivery = Message::new(envelope, "account.credited", "ledger", 1);
+//! handler.clone().oneshot(delivery.clone()).await?;
+//! handler.oneshot(delivery).await?; // delivered again: skipped
+//! assert_eq!(applied.load(Ordering::SeqCst), 1);
+//! # Ok::<(), Error>(())
+//! # }).unwrap();
+//! ```
 
+mod future;
+mod layer;
+mod moka;
 #[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
 mod redis;
 mod store;
 
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower::Service;
+use uuid::Uuid;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::DedupeLayer;
+pub use self::moka::MokaDedupeStore;
 #[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
 pub use self::redis::RedisDedupeStore;
 pub use store::{DedupeStore, Mark};
+
+use crate::bus::Message;
+use crate::error::{Error, ErrorKind};
+
+/// How long marks live and how soon an in-progress duplicate comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupeTtls {
+    /// How long an in-progress mark lives if its holder never finishes.
+    /// Must exceed the longest the handler stack inside can take.
+    pub in_progress: Duration,
+    /// How long a done mark is kept: the window in which duplicates are
+    /// recognised.
+    pub done: Duration,
+    /// The requeue delay for a delivery that finds its event in progress.
+    pub requeue: Duration,
+}
+
+impl Default for DedupeTtls {
+    /// Five minutes in progress, a day done, one second before a duplicate
+    /// in progress comes back.
+    fn default() -> Self {
+        Self {
+            in_progress: Duration::from_secs(5 * 60),
+            done: Duration::from_secs(24 * 60 * 60),
+            requeue: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A handler that runs each event id once; see the [module docs](self).
+pub struct Dedupe<S> {
+    inner: S,
+    store: Arc<dyn DedupeStore>,
+    ttls: DedupeTtls,
+}
+
+impl<S> Dedupe<S> {
+    /// `inner`, deduplicated through `store`.
+    pub fn new(inner: S, store: Arc<dyn DedupeStore>, ttls: DedupeTtls) -> Self {
+        Self { inner, store, ttls }
+    }
+
+    /// The TTLs in use.
+    pub fn ttls(&self) -> DedupeTtls {
+        self.ttls
+    }
+
+    /// The store of marks.
+    pub fn store(&self) -> &Arc<dyn DedupeStore> {
+        &self.store
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The key of a message's mark: its group and event id.
+pub(crate) fn key_of<E>(message: &Message<E>) -> String {
+    format!("{}:{}", message.group(), message.event_id())
+}
+
+impl<S, E> Service<Message<E>> for Dedupe<S>
+where
+    S: Service<Message<E>, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<Error>,
+    S::Future: Send,
+    E: Send + Sync + 'static,
+{
+    type Response = ();
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, message: Message<E>) -> Self::Future {
+        // The ready service handles this message, after the store answers.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (store, ttls) = (self.store.clone(), self.ttls);
+        ResponseFuture::new(async move {
+            let event_id = message.event_id();
+            let key = key_of(&message);
+            let token = Uuid::new_v4().simple().to_string();
+            let mark = store
+                .try_begin(&key, &token, ttls.in_progress)
+                .await
+                .map_err(|error| {
+                    // Not the message's fault: try it again later.
+                    Error::new(error.kind(), format!("dedupe store: {}", error.message()))
+                        .with_source(error)
+                        .with_requeue(ttls.requeue)
+                })?;
+            match mark {
+                Mark::Acquired => {}
+                Mark::Done => {
+                    tracing::debug!(%event_id, "duplicate of a handled event; skipped");
+                    return Ok(());
+                }
+                Mark::InProgress => {
+                    tracing::debug!(%event_id, "the same event is being handled; requeued");
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!("event {event_id} is being handled by another delivery"),
+                    )
+                    .with_requeue(ttls.requeue));
+                }
+            }
+            let mut held = HeldMark {
+                store,
+                key,
+                token,
+                held: true,
+            };
+            let result = inner.call(message).await.map_err(Into::into);
+            match &result {
+                Ok(()) => held.complete(ttls.done).await,
+                Err(_) => held.release().await,
+            }
+            result
+        })
+    }
+}
+
+/// An in-progress mark this delivery holds. Dropped while still held (the
+/// handler panicked, or the consumer dropped the call), it is released in
+/// the background so a redelivery does not wait for the TTL.
+struct HeldMark {
+    store: Arc<dyn DedupeStore>,
+    key: String,
+    token: String,
+    held: bool,
+}
+
+impl HeldMark {
+    async fn complete(&mut self, ttl: Duration) {
+        self.held = false;
+        match self.store.complete(&self.key, &self.token, ttl).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                key = %self.key,
+                "the in-progress mark expired before the handler finished; \
+                 the event may be handled again (raise the in-progress TTL)",
+            ),
+            Err(error) => tracing::warn!(
+                key = %self.key,
+                %error,
+                "cannot mark the event done; a redelivery would handle it again",
+            ),
+        }
+    }
+
+    async fn release(&mut self) {
+        self.held = false;
+        if let Err(error) = self.store.release(&self.key, &self.token).await {
+            tracing::warn!(
+                key = %self.key,
+                %error,
+                "cannot release the in-progress mark; a redelivery waits for its TTL",
+            );
+        }
+    }
+}
+
+impl Drop for HeldMark {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.store.clone();
+        let (key, token) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.token),
+        );
+        runtime.spawn(async move {
+            let _ = store.release(&key, &token).await;
+        });
+    }
+}
+
+impl<S: Clone> Clone for Dedupe<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            store: self.store.clone(),
+            ttls: self.ttls,
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Dedupe<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dedupe")
+            .field("inner", &self.inner)
+            .field("ttls", &self.ttls)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,273 @@
+//! The breaker's state machine, shared by every service built from one
+//! layer: one breaker stands for the health of one dependency.
+
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::CircuitBreakerConfig;
+use crate::error::{Error, ErrorKind};
+
+/// Where a circuit breaker stands, as seen through
+/// [`CircuitBreaker::watch`](super::CircuitBreaker::watch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BreakerState {
+    /// Calls go through; consecutive failures are counted.
+    Closed,
+    /// Calls fail fast with [`ErrorKind::BreakerOpen`] until the reset
+    /// timeout has passed.
+    Open,
+    /// The reset timeout has passed: one trial call is let through; its
+    /// success closes the breaker, its failure opens it again.
+    HalfOpen,
+}
+
+impl BreakerState {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half-open",
+        }
+    }
+}
+
+impl fmt::Display for BreakerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the breaker allowed a call to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Permit {
+    /// An ordinary call while closed.
+    Call,
+    /// The one trial call while half-open.
+    Probe,
+}
+
+/// How a call ended, as far as the breaker cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// It succeeded: the dependency is healthy.
+    Success,
+    /// It failed in a way that says the dependency is unhealthy (a
+    /// retryable kind).
+    Failure,
+    /// It failed in a way that says nothing about the dependency (bad input,
+    /// 4xx-like, an inner breaker): neither trips nor resets.
+    Neutral,
+}
+
+impl Outcome {
+    pub(super) fn of<T>(result: &Result<T, Error>) -> Self {
+        match result {
+            Ok(_) => Self::Success,
+            Err(error) if error.is_retryable() => Self::Failure,
+            Err(_) => Self::Neutral,
+        }
+    }
+}
+
+/// When a service in front of the breaker may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Readiness {
+    /// Calls may be made.
+    Ready,
+    /// Open: nothing may pass until this instant.
+    OpenUntil(Instant),
+    /// Half-open with the trial call in flight: wait for its outcome.
+    ProbeInFlight,
+}
+
+struct Machine {
+    state: BreakerState,
+    failures: u32,
+    opened_at: Instant,
+    probe_in_flight: bool,
+}
+
+pub(super) struct Shared {
+    name: String,
+    config: CircuitBreakerConfig,
+    machine: Mutex<Machine>,
+    state_tx: watch::Sender<BreakerState>,
+}
+
+impl Shared {
+    pub(super) fn new(name: String, config: CircuitBreakerConfig) -> Self {
+        Self {
+            name,
+            config,
+            machine: Mutex::new(Machine {
+                state: BreakerState::Closed,
+                failures: 0,
+                opened_at: Instant::now(),
+                probe_in_flight: false,
+            }),
+            state_tx: watch::Sender::new(BreakerState::Closed),
+        }
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(super) fn config(&self) -> &CircuitBreakerConfig {
+        &self.config
+    }
+
+    pub(super) fn watch(&self) -> watch::Receiver<BreakerState> {
+        self.state_tx.subscribe()
+    }
+
+    pub(super) fn state(&self) -> BreakerState {
+        self.lock().state
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
+        // The machine is a few plain fields updated together; a panic
+        // elsewhere cannot leave them half-written.
+        self.machine.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a call may go through now, moving an open breaker whose reset
+    /// timeout has passed to half-open.
+    pub(super) fn readiness(&self) -> Readiness {
+        let mut machine = self.lock();
+        self.readiness_locked(&mut machine, Instant::now())
+    }
+
+    fn readiness_locked(&self, machine: &mut Machine, now: Instant) -> Readiness {
+        match machine.state {
+            BreakerState::Closed => Readiness::Ready,
+            BreakerState::Open => {
+                let due = machine.opened_at + self.config.reset_timeout();
+                if now < due {
+                    return Readiness::OpenUntil(due);
+                }
+                self.transition(machine, BreakerState::HalfOpen);
+                Readiness::Ready
+            }
+            BreakerState::HalfOpen if machine.probe_in_flight => Readiness::ProbeInFlight,
+            BreakerState::HalfOpen => Readiness::Ready,
+        }
+    }
+
+    /// Lets a call through, or says why not with the error to fail it with.
+    pub(super) fn acquire(&self) -> Result<Permit, Error> {
+        let mut machine = self.lock();
+        let now = Instant::now();
+        match self.readiness_locked(&mut machine, now) {
+            Readiness::Ready if machine.state == BreakerState::HalfOpen => {
+                machine.probe_in_flight = true;
+                Ok(Permit::Probe)
+            }
+            Readiness::Ready => Ok(Permit::Call),
+            Readiness::OpenUntil(due) => Err(self.open_error(due - now)),
+            // The trial call decides within one call timeout.
+            Readiness::ProbeInFlight => Err(self.open_error(self.config.timeout())),
+        }
+    }
+
+    /// The error an open breaker fails a call with. It asks a consume loop
+    /// to requeue the message for when the breaker will try again rather
+    /// than dead-letter it: the message did nothing wrong.
+    pub(super) fn open_error(&self, remaining: Duration) -> Error {
+        Error::new(
+            ErrorKind::BreakerOpen,
+            format!(
+                "circuit breaker {:?} is open; next trial call in {} ms",
+                self.name,
+                remaining.as_millis()
+            ),
+        )
+        .with_requeue(remaining)
+    }
+
+    /// Records how a permitted call ended.
+    pub(super) fn record(&self, permit: Permit, outcome: Outcome) {
+        let mut machine = self.lock();
+        if permit == Permit::Probe {
+            machine.probe_in_flight = false;
+        }
+        match (outcome, permit, machine.state) {
+            (Outcome::Neutral, ..) => {}
+            (Outcome::Success, ..) => {
+                machine.failures = 0;
+                if machine.state != BreakerState::Closed {
+                    self.transition(&mut machine, BreakerState::Closed);
+                }
+            }
+            (Outcome::Failure, Permit::Probe, _) => self.open(&mut machine),
+            (Outcome::Failure, Permit::Call, BreakerState::Closed) => {
+                machine.failures += 1;
+                if machine.failures >= self.config.failure_threshold {
+                    self.open(&mut machine);
+                }
+            }
+            // A call let through while closed that failed after the breaker
+            // opened (or is probing): the breaker already knows.
+            (Outcome::Failure, Permit::Call, _) => {}
+        }
+        if permit == Permit::Probe && machine.state == BreakerState::HalfOpen {
+            // A neutral trial call changed nothing, yet those waiting for its
+            // outcome must wake so one of them tries next.
+            self.state_tx.send_replace(BreakerState::HalfOpen);
+        }
+    }
+
+    /// A permitted call was dropped before it finished: it says nothing
+    /// about the dependency, but a trial call must free its slot.
+    pub(super) fn abandon(&self, permit: Permit) {
+        if permit == Permit::Probe {
+            self.lock().probe_in_flight = false;
+            // Wake those waiting for the probe's outcome so one of them probes.
+            self.state_tx.send_replace(BreakerState::HalfOpen);
+        }
+    }
+
+    fn open(&self, machine: &mut Machine) {
+        machine.opened_at = Instant::now();
+        machine.failures = 0;
+        self.transition(machine, BreakerState::Open);
+    }
+
+    fn transition(&self, machine: &mut Machine, to: BreakerState) {
+        let from = machine.state;
+        machine.state = to;
+        match to {
+            BreakerState::Open => tracing::warn!(
+                breaker = %self.name,
+                %from,
+                %to,
+                reset_timeout_ms = self.config.reset_timeout_ms,
+                "circuit breaker opened",
+            ),
+            BreakerState::HalfOpen => tracing::info!(
+                breaker = %self.name,
+                %from,
+                %to,
+                "circuit breaker half-open; letting one trial call through",
+            ),
+            BreakerState::Closed => {
+                tracing::info!(breaker = %self.name, %from, %to, "circuit breaker closed")
+            }
+        }
+        self.state_tx.send_replace(to);
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breaker")
+            .field("name", &self.name)
+            .field("state", &self.state())
+            .field("config", &self.config)
+            .finish()
+    }
+}
