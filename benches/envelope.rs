@@ -5,23 +5,13 @@
 
 use std::hint::black_box;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{TradeExecuted, spec_trade};
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde::{Deserialize, Serialize};
-use switchboard::{Codec, Event, EventEnvelope};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TradeExecuted {
-    order_id: String,
-    user_id: String,
-    symbol: String,
-    quantity: u64,
-    price: f64,
-}
-
-impl Event for TradeExecuted {
-    const TYPE: &'static str = "trade.executed";
-    const VERSION: &'static str = "1.0";
-}
+use switchboard::{Codec, EventEnvelope};
 
 /// The same document as a plain serde struct: what a service would write
 /// without switchboard.
@@ -35,19 +25,9 @@ struct RawEnvelope {
     payload: TradeExecuted,
 }
 
-fn trade() -> TradeExecuted {
-    TradeExecuted {
-        order_id: "123".into(),
-        user_id: "456".into(),
-        symbol: "AAPL".into(),
-        quantity: 100,
-        price: 150.0,
-    }
-}
-
 fn envelope(c: &mut Criterion) {
     let codec = Codec::default();
-    let envelope = EventEnvelope::new("trading-service", trade());
+    let envelope = EventEnvelope::new("trading-service", spec_trade());
     let bytes = codec.encode(&envelope).expect("encode");
     let raw: RawEnvelope = serde_json::from_slice(&bytes).expect("raw decode");
 

@@ -2,24 +2,12 @@
 //! `DecodeError` naming the problem, the size limit holds both ways, and no
 //! input — random, mutated or absurdly nested — makes the decoder panic.
 
+mod common;
+
+use common::TradeExecuted;
 use proptest::prelude::*;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use switchboard::{Codec, DEFAULT_MAX_SIZE, DecodeError, Error, ErrorKind, Event, EventEnvelope};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct TradeExecuted {
-    order_id: String,
-    user_id: String,
-    symbol: String,
-    quantity: u64,
-    price: f64,
-}
-
-impl Event for TradeExecuted {
-    const TYPE: &'static str = "trade.executed";
-    const VERSION: &'static str = "1.0";
-}
+use switchboard::{Codec, DEFAULT_MAX_SIZE, DecodeError, Error, ErrorKind, EventEnvelope};
 
 const REQUIRED_FIELDS: [&str; 6] = [
     "event_id",

@@ -2,43 +2,14 @@
 //! typed and untyped envelopes, re-encodes to the same document, and the
 //! event-type and version rules hold.
 
+mod common;
+
 use chrono::{DateTime, SubsecRound, TimeZone, Utc};
+use common::{SPEC_DOCUMENT, SPEC_EVENT_ID, TradeExecuted, spec_trade};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use switchboard::{Codec, DecodeError, Event, EventEnvelope};
 use uuid::Uuid;
-
-/// SPEC §5.1 verbatim, with its `"uuid"` placeholder replaced by a real UUID.
-const SPEC_DOCUMENT: &str = r#"{
-  "event_id": "6f1c0f4e-8a3b-4c1d-9e2f-0a1b2c3d4e5f",
-  "event_type": "trade.executed",
-  "timestamp": "2026-02-19T12:00:00Z",
-  "source": "trading-service",
-  "version": "1.0",
-  "payload": {
-    "order_id": "123",
-    "user_id": "456",
-    "symbol": "AAPL",
-    "quantity": 100,
-    "price": 150.00
-  }
-}"#;
-
-const SPEC_EVENT_ID: &str = "6f1c0f4e-8a3b-4c1d-9e2f-0a1b2c3d4e5f";
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct TradeExecuted {
-    order_id: String,
-    user_id: String,
-    symbol: String,
-    quantity: u64,
-    price: f64,
-}
-
-impl Event for TradeExecuted {
-    const TYPE: &'static str = "trade.executed";
-    const VERSION: &'static str = "1.0";
-}
 
 /// Its fields are a subset of `TradeExecuted`'s, so a trade's payload would
 /// deserialize into it: only the event type can keep the two apart.
@@ -63,16 +34,6 @@ struct TradeSettled {
 impl Event for TradeSettled {
     const TYPE: &'static str = "trade.settled";
     const VERSION: &'static str = "2.1";
-}
-
-fn spec_trade() -> TradeExecuted {
-    TradeExecuted {
-        order_id: "123".into(),
-        user_id: "456".into(),
-        symbol: "AAPL".into(),
-        quantity: 100,
-        price: 150.0,
-    }
 }
 
 fn spec_instant() -> DateTime<Utc> {
