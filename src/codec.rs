@@ -399,7 +399,12 @@ pub(crate) fn serialize_timestamp<S: Serializer>(
     timestamp: &DateTime<Utc>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&timestamp.to_rfc3339_opts(SecondsFormat::Micros, true))
+    serializer.serialize_str(&format_timestamp(timestamp))
+}
+
+/// The wire form of a timestamp: RFC 3339, UTC, six fractional digits.
+pub(crate) fn format_timestamp(timestamp: &DateTime<Utc>) -> String {
+    timestamp.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 /// Reads any RFC 3339 date-time (any offset) as UTC, at the precision the

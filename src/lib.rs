@@ -69,6 +69,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod bus;
+pub mod cloudevents;
 mod codec;
 pub mod config;
 mod envelope;
