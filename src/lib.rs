@@ -54,7 +54,8 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `test-util` | `switchboard::testing`: the conformance suite any transport can run |
+//! | `amqp` | [`transport::amqp`]: RabbitMQ task queue (lapin 4 on tokio) — persistent, confirmed, dead-lettered, reconnecting |
+//! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
 //! contract, bus, topology, config.
@@ -66,9 +67,9 @@
 mod bus;
 mod codec;
 pub mod config;
-pub mod middleware;
 mod envelope;
 mod error;
+pub mod middleware;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod topology;
