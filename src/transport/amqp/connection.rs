@@ -103,6 +103,38 @@ impl Supervisor {
         }
     }
 
+    /// Resolves once the link of `generation` is no longer the live one.
+    ///
+    /// lapin leaves some operations pending forever when the connection
+    /// dies under them (an ack in flight, for one), so every wait on the
+    /// broker races this.
+    pub(crate) async fn link_gone(&self, generation: u64) {
+        let mut link = self.link.subscribe();
+        let _ = link
+            .wait_for(|link| {
+                !link
+                    .as_ref()
+                    .is_some_and(|link| link.generation == generation)
+            })
+            .await;
+    }
+
+    /// Runs `operation`, failing with a connection error if the link of
+    /// `generation` goes first.
+    pub(crate) async fn guard<T>(
+        &self,
+        generation: u64,
+        operation: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::select! {
+            result = operation => result,
+            () = self.link_gone(generation) => Err(Error::new(
+                ErrorKind::Connection,
+                "amqp: the connection was lost before the broker answered",
+            )),
+        }
+    }
+
     pub(crate) fn link_watch(&self) -> watch::Receiver<Option<Link>> {
         self.link.subscribe()
     }

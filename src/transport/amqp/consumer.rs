@@ -147,7 +147,16 @@ impl ConsumerState {
                 }
                 continue;
             };
-            match live.consumer.next().await {
+            let generation = live.link.generation;
+            let next = tokio::select! {
+                next = live.consumer.next() => next,
+                () = self.shared.supervisor.link_gone(generation) => Some(Err(
+                    lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                        lapin::ConnectionState::Error,
+                    )),
+                )),
+            };
+            match next {
                 Some(Ok(delivery)) => return Some(self.hand_out(delivery, permit)),
                 Some(Err(error)) => {
                     let error = amqp_error("consume", error);
@@ -189,6 +198,7 @@ impl ConsumerState {
             topic: self.topic.clone(),
             group: self.group.clone(),
             attempt,
+            generation: self.live.as_ref().map_or(0, |live| live.link.generation),
             properties: delivery.properties,
             permit: Some(permit),
             handle: self.handle.clone(),
@@ -255,6 +265,8 @@ struct AmqpAcker {
     topic: Arc<str>,
     group: Arc<str>,
     attempt: u32,
+    /// The connection the delivery came on; settling it dies with it.
+    generation: u64,
     properties: BasicProperties,
     /// Held until settled: counts the delivery as in flight.
     permit: Option<OwnedSemaphorePermit>,
@@ -262,17 +274,26 @@ struct AmqpAcker {
 }
 
 impl AmqpAcker {
-    async fn reject_requeue(acker: &lapin::Acker) -> Result<(), Error> {
-        let sent = acker
-            .reject(BasicRejectOptions { requeue: true })
-            .await
-            .map_err(|error| amqp_error("reject", error))?;
+    async fn reject_requeue(
+        shared: &Shared,
+        generation: u64,
+        acker: &lapin::Acker,
+    ) -> Result<(), Error> {
+        let rejected = async {
+            acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await
+                .map_err(|error| amqp_error("reject", error))
+        };
+        let sent = shared.supervisor.guard(generation, rejected).await?;
         sent.then_some(()).ok_or_else(channel_gone)
     }
 
     /// The nack proper, after the delay.
+    #[allow(clippy::too_many_arguments)]
     async fn requeue(
         shared: &Shared,
+        generation: u64,
         acker: &lapin::Acker,
         queue: &str,
         queue_type: QueueType,
@@ -281,25 +302,28 @@ impl AmqpAcker {
         attempt: u32,
     ) -> Result<(), Error> {
         if queue_type == QueueType::Quorum {
-            return Self::reject_requeue(acker).await;
+            return Self::reject_requeue(shared, generation, acker).await;
         }
         let republished =
             properties::with_headers(properties, &[(ATTEMPTS, attempt.to_string())], &[]);
         match publish_direct(shared, queue, body, republished).await {
-            Ok(()) => ack(acker).await,
+            Ok(()) => ack(shared, generation, acker).await,
             Err(error) => {
                 tracing::warn!(%error, queue, "amqp: cannot republish a nacked message; requeueing it");
-                Self::reject_requeue(acker).await
+                Self::reject_requeue(shared, generation, acker).await
             }
         }
     }
 }
 
-async fn ack(acker: &lapin::Acker) -> Result<(), Error> {
-    let sent = acker
-        .ack(BasicAckOptions::default())
-        .await
-        .map_err(|error| amqp_error("ack", error))?;
+async fn ack(shared: &Shared, generation: u64, acker: &lapin::Acker) -> Result<(), Error> {
+    let acked = async {
+        acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|error| amqp_error("ack", error))
+    };
+    let sent = shared.supervisor.guard(generation, acked).await?;
     sent.then_some(()).ok_or_else(channel_gone)
 }
 
@@ -313,7 +337,7 @@ fn channel_gone() -> Error {
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
-        ack(&self.acker).await?;
+        ack(&self.shared, self.generation, &self.acker).await?;
         self.permit = None;
         Ok(())
     }
@@ -328,6 +352,7 @@ impl Acker for AmqpAcker {
         if delay.is_zero() {
             Self::requeue(
                 &self.shared,
+                self.generation,
                 &self.acker,
                 &self.queue,
                 queue_type,
@@ -342,11 +367,13 @@ impl Acker for AmqpAcker {
         let (shared, acker, queue) = (self.shared.clone(), self.acker.clone(), self.queue.clone());
         let (body, properties, attempt) =
             (message.body.clone(), self.properties.clone(), self.attempt);
+        let generation = self.generation;
         let permit = self.permit.take();
         self.handle.spawn(async move {
             tokio::time::sleep(delay).await;
             let requeued = Self::requeue(
                 &shared,
+                generation,
                 &acker,
                 &queue,
                 queue_type,
@@ -387,7 +414,7 @@ impl Acker for AmqpAcker {
         let properties = properties::with_headers(&self.properties, &facts, &[ATTEMPTS]);
         let dlq = format!("{}{DLQ_SUFFIX}", self.queue);
         publish_direct(&self.shared, &dlq, &message.body, properties).await?;
-        ack(&self.acker).await?;
+        ack(&self.shared, self.generation, &self.acker).await?;
         self.permit = None;
         Ok(())
     }
@@ -398,9 +425,10 @@ impl Acker for AmqpAcker {
         let Some(permit) = self.permit.take() else {
             return;
         };
-        let acker = self.acker.clone();
+        let (shared, acker, generation) =
+            (self.shared.clone(), self.acker.clone(), self.generation);
         self.handle.spawn(async move {
-            if let Err(error) = Self::reject_requeue(&acker).await {
+            if let Err(error) = Self::reject_requeue(&shared, generation, &acker).await {
                 tracing::debug!(%error, "amqp: requeue of an abandoned delivery failed");
             }
             drop(permit);

@@ -158,6 +158,26 @@ async fn publish_on(
     properties: &[BasicProperties],
     done: &AtomicUsize,
 ) -> Result<(), Error> {
+    let generation = link.generation;
+    shared
+        .supervisor
+        .guard(
+            generation,
+            publish_on_link(shared, link, exchange, topic, messages, properties, done),
+        )
+        .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publish_on_link(
+    shared: &Shared,
+    link: Link,
+    exchange: &str,
+    topic: &str,
+    messages: &[RawMessage],
+    properties: &[BasicProperties],
+    done: &AtomicUsize,
+) -> Result<(), Error> {
     let channel = take_channel(&link).await?;
     let window = shared.config.publish_window;
     let mut pending: VecDeque<PublisherConfirm> =
