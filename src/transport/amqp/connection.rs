@@ -112,9 +112,8 @@ impl Supervisor {
         let mut link = self.link.subscribe();
         let _ = link
             .wait_for(|link| {
-                !link
-                    .as_ref()
-                    .is_some_and(|link| link.generation == generation)
+                link.as_ref()
+                    .is_none_or(|link| link.generation != generation)
             })
             .await;
     }
