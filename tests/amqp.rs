@@ -646,3 +646,50 @@ async fn bad_input_is_dead_lettered_with_the_reason_and_the_consumer_carries_on(
     assert_eq!(letter.message.body.as_ref(), b"this is not JSON");
     assert_eq!(letter.group, group);
 }
+
+/// A publish that cannot reach the broker within the publish timeout is
+/// returned as a retryable error, not dropped; once the broker is back the
+/// same transport publishes and consumes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_without_a_broker_is_a_retryable_error_and_the_transport_recovers() {
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap())
+        .await
+        .expect("proxy");
+    let mut config = config(QueueType::Quorum)
+        .with_heartbeat(Duration::from_secs(1))
+        .with_reconnect_delay(Duration::from_millis(20), Duration::from_millis(200))
+        .with_publish_timeout(Duration::from_millis(300));
+    config.uri = format!("amqp://guest:guest@{}/%2f", proxy.addr());
+    let transport = connect(config).await;
+    let topic = unique("away");
+    let mut subscription = transport
+        .subscribe(&topic, SubscribeOptions::new(unique("g")))
+        .await
+        .expect("subscribe");
+
+    proxy.cut();
+    proxy.all_closed().await;
+    let error = transport
+        .publish(&topic, seq_message(1))
+        .await
+        .expect_err("no broker within the publish timeout");
+    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    assert!(error.is_retryable());
+
+    proxy.restore();
+    let mut state = transport.connection_state();
+    tokio::time::timeout(
+        PATIENCE,
+        state.wait_for(|state| *state == ConnectionState::Connected),
+    )
+    .await
+    .expect("reconnects")
+    .expect("state watch");
+    transport
+        .publish(&topic, seq_message(2))
+        .await
+        .expect("publish after the restore");
+    let delivery = recv(&mut subscription, "after the restore").await;
+    assert_eq!(seq_of(&delivery), 2);
+    ack(delivery).await;
+}
