@@ -693,3 +693,45 @@ async fn a_publish_without_a_broker_is_a_retryable_error_and_the_transport_recov
     assert_eq!(seq_of(&delivery), 2);
     ack(delivery).await;
 }
+
+/// A broker that hangs without closing the connection is noticed by the
+/// missing heartbeats; the transport reconnects once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_notice_a_peer_that_hangs() {
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap())
+        .await
+        .expect("proxy");
+    let mut config = config(QueueType::Classic)
+        .with_heartbeat(Duration::from_secs(1))
+        .with_reconnect_delay(Duration::from_millis(20), Duration::from_millis(200));
+    config.uri = format!("amqp://guest:guest@{}/%2f", proxy.addr());
+    let transport = connect(config).await;
+    let mut state = transport.connection_state();
+
+    proxy.stall();
+    assert_eq!(proxy.open_connections(), 1, "the connection stays open");
+    tokio::time::timeout(
+        PATIENCE,
+        state.wait_for(|state| *state == ConnectionState::Reconnecting),
+    )
+    .await
+    .expect("the missing heartbeats are noticed")
+    .expect("state watch");
+    proxy.restore();
+    tokio::time::timeout(
+        PATIENCE,
+        state.wait_for(|state| *state == ConnectionState::Connected),
+    )
+    .await
+    .expect("reconnects once the peer answers")
+    .expect("state watch");
+    let topic = unique("hang");
+    transport
+        .declare(&Topology::new().with_groups(topic.clone(), [unique("g")]))
+        .await
+        .expect("declare on the new connection");
+    transport
+        .publish(&topic, seq_message(1))
+        .await
+        .expect("publish on the new connection");
+}

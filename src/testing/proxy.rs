@@ -6,7 +6,9 @@
 //! client. [`FaultProxy`] listens on a free local port and forwards every
 //! connection to a target. [`cut`](FaultProxy::cut) closes every live
 //! connection and refuses new ones (they are accepted and closed at once, as
-//! a broker that is down would), [`restore`](FaultProxy::restore) lets them
+//! a broker that is down would), [`stall`](FaultProxy::stall) keeps every
+//! connection open but passes no byte (a peer that hangs without closing,
+//! which only heartbeats reveal), [`restore`](FaultProxy::restore) lets them
 //! through again, and [`all_closed`](FaultProxy::all_closed) resolves once no
 //! proxied connection is open — an event to wait on instead of a sleep.
 //!
@@ -57,6 +59,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -72,6 +76,8 @@ pub struct FaultProxy {
 
 struct ProxyShared {
     refusing: AtomicBool,
+    /// While true, connections stay open but no byte is forwarded.
+    stalled: watch::Sender<bool>,
     /// Bumped by every cut; each connection closes when it changes.
     cuts: watch::Sender<u64>,
     /// Connections open right now.
@@ -85,6 +91,7 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let shared = Arc::new(ProxyShared {
             refusing: AtomicBool::new(false),
+            stalled: watch::Sender::new(false),
             cuts: watch::Sender::new(0),
             open: watch::Sender::new(0),
         });
@@ -114,9 +121,16 @@ impl FaultProxy {
         self.shared.cuts.send_modify(|cuts| *cuts += 1);
     }
 
-    /// Accepts and forwards connections again.
+    /// Keeps every connection (live and new) open but forwards no byte
+    /// until [`restore`](Self::restore): to the client, the peer has hung.
+    pub fn stall(&self) {
+        self.shared.stalled.send_replace(true);
+    }
+
+    /// Accepts and forwards connections again (after a cut or a stall).
     pub fn restore(&self) {
         self.shared.refusing.store(false, Ordering::SeqCst);
+        self.shared.stalled.send_replace(false);
     }
 
     /// How many proxied connections are open.
@@ -143,7 +157,8 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Prox
         }
         shared.open.send_modify(|open| *open += 1);
         let guard = OpenGuard(shared.clone());
-        tokio::spawn(forward(client, target, cuts, guard));
+        let stalled = shared.stalled.subscribe();
+        tokio::spawn(forward(client, target, cuts, stalled, guard));
     }
 }
 
@@ -157,12 +172,13 @@ impl Drop for OpenGuard {
 }
 
 async fn forward(
-    mut client: TcpStream,
+    client: TcpStream,
     target: SocketAddr,
     mut cuts: watch::Receiver<u64>,
+    stalled: watch::Receiver<bool>,
     _guard: OpenGuard,
 ) {
-    let mut upstream = tokio::select! {
+    let upstream = tokio::select! {
         _ = cuts.changed() => return,
         upstream = TcpStream::connect(target) => match upstream {
             Ok(upstream) => upstream,
@@ -171,14 +187,38 @@ async fn forward(
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, upstream_write) = upstream.into_split();
+    // Both sockets are dropped when this returns, before the guard: once
+    // `all_closed` resolves, no byte passes any more.
     tokio::select! {
         _ = cuts.changed() => {}
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        () = pump(client_read, upstream_write, stalled.clone()) => {}
+        () = pump(upstream_read, client_write, stalled) => {}
     }
-    // Both sockets are dropped here, before the guard: once `all_closed`
-    // resolves, no byte passes any more.
-    drop(client);
-    drop(upstream);
+}
+
+/// Copies bytes one way until either side closes, pausing while stalled.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut stalled: watch::Receiver<bool>) {
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+            return;
+        }
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            // Reading is cancel-safe: nothing read is lost.
+            _ = stalled.wait_for(|stalled| *stalled) => continue,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(count) => {
+                if to.write_all(&buffer[..count]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Drop for FaultProxy {
@@ -194,6 +234,7 @@ impl fmt::Debug for FaultProxy {
             .field("addr", &self.addr)
             .field("target", &self.target)
             .field("refusing", &self.shared.refusing.load(Ordering::SeqCst))
+            .field("stalled", &*self.shared.stalled.borrow())
             .field("open", &self.open_connections())
             .finish()
     }
