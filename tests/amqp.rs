@@ -735,3 +735,56 @@ async fn heartbeats_notice_a_peer_that_hangs() {
         .await
         .expect("publish on the new connection");
 }
+
+/// A quorum queue dead-letters by itself too (at least once, into the same
+/// `<queue>.dlq`): a message another client rejects without requeue is
+/// listed with the broker's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_dead_letter_broker_side_into_the_same_queue() {
+    let config = config(QueueType::Quorum);
+    let transport = connect(config.clone()).await;
+    let topic = unique("broker-dlq");
+    let group = unique("g");
+    transport
+        .declare(&Topology::new().with_groups(topic.clone(), [group.clone()]))
+        .await
+        .expect("declare");
+    let message = seq_message(5);
+    let event_id = message.headers[header::EVENT_ID].clone();
+    transport.publish(&topic, message).await.expect("publish");
+
+    let (_connection, channel) = raw_channel().await;
+    let got = channel
+        .basic_get(
+            config.queue_name(&topic, &group).unwrap().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("basic_get")
+        .expect("a message");
+    got.delivery
+        .acker
+        .reject(lapin::options::BasicRejectOptions { requeue: false })
+        .await
+        .expect("reject");
+
+    let queue = transport.dead_letters().expect("dead letters");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    // Dead-lettering is asynchronous in the broker: look until it is there.
+    let letter = loop {
+        match queue.inspect(&topic, &event_id).await {
+            Ok(letter) => break letter,
+            Err(error) if error.kind() == ErrorKind::NotFound => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never dead-lettered"
+                );
+                tokio::task::yield_now().await;
+            }
+            Err(error) => panic!("inspect: {error}"),
+        }
+    };
+    assert_eq!(letter.reason, "broker: rejected");
+    assert_eq!(letter.group, group);
+    assert_eq!(letter.message.headers["seq"], "5");
+}

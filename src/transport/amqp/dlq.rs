@@ -9,6 +9,9 @@
 //! runs those messages are invisible to other browsers. That is fine for an
 //! operator's tool on a queue of failures; it is not a monitoring feed.
 //!
+//! The groups looked at are those this transport has declared or subscribed
+//! for the topic, so an operator's tool declares the topology first.
+//!
 //! A redrive publishes the message (confirmed, mandatory) straight to the
 //! queue of the group that gave up on it, through the default exchange,
 //! and acks it in the dead-letter queue. It does not go through the topic

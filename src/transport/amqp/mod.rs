@@ -133,7 +133,9 @@ pub struct AmqpConfig {
     /// `publish_batch` (default 256).
     pub publish_window: usize,
     /// How long a publish waits for a connection and tries again after one
-    /// is lost, before it returns the error (default 30 s).
+    /// is lost, before it returns the error (default 30 s). `declare`,
+    /// `subscribe` and the dead-letter operations wait as long for a
+    /// connection.
     pub publish_timeout: Duration,
     /// The AMQP heartbeat, so a dead peer is noticed (default 5 s).
     pub heartbeat: Duration,
