@@ -269,7 +269,22 @@ async fn open(shared: &Shared, generation: u64) -> Result<Link, Error> {
         connection: Arc::new(connection),
         pool: Arc::default(),
     };
-    declare_on(&shared.config, &link, &shared.known_topology()).await?;
+    // The link is not live yet, so nothing else notices if the connection
+    // dies under the declarations: bound them, or the supervisor could wait
+    // forever instead of reconnecting.
+    let topology = shared.known_topology();
+    let declared = tokio::time::timeout(
+        DECLARE_TIMEOUT,
+        declare_on(&shared.config, &link, &topology),
+    )
+    .await
+    .map_err(|_| {
+        Error::new(
+            ErrorKind::Timeout,
+            "amqp: declaring the topology on a new connection took too long",
+        )
+    })?;
+    declared?;
     Ok(link)
 }
 
@@ -305,7 +320,8 @@ pub(crate) async fn declare_on(
         Ok(())
     }
     .await;
-    let _ = channel.close(200, "declared".into()).await;
+    // Closing waits for the broker; a dead connection never answers.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "declared".into())).await;
     declared
 }
 
@@ -405,6 +421,12 @@ fn redact(uri: &str) -> String {
         _ => uri.to_owned(),
     }
 }
+
+/// How long closing a channel may wait for the broker's answer.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a new connection may take to declare the known topology.
+const DECLARE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A small pause before another try of something that keeps failing, so a
 /// consumer does not spin while the supervisor reconnects.

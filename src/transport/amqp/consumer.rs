@@ -99,7 +99,15 @@ struct ConsumerState {
 }
 
 impl ConsumerState {
+    /// Opens a channel and starts consuming on `link`; fails if the
+    /// connection goes meanwhile.
     async fn open(&mut self, link: Link) -> Result<(), Error> {
+        let shared = self.shared.clone();
+        let generation = link.generation;
+        shared.supervisor.guard(generation, self.start(link)).await
+    }
+
+    async fn start(&mut self, link: Link) -> Result<(), Error> {
         let channel = link
             .connection
             .create_channel()
@@ -216,23 +224,40 @@ impl ConsumerState {
 impl Drop for ConsumerState {
     fn drop(&mut self) {
         let live = self.live.take();
+        let shared = self.shared.clone();
         let permits = self.permits.clone();
         let prefetch = self.prefetch as u32;
         let drained = self.drained.take();
         self.handle.spawn(async move {
             if let Some(Live {
-                channel, consumer, ..
+                link,
+                channel,
+                consumer,
             }) = live
             {
+                let generation = link.generation;
+                drop(link);
                 // Stop new deliveries, wait for the handed-out ones to be
                 // settled, then close: the broker requeues what was
                 // prefetched but never handed out.
-                let _ = channel
-                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                    .await;
+                // Each wait on the broker gives up when the connection goes
+                // (the broker then requeues everything by itself).
+                let cancel = async {
+                    channel
+                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                        .await
+                        .map_err(|error| amqp_error("cancel", error))
+                };
+                let _ = shared.supervisor.guard(generation, cancel).await;
                 drop(consumer);
                 let _ = permits.acquire_many(prefetch).await;
-                let _ = channel.close(200, "subscription closed".into()).await;
+                let close = async {
+                    channel
+                        .close(200, "subscription closed".into())
+                        .await
+                        .map_err(|error| amqp_error("close", error))
+                };
+                let _ = shared.supervisor.guard(generation, close).await;
             } else {
                 let _ = permits.acquire_many(prefetch).await;
             }

@@ -114,12 +114,14 @@ impl DeadLetterQueue for AmqpTransport {
                         properties::with_headers(&got.delivery.properties, &[], DEAD_LETTER_FACTS);
                     let body = bytes::Bytes::from(got.delivery.data);
                     publish_direct(&self.shared, &queue, &body, properties).await?;
-                    let acked = got
-                        .delivery
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map_err(|error| amqp_error("ack a redriven dead letter", error))?;
+                    let ack = async {
+                        got.delivery
+                            .acker
+                            .ack(BasicAckOptions::default())
+                            .await
+                            .map_err(|error| amqp_error("ack a redriven dead letter", error))
+                    };
+                    let acked = browser.guard(ack).await?;
                     if !acked {
                         return Err(Error::new(
                             ErrorKind::Connection,
@@ -187,12 +189,29 @@ impl<'a> Browser<'a> {
         })
     }
 
-    async fn next(&mut self) -> Result<Option<(DeadLettered, BasicGetMessage)>, Error> {
-        let got = self
-            .channel
-            .basic_get(self.dlq.as_str().into(), BasicGetOptions { no_ack: false })
+    /// Runs `operation` unless the browser's connection goes first.
+    async fn guard<T>(
+        &self,
+        operation: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        self.shared
+            .supervisor
+            .guard(self.link.generation, operation)
             .await
-            .map_err(|error| amqp_error("read the dead-letter queue", error))
+    }
+
+    async fn next(&mut self) -> Result<Option<(DeadLettered, BasicGetMessage)>, Error> {
+        let get = async {
+            self.channel
+                .basic_get(self.dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(|error| amqp_error("read the dead-letter queue", error))
+        };
+        let got = self
+            .shared
+            .supervisor
+            .guard(self.link.generation, get)
+            .await
             .inspect_err(|error| self.shared.supervisor.failed(&self.link, error));
         let got = match got {
             Ok(got) => got,
@@ -246,6 +265,16 @@ impl<'a> Browser<'a> {
 
     /// Closes the channel, which puts back every message not acked.
     async fn close(self) {
-        let _ = self.channel.close(200, "browsed".into()).await;
+        let close = async {
+            self.channel
+                .close(200, "browsed".into())
+                .await
+                .map_err(|error| amqp_error("close", error))
+        };
+        let _ = self
+            .shared
+            .supervisor
+            .guard(self.link.generation, close)
+            .await;
     }
 }

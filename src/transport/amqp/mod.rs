@@ -386,7 +386,10 @@ impl Transport for AmqpTransport {
             .supervisor
             .wait_link(tokio::time::Instant::now() + self.shared.config.publish_timeout)
             .await?;
-        connection::declare_on(&self.shared.config, &link, topology)
+        let declared = connection::declare_on(&self.shared.config, &link, topology);
+        self.shared
+            .supervisor
+            .guard(link.generation, declared)
             .await
             .inspect_err(|error| self.shared.supervisor.failed(&link, error))
     }
