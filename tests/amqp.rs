@@ -76,6 +76,13 @@ async fn connect(config: AmqpConfig) -> AmqpTransport {
         .expect("RabbitMQ on 127.0.0.1:5672 (guest/guest)")
 }
 
+fn config_name(transport: &AmqpTransport, topic: &str, group: &str) -> String {
+    transport
+        .config()
+        .queue_name(topic, group)
+        .expect("queue name")
+}
+
 async fn raw_channel() -> (Connection, lapin::Channel) {
     let connection = Connection::connect(BROKER, ConnectionProperties::default())
         .await
@@ -649,9 +656,9 @@ async fn bad_input_is_dead_lettered_with_the_reason_and_the_consumer_carries_on(
 
 /// A publish that cannot reach the broker within the publish timeout is
 /// returned as a retryable error, not dropped; once the broker is back the
-/// same transport publishes and consumes again.
+/// transport has declared its topology again, and publishes and consumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publish_without_a_broker_is_a_retryable_error_and_the_transport_recovers() {
+async fn a_publish_without_a_broker_is_a_retryable_error_and_the_transport_recovers_its_topology() {
     let proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap())
         .await
         .expect("proxy");
@@ -667,8 +674,24 @@ async fn a_publish_without_a_broker_is_a_retryable_error_and_the_transport_recov
         .await
         .expect("subscribe");
 
+    // Declared but not subscribed: only the reconnection declares it again.
+    let declared_topic = unique("declared");
+    let declared_queue = config_name(&transport, &declared_topic, "g");
+    transport
+        .declare(&Topology::new().with_groups(declared_topic.clone(), ["g"]))
+        .await
+        .expect("declare");
+
     proxy.cut();
     proxy.all_closed().await;
+    let (_connection, channel) = raw_channel().await;
+    channel
+        .queue_delete(
+            declared_queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete the queue while the transport is away");
     let error = transport
         .publish(&topic, seq_message(1))
         .await
@@ -685,6 +708,17 @@ async fn a_publish_without_a_broker_is_a_retryable_error_and_the_transport_recov
     .await
     .expect("reconnects")
     .expect("state watch");
+    channel
+        .queue_declare(
+            declared_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the reconnection declared the topology again");
     transport
         .publish(&topic, seq_message(2))
         .await
