@@ -411,7 +411,7 @@ pub(crate) fn amqp_error(what: &str, error: lapin::Error) -> Error {
 }
 
 /// The URI without its password, for error messages.
-fn redact(uri: &str) -> String {
+pub(crate) fn redact(uri: &str) -> String {
     match (uri.find("://"), uri.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &uri[scheme + 3..at];

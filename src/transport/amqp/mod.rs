@@ -111,8 +111,11 @@ pub enum QueueType {
 ///     .with_heartbeat(Duration::from_secs(3));
 /// assert_eq!(config.exchange, "platform");
 /// assert_eq!(config.queue_name("trade.executed", "game").unwrap(), "platform.trade.executed.game");
+///
+/// let secret = AmqpConfig::new("amqp://app:s3cret@rabbit:5672/%2f");
+/// assert!(!format!("{secret:?}").contains("s3cret"), "Debug hides the password");
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AmqpConfig {
     /// The AMQP URI, such as `amqp://guest:guest@127.0.0.1:5672/%2f`.
@@ -245,6 +248,24 @@ impl AmqpConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// Leaves the password out of the URI.
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("uri", &connection::redact(&self.uri))
+            .field("exchange", &self.exchange)
+            .field("exchange_auto_delete", &self.exchange_auto_delete)
+            .field("queue_type", &self.queue_type)
+            .field("queue_expires", &self.queue_expires)
+            .field("publish_window", &self.publish_window)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("heartbeat", &self.heartbeat)
+            .field("reconnect_delay", &self.reconnect_delay)
+            .field("content_type", &self.content_type)
+            .finish()
     }
 }
 
