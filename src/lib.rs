@@ -54,7 +54,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `amqp` | [`transport::amqp`]: RabbitMQ task queue (lapin 4 on tokio) — persistent, confirmed, dead-lettered, reconnecting |
+//! | `amqp` | `transport::amqp`: RabbitMQ task queue (lapin 4 on tokio) — persistent, confirmed, dead-lettered, reconnecting |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
