@@ -59,7 +59,8 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `redis-pubsub` | [`RedisPubSubTransport`]: broadcast over Redis Pub/Sub, at most once |
-//! | `test-util` | `switchboard::testing`: the conformance suite any transport can run |
+//! | `amqp` | `transport::amqp`: RabbitMQ task queue (lapin 4 on tokio) — persistent, confirmed, dead-lettered, reconnecting |
+//! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
 //! contract, bus, topology, config, middleware.
@@ -81,7 +82,12 @@ mod topology;
 pub mod transport;
 
 // The README's examples compile and run as doctests.
-#[cfg(all(doctest, feature = "test-util", feature = "redis-pubsub"))]
+#[cfg(all(
+    doctest,
+    feature = "test-util",
+    feature = "redis-pubsub",
+    feature = "amqp"
+))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 

@@ -38,6 +38,7 @@ use std::time::Duration;
 use crate::transport::Transport;
 
 pub mod conformance;
+pub mod proxy;
 
 /// Expands to one `#[test]` per conformance case, each running against a
 /// transport built by `$factory` (an `Fn() -> impl Future<Output =

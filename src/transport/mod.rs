@@ -36,6 +36,9 @@ use chrono::{DateTime, Utc};
 use crate::error::Error;
 use crate::topology::Topology;
 
+#[cfg(feature = "amqp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
+pub mod amqp;
 pub(crate) mod delivery;
 pub mod memory;
 #[cfg(feature = "redis-pubsub")]

@@ -1,0 +1,464 @@
+//! The connection and the task that keeps it up.
+//!
+//! lapin 4 can recover a connection by itself, but then the application
+//! cannot tell when the topology has been declared again nor hand out a
+//! fresh channel pool at a known moment. So the transport runs its own
+//! supervisor: one live [`Link`] at a time, published through a watch; every
+//! user of the connection takes the current link, and whoever sees it fail
+//! (the connection's error event, or an operation failing because the
+//! connection is gone) reports it, after which the supervisor reconnects with
+//! an exponential backoff, declares everything known again and publishes the
+//! next link.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{AmqpConfig, DLQ_SUFFIX, QueueType, Shared};
+use crate::error::{Error, ErrorKind};
+use crate::topology::Topology;
+
+/// Where the transport's connection to RabbitMQ stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Connected, and the known topology declared on this connection.
+    Connected,
+    /// The connection was lost; reconnecting with backoff. Publishes wait
+    /// (up to the publish timeout) and consumers resume once connected.
+    Reconnecting,
+    /// The transport was dropped; nothing reconnects any more.
+    Closed,
+}
+
+/// One live connection and its pool of publishing channels.
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub(crate) generation: u64,
+    pub(crate) connection: Arc<Connection>,
+    /// Idle channels in confirm mode; a publish takes one for itself.
+    pub(crate) pool: Arc<Mutex<Vec<Channel>>>,
+}
+
+pub(crate) struct Supervisor {
+    uri: AMQPUri,
+    state: watch::Sender<ConnectionState>,
+    link: watch::Sender<Option<Link>>,
+    /// The highest generation reported lost.
+    lost: watch::Sender<u64>,
+}
+
+impl Supervisor {
+    pub(crate) fn new(config: &AmqpConfig) -> Result<Self, Error> {
+        let mut uri: AMQPUri = config.uri.parse().map_err(|error| {
+            Error::new(
+                ErrorKind::Config,
+                format!("amqp: invalid uri {:?}: {error}", redact(&config.uri)),
+            )
+        })?;
+        uri.query.heartbeat = Some(config.heartbeat.as_secs().clamp(1, u16::MAX.into()) as u16);
+        uri.query.connection_timeout.get_or_insert(10_000);
+        Ok(Self {
+            uri,
+            state: watch::Sender::new(ConnectionState::Reconnecting),
+            link: watch::Sender::new(None),
+            lost: watch::Sender::new(0),
+        })
+    }
+
+    pub(crate) fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.subscribe()
+    }
+
+    /// The current link, waiting for one until `deadline`.
+    pub(crate) async fn wait_link(&self, deadline: Instant) -> Result<Link, Error> {
+        self.wait_link_after(deadline, 0).await
+    }
+
+    /// The current link once its generation is above `after`, waiting until
+    /// `deadline`.
+    pub(crate) async fn wait_link_after(
+        &self,
+        deadline: Instant,
+        after: u64,
+    ) -> Result<Link, Error> {
+        let mut link = self.link.subscribe();
+        let newer = |link: &Option<Link>| link.as_ref().is_some_and(|link| link.generation > after);
+        let waited = tokio::time::timeout_at(deadline, link.wait_for(newer)).await;
+        match waited {
+            Ok(Ok(link)) => Ok(link.clone().expect("waited for Some")),
+            Ok(Err(_)) => Err(Error::closed("amqp transport")),
+            Err(_) => Err(Error::new(
+                ErrorKind::Connection,
+                "amqp: not connected to the broker (still reconnecting)",
+            )),
+        }
+    }
+
+    /// Resolves once the link of `generation` is no longer the live one.
+    ///
+    /// lapin leaves some operations pending forever when the connection
+    /// dies under them (an ack in flight, for one), so every wait on the
+    /// broker races this.
+    pub(crate) async fn link_gone(&self, generation: u64) {
+        let mut link = self.link.subscribe();
+        let _ = link
+            .wait_for(|link| {
+                link.as_ref()
+                    .is_none_or(|link| link.generation != generation)
+            })
+            .await;
+    }
+
+    /// Runs `operation`, failing with a connection error if the link of
+    /// `generation` goes first.
+    pub(crate) async fn guard<T>(
+        &self,
+        generation: u64,
+        operation: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::select! {
+            result = operation => result,
+            () = self.link_gone(generation) => Err(Error::new(
+                ErrorKind::Connection,
+                "amqp: the connection was lost before the broker answered",
+            )),
+        }
+    }
+
+    pub(crate) fn link_watch(&self) -> watch::Receiver<Option<Link>> {
+        self.link.subscribe()
+    }
+
+    /// Reports that an operation on `link` failed with `error`; when the
+    /// connection itself is gone, the supervisor starts reconnecting.
+    pub(crate) fn failed(&self, link: &Link, error: &Error) {
+        if error.kind() == ErrorKind::Connection && !link.connection.status().connected() {
+            self.lost.send_if_modified(|lost| {
+                let newer = link.generation > *lost;
+                if newer {
+                    *lost = link.generation;
+                }
+                newer
+            });
+        }
+    }
+}
+
+/// Connects once (so a bad URI or a broker that is down fails the caller),
+/// then leaves the connection to the supervisor task.
+pub(crate) async fn start(shared: &Arc<Shared>) -> Result<(), Error> {
+    let link = open(shared, 1).await?;
+    let events = link.connection.events_listener();
+    install(shared, link.clone());
+    tokio::spawn(supervise(Arc::downgrade(shared), link, Box::pin(events)));
+    Ok(())
+}
+
+type Events = std::pin::Pin<Box<dyn futures_core::Stream<Item = lapin::Event> + Send>>;
+
+async fn supervise(shared: Weak<Shared>, mut link: Link, mut events: Events) {
+    loop {
+        let Some(mut lost) = shared
+            .upgrade()
+            .map(|shared| shared.supervisor.lost.subscribe())
+        else {
+            return;
+        };
+        let generation = link.generation;
+        tokio::select! {
+            // The transport is gone when the sender is dropped.
+            result = lost.wait_for(|lost| *lost >= generation) => if result.is_err() {
+                return;
+            },
+            _ = async {
+                while let Some(event) = events.next().await {
+                    if let lapin::Event::Error(error) = event {
+                        tracing::warn!(%error, "amqp: connection error");
+                        break;
+                    }
+                }
+            } => {}
+        }
+        drop(lost);
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        tracing::warn!(generation, "amqp: connection lost; reconnecting");
+        strong.supervisor.link.send_replace(None);
+        strong
+            .supervisor
+            .state
+            .send_replace(ConnectionState::Reconnecting);
+        let (first, longest) = strong.config.reconnect_delay;
+        drop(strong);
+        // Closing politely may hang on a dead socket; dropping is enough.
+        drop(link);
+
+        let mut delays = backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(first)
+                .with_max_delay(longest)
+                .with_jitter()
+                .without_max_times(),
+        );
+        let mut next = generation + 1;
+        link = loop {
+            let Some(strong) = shared.upgrade() else {
+                return;
+            };
+            match open(&strong, next).await {
+                Ok(link) => break link,
+                Err(error) => {
+                    tracing::warn!(%error, "amqp: reconnect failed");
+                    next += 1;
+                }
+            }
+            drop(strong);
+            let delay = delays.next().unwrap_or(longest);
+            tokio::time::sleep(delay).await;
+        };
+        events = Box::pin(link.connection.events_listener());
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        install(&strong, link.clone());
+        tracing::info!(generation = link.generation, "amqp: reconnected");
+    }
+}
+
+fn install(shared: &Shared, link: Link) {
+    shared.supervisor.link.send_replace(Some(link));
+    shared
+        .supervisor
+        .state
+        .send_replace(ConnectionState::Connected);
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.supervisor.state.send_replace(ConnectionState::Closed);
+        if let Some(link) = self.supervisor.link.send_replace(None) {
+            let connection = link.connection.clone();
+            drop(link);
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = connection.close(200, "transport dropped".into()).await;
+                });
+            }
+        }
+    }
+}
+
+async fn open(shared: &Shared, generation: u64) -> Result<Link, Error> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(LongString::from(format!("switchboard/{generation}")));
+    let connection = Connection::connect_uri(shared.supervisor.uri.clone(), properties)
+        .await
+        .map_err(|error| amqp_error("connect", error))?;
+    let link = Link {
+        generation,
+        connection: Arc::new(connection),
+        pool: Arc::default(),
+    };
+    // The link is not live yet, so nothing else notices if the connection
+    // dies under the declarations: bound them, or the supervisor could wait
+    // forever instead of reconnecting.
+    let topology = shared.known_topology();
+    let declared = tokio::time::timeout(
+        DECLARE_TIMEOUT,
+        declare_on(&shared.config, &link, &topology),
+    )
+    .await
+    .map_err(|_| {
+        Error::new(
+            ErrorKind::Timeout,
+            "amqp: declaring the topology on a new connection took too long",
+        )
+    })?;
+    declared?;
+    Ok(link)
+}
+
+/// Declares the exchange, and each group's queue, binding and dead-letter
+/// queue, on one short-lived channel.
+pub(crate) async fn declare_on(
+    config: &AmqpConfig,
+    link: &Link,
+    topology: &Topology,
+) -> Result<(), Error> {
+    let channel = link
+        .connection
+        .create_channel()
+        .await
+        .map_err(|error| amqp_error("open a channel", error))?;
+    let declared = async {
+        channel
+            .exchange_declare(
+                config.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    auto_delete: config.exchange_auto_delete,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|error| amqp_error("declare the exchange", error))?;
+        for (topic, group) in topology.subscriptions() {
+            declare_queue(config, &channel, topic, group).await?;
+        }
+        Ok(())
+    }
+    .await;
+    // Closing waits for the broker; a dead connection never answers.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "declared".into())).await;
+    declared
+}
+
+pub(crate) async fn declare_queue(
+    config: &AmqpConfig,
+    channel: &Channel,
+    topic: &str,
+    group: &str,
+) -> Result<String, Error> {
+    let queue = config.queue_name(topic, group)?;
+    let dlq = format!("{queue}{DLQ_SUFFIX}");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(dlq.as_str().into(), durable, queue_arguments(config, None))
+        .await
+        .map_err(|error| amqp_error("declare the dead-letter queue", error))?;
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            durable,
+            queue_arguments(config, Some(&dlq)),
+        )
+        .await
+        .map_err(|error| amqp_error("declare the queue", error))?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            config.exchange.as_str().into(),
+            topic.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|error| amqp_error("bind the queue", error))?;
+    Ok(queue)
+}
+
+fn queue_arguments(config: &AmqpConfig, dead_letters_to: Option<&str>) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    let mut set = |name: &str, value: AMQPValue| {
+        arguments.insert(ShortString::from(name), value);
+    };
+    if let Some(expires) = config.queue_expires {
+        set(
+            "x-expires",
+            AMQPValue::LongLongInt(expires.as_millis().clamp(1, i64::MAX as u128) as i64),
+        );
+    }
+    if config.queue_type == QueueType::Quorum {
+        set("x-queue-type", long_string("quorum"));
+        if let Some(dlq) = dead_letters_to {
+            // Broker-side dead-lettering (a delivery limit, a reject without
+            // requeue) lands in the same queue, at least once.
+            set("x-dead-letter-exchange", long_string(""));
+            set("x-dead-letter-routing-key", long_string(dlq));
+            set("x-dead-letter-strategy", long_string("at-least-once"));
+            set("x-overflow", long_string("reject-publish"));
+        }
+    }
+    arguments
+}
+
+pub(crate) fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+/// Maps a lapin error to the crate's, keeping whether a retry can help.
+pub(crate) fn amqp_error(what: &str, error: lapin::Error) -> Error {
+    use lapin::ErrorKind as Lapin;
+    let kind = match error.kind() {
+        Lapin::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => ErrorKind::NotFound,
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => ErrorKind::Unauthorized,
+            AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED) => ErrorKind::Unavailable,
+            AMQPErrorKind::Soft(_) => ErrorKind::Rejected,
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => ErrorKind::Unauthorized,
+            AMQPErrorKind::Hard(_) => ErrorKind::Connection,
+        },
+        Lapin::AuthProviderError(_) => ErrorKind::Unauthorized,
+        Lapin::ChannelsLimitReached => ErrorKind::Unavailable,
+        _ => ErrorKind::Connection,
+    };
+    Error::new(kind, format!("amqp: {what}: {error}")).with_source(error)
+}
+
+/// The URI without its password, for error messages.
+pub(crate) fn redact(uri: &str) -> String {
+    match (uri.find("://"), uri.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &uri[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &uri[..scheme + 3], &uri[at..])
+        }
+        _ => uri.to_owned(),
+    }
+}
+
+/// How long closing a channel may wait for the broker's answer.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a new connection may take to declare the known topology.
+const DECLARE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A small pause before another try of something that keeps failing, so a
+/// consumer does not spin while the supervisor reconnects.
+pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_kept_out_of_messages() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("amqp://host"), "amqp://host");
+    }
+
+    #[test]
+    fn quorum_queues_dead_letter_at_least_once() {
+        let config = AmqpConfig::default()
+            .with_queue_type(QueueType::Quorum)
+            .with_queue_expires(Duration::from_secs(60));
+        let arguments = queue_arguments(&config, Some("q.dlq"));
+        let inner = arguments.inner();
+        assert_eq!(
+            inner["x-dead-letter-strategy"],
+            long_string("at-least-once")
+        );
+        assert_eq!(inner["x-overflow"], long_string("reject-publish"));
+        assert_eq!(inner["x-expires"], AMQPValue::LongLongInt(60_000));
+        let classic = queue_arguments(&AmqpConfig::default(), Some("q.dlq"));
+        assert!(classic.inner().is_empty());
+    }
+}
