@@ -54,6 +54,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
+//! | `redis-streams` | [`RedisStreamsTransport`](transport::redis_streams): consumer groups on Redis Streams |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
@@ -85,6 +86,8 @@ pub use envelope::{Event, EventEnvelope, Headers};
 pub use error::{BoxError, Error, ErrorKind};
 pub use topology::Topology;
 pub use transport::memory::MemoryTransport;
+#[cfg(feature = "redis-streams")]
+pub use transport::redis_streams::RedisStreamsTransport;
 pub use transport::{
     Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
     Publisher, RawMessage, Redrive, SettleError, SubscribeOptions, Subscriber, Subscription,

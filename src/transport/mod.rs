@@ -38,6 +38,9 @@ use crate::topology::Topology;
 
 pub(crate) mod delivery;
 pub mod memory;
+#[cfg(feature = "redis-streams")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis-streams")))]
+pub mod redis_streams;
 
 pub use delivery::{
     Acker, DeadLetter, Delivery, RawMessage, SettleError, SubscribeOptions, Subscription,
