@@ -67,9 +67,9 @@
 mod bus;
 mod codec;
 pub mod config;
-pub mod middleware;
 mod envelope;
 mod error;
+pub mod middleware;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod topology;

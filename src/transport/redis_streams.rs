@@ -406,7 +406,13 @@ impl RedisStreamsTransport {
             .await
             .map_err(|error| redis_error("connect", error))?;
         let hash_tag = config.hash_tag.unwrap_or(false);
-        Ok(Self::finish(Conn::Single(commands), Connector::Single(client), config, hash_tag).await)
+        Ok(Self::finish(
+            Conn::Single(commands),
+            Connector::Single(client),
+            config,
+            hash_tag,
+        )
+        .await)
     }
 
     /// Connects to a Redis Cluster through any of its nodes
@@ -428,7 +434,13 @@ impl RedisStreamsTransport {
             .await
             .map_err(|error| redis_error("connect to cluster", error))?;
         let hash_tag = config.hash_tag.unwrap_or(true);
-        Ok(Self::finish(Conn::Cluster(commands), Connector::Cluster(client), config, hash_tag).await)
+        Ok(Self::finish(
+            Conn::Cluster(commands),
+            Connector::Cluster(client),
+            config,
+            hash_tag,
+        )
+        .await)
     }
 
     async fn finish(
@@ -852,9 +864,7 @@ fn dead_lettered_from(topic: &str, entry: &StreamId) -> DeadLettered {
         group: text(DLQ_GROUP).unwrap_or_default(),
         message,
         reason: text(DLQ_REASON).unwrap_or_default(),
-        attempts: text(DLQ_ATTEMPTS)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0),
+        attempts: text(DLQ_ATTEMPTS).and_then(|n| n.parse().ok()).unwrap_or(0),
         last_error: text(DLQ_LAST_ERROR),
         dead_lettered_at: text(DLQ_AT)
             .and_then(|at| DateTime::parse_from_rfc3339(&at).ok())
@@ -1411,7 +1421,13 @@ impl Drop for Reader {
                         .await;
                 }
                 if let Ok(Some(reply)) = read.await {
-                    ids.extend(reply.keys.into_iter().flat_map(|key| key.ids).map(|id| id.id));
+                    ids.extend(
+                        reply
+                            .keys
+                            .into_iter()
+                            .flat_map(|key| key.ids)
+                            .map(|id| id.id),
+                    );
                 }
             }
             group.give_back(&ids, group.claim_idle_ms()).await;
@@ -1591,7 +1607,10 @@ mod tests {
             .collect();
         let mut map = HashMap::new();
         for pair in args[1..].chunks(2) {
-            map.insert(pair[0].clone(), Value::BulkString(pair[1].clone().into_bytes()));
+            map.insert(
+                pair[0].clone(),
+                Value::BulkString(pair[1].clone().into_bytes()),
+            );
         }
         let (back, problem) = message_from_fields(&map);
         assert!(problem.is_none());
@@ -1604,7 +1623,12 @@ mod tests {
     #[test]
     fn config_refuses_impossible_values() {
         assert!(RedisStreamsConfig::default().validate().is_ok());
-        assert!(RedisStreamsConfig::default().with_batch(0).validate().is_err());
+        assert!(
+            RedisStreamsConfig::default()
+                .with_batch(0)
+                .validate()
+                .is_err()
+        );
         assert!(
             RedisStreamsConfig::default()
                 .with_block(Duration::ZERO)
