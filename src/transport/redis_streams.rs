@@ -289,7 +289,7 @@ impl RedisStreamsConfig {
         self
     }
 
-    fn claim_every(&self) -> Duration {
+    fn claim_interval(&self) -> Duration {
         self.claim_every
             .unwrap_or(self.claim_idle / 4)
             .max(Duration::from_millis(10))
@@ -1334,7 +1334,7 @@ impl Reader {
         self.next_claim = if more {
             Instant::now()
         } else {
-            Instant::now() + config.claim_every()
+            Instant::now() + config.claim_interval()
         };
         let (Some(first), Some(last)) = (reply.claimed.first(), reply.claimed.last()) else {
             return Ok(());
