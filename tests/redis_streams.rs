@@ -535,4 +535,57 @@ mod redis_specific {
         }
         stayer.shutdown().await.expect("shutdown");
     }
+
+    /// A read blocks longer than redis-rs's default 500 ms reply timeout
+    /// without failing: blocking reads have their own connection and
+    /// timeout (PITFALLS). A failed read would log a warning.
+    #[test]
+    fn a_blocking_read_outlives_the_default_response_timeout() {
+        #[derive(Clone, Default)]
+        struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logs = Capture::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let transport = connect(config().with_block(Duration::from_millis(1500))).await;
+            let topic = unique("block");
+            let mut subscription = transport
+                .subscribe(&topic, SubscribeOptions::new(unique("g")))
+                .await
+                .expect("subscribe");
+            // Nothing is published: the read blocks past 500 ms.
+            let idle = tokio::time::timeout(Duration::from_millis(1200), subscription.recv()).await;
+            assert!(idle.is_err(), "nothing to deliver yet");
+            transport
+                .publish(&topic, RawMessage::new("late"))
+                .await
+                .expect("publish");
+            let delivery = recv(&mut subscription).await;
+            assert_eq!(delivery.body().as_ref(), b"late");
+            ok(delivery.ack().await);
+            subscription.shutdown().await.expect("shutdown");
+        });
+        let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+        assert!(
+            !logs.contains("XREADGROUP"),
+            "a blocking read failed: {logs}"
+        );
+    }
 }
