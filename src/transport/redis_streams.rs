@@ -197,7 +197,10 @@ pub struct RedisStreamsConfig {
     /// Subscriptions get `<name>-<n>`, `n` counting the subscriptions to one
     /// topic and group. A name that stays the same across restarts (a pod
     /// name) lets a restarted subscriber re-read its own pending entries at
-    /// once instead of waiting for `claim_idle`.
+    /// once instead of waiting for `claim_idle`. Consumers are never
+    /// deleted from their group (`XGROUP DELCONSUMER` would drop what they
+    /// still hold), so with random names old ones pile up in
+    /// `XINFO CONSUMERS` until an operator removes them.
     pub consumer_name: String,
     /// Put before every topic to form the stream key (default empty).
     pub key_prefix: String,
