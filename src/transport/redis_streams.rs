@@ -35,7 +35,10 @@
 //!   connection).
 //! * `nack(delay)` keeps the entry pending: it is re-read with `XCLAIM` once
 //!   the delay has passed, which raises its delivery counter — it is never
-//!   re-added under a new id. [`Delivery::attempt`] is that counter.
+//!   re-added under a new id. [`Delivery::attempt`] is that counter. A delay
+//!   longer than `claim_idle` lets another member take the entry over
+//!   sooner; if the process dies during the delay, a member takes it over
+//!   after `claim_idle`.
 //! * An entry stays pending while its consumer holds it. When a consumer dies,
 //!   the live consumers of its group take its entries over with `XAUTOCLAIM`
 //!   once they have been idle for [`RedisStreamsConfig::claim_idle`]
@@ -49,6 +52,19 @@
 //! * `dead_letter` is one `MULTI { XADD <stream>.dlq ...; XACK }`: the entry
 //!   is either in the dead-letter stream or still pending, never lost nor in
 //!   both.
+//!
+//! # Dead letters
+//!
+//! A dead-letter entry in `<stream>.dlq` carries the message's fields plus
+//! `topic`, `group`, `reason`, `attempts`, `last_error`, `dead_lettered_at`
+//! and `source_id` (the original entry id), readable with `XRANGE` too. An
+//! entry without an `envelope` field never reaches a handler: the subscription
+//! dead-letters it itself, naming the fields it had. A redrive re-adds the
+//! message to the stream under a new id, marked for the group that gave up;
+//! the topic's other groups acknowledge it unseen. Redis cannot make an
+//! acknowledged entry pending again, so that is the only way back; the cost
+//! is one read and `XACK` per redriven message in every other group, and the
+//! redriven message lands behind what the stream already holds.
 //!
 //! # Where a new group starts
 //!
