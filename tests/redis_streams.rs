@@ -588,4 +588,35 @@ mod redis_specific {
             "a blocking read failed: {logs}"
         );
     }
+
+    /// A group created by `subscribe` starts at the beginning of the stream
+    /// by default (nothing published earlier is missed), or after the last
+    /// entry with `GroupStart::End`.
+    #[tokio::test]
+    async fn where_a_new_group_starts() {
+        use switchboard::transport::redis_streams::GroupStart;
+        for (start, first_seen) in [
+            (GroupStart::Beginning, "before"),
+            (GroupStart::End, "after"),
+        ] {
+            let transport = connect(config().with_group_start(start)).await;
+            let topic = unique("start");
+            transport
+                .publish(&topic, RawMessage::new("before"))
+                .await
+                .expect("publish");
+            let mut subscription = transport
+                .subscribe(&topic, SubscribeOptions::new(unique("g")))
+                .await
+                .expect("subscribe");
+            transport
+                .publish(&topic, RawMessage::new("after"))
+                .await
+                .expect("publish");
+            let delivery = recv(&mut subscription).await;
+            assert_eq!(delivery.body().as_ref(), first_seen.as_bytes(), "{start:?}");
+            ok(delivery.ack().await);
+            subscription.shutdown().await.expect("shutdown");
+        }
+    }
 }
