@@ -679,7 +679,7 @@ impl Subscriber for RedisStreamsTransport {
             started: false,
             next_claim: Instant::now(),
             claim_cursor: "0-0".to_owned(),
-            backoff: Duration::ZERO,
+            backoff: None,
             stopping: stopping.clone(),
         };
         reader.refresh_client_id().await;
@@ -1177,7 +1177,8 @@ struct Reader {
     started: bool,
     next_claim: Instant,
     claim_cursor: String,
-    backoff: Duration,
+    /// Delays between failed reads in a row; `None` after a success.
+    backoff: Option<backon::ExponentialBackoff>,
     /// Set on drop: the task handing back what was read but not handed out.
     stopping: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
@@ -1272,7 +1273,7 @@ impl Reader {
                 self.read = None;
                 match reply {
                     Ok(reply) => {
-                        self.backoff = Duration::ZERO;
+                        self.backoff = None;
                         for key in reply.map(|reply| reply.keys).unwrap_or_default() {
                             for id in key.ids {
                                 let entry = self.group.entry(id, 1);
@@ -1404,16 +1405,31 @@ impl Reader {
                 tracing::warn!(%error, "cannot create the consumer group again");
             }
         }
-        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        let delay = self
+            .backoff
+            .get_or_insert_with(read_backoff)
+            .next()
+            .unwrap_or(Duration::from_secs(2));
         tracing::warn!(
             stream = %self.group.stream,
             group = %self.group.group,
             %error,
-            retry_in = ?self.backoff,
+            retry_in = ?delay,
             "redis-streams: {what} failed",
         );
-        tokio::time::sleep(self.backoff).await;
+        tokio::time::sleep(delay).await;
     }
+}
+
+/// 50 ms doubling to 2 s with jitter, for as long as the server is away.
+fn read_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Orders stream ids (`<ms>-<seq>`) numerically.
