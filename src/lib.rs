@@ -58,6 +58,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
+//! | `redis-streams` | [`RedisStreamsTransport`](transport::redis_streams): consumer groups on Redis Streams |
 //! | `redis-pubsub` | [`RedisPubSubTransport`]: broadcast over Redis Pub/Sub, at most once |
 //! | `amqp` | `transport::amqp`: RabbitMQ task queue (lapin 4 on tokio) — persistent, confirmed, dead-lettered, reconnecting |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
@@ -85,6 +86,7 @@ pub mod transport;
 #[cfg(all(
     doctest,
     feature = "test-util",
+    feature = "redis-streams",
     feature = "redis-pubsub",
     feature = "amqp"
 ))]
@@ -99,6 +101,8 @@ pub use topology::Topology;
 pub use transport::memory::MemoryTransport;
 #[cfg(feature = "redis-pubsub")]
 pub use transport::redis_pubsub::RedisPubSubTransport;
+#[cfg(feature = "redis-streams")]
+pub use transport::redis_streams::RedisStreamsTransport;
 pub use transport::{
     Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
     Publisher, RawMessage, Redrive, SettleError, SubscribeOptions, Subscriber, Subscription,

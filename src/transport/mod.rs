@@ -41,8 +41,13 @@ use crate::topology::Topology;
 pub mod amqp;
 pub(crate) mod delivery;
 pub mod memory;
+#[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
+pub(crate) mod redis_error;
 #[cfg(feature = "redis-pubsub")]
 pub mod redis_pubsub;
+#[cfg(feature = "redis-streams")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis-streams")))]
+pub mod redis_streams;
 
 pub use delivery::{
     Acker, DeadLetter, Delivery, RawMessage, SettleError, SubscribeOptions, Subscription,

@@ -78,6 +78,7 @@ use super::{
 use crate::envelope::Headers;
 use crate::error::{Error, ErrorKind};
 use crate::topology::Topology;
+use crate::transport::redis_error::redis_error;
 
 const NAME: &str = "redis-pubsub";
 
@@ -778,21 +779,6 @@ impl Acker for PubSubAcker {
             "dead-letter: Pub/Sub has no dead-letter queue",
         ))
     }
-}
-
-/// Classifies a redis error by whether trying again can help.
-fn redis_error(operation: &str, error: redis::RedisError) -> Error {
-    let kind = if error.is_timeout() {
-        ErrorKind::Timeout
-    } else if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
-    {
-        ErrorKind::Connection
-    } else if error.kind() == redis::ErrorKind::AuthenticationFailed {
-        ErrorKind::Unauthorized
-    } else {
-        ErrorKind::Unavailable
-    };
-    Error::new(kind, format!("redis {operation}: {error}")).with_source(error)
 }
 
 impl fmt::Debug for RedisPubSubTransport {

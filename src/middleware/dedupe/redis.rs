@@ -29,6 +29,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{DedupeStore, Mark};
 use crate::error::{Error, ErrorKind};
+use crate::transport::redis_error::redis_error;
 
 /// The value of a done mark.
 const DONE: &str = "done";
@@ -199,21 +200,6 @@ impl DedupeStore for RedisDedupeStore {
 fn millis(ttl: Duration) -> u64 {
     let millis = ttl.as_nanos().div_ceil(1_000_000);
     u64::try_from(millis).unwrap_or(u64::MAX).max(1)
-}
-
-/// Classifies a redis error by whether trying again can help.
-fn redis_error(operation: &str, error: redis::RedisError) -> Error {
-    let kind = if error.is_timeout() {
-        ErrorKind::Timeout
-    } else if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
-    {
-        ErrorKind::Connection
-    } else if error.kind() == redis::ErrorKind::AuthenticationFailed {
-        ErrorKind::Unauthorized
-    } else {
-        ErrorKind::Unavailable
-    };
-    Error::new(kind, format!("redis {operation}: {error}")).with_source(error)
 }
 
 impl fmt::Debug for RedisDedupeStore {
