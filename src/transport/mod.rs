@@ -37,7 +37,11 @@ use crate::error::Error;
 use crate::topology::Topology;
 
 pub(crate) mod delivery;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod memory;
+#[cfg(any(feature = "grpc", feature = "http"))]
+pub mod push;
 
 pub use delivery::{
     Acker, DeadLetter, Delivery, RawMessage, SettleError, SubscribeOptions, Subscription,
