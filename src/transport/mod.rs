@@ -39,6 +39,8 @@ use crate::topology::Topology;
 pub(crate) mod delivery;
 #[cfg(feature = "grpc")]
 pub mod grpc;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod memory;
 #[cfg(any(feature = "grpc", feature = "http"))]
 pub mod push;
