@@ -49,8 +49,11 @@ pub struct Inbox {
 
 struct Inner {
     transport: &'static str,
-    topics: Mutex<HashMap<String, HashMap<Arc<str>, Arc<GroupQueue>>>>,
+    topics: Mutex<HashMap<String, Groups>>,
 }
+
+/// A topic's groups at this receiver.
+type Groups = HashMap<Arc<str>, Arc<GroupQueue>>;
 
 /// One group's queue at this receiver; its members take turns on it.
 struct GroupQueue {
