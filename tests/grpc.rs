@@ -256,6 +256,17 @@ mod receiver {
             .expect("acked on the second attempt");
     }
 
+    #[tokio::test]
+    async fn serving_on_a_taken_address_is_a_connection_error() {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let transport = GrpcTransport::new(PushConfig::default()).unwrap();
+        let error = transport
+            .serve_on(taken.local_addr().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    }
+
     async fn still_delivers(transport: &GrpcTransport) {
         let mut subscription = transport
             .subscribe("after-bad-input", SubscribeOptions::new("g"))

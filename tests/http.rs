@@ -92,6 +92,7 @@ mod receiver {
             ("/events/t", "switchboard-attempt", "first", "whole number"),
             ("/events/t", GROUP, "no spaces", "invalid group name"),
             ("/events/bad%20topic", "x-unused", "", "invalid topic name"),
+            ("/events/%FF", "x-unused", "", "bad topic in the path"),
         ];
         for (path, header, value, says) in cases {
             let response = client
@@ -215,6 +216,17 @@ mod receiver {
             .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
         assert!(error.message().contains("no group subscribes"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn serving_on_a_taken_address_is_a_connection_error() {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let transport = HttpTransport::new(PushConfig::default()).unwrap();
+        let error = transport
+            .serve_on(taken.local_addr().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
     }
 
     async fn still_delivers(transport: &HttpTransport) {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -161,6 +162,18 @@ impl GrpcTransport {
                         .with_source(error)
                 })
         }
+    }
+
+    /// Binds `address` and [`serve`](Self::serve)s on it.
+    pub async fn serve_on(&self, address: SocketAddr) -> Result<(), Error> {
+        let listener = TcpListener::bind(address).await.map_err(|error| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot listen on {address}: {error}"),
+            )
+            .with_source(error)
+        })?;
+        self.serve(listener).await
     }
 
     fn client(&self, url: &str) -> Result<PushClient<Channel>, Error> {

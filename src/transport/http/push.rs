@@ -4,10 +4,12 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -150,6 +152,18 @@ impl HttpTransport {
             })
         }
     }
+
+    /// Binds `address` and [`serve`](Self::serve)s on it.
+    pub async fn serve_on(&self, address: SocketAddr) -> Result<(), Error> {
+        let listener = TcpListener::bind(address).await.map_err(|error| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot listen on {address}: {error}"),
+            )
+            .with_source(error)
+        })?;
+        self.serve(listener).await
+    }
 }
 
 #[async_trait]
@@ -244,9 +258,15 @@ struct Receiver {
 
 async fn receive(
     State(receiver): State<Receiver>,
-    Path(topic): Path<String>,
+    topic: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
+    let topic = match topic {
+        Ok(Path(topic)) => topic,
+        Err(rejection) => {
+            return bad_request(format!("bad topic in the path: {rejection}")).into_response();
+        }
+    };
     match deliver(&receiver, &topic, request).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(refusal) => refusal.into_response(),
