@@ -34,6 +34,7 @@ mod receiver {
     use std::time::Duration;
 
     use bytes::{Buf, BufMut, Bytes};
+    use futures_util::FutureExt;
     use prost::Message;
     use switchboard::transport::grpc::{GrpcTransport, proto, unary};
     use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
@@ -254,6 +255,43 @@ mod receiver {
             .await
             .unwrap()
             .expect("acked on the second attempt");
+    }
+
+    #[tokio::test]
+    async fn each_routed_group_gets_the_message_once_and_others_none() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let routes = PushRoutes::new()
+            .route("routed", PushEndpoint::new(&url).for_group("a"))
+            .route("routed", PushEndpoint::new(&url).for_group("b"));
+        let transport = GrpcTransport::new(PushConfig::new(routes)).unwrap();
+        tokio::spawn(transport.serve(listener));
+        let mut subscriptions = Vec::new();
+        for group in ["a", "b", "c"] {
+            let subscription = transport
+                .subscribe("routed", SubscribeOptions::new(group))
+                .await
+                .unwrap();
+            subscriptions.push(subscription);
+        }
+        let publisher = transport.clone();
+        let publishing =
+            tokio::spawn(async move { publisher.publish("routed", RawMessage::new("x")).await });
+        for subscription in &mut subscriptions[..2] {
+            let delivery = subscription.recv().await.unwrap();
+            assert_eq!(delivery.group(), subscription.group());
+            delivery.ack().await.map_err(|(e, _)| e).unwrap();
+        }
+        publishing.await.unwrap().expect("both routed groups acked");
+        for subscription in &mut subscriptions {
+            // Publish returned only after every routed group acked, so
+            // anything else would already be waiting here.
+            assert!(
+                subscription.recv().now_or_never().is_none(),
+                "group {} got a second or unrouted copy",
+                subscription.group()
+            );
+        }
     }
 
     #[tokio::test]
