@@ -219,6 +219,27 @@ mod receiver {
     }
 
     #[tokio::test]
+    async fn a_receiver_that_is_down_is_a_retryable_connection_error() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(url)))
+            .with_retry(switchboard::config::RetryConfig {
+                max_attempts: 2,
+                backoff_ms: 1,
+                backoff_multiplier: 1.0,
+                max_backoff_ms: 1,
+            });
+        let transport = HttpTransport::new(config).unwrap();
+        let error = transport
+            .publish("t", RawMessage::new("x"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+        assert!(error.is_retryable());
+    }
+
+    #[tokio::test]
     async fn serving_on_a_taken_address_is_a_connection_error() {
         let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let transport = HttpTransport::new(PushConfig::default()).unwrap();

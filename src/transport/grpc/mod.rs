@@ -57,6 +57,8 @@ pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 ///
 /// | status | kind | retryable |
 /// |---|---|---|
+/// | `UNAVAILABLE` from a failed connect | [`Connection`](ErrorKind::Connection) | yes |
+/// | `CANCELLED` from tonic's own request timeout | [`Timeout`](ErrorKind::Timeout) | yes |
 /// | `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, `ABORTED`, `CANCELLED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | [`Unavailable`](ErrorKind::Unavailable) | yes |
 /// | `DEADLINE_EXCEEDED` | [`Timeout`](ErrorKind::Timeout) | yes |
 /// | `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`, `ALREADY_EXISTS` | [`Rejected`](ErrorKind::Rejected) | no |
@@ -75,6 +77,10 @@ pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 /// ```
 pub fn error_from_status(status: Status) -> Error {
     let kind = match status.code() {
+        // Tonic reports a failed connect as UNAVAILABLE and its own request
+        // timeout as CANCELLED; the cause it keeps says which it was.
+        Code::Unavailable if caused_by::<tonic::ConnectError>(&status) => ErrorKind::Connection,
+        Code::Cancelled if caused_by::<tonic::TimeoutExpired>(&status) => ErrorKind::Timeout,
         Code::Ok => ErrorKind::Unavailable, // never an error; defensive
         Code::Unavailable
         | Code::ResourceExhausted
@@ -138,6 +144,17 @@ pub fn status_from_error(error: &Error) -> Status {
             .insert(RETRY_PUSHBACK_MS, millis.into());
     }
     status
+}
+
+fn caused_by<E: std::error::Error + 'static>(status: &Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if error.is::<E>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -225,6 +242,16 @@ mod tests {
                 assert_eq!(back.is_retryable(), kind.is_retryable(), "{kind:?}");
             }
         }
+    }
+
+    #[test]
+    fn connect_failures_and_client_timeouts_are_told_apart_by_their_cause() {
+        let refused = Status::from_error(Box::new(tonic::ConnectError("refused".into())));
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert_eq!(error_from_status(refused).kind(), ErrorKind::Connection);
+        let timed_out = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(timed_out.code(), Code::Cancelled);
+        assert_eq!(error_from_status(timed_out).kind(), ErrorKind::Timeout);
     }
 
     #[test]

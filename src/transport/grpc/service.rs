@@ -31,7 +31,8 @@ use crate::error::Error;
 ///     client.deliver(request).await
 /// });
 /// let error = deliver.ready().await?.call(proto::DeliverRequest::default()).await.unwrap_err();
-/// assert!(error.is_retryable(), "{error}");
+/// assert_eq!(error.kind(), switchboard::ErrorKind::Connection, "{error}");
+/// assert!(error.is_retryable());
 /// # Ok::<(), switchboard::Error>(())
 /// # }).unwrap();
 /// ```
