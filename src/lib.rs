@@ -88,7 +88,9 @@ pub mod transport;
     feature = "test-util",
     feature = "redis-streams",
     feature = "redis-pubsub",
-    feature = "amqp"
+    feature = "amqp",
+    feature = "grpc",
+    feature = "http"
 ))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -54,6 +54,18 @@ async fn publish_all(transport: &dyn Transport, topic: &str, seqs: impl IntoIter
     }
 }
 
+/// Publishes from a task of its own. Push transports return from `publish`
+/// only once a handler acked, so a case that publishes before it receives
+/// must not wait for the publishing first.
+fn publish_in_background(
+    transport: &Arc<dyn Transport>,
+    topic: &str,
+    seqs: impl IntoIterator<Item = u64, IntoIter: Send> + Send + 'static,
+) -> JoinHandle<()> {
+    let (transport, topic) = (transport.clone(), topic.to_owned());
+    tokio::spawn(async move { publish_all(&*transport, &topic, seqs).await })
+}
+
 async fn subscribe(
     transport: &dyn Transport,
     topic: &str,
@@ -128,7 +140,7 @@ fn range(count: u64) -> BTreeSet<u64> {
 pub async fn round_trip_keeps_payload_and_headers(transport: Arc<dyn Transport>) {
     let topic = unique("round-trip");
     let mut subscription = subscribe(&*transport, &topic, SubscribeOptions::new(unique("g"))).await;
-    publish_all(&*transport, &topic, 0..100).await;
+    let publishing = publish_in_background(&transport, &topic, 0..100);
     let mut received = BTreeMap::new();
     while received.len() < 100 {
         let delivery = recv_one(&mut subscription, "round trip").await;
@@ -151,6 +163,7 @@ pub async fn round_trip_keeps_payload_and_headers(transport: Arc<dyn Transport>)
             );
         }
     }
+    publishing.await.expect("publisher task");
     subscription.shutdown().await.expect("shutdown");
 }
 
@@ -343,7 +356,7 @@ pub async fn nack_redelivers(transport: Arc<dyn Transport>) {
     let options = SubscribeOptions::new(unique("g")).with_prefetch(64);
     let mut subscription = subscribe(&*transport, &topic, options).await;
     if !transport.capabilities().nack {
-        publish_all(&*transport, &topic, [0]).await;
+        let publishing = publish_in_background(&transport, &topic, [0]);
         let delivery = recv_one(&mut subscription, "nack unsupported").await;
         let (error, delivery) = delivery
             .nack(Duration::ZERO)
@@ -351,10 +364,11 @@ pub async fn nack_redelivers(transport: Arc<dyn Transport>) {
             .expect_err("nack is not claimed, so it must fail");
         assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
         let _ = delivery.ack().await;
+        publishing.await.expect("publisher task");
         return;
     }
     let count = 50;
-    publish_all(&*transport, &topic, 0..count).await;
+    let publishing = publish_in_background(&transport, &topic, 0..count);
     let mut redelivered = BTreeSet::new();
     while redelivered.len() < count as usize {
         let delivery = recv_one(&mut subscription, "nack then redelivery").await;
@@ -385,6 +399,7 @@ pub async fn nack_redelivers(transport: Arc<dyn Transport>) {
         range(count),
         "every nacked message came back with attempt > 1"
     );
+    publishing.await.expect("publisher task");
     subscription.shutdown().await.expect("shutdown");
 }
 
@@ -563,10 +578,10 @@ pub async fn dead_letters_can_be_listed_inspected_and_redriven(transport: Arc<dy
     let mut subscription = subscribe(&*transport, &topic, SubscribeOptions::new(unique("g"))).await;
     let event_id = Uuid::new_v4().to_string();
     let poison = test_message(1).with_header(header::EVENT_ID, event_id.clone());
-    transport
-        .publish(&topic, poison.clone())
-        .await
-        .expect("publish");
+    let publishing = {
+        let (transport, topic, poison) = (transport.clone(), topic.clone(), poison.clone());
+        tokio::spawn(async move { transport.publish(&topic, poison).await })
+    };
     let delivery = recv_one(&mut subscription, "message to dead-letter").await;
     let attempt = delivery.attempt();
     let letter = crate::DeadLetter::new("conformance: poison").with_last_error("boom");
@@ -578,6 +593,7 @@ pub async fn dead_letters_can_be_listed_inspected_and_redriven(transport: Arc<dy
             .expect_err("dead_letter is not claimed, so it must fail");
         assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
         let _ = delivery.ack().await;
+        publishing.await.expect("publisher task").expect("publish");
         let error = transport
             .dead_letters()
             .err()
@@ -590,6 +606,7 @@ pub async fn dead_letters_can_be_listed_inspected_and_redriven(transport: Arc<dy
         .await
         .map_err(|(error, _)| error)
         .expect("dead_letter");
+    publishing.await.expect("publisher task").expect("publish");
     let queue = transport.dead_letters().expect("dead_letter is claimed");
 
     let listed = queue.list(&topic, 10).await.expect("list");

@@ -40,7 +40,13 @@ use crate::topology::Topology;
 #[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
 pub mod amqp;
 pub(crate) mod delivery;
+#[cfg(feature = "grpc")]
+pub mod grpc;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod memory;
+#[cfg(any(feature = "grpc", feature = "http"))]
+pub mod push;
 #[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
 pub(crate) mod redis_error;
 #[cfg(feature = "redis-pubsub")]

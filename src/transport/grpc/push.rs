@@ -1,0 +1,395 @@
+//! The gRPC event-push transport: `publish` calls `Push/Deliver` on each of
+//! the topic's endpoints; the receiver hands the message to a subscriber and
+//! answers once the handler has settled it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+use tokio::net::TcpListener;
+use tonic::codegen::http::{self, HeaderValue};
+use tonic::codegen::{Body, BoxFuture, StdError};
+use tonic::server::NamedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+use tower::Service;
+
+use super::proto::push_client::PushClient;
+use super::proto::push_server::{Push, PushServer};
+use super::proto::{DeliverReply, DeliverRequest};
+use super::{error_from_status, status_from_error};
+use crate::error::{Error, ErrorKind};
+use crate::topology::Topology;
+use crate::transport::push::{self, Inbox, PushConfig, PushRequest, PushSender};
+use crate::transport::{
+    Capabilities, DeliveryMode, Publisher, RawMessage, SubscribeOptions, Subscriber, Subscription,
+    Transport,
+};
+
+const NAME: &str = "grpc";
+
+/// Room for the topic, group and headers around a body of the largest size.
+const ENVELOPE_SLACK: usize = 64 * 1024;
+
+type EndpointConfig = dyn Fn(Endpoint) -> Result<Endpoint, Error> + Send + Sync;
+
+/// Events pushed over gRPC: the publisher calls `switchboard.push.v1.Push/Deliver`
+/// on the endpoints [`PushConfig::routes`] names for the topic; the
+/// receiver ([`push_service`](Self::push_service), or [`serve`](Self::serve))
+/// answers once a subscriber's handler has acked.
+///
+/// Not persistent, no dead-letter queue, no redelivery of what a receiver
+/// never got: see [`push`](crate::transport::push) for the exact guarantees.
+///
+/// ```
+/// use switchboard::transport::grpc::GrpcTransport;
+/// use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
+/// use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// let url = format!("http://{}", listener.local_addr().unwrap());
+/// let routes = PushRoutes::new().route("price.updated", PushEndpoint::new(url).for_group("game"));
+/// let transport = GrpcTransport::new(PushConfig::new(routes))?;
+/// tokio::spawn(transport.serve(listener));
+///
+/// let mut subscription = transport
+///     .subscribe("price.updated", SubscribeOptions::new("game"))
+///     .await?;
+/// let handler = tokio::spawn(async move {
+///     let delivery = subscription.recv().await.expect("a message");
+///     assert_eq!(delivery.body().as_ref(), b"AAPL 150.00");
+///     delivery.ack().await.map_err(|(error, _)| error)
+/// });
+/// // Returns once the handler above has acked.
+/// transport.publish("price.updated", RawMessage::new("AAPL 150.00")).await?;
+/// handler.await.unwrap()?;
+/// # Ok::<(), switchboard::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct GrpcTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: PushConfig,
+    endpoint_config: Option<Arc<EndpointConfig>>,
+    clients: Mutex<HashMap<String, PushClient<Channel>>>,
+    inbox: Inbox,
+}
+
+impl GrpcTransport {
+    /// A transport that publishes by `config` and receives into its own
+    /// inbox. Connections open on first use.
+    pub fn new(config: PushConfig) -> Result<Self, Error> {
+        config.validate()?;
+        for url in config.routes.urls() {
+            Endpoint::from_shared(url.to_owned()).map_err(|error| bad_url(url, error))?;
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                endpoint_config: None,
+                clients: Mutex::default(),
+                inbox: Inbox::new(NAME),
+            }),
+        })
+    }
+
+    /// Adjusts every client connection before it opens: timeouts, keep-alive,
+    /// window sizes — and, once TLS lands, `tls_config`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::transport::grpc::GrpcTransport;
+    /// use switchboard::transport::push::PushConfig;
+    ///
+    /// let transport = GrpcTransport::new(PushConfig::default())?
+    ///     .with_endpoint_config(|endpoint| Ok(endpoint.keep_alive_while_idle(true)));
+    /// # Ok::<(), switchboard::Error>(())
+    /// ```
+    pub fn with_endpoint_config(
+        self,
+        configure: impl Fn(Endpoint) -> Result<Endpoint, Error> + Send + Sync + 'static,
+    ) -> Self {
+        let inner = Inner {
+            config: self.inner.config.clone(),
+            endpoint_config: Some(Arc::new(configure)),
+            clients: Mutex::default(),
+            inbox: self.inner.inbox.clone(),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The inbox the receiver delivers into and subscriptions read from.
+    pub fn inbox(&self) -> &Inbox {
+        &self.inner.inbox
+    }
+
+    /// The receiving gRPC service, to add to a `tonic::transport::Server`
+    /// (with your own TLS, interceptors and other services).
+    pub fn push_service(&self) -> PushService {
+        let max_body = self.inner.config.max_body_bytes;
+        let receiver = PushReceiver {
+            inbox: self.inner.inbox.clone(),
+            max_body,
+        };
+        PushService {
+            inner: PushServer::new(receiver)
+                .max_decoding_message_size(max_body.saturating_add(ENVELOPE_SLACK)),
+        }
+    }
+
+    /// Serves [`push_service`](Self::push_service) on `listener` (plain
+    /// HTTP/2) until the future is dropped or the listener fails.
+    pub fn serve(&self, listener: TcpListener) -> impl Future<Output = Result<(), Error>> + use<> {
+        let service = self.push_service();
+        async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .map_err(|error| {
+                    Error::new(ErrorKind::Connection, format!("gRPC push server: {error}"))
+                        .with_source(error)
+                })
+        }
+    }
+
+    /// Binds `address` and [`serve`](Self::serve)s on it.
+    pub async fn serve_on(&self, address: SocketAddr) -> Result<(), Error> {
+        let listener = TcpListener::bind(address).await.map_err(|error| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot listen on {address}: {error}"),
+            )
+            .with_source(error)
+        })?;
+        self.serve(listener).await
+    }
+
+    fn client(&self, url: &str) -> Result<PushClient<Channel>, Error> {
+        let mut clients = self
+            .inner
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(client) = clients.get(url) {
+            return Ok(client.clone());
+        }
+        let mut endpoint =
+            Endpoint::from_shared(url.to_owned()).map_err(|error| bad_url(url, error))?;
+        if let Some(configure) = &self.inner.endpoint_config {
+            endpoint = configure(endpoint)?;
+        }
+        let client = PushClient::new(endpoint.connect_lazy()).max_encoding_message_size(
+            self.inner
+                .config
+                .max_body_bytes
+                .saturating_add(ENVELOPE_SLACK),
+        );
+        clients.insert(url.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+fn bad_url(url: &str, error: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(
+        ErrorKind::Config,
+        format!("push endpoint {url:?} is not a valid URI: {error}"),
+    )
+    .with_source(error)
+}
+
+impl fmt::Debug for GrpcTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcTransport")
+            .field("config", &self.inner.config)
+            .field("inbox", &self.inner.inbox)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl PushSender for GrpcTransport {
+    async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), Error> {
+        let mut client = self.client(url)?;
+        let message = DeliverRequest {
+            topic: request.topic.to_owned(),
+            group: request.group.map(str::to_owned),
+            headers: request.message.headers.clone(),
+            body: request.message.body.clone(),
+            attempt: request.attempt,
+        };
+        client
+            .deliver(message)
+            .await
+            .map(drop)
+            .map_err(error_from_status)
+    }
+}
+
+#[async_trait]
+impl Publisher for GrpcTransport {
+    async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        push::publish(self, &self.inner.config, topic, &message).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for GrpcTransport {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        self.inner.inbox.subscribe(topic, options)
+    }
+}
+
+#[async_trait]
+impl Transport for GrpcTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    /// Competing groups (by the route table), nack by the publisher's retry;
+    /// nothing persistent, no dead letters, no redelivery of what was never
+    /// received, no ordering promise across retries.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(DeliveryMode::Competing).with_nack(true)
+    }
+
+    /// Checks the topology's names; a push transport has nothing to create.
+    async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        topology.validate()
+    }
+}
+
+/// The receiving side: implements the generated `Push` service by handing
+/// each request to the [`Inbox`].
+#[derive(Debug, Clone)]
+pub struct PushReceiver {
+    inbox: Inbox,
+    max_body: usize,
+}
+
+impl PushReceiver {
+    /// A receiver delivering into `inbox`, refusing bodies over `max_body`
+    /// bytes with `RESOURCE_EXHAUSTED`.
+    pub fn new(inbox: Inbox, max_body: usize) -> Self {
+        Self { inbox, max_body }
+    }
+}
+
+#[async_trait]
+impl Push for PushReceiver {
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverReply>, Status> {
+        let request = request.into_inner();
+        if request.body.len() > self.max_body {
+            return Err(Status::resource_exhausted(format!(
+                "message body of {} bytes is over the limit of {} bytes",
+                request.body.len(),
+                self.max_body
+            )));
+        }
+        let message = RawMessage {
+            headers: request.headers,
+            body: request.body,
+        };
+        self.inbox
+            .deliver(
+                &request.topic,
+                request.group.as_deref(),
+                message,
+                request.attempt,
+            )
+            .await
+            .map(|()| Response::new(DeliverReply {}))
+            .map_err(|error| status_from_error(&error))
+    }
+}
+
+/// The generated `PushServer` with tonic's answers to bad input made precise:
+/// an undecodable request is `INVALID_ARGUMENT` (tonic says `INTERNAL`) and
+/// one over the size limit is `RESOURCE_EXHAUSTED` (tonic says
+/// `OUT_OF_RANGE`). The receiver itself answers neither code, so every such
+/// status comes from decoding the request.
+#[derive(Debug, Clone)]
+pub struct PushService {
+    inner: PushServer<PushReceiver>,
+}
+
+impl PushService {
+    /// Wraps a generated server.
+    pub fn new(inner: PushServer<PushReceiver>) -> Self {
+        Self { inner }
+    }
+
+    /// The generated server.
+    pub fn get_ref(&self) -> &PushServer<PushReceiver> {
+        &self.inner
+    }
+
+    /// The generated server, mutably.
+    pub fn get_mut(&mut self) -> &mut PushServer<PushReceiver> {
+        &mut self.inner
+    }
+
+    /// Gives back the generated server.
+    pub fn into_inner(self) -> PushServer<PushReceiver> {
+        self.inner
+    }
+}
+
+impl NamedService for PushService {
+    const NAME: &'static str = <PushServer<PushReceiver> as NamedService>::NAME;
+}
+
+impl<B> Service<http::Request<B>> for PushService
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Service::<http::Request<B>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            // A decode failure ends the call before any message, so its
+            // status is in the response headers (trailers-only).
+            let headers = response.headers_mut();
+            let code = headers
+                .get("grpc-status")
+                .and_then(|value| value.to_str().ok()?.parse::<i32>().ok())
+                .map(Code::from_i32);
+            let precise = match code {
+                Some(Code::Internal) => Some(Code::InvalidArgument),
+                Some(Code::OutOfRange) => Some(Code::ResourceExhausted),
+                _ => None,
+            };
+            if let Some(code) = precise {
+                headers.insert("grpc-status", HeaderValue::from(code as i32));
+            }
+            Ok(response)
+        })
+    }
+}

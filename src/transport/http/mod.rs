@@ -1,0 +1,309 @@
+//! HTTP (feature `http`, axum 0.8 server + reqwest 0.13 client): JSON
+//! request/response as a tower service, the status ↔ [`Error`] mapping, and
+//! the webhook event-push transport.
+//!
+//! * [`JsonService`] posts a serializable request and decodes the JSON
+//!   answer, as a `tower::Service` whose error is this crate's [`Error`], so
+//!   the resilience layers wrap it and see whether to retry.
+//! * [`JsonBody`] is its server half, an axum extractor that refuses
+//!   malformed JSON with 400 and an oversize body with 413, and
+//!   [`ErrorResponse`] answers any [`Error`] with the matching status and a
+//!   JSON body (`{"error":{"kind":"rejected","message":"..."}}`).
+//! * [`HttpTransport`] pushes events as webhooks, `POST /events/{topic}`;
+//!   see [`push`](crate::transport::push) for what push guarantees and
+//!   [`HttpTransport`] for the wire format.
+//!
+//! # Statuses and errors
+//!
+//! | status | kind | retryable |
+//! |---|---|---|
+//! | 5xx (but 501, 504) | [`Unavailable`](ErrorKind::Unavailable) | yes |
+//! | 504, 408 | [`Timeout`](ErrorKind::Timeout) | yes |
+//! | 429 | [`Unavailable`](ErrorKind::Unavailable) | yes |
+//! | 401, 403 | [`Unauthorized`](ErrorKind::Unauthorized) | no |
+//! | 404 | [`NotFound`](ErrorKind::NotFound) | no |
+//! | 501 | [`Unsupported`](ErrorKind::Unsupported) | no |
+//! | other 4xx (400, 413, 422, ...) | [`Rejected`](ErrorKind::Rejected) | no |
+//! | no answer: connect failure | [`Connection`](ErrorKind::Connection) | yes |
+//! | no answer: timeout | [`Timeout`](ErrorKind::Timeout) | yes |
+//!
+//! 408 and 429 are the two 4xx codes that say "try again" by definition;
+//! 501 is the 5xx that says "never". A `switchboard-retry-after-ms` or
+//! `Retry-After` (seconds) header becomes [`Error::requeue_after`].
+//!
+//! Connections are plain HTTP/1.1 or h2c for now. TLS (rustls with aws-lc-rs)
+//! is planned: until then, pass your own `reqwest::Client` with
+//! [`HttpTransport::with_client`] / [`JsonService::new`] and mount
+//! [`HttpTransport::router`] in your own server.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind};
+use crate::transport::push::RETRY_AFTER_MS;
+
+mod client;
+mod push;
+mod server;
+
+pub use client::{JsonService, ResponseFuture};
+pub use push::{ATTEMPT, GROUP, HEADERS, HttpTransport};
+pub use server::{JsonBody, MaxBodyBytes};
+
+/// Maps an HTTP error status (and its headers and body) into an [`Error`];
+/// see the [module docs](self) for the table. The message is the body's
+/// `error.message` when it is this crate's JSON error, else the body text.
+///
+/// ```
+/// use switchboard::ErrorKind;
+/// use switchboard::transport::http::error_from_response;
+///
+/// let body = br#"{"error":{"kind":"rejected","message":"quantity must be positive"}}"#;
+/// let error = error_from_response(axum::http::StatusCode::BAD_REQUEST, &Default::default(), body);
+/// assert_eq!(error.kind(), ErrorKind::Rejected);
+/// assert_eq!(error.message(), "HTTP 400: quantity must be positive");
+/// ```
+pub fn error_from_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Error {
+    let kind = kind_of_status(status);
+    let message = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(parsed) => parsed.error.message,
+        Err(_) => String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),
+    };
+    let mut error = Error::new(
+        kind,
+        format!("HTTP {}: {}", status.as_u16(), message.trim()),
+    );
+    if let Some(delay) = retry_after(headers) {
+        error = error.with_requeue(delay);
+    }
+    error
+}
+
+fn kind_of_status(status: StatusCode) -> ErrorKind {
+    match status.as_u16() {
+        401 | 403 => ErrorKind::Unauthorized,
+        404 => ErrorKind::NotFound,
+        408 | 504 => ErrorKind::Timeout,
+        429 => ErrorKind::Unavailable,
+        501 => ErrorKind::Unsupported,
+        500..=599 => ErrorKind::Unavailable,
+        _ => ErrorKind::Rejected,
+    }
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+    number(RETRY_AFTER_MS)
+        .map(Duration::from_millis)
+        .or_else(|| number(header::RETRY_AFTER.as_str()).map(Duration::from_secs))
+}
+
+/// The status a server answers an [`Error`] with.
+///
+/// ```
+/// use switchboard::{Error, ErrorKind};
+/// use switchboard::transport::http::status_from_error;
+///
+/// assert_eq!(status_from_error(&Error::permanent("bad")), axum::http::StatusCode::BAD_REQUEST);
+/// assert_eq!(status_from_error(&Error::transient("busy")), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+/// ```
+pub fn status_from_error(error: &Error) -> StatusCode {
+    match error.kind() {
+        ErrorKind::Connection
+        | ErrorKind::Unavailable
+        | ErrorKind::Closed
+        | ErrorKind::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Rejected | ErrorKind::Decode | ErrorKind::Encode => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::Config => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
+    }
+}
+
+/// A stable snake_case name for an error kind, as sent in JSON error bodies.
+pub fn kind_name(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Connection => "connection",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::Unavailable => "unavailable",
+        ErrorKind::Rejected => "rejected",
+        ErrorKind::Unauthorized => "unauthorized",
+        ErrorKind::Decode => "decode",
+        ErrorKind::Encode => "encode",
+        ErrorKind::Config => "config",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::BreakerOpen => "breaker_open",
+        ErrorKind::Unsupported => "unsupported",
+        ErrorKind::Closed => "closed",
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorDetail {
+    kind: String,
+    message: String,
+}
+
+/// Answers an [`Error`] with [`status_from_error`]'s status (or one set
+/// with [`with_status`](Self::with_status)), a JSON body
+/// `{"error":{"kind":"...","message":"..."}}`, and, for an error with
+/// [`requeue_after`](Error::requeue_after), `Retry-After` and
+/// `switchboard-retry-after-ms`.
+///
+/// ```
+/// use axum::response::IntoResponse;
+/// use switchboard::Error;
+/// use switchboard::transport::http::ErrorResponse;
+///
+/// let response = ErrorResponse::from(Error::permanent("bad quantity")).into_response();
+/// assert_eq!(response.status(), axum::http::StatusCode::BAD_REQUEST);
+/// ```
+#[derive(Debug)]
+pub struct ErrorResponse {
+    status: StatusCode,
+    error: Error,
+}
+
+impl ErrorResponse {
+    /// Overrides the status (413 for an oversize body, say).
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The error.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The status it is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<Error> for ErrorResponse {
+    fn from(error: Error) -> Self {
+        Self {
+            status: status_from_error(&error),
+            error,
+        }
+    }
+}
+
+impl IntoResponse for ErrorResponse {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                kind: kind_name(self.error.kind()).to_owned(),
+                message: self.error.message().to_owned(),
+            },
+        };
+        // Two strings always serialize.
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let content_type = [(header::CONTENT_TYPE, "application/json")];
+        let mut response = (self.status, content_type, json).into_response();
+        if let Some(delay) = self.error.requeue_after() {
+            let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            let seconds = millis.div_ceil(1000);
+            let headers = response.headers_mut();
+            headers.insert(RETRY_AFTER_MS, HeaderValue::from(millis));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_class_maps_to_the_documented_kind() {
+        use ErrorKind::*;
+        let table = [
+            (400, Rejected, false),
+            (401, Unauthorized, false),
+            (403, Unauthorized, false),
+            (404, NotFound, false),
+            (405, Rejected, false),
+            (408, Timeout, true),
+            (409, Rejected, false),
+            (413, Rejected, false),
+            (422, Rejected, false),
+            (429, Unavailable, true),
+            (500, Unavailable, true),
+            (501, Unsupported, false),
+            (502, Unavailable, true),
+            (503, Unavailable, true),
+            (504, Timeout, true),
+            (599, Unavailable, true),
+        ];
+        for (code, kind, retryable) in table {
+            let status = StatusCode::from_u16(code).unwrap();
+            let error = error_from_response(status, &HeaderMap::new(), b"why");
+            assert_eq!(error.kind(), kind, "{code}");
+            assert_eq!(error.is_retryable(), retryable, "{code}");
+            assert_eq!(error.message(), format!("HTTP {code}: why"));
+        }
+    }
+
+    #[test]
+    fn errors_answer_with_a_status_of_the_same_retryability() {
+        use ErrorKind::*;
+        for kind in [
+            Connection,
+            Timeout,
+            Unavailable,
+            Rejected,
+            Unauthorized,
+            Decode,
+            Encode,
+            NotFound,
+            Unsupported,
+        ] {
+            let status = status_from_error(&Error::new(kind, "why"));
+            let back = error_from_response(status, &HeaderMap::new(), b"");
+            assert_eq!(
+                back.is_retryable(),
+                kind.is_retryable(),
+                "{kind:?} → {status}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn error_responses_carry_kind_message_and_retry_delay() {
+        let error = Error::transient("nacked").with_requeue(Duration::from_millis(1500));
+        let response = ErrorResponse::from(error).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER_MS], "1500");
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(
+            &body[..],
+            br#"{"error":{"kind":"unavailable","message":"nacked"}}"#
+        );
+        let back = error_from_response(StatusCode::SERVICE_UNAVAILABLE, &headers, &body);
+        assert_eq!(back.message(), "HTTP 503: nacked");
+        assert_eq!(back.requeue_after(), Some(Duration::from_millis(1500)));
+
+        let mut seconds_only = HeaderMap::new();
+        seconds_only.insert(header::RETRY_AFTER, HeaderValue::from(3));
+        let back = error_from_response(StatusCode::TOO_MANY_REQUESTS, &seconds_only, b"");
+        assert_eq!(back.requeue_after(), Some(Duration::from_secs(3)));
+    }
+}

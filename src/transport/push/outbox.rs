@@ -1,0 +1,214 @@
+//! The sending side of a push transport: fan a message out to the topic's
+//! endpoints and try each again while the receiver says "not now".
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::future::join_all;
+
+use super::{PushConfig, PushEndpoint};
+use crate::error::{Error, ErrorKind};
+use crate::transport::{RawMessage, validate_name};
+
+/// One attempt to deliver a message to one endpoint.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PushRequest<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) group: Option<&'a str>,
+    pub(crate) message: &'a RawMessage,
+    pub(crate) attempt: u32,
+}
+
+/// Sends one [`PushRequest`] over the wire and maps the answer into an
+/// [`Error`] whose kind says whether to retry (and `requeue_after` how long
+/// to wait, when the receiver said).
+#[async_trait]
+pub(crate) trait PushSender: Send + Sync {
+    async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), Error>;
+}
+
+/// Publishes `message` to every endpoint of `topic` at once and returns once
+/// all answered OK, or with the first endpoint's final error.
+pub(crate) async fn publish<S: PushSender>(
+    sender: &S,
+    config: &PushConfig,
+    topic: &str,
+    message: &RawMessage,
+) -> Result<(), Error> {
+    validate_name("topic", topic)?;
+    if message.body.len() > config.max_body_bytes {
+        return Err(Error::new(
+            ErrorKind::Encode,
+            format!(
+                "message body of {} bytes is over the push limit of {} bytes",
+                message.body.len(),
+                config.max_body_bytes
+            ),
+        ));
+    }
+    let endpoints = config.routes.endpoints(topic);
+    if endpoints.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("no push endpoint is configured for topic {topic:?}"),
+        ));
+    }
+    let results = join_all(
+        endpoints
+            .iter()
+            .map(|endpoint| deliver_with_retry(sender, config, endpoint, topic, message)),
+    )
+    .await;
+    results.into_iter().collect()
+}
+
+async fn deliver_with_retry<S: PushSender>(
+    sender: &S,
+    config: &PushConfig,
+    endpoint: &PushEndpoint,
+    topic: &str,
+    message: &RawMessage,
+) -> Result<(), Error> {
+    let retry = &config.retry;
+    let mut delays = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(retry.backoff_ms))
+        .with_max_delay(Duration::from_millis(retry.max_backoff_ms))
+        .with_factor(retry.backoff_multiplier as f32)
+        .with_max_times(retry.max_attempts.saturating_sub(1) as usize)
+        .build();
+    let mut attempt = 1;
+    loop {
+        let request = PushRequest {
+            topic,
+            group: endpoint.group.as_deref(),
+            message,
+            attempt,
+        };
+        let result =
+            match tokio::time::timeout(config.timeout(), sender.send(&endpoint.url, request)).await
+            {
+                Ok(result) => result,
+                Err(_) => Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "push to {} got no answer within {:?}",
+                        endpoint.url,
+                        config.timeout()
+                    ),
+                )),
+            };
+        let error = match result {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_retryable() => error,
+            Err(error) => return Err(error),
+        };
+        let Some(backoff) = delays.next() else {
+            return Err(error);
+        };
+        // A nack's delay is the least we wait; the backoff may ask for more.
+        let wait = backoff.max(error.requeue_after().unwrap_or_default());
+        tracing::debug!(%error, attempt, ?wait, url = %endpoint.url, "push not accepted; trying again");
+        tokio::time::sleep(wait).await;
+        attempt += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config::RetryConfig;
+    use crate::transport::push::PushRoutes;
+
+    /// Answers with the scripted results in turn and records each attempt.
+    struct Scripted {
+        answers: Mutex<Vec<Result<(), Error>>>,
+        seen: Mutex<Vec<(String, Option<String>, u32)>>,
+    }
+
+    #[async_trait]
+    impl PushSender for Scripted {
+        async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), Error> {
+            self.seen.lock().unwrap().push((
+                url.to_owned(),
+                request.group.map(str::to_owned),
+                request.attempt,
+            ));
+            self.answers.lock().unwrap().remove(0)
+        }
+    }
+
+    fn scripted(answers: Vec<Result<(), Error>>) -> Scripted {
+        Scripted {
+            answers: Mutex::new(answers),
+            seen: Mutex::default(),
+        }
+    }
+
+    fn config() -> PushConfig {
+        PushConfig::new(PushRoutes::new().route("t", PushEndpoint::new("http://a").for_group("g")))
+            .with_retry(RetryConfig {
+                max_attempts: 3,
+                backoff_ms: 10,
+                backoff_multiplier: 2.0,
+                max_backoff_ms: 100,
+            })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_what_is_retryable_with_rising_attempts_and_waits_out_a_nack() {
+        let sender = scripted(vec![
+            Err(Error::transient("nacked").with_requeue(Duration::from_secs(5))),
+            Err(Error::new(ErrorKind::Connection, "refused")),
+            Ok(()),
+        ]);
+        let started = tokio::time::Instant::now();
+        publish(&sender, &config(), "t", &RawMessage::new("x"))
+            .await
+            .expect("third attempt succeeds");
+        let attempts: Vec<_> = sender.seen.lock().unwrap().iter().map(|s| s.2).collect();
+        assert_eq!(attempts, [1, 2, 3]);
+        assert_eq!(sender.seen.lock().unwrap()[0].1.as_deref(), Some("g"));
+        // 5 s for the nack (more than the 10 ms backoff) + 20 ms backoff.
+        assert_eq!(started.elapsed(), Duration::from_millis(5_020));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_max_attempts_and_never_retries_a_refusal() {
+        let sender = scripted((0..3).map(|_| Err(Error::transient("down"))).collect());
+        let error = publish(&sender, &config(), "t", &RawMessage::new("x"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
+        assert_eq!(sender.seen.lock().unwrap().len(), 3);
+
+        let sender = scripted(vec![Err(Error::permanent("bad"))]);
+        let error = publish(&sender, &config(), "t", &RawMessage::new("x"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Rejected);
+        assert_eq!(sender.seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_names_oversize_bodies_and_unrouted_topics_without_sending() {
+        let sender = scripted(Vec::new());
+        let config = config().with_max_body_bytes(4);
+        let error = publish(&sender, &config, "bad topic", &RawMessage::new("x"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Rejected);
+        let error = publish(&sender, &config, "t", &RawMessage::new("12345"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Encode);
+        assert!(error.message().contains("5 bytes"), "{error}");
+        let error = publish(&sender, &config, "other", &RawMessage::new("x"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(sender.seen.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,348 @@
+//! The gRPC push transport passes the conformance suite: the factory builds
+//! a transport whose publisher pushes every topic to its own receiver,
+//! served on a free local port.
+
+use std::sync::Arc;
+
+use switchboard::Transport;
+use switchboard::config::RetryConfig;
+use switchboard::transport::grpc::GrpcTransport;
+use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
+
+async fn wired_to_itself() -> Arc<dyn Transport> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free local port");
+    let url = format!("http://{}", listener.local_addr().expect("local address"));
+    let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(url)))
+        .with_retry(RetryConfig {
+            max_attempts: 5,
+            backoff_ms: 5,
+            backoff_multiplier: 2.0,
+            max_backoff_ms: 100,
+        });
+    let transport = GrpcTransport::new(config).expect("a gRPC transport");
+    tokio::spawn(transport.serve(listener));
+    Arc::new(transport)
+}
+
+switchboard::conformance_tests!(wired_to_itself);
+
+// ------------------------------------------------- the receiver's answers
+
+mod receiver {
+    use std::time::Duration;
+
+    use bytes::{Buf, BufMut, Bytes};
+    use futures_util::FutureExt;
+    use prost::Message;
+    use switchboard::transport::grpc::{GrpcTransport, proto, unary};
+    use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
+    use switchboard::{ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::codegen::http::uri::PathAndQuery;
+    use tonic::transport::{Channel, Endpoint};
+    use tonic::{Code, Status};
+    use tower::{Service, ServiceExt};
+
+    const LIMIT: usize = 1024;
+
+    /// Sends request bytes exactly as given, so tests can send what no
+    /// well-behaved client would.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct RawCodec;
+
+    impl Codec for RawCodec {
+        type Encode = Bytes;
+        type Decode = Bytes;
+        type Encoder = RawCodec;
+        type Decoder = RawCodec;
+        fn encoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+        fn decoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+    }
+
+    impl Encoder for RawCodec {
+        type Item = Bytes;
+        type Error = Status;
+        fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put(item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawCodec {
+        type Item = Bytes;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+            Ok(Some(src.copy_to_bytes(src.remaining())))
+        }
+    }
+
+    /// A transport with a small body limit serving on a free port, and a
+    /// channel to it.
+    async fn served() -> (GrpcTransport, Channel) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(&url)))
+            .with_max_body_bytes(LIMIT)
+            .with_retry(switchboard::config::RetryConfig {
+                max_attempts: 2,
+                backoff_ms: 1,
+                backoff_multiplier: 1.0,
+                max_backoff_ms: 1,
+            });
+        let transport = GrpcTransport::new(config).unwrap();
+        tokio::spawn(transport.serve(listener));
+        let channel = Endpoint::from_shared(url).unwrap().connect_lazy();
+        (transport, channel)
+    }
+
+    async fn send_raw(channel: &Channel, bytes: Vec<u8>) -> Status {
+        let mut client = tonic::client::Grpc::new(channel.clone());
+        client.ready().await.expect("channel ready");
+        let path = PathAndQuery::from_static("/switchboard.push.v1.Push/Deliver");
+        client
+            .unary(tonic::Request::new(Bytes::from(bytes)), path, RawCodec)
+            .await
+            .expect_err("the receiver refuses the request")
+    }
+
+    #[tokio::test]
+    async fn malformed_protobuf_is_invalid_argument_with_a_message() {
+        let (transport, channel) = served().await;
+        // A field tag with a truncated varint: not protobuf.
+        let status = send_raw(&channel, vec![0x0a, 0xff, 0xff, 0xff]).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("decode"), "{status:?}");
+        // A string field that is not UTF-8.
+        let status = send_raw(&channel, vec![0x0a, 0x02, 0xc3, 0x28]).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+        // The receiver still works afterwards.
+        still_delivers(&transport).await;
+    }
+
+    #[tokio::test]
+    async fn oversize_bodies_are_resource_exhausted_at_both_limits() {
+        let (transport, channel) = served().await;
+        let just_over = proto::DeliverRequest {
+            topic: "t".into(),
+            body: vec![b'x'; LIMIT + 1].into(),
+            ..Default::default()
+        };
+        let status = send_raw(&channel, just_over.encode_to_vec()).await;
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("over the limit"), "{status:?}");
+
+        // Far over: refused while decoding, before the message is read whole.
+        let far_over = proto::DeliverRequest {
+            topic: "t".into(),
+            body: vec![b'x'; LIMIT + 200 * 1024].into(),
+            ..Default::default()
+        };
+        let status = send_raw(&channel, far_over.encode_to_vec()).await;
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+        // The publisher refuses it before sending, with a typed error.
+        let error = transport
+            .publish("t", RawMessage::new(vec![b'x'; LIMIT + 1]))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Encode, "{error}");
+        still_delivers(&transport).await;
+    }
+
+    #[tokio::test]
+    async fn clients_see_typed_errors_through_the_tower_adapter() {
+        let (_transport, channel) = served().await;
+        let client = proto::push_client::PushClient::new(channel);
+        let mut deliver = unary(
+            client,
+            |mut client, request: proto::DeliverRequest| async move { client.deliver(request).await },
+        );
+        let bad_topic = proto::DeliverRequest {
+            topic: "no spaces allowed".into(),
+            ..Default::default()
+        };
+        let error = deliver
+            .ready()
+            .await
+            .unwrap()
+            .call(bad_topic)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+        assert!(!error.is_retryable());
+        assert!(
+            error
+                .message()
+                .starts_with("gRPC INVALID_ARGUMENT: invalid topic name"),
+            "{error}"
+        );
+
+        let nobody = proto::DeliverRequest {
+            topic: "nobody.listens".into(),
+            ..Default::default()
+        };
+        let error = deliver
+            .ready()
+            .await
+            .unwrap()
+            .call(nobody)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        assert!(error.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_nack_reaches_the_publisher_as_a_retry_and_its_delay_is_kept() {
+        let (transport, _channel) = served().await;
+        let mut subscription = transport
+            .subscribe("nacked", SubscribeOptions::new("g"))
+            .await
+            .unwrap();
+        let publisher = transport.clone();
+        let publishing = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let result = publisher.publish("nacked", RawMessage::new("x")).await;
+            (result, started.elapsed())
+        });
+        let first = subscription.recv().await.unwrap();
+        assert_eq!(first.attempt(), 1);
+        first
+            .nack(Duration::from_millis(50))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        let second = subscription.recv().await.unwrap();
+        assert_eq!(second.attempt(), 2, "the publisher sent it again");
+        second
+            .nack(Duration::ZERO)
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        // max_attempts is 2: the publisher gives up with a retryable error.
+        let (result, elapsed) = publishing.await.unwrap();
+        let error = result.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        assert!(error.message().contains("nacked"), "{error}");
+        assert!(
+            elapsed >= Duration::from_millis(50),
+            "waited out the nack: {elapsed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_dropped_unsettled_is_sent_again() {
+        let (transport, _channel) = served().await;
+        let mut subscription = transport
+            .subscribe("dropped", SubscribeOptions::new("g"))
+            .await
+            .unwrap();
+        let publisher = transport.clone();
+        let publishing =
+            tokio::spawn(async move { publisher.publish("dropped", RawMessage::new("x")).await });
+        drop(subscription.recv().await.unwrap());
+        let again = subscription.recv().await.unwrap();
+        assert_eq!(again.attempt(), 2);
+        again.ack().await.map_err(|(e, _)| e).unwrap();
+        publishing
+            .await
+            .unwrap()
+            .expect("acked on the second attempt");
+    }
+
+    #[tokio::test]
+    async fn each_routed_group_gets_the_message_once_and_others_none() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let routes = PushRoutes::new()
+            .route("routed", PushEndpoint::new(&url).for_group("a"))
+            .route("routed", PushEndpoint::new(&url).for_group("b"));
+        let transport = GrpcTransport::new(PushConfig::new(routes)).unwrap();
+        tokio::spawn(transport.serve(listener));
+        let mut subscriptions = Vec::new();
+        for group in ["a", "b", "c"] {
+            let subscription = transport
+                .subscribe("routed", SubscribeOptions::new(group))
+                .await
+                .unwrap();
+            subscriptions.push(subscription);
+        }
+        let publisher = transport.clone();
+        let publishing =
+            tokio::spawn(async move { publisher.publish("routed", RawMessage::new("x")).await });
+        for subscription in &mut subscriptions[..2] {
+            let delivery = subscription.recv().await.unwrap();
+            assert_eq!(delivery.group(), subscription.group());
+            delivery.ack().await.map_err(|(e, _)| e).unwrap();
+        }
+        publishing.await.unwrap().expect("both routed groups acked");
+        for subscription in &mut subscriptions {
+            // Publish returned only after every routed group acked, so
+            // anything else would already be waiting here.
+            assert!(
+                subscription.recv().now_or_never().is_none(),
+                "group {} got a second or unrouted copy",
+                subscription.group()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_is_down_is_a_retryable_connection_error() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(url)))
+            .with_retry(switchboard::config::RetryConfig {
+                max_attempts: 2,
+                backoff_ms: 1,
+                backoff_multiplier: 1.0,
+                max_backoff_ms: 1,
+            });
+        let transport = GrpcTransport::new(config).unwrap();
+        let error = transport
+            .publish("t", RawMessage::new("x"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+        assert!(error.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn serving_on_a_taken_address_is_a_connection_error() {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let transport = GrpcTransport::new(PushConfig::default()).unwrap();
+        let error = transport
+            .serve_on(taken.local_addr().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    }
+
+    async fn still_delivers(transport: &GrpcTransport) {
+        let mut subscription = transport
+            .subscribe("after-bad-input", SubscribeOptions::new("g"))
+            .await
+            .unwrap();
+        let publisher = transport.clone();
+        let publishing = tokio::spawn(async move {
+            publisher
+                .publish("after-bad-input", RawMessage::new("fine"))
+                .await
+        });
+        let delivery = subscription.recv().await.unwrap();
+        assert_eq!(delivery.body().as_ref(), b"fine");
+        delivery.ack().await.map_err(|(e, _)| e).unwrap();
+        publishing
+            .await
+            .unwrap()
+            .expect("published after bad input");
+    }
+}
