@@ -54,6 +54,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
+//! | `auth` | [`auth`]: local verification of Auth's tokens (EdDSA or RS256) and a tower layer for HTTP and gRPC servers |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
@@ -63,6 +64,8 @@
 #![warn(rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "auth")]
+pub mod auth;
 mod bus;
 mod codec;
 pub mod config;
