@@ -55,6 +55,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `auth` | [`auth`]: local verification of Auth's tokens (EdDSA or RS256) and a tower layer for HTTP and gRPC servers |
+//! | `file-transfer` | [`transfer`]: streaming file upload and download over HTTP/2 in bounded memory |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
@@ -75,6 +76,8 @@ pub mod middleware;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod topology;
+#[cfg(feature = "file-transfer")]
+pub mod transfer;
 pub mod transport;
 
 // The README's examples compile and run as doctests.
