@@ -360,3 +360,107 @@ async fn transfers_share_one_connection_concurrently() {
     received.sort();
     assert_eq!(sent, received);
 }
+
+/// The same transfers over TLS, with a certificate generated here.
+#[cfg(feature = "file-transfer-tls")]
+mod tls {
+    use super::*;
+    use rustls::RootCertStore;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use switchboard::transfer::tls::{client_config, server_config};
+
+    struct TlsServer {
+        address: std::net::SocketAddr,
+        roots: RootCertStore,
+        _stop: oneshot::Sender<()>,
+    }
+
+    async fn start_tls(store: Arc<dyn FileStore>) -> TlsServer {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            certified.signing_key.serialize_der(),
+        ));
+        let config = server_config(vec![certified.cert.der().clone()], key).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(certified.cert.der().clone()).unwrap();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(
+            TransferServer::new(store).serve_tls(listener, config, async {
+                stopped.await.ok();
+            }),
+        );
+        TlsServer {
+            address,
+            roots,
+            _stop: stop,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_ways_32_mib_over_tls_arrive_with_the_same_sha256() {
+        let store = Arc::new(HashingStore::default());
+        let server = start_tls(store.clone()).await;
+        let client = TransferClient::connect_tls(
+            server.address,
+            "localhost",
+            client_config(server.roots.clone()).unwrap(),
+        )
+        .await
+        .unwrap();
+
+        let (chunks, sent_digest) = generated(SIZE, 99);
+        assert_eq!(client.upload("tls-up.bin", chunks).await.unwrap(), SIZE);
+        let sent_digest = sent_digest.await.unwrap();
+        assert_eq!(
+            store.uploads.lock().unwrap().clone(),
+            [("tls-up.bin".to_owned(), sent_digest, SIZE)]
+        );
+
+        let download = client.download("generated.bin").await.unwrap();
+        let (received_digest, len) = hash(download).await.unwrap();
+        assert_eq!(len, SIZE);
+        let sent = store.sent.lock().unwrap().take().unwrap();
+        assert_eq!(received_digest, sent.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_certificate_is_refused_and_not_retryable() {
+        let server = start_tls(Arc::new(HashingStore::default())).await;
+        let stranger = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let mut wrong_roots = RootCertStore::empty();
+        wrong_roots.add(stranger.cert.der().clone()).unwrap();
+
+        let error = TransferClient::connect_tls(
+            server.address,
+            "localhost",
+            client_config(wrong_roots).unwrap(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Rejected, "{error:?}");
+        assert!(!error.is_retryable());
+
+        let error = TransferClient::connect_tls(
+            server.address,
+            "files.example",
+            client_config(server.roots.clone()).unwrap(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Rejected, "wrong name: {error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_config_without_h2_is_a_configuration_error() {
+        let server = start_tls(Arc::new(HashingStore::default())).await;
+        let mut config = (*client_config(server.roots.clone()).unwrap()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let error = TransferClient::connect_tls(server.address, "localhost", Arc::new(config))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config);
+    }
+}

@@ -57,6 +57,60 @@ impl TransferClient {
         Self::handshake(stream, format!("http://{address}")).await
     }
 
+    /// Connects to `address` over TLS, checking the server's certificate for
+    /// `server_name`, and speaks HTTP/2 once ALPN has agreed on `h2`.
+    /// `config` must offer ALPN `h2`, as
+    /// [`tls::client_config`](super::tls::client_config) does.
+    #[cfg(feature = "file-transfer-tls")]
+    pub async fn connect_tls(
+        address: SocketAddr,
+        server_name: &str,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Self, Error> {
+        super::tls::require_h2(&config.alpn_protocols)?;
+        let name =
+            rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|error| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("invalid server name {server_name:?}: {error}"),
+                )
+            })?;
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|error| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot connect to {address}: {error}"),
+                )
+                .with_source(error)
+            })?;
+        let _ = stream.set_nodelay(true);
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|error| {
+                // A certificate the client does not trust will not become
+                // trusted by trying again; a reset handshake might.
+                let kind = if error
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<rustls::Error>())
+                {
+                    ErrorKind::Rejected
+                } else {
+                    ErrorKind::Connection
+                };
+                Error::new(kind, format!("TLS handshake with {server_name}: {error}"))
+                    .with_source(error)
+            })?;
+        if stream.get_ref().1.alpn_protocol() != Some(super::tls::H2) {
+            return Err(Error::new(
+                ErrorKind::Rejected,
+                format!("{server_name} did not agree to HTTP/2 (ALPN h2)"),
+            ));
+        }
+        Self::handshake(stream, format!("https://{server_name}")).await
+    }
+
     /// Speaks HTTP/2 over an established byte stream (for example a TLS
     /// stream that negotiated `h2`); `base` is the scheme and authority the
     /// requests name, such as `https://files.internal`.

@@ -20,9 +20,12 @@
 //! bandwidth-delay product instead of the spec's 64 KiB default, so a fast
 //! link is not throttled by a window that is too small.
 //!
-//! This is cleartext HTTP/2 with prior knowledge (h2c); TLS can wrap the same
-//! connection ([`TransferServer::serve_connection`] and
-//! [`TransferClient::handshake`] take any byte stream).
+//! [`TransferServer::serve`] and [`TransferClient::connect`] speak cleartext
+//! HTTP/2 with prior knowledge (h2c); with the `file-transfer-tls` feature,
+//! `TransferServer::serve_tls` and `TransferClient::connect_tls` speak it over
+//! TLS (rustls on aws-lc-rs, ALPN `h2`), configured by the `tls` module.
+//! [`TransferServer::serve_connection`] and [`TransferClient::handshake`]
+//! take any byte stream, for other setups.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -59,6 +62,8 @@ mod body;
 mod client;
 mod server;
 mod store;
+#[cfg(feature = "file-transfer-tls")]
+pub mod tls;
 
 pub use body::{ByteStream, CHUNK_SIZE, file_chunks};
 pub use client::{Download, TransferClient};

@@ -16,6 +16,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::body::{self, SendBody};
+
+#[cfg(feature = "file-transfer-tls")]
+type Acceptor = tokio_rustls::TlsAcceptor;
+/// Without TLS compiled in, there is no acceptor to pass.
+#[cfg(not(feature = "file-transfer-tls"))]
+type Acceptor = std::convert::Infallible;
 use super::{FILES, FileStore, validate_file_name};
 use crate::{Error, ErrorKind};
 
@@ -54,6 +60,30 @@ impl TransferServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        self.accept(listener, None, shutdown).await
+    }
+
+    /// Like [`serve`](TransferServer::serve), over TLS: each connection does
+    /// the TLS handshake first. `config` must offer ALPN `h2`, as
+    /// [`tls::server_config`](super::tls::server_config) does.
+    #[cfg(feature = "file-transfer-tls")]
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        super::tls::require_h2(&config.alpn_protocols)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        self.accept(listener, Some(acceptor), shutdown).await
+    }
+
+    async fn accept(
+        self,
+        listener: TcpListener,
+        tls: Option<Acceptor>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
         let (stop, stopping) = watch::channel(false);
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
@@ -72,10 +102,11 @@ impl TransferServer {
                     };
                     let _ = stream.set_nodelay(true);
                     let server = self.clone();
+                    let tls = tls.clone();
                     let mut stopping = stopping.clone();
                     connections.spawn(async move {
                         let stop = async move { stopping.wait_for(|stop| *stop).await.map(drop).ok(); };
-                        if let Err(error) = server.serve_connection_until(stream, stop).await {
+                        if let Err(error) = server.serve_stream(stream, tls, stop).await {
                             tracing::debug!(%error, %peer, "transfer connection ended with an error");
                         }
                     });
@@ -86,6 +117,27 @@ impl TransferServer {
         let _ = stop.send(true);
         while connections.join_next().await.is_some() {}
         Ok(())
+    }
+
+    async fn serve_stream(
+        &self,
+        stream: tokio::net::TcpStream,
+        tls: Option<Acceptor>,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        match tls {
+            None => self.serve_connection_until(stream, stop).await,
+            #[cfg(feature = "file-transfer-tls")]
+            Some(acceptor) => {
+                let stream = acceptor.accept(stream).await.map_err(|error| {
+                    Error::new(ErrorKind::Connection, format!("TLS handshake: {error}"))
+                        .with_source(error)
+                })?;
+                self.serve_connection_until(stream, stop).await
+            }
+            #[cfg(not(feature = "file-transfer-tls"))]
+            Some(never) => match never {},
+        }
     }
 
     /// Serves one connection already accepted (for example a TLS stream)
