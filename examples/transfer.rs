@@ -6,6 +6,7 @@
 //! cargo run --release --features file-transfer --example transfer            # 1 GiB each way
 //! cargo run --release --features file-transfer --example transfer -- 256     # MiB each way
 //! cargo run --release --features file-transfer --example transfer -- 1024 /tmp/files  # through disk
+//! cargo run --release --features file-transfer-tls --example transfer -- --tls   # over TLS
 //! ```
 //!
 //! Without a directory, the server's store keeps nothing: an upload is
@@ -160,9 +161,47 @@ fn report(what: &str, bytes: u64, started: Instant) {
     );
 }
 
+type Started = (tokio::task::JoinHandle<Result<(), Error>>, TransferClient);
+
+/// A TLS server with a certificate made on the spot, and a client trusting it.
+#[cfg(feature = "file-transfer-tls")]
+async fn start_tls(
+    store: Arc<dyn FileStore>,
+    listener: tokio::net::TcpListener,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Started, Box<dyn std::error::Error>> {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use switchboard::transfer::tls::{client_config, server_config};
+
+    let address = listener.local_addr()?;
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let config = server_config(vec![certified.cert.der().clone()], key)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone())?;
+    let server = tokio::spawn(TransferServer::new(store).serve_tls(listener, config, stopped));
+    let client = TransferClient::connect_tls(address, "localhost", client_config(roots)?).await?;
+    Ok((server, client))
+}
+
+#[cfg(not(feature = "file-transfer-tls"))]
+async fn start_tls(
+    _: Arc<dyn FileStore>,
+    _: tokio::net::TcpListener,
+    _: impl std::future::Future<Output = ()>,
+) -> Result<Started, Box<dyn std::error::Error>> {
+    Err("--tls needs the file-transfer-tls feature".into())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
+    // `--tls` anywhere; then size in MiB and a directory, both optional.
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let tls = args.iter().any(|arg| arg == "--tls");
+    args.retain(|arg| arg != "--tls");
+    let mut args = args.into_iter();
     let len = args.next().map_or(Ok(1024), |mib| mib.parse::<u64>())? * MIB;
     let dir = args.next();
 
@@ -178,13 +217,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(TransferServer::new(store).serve(listener, async {
+    let stopped = async {
         stopped.await.ok();
-    }));
-    let client = TransferClient::connect(address).await?;
+    };
+    let (server, client) = if tls {
+        start_tls(store, listener, stopped).await?
+    } else {
+        let server = tokio::spawn(TransferServer::new(store).serve(listener, stopped));
+        (server, TransferClient::connect(address).await?)
+    };
     println!(
-        "moving {} MiB each way over h2c on loopback ({}), tokio multi-thread runtime",
+        "moving {} MiB each way over {} on loopback ({}), tokio multi-thread runtime",
         len / MIB,
+        if tls {
+            "HTTP/2 + TLS (rustls, aws-lc-rs)"
+        } else {
+            "h2c"
+        },
         dir.as_deref()
             .map_or("store keeps nothing".into(), |dir| format!(
                 "DirStore in {dir}"

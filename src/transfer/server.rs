@@ -21,7 +21,8 @@ use super::body::{self, SendBody};
 type Acceptor = tokio_rustls::TlsAcceptor;
 /// Without TLS compiled in, there is no acceptor to pass.
 #[cfg(not(feature = "file-transfer-tls"))]
-type Acceptor = std::convert::Infallible;
+#[derive(Clone)]
+enum Acceptor {}
 use super::{FILES, FileStore, validate_file_name};
 use crate::{Error, ErrorKind};
 
