@@ -43,7 +43,10 @@ pub use verifier::{Claims, DEFAULT_LEEWAY, KeyAlgorithm, TokenVerifier};
 /// A service that only lets through requests with a valid bearer token; see
 /// [`AuthLayer`].
 ///
-/// The inner service is never called for a refused request. Refusals are
+/// The inner service is never called for a refused request, though
+/// `poll_ready` has already asked it to be ready (the token is read in
+/// `call`); a service that reserves capacity in `poll_ready` holds it until
+/// its next call, as with tower-http's header validation. Refusals are
 /// answered with an empty body (`ResBody::default()`), so any response body
 /// with a `Default` works: axum's, tonic's, `String`, http-body-util's.
 pub struct Auth<S, C = Claims> {

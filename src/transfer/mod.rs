@@ -12,10 +12,11 @@
 //! * [`TransferClient`] uploads any byte stream or file and downloads as a
 //!   stream ([`Download`]) or straight into a file.
 //!
-//! Memory stays bounded because every stage pulls: a chunk is read from disk
-//! (at most [`CHUNK_SIZE`]) only when HTTP/2 flow control has room to send
-//! it, and the receiver releases window only as it consumes chunks, so a slow
-//! disk slows the sender instead of filling a buffer. Both ends use hyper's
+//! Memory stays bounded because every stage pulls: the sender reads the next
+//! chunk (at most [`CHUNK_SIZE`] from a file) only after the previous one has
+//! been handed to HTTP/2 within its flow-control window, and the receiver
+//! releases window only as it consumes chunks, so a slow disk slows the
+//! sender instead of filling a buffer. Both ends use hyper's
 //! adaptive flow control, which sizes the window to the measured
 //! bandwidth-delay product instead of the spec's 64 KiB default, so a fast
 //! link is not throttled by a window that is too small.
