@@ -61,6 +61,10 @@
 //! | `redis-streams` | [`RedisStreamsTransport`](transport::redis_streams): consumer groups on Redis Streams |
 //! | `redis-pubsub` | [`RedisPubSubTransport`]: broadcast over Redis Pub/Sub, at most once |
 //! | `amqp` | `transport::amqp`: RabbitMQ task queue (lapin 4 on tokio) — persistent, confirmed, dead-lettered, reconnecting |
+//! | `auth` | [`auth`]: local verification of Auth's tokens (EdDSA or RS256) and a tower layer for HTTP and gRPC servers |
+//! | `grpc` | `transport::grpc`: tonic clients as tower services, status mapping, event push over gRPC |
+//! | `http` | `transport::http`: JSON over reqwest as a tower service, axum extractors, webhook push |
+//! | `file-transfer` | [`transfer`]: streaming file upload and download over HTTP/2 in bounded memory |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
@@ -70,6 +74,8 @@
 #![warn(rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "auth")]
+pub mod auth;
 mod bus;
 pub mod cloudevents;
 mod codec;
@@ -80,6 +86,8 @@ pub mod middleware;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod topology;
+#[cfg(feature = "file-transfer")]
+pub mod transfer;
 pub mod transport;
 
 // The README's examples compile and run as doctests.
@@ -90,7 +98,8 @@ pub mod transport;
     feature = "redis-pubsub",
     feature = "amqp",
     feature = "grpc",
-    feature = "http"
+    feature = "http",
+    feature = "auth"
 ))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
