@@ -77,6 +77,7 @@ pub mod config;
 mod envelope;
 mod error;
 pub mod middleware;
+pub mod observe;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod topology;
