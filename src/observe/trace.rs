@@ -376,3 +376,32 @@ impl<S> Layer<S> for ExtractTraceContextLayer {
         ExtractTraceContext::new(inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_well_formed_traceparents_parse() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let parsed = parse_traceparent(good, Some("congo=t61rcWkgMzE")).unwrap();
+        assert_eq!(parsed.span_id().to_string(), "00f067aa0ba902b7");
+        assert_eq!(parsed.trace_state().header(), "congo=t61rcWkgMzE");
+        let unsampled = parse_traceparent(&good.replace("-01", "-00"), None).unwrap();
+        assert!(!unsampled.is_sampled());
+        // A later version may append fields; version 00 may not.
+        assert!(parse_traceparent(&format!("01{}-extra", &good[2..]), None).is_some());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+        ] {
+            assert!(parse_traceparent(bad, None).is_none(), "{bad:?}");
+        }
+    }
+}
