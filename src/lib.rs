@@ -16,6 +16,9 @@
 //!   fails: circuit breaker, retry, timeout, degraded answers, idempotent
 //!   consumers and dead letters, assembled by
 //!   [`Resilience`](middleware::Resilience).
+//! * [`observe`] carries trace context across services (feature `otel`),
+//!   records metrics through the `metrics` facade, and checks each path's
+//!   latency against its budget.
 //!
 //! # Quick start
 //!
@@ -61,6 +64,7 @@
 //! | `redis-streams` | [`RedisStreamsTransport`](transport::redis_streams): consumer groups on Redis Streams |
 //! | `redis-pubsub` | [`RedisPubSubTransport`]: broadcast over Redis Pub/Sub, at most once |
 //! | `amqp` | `transport::amqp`: RabbitMQ task queue (lapin 4 on tokio) — persistent, confirmed, dead-lettered, reconnecting |
+//! | `otel` | `observe::trace`: W3C trace context across transports and HTTP/gRPC calls through `tracing-opentelemetry` |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,

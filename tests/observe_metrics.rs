@@ -62,8 +62,11 @@ impl Recorder {
     }
 }
 
+/// Sorted `(label, value)` pairs.
+type Labels = Vec<(String, String)>;
+
 #[derive(Debug)]
-struct Snapshot(Vec<(String, Vec<(String, String)>, DebugValue)>);
+struct Snapshot(Vec<(String, Labels, DebugValue)>);
 
 impl Snapshot {
     fn find(&self, name: &str, pairs: &[(&str, &str)]) -> &DebugValue {
