@@ -256,3 +256,47 @@ async fn without_an_opentelemetry_layer_nothing_is_added() {
     assert_eq!(traceparent, None);
     assert_eq!(handler_trace, TraceId::INVALID);
 }
+
+#[tokio::test]
+async fn grpc_calls_carry_trace_context_in_metadata() {
+    use switchboard::transport::grpc::{GrpcTransport, proto};
+    use switchboard::transport::push::PushConfig;
+
+    let tracing = Tracing::install();
+    let receiver = GrpcTransport::new(PushConfig::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(ExtractTraceContextLayer::new())
+            .add_service(receiver.push_service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect_lazy();
+    let mut client = proto::push_client::PushClient::new(
+        ServiceBuilder::new()
+            .layer(InjectTraceContextLayer::new())
+            .service(channel),
+    );
+    let root = tracing::info_span!("order");
+    let root_trace = root.context().span().span_context().trace_id();
+    // No subscriber for the topic: the receiver answers an error, after the
+    // server span has started.
+    let answer = client
+        .deliver(proto::DeliverRequest::default())
+        .instrument(root)
+        .await;
+    assert!(answer.is_err());
+    server.abort();
+
+    let client_span = tracing.span("http.client");
+    let server_span = tracing.span("http.server");
+    assert_eq!(client_span.span_context.trace_id(), root_trace);
+    assert_eq!(server_span.span_context.trace_id(), root_trace);
+    assert_eq!(
+        server_span.parent_span_id,
+        client_span.span_context.span_id()
+    );
+}
