@@ -38,6 +38,7 @@ impl Event for TradeExecuted {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 1. The exporter, first: metrics recorded before it go nowhere.
     let prometheus = PrometheusBuilder::new().install_recorder()?;
+    switchboard::observe::metrics::describe(); // `# HELP` lines
 
     // 2. Trading → Game over the bus.
     let bus = EventBus::new(Arc::new(MemoryTransport::new()), "trading-service");

@@ -160,3 +160,78 @@ pub(crate) fn kind_label(kind: ErrorKind) -> &'static str {
         ErrorKind::Closed => "closed",
     }
 }
+
+/// Registers a description and unit for every metric above with the
+/// installed recorder, so an exporter can print them (Prometheus `# HELP`).
+/// Call once, after installing the recorder; recording works without it.
+///
+/// ```
+/// let recorder = metrics_util::debugging::DebuggingRecorder::new();
+/// let snapshotter = recorder.snapshotter();
+/// metrics::with_local_recorder(&recorder, || {
+///     switchboard::observe::metrics::describe();
+///     metrics::counter!(switchboard::observe::metrics::RETRIES_TOTAL).increment(1);
+/// });
+/// let (_, _, help, _) = snapshotter.snapshot().into_vec().pop().unwrap();
+/// assert!(help.unwrap().contains("retries"));
+/// ```
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(PUBLISH_TOTAL, Unit::Count, "events published, by outcome");
+    describe_histogram!(
+        PUBLISH_DURATION,
+        Unit::Seconds,
+        "time until the transport accepted a publish"
+    );
+    describe_counter!(
+        CONSUME_TOTAL,
+        Unit::Count,
+        "deliveries consumed, by how they were settled"
+    );
+    describe_histogram!(
+        CONSUME_DURATION,
+        Unit::Seconds,
+        "time from a delivery's decode to its settlement"
+    );
+    describe_counter!(CALL_TOTAL, Unit::Count, "calls of a path, by outcome");
+    describe_histogram!(CALL_DURATION, Unit::Seconds, "latency of a path's calls");
+    describe_counter!(
+        RETRIES_TOTAL,
+        Unit::Count,
+        "retries, by the error kind retried"
+    );
+    describe_counter!(
+        BREAKER_TRANSITIONS_TOTAL,
+        Unit::Count,
+        "circuit-breaker state changes"
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "circuit-breaker state: 0 closed, 1 half open, 2 open"
+    );
+    describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        Unit::Count,
+        "messages dead-lettered by consumers"
+    );
+    describe_gauge!(
+        DEAD_LETTER_DEPTH,
+        Unit::Count,
+        "dead letters waiting, as last listed in full"
+    );
+    describe_counter!(
+        DEDUPE_HITS_TOTAL,
+        Unit::Count,
+        "duplicate events caught by dedupe"
+    );
+    describe_counter!(
+        BUDGET_BREACHES_TOTAL,
+        Unit::Count,
+        "budget checks that found a path's P99 over its budget"
+    );
+    describe_gauge!(
+        LATENCY_P99,
+        Unit::Seconds,
+        "a path's P99 latency over the last budget-check window"
+    );
+}

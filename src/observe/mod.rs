@@ -11,7 +11,8 @@
 //!   trace headers (see [`trace`]'s docs for what is still carried).
 //! * Metrics through the [`metrics`] facade: the application installs the
 //!   recorder (exporter) it wants — `examples/metrics.rs` shows Prometheus.
-//!   Install it before building buses and clients. Nothing here takes a lock
+//!   Install it before building buses and clients, then call
+//!   [`metrics::describe`] for descriptions and units. Nothing here takes a lock
 //!   shared across tasks: each recording is a `metrics` macro call into the
 //!   recorder the application chose.
 //! * [`LatencyBudgets`]: each path's P99 target from [`BudgetConfig`], a
