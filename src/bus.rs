@@ -42,6 +42,7 @@ use uuid::Uuid;
 use crate::codec::Codec;
 use crate::envelope::{Event, EventEnvelope};
 use crate::error::{Error, ErrorKind};
+use crate::observe::metrics;
 use crate::topology::Topology;
 use crate::transport::{
     DeadLetter, DeadLetterQueue, Delivery, RawMessage, SubscribeOptions, Subscription, Transport,
@@ -106,6 +107,16 @@ impl<E> Message<E> {
     /// The consumer group handling it.
     pub fn group(&self) -> &str {
         &self.group
+    }
+
+    /// The topic as a shared string (for metric labels).
+    pub(crate) fn shared_topic(&self) -> Arc<str> {
+        self.topic.clone()
+    }
+
+    /// The group as a shared string (for metric labels).
+    pub(crate) fn shared_group(&self) -> Arc<str> {
+        self.group.clone()
     }
 
     /// Which attempt this is: the transport's delivery count, raised by each
@@ -272,12 +283,20 @@ impl EventBus {
             topic = &*topic,
             transport = self.transport.name(),
         );
-        async {
-            let message = self.raw_message(envelope)?;
+        let started = std::time::Instant::now();
+        let result = async {
+            let message = self.traced_message(envelope)?;
             self.transport.publish(&topic, message).await
         }
         .instrument(span)
-        .await
+        .await;
+        metrics::published(
+            self.transport.name(),
+            topic,
+            result.is_ok(),
+            started.elapsed(),
+        );
+        result
     }
 
     /// Publishes several payloads in as few round trips as the transport
@@ -286,32 +305,68 @@ impl EventBus {
         &self,
         payloads: impl IntoIterator<Item = E>,
     ) -> Result<Vec<Uuid>, Error> {
-        let mut ids = Vec::new();
-        let mut messages = Vec::new();
-        for payload in payloads {
-            let envelope = EventEnvelope::new(&*self.source, payload);
-            ids.push(envelope.event_id());
-            messages.push(self.raw_message(&envelope)?);
-        }
         let topic = self.topic_of::<E>();
         let span = tracing::info_span!(
             "publish_batch",
             event_type = E::TYPE,
             topic = &*topic,
-            count = ids.len(),
+            count = tracing::field::Empty,
             transport = self.transport.name(),
         );
-        self.transport
+        let mut ids = Vec::new();
+        let mut messages = Vec::new();
+        span.in_scope(|| {
+            for payload in payloads {
+                let envelope = EventEnvelope::new(&*self.source, payload);
+                ids.push(envelope.event_id());
+                messages.push(self.traced_message(&envelope)?);
+            }
+            Ok::<_, Error>(())
+        })?;
+        span.record("count", ids.len());
+        let started = std::time::Instant::now();
+        let result = self
+            .transport
             .publish_batch(&topic, messages)
             .instrument(span)
-            .await?;
-        Ok(ids)
+            .await;
+        metrics::published(
+            self.transport.name(),
+            topic,
+            result.is_ok(),
+            started.elapsed(),
+        );
+        result.map(|()| ids)
     }
 
-    fn raw_message<E: Event>(&self, envelope: &EventEnvelope<E>) -> Result<RawMessage, Error> {
+    fn raw_message<T: serde::Serialize>(
+        &self,
+        envelope: &EventEnvelope<T>,
+        event_type: &'static str,
+    ) -> Result<RawMessage, Error> {
         Ok(RawMessage::new(self.codec.encode(envelope)?)
             .with_header(header::EVENT_ID, envelope.event_id().to_string())
-            .with_header(header::EVENT_TYPE, E::TYPE))
+            .with_header(header::EVENT_TYPE, event_type))
+    }
+
+    /// Encodes `envelope`, with the current span's trace context added to
+    /// its headers when feature `otel` is on (see [`crate::observe::trace`]).
+    fn traced_message<E: Event>(&self, envelope: &EventEnvelope<E>) -> Result<RawMessage, Error> {
+        #[cfg(feature = "otel")]
+        if let Some(headers) = crate::observe::trace::with_current(envelope.headers()) {
+            // A view that borrows the payload: the caller keeps its envelope.
+            let traced = EventEnvelope::from_parts(
+                envelope.event_id(),
+                std::borrow::Cow::Borrowed(E::TYPE),
+                envelope.timestamp(),
+                envelope.source().to_owned(),
+                std::borrow::Cow::Owned(envelope.version().to_owned()),
+                envelope.payload(),
+                headers,
+            );
+            return self.raw_message(&traced, E::TYPE);
+        }
+        self.raw_message(envelope, E::TYPE)
     }
 
     /// Subscribes `handler` to events of type `E` (topic
@@ -343,6 +398,7 @@ impl EventBus {
         let (stop, stopped) = oneshot::channel();
         let consume = ConsumeLoop {
             subscription,
+            transport: self.transport.name(),
             handler,
             codec: self.codec,
             concurrency,
@@ -431,6 +487,7 @@ type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 struct ConsumeLoop<E, H> {
     subscription: Subscription,
+    transport: &'static str,
     handler: H,
     codec: Codec,
     concurrency: usize,
@@ -500,10 +557,12 @@ where
                     attempt = delivery.attempt(),
                 );
                 let letter = DeadLetter::new(format!("cannot decode as {}: {error}", E::TYPE));
-                return (
-                    Box::pin(dead_letter(delivery, letter).instrument(span)),
-                    false,
-                );
+                let (transport, started) = (self.transport, std::time::Instant::now());
+                let settling = async move {
+                    let outcome = dead_letter(delivery, letter).await;
+                    metrics::consumed(transport, topic, group, outcome, started.elapsed());
+                };
+                return (Box::pin(settling.instrument(span)), false);
             }
         };
         let span = tracing::info_span!(
@@ -514,6 +573,10 @@ where
             group = &*group,
             attempt = delivery.attempt(),
         );
+        #[cfg(feature = "otel")]
+        crate::observe::trace::continue_from_headers(&span, envelope.headers());
+        let (transport, started) = (self.transport, std::time::Instant::now());
+        let labels = (topic.clone(), group.clone());
         let message = Message {
             envelope: Arc::new(envelope),
             topic,
@@ -530,34 +593,37 @@ where
                 },
                 Err(_) => Err(Error::permanent("handler panicked")),
             };
-            settle(delivery, result).await;
+            let outcome = settle(delivery, result).await;
+            metrics::consumed(transport, labels.0, labels.1, outcome, started.elapsed());
         };
         (Box::pin(settling.instrument(span)), true)
     }
 }
 
 /// Settles a delivery by the handler's result (see the module docs).
-async fn settle(delivery: Delivery, result: Result<(), Error>) {
+/// Returns the `outcome` metric label.
+async fn settle(delivery: Delivery, result: Result<(), Error>) -> &'static str {
     let error = match result {
         Ok(()) => {
             if let Err((error, _delivery)) = delivery.ack().await {
                 // The delivery is dropped unsettled: the broker redelivers it.
                 tracing::warn!(%error, "ack failed; the message will be delivered again");
+                return "unsettled";
             }
-            return;
+            return "ack";
         }
         Err(error) => error,
     };
     if let Some(delay) = error.requeue_after() {
         match delivery.nack(delay).await {
-            Ok(()) => return,
+            Ok(()) => return "nack",
             Err((nack_error, delivery)) => {
                 tracing::warn!(%error, %nack_error, "cannot requeue; dead-lettering instead");
                 return dead_letter(delivery, failure_letter(&error)).await;
             }
         }
     }
-    dead_letter(delivery, failure_letter(&error)).await;
+    dead_letter(delivery, failure_letter(&error)).await
 }
 
 /// The facts a failed message is dead-lettered with: those the handler's
@@ -570,8 +636,9 @@ fn failure_letter(error: &Error) -> DeadLetter {
 }
 
 /// Dead-letters a delivery; where the transport has no dead-letter queue,
-/// logs the loss and acks so the message cannot come back forever.
-async fn dead_letter(delivery: Delivery, letter: DeadLetter) {
+/// logs the loss and acks so the message cannot come back forever. Returns
+/// the `outcome` metric label.
+async fn dead_letter(delivery: Delivery, letter: DeadLetter) -> &'static str {
     let attempt = delivery.attempt();
     tracing::warn!(
         reason = letter.reason(),
@@ -580,7 +647,7 @@ async fn dead_letter(delivery: Delivery, letter: DeadLetter) {
         "dead-lettering message",
     );
     match delivery.dead_letter(letter.clone()).await {
-        Ok(()) => {}
+        Ok(()) => "dead_letter",
         Err((error, delivery)) if error.kind() == ErrorKind::Unsupported => {
             tracing::error!(
                 reason = letter.reason(),
@@ -588,10 +655,13 @@ async fn dead_letter(delivery: Delivery, letter: DeadLetter) {
             );
             if let Err((error, _)) = delivery.ack().await {
                 tracing::warn!(%error, "ack after failed handling also failed");
+                return "unsettled";
             }
+            "dropped"
         }
         Err((error, _delivery)) => {
             tracing::warn!(%error, "dead-letter failed; the message will be delivered again");
+            "unsettled"
         }
     }
 }

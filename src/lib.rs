@@ -16,6 +16,9 @@
 //!   fails: circuit breaker, retry, timeout, degraded answers, idempotent
 //!   consumers and dead letters, assembled by
 //!   [`Resilience`](middleware::Resilience).
+//! * [`observe`] carries trace context across services (feature `otel`),
+//!   records metrics through the `metrics` facade, and checks each path's
+//!   latency against its budget.
 //!
 //! # Quick start
 //!
@@ -65,6 +68,7 @@
 //! | `grpc` | `transport::grpc`: tonic clients as tower services, status mapping, event push over gRPC |
 //! | `http` | `transport::http`: JSON over reqwest as a tower service, axum extractors, webhook push |
 //! | `file-transfer` | [`transfer`]: streaming file upload and download over HTTP/2 in bounded memory |
+//! | `otel` | `observe::trace`: W3C trace context across transports and HTTP/gRPC calls through `tracing-opentelemetry` |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
@@ -83,6 +87,7 @@ pub mod config;
 mod envelope;
 mod error;
 pub mod middleware;
+pub mod observe;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod topology;
@@ -99,7 +104,8 @@ pub mod transport;
     feature = "amqp",
     feature = "grpc",
     feature = "http",
-    feature = "auth"
+    feature = "auth",
+    feature = "otel"
 ))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

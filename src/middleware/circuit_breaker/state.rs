@@ -258,6 +258,12 @@ impl Shared {
                 tracing::info!(breaker = %self.name, %from, %to, "circuit breaker closed")
             }
         }
+        let (label, level) = match to {
+            BreakerState::Closed => ("closed", 0.0),
+            BreakerState::HalfOpen => ("half_open", 1.0),
+            BreakerState::Open => ("open", 2.0),
+        };
+        crate::observe::metrics::breaker_changed(&self.name, label, level);
         self.state_tx.send_replace(to);
     }
 }

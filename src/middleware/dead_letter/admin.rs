@@ -40,8 +40,15 @@ impl DeadLetterAdmin {
     }
 
     /// Up to `limit` dead letters of `topic`, oldest first.
+    ///
+    /// A list shorter than `limit` is the whole queue: its length is
+    /// recorded as the gauge `switchboard_dead_letter_depth`.
     pub async fn list(&self, topic: &str, limit: usize) -> Result<Vec<DeadLettered>, Error> {
-        self.queue()?.list(topic, limit).await
+        let letters = self.queue()?.list(topic, limit).await?;
+        if letters.len() < limit {
+            crate::observe::metrics::dead_letter_depth(self.transport.name(), topic, letters.len());
+        }
+        Ok(letters)
     }
 
     /// One dead letter by id;
@@ -64,6 +71,7 @@ impl DeadLetterAdmin {
     /// Sends every dead letter of `topic` back; returns how many.
     pub async fn redrive_all(&self, topic: &str) -> Result<usize, Error> {
         let sent = self.queue()?.redrive(topic, Redrive::All).await?;
+        crate::observe::metrics::dead_letter_depth(self.transport.name(), topic, 0);
         tracing::info!(topic, sent, "dead letters redriven");
         Ok(sent)
     }

@@ -182,6 +182,7 @@ where
         ResponseFuture::new(async move {
             let event_id = message.event_id();
             let key = key_of(&message);
+            let (topic, group) = (message.shared_topic(), message.shared_group());
             let token = Uuid::new_v4().simple().to_string();
             let mark = store
                 .try_begin(&key, &token, ttls.in_progress)
@@ -195,10 +196,12 @@ where
             match mark {
                 Mark::Acquired => {}
                 Mark::Done => {
+                    crate::observe::metrics::dedupe_hit(topic, group, "done");
                     tracing::debug!(%event_id, "duplicate of a handled event; skipped");
                     return Ok(());
                 }
                 Mark::InProgress => {
+                    crate::observe::metrics::dedupe_hit(topic, group, "in_progress");
                     tracing::debug!(%event_id, "the same event is being handled; requeued");
                     return Err(Error::new(
                         ErrorKind::Unavailable,

@@ -217,6 +217,7 @@ where
                     Some(delay) if error.is_retryable() && attempt < policy.max_attempts => delay,
                     _ => return Err(error.with_attempts(attempt)),
                 };
+                crate::observe::metrics::retried(error.kind());
                 tracing::debug!(
                     attempt,
                     delay_ms = delay.as_millis() as u64,

@@ -1,0 +1,237 @@
+//! Metric names and the small functions the bus and the layers call to
+//! record them through the [`metrics`] facade.
+//!
+//! Every function here is one or two `metrics` macro calls: with no recorder
+//! installed they cost a few nanoseconds, and with one they go to the
+//! recorder the application chose (Prometheus, StatsD, OpenTelemetry…),
+//! which keeps its own (usually sharded or atomic) storage — this crate adds
+//! no lock of its own.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use crate::error::ErrorKind;
+
+/// Counter of publishes, labels `transport`, `topic`, `outcome` (`ok` / `error`).
+pub const PUBLISH_TOTAL: &str = "switchboard_publish_total";
+/// Histogram of publish latency in seconds, labels `transport`, `topic`, `outcome`.
+pub const PUBLISH_DURATION: &str = "switchboard_publish_duration_seconds";
+/// Counter of consumed deliveries, labels `transport`, `topic`, `group`,
+/// `outcome` (`ack` / `nack` / `dead_letter` / `dropped` / `unsettled`).
+pub const CONSUME_TOTAL: &str = "switchboard_consume_total";
+/// Histogram of handling time (decode to settled) in seconds, labels
+/// `transport`, `topic`, `group`, `outcome`.
+pub const CONSUME_DURATION: &str = "switchboard_consume_duration_seconds";
+/// Counter of calls through a [`CallMetrics`](super::CallMetrics) layer, labels
+/// `path`, `transport`, `outcome` (`ok` or the error kind, such as `timeout`).
+pub const CALL_TOTAL: &str = "switchboard_call_total";
+/// Histogram of call latency in seconds, labels `path`, `transport`, `outcome`.
+pub const CALL_DURATION: &str = "switchboard_call_duration_seconds";
+/// Counter of retries (attempts after the first), label `kind` (the error
+/// kind that caused the retry).
+pub const RETRIES_TOTAL: &str = "switchboard_retries_total";
+/// Counter of circuit-breaker state changes, labels `breaker`, `to`
+/// (`closed` / `open` / `half_open`).
+pub const BREAKER_TRANSITIONS_TOTAL: &str = "switchboard_breaker_transitions_total";
+/// Gauge of a circuit breaker's state, label `breaker`: 0 closed, 1 half
+/// open, 2 open.
+pub const BREAKER_STATE: &str = "switchboard_breaker_state";
+/// Counter of messages the consume loop dead-lettered, labels `transport`,
+/// `topic`, `group`.
+pub const DEAD_LETTERS_TOTAL: &str = "switchboard_dead_letters_total";
+/// Gauge of a topic's dead-letter queue depth, labels `transport`, `topic`;
+/// set when [`DeadLetterAdmin`](crate::middleware::dead_letter::DeadLetterAdmin)
+/// lists the whole queue (fewer letters than the limit) and set to 0 after
+/// `redrive_all`.
+pub const DEAD_LETTER_DEPTH: &str = "switchboard_dead_letter_depth";
+/// Counter of duplicates the dedupe layer caught, labels `topic`, `group`,
+/// `state` (`done`: skipped and acked / `in_progress`: requeued).
+pub const DEDUPE_HITS_TOTAL: &str = "switchboard_dedupe_hits_total";
+/// Counter of latency-budget checks that found a path's P99 over its budget,
+/// label `path`.
+pub const BUDGET_BREACHES_TOTAL: &str = "switchboard_budget_breaches_total";
+/// Gauge of a path's P99 latency in seconds over the last check window,
+/// label `path`.
+pub const LATENCY_P99: &str = "switchboard_latency_p99_seconds";
+
+/// A label value: borrowed when static, shared otherwise.
+pub(crate) type Label = Cow<'static, str>;
+
+pub(crate) fn published(transport: &'static str, topic: Label, ok: bool, elapsed: Duration) {
+    let outcome = if ok { "ok" } else { "error" };
+    let labels = [
+        ("transport", Label::Borrowed(transport)),
+        ("topic", topic),
+        ("outcome", Label::Borrowed(outcome)),
+    ];
+    metrics::counter!(PUBLISH_TOTAL, &labels).increment(1);
+    metrics::histogram!(PUBLISH_DURATION, &labels).record(elapsed);
+}
+
+pub(crate) fn consumed(
+    transport: &'static str,
+    topic: std::sync::Arc<str>,
+    group: std::sync::Arc<str>,
+    outcome: &'static str,
+    elapsed: Duration,
+) {
+    metrics::counter!(
+        CONSUME_TOTAL,
+        "transport" => transport,
+        "topic" => topic.clone(),
+        "group" => group.clone(),
+        "outcome" => outcome,
+    )
+    .increment(1);
+    metrics::histogram!(
+        CONSUME_DURATION,
+        "transport" => transport,
+        "topic" => topic.clone(),
+        "group" => group.clone(),
+        "outcome" => outcome,
+    )
+    .record(elapsed);
+    if outcome == "dead_letter" {
+        metrics::counter!(
+            DEAD_LETTERS_TOTAL,
+            "transport" => transport,
+            "topic" => topic,
+            "group" => group,
+        )
+        .increment(1);
+    }
+}
+
+pub(crate) fn called(path: &Label, transport: &Label, outcome: &'static str, elapsed: Duration) {
+    let labels = [
+        ("path", path.clone()),
+        ("transport", transport.clone()),
+        ("outcome", Label::Borrowed(outcome)),
+    ];
+    metrics::counter!(CALL_TOTAL, &labels).increment(1);
+    metrics::histogram!(CALL_DURATION, &labels).record(elapsed);
+}
+
+pub(crate) fn retried(kind: ErrorKind) {
+    metrics::counter!(RETRIES_TOTAL, "kind" => kind_label(kind)).increment(1);
+}
+
+pub(crate) fn breaker_changed(breaker: &str, to: &'static str, level: f64) {
+    metrics::counter!(BREAKER_TRANSITIONS_TOTAL, "breaker" => breaker.to_owned(), "to" => to)
+        .increment(1);
+    metrics::gauge!(BREAKER_STATE, "breaker" => breaker.to_owned()).set(level);
+}
+
+pub(crate) fn dead_letter_depth(transport: &'static str, topic: &str, depth: usize) {
+    metrics::gauge!(DEAD_LETTER_DEPTH, "transport" => transport, "topic" => topic.to_owned())
+        .set(depth as f64);
+}
+
+pub(crate) fn dedupe_hit(
+    topic: std::sync::Arc<str>,
+    group: std::sync::Arc<str>,
+    state: &'static str,
+) {
+    metrics::counter!(DEDUPE_HITS_TOTAL, "topic" => topic, "group" => group, "state" => state)
+        .increment(1);
+}
+
+pub(crate) fn budget_checked(path: &str, p99: Duration, breached: bool) {
+    metrics::gauge!(LATENCY_P99, "path" => path.to_owned()).set(p99.as_secs_f64());
+    if breached {
+        metrics::counter!(BUDGET_BREACHES_TOTAL, "path" => path.to_owned()).increment(1);
+    }
+}
+
+/// The `outcome` / `kind` label of an error kind: one snake-case word.
+pub(crate) fn kind_label(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Connection => "connection",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::Unavailable => "unavailable",
+        ErrorKind::Rejected => "rejected",
+        ErrorKind::Unauthorized => "unauthorized",
+        ErrorKind::Decode => "decode",
+        ErrorKind::Encode => "encode",
+        ErrorKind::Config => "config",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::BreakerOpen => "breaker_open",
+        ErrorKind::Unsupported => "unsupported",
+        ErrorKind::Closed => "closed",
+    }
+}
+
+/// Registers a description and unit for every metric above with the
+/// installed recorder, so an exporter can print them (Prometheus `# HELP`).
+/// Call once, after installing the recorder; recording works without it.
+///
+/// ```
+/// let recorder = metrics_util::debugging::DebuggingRecorder::new();
+/// let snapshotter = recorder.snapshotter();
+/// metrics::with_local_recorder(&recorder, || {
+///     switchboard::observe::metrics::describe();
+///     metrics::counter!(switchboard::observe::metrics::RETRIES_TOTAL).increment(1);
+/// });
+/// let (_, _, help, _) = snapshotter.snapshot().into_vec().pop().unwrap();
+/// assert!(help.unwrap().contains("retries"));
+/// ```
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(PUBLISH_TOTAL, Unit::Count, "events published, by outcome");
+    describe_histogram!(
+        PUBLISH_DURATION,
+        Unit::Seconds,
+        "time until the transport accepted a publish"
+    );
+    describe_counter!(
+        CONSUME_TOTAL,
+        Unit::Count,
+        "deliveries consumed, by how they were settled"
+    );
+    describe_histogram!(
+        CONSUME_DURATION,
+        Unit::Seconds,
+        "time from a delivery's decode to its settlement"
+    );
+    describe_counter!(CALL_TOTAL, Unit::Count, "calls of a path, by outcome");
+    describe_histogram!(CALL_DURATION, Unit::Seconds, "latency of a path's calls");
+    describe_counter!(
+        RETRIES_TOTAL,
+        Unit::Count,
+        "retries, by the error kind retried"
+    );
+    describe_counter!(
+        BREAKER_TRANSITIONS_TOTAL,
+        Unit::Count,
+        "circuit-breaker state changes"
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "circuit-breaker state: 0 closed, 1 half open, 2 open"
+    );
+    describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        Unit::Count,
+        "messages dead-lettered by consumers"
+    );
+    describe_gauge!(
+        DEAD_LETTER_DEPTH,
+        Unit::Count,
+        "dead letters waiting, as last listed in full"
+    );
+    describe_counter!(
+        DEDUPE_HITS_TOTAL,
+        Unit::Count,
+        "duplicate events caught by dedupe"
+    );
+    describe_counter!(
+        BUDGET_BREACHES_TOTAL,
+        Unit::Count,
+        "budget checks that found a path's P99 over its budget"
+    );
+    describe_gauge!(
+        LATENCY_P99,
+        Unit::Seconds,
+        "a path's P99 latency over the last budget-check window"
+    );
+}

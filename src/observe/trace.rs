@@ -1,0 +1,407 @@
+//! W3C trace context (`traceparent`, `tracestate`) through OpenTelemetry
+//! (feature `otel`).
+//!
+//! The crate's spans (`publish`, `consume`, and the `http.client` /
+//! `http.server` spans of the two layers here) are `tracing` spans; with a
+//! [`tracing_opentelemetry`] layer in the subscriber they are OpenTelemetry
+//! spans too, and this module moves their context across processes:
+//!
+//! * [`EventBus`](crate::EventBus) writes the `publish` span's context into
+//!   the **envelope headers** — inside the body, so it crosses every
+//!   transport (memory, Redis Streams, Redis Pub/Sub, RabbitMQ, gRPC and
+//!   HTTP push) unchanged — and the consume loop makes its `consume` span a
+//!   child of it. An envelope that already carries a `traceparent` (a
+//!   redrive, an outbox re-publishing a stored event) keeps it.
+//! * [`InjectTraceContextLayer`] (clients) writes the context of an
+//!   `http.client` span into the request headers, and
+//!   [`ExtractTraceContextLayer`] (servers) opens an `http.server` span
+//!   continuing it. Both work on `http::Request` — tonic channels and
+//!   servers, axum routers — and the client layer also on
+//!   `reqwest::Request` (with feature `http`), so `reqwest::Client` can be
+//!   wrapped as a tower service.
+//!
+//! The W3C format is written by this module itself (version `00`), not by
+//! the global propagator, which is a no-op unless the application sets one:
+//! trace context is what the crate promises, whatever else the application
+//! propagates.
+//!
+//! **Without the feature** the crate neither writes nor reads trace headers
+//! and the layers do not exist; a `traceparent` already in an envelope's
+//! headers travels like any other header, so a downstream service built
+//! with `otel` still continues the trace of whoever set it.
+
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, HeaderValue, Method};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use tower::{Layer, Service};
+use tracing::instrument::Instrumented;
+use tracing::{Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::envelope::Headers;
+
+/// The W3C `traceparent` header name.
+pub const TRACEPARENT: &str = "traceparent";
+/// The W3C `tracestate` header name.
+pub const TRACESTATE: &str = "tracestate";
+
+/// The `traceparent` (and `tracestate`, when not empty) of `span`'s
+/// OpenTelemetry context; `None` when the span has no valid context (no
+/// OpenTelemetry layer in the subscriber, or a disabled span).
+pub fn trace_headers(span: &Span) -> Option<(String, Option<String>)> {
+    let context = span.context();
+    let span_ref = context.span();
+    let span_context = span_ref.span_context();
+    if !span_context.is_valid() {
+        return None;
+    }
+    let traceparent = format!(
+        "00-{}-{}-{:02x}",
+        span_context.trace_id(),
+        span_context.span_id(),
+        span_context.trace_flags().to_u8()
+    );
+    let state = span_context.trace_state().header();
+    Some((traceparent, (!state.is_empty()).then_some(state)))
+}
+
+/// Parses a W3C `traceparent` (and optional `tracestate`) into a remote span
+/// context; `None` for anything malformed (wrong lengths, upper-case hex,
+/// all-zero ids, version `ff`).
+///
+/// ```
+/// use switchboard::observe::trace::parse_traceparent;
+///
+/// let parent = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None).unwrap();
+/// assert_eq!(parent.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+/// assert!(parent.is_sampled() && parent.is_remote());
+/// assert!(parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None).is_none());
+/// ```
+pub fn parse_traceparent(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace_id, span_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let lower_hex = |text: &str, len: usize| {
+        text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    // Version 00 has exactly four fields; a later version may append more.
+    if !lower_hex(version, 2) || version == "ff" || (version == "00" && parts.next().is_some()) {
+        return None;
+    }
+    if !lower_hex(trace_id, 32) || !lower_hex(span_id, 16) || !lower_hex(flags, 2) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace_id).ok()?;
+    let span_id = SpanId::from_hex(span_id).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    let state = tracestate
+        .and_then(|state| state.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    let context = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags & TraceFlags::SAMPLED.to_u8()),
+        true,
+        state,
+    );
+    context.is_valid().then_some(context)
+}
+
+/// Makes `span` a child of the remote context in `traceparent` /
+/// `tracestate`; returns whether it did (a missing or malformed header
+/// leaves the span where it was). Call before the span is first entered.
+pub fn continue_trace(span: &Span, traceparent: Option<&str>, tracestate: Option<&str>) -> bool {
+    let Some(remote) = traceparent.and_then(|parent| parse_traceparent(parent, tracestate)) else {
+        return false;
+    };
+    let parent = opentelemetry::Context::new().with_remote_span_context(remote);
+    span.set_parent(parent).is_ok()
+}
+
+/// The envelope headers with the current span's context added, or `None`
+/// when there is nothing to add (no valid context, or a `traceparent`
+/// already there).
+pub(crate) fn with_current(headers: &Headers) -> Option<Headers> {
+    if headers.contains_key(TRACEPARENT) {
+        return None;
+    }
+    let (parent, state) = trace_headers(&Span::current())?;
+    let mut headers = headers.clone();
+    headers.insert(TRACEPARENT.to_owned(), parent);
+    if let Some(state) = state {
+        headers.insert(TRACESTATE.to_owned(), state);
+    }
+    Some(headers)
+}
+
+/// Continues, in `span`, the trace whose context is in envelope headers.
+pub(crate) fn continue_from_headers(span: &Span, headers: &Headers) {
+    continue_trace(
+        span,
+        headers.get(TRACEPARENT).map(String::as_str),
+        headers.get(TRACESTATE).map(String::as_str),
+    );
+}
+
+/// A request whose headers trace context can be written to and read from.
+pub trait HttpRequest {
+    /// The headers.
+    fn headers(&self) -> &HeaderMap;
+    /// The headers, mutably.
+    fn headers_mut(&mut self) -> &mut HeaderMap;
+    /// The method, for the span.
+    fn method(&self) -> &Method;
+    /// The path (servers) or URL (clients), for the span.
+    fn target(&self) -> String;
+}
+
+impl<B> HttpRequest for http::Request<B> {
+    fn headers(&self) -> &HeaderMap {
+        self.headers()
+    }
+    fn headers_mut(&mut self) -> &mut HeaderMap {
+        self.headers_mut()
+    }
+    fn method(&self) -> &Method {
+        self.method()
+    }
+    fn target(&self) -> String {
+        self.uri().to_string()
+    }
+}
+
+#[cfg(feature = "http")]
+impl HttpRequest for reqwest::Request {
+    fn headers(&self) -> &HeaderMap {
+        self.headers()
+    }
+    fn headers_mut(&mut self) -> &mut HeaderMap {
+        self.headers_mut()
+    }
+    fn method(&self) -> &Method {
+        self.method()
+    }
+    fn target(&self) -> String {
+        self.url().to_string()
+    }
+}
+
+/// Opens an `http.client` span around each call and writes its context into
+/// the request's `traceparent` / `tracestate` headers; see the
+/// [module docs](self).
+///
+/// ```
+/// use switchboard::observe::trace::InjectTraceContextLayer;
+/// use tower::ServiceBuilder;
+///
+/// // reqwest::Client is a tower Service<reqwest::Request>.
+/// let client = ServiceBuilder::new()
+///     .layer(InjectTraceContextLayer::new())
+///     .service(reqwest::Client::new());
+/// # let _ = client;
+/// ```
+#[derive(Debug, Clone)]
+pub struct InjectTraceContext<S> {
+    inner: S,
+}
+
+impl<S> InjectTraceContext<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Gives back the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, R> Service<R> for InjectTraceContext<S>
+where
+    S: Service<R>,
+    R: HttpRequest,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: R) -> Self::Future {
+        let span = tracing::info_span!(
+            "http.client",
+            otel.kind = "client",
+            http.method = %request.method(),
+            url = %request.target(),
+        );
+        if let Some((parent, state)) = trace_headers(&span) {
+            let headers = request.headers_mut();
+            if let Ok(value) = HeaderValue::from_str(&parent) {
+                headers.insert(TRACEPARENT, value);
+            }
+            match state.map(|state| HeaderValue::from_str(&state)) {
+                Some(Ok(value)) => {
+                    headers.insert(TRACESTATE, value);
+                }
+                _ => {
+                    headers.remove(TRACESTATE);
+                }
+            }
+        }
+        let future = span.in_scope(|| self.inner.call(request));
+        future.instrument(span)
+    }
+}
+
+/// Builds [`InjectTraceContext`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InjectTraceContextLayer;
+
+impl InjectTraceContextLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl<S> Layer<S> for InjectTraceContextLayer {
+    type Service = InjectTraceContext<S>;
+
+    fn layer(&self, inner: S) -> InjectTraceContext<S> {
+        InjectTraceContext::new(inner)
+    }
+}
+
+/// Opens an `http.server` span around each request, continuing the trace
+/// of its `traceparent` / `tracestate` headers; see the
+/// [module docs](self). The handler runs inside that span, so what it
+/// publishes continues the caller's trace.
+///
+/// ```
+/// use switchboard::observe::trace::ExtractTraceContextLayer;
+///
+/// let app: axum::Router = axum::Router::new()
+///     .route("/orders", axum::routing::post(|| async { "ok" }))
+///     .layer(ExtractTraceContextLayer::new());
+/// # let _ = app;
+/// ```
+#[derive(Debug, Clone)]
+pub struct ExtractTraceContext<S> {
+    inner: S,
+}
+
+impl<S> ExtractTraceContext<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Gives back the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, R> Service<R> for ExtractTraceContext<S>
+where
+    S: Service<R>,
+    R: HttpRequest,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let span = tracing::info_span!(
+            "http.server",
+            otel.kind = "server",
+            http.method = %request.method(),
+            path = %request.target(),
+        );
+        let headers = request.headers();
+        let header = |name| {
+            headers
+                .get(name)
+                .and_then(|value: &HeaderValue| value.to_str().ok())
+        };
+        continue_trace(&span, header(TRACEPARENT), header(TRACESTATE));
+        let future = span.in_scope(|| self.inner.call(request));
+        future.instrument(span)
+    }
+}
+
+/// Builds [`ExtractTraceContext`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtractTraceContextLayer;
+
+impl ExtractTraceContextLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl<S> Layer<S> for ExtractTraceContextLayer {
+    type Service = ExtractTraceContext<S>;
+
+    fn layer(&self, inner: S) -> ExtractTraceContext<S> {
+        ExtractTraceContext::new(inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_well_formed_traceparents_parse() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let parsed = parse_traceparent(good, Some("congo=t61rcWkgMzE")).unwrap();
+        assert_eq!(parsed.span_id().to_string(), "00f067aa0ba902b7");
+        assert_eq!(parsed.trace_state().header(), "congo=t61rcWkgMzE");
+        let unsampled = parse_traceparent(&good.replace("-01", "-00"), None).unwrap();
+        assert!(!unsampled.is_sampled());
+        // A later version may append fields; version 00 may not.
+        assert!(parse_traceparent(&format!("01{}-extra", &good[2..]), None).is_some());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+        ] {
+            assert!(parse_traceparent(bad, None).is_none(), "{bad:?}");
+        }
+    }
+}
