@@ -208,6 +208,37 @@ async fn trace_context_crosses_redis_pubsub() {
     the_consume_span_continues_the_publish_trace(Arc::new(transport)).await;
 }
 
+/// A push transport whose publisher delivers every topic to its own
+/// receiver on a free local port.
+async fn push_wired_to_itself(grpc: bool) -> Arc<dyn Transport> {
+    use switchboard::transport::grpc::GrpcTransport;
+    use switchboard::transport::http::HttpTransport;
+    use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(url)));
+    if grpc {
+        let transport = GrpcTransport::new(config).unwrap();
+        tokio::spawn(transport.serve(listener));
+        Arc::new(transport)
+    } else {
+        let transport = HttpTransport::new(config).unwrap();
+        tokio::spawn(transport.serve(listener));
+        Arc::new(transport)
+    }
+}
+
+#[tokio::test]
+async fn trace_context_crosses_grpc_push() {
+    the_consume_span_continues_the_publish_trace(push_wired_to_itself(true).await).await;
+}
+
+#[tokio::test]
+async fn trace_context_crosses_http_push() {
+    the_consume_span_continues_the_publish_trace(push_wired_to_itself(false).await).await;
+}
+
 #[tokio::test]
 async fn trace_context_crosses_rabbitmq() {
     let transport =
