@@ -14,6 +14,9 @@
 //! Writes `target/p99_paths/report.json` and `p99_paths.svg`, and the
 //! committed copies `docs/p99_paths.json` and `docs/p99_paths.svg`.
 //!
+//! `P99_SAMPLES` (calls per side per repeat, default 4000) and `P99_PATHS`
+//! (names, comma-separated) narrow a run.
+//!
 //! Run by `cargo test` (without `--bench`), it calls every path a handful of
 //! times, draws the plot in memory and writes nothing: a smoke test that
 //! finishes in seconds.
@@ -304,7 +307,17 @@ async fn measure(
     settings: Settings,
     verbose: bool,
 ) -> Vec<Row> {
-    let paths: Vec<Arc<Path>> = common::all().await.into_iter().map(Arc::new).collect();
+    // `P99_PATHS=trading_to_game,pubsub_broadcast` measures only those.
+    let only = std::env::var("P99_PATHS").ok();
+    let paths: Vec<Arc<Path>> = common::all()
+        .await
+        .into_iter()
+        .filter(|path| {
+            only.as_deref()
+                .is_none_or(|only| only.split(',').any(|name| name == path.name))
+        })
+        .map(Arc::new)
+        .collect();
     let mut rows = Vec::new();
     for path in &paths {
         for side in [Side::Raw, Side::Switchboard] {
