@@ -302,11 +302,7 @@ struct Report {
     rows: Vec<Row>,
 }
 
-async fn measure(
-    runtime: &'static str,
-    settings: Settings,
-    verbose: bool,
-) -> Vec<Row> {
+async fn measure(runtime: &'static str, settings: Settings, verbose: bool) -> Vec<Row> {
     // `P99_PATHS=trading_to_game,pubsub_broadcast` measures only those.
     let only = std::env::var("P99_PATHS").ok();
     let paths: Vec<Arc<Path>> = common::all()
@@ -553,7 +549,10 @@ fn main() {
         rows,
     };
     let svg = plot(&report);
-    assert!(svg.contains("<svg") && svg.contains("<text"), "an SVG with text");
+    assert!(
+        svg.contains("<svg") && svg.contains("<text"),
+        "an SVG with text"
+    );
     if !bench {
         println!(
             "p99_paths: {} rows in {:.1?} (test mode, nothing written)",

@@ -225,10 +225,8 @@ fn bus_call(bus: EventBus, waiters: Waiters) -> Call {
     Arc::new(move |n| {
         let (bus, received) = (bus.clone(), waiters.register(n));
         Box::pin(async move {
-            let (published, received) = tokio::join!(
-                bus.publish(TradeExecuted::numbered(n)),
-                received
-            );
+            let (published, received) =
+                tokio::join!(bus.publish(TradeExecuted::numbered(n)), received);
             published.expect("publish");
             received.expect("handled");
         })
@@ -423,15 +421,16 @@ async fn grpc() -> Path {
     });
 
     let resilience = Resilience::new(Default::default());
-    let service = resilience.client(
-        "market",
-        unary(
-            proto::push_client::PushClient::new(channel(&url)),
-            |mut client, request: proto::DeliverRequest| async move {
-                client.deliver(request).await
-            },
-        ),
-    );
+    let service =
+        resilience.client(
+            "market",
+            unary(
+                proto::push_client::PushClient::new(channel(&url)),
+                |mut client, request: proto::DeliverRequest| async move {
+                    client.deliver(request).await
+                },
+            ),
+        );
     // The stack is Send but not Sync; each call clones it (as a tower user
     // does), from behind an uncontended lock (tens of nanoseconds).
     let service = Mutex::new(service);
@@ -545,7 +544,8 @@ async fn redis_streams() -> Path {
             let (mut conn, received) = (conn.clone(), raw_waiters.register(n));
             let add = xadd(&key, n);
             Box::pin(async move {
-                let (added, received) = tokio::join!(add.query_async::<String>(&mut conn), received);
+                let (added, received) =
+                    tokio::join!(add.query_async::<String>(&mut conn), received);
                 added.expect("XADD");
                 received.expect("handled");
             })
@@ -648,7 +648,8 @@ async fn redis_pubsub() -> Path {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(&channel).arg(raw_encode(n));
         Box::pin(async move {
-            let (published, received) = tokio::join!(publish.query_async::<i64>(&mut conn), received);
+            let (published, received) =
+                tokio::join!(publish.query_async::<i64>(&mut conn), received);
             published.expect("PUBLISH");
             received.expect("handled");
         })
@@ -714,7 +715,10 @@ async fn amqp() -> Path {
         .expect("exchange_declare");
     let queue = format!("{raw_exchange}.game");
     let mut arguments = FieldTable::default();
-    arguments.insert(ShortString::from("x-expires"), AMQPValue::LongLongInt(60_000));
+    arguments.insert(
+        ShortString::from("x-expires"),
+        AMQPValue::LongLongInt(60_000),
+    );
     publisher
         .queue_declare(
             queue.as_str().into(),
@@ -757,10 +761,7 @@ async fn amqp() -> Path {
             while let Some(delivery) = deliveries.next().await {
                 let delivery = delivery.expect("a delivery");
                 waiters.fire(raw_decode(&delivery.data));
-                delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .expect("ack");
+                delivery.ack(BasicAckOptions::default()).await.expect("ack");
             }
         })
     };
