@@ -30,7 +30,8 @@
 //!   connection of its own: a blocking read would hold up every other command
 //!   on a shared connection, and redis 1.x gives up on any reply after 500 ms
 //!   by default, so this connection waits longer than the `BLOCK` time.
-//! * `ack` is `XACK`. Every other command goes over one shared connection
+//! * `ack` is `XACK`; acks of one subscription that finish together share
+//!   one `XACK` (each still returns once Redis has confirmed it). Every other command goes over one shared connection
 //!   that reconnects by itself ([`ConnectionManager`] or a cluster
 //!   connection).
 //! * `nack(delay)` keeps the entry pending: it is re-read with `XCLAIM` once
