@@ -107,7 +107,7 @@ fn histogram() -> Histogram<u64> {
 
 /// The sides in the order of round `i`: alternating which goes first.
 fn order(i: usize) -> [Side; 2] {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         [Side::Raw, Side::Switchboard]
     } else {
         [Side::Switchboard, Side::Raw]
@@ -456,7 +456,7 @@ fn plot(report: &Report) -> String {
         let mut chart = ChartBuilder::on(&root)
             .caption(
                 format!(
-                    "P50 (dark) and P99 (light), µs, log scale: raw (grey) vs switchboard (blue); red: SPEC P99 target — {} CPUs, {}",
+                    "P50 (dark) and P99 (light), log scale: raw (grey) vs switchboard (blue), ratio switchboard/raw; red: SPEC P99 target — {} CPUs, {}",
                     report.cpus, report.date
                 ),
                 ("sans-serif", 15),
@@ -482,6 +482,7 @@ fn plot(report: &Report) -> String {
                 }
             })
             .x_desc("latency (µs)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .disable_y_mesh()
             .draw()
             .expect("mesh");
@@ -508,7 +509,7 @@ fn plot(report: &Report) -> String {
                 .expect("target");
             chart
                 .draw_series([Text::new(
-                    format!("p99 ×{:.2}", row.ratio.p99),
+                    format!("×{:.2} p50, ×{:.2} p99", row.ratio.p50, row.ratio.p99),
                     (row.raw.p99_us.max(row.switchboard.p99_us) * 1.08, y + 0.25),
                     ("sans-serif", 11),
                 )])
