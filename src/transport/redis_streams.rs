@@ -30,7 +30,8 @@
 //!   connection of its own: a blocking read would hold up every other command
 //!   on a shared connection, and redis 1.x gives up on any reply after 500 ms
 //!   by default, so this connection waits longer than the `BLOCK` time.
-//! * `ack` is `XACK`. Every other command goes over one shared connection
+//! * `ack` is `XACK`; acks of one subscription that finish together share
+//!   one `XACK` (each still returns once Redis has confirmed it). Every other command goes over one shared connection
 //!   that reconnects by itself ([`ConnectionManager`] or a cluster
 //!   connection).
 //! * `nack(delay)` keeps the entry pending: it is re-read with `XCLAIM` once
@@ -110,7 +111,7 @@ use redis::streams::{
     StreamReadReply,
 };
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -653,10 +654,12 @@ impl Subscriber for RedisStreamsTransport {
         let stream = self.stream_key(topic);
         self.ensure_group(&stream, &options.group).await?;
         let blocking = self.blocking_connection().await?;
+        let group_name: Arc<str> = options.group.as_str().into();
         let group = Arc::new(Group {
             transport: self.clone(),
             topic: topic.into(),
-            group: options.group.as_str().into(),
+            acks: spawn_acks(self.clone(), stream.clone(), group_name.clone()),
+            group: group_name,
             consumer: self.consumer_name(topic, &options.group),
             dlq: format!("{stream}{DLQ_SUFFIX}"),
             stream,
@@ -993,11 +996,60 @@ fn value_text(value: &Value) -> Option<String> {
 
 // ------------------------------------------------------------- consuming
 
+/// An id to acknowledge, and where to say how it went.
+type AckRequest = (String, oneshot::Sender<Result<(), Error>>);
+
+/// The most ids one `XACK` carries.
+const ACK_BATCH: usize = 512;
+
+/// Starts a subscription's ack task: handlers that finish together share
+/// one `XACK` carrying all their ids, instead of a command and a round trip
+/// each (on a small machine running Redis beside its clients, the commands
+/// are what costs). Nothing waits to fill a batch: the task takes whatever
+/// is queued when it runs, so a lone ack goes out at once. Each ack still
+/// returns only after Redis has acknowledged its id. The task ends when the
+/// subscription and its deliveries are gone (every sender dropped).
+fn spawn_acks(
+    transport: RedisStreamsTransport,
+    stream: String,
+    group: Arc<str>,
+) -> mpsc::UnboundedSender<AckRequest> {
+    let (sender, mut requests) = mpsc::unbounded_channel::<AckRequest>();
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while requests.recv_many(&mut batch, ACK_BATCH).await > 0 {
+            let result: Result<Value, _> = redis::cmd("XACK")
+                .arg(&stream)
+                .arg(&*group)
+                .arg(batch.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+                .query_async(&mut transport.conn())
+                .await;
+            match result {
+                Ok(_) => {
+                    for (_, reply) in batch.drain(..) {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Err(error) => {
+                    let error = redis_error("XACK", error);
+                    for (_, reply) in batch.drain(..) {
+                        let copy = Error::new(error.kind(), error.message().to_owned());
+                        let _ = reply.send(Err(copy));
+                    }
+                }
+            }
+        }
+    });
+    sender
+}
+
 /// What one subscription shares with its ackers.
 struct Group {
     transport: RedisStreamsTransport,
     topic: Arc<str>,
     group: Arc<str>,
+    /// The subscription's ack task (see [`spawn_acks`]).
+    acks: mpsc::UnboundedSender<AckRequest>,
     consumer: String,
     stream: String,
     dlq: String,
@@ -1037,6 +1089,18 @@ impl Group {
 
     fn claim_idle_ms(&self) -> u64 {
         self.transport.inner.config.claim_idle.as_millis() as u64
+    }
+
+    /// Acks `id` together with whatever other acks of this subscription
+    /// are waiting; returns once Redis acknowledged it.
+    async fn ack_batched(&self, id: String) -> Result<(), Error> {
+        let (reply, replied) = oneshot::channel();
+        self.acks
+            .send((id, reply))
+            .map_err(|_| Error::closed("redis-streams subscription"))?;
+        replied
+            .await
+            .map_err(|_| Error::closed("redis-streams subscription"))?
     }
 
     async fn ack(&self, id: &str) -> Result<(), Error> {
@@ -1490,7 +1554,7 @@ struct RedisAcker {
 #[async_trait]
 impl Acker for RedisAcker {
     async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
-        self.group.ack(&self.id).await?;
+        self.group.ack_batched(self.id.clone()).await?;
         self.permit = None;
         Ok(())
     }

@@ -158,11 +158,13 @@ where
             inner: Box::pin(async move {
                 let response = builder.body(body?).send().await.map_err(from_reqwest)?;
                 let status = response.status();
-                let headers = response.headers().clone();
-                let bytes = read_limited(response, limit).await?;
                 if !status.is_success() {
+                    // Only a failure needs the headers (Retry-After).
+                    let headers = response.headers().clone();
+                    let bytes = read_limited(response, limit).await?;
                     return Err(error_from_response(status, &headers, &bytes));
                 }
+                let bytes = read_limited(response, limit).await?;
                 serde_json::from_slice(&bytes).map_err(|error| {
                     Error::new(
                         ErrorKind::Decode,
@@ -188,12 +190,24 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<B
     {
         return Err(too_large(length));
     }
-    let mut body = BytesMut::new();
-    while let Some(chunk) = response.chunk().await.map_err(from_reqwest)? {
+    // A small answer usually arrives as one chunk: kept as it is, not copied.
+    let Some(first) = response.chunk().await.map_err(from_reqwest)? else {
+        return Ok(Bytes::new());
+    };
+    if first.len() > limit {
+        return Err(too_large(first.len() as u64));
+    }
+    let Some(second) = response.chunk().await.map_err(from_reqwest)? else {
+        return Ok(first);
+    };
+    let mut body = BytesMut::from(first);
+    let mut next = Some(second);
+    while let Some(chunk) = next {
         if body.len() + chunk.len() > limit {
             return Err(too_large((body.len() + chunk.len()) as u64));
         }
         body.extend_from_slice(&chunk);
+        next = response.chunk().await.map_err(from_reqwest)?;
     }
     Ok(body.freeze())
 }

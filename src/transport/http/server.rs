@@ -51,6 +51,11 @@ where
             .get::<MaxBodyBytes>()
             .map_or(crate::DEFAULT_MAX_SIZE, |limit| limit.0);
         let bytes = read_body(request, limit).await?;
+        // Plain serde_json first: tracking the path costs on every field, and
+        // it is only needed to explain a body that does not decode.
+        if let Ok(value) = serde_json::from_slice(&bytes) {
+            return Ok(JsonBody(value));
+        }
         let deserializer = &mut serde_json::Deserializer::from_slice(&bytes);
         serde_path_to_error::deserialize(deserializer)
             .map(JsonBody)
