@@ -62,6 +62,8 @@
 //! | `redis-pubsub` | [`RedisPubSubTransport`]: broadcast over Redis Pub/Sub, at most once |
 //! | `amqp` | `transport::amqp`: RabbitMQ task queue (lapin 4 on tokio) — persistent, confirmed, dead-lettered, reconnecting |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
+//! | `auth` | [`auth`]: local verification of Auth's tokens (EdDSA or RS256) and a tower layer for HTTP and gRPC servers |
+//! | `file-transfer` | [`transfer`]: streaming file upload and download over HTTP/2 in bounded memory |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
 //! contract, bus, topology, config, middleware.
@@ -70,6 +72,8 @@
 #![warn(rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "auth")]
+pub mod auth;
 mod bus;
 pub mod cloudevents;
 mod codec;
@@ -80,6 +84,8 @@ pub mod middleware;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod topology;
+#[cfg(feature = "file-transfer")]
+pub mod transfer;
 pub mod transport;
 
 // The README's examples compile and run as doctests.

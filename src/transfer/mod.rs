@@ -1,0 +1,100 @@
+//! Streaming file upload and download over HTTP/2, in bounded memory.
+//!
+//! The strategy sends files over HTTP/2 (SPEC §1.1) because it streams: a
+//! file moves as a sequence of DATA frames under flow control, so neither
+//! side ever needs the whole file in memory, and many transfers share one
+//! connection. This module is that path, on hyper directly:
+//!
+//! * [`TransferServer`] answers `PUT /files/{name}` (upload) and
+//!   `GET /files/{name}` (download) from a [`FileStore`] — [`DirStore`] keeps
+//!   files in a directory, and any other store (object storage, a hash
+//!   checker) implements the trait.
+//! * [`TransferClient`] uploads any byte stream or file and downloads as a
+//!   stream ([`Download`]) or straight into a file.
+//!
+//! Memory stays bounded because every stage pulls: a chunk is read from disk
+//! (at most [`CHUNK_SIZE`]) only when HTTP/2 flow control has room to send
+//! it, and the receiver releases window only as it consumes chunks, so a slow
+//! disk slows the sender instead of filling a buffer. Both ends use hyper's
+//! adaptive flow control, which sizes the window to the measured
+//! bandwidth-delay product instead of the spec's 64 KiB default, so a fast
+//! link is not throttled by a window that is too small.
+//!
+//! [`TransferServer::serve`] and [`TransferClient::connect`] speak cleartext
+//! HTTP/2 with prior knowledge (h2c); with the `file-transfer-tls` feature,
+//! `TransferServer::serve_tls` and `TransferClient::connect_tls` speak it over
+//! TLS (rustls on aws-lc-rs, ALPN `h2`), configured by the `tls` module.
+//! [`TransferServer::serve_connection`] and [`TransferClient::handshake`]
+//! take any byte stream, for other setups.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use futures_util::TryStreamExt;
+//! use switchboard::transfer::{DirStore, TransferClient, TransferServer};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let dir = std::env::temp_dir().join(format!("transfer-doc-{}", uuid::Uuid::new_v4()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let address = listener.local_addr()?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(
+//!     TransferServer::new(Arc::new(DirStore::new(&dir).await?))
+//!         .serve(listener, async { stopped.await.ok(); }),
+//! );
+//!
+//! let client = TransferClient::connect(address).await?;
+//! let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from("hello, ")), Ok(Bytes::from("world"))]);
+//! assert_eq!(client.upload("greeting.txt", chunks).await?, 12);
+//!
+//! let received: Vec<Bytes> = client.download("greeting.txt").await?.try_collect().await?;
+//! assert_eq!(received.concat(), b"hello, world");
+//!
+//! stop.send(()).ok();
+//! drop(client);
+//! server.await.unwrap()?;
+//! tokio::fs::remove_dir_all(&dir).await?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+mod body;
+mod client;
+mod server;
+mod store;
+#[cfg(feature = "file-transfer-tls")]
+pub mod tls;
+
+pub use body::{ByteStream, CHUNK_SIZE, file_chunks};
+pub use client::{Download, TransferClient};
+pub use server::TransferServer;
+pub use store::{DirStore, FileStore};
+
+use crate::{Error, ErrorKind};
+
+/// The path prefix under which files are served.
+const FILES: &str = "/files/";
+
+/// Checks a file name: 1 to 255 ASCII letters, digits or `. _ -`, not
+/// starting with a dot. The name is used as a path segment on the server, so
+/// this is what keeps `../` and hidden files out.
+///
+/// ```
+/// use switchboard::transfer::validate_file_name;
+///
+/// assert!(validate_file_name("report-2026.csv").is_ok());
+/// assert!(validate_file_name("../etc/passwd").is_err());
+/// assert!(validate_file_name(".hidden").is_err());
+/// ```
+pub fn validate_file_name(name: &str) -> Result<(), Error> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+    if name.is_empty() || name.len() > 255 || name.starts_with('.') || !name.bytes().all(allowed) {
+        return Err(Error::new(
+            ErrorKind::Rejected,
+            format!(
+                "invalid file name {name:?}: use 1 to 255 ASCII letters, digits or . _ -, not starting with a dot"
+            ),
+        ));
+    }
+    Ok(())
+}
