@@ -475,12 +475,12 @@ pub async fn run(gateway: &Gateway, orders: usize) -> Result<Report, Error> {
     );
     let trading = gateway.trading_stats(orders).await?;
     println!(
-        "trading  {} of {} settlement jobs done by the worker on the task queue; {} price.updated seen",
+        "trading  {} of {} settlement jobs done by the worker on the task queue; {} price.updated seen so far",
         trading.settled, trading.orders, trading.price_updates_seen
     );
     let game = gateway.game_stats().await?;
     println!(
-        "game     {} players known, {} price.updated seen; holding.changed published per trade",
+        "game     {} players known, {} price.updated seen so far; holding.changed published per trade",
         game.players, game.price_updates_seen
     );
 
