@@ -242,6 +242,35 @@ impl AuthService {
         self.grpc = Some(Server::grpc(grpc, tonic::service::Routes::new(users)));
     }
 
+    /// Restores a user under a known id (an operator's repair, as from a
+    /// backup) and publishes `user.registered` for it.
+    pub async fn restore_user(&self, user_id: &str, username: &str) -> Result<(), Error> {
+        let now = Utc::now();
+        self.state
+            .names
+            .lock()
+            .expect("names lock")
+            .insert(username.to_owned(), user_id.to_owned());
+        self.state.users.lock().expect("users lock").insert(
+            user_id.to_owned(),
+            User {
+                user_id: user_id.to_owned(),
+                username: username.to_owned(),
+                password_sha256: [0; 32],
+                registered_unix_ms: now.timestamp_millis(),
+            },
+        );
+        self.state
+            .bus
+            .publish(UserRegistered {
+                user_id: user_id.to_owned(),
+                username: username.to_owned(),
+                registered_at: now,
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Where it listens.
     pub fn addrs(&self) -> AuthAddrs {
         self.addrs

@@ -112,10 +112,15 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             stop.send(()).ok();
         }
-        // Connections kept alive by clients would hold a graceful shutdown
-        // open; the task is aborted after the signal so "down" means down.
-        self.task.abort();
-        self.task.await.ok();
+        // Graceful: idle keep-alive connections are closed too, so a client
+        // holding one sees the server gone. A client holding a request open
+        // past the deadline gets cut off.
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
     }
 }
 

@@ -249,6 +249,12 @@ impl Gateway {
         Ok(registered.user_id)
     }
 
+    /// Auth's endpoints: a read, so it is served while new logins are
+    /// refused, and it is the call that finds Auth back.
+    pub async fn auth_endpoints(&self) -> Result<Value, Error> {
+        Self::send(&self.auth, Call::read("/v1/endpoints", None)).await
+    }
+
     /// Logs in: a new token from Auth (refused while Auth is down).
     pub async fn login(&self, username: &str, password: &str) -> Result<String, Error> {
         let credentials = Credentials {
