@@ -451,3 +451,115 @@ async fn a_poison_trade_is_dead_lettered_with_an_alert_and_redriven_once_fixed()
     );
     world.platform.shutdown().await.expect("shutdown");
 }
+
+/// The operator's commands of `examples/dlq.rs` on a broker's real
+/// dead-letter queue: list, inspect, redrive one, redrive all.
+async fn operator_commands_on(kind: common::operator::Kind) {
+    use common::operator::{self, Command};
+    use switchboard::{EventBus, Message, SubscribeOptions, handler_fn};
+
+    let namespace = format!("dlq-test-{}", uuid::Uuid::new_v4().simple());
+    let topic = format!("{namespace}.{}", TradeExecuted::TYPE);
+    let transport = operator::connect(kind, kind.default_url(), &topic, "game")
+        .await
+        .expect("the broker answers");
+    let admin = DeadLetterAdmin::new(transport.clone());
+    let bus = EventBus::new(transport, "trading-service").with_namespace(namespace);
+
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (handled, mut handled_rx) = mpsc::unbounded_channel::<String>();
+    let consumer = {
+        let fixed = fixed.clone();
+        bus.subscribe(
+            SubscribeOptions::new("game"),
+            handler_fn(move |message: Message<TradeExecuted>| {
+                let fixed = fixed.load(std::sync::atomic::Ordering::SeqCst);
+                let order_id = message.payload().order_id.clone();
+                let handled = handled.clone();
+                async move {
+                    if !fixed {
+                        return Err(switchboard::Error::permanent("ledger rejects the trade"));
+                    }
+                    handled.send(order_id).ok();
+                    Ok(())
+                }
+            }),
+        )
+        .await
+        .expect("subscribe")
+    };
+    let first = trade("someone", dec!(1));
+    let second = trade("someone", dec!(2));
+    bus.publish(first.clone()).await.expect("publish");
+    bus.publish(second.clone()).await.expect("publish");
+
+    let letters = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let letters = admin.list(&topic, 10).await.expect("list");
+            if letters.len() == 2 {
+                return letters;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("both trades dead-lettered");
+
+    let (listed, _) = operator::execute(&admin, &topic, &Command::List)
+        .await
+        .expect("list");
+    for letter in &letters {
+        assert!(listed.contains(&letter.id), "{listed}");
+    }
+    assert_eq!(listed.matches("group=game").count(), 2, "{listed}");
+    let (inspected, _) =
+        operator::execute(&admin, &topic, &Command::Inspect(letters[0].id.clone()))
+            .await
+            .expect("inspect");
+    assert!(
+        inspected.contains("ledger rejects the trade"),
+        "{inspected}"
+    );
+    assert!(inspected.contains(&letters[0].id), "{inspected}");
+
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_, one) = operator::execute(&admin, &topic, &Command::Redrive(letters[0].id.clone()))
+        .await
+        .expect("redrive one");
+    assert_eq!(one, 1);
+    let redriven = tokio::time::timeout(DEADLINE, handled_rx.recv())
+        .await
+        .expect("the redriven trade is handled")
+        .expect("the handler lives");
+    let body = String::from_utf8_lossy(&letters[0].message.body).into_owned();
+    assert!(body.contains(&redriven), "{redriven} not in {body}");
+    assert_eq!(admin.list(&topic, 10).await.expect("list").len(), 1);
+
+    let (_, rest) = operator::execute(&admin, &topic, &Command::RedriveAll)
+        .await
+        .expect("redrive all");
+    assert_eq!(rest, 1);
+    let other = tokio::time::timeout(DEADLINE, handled_rx.recv())
+        .await
+        .expect("the other trade is handled")
+        .expect("the handler lives");
+    let mut both = [redriven, other];
+    both.sort();
+    let mut sent = [first.order_id, second.order_id];
+    sent.sort();
+    assert_eq!(both, sent);
+    assert!(admin.list(&topic, 10).await.expect("list").is_empty());
+    consumer.shutdown().await.expect("shutdown");
+}
+
+/// Needs Redis on 127.0.0.1:6379 (as `scripts/test` ensures).
+#[tokio::test]
+async fn operator_commands_on_redis_streams() {
+    operator_commands_on(common::operator::Kind::Redis).await;
+}
+
+/// Needs RabbitMQ on 127.0.0.1:5672, guest/guest (as `scripts/test` ensures).
+#[tokio::test]
+async fn operator_commands_on_rabbitmq() {
+    operator_commands_on(common::operator::Kind::Amqp).await;
+}

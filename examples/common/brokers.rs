@@ -83,7 +83,7 @@ impl Brokers {
             parts.push("events and ticks in memory".into());
         }
         if let Some(url) = amqp {
-            let config = AmqpConfig::new(url).with_exchange("switchboard.examples");
+            let config = AmqpConfig::new(url);
             let rabbit = within(url, "RabbitMQ", AmqpTransport::connect(config)).await?;
             brokers.tasks = Arc::new(rabbit);
             parts.push(format!("settlement jobs on RabbitMQ at {}", redact(url)));

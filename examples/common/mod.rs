@@ -23,6 +23,7 @@ pub mod domain;
 pub mod game_service;
 pub mod market_service;
 pub mod net;
+pub mod operator;
 pub mod platform;
 pub mod session;
 pub mod trading_service;
