@@ -54,6 +54,7 @@ async fn run() -> Result<(), Failure> {
     let resilience = Resilience::default();
     let brokers = flags.brokers().await?;
     println!("brokers  {}", brokers.description);
+    let (ticker, ticks) = session::listen_to_ticks(&brokers).await?;
     match (flags.auth, flags.market, flags.game) {
         (None, None, None) => {
             let platform = Platform::start(&brokers, &resilience, None).await?;
@@ -65,6 +66,7 @@ async fn run() -> Result<(), Failure> {
             let gateway = Gateway::new(addresses, &gateway_resilience(Default::default()));
             let report = session::run(&gateway, orders).await?;
             platform.shutdown().await?;
+            print_ticks(ticker, &ticks).await?;
             println!("done     {} orders for {}", report.orders, report.user_id);
             Ok(())
         }
@@ -96,6 +98,7 @@ async fn run() -> Result<(), Failure> {
             let gateway = Gateway::new(addresses, &gateway_resilience(Default::default()));
             let report = session::run(&gateway, orders).await?;
             trading.shutdown().await?;
+            print_ticks(ticker, &ticks).await?;
             println!("done     {} orders for {}", report.orders, report.user_id);
             Ok(())
         }
@@ -103,4 +106,16 @@ async fn run() -> Result<(), Failure> {
             "give all of --auth, --market and --game (to use running services) or none (to embed them)".into(),
         )),
     }
+}
+
+async fn print_ticks(
+    ticker: switchboard::ConsumerHandle,
+    ticks: &std::sync::atomic::AtomicU64,
+) -> Result<(), switchboard::Error> {
+    ticker.shutdown().await?;
+    println!(
+        "ticker   {} price.tick broadcasts heard (Pub/Sub: at most once, live only)",
+        ticks.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    Ok(())
 }

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -363,6 +364,30 @@ where
             Ok(value)
         })
     }
+}
+
+/// Listens to Market's `price.tick` broadcast (Redis Pub/Sub: at most once,
+/// so the count may be short of the trades when a tick is missed) and counts
+/// the ticks heard.
+pub async fn listen_to_ticks(
+    brokers: &super::brokers::Brokers,
+) -> Result<(switchboard::ConsumerHandle, Arc<AtomicU64>), Error> {
+    use super::domain::{PriceTick, groups};
+    use switchboard::{Message, SubscribeOptions, handler_fn};
+
+    let heard = Arc::new(AtomicU64::new(0));
+    let count = heard.clone();
+    let consumer = brokers
+        .broadcast("gateway")
+        .subscribe(
+            SubscribeOptions::new(groups::TICKER),
+            handler_fn(move |_: Message<PriceTick>| {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Ok::<_, Error>(()) }
+            }),
+        )
+        .await?;
+    Ok((consumer, heard))
 }
 
 /// What the scripted session did, for the caller (and the smoke test).
