@@ -563,3 +563,47 @@ async fn operator_commands_on_redis_streams() {
 async fn operator_commands_on_rabbitmq() {
     operator_commands_on(common::operator::Kind::Amqp).await;
 }
+
+#[test]
+fn bad_flags_are_one_line_usage_errors() {
+    use common::cli::{Failure, Flags};
+    for (args, wanted) in [
+        (vec!["--bogus"], "unknown argument"),
+        (vec!["--port", "seventy"], "--port wants a number"),
+        (vec!["--auth", "1.2.3"], "--auth wants HOST:PORT"),
+        (vec!["--orders", "0"], "--orders wants a positive number"),
+        (vec!["--redis"], "--redis needs a value"),
+    ] {
+        let args = args.into_iter().map(str::to_owned);
+        match Flags::parse(args, "usage") {
+            Err(Failure::Usage(message)) => {
+                assert!(message.contains(wanted), "{message}");
+                assert!(!message.contains('\n'), "{message}");
+            }
+            other => panic!("{wanted}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_one_line_that_says_what_to_do() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    for (redis, amqp, broker) in [
+        (Some(format!("redis://127.0.0.1:{port}")), None, "Redis"),
+        (None, Some(format!("amqp://guest:guest@127.0.0.1:{port}")), "RabbitMQ"),
+    ] {
+        let error = Brokers::connect(redis.as_deref(), amqp.as_deref(), None)
+            .await
+            .expect_err("nothing listens there");
+        let message = error.to_string();
+        assert_eq!(error.kind(), ErrorKind::Connection);
+        assert!(message.contains(&format!("cannot reach {broker}")), "{message}");
+        assert!(message.contains("leave out its URL"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+        assert!(!message.contains("guest:guest"), "the password is not shown: {message}");
+    }
+}
