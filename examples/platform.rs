@@ -55,8 +55,9 @@ async fn run() -> Result<(), Failure> {
         .as_ref()
         .map(|namespace| format!(" --namespace {namespace}"))
         .unwrap_or_default();
+    let redis = common::brokers::redact(flags.redis.as_deref().unwrap_or_default());
     println!(
-        "try: cargo run --example trading -- --auth {} --market {} --game {}{namespace}",
+        "try: cargo run --example trading -- --redis {redis} --auth {} --market {} --game {}{namespace}",
         addresses.auth, addresses.market, addresses.game
     );
     cli::until_stopped().await;

@@ -594,16 +594,26 @@ async fn an_unreachable_broker_is_one_line_that_says_what_to_do() {
         .port();
     for (redis, amqp, broker) in [
         (Some(format!("redis://127.0.0.1:{port}")), None, "Redis"),
-        (None, Some(format!("amqp://guest:guest@127.0.0.1:{port}")), "RabbitMQ"),
+        (
+            None,
+            Some(format!("amqp://guest:guest@127.0.0.1:{port}")),
+            "RabbitMQ",
+        ),
     ] {
         let error = Brokers::connect(redis.as_deref(), amqp.as_deref(), None)
             .await
             .expect_err("nothing listens there");
         let message = error.to_string();
         assert_eq!(error.kind(), ErrorKind::Connection);
-        assert!(message.contains(&format!("cannot reach {broker}")), "{message}");
+        assert!(
+            message.contains(&format!("cannot reach {broker}")),
+            "{message}"
+        );
         assert!(message.contains("leave out its URL"), "{message}");
         assert!(!message.contains('\n'), "{message}");
-        assert!(!message.contains("guest:guest"), "the password is not shown: {message}");
+        assert!(
+            !message.contains("guest:guest"),
+            "the password is not shown: {message}"
+        );
     }
 }
