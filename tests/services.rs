@@ -442,6 +442,7 @@ async fn a_poison_trade_is_dead_lettered_with_an_alert_and_redriven_once_fixed()
         .expect("the redriven trade is applied");
     let portfolio = world.platform.game.portfolio(&ghost).await;
     assert_eq!(portfolio.positions[0].quantity, dec!(3));
+    assert_eq!(portfolio.username.as_deref(), Some("restored"));
     assert!(
         admin
             .list(TradeExecuted::TYPE, 10)

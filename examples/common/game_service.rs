@@ -89,6 +89,9 @@ pub struct Chart {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GameStats {
     pub players: usize,
+    /// Players Game had to ask Auth about over gRPC (a trade came before
+    /// their `user.registered`).
+    pub auth_lookups: u64,
     pub trades_applied: u64,
     pub price_updates_seen: u64,
     pub latency: BTreeMap<String, PathStats>,
@@ -108,6 +111,7 @@ struct Ledger {
     trades_applied: HashMap<String, u64>,
     total_trades: u64,
     price_updates: u64,
+    auth_lookups: u64,
 }
 
 type Quotes = StaleCache<
@@ -159,11 +163,9 @@ impl GameState {
                         error
                     }
                 })?;
-            self.ledger
-                .lock()
-                .expect("ledger lock")
-                .players
-                .insert(user.user_id, user.username);
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            ledger.auth_lookups += 1;
+            ledger.players.insert(user.user_id, user.username);
         }
         let change = trade.side.signed(trade.quantity);
         let quantity = {
@@ -274,6 +276,7 @@ impl GameState {
         let ledger = self.ledger.lock().expect("ledger lock");
         GameStats {
             players: ledger.players.len(),
+            auth_lookups: ledger.auth_lookups,
             trades_applied: ledger.total_trades,
             price_updates_seen: ledger.price_updates,
             latency: self.latency.snapshot(),

@@ -511,8 +511,8 @@ pub async fn run(gateway: &Gateway, orders: usize) -> Result<Report, Error> {
     );
     let game = gateway.game_stats().await?;
     println!(
-        "game     {} players known, {} price.updated seen so far; holding.changed published per trade",
-        game.players, game.price_updates_seen
+        "game     {} players known ({} looked up in Auth over gRPC), {} price.updated seen so far; holding.changed published per trade",
+        game.players, game.auth_lookups, game.price_updates_seen
     );
 
     let mut latency = gateway.latency().snapshot();
