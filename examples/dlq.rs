@@ -1,32 +1,50 @@
-//! An operator's dead-letter CLI over [`DeadLetterAdmin`] — list, inspect,
-//! redrive one, redrive all — shown on the in-memory transport:
+//! An operator's dead-letter CLI over [`DeadLetterAdmin`] (SPEC §6.3's
+//! manual retry) — list, inspect, redrive one, redrive all — against the
+//! memory, Redis Streams or RabbitMQ dead-letter queues:
 //!
 //! ```text
-//! cargo run --example dlq                    # list
-//! cargo run --example dlq -- inspect first   # one letter, all its facts
-//! cargo run --example dlq -- redrive first   # send one back
-//! cargo run --example dlq -- redrive-all     # send every one back
+//! cargo run --example dlq                                  # memory demo: list
+//! cargo run --example dlq -- inspect first                 # one letter, all its facts
+//! cargo run --example dlq -- redrive first                 # send one back
+//! cargo run --example dlq -- redrive-all                   # send every one back
+//! cargo run --example dlq -- --transport redis --topic trade.executed list
+//! cargo run --example dlq -- --transport amqp --url amqp://guest:guest@127.0.0.1:5672 \
+//!     --topic trade.executed --group game redrive <id>
 //! ```
 //!
-//! The memory transport lives in this process, so the example first runs a
-//! Game consumer (the handler stack of `Resilience::handler`) whose ledger is
-//! down: three trades are retried three times each and dead-lettered, with an
-//! alert each. Then it runs the command, with the ledger back up, so a
-//! redriven trade is handled. Against Redis or RabbitMQ the same calls work
-//! on `Arc<dyn Transport>` built from configuration.
+//! The memory transport lives in this process, so with `--transport memory`
+//! (the default) the example first runs a Game consumer (the handler stack
+//! of `Resilience::handler`) whose ledger is down: three trades are retried
+//! three times each and dead-lettered, with an alert each. Then it runs the
+//! command, with the ledger back up, so a redriven trade is handled. With
+//! `redis` or `amqp` it works on the broker's real dead-letter queue of
+//! `--topic` (with its namespace, e.g. `demo.trade.executed`) for `--group`.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::operator::{self, Command, Kind};
 use serde::{Deserialize, Serialize};
 use switchboard::middleware::Resilience;
 use switchboard::middleware::dead_letter::{DeadLetterAdmin, DeadLetterAlert, DeadLetterFacts};
 use switchboard::{
-    DeadLettered, Error, ErrorKind, Event, EventBus, MemoryTransport, Message, SubscribeOptions,
-    Topology, handler_fn,
+    Error, Event, EventBus, Message, SubscribeOptions, Topology, Transport, handler_fn,
 };
 use tokio::sync::mpsc;
+
+const USAGE: &str = "\
+usage: dlq [--transport memory|redis|amqp] [--url URL] [--topic TOPIC] [--group GROUP]
+           [list | inspect <id|first> | redrive <id|first> | redrive-all]
+
+  --transport   which dead-letter queue (default memory: a demo that fills it first)
+  --url         the broker (default redis://127.0.0.1:6379 or amqp://guest:guest@127.0.0.1:5672)
+  --topic       the topic, with its namespace if any (default trade.executed)
+  --group       the consumer group whose letters (RabbitMQ keeps one queue per group; default game)";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TradeExecuted {
@@ -53,11 +71,95 @@ impl DeadLetterAlert for Pager {
     }
 }
 
+struct Options {
+    kind: Kind,
+    url: Option<String>,
+    topic: String,
+    group: String,
+    command: Command,
+}
+
+fn parse(args: &[String]) -> Result<Option<Options>, String> {
+    let mut options = Options {
+        kind: Kind::Memory,
+        url: None,
+        topic: TradeExecuted::TYPE.to_owned(),
+        group: "game".to_owned(),
+        command: Command::List,
+    };
+    let mut words = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| {
+            args.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match arg.as_str() {
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            "--transport" => {
+                let name = value("--transport")?;
+                options.kind = Kind::parse(&name)
+                    .ok_or_else(|| format!("--transport is memory, redis or amqp, not {name:?}"))?;
+            }
+            "--url" => options.url = Some(value("--url")?),
+            "--topic" => options.topic = value("--topic")?,
+            "--group" => options.group = value("--group")?,
+            flag if flag.starts_with("--") => return Err(format!("unknown flag {flag:?}")),
+            word => words.push(word),
+        }
+    }
+    options.command =
+        Command::parse(&words).ok_or_else(|| format!("unknown command {:?}", words.join(" ")))?;
+    Ok(Some(options))
+}
+
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Error> {
+async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let transport = Arc::new(MemoryTransport::new());
-    let bus = EventBus::new(transport.clone(), "trading-service");
+    let options = match parse(&args) {
+        Ok(Some(options)) => options,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("dlq: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(options).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("dlq: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: Options) -> Result<(), Error> {
+    let url = options
+        .url
+        .clone()
+        .unwrap_or_else(|| options.kind.default_url().to_owned());
+    let transport = operator::connect(options.kind, &url, &options.topic, &options.group).await?;
+    let admin = DeadLetterAdmin::new(transport.clone());
+    if options.kind != Kind::Memory {
+        let (out, _) = operator::execute(&admin, &options.topic, &options.command).await?;
+        print!("{out}");
+        return Ok(());
+    }
+    demo(transport, &admin, &options.command).await
+}
+
+/// The memory demo: fill the queue, then run the command with the cause
+/// fixed, and show a redriven trade being handled.
+async fn demo(
+    transport: Arc<dyn Transport>,
+    admin: &DeadLetterAdmin,
+    command: &Command,
+) -> Result<(), Error> {
+    let bus = EventBus::new(transport, "trading-service");
     bus.declare(&Topology::new().with_event::<TradeExecuted, _>(["game"]))
         .await?;
 
@@ -95,7 +197,6 @@ async fn main() -> Result<(), Error> {
     for _ in 0..3 {
         alerted.recv().await;
     }
-    let admin = DeadLetterAdmin::new(transport);
     let topic = TradeExecuted::TYPE;
     // The loop dead-letters right after the alert.
     while admin.list(topic, 100).await?.len() < 3 {
@@ -103,33 +204,8 @@ async fn main() -> Result<(), Error> {
     }
     ledger_up.store(true, Ordering::SeqCst);
 
-    let command: Vec<&str> = args.iter().map(String::as_str).collect();
-    let redriven = match command.as_slice() {
-        [] | ["list"] => {
-            list(&admin, topic).await?;
-            0
-        }
-        ["inspect", id] => {
-            let id = resolve(&admin, topic, id).await?;
-            print_letter(&admin.inspect(topic, &id).await?);
-            0
-        }
-        ["redrive", id] => {
-            let id = resolve(&admin, topic, id).await?;
-            admin.redrive(topic, &id).await?;
-            println!("redriven {id}");
-            1
-        }
-        ["redrive-all"] => {
-            let count = admin.redrive_all(topic).await?;
-            println!("redriven {count}");
-            count
-        }
-        _ => {
-            eprintln!("usage: dlq [list | inspect <id|first> | redrive <id|first> | redrive-all]");
-            std::process::exit(2);
-        }
-    };
+    let (out, redriven) = operator::execute(admin, topic, command).await?;
+    print!("{out}");
     // Whatever was redriven is handled before the consumer stops.
     for _ in 0..redriven {
         handled_rx.recv().await;
@@ -140,42 +216,4 @@ async fn main() -> Result<(), Error> {
         admin.list(topic, 100).await?.len()
     );
     Ok(())
-}
-
-async fn list(admin: &DeadLetterAdmin, topic: &str) -> Result<(), Error> {
-    for letter in admin.list(topic, 100).await? {
-        println!(
-            "{}  {}  attempts={}  {}",
-            letter.id, letter.dead_lettered_at, letter.attempts, letter.reason
-        );
-    }
-    Ok(())
-}
-
-/// `first` stands for the oldest letter, since ids change with every run.
-async fn resolve(admin: &DeadLetterAdmin, topic: &str, id: &str) -> Result<String, Error> {
-    if id != "first" {
-        return Ok(id.to_owned());
-    }
-    let oldest = admin.list(topic, 1).await?.into_iter().next();
-    oldest
-        .map(|letter| letter.id)
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, "the dead-letter queue is empty"))
-}
-
-fn print_letter(letter: &DeadLettered) {
-    println!("id:          {}", letter.id);
-    println!("topic:       {}", letter.topic);
-    println!("group:       {}", letter.group);
-    println!("reason:      {}", letter.reason);
-    println!("attempts:    {}", letter.attempts);
-    println!(
-        "last error:  {}",
-        letter.last_error.as_deref().unwrap_or("-")
-    );
-    println!("at:          {}", letter.dead_lettered_at);
-    println!(
-        "body:        {}",
-        String::from_utf8_lossy(&letter.message.body)
-    );
 }

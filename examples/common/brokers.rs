@@ -1,0 +1,167 @@
+//! Where events travel: the in-memory bus by default, Redis and RabbitMQ
+//! when their URLs are given.
+//!
+//! SPEC §1.2 gives each kind of asynchronous message its own broker: event
+//! notification on Redis Streams, the task queue on RabbitMQ, broadcast on
+//! Redis Pub/Sub. The services only ever see an `EventBus` for each kind,
+//! so the same code runs on three `MemoryTransport`s in one process (no
+//! broker needed) or on the real brokers across processes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard::transport::amqp::{AmqpConfig, AmqpTransport};
+use switchboard::{
+    Error, ErrorKind, EventBus, MemoryTransport, RedisPubSubTransport, RedisStreamsTransport,
+    Transport,
+};
+
+use super::domain;
+
+/// How long a broker may take to answer at start-up before we give up with
+/// a message saying what to check.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The three transports of SPEC §1.2 and the namespace all topics live in.
+#[derive(Clone)]
+pub struct Brokers {
+    /// Event notification (Redis Streams, or memory).
+    pub events: Arc<dyn Transport>,
+    /// Broadcast (Redis Pub/Sub, or memory).
+    pub broadcast: Arc<dyn Transport>,
+    /// The task queue (RabbitMQ, or memory).
+    pub tasks: Arc<dyn Transport>,
+    /// Prefix of every topic, so runs sharing a broker never meet.
+    pub namespace: Option<String>,
+    /// For the banner: which broker carries what.
+    pub description: String,
+    /// Whether events reach other processes (a real broker carries them).
+    pub shared: bool,
+}
+
+impl std::fmt::Debug for Brokers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Brokers")
+            .field("description", &self.description)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Brokers {
+    /// Everything in this process, on the in-memory transport.
+    pub fn memory() -> Self {
+        Self {
+            events: Arc::new(MemoryTransport::new()),
+            broadcast: Arc::new(MemoryTransport::new()),
+            tasks: Arc::new(MemoryTransport::new()),
+            namespace: None,
+            description: "events, ticks and tasks on the in-memory bus (no broker)".into(),
+            shared: false,
+        }
+    }
+
+    /// Redis for events and broadcast when `redis` is given, RabbitMQ for
+    /// tasks when `amqp` is given, memory for whatever is not.
+    pub async fn connect(
+        redis: Option<&str>,
+        amqp: Option<&str>,
+        namespace: Option<String>,
+    ) -> Result<Self, Error> {
+        let mut brokers = Self::memory();
+        let mut parts = Vec::new();
+        if let Some(url) = redis {
+            let streams = within(url, "Redis", RedisStreamsTransport::connect(url)).await?;
+            let pubsub = within(url, "Redis", RedisPubSubTransport::connect(url)).await?;
+            brokers.events = Arc::new(streams);
+            brokers.broadcast = Arc::new(pubsub);
+            brokers.shared = true;
+            parts.push(format!(
+                "events on Redis Streams and ticks on Redis Pub/Sub at {}",
+                redact(url)
+            ));
+        } else {
+            parts.push("events and ticks in memory".into());
+        }
+        if let Some(url) = amqp {
+            let config = AmqpConfig::new(url);
+            let rabbit = within(url, "RabbitMQ", AmqpTransport::connect(config)).await?;
+            brokers.tasks = Arc::new(rabbit);
+            parts.push(format!("settlement jobs on RabbitMQ at {}", redact(url)));
+        } else {
+            parts.push("settlement jobs in memory".into());
+        }
+        brokers.description = parts.join("; ");
+        brokers.namespace = namespace;
+        Ok(brokers)
+    }
+
+    fn bus(&self, transport: &Arc<dyn Transport>, source: &str) -> EventBus {
+        let bus = EventBus::new(transport.clone(), source);
+        match &self.namespace {
+            Some(namespace) => bus.with_namespace(namespace.clone()),
+            None => bus,
+        }
+    }
+
+    /// `source`'s bus for catalogue events.
+    pub fn events(&self, source: &str) -> EventBus {
+        self.bus(&self.events, source)
+    }
+
+    /// `source`'s bus for broadcast ticks.
+    pub fn broadcast(&self, source: &str) -> EventBus {
+        self.bus(&self.broadcast, source)
+    }
+
+    /// `source`'s bus for task-queue jobs.
+    pub fn tasks(&self, source: &str) -> EventBus {
+        self.bus(&self.tasks, source)
+    }
+
+    /// Declares the SPEC §5.2 catalogue, the task queue and the broadcast
+    /// channel. Every service calls it at start-up: it is idempotent.
+    pub async fn declare(&self) -> Result<(), Error> {
+        self.events("declare")
+            .declare(&domain::event_topology())
+            .await?;
+        self.tasks("declare")
+            .declare(&domain::task_topology())
+            .await?;
+        self.broadcast("declare")
+            .declare(&domain::broadcast_topology())
+            .await
+    }
+}
+
+async fn within<T>(
+    url: &str,
+    broker: &str,
+    connect: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let advice = |why: String| {
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "cannot reach {broker} at {} ({why}); start it, or leave out its URL to run on the in-memory bus",
+                redact(url)
+            ),
+        )
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(connected)) => Ok(connected),
+        Ok(Err(error)) => Err(advice(error.to_string())),
+        Err(_) => Err(advice(format!("no answer in {CONNECT_TIMEOUT:?}"))),
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}

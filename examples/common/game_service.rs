@@ -1,0 +1,528 @@
+//! Game: keeps every player's holdings from `trade.executed`, learns players
+//! from `user.registered` (and asks Auth over gRPC about one it has not
+//! heard of), follows `price.updated`, publishes `holding.changed`, values
+//! holdings with Market's HTTP price API, downloads price history from
+//! Market's HTTP/2 file stream, and checks Auth's tokens locally.
+//!
+//! SPEC §2: 📞 Game → Auth (gRPC), 📞 Game → Market (HTTP), ✉ Auth → Game
+//! (token verification, no call). §5.2: consumes user.registered,
+//! trade.executed and price.updated; publishes holding.changed.
+//!
+//! Degradation (§4.2): Market down → the last price, flagged delayed with
+//! its age (`StaleCache`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::Utc;
+use futures_util::StreamExt;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use switchboard::auth::{AuthLayer, TokenVerifier};
+use switchboard::middleware::Resilience;
+use switchboard::middleware::circuit_breaker::CircuitBreakerLayer;
+use switchboard::middleware::dead_letter::DeadLetterAlert;
+use switchboard::middleware::fallback::{Freshness, StaleCache};
+use switchboard::transfer::TransferClient;
+use switchboard::transport::grpc::unary;
+use switchboard::transport::http::{ErrorResponse, JsonService};
+use switchboard::{
+    ConsumerHandle, Error, ErrorKind, EventBus, Message, SubscribeOptions, handler_fn,
+};
+use tokio::sync::watch;
+use tower::ServiceExt;
+use tower::util::BoxCloneService;
+
+use super::brokers::Brokers;
+use super::domain::{HoldingChanged, PriceUpdated, TradeExecuted, UserRegistered, groups};
+use super::market_service::{Quote, QuoteRequest};
+use super::net::{Latencies, PathStats, Server, Shared, bind};
+use super::proto::auth as pb;
+
+/// SPEC §3's names for the paths Game times.
+pub const PATH_TRADING_GAME: &str = "Trading → Game (Redis)";
+pub const PATH_GAME_MARKET: &str = "Game → Market (HTTP)";
+
+/// One position, valued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Position {
+    pub symbol: String,
+    pub quantity: Decimal,
+    /// Market's price; `None` when Market is down and no price was ever
+    /// seen.
+    pub price: Option<Decimal>,
+    /// The price is an old one served while Market is down (SPEC §4.2).
+    pub price_delayed: bool,
+    /// How old a delayed price is.
+    pub price_age_ms: Option<u64>,
+    pub value: Option<Decimal>,
+}
+
+/// A player's holdings as `GET /v1/holdings/{user}` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Portfolio {
+    pub user_id: String,
+    pub username: Option<String>,
+    pub trades_applied: u64,
+    pub positions: Vec<Position>,
+    /// Set by a gateway serving its last snapshot while Game is down
+    /// (SPEC §4.2, "return basic data"); Game itself never sets it.
+    #[serde(default)]
+    pub basic: bool,
+}
+
+/// `GET /v1/charts/{symbol}`: what the history download brought.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Chart {
+    pub symbol: String,
+    pub points: usize,
+    pub bytes: u64,
+    pub last_price: Option<Decimal>,
+}
+
+/// `GET /v1/stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GameStats {
+    pub players: usize,
+    /// Players Game had to ask Auth about over gRPC (a trade came before
+    /// their `user.registered`).
+    pub auth_lookups: u64,
+    pub trades_applied: u64,
+    pub price_updates_seen: u64,
+    pub latency: BTreeMap<String, PathStats>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    /// Answer once this user has at least this many trades applied (or
+    /// after 10 s).
+    trades_at_least: Option<u64>,
+}
+
+#[derive(Default)]
+struct Ledger {
+    players: HashMap<String, String>,
+    holdings: HashMap<String, BTreeMap<String, Decimal>>,
+    trades_applied: HashMap<String, u64>,
+    total_trades: u64,
+    price_updates: u64,
+    auth_lookups: u64,
+}
+
+type Quotes = StaleCache<
+    switchboard::middleware::Client<JsonService<QuoteRequest, Quote>>,
+    fn(&QuoteRequest) -> String,
+    String,
+    Quote,
+>;
+type Users = Shared<BoxCloneService<pb::GetUserRequest, pb::User, Error>>;
+
+struct GameState {
+    ledger: Mutex<Ledger>,
+    changed: watch::Sender<u64>,
+    quotes: Shared<Quotes>,
+    users: Users,
+    market_transfer: SocketAddr,
+    events: EventBus,
+    latency: Latencies,
+}
+
+impl GameState {
+    async fn on_trade(&self, message: &Message<TradeExecuted>) -> Result<(), Error> {
+        let trade = message.payload();
+        let known = self
+            .ledger
+            .lock()
+            .expect("ledger lock")
+            .players
+            .contains_key(&trade.user_id);
+        if !known {
+            // trade.executed and user.registered travel on different
+            // streams, so a trade can come first: ask Auth. A user Auth has
+            // never heard of is a poison event (NotFound is not retryable),
+            // and goes to the dead-letter queue.
+            let user = self
+                .users
+                .get()
+                .oneshot(pb::GetUserRequest {
+                    user_id: trade.user_id.clone(),
+                })
+                .await
+                .map_err(|error| {
+                    if error.kind() == ErrorKind::NotFound {
+                        Error::permanent(format!(
+                            "trade {} is for user {}, whom Auth does not know",
+                            trade.order_id, trade.user_id
+                        ))
+                    } else {
+                        error
+                    }
+                })?;
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            ledger.auth_lookups += 1;
+            ledger.players.insert(user.user_id, user.username);
+        }
+        let change = trade.side.signed(trade.quantity);
+        let quantity = {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            let position = ledger
+                .holdings
+                .entry(trade.user_id.clone())
+                .or_default()
+                .entry(trade.symbol.clone())
+                .or_default();
+            *position += change;
+            let quantity = *position;
+            *ledger
+                .trades_applied
+                .entry(trade.user_id.clone())
+                .or_default() += 1;
+            ledger.total_trades += 1;
+            quantity
+        };
+        self.changed.send_modify(|version| *version += 1);
+        let sent = message.envelope().timestamp();
+        let took = (Utc::now() - sent).to_std().unwrap_or_default();
+        self.latency.record(PATH_TRADING_GAME, took);
+        self.events
+            .publish(HoldingChanged {
+                user_id: trade.user_id.clone(),
+                symbol: trade.symbol.clone(),
+                quantity,
+                change,
+                caused_by: message.event_id().to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn portfolio(&self, user_id: &str) -> Portfolio {
+        let (username, trades_applied, holdings) = {
+            let ledger = self.ledger.lock().expect("ledger lock");
+            (
+                ledger.players.get(user_id).cloned(),
+                ledger.trades_applied.get(user_id).copied().unwrap_or(0),
+                ledger.holdings.get(user_id).cloned().unwrap_or_default(),
+            )
+        };
+        let mut positions = Vec::new();
+        for (symbol, quantity) in holdings {
+            let started = Instant::now();
+            let quote = self
+                .quotes
+                .get()
+                .oneshot(QuoteRequest {
+                    symbol: symbol.clone(),
+                })
+                .await;
+            self.latency.record(PATH_GAME_MARKET, started.elapsed());
+            let (price, price_delayed, price_age_ms) = match quote {
+                Ok(cached) => match cached.freshness {
+                    Freshness::Fresh => (Some(cached.value.price), false, None),
+                    Freshness::Stale { age } => (
+                        Some(cached.value.price),
+                        true,
+                        Some(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+                    ),
+                },
+                Err(_) => (None, true, None),
+            };
+            positions.push(Position {
+                symbol,
+                quantity,
+                price,
+                price_delayed,
+                price_age_ms,
+                value: price.map(|price| price * quantity),
+            });
+        }
+        Portfolio {
+            user_id: user_id.to_owned(),
+            username,
+            trades_applied,
+            positions,
+            basic: false,
+        }
+    }
+
+    async fn chart(&self, symbol: &str) -> Result<Chart, Error> {
+        let client = TransferClient::connect(self.market_transfer).await?;
+        let mut download = client.download(&format!("{symbol}.csv")).await?;
+        let (mut bytes, mut text) = (0_u64, String::new());
+        while let Some(chunk) = download.next().await {
+            let chunk = chunk?;
+            bytes += chunk.len() as u64;
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let points: Vec<&str> = text.lines().skip(1).collect();
+        let last_price = points
+            .last()
+            .and_then(|line| line.split(',').nth(1))
+            .and_then(|price| price.parse().ok());
+        Ok(Chart {
+            symbol: symbol.to_owned(),
+            points: points.len(),
+            bytes,
+            last_price,
+        })
+    }
+
+    fn stats(&self) -> GameStats {
+        let ledger = self.ledger.lock().expect("ledger lock");
+        GameStats {
+            players: ledger.players.len(),
+            auth_lookups: ledger.auth_lookups,
+            trades_applied: ledger.total_trades,
+            price_updates_seen: ledger.price_updates,
+            latency: self.latency.snapshot(),
+        }
+    }
+}
+
+/// What Game needs to start.
+#[derive(Debug, Clone)]
+pub struct GameConfig {
+    pub http: SocketAddr,
+    pub market_http: SocketAddr,
+    pub market_transfer: SocketAddr,
+    pub auth_grpc: SocketAddr,
+    pub auth_public_key_pem: String,
+    pub resilience: Resilience,
+    /// Told about every dead-lettered event (operations' pager).
+    pub alert: Option<Arc<dyn DeadLetterAlert>>,
+}
+
+/// A running Game service.
+pub struct GameService {
+    state: Arc<GameState>,
+    verifier: Arc<TokenVerifier>,
+    http: Option<Server>,
+    addr: SocketAddr,
+    market_breaker: CircuitBreakerLayer,
+    auth_breaker: CircuitBreakerLayer,
+    consumers: Vec<ConsumerHandle>,
+}
+
+impl std::fmt::Debug for GameService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GameService")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl GameService {
+    /// Starts Game.
+    pub async fn start(brokers: &Brokers, config: GameConfig) -> Result<Self, Error> {
+        brokers.declare().await?;
+        let verifier = Arc::new(TokenVerifier::ed25519_pem(
+            config.auth_public_key_pem.as_bytes(),
+            super::auth_service::ISSUER,
+        )?);
+        let resilience = config.resilience.clone();
+        let market_breaker = resilience.breaker("market");
+        let quote = JsonService::<QuoteRequest, Quote>::post(
+            reqwest::Client::new(),
+            format!("http://{}/v1/prices/quote", config.market_http),
+        );
+        let key: fn(&QuoteRequest) -> String = |request| request.symbol.clone();
+        let quotes = StaleCache::new(
+            resilience
+                .path("market")
+                .client_with_breaker(&market_breaker, quote),
+            key,
+            1_000,
+        );
+        let quotes = Shared::new(quotes);
+        let auth_breaker = resilience.breaker("auth");
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", config.auth_grpc))
+                .map_err(|error| Error::new(ErrorKind::Config, format!("Auth address: {error}")))?
+                .connect_timeout(Duration::from_secs(1))
+                .connect_lazy();
+        let get_user = unary(
+            pb::users_client::UsersClient::new(channel),
+            |mut client, request: pb::GetUserRequest| async move { client.get_user(request).await },
+        );
+        let users = Shared::new(BoxCloneService::new(
+            resilience
+                .path("auth")
+                .client_with_breaker(&auth_breaker, get_user),
+        ));
+        let (changed, _) = watch::channel(0);
+        let state = Arc::new(GameState {
+            ledger: Mutex::default(),
+            changed,
+            quotes,
+            users,
+            market_transfer: config.market_transfer,
+            events: brokers.events("game-service"),
+            latency: Latencies::default(),
+        });
+        let mut handlers = resilience.path("ledger");
+        if let Some(alert) = config.alert.clone() {
+            handlers = handlers.with_alert(alert);
+        }
+        let bus = brokers.events("game-service");
+        let trades = {
+            let state = state.clone();
+            bus.subscribe(
+                SubscribeOptions::new(groups::GAME),
+                handlers.handler(handler_fn(move |message: Message<TradeExecuted>| {
+                    let state = state.clone();
+                    async move { state.on_trade(&message).await }
+                })),
+            )
+            .await?
+        };
+        let users = {
+            let state = state.clone();
+            bus.subscribe(
+                SubscribeOptions::new(groups::GAME),
+                handlers.handler(handler_fn(move |message: Message<UserRegistered>| {
+                    let user = message.payload();
+                    state
+                        .ledger
+                        .lock()
+                        .expect("ledger lock")
+                        .players
+                        .insert(user.user_id.clone(), user.username.clone());
+                    async { Ok::<_, Error>(()) }
+                })),
+            )
+            .await?
+        };
+        let prices = {
+            let state = state.clone();
+            bus.subscribe(
+                SubscribeOptions::new(groups::GAME),
+                handler_fn(move |_: Message<PriceUpdated>| {
+                    state.ledger.lock().expect("ledger lock").price_updates += 1;
+                    async { Ok::<_, Error>(()) }
+                }),
+            )
+            .await?
+        };
+        let listener = bind(config.http).await?;
+        let addr = listener
+            .local_addr()
+            .map_err(|error| Error::new(ErrorKind::Connection, error.to_string()))?;
+        let http = Server::http(listener, router(state.clone(), verifier.clone()));
+        Ok(Self {
+            state,
+            verifier,
+            http: Some(http),
+            addr,
+            market_breaker,
+            auth_breaker,
+            consumers: vec![trades, users, prices],
+        })
+    }
+
+    /// Where Game's HTTP API listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The breaker on the Game → Market path.
+    pub fn market_breaker(&self) -> &CircuitBreakerLayer {
+        &self.market_breaker
+    }
+
+    /// The breaker on the Game → Auth path.
+    pub fn auth_breaker(&self) -> &CircuitBreakerLayer {
+        &self.auth_breaker
+    }
+
+    /// A player's holdings, valued (what `GET /v1/holdings/{user}` answers).
+    pub async fn portfolio(&self, user_id: &str) -> Portfolio {
+        self.state.portfolio(user_id).await
+    }
+
+    /// Waits until `user_id` has at least `trades` trades applied.
+    pub async fn wait_for_trades(&self, user_id: &str, trades: u64) {
+        let mut changed = self.state.changed.subscribe();
+        let state = self.state.clone();
+        let _ = changed
+            .wait_for(|_| {
+                let ledger = state.ledger.lock().expect("ledger lock");
+                ledger.trades_applied.get(user_id).copied().unwrap_or(0) >= trades
+            })
+            .await;
+    }
+
+    /// Takes the HTTP API down.
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.http.take() {
+            server.stop().await;
+        }
+    }
+
+    /// Serves again on the same port.
+    pub async fn restart(&mut self) -> Result<(), Error> {
+        self.stop().await;
+        let listener = bind(self.addr).await?;
+        self.http = Some(Server::http(
+            listener,
+            router(self.state.clone(), self.verifier.clone()),
+        ));
+        Ok(())
+    }
+
+    /// Stops the server and drains the consumers.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        self.stop().await;
+        for consumer in self.consumers.drain(..) {
+            consumer.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+fn router(state: Arc<GameState>, verifier: Arc<TokenVerifier>) -> Router {
+    let authenticated = Router::new()
+        .route(
+            "/v1/holdings/{user_id}",
+            get(
+                |State(state): State<Arc<GameState>>,
+                 Path(user_id): Path<String>,
+                 Query(wait): Query<WaitQuery>| async move {
+                    if let Some(at_least) = wait.trades_at_least {
+                        let mut changed = state.changed.subscribe();
+                        let reached = changed.wait_for(|_| {
+                            let ledger = state.ledger.lock().expect("ledger lock");
+                            ledger.trades_applied.get(&user_id).copied().unwrap_or(0) >= at_least
+                        });
+                        let _ = tokio::time::timeout(Duration::from_secs(10), reached).await;
+                    }
+                    Json(state.portfolio(&user_id).await)
+                },
+            ),
+        )
+        .route(
+            "/v1/charts/{symbol}",
+            get(
+                |State(state): State<Arc<GameState>>, Path(symbol): Path<String>| async move {
+                    state
+                        .chart(&symbol)
+                        .await
+                        .map(Json)
+                        .map_err(ErrorResponse::from)
+                },
+            ),
+        )
+        .route_layer(AuthLayer::new(verifier));
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/v1/stats",
+            get(|State(state): State<Arc<GameState>>| async move { Json(state.stats()) }),
+        )
+        .merge(authenticated)
+        .with_state(state)
+}

@@ -1,0 +1,89 @@
+//! All four services in one process: what `trading` embeds when it is not
+//! given the others' addresses, what `platform` runs against real brokers,
+//! and what the degradation tests take apart.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use switchboard::Error;
+use switchboard::middleware::Resilience;
+use switchboard::middleware::dead_letter::DeadLetterAlert;
+
+use super::auth_service::AuthService;
+use super::brokers::Brokers;
+use super::game_service::{GameConfig, GameService};
+use super::market_service::MarketService;
+use super::session::Addresses;
+use super::trading_service::{TradingConfig, TradingService};
+
+fn any_port() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
+}
+
+/// The four services, running.
+#[derive(Debug)]
+pub struct Platform {
+    pub auth: AuthService,
+    pub market: MarketService,
+    pub game: GameService,
+    pub trading: TradingService,
+}
+
+impl Platform {
+    /// Starts Auth, Market, Game and Trading on free loopback ports.
+    pub async fn start(
+        brokers: &Brokers,
+        resilience: &Resilience,
+        alert: Option<Arc<dyn DeadLetterAlert>>,
+    ) -> Result<Self, Error> {
+        let auth = AuthService::start(brokers, any_port()).await?;
+        let market = MarketService::start(brokers, any_port()).await?;
+        let game = GameService::start(
+            brokers,
+            GameConfig {
+                http: any_port(),
+                market_http: market.addrs().http,
+                market_transfer: market.addrs().transfer,
+                auth_grpc: auth.addrs().grpc,
+                auth_public_key_pem: auth.public_key_pem().to_owned(),
+                resilience: resilience.clone(),
+                alert,
+            },
+        )
+        .await?;
+        let trading = TradingService::start(
+            brokers,
+            TradingConfig {
+                http: any_port(),
+                market_grpc: market.addrs().grpc,
+                auth_public_key_pem: auth.public_key_pem().to_owned(),
+                resilience: resilience.clone(),
+            },
+        )
+        .await?;
+        Ok(Self {
+            auth,
+            market,
+            game,
+            trading,
+        })
+    }
+
+    /// Where the four HTTP APIs are.
+    pub fn addresses(&self) -> Addresses {
+        Addresses {
+            auth: self.auth.addrs().http,
+            trading: self.trading.addr(),
+            market: self.market.addrs().http,
+            game: self.game.addr(),
+        }
+    }
+
+    /// Stops everything, draining the consumers.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        self.auth.stop().await;
+        self.trading.shutdown().await?;
+        self.game.shutdown().await?;
+        self.market.shutdown().await
+    }
+}
