@@ -85,6 +85,8 @@ mod error;
 pub mod middleware;
 #[cfg(feature = "test-util")]
 pub mod testing;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod topology;
 #[cfg(feature = "file-transfer")]
 pub mod transfer;

@@ -258,12 +258,42 @@ impl Drop for Shared {
     }
 }
 
+#[cfg(not(feature = "amqp-tls"))]
+async fn connect(
+    _config: &AmqpConfig,
+    uri: AMQPUri,
+    properties: ConnectionProperties,
+) -> Result<Connection, Error> {
+    Connection::connect_uri(uri, properties)
+        .await
+        .map_err(|error| amqp_error("connect", error))
+}
+
+/// lapin's rustls connector builds its config from rustls' process-default
+/// provider (installing one from its features if none is): install ours
+/// first, so the one provider is used whatever else is compiled in.
+#[cfg(feature = "amqp-tls")]
+async fn connect(
+    config: &AmqpConfig,
+    uri: AMQPUri,
+    properties: ConnectionProperties,
+) -> Result<Connection, Error> {
+    crate::tls::install_default_provider();
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: config.tls_ca_pem.clone(),
+    };
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|error| amqp_error("connect", error))?;
+    Connection::connect_uri_with_config(uri, properties, tls, runtime)
+        .await
+        .map_err(|error| amqp_error("connect", error))
+}
+
 async fn open(shared: &Shared, generation: u64) -> Result<Link, Error> {
     let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("switchboard/{generation}")));
-    let connection = Connection::connect_uri(shared.supervisor.uri.clone(), properties)
-        .await
-        .map_err(|error| amqp_error("connect", error))?;
+    let connection = connect(&shared.config, shared.supervisor.uri.clone(), properties).await?;
     let link = Link {
         generation,
         connection: Arc::new(connection),

@@ -57,6 +57,7 @@ pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 ///
 /// | status | kind | retryable |
 /// |---|---|---|
+/// | `UNAVAILABLE` from a TLS handshake rustls refused (feature `grpc-tls`) | [`Rejected`](ErrorKind::Rejected) | no |
 /// | `UNAVAILABLE` from a failed connect | [`Connection`](ErrorKind::Connection) | yes |
 /// | `CANCELLED` from tonic's own request timeout | [`Timeout`](ErrorKind::Timeout) | yes |
 /// | `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, `ABORTED`, `CANCELLED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | [`Unavailable`](ErrorKind::Unavailable) | yes |
@@ -76,6 +77,17 @@ pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 /// assert_eq!(error.message(), "gRPC UNAVAILABLE: draining");
 /// ```
 pub fn error_from_status(status: Status) -> Error {
+    #[cfg(feature = "grpc-tls")]
+    if status.code() == Code::Unavailable
+        && let Some(failure) = crate::tls::tls_failure(&status)
+    {
+        // An untrusted certificate stays untrusted: retrying cannot help.
+        return Error::new(
+            ErrorKind::Rejected,
+            format!("gRPC: the TLS handshake failed: {failure}"),
+        )
+        .with_source(status);
+    }
     let kind = match status.code() {
         // Tonic reports a failed connect as UNAVAILABLE and its own request
         // timeout as CANCELLED; the cause it keeps says which it was.
