@@ -127,7 +127,10 @@ pub fn client_config(roots: RootCertStore, alpn: &[&[u8]]) -> Result<Arc<ClientC
 /// A TLS failure of rustls' own (an untrusted or mismatched certificate, a
 /// refused handshake) somewhere in `error`'s causes, described. Such a
 /// failure does not pass by trying again, unlike a reset connection.
-#[cfg_attr(not(any(feature = "grpc-tls", feature = "http-tls")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "grpc-tls", feature = "http-tls", feature = "amqp-tls")),
+    allow(dead_code)
+)]
 pub(crate) fn tls_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cause = Some(error);
     while let Some(error) = cause {

@@ -32,8 +32,11 @@ impl Pki {
     fn generate() -> Self {
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "switchboard test CA");
+        // A name of its own, so a stranger's CA is an unknown issuer.
+        ca.distinguished_name.push(
+            DnType::CommonName,
+            format!("test CA {}", uuid::Uuid::new_v4().simple()),
+        );
         ca.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -233,6 +236,7 @@ async fn an_https_client_that_does_not_trust_the_ca_is_refused_and_told_not_to_r
     assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
     assert!(!error.is_retryable());
     assert!(error.message().contains("TLS"), "{error}");
+    assert!(error.message().contains("UnknownIssuer"), "{error}");
 
     // The server is still up for clients that do trust it.
     let quote = JsonService::<Quote, Price>::post(
@@ -268,6 +272,7 @@ async fn a_grpc_publisher_that_does_not_trust_the_ca_is_refused_and_told_not_to_
     assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
     assert!(!error.is_retryable());
     assert!(error.message().contains("TLS"), "{error}");
+    assert!(error.message().contains("UnknownIssuer"), "{error}");
     server.abort();
 }
 

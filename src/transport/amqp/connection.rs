@@ -424,6 +424,15 @@ pub(crate) fn long_string(value: &str) -> AMQPValue {
 /// Maps a lapin error to the crate's, keeping whether a retry can help.
 pub(crate) fn amqp_error(what: &str, error: lapin::Error) -> Error {
     use lapin::ErrorKind as Lapin;
+    #[cfg(feature = "amqp-tls")]
+    if let Some(failure) = crate::tls::tls_failure(&error) {
+        // An untrusted certificate stays untrusted: retrying cannot help.
+        return Error::new(
+            ErrorKind::Rejected,
+            format!("amqp: {what}: the TLS handshake failed: {failure}"),
+        )
+        .with_source(error);
+    }
     let kind = match error.kind() {
         Lapin::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => ErrorKind::NotFound,
