@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
 use switchboard::transport::amqp::{AmqpConfig, AmqpTransport};
 use switchboard::{ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, tls};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,7 +27,10 @@ fn pki() -> (String, Arc<rustls::ServerConfig>) {
         DnType::CommonName,
         format!("test CA {}", uuid::Uuid::new_v4().simple()),
     );
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key")).expect("CA");
     let key = KeyPair::generate().expect("server key");
     let cert = CertificateParams::new(vec!["localhost".to_owned()])
@@ -96,7 +101,11 @@ async fn amqps_with_a_private_ca_publishes_and_consumes() {
         .expect("a delivery in time")
         .expect("a delivery");
     assert_eq!(delivery.body().as_ref(), br#"{"over":"tls"}"#);
-    delivery.ack().await.map_err(|(error, _)| error).expect("ack");
+    delivery
+        .ack()
+        .await
+        .map_err(|(error, _)| error)
+        .expect("ack");
     proxy.abort();
 }
 

@@ -62,15 +62,15 @@ async fn every_tls_library_works_in_one_process_on_aws_lc_rs() {
         .tls_config(tonic::transport::ClientTlsConfig::new().domain_name("localhost"))
         .expect("tonic client TLS");
     drop(endpoint.connect_lazy());
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-        .expect("a certificate");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("a certificate");
     tonic::transport::Server::builder()
-        .tls_config(
-            tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(
                 certified.cert.pem(),
                 certified.signing_key.serialize_pem(),
-            )),
-        )
+            ),
+        ))
         .expect("tonic server TLS");
 
     // jsonwebtoken signs and verifies on its aws-lc-rs backend.

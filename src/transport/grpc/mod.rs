@@ -17,11 +17,14 @@
 //! ([`proto`]), so building this crate runs no build script and needs no
 //! `protoc`.
 //!
-//! Connections are plain HTTP/2 (h2c) for now. TLS (rustls with aws-lc-rs)
-//! is planned: until then, mount [`GrpcTransport::push_service`] in your own
+//! Without the `grpc-tls` feature connections are plain HTTP/2 (h2c). With
+//! it (tonic's rustls on aws-lc-rs, see [`crate::tls`]),
+//! `GrpcTransport::with_client_tls` publishes to `https://` endpoints and
+//! `GrpcTransport::serve_tls` serves with a `tonic::transport::ServerTlsConfig`;
+//! for your own tonic clients, set `Endpoint::tls_config` as usual. You can
+//! also mount [`GrpcTransport::push_service`] in your own
 //! `tonic::transport::Server` and configure each client connection with
-//! [`GrpcTransport::with_endpoint_config`], which is where a
-//! `tonic::transport::ClientTlsConfig` will go.
+//! [`GrpcTransport::with_endpoint_config`].
 
 use std::time::Duration;
 
