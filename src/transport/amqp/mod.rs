@@ -454,3 +454,31 @@ impl fmt::Debug for AmqpTransport {
 pub(crate) fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     lock.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without `amqp-tls` there is no TLS stack: say so instead of failing
+    /// to connect later with a less helpful error.
+    #[cfg(not(feature = "amqp-tls"))]
+    #[test]
+    fn tls_without_the_feature_is_a_config_error() {
+        for config in [
+            AmqpConfig::new("amqps://rabbit:5671/%2f"),
+            AmqpConfig::default().with_tls_ca_pem("-----BEGIN CERTIFICATE-----"),
+        ] {
+            let error = config.validate().unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Config);
+            assert!(error.message().contains("amqp-tls"), "{error}");
+        }
+    }
+
+    #[cfg(feature = "amqp-tls")]
+    #[test]
+    fn amqps_with_the_feature_is_valid_and_debug_hides_the_pem() {
+        let config = AmqpConfig::new("amqps://rabbit:5671/%2f").with_tls_ca_pem("SECRET-PEM");
+        config.validate().expect("valid");
+        assert!(!format!("{config:?}").contains("SECRET-PEM"));
+    }
+}
