@@ -136,11 +136,20 @@ async fn publish_and_receive<T: Publisher + Subscriber>(transport: &T) {
 async fn grpc_push_over_tls_delivers_and_acks() {
     let pki = Pki::generate();
     let (listener, port) = listener().await;
+    let (configured, mut endpoint_configured) = tokio::sync::mpsc::unbounded_channel();
     let transport = GrpcTransport::new(push_config(format!("https://localhost:{port}")))
         .expect("a gRPC transport")
+        .with_endpoint_config(move |endpoint| {
+            let _ = configured.send(());
+            Ok(endpoint.tcp_nodelay(true))
+        })
         .with_client_tls(pki.grpc_client_tls());
     let server = tokio::spawn(transport.serve_tls(listener, pki.grpc_server_tls()));
     publish_and_receive(&transport).await;
+    assert!(
+        endpoint_configured.try_recv().is_ok(),
+        "the earlier endpoint adjustment still applies under TLS"
+    );
     server.abort();
 }
 

@@ -131,9 +131,8 @@ impl GrpcTransport {
 
     /// Publishes over TLS to `https://` endpoints, verifying them with
     /// `tls` (for example `ClientTlsConfig::new().ca_certificate(ca)` for a
-    /// private CA). Replaces any [`with_endpoint_config`](Self::with_endpoint_config)
-    /// adjustment, so set timeouts on the endpoint through that one and
-    /// `tls_config` there too if you need both.
+    /// private CA). An earlier [`with_endpoint_config`](Self::with_endpoint_config)
+    /// adjustment still applies; a later one replaces this, so call this last.
     ///
     /// tonic builds the rustls config from the process-default crypto
     /// provider; this installs aws-lc-rs as that default unless one is
@@ -151,7 +150,12 @@ impl GrpcTransport {
     #[cfg(feature = "grpc-tls")]
     pub fn with_client_tls(self, tls: tonic::transport::ClientTlsConfig) -> Self {
         crate::tls::install_default_provider();
+        let earlier = self.inner.endpoint_config.clone();
         self.with_endpoint_config(move |endpoint| {
+            let endpoint = match &earlier {
+                Some(configure) => configure(endpoint)?,
+                None => endpoint,
+            };
             endpoint.tls_config(tls.clone()).map_err(|error| {
                 Error::new(ErrorKind::Config, format!("gRPC TLS config: {error}"))
                     .with_source(error)
