@@ -90,6 +90,8 @@ pub mod middleware;
 pub mod observe;
 #[cfg(feature = "test-util")]
 pub mod testing;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod topology;
 #[cfg(feature = "file-transfer")]
 pub mod transfer;

@@ -258,12 +258,42 @@ impl Drop for Shared {
     }
 }
 
+#[cfg(not(feature = "amqp-tls"))]
+async fn connect(
+    _config: &AmqpConfig,
+    uri: AMQPUri,
+    properties: ConnectionProperties,
+) -> Result<Connection, Error> {
+    Connection::connect_uri(uri, properties)
+        .await
+        .map_err(|error| amqp_error("connect", error))
+}
+
+/// lapin's rustls connector builds its config from rustls' process-default
+/// provider (installing one from its features if none is): install ours
+/// first, so the one provider is used whatever else is compiled in.
+#[cfg(feature = "amqp-tls")]
+async fn connect(
+    config: &AmqpConfig,
+    uri: AMQPUri,
+    properties: ConnectionProperties,
+) -> Result<Connection, Error> {
+    crate::tls::install_default_provider();
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: config.tls_ca_pem.clone(),
+    };
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|error| amqp_error("connect", error))?;
+    Connection::connect_uri_with_config(uri, properties, tls, runtime)
+        .await
+        .map_err(|error| amqp_error("connect", error))
+}
+
 async fn open(shared: &Shared, generation: u64) -> Result<Link, Error> {
     let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("switchboard/{generation}")));
-    let connection = Connection::connect_uri(shared.supervisor.uri.clone(), properties)
-        .await
-        .map_err(|error| amqp_error("connect", error))?;
+    let connection = connect(&shared.config, shared.supervisor.uri.clone(), properties).await?;
     let link = Link {
         generation,
         connection: Arc::new(connection),
@@ -394,6 +424,15 @@ pub(crate) fn long_string(value: &str) -> AMQPValue {
 /// Maps a lapin error to the crate's, keeping whether a retry can help.
 pub(crate) fn amqp_error(what: &str, error: lapin::Error) -> Error {
     use lapin::ErrorKind as Lapin;
+    #[cfg(feature = "amqp-tls")]
+    if let Some(failure) = crate::tls::tls_failure(&error) {
+        // An untrusted certificate stays untrusted: retrying cannot help.
+        return Error::new(
+            ErrorKind::Rejected,
+            format!("amqp: {what}: the TLS handshake failed: {failure}"),
+        )
+        .with_source(error);
+    }
     let kind = match error.kind() {
         Lapin::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => ErrorKind::NotFound,

@@ -148,6 +148,10 @@ pub struct AmqpConfig {
     /// The content type set on published messages (default
     /// `application/json`).
     pub content_type: String,
+    /// Extra CA certificates (PEM) trusted for an `amqps://` URI, next to
+    /// the webpki roots: a private CA's certificate. Needs the `amqp-tls`
+    /// feature, as any `amqps://` URI does (default `None`).
+    pub tls_ca_pem: Option<String>,
 }
 
 impl AmqpConfig {
@@ -164,7 +168,14 @@ impl AmqpConfig {
             heartbeat: Duration::from_secs(5),
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             content_type: "application/json".to_owned(),
+            tls_ca_pem: None,
         }
+    }
+
+    /// Sets [`tls_ca_pem`](Self::tls_ca_pem).
+    pub fn with_tls_ca_pem(mut self, pem: impl Into<String>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
+        self
     }
 
     /// Sets [`exchange`](Self::exchange).
@@ -247,6 +258,13 @@ impl AmqpConfig {
                 "amqp: reconnect_delay must be (first > 0, longest >= first)".into(),
             ));
         }
+        if cfg!(not(feature = "amqp-tls"))
+            && (self.tls_ca_pem.is_some() || self.uri.trim_start().starts_with("amqps:"))
+        {
+            return Err(config(
+                "amqp: TLS (an amqps:// URI or tls_ca_pem) needs the `amqp-tls` feature".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -265,6 +283,7 @@ impl fmt::Debug for AmqpConfig {
             .field("heartbeat", &self.heartbeat)
             .field("reconnect_delay", &self.reconnect_delay)
             .field("content_type", &self.content_type)
+            .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<PEM>"))
             .finish()
     }
 }
@@ -434,4 +453,32 @@ impl fmt::Debug for AmqpTransport {
 // plain set; the data is still usable.
 pub(crate) fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     lock.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without `amqp-tls` there is no TLS stack: say so instead of failing
+    /// to connect later with a less helpful error.
+    #[cfg(not(feature = "amqp-tls"))]
+    #[test]
+    fn tls_without_the_feature_is_a_config_error() {
+        for config in [
+            AmqpConfig::new("amqps://rabbit:5671/%2f"),
+            AmqpConfig::default().with_tls_ca_pem("-----BEGIN CERTIFICATE-----"),
+        ] {
+            let error = config.validate().unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Config);
+            assert!(error.message().contains("amqp-tls"), "{error}");
+        }
+    }
+
+    #[cfg(feature = "amqp-tls")]
+    #[test]
+    fn amqps_with_the_feature_is_valid_and_debug_hides_the_pem() {
+        let config = AmqpConfig::new("amqps://rabbit:5671/%2f").with_tls_ca_pem("SECRET-PEM");
+        config.validate().expect("valid");
+        assert!(!format!("{config:?}").contains("SECRET-PEM"));
+    }
 }

@@ -17,11 +17,14 @@
 //! ([`proto`]), so building this crate runs no build script and needs no
 //! `protoc`.
 //!
-//! Connections are plain HTTP/2 (h2c) for now. TLS (rustls with aws-lc-rs)
-//! is planned: until then, mount [`GrpcTransport::push_service`] in your own
+//! Without the `grpc-tls` feature connections are plain HTTP/2 (h2c). With
+//! it (tonic's rustls on aws-lc-rs, see [`crate::tls`]),
+//! `GrpcTransport::with_client_tls` publishes to `https://` endpoints and
+//! `GrpcTransport::serve_tls` serves with a `tonic::transport::ServerTlsConfig`;
+//! for your own tonic clients, set `Endpoint::tls_config` as usual. You can
+//! also mount [`GrpcTransport::push_service`] in your own
 //! `tonic::transport::Server` and configure each client connection with
-//! [`GrpcTransport::with_endpoint_config`], which is where a
-//! `tonic::transport::ClientTlsConfig` will go.
+//! [`GrpcTransport::with_endpoint_config`].
 
 use std::time::Duration;
 
@@ -57,6 +60,7 @@ pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 ///
 /// | status | kind | retryable |
 /// |---|---|---|
+/// | `UNAVAILABLE` from a TLS handshake rustls refused (feature `grpc-tls`) | [`Rejected`](ErrorKind::Rejected) | no |
 /// | `UNAVAILABLE` from a failed connect | [`Connection`](ErrorKind::Connection) | yes |
 /// | `CANCELLED` from tonic's own request timeout | [`Timeout`](ErrorKind::Timeout) | yes |
 /// | `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, `ABORTED`, `CANCELLED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | [`Unavailable`](ErrorKind::Unavailable) | yes |
@@ -76,6 +80,17 @@ pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 /// assert_eq!(error.message(), "gRPC UNAVAILABLE: draining");
 /// ```
 pub fn error_from_status(status: Status) -> Error {
+    #[cfg(feature = "grpc-tls")]
+    if status.code() == Code::Unavailable
+        && let Some(failure) = crate::tls::tls_failure(&status)
+    {
+        // An untrusted certificate stays untrusted: retrying cannot help.
+        return Error::new(
+            ErrorKind::Rejected,
+            format!("gRPC: the TLS handshake failed: {failure}"),
+        )
+        .with_source(status);
+    }
     let kind = match status.code() {
         // Tonic reports a failed connect as UNAVAILABLE and its own request
         // timeout as CANCELLED; the cause it keeps says which it was.

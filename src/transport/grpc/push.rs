@@ -103,7 +103,7 @@ impl GrpcTransport {
     }
 
     /// Adjusts every client connection before it opens: timeouts, keep-alive,
-    /// window sizes — and, once TLS lands, `tls_config`.
+    /// window sizes, `tls_config` (or use [`with_client_tls`](Self::with_client_tls)).
     ///
     /// ```
     /// use std::time::Duration;
@@ -127,6 +127,40 @@ impl GrpcTransport {
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// Publishes over TLS to `https://` endpoints, verifying them with
+    /// `tls` (for example `ClientTlsConfig::new().ca_certificate(ca)` for a
+    /// private CA). An earlier [`with_endpoint_config`](Self::with_endpoint_config)
+    /// adjustment still applies; a later one replaces this, so call this last.
+    ///
+    /// tonic builds the rustls config from the process-default crypto
+    /// provider; this installs aws-lc-rs as that default unless one is
+    /// installed ([`tls::install_default_provider`](crate::tls::install_default_provider)).
+    ///
+    /// ```
+    /// use switchboard::transport::grpc::GrpcTransport;
+    /// use switchboard::transport::push::PushConfig;
+    /// use tonic::transport::ClientTlsConfig;
+    ///
+    /// let transport = GrpcTransport::new(PushConfig::default())?
+    ///     .with_client_tls(ClientTlsConfig::new().domain_name("events.internal"));
+    /// # Ok::<(), switchboard::Error>(())
+    /// ```
+    #[cfg(feature = "grpc-tls")]
+    pub fn with_client_tls(self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        crate::tls::install_default_provider();
+        let earlier = self.inner.endpoint_config.clone();
+        self.with_endpoint_config(move |endpoint| {
+            let endpoint = match &earlier {
+                Some(configure) => configure(endpoint)?,
+                None => endpoint,
+            };
+            endpoint.tls_config(tls.clone()).map_err(|error| {
+                Error::new(ErrorKind::Config, format!("gRPC TLS config: {error}"))
+                    .with_source(error)
+            })
+        })
     }
 
     /// The inbox the receiver delivers into and subscriptions read from.
@@ -154,6 +188,38 @@ impl GrpcTransport {
         let service = self.push_service();
         async move {
             tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .map_err(|error| {
+                    Error::new(ErrorKind::Connection, format!("gRPC push server: {error}"))
+                        .with_source(error)
+                })
+        }
+    }
+
+    /// Serves [`push_service`](Self::push_service) on `listener` over TLS
+    /// (HTTP/2, ALPN `h2`) until the future is dropped or the listener
+    /// fails; publishers reach it with `https://` URLs.
+    ///
+    /// tonic builds the rustls server config from the process-default crypto
+    /// provider; this installs aws-lc-rs as that default unless one is
+    /// installed ([`tls::install_default_provider`](crate::tls::install_default_provider)).
+    #[cfg(feature = "grpc-tls")]
+    pub fn serve_tls(
+        &self,
+        listener: TcpListener,
+        tls: tonic::transport::ServerTlsConfig,
+    ) -> impl Future<Output = Result<(), Error>> + use<> {
+        crate::tls::install_default_provider();
+        let service = self.push_service();
+        async move {
+            tonic::transport::Server::builder()
+                .tls_config(tls)
+                .map_err(|error| {
+                    Error::new(ErrorKind::Config, format!("gRPC TLS config: {error}"))
+                        .with_source(error)
+                })?
                 .add_service(service)
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
                 .await

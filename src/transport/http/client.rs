@@ -214,6 +214,15 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<B
 
 /// Maps a reqwest failure (no answer, or a broken one) into an [`Error`].
 pub(super) fn from_reqwest(error: reqwest::Error) -> Error {
+    #[cfg(feature = "http-tls")]
+    if let Some(failure) = crate::tls::tls_failure(&error) {
+        // An untrusted certificate stays untrusted: retrying cannot help.
+        return Error::new(
+            ErrorKind::Rejected,
+            format!("HTTP: the TLS handshake failed: {failure}"),
+        )
+        .with_source(error);
+    }
     let kind = if error.is_timeout() {
         ErrorKind::Timeout
     } else if error.is_connect() || error.is_request() || error.is_body() {

@@ -24,6 +24,7 @@
 //! | 404 | [`NotFound`](ErrorKind::NotFound) | no |
 //! | 501 | [`Unsupported`](ErrorKind::Unsupported) | no |
 //! | other 4xx (400, 413, 422, ...) | [`Rejected`](ErrorKind::Rejected) | no |
+//! | no answer: TLS handshake refused (untrusted certificate) | [`Rejected`](ErrorKind::Rejected) | no |
 //! | no answer: connect failure | [`Connection`](ErrorKind::Connection) | yes |
 //! | no answer: timeout | [`Timeout`](ErrorKind::Timeout) | yes |
 //!
@@ -31,10 +32,16 @@
 //! 501 is the 5xx that says "never". A `switchboard-retry-after-ms` or
 //! `Retry-After` (seconds) header becomes [`Error::requeue_after`].
 //!
-//! Connections are plain HTTP/1.1 or h2c for now. TLS (rustls with aws-lc-rs)
-//! is planned: until then, pass your own `reqwest::Client` with
-//! [`HttpTransport::with_client`] / [`JsonService::new`] and mount
-//! [`HttpTransport::router`] in your own server.
+//! # TLS
+//!
+//! Without the `http-tls` feature connections are plain HTTP/1.1 or h2c.
+//! With it (rustls on aws-lc-rs, see [`crate::tls`]): `tls_client` builds
+//! a `reqwest::Client` trusting the roots you give, for
+//! [`HttpTransport::with_client`] and [`JsonService::new`];
+//! `HttpTransport::serve_tls` and `serve_tls` (any axum `Router`) serve
+//! HTTPS with a config from `tls_server_config`. You can equally pass your
+//! own `reqwest::Client` and mount [`HttpTransport::router`] in your own
+//! server.
 
 use std::time::Duration;
 
@@ -48,10 +55,14 @@ use crate::transport::push::RETRY_AFTER_MS;
 mod client;
 mod push;
 mod server;
+#[cfg(feature = "http-tls")]
+mod tls;
 
 pub use client::{JsonService, ResponseFuture};
 pub use push::{ATTEMPT, GROUP, HEADERS, HttpTransport};
 pub use server::{JsonBody, MaxBodyBytes};
+#[cfg(feature = "http-tls")]
+pub use tls::{serve_tls, tls_client, tls_server_config};
 
 /// Maps an HTTP error status (and its headers and body) into an [`Error`];
 /// see the [module docs](self) for the table. The message is the body's

@@ -112,7 +112,7 @@ impl HttpTransport {
     }
 
     /// Like [`new`](Self::new) with your own client: proxies, pools,
-    /// timeouts — and, once TLS lands, its rustls configuration.
+    /// timeouts, TLS roots (see `tls_client` with the `http-tls` feature).
     pub fn with_client(config: PushConfig, client: reqwest::Client) -> Result<Self, Error> {
         config.validate()?;
         Ok(Self {
@@ -151,6 +151,19 @@ impl HttpTransport {
                     .with_source(error)
             })
         }
+    }
+
+    /// Serves [`router`](Self::router) over TLS (HTTP/1.1 and HTTP/2 by
+    /// ALPN) on `listener`, with a config from
+    /// [`tls_server_config`](super::tls_server_config); see
+    /// [`serve_tls`](super::serve_tls).
+    #[cfg(feature = "http-tls")]
+    pub fn serve_tls(
+        &self,
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+    ) -> impl Future<Output = Result<(), Error>> + use<> {
+        super::serve_tls(listener, self.router(), config)
     }
 
     /// Binds `address` and [`serve`](Self::serve)s on it.
