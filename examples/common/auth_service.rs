@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 
 use super::brokers::Brokers;
 use super::domain::UserRegistered;
-use super::net::{Server, bind};
+use super::net::{Server, bind, stop_all};
 use super::proto::auth as pb;
 
 /// The `iss` of every token Auth signs.
@@ -283,12 +283,7 @@ impl AuthService {
 
     /// Takes both servers down (the users stay in memory).
     pub async fn stop(&mut self) {
-        if let Some(server) = self.http.take() {
-            server.stop().await;
-        }
-        if let Some(server) = self.grpc.take() {
-            server.stop().await;
-        }
+        stop_all(self.http.take().into_iter().chain(self.grpc.take())).await;
     }
 
     /// Serves again on the same ports.

@@ -41,7 +41,7 @@ use tower::util::BoxCloneService;
 use super::brokers::Brokers;
 use super::domain::{HoldingChanged, PriceUpdated, TradeExecuted, UserRegistered, groups};
 use super::market_service::{Quote, QuoteRequest};
-use super::net::{Latencies, PathStats, Server, Shared, bind};
+use super::net::{Latencies, PathStats, Server, Shared, bind, shut_down, stop_all};
 use super::proto::auth as pb;
 
 /// SPEC §3's names for the paths Game times.
@@ -458,9 +458,7 @@ impl GameService {
 
     /// Takes the HTTP API down.
     pub async fn stop(&mut self) {
-        if let Some(server) = self.http.take() {
-            server.stop().await;
-        }
+        stop_all(self.http.take()).await;
     }
 
     /// Serves again on the same port.
@@ -477,10 +475,7 @@ impl GameService {
     /// Stops the server and drains the consumers.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         self.stop().await;
-        for consumer in self.consumers.drain(..) {
-            consumer.shutdown().await?;
-        }
-        Ok(())
+        shut_down(&mut self.consumers).await
     }
 }
 

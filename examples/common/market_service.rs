@@ -34,7 +34,7 @@ use tonic::{Request, Response, Status};
 
 use super::brokers::Brokers;
 use super::domain::{OrderCreated, PriceTick, PriceUpdated, Side, TradeExecuted, groups};
-use super::net::{Server, bind};
+use super::net::{Server, bind, shut_down, stop_all};
 use super::proto::market as pb;
 
 /// One tick: how far a trade moves its symbol's price.
@@ -295,9 +295,7 @@ impl MarketService {
     /// Takes every server down (consumers keep running: Market being
     /// unreachable is what the tests simulate).
     pub async fn stop(&mut self) {
-        for server in self.servers.drain(..) {
-            server.stop().await;
-        }
+        stop_all(self.servers.drain(..)).await;
     }
 
     /// Serves again on the same ports.
@@ -313,10 +311,7 @@ impl MarketService {
     /// Stops servers and drains consumers.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         self.stop().await;
-        for consumer in self.consumers.drain(..) {
-            consumer.shutdown().await?;
-        }
-        Ok(())
+        shut_down(&mut self.consumers).await
     }
 }
 

@@ -124,6 +124,22 @@ impl Server {
     }
 }
 
+/// Stops every server given (a service's `Option<Server>` fields or a
+/// drained `Vec`), each returning once its port is free.
+pub async fn stop_all(servers: impl IntoIterator<Item = Server>) {
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// Shuts a service's consumers down, each waiting for its handlers in flight.
+pub async fn shut_down(consumers: &mut Vec<switchboard::ConsumerHandle>) -> Result<(), Error> {
+    for consumer in consumers.drain(..) {
+        consumer.shutdown().await?;
+    }
+    Ok(())
+}
+
 /// The latency figures of one path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PathStats {

@@ -32,7 +32,7 @@ use tower::util::BoxCloneService;
 
 use super::brokers::Brokers;
 use super::domain::{OrderCreated, PriceUpdated, SettlementRequested, Side, TradeExecuted, groups};
-use super::net::{Latencies, PathStats, Server, Shared, bind};
+use super::net::{Latencies, PathStats, Server, Shared, bind, shut_down, stop_all};
 use super::proto::market as pb;
 
 /// SPEC §3's name for the path this service times.
@@ -303,9 +303,7 @@ impl TradingService {
 
     /// Takes the gateway API down.
     pub async fn stop(&mut self) {
-        if let Some(server) = self.http.take() {
-            server.stop().await;
-        }
+        stop_all(self.http.take()).await;
     }
 
     /// Serves again on the same port.
@@ -322,10 +320,7 @@ impl TradingService {
     /// Stops the server and drains the consumers.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         self.stop().await;
-        for consumer in self.consumers.drain(..) {
-            consumer.shutdown().await?;
-        }
-        Ok(())
+        shut_down(&mut self.consumers).await
     }
 }
 
