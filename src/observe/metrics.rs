@@ -53,6 +53,21 @@ pub const BUDGET_BREACHES_TOTAL: &str = "switchboard_budget_breaches_total";
 /// Gauge of a path's P99 latency in seconds over the last check window,
 /// label `path`.
 pub const LATENCY_P99: &str = "switchboard_latency_p99_seconds";
+/// Counter of messages a transport dropped on purpose because a bounded
+/// queue was full, labels `transport`, `topic`, `reason` (such as
+/// `inbox_full`).
+pub const DROPPED_TOTAL: &str = "switchboard_dropped_total";
+/// Counter of pushed messages a receiver refused because its bounded queue
+/// was full (the publisher was told to retry later), labels `transport`,
+/// `topic`.
+pub const PUSH_REFUSED_TOTAL: &str = "switchboard_push_refused_total";
+/// Gauge of a consumer group's lag: messages of the topic not yet delivered
+/// to the group, labels `transport`, `topic`, `group`; sampled on an
+/// interval by each subscription.
+pub const CONSUMER_LAG: &str = "switchboard_consumer_lag";
+/// Counter of dedupe marks evicted for room before their TTL ran out (a
+/// duplicate arriving later is no longer caught), label `store`.
+pub const DEDUPE_EVICTIONS_TOTAL: &str = "switchboard_dedupe_evictions_total";
 
 /// A label value: borrowed when static, shared otherwise.
 pub(crate) type Label = Cow<'static, str>;
@@ -141,6 +156,29 @@ pub(crate) fn budget_checked(path: &str, p99: Duration, breached: bool) {
     if breached {
         metrics::counter!(BUDGET_BREACHES_TOTAL, "path" => path.to_owned()).increment(1);
     }
+}
+
+pub(crate) fn dropped(transport: &'static str, topic: std::sync::Arc<str>, reason: &'static str) {
+    metrics::counter!(DROPPED_TOTAL, "transport" => transport, "topic" => topic, "reason" => reason)
+        .increment(1);
+}
+
+pub(crate) fn push_refused(transport: &'static str, topic: std::sync::Arc<str>) {
+    metrics::counter!(PUSH_REFUSED_TOTAL, "transport" => transport, "topic" => topic).increment(1);
+}
+
+pub(crate) fn consumer_lag(
+    transport: &'static str,
+    topic: std::sync::Arc<str>,
+    group: std::sync::Arc<str>,
+    lag: u64,
+) {
+    metrics::gauge!(CONSUMER_LAG, "transport" => transport, "topic" => topic, "group" => group)
+        .set(lag as f64);
+}
+
+pub(crate) fn dedupe_evicted(store: &'static str) {
+    metrics::counter!(DEDUPE_EVICTIONS_TOTAL, "store" => store).increment(1);
 }
 
 /// The `outcome` / `kind` label of an error kind: one snake-case word.
@@ -233,5 +271,25 @@ pub fn describe() {
         LATENCY_P99,
         Unit::Seconds,
         "a path's P99 latency over the last budget-check window"
+    );
+    describe_counter!(
+        DROPPED_TOTAL,
+        Unit::Count,
+        "messages dropped because a bounded queue was full"
+    );
+    describe_counter!(
+        PUSH_REFUSED_TOTAL,
+        Unit::Count,
+        "pushed messages refused (retry later) because the receiver's queue was full"
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "messages not yet delivered to a consumer group"
+    );
+    describe_counter!(
+        DEDUPE_EVICTIONS_TOTAL,
+        Unit::Count,
+        "dedupe marks evicted for room before their TTL"
     );
 }
