@@ -6,13 +6,18 @@
 //! The loop owns each [`Delivery`]; the handler never settles it. For each
 //! delivery, in order:
 //!
-//! 1. bytes that do not decode into `EventEnvelope<E>` (including another
+//! 1. with [`SubscribeOptions::max_deliveries`] set, a delivery the
+//!    transport has handed out more often than that without an outcome (its
+//!    consumer crashed, lost its connection or dropped it) goes to the
+//!    dead-letter queue with reason "delivered N times without an outcome"
+//!    before any handler runs — the poison guard;
+//! 2. bytes that do not decode into `EventEnvelope<E>` (including another
 //!    major version) go to the dead-letter queue at once — the handler never
 //!    sees them;
-//! 2. the handler's `Ok` acks;
-//! 3. an error carrying [`Error::requeue_after`] (an open breaker, a
+//! 3. the handler's `Ok` acks;
+//! 4. an error carrying [`Error::requeue_after`] (an open breaker, a
 //!    duplicate still in progress) nacks with that delay;
-//! 4. any other error — what is left after the handler's own retry layer gave
+//! 5. any other error — what is left after the handler's own retry layer gave
 //!    up — dead-letters with reason, attempts and the last error, and a
 //!    panic counts as such an error.
 //!
@@ -386,7 +391,7 @@ impl EventBus {
         H::Error: Into<Error>,
         H::Future: Send + 'static,
     {
-        let concurrency = options.concurrency;
+        let (concurrency, max_deliveries) = (options.concurrency, options.max_deliveries);
         let subscription = self
             .transport
             .subscribe(&self.topic_of::<E>(), options)
@@ -402,6 +407,7 @@ impl EventBus {
             handler,
             codec: self.codec,
             concurrency,
+            max_deliveries,
             _event: std::marker::PhantomData::<fn() -> E>,
         };
         let task = tokio::spawn(consume.run(stopped));
@@ -450,6 +456,22 @@ impl ConsumerHandle {
         self.task.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
+    /// Stops the consumer at once, the way a crash would: the handlers in
+    /// flight are dropped and their deliveries left unsettled, so the
+    /// transport delivers them again (to this group's other members, or to
+    /// the next subscriber) with their
+    /// [`delivery_count`](crate::Delivery::delivery_count) raised. For tests
+    /// of crash recovery and for emergencies; [`shutdown`](Self::shutdown)
+    /// is the orderly way.
+    pub fn abort(mut self) {
+        // Aborted before the stop signal goes, so the loop never gets to
+        // stop in order.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.stop.take();
+    }
+
     /// Stops pulling messages, waits for the handlers in flight to finish and
     /// their deliveries to be settled, then shuts the subscription down.
     pub async fn shutdown(mut self) -> Result<(), Error> {
@@ -491,6 +513,7 @@ struct ConsumeLoop<E, H> {
     handler: H,
     codec: Codec,
     concurrency: usize,
+    max_deliveries: Option<u32>,
     _event: std::marker::PhantomData<fn() -> E>,
 }
 
@@ -546,7 +569,14 @@ where
     /// handles and settles it, and whether it used the handler's readiness.
     fn start(&mut self, delivery: Delivery) -> (Settling, bool) {
         let (topic, group) = delivery.shared_names();
-        let envelope = match self.codec.decode::<E>(delivery.body()) {
+        let count = delivery.delivery_count();
+        let poisoned = self.max_deliveries.is_some_and(|max| count > max);
+        let decoded = if poisoned {
+            Err(None)
+        } else {
+            self.codec.decode::<E>(delivery.body()).map_err(Some)
+        };
+        let envelope = match decoded {
             Ok(envelope) => envelope,
             Err(error) => {
                 let span = tracing::info_span!(
@@ -556,7 +586,14 @@ where
                     group = &*group,
                     attempt = delivery.attempt(),
                 );
-                let letter = DeadLetter::new(format!("cannot decode as {}: {error}", E::TYPE));
+                let letter = match error {
+                    Some(error) => {
+                        DeadLetter::new(format!("cannot decode as {}: {error}", E::TYPE))
+                    }
+                    None => {
+                        DeadLetter::new(format!("delivered {} times without an outcome", count - 1))
+                    }
+                };
                 let (transport, started) = (self.transport, std::time::Instant::now());
                 let settling = async move {
                     let outcome = dead_letter(delivery, letter).await;

@@ -162,6 +162,7 @@ pub struct Delivery {
     topic: Arc<str>,
     group: Arc<str>,
     attempt: u32,
+    delivery_count: u32,
     acker: Box<dyn Acker>,
     settled: bool,
 }
@@ -183,9 +184,19 @@ impl Delivery {
             topic,
             group,
             attempt,
+            delivery_count: 1,
             acker,
             settled: false,
         }
+    }
+
+    /// Used by transports that count deliveries which ended without an
+    /// outcome: `count` is 1 the first time and one more after each crash,
+    /// lost connection or delivery dropped unsettled — but not after a
+    /// nack, which is an outcome.
+    pub fn with_delivery_count(mut self, count: u32) -> Self {
+        self.delivery_count = count.max(1);
+        self
     }
 
     /// The message.
@@ -221,6 +232,15 @@ impl Delivery {
     /// nack or a redelivery.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// How many times the broker has handed this message out without an
+    /// outcome (ack, nack or dead-letter) coming back, this time included:
+    /// 1 unless an earlier delivery was lost to a crash, a lost connection
+    /// or a delivery dropped unsettled. Transports that cannot count say 1.
+    /// [`SubscribeOptions::max_deliveries`] is checked against it.
+    pub fn delivery_count(&self) -> u32 {
+        self.delivery_count
     }
 
     /// Acknowledges the message: it will not be delivered to this group again.
@@ -274,6 +294,7 @@ impl fmt::Debug for Delivery {
             .field("topic", &self.topic)
             .field("group", &self.group)
             .field("attempt", &self.attempt)
+            .field("delivery_count", &self.delivery_count)
             .field("headers", &self.message.headers)
             .field("body_len", &self.message.body.len())
             .finish_non_exhaustive()
@@ -289,6 +310,8 @@ impl fmt::Debug for Delivery {
 /// let options = SubscribeOptions::new("game").with_concurrency(8);
 /// assert_eq!(options.prefetch, 64);
 /// assert!(options.validate().is_ok());
+/// let guarded = SubscribeOptions::new("game").with_max_deliveries(5);
+/// assert_eq!(guarded.max_deliveries, Some(5));
 /// assert!(SubscribeOptions::new("game").with_concurrency(0).validate().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,9 +321,17 @@ pub struct SubscribeOptions {
     pub group: String,
     /// Handlers in flight at once (default 1, which keeps order).
     pub concurrency: usize,
-    /// Deliveries the transport may hand out before earlier ones are settled
-    /// (default 64; at least `concurrency` to reach full concurrency).
+    /// The most messages the subscription holds at once (default 64; at
+    /// least `concurrency` to reach full concurrency): read ahead, in a
+    /// handler, and nacked while waiting out their delay all count.
     pub prefetch: usize,
+    /// The poison guard (default off): a delivery whose
+    /// [`delivery_count`](Delivery::delivery_count) is above this goes to
+    /// the dead-letter queue, with reason "delivered N times without an
+    /// outcome", **before** a handler of the [`EventBus`](crate::EventBus)
+    /// runs — a message that crashes its consumer cannot come back forever.
+    /// Nacks are outcomes and do not count.
+    pub max_deliveries: Option<u32>,
 }
 
 impl SubscribeOptions {
@@ -310,6 +341,7 @@ impl SubscribeOptions {
             group: group.into(),
             concurrency: 1,
             prefetch: 64,
+            max_deliveries: None,
         }
     }
 
@@ -325,7 +357,16 @@ impl SubscribeOptions {
         self
     }
 
-    /// Refuses an invalid group name, zero concurrency or zero prefetch.
+    /// Sets the poison guard: deliveries counted above `max` go to the
+    /// dead-letter queue before a handler runs (see
+    /// [`max_deliveries`](Self::max_deliveries)).
+    pub fn with_max_deliveries(mut self, max: u32) -> Self {
+        self.max_deliveries = Some(max);
+        self
+    }
+
+    /// Refuses an invalid group name, zero concurrency, zero prefetch or a
+    /// zero poison guard.
     pub fn validate(&self) -> Result<(), Error> {
         validate_name("group", &self.group)?;
         if self.concurrency == 0 {
@@ -338,6 +379,12 @@ impl SubscribeOptions {
             return Err(Error::new(
                 ErrorKind::Rejected,
                 "subscribe option `prefetch` must be at least 1",
+            ));
+        }
+        if self.max_deliveries == Some(0) {
+            return Err(Error::new(
+                ErrorKind::Rejected,
+                "subscribe option `max_deliveries` must be at least 1 (or unset)",
             ));
         }
         Ok(())

@@ -5,18 +5,34 @@
 //! against. Each topic keeps one FIFO queue per consumer group; the members
 //! of a group compete for its queue. Nothing survives the process.
 //!
-//! A topic that no group has subscribed to or declared keeps nothing: declare
-//! the [`Topology`] at start-up, as with a broker.
+//! A publish to a topic that no group is declared for and no subscriber has
+//! joined is refused with [`ErrorKind::NotFound`] — nothing would ever
+//! receive it, and RabbitMQ's mandatory publishing says the same — so a
+//! missing [`Topology`] declaration shows at the first publish instead of as
+//! silently missing messages. Declare the topology at start-up, as with a
+//! broker.
+//!
+//! # Flow control
+//!
+//! A subscription holds at most `prefetch` messages: in a handler, or nacked
+//! and waiting out the delay in the subscription's timer queue (one per
+//! subscription, not a task per nack). A nacked message goes back to its
+//! group's queue when the delay is over, or at once when the subscription
+//! stops. [`MemoryTransport::depth`] is a group's queue depth, also sampled
+//! into the `switchboard_consumer_lag` gauge.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
+
+use super::delay::DelayQueue;
 
 use super::{
     Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
@@ -24,9 +40,13 @@ use super::{
     validate_name,
 };
 use crate::error::{Error, ErrorKind};
+use crate::observe::metrics;
 use crate::topology::Topology;
 
 const NAME: &str = "memory";
+
+/// How often a subscription records its group's depth as the lag gauge.
+const LAG_EVERY: Duration = Duration::from_secs(1);
 
 /// The in-memory transport. Clones share the same topics.
 ///
@@ -69,6 +89,8 @@ struct GroupQueue {
     name: Arc<str>,
     sender: mpsc::UnboundedSender<Entry>,
     receiver: tokio::sync::Mutex<mpsc::UnboundedReceiver<Entry>>,
+    /// Messages in the queue (not handed out).
+    depth: AtomicUsize,
 }
 
 struct Entry {
@@ -76,6 +98,8 @@ struct Entry {
     message: RawMessage,
     /// How many times it has been handed out so far.
     deliveries: u32,
+    /// How many of those ended without an outcome (dropped unsettled).
+    unsettled: u32,
 }
 
 impl MemoryTransport {
@@ -108,12 +132,43 @@ impl MemoryTransport {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A group's queue depth: messages published to `topic` that no member
+    /// of `group` has been handed yet (0 for an unknown topic or group).
+    ///
+    /// ```
+    /// use switchboard::{MemoryTransport, Publisher, RawMessage, Topology, Transport};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let transport = MemoryTransport::new();
+    /// transport.declare(&Topology::new().with_groups("price.updated", ["game"])).await?;
+    /// transport.publish("price.updated", RawMessage::new("AAPL 150.00")).await?;
+    /// assert_eq!(transport.depth("price.updated", "game"), 1);
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn depth(&self, topic: &str, group: &str) -> usize {
+        self.topic(topic)
+            .and_then(|topic| read(&topic.groups).get(group).cloned())
+            .map_or(0, |queue| queue.depth.load(Ordering::Relaxed))
+    }
+
+    /// Refuses a publish nothing would receive (see the module docs).
+    fn route(&self, name: &str) -> Result<Arc<Topic>, Error> {
+        self.topic(name)
+            .filter(|topic| !read(&topic.groups).is_empty())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "memory: no group is declared for topic {name:?} and none subscribes, \
+                         so nothing would receive the message; declare the topology first"
+                    ),
+                )
+            })
+    }
+
     fn enqueue(&self, topic: &Topic, message: RawMessage) {
         let groups = read(&topic.groups);
-        if groups.is_empty() {
-            tracing::debug!(topic = %topic.name, "no group subscribes; message dropped");
-            return;
-        }
         let id = self.next_id();
         // Every group but the last gets a copy; the last takes the message.
         let mut remaining = groups.len();
@@ -130,6 +185,7 @@ impl MemoryTransport {
                     id,
                     message,
                     deliveries: 0,
+                    unsettled: 0,
                 });
             }
         }
@@ -149,6 +205,7 @@ impl Topic {
                     name: name.into(),
                     sender,
                     receiver: tokio::sync::Mutex::new(receiver),
+                    depth: AtomicUsize::new(0),
                 })
             })
             .clone()
@@ -157,12 +214,15 @@ impl Topic {
 
 impl GroupQueue {
     fn push(&self, entry: Entry) {
+        self.depth.fetch_add(1, Ordering::Relaxed);
         // The queue holds its own sender, so the channel is never closed.
         let _ = self.sender.send(entry);
     }
 
     async fn pop(&self) -> Option<Entry> {
-        self.receiver.lock().await.recv().await
+        let entry = self.receiver.lock().await.recv().await?;
+        self.depth.fetch_sub(1, Ordering::Relaxed);
+        Some(entry)
     }
 }
 
@@ -170,18 +230,19 @@ impl GroupQueue {
 impl Publisher for MemoryTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
         validate_name("topic", topic)?;
-        if let Some(topic) = self.topic(topic) {
-            self.enqueue(&topic, message);
-        }
+        let topic = self.route(topic)?;
+        self.enqueue(&topic, message);
         Ok(())
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
         validate_name("topic", topic)?;
-        if let Some(topic) = self.topic(topic) {
-            for message in messages {
-                self.enqueue(&topic, message);
-            }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let topic = self.route(topic)?;
+        for message in messages {
+            self.enqueue(&topic, message);
         }
         Ok(())
     }
@@ -207,6 +268,8 @@ impl Subscriber for MemoryTransport {
             topic,
             queue,
             permits: permits.clone(),
+            delays: DelayQueue::default(),
+            lag_sampled: Mutex::new(None),
         };
         let (topic_name, group_name) = (consumer.topic.name.clone(), consumer.queue.name.clone());
         let deliveries = futures_util::stream::unfold(consumer, |consumer| async move {
@@ -298,6 +361,7 @@ impl DeadLetterQueue for MemoryTransport {
                     id: self.next_id(),
                     message: letter.message,
                     deliveries: 0,
+                    unsettled: 0,
                 });
             }
         }
@@ -312,42 +376,99 @@ fn not_found(topic: &str, id: &str) -> Error {
     )
 }
 
+/// A nacked message waiting out its delay, with its permit.
+struct Delayed {
+    entry: Entry,
+    _permit: OwnedSemaphorePermit,
+}
+
 /// One subscription's side of a group queue.
 struct Consumer {
     topic: Arc<Topic>,
     queue: Arc<GroupQueue>,
     permits: Arc<Semaphore>,
+    delays: DelayQueue<Delayed>,
+    lag_sampled: Mutex<Option<Instant>>,
 }
 
 impl Consumer {
     async fn next(&self) -> Option<Delivery> {
-        let permit = self.permits.clone().acquire_owned().await.ok()?;
-        let mut entry = self.queue.pop().await?;
-        entry.deliveries += 1;
-        let acker = MemoryAcker {
-            topic: self.topic.clone(),
-            queue: self.queue.clone(),
-            id: entry.id,
-            deliveries: entry.deliveries,
-            _permit: permit,
-        };
-        Some(Delivery::new(
-            entry.message,
+        loop {
+            // A nacked message coming due goes back to the group's queue
+            // (and frees its permit) whatever this subscription waits for.
+            let permit = tokio::select! {
+                permit = self.permits.clone().acquire_owned() => permit.ok()?,
+                due = self.delays.next_due() => {
+                    self.queue.push(due.entry);
+                    continue;
+                }
+            };
+            let mut entry = tokio::select! {
+                entry = self.queue.pop() => entry?,
+                due = self.delays.next_due() => {
+                    self.queue.push(due.entry);
+                    continue;
+                }
+            };
+            self.sample_lag();
+            entry.deliveries += 1;
+            let acker = MemoryAcker {
+                topic: self.topic.clone(),
+                queue: self.queue.clone(),
+                delays: self.delays.clone(),
+                id: entry.id,
+                deliveries: entry.deliveries,
+                unsettled: entry.unsettled,
+                permit: Some(permit),
+            };
+            return Some(
+                Delivery::new(
+                    entry.message,
+                    self.topic.name.clone(),
+                    self.queue.name.clone(),
+                    entry.deliveries,
+                    Box::new(acker),
+                )
+                .with_delivery_count(entry.unsettled + 1),
+            );
+        }
+    }
+
+    fn sample_lag(&self) {
+        let mut sampled = lock(&self.lag_sampled);
+        if sampled.is_some_and(|at| at.elapsed() < LAG_EVERY) {
+            return;
+        }
+        *sampled = Some(Instant::now());
+        let depth = self.queue.depth.load(Ordering::Relaxed) as u64;
+        metrics::consumer_lag(
+            NAME,
             self.topic.name.clone(),
             self.queue.name.clone(),
-            entry.deliveries,
-            Box::new(acker),
-        ))
+            depth,
+        );
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // A stopping subscription gives its nacked messages back at once.
+        for (delayed, _left) in self.delays.close() {
+            self.queue.push(delayed.entry);
+        }
     }
 }
 
 struct MemoryAcker {
     topic: Arc<Topic>,
     queue: Arc<GroupQueue>,
+    delays: DelayQueue<Delayed>,
     id: u64,
     deliveries: u32,
-    /// Held until the delivery is settled or dropped; counts it as in flight.
-    _permit: OwnedSemaphorePermit,
+    unsettled: u32,
+    /// Held until the delivery is settled for good or back in the queue;
+    /// counts it against the prefetch (through a nack's delay too).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl MemoryAcker {
@@ -356,6 +477,7 @@ impl MemoryAcker {
             id: self.id,
             message,
             deliveries: self.deliveries,
+            unsettled: self.unsettled,
         }
     }
 }
@@ -363,19 +485,26 @@ impl MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
+        self.permit = None;
         Ok(())
     }
 
     async fn nack(&mut self, message: &RawMessage, delay: Duration) -> Result<(), Error> {
         let entry = self.entry(message.clone());
+        let Some(permit) = self.permit.take() else {
+            return Err(Error::closed("memory delivery"));
+        };
         if delay.is_zero() {
             self.queue.push(entry);
-        } else {
-            let queue = self.queue.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                queue.push(entry);
-            });
+            return Ok(());
+        }
+        let delayed = Delayed {
+            entry,
+            _permit: permit,
+        };
+        if let Err(delayed) = self.delays.push(delay, delayed) {
+            // The subscription stopped: back in the queue now.
+            self.queue.push(delayed.entry);
         }
         Ok(())
     }
@@ -399,12 +528,17 @@ impl Acker for MemoryAcker {
             last_error: letter.last_error().map(str::to_owned),
             dead_lettered_at: Utc::now(),
         });
+        self.permit = None;
         Ok(())
     }
 
     fn abandoned(&mut self, message: RawMessage) {
-        // Like a broker whose consumer went away: the message is due again now.
-        self.queue.push(self.entry(message));
+        // Like a broker whose consumer went away: the message is due again
+        // now, one more delivery without an outcome.
+        let mut entry = self.entry(message);
+        entry.unsettled += 1;
+        self.queue.push(entry);
+        self.permit = None;
     }
 }
 

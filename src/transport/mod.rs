@@ -39,6 +39,7 @@ use crate::topology::Topology;
 #[cfg(feature = "amqp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
 pub mod amqp;
+pub(crate) mod delay;
 pub(crate) mod delivery;
 #[cfg(feature = "grpc")]
 pub mod grpc;

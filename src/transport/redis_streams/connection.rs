@@ -1,0 +1,201 @@
+//! The connections: one shared command connection per transport (which
+//! reconnects by itself) and one blocking-read connection per subscription.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+use super::{GroupStart, Inner, RedisStreamsConfig, RedisStreamsTransport};
+use crate::error::Error;
+use crate::transport::redis_error::redis_error;
+
+/// A shared connection: one server or a cluster.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Makes the dedicated connections blocking reads use.
+pub(super) enum Connector {
+    Single(redis::Client),
+    // Boxed: a cluster client is twice the size of a plain one.
+    Cluster(Box<ClusterClient>),
+}
+
+impl RedisStreamsTransport {
+    /// [`RedisStreamsConfig`].
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        Self::connect_with(url, RedisStreamsConfig::default()).await
+    }
+
+    /// Connects to one Redis server with `config`.
+    pub async fn connect_with(url: &str, config: RedisStreamsConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let client = redis::Client::open(url).map_err(|error| redis_error("open", error))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.response_timeout))
+            .set_connection_timeout(Some(config.response_timeout));
+        let commands = client
+            .get_connection_manager_with_config(manager)
+            .await
+            .map_err(|error| redis_error("connect", error))?;
+        let hash_tag = config.hash_tag.unwrap_or(false);
+        Ok(Self::finish(
+            Conn::Single(commands),
+            Connector::Single(client),
+            config,
+            hash_tag,
+        )
+        .await)
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes
+    /// (`redis://host:port`). Stream keys are hash-tagged unless `config`
+    /// says otherwise, so a stream and its dead letters share a slot.
+    pub async fn connect_cluster<I, S>(nodes: I, config: RedisStreamsConfig) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        config.validate()?;
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        let client = ClusterClient::builder(nodes)
+            .response_timeout(config.response_timeout)
+            .build()
+            .map_err(|error| redis_error("open cluster", error))?;
+        let commands = client
+            .get_async_connection()
+            .await
+            .map_err(|error| redis_error("connect to cluster", error))?;
+        let hash_tag = config.hash_tag.unwrap_or(true);
+        Ok(Self::finish(
+            Conn::Cluster(commands),
+            Connector::Cluster(Box::new(client)),
+            config,
+            hash_tag,
+        )
+        .await)
+    }
+
+    async fn finish(
+        commands: Conn,
+        connector: Connector,
+        config: RedisStreamsConfig,
+        hash_tag: bool,
+    ) -> Self {
+        let persistent = aof_enabled(commands.clone()).await;
+        Self {
+            inner: Arc::new(Inner {
+                commands,
+                connector,
+                config,
+                hash_tag,
+                persistent,
+                consumers: std::sync::Mutex::default(),
+            }),
+        }
+    }
+
+    pub(super) async fn blocking_connection(&self) -> Result<Conn, Error> {
+        // Longer than BLOCK, so a read that waits its full time is not cut off.
+        let timeout = self.inner.config.block + Duration::from_secs(5);
+        match &self.inner.connector {
+            Connector::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(self.inner.config.response_timeout));
+                client
+                    .get_connection_manager_with_config(config)
+                    .await
+                    .map(Conn::Single)
+                    .map_err(|error| redis_error("connect for reading", error))
+            }
+            Connector::Cluster(client) => {
+                let config = ClusterConfig::new().set_response_timeout(timeout);
+                client
+                    .get_async_connection_with_config(config)
+                    .await
+                    .map(Conn::Cluster)
+                    .map_err(|error| redis_error("connect to cluster for reading", error))
+            }
+        }
+    }
+}
+
+/// Reads `CONFIG GET append*`; any failure (a managed Redis that hides
+/// CONFIG) counts as "not persistent", the safe answer.
+pub(super) async fn aof_enabled(mut conn: Conn) -> bool {
+    let reply: RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("append*")
+        .query_async(&mut conn)
+        .await;
+    match reply {
+        Ok(settings) => {
+            let aof = settings.get("appendonly").is_some_and(|v| v == "yes");
+            let fsync = settings
+                .get("appendfsync")
+                .is_some_and(|v| v == "always" || v == "everysec");
+            aof && fsync
+        }
+        Err(error) => {
+            tracing::warn!(%error, "redis-streams: cannot read the AOF settings; not persistent");
+            false
+        }
+    }
+}
+
+pub(super) async fn ensure_group(
+    mut conn: Conn,
+    stream: &str,
+    group: &str,
+    start: GroupStart,
+) -> Result<(), Error> {
+    let created: RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg(start.id())
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+        Err(error) => Err(redis_error("create consumer group", error)),
+    }
+}

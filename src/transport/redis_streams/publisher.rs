@@ -1,0 +1,53 @@
+//! Publishing: one `XADD` per message, a pipeline per batch.
+
+use async_trait::async_trait;
+use redis::{Cmd, Value};
+
+use super::RedisStreamsTransport;
+use super::fields::append_message_fields;
+use crate::error::Error;
+use crate::transport::redis_error::redis_error;
+use crate::transport::{Publisher, RawMessage, validate_name};
+
+impl RedisStreamsTransport {
+    pub(super) fn xadd(&self, stream: &str, message: &RawMessage) -> Cmd {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream);
+        if let Some(max_len) = self.inner.config.max_len {
+            cmd.arg("MAXLEN").arg("~").arg(max_len);
+        }
+        cmd.arg("*");
+        append_message_fields(&mut cmd, message);
+        cmd
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisStreamsTransport {
+    async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        validate_name("topic", topic)?;
+        let cmd = self.xadd(&self.stream_key(topic), &message);
+        let _: Value = cmd
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|error| redis_error("XADD", error))?;
+        Ok(())
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
+        validate_name("topic", topic)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream_key(topic);
+        let mut pipe = redis::pipe();
+        for message in &messages {
+            pipe.add_command(self.xadd(&stream, message)).ignore();
+        }
+        let _: Value = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|error| redis_error("pipelined XADD", error))?;
+        Ok(())
+    }
+}
