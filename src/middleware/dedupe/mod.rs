@@ -29,6 +29,13 @@
 //! whose mark expired and was taken over cannot complete or release the new
 //! holder's mark.
 //!
+//! The in-process [`MokaDedupeStore`] never refuses a new mark: when full it
+//! evicts the least recently used marks, even before their TTL, and counts
+//! each such eviction ([`MokaDedupeStore::evictions`] and the
+//! `switchboard_dedupe_evictions_total` metric). A duplicate of an evicted
+//! event runs again, so its capacity must cover every event handled within
+//! the redelivery window.
+//!
 //! A handler that succeeded but whose done mark could not be written (the
 //! store failed, or the mark had expired) is still acked; the event may then
 //! run again on a later redelivery, which is what at-least-once allows.
