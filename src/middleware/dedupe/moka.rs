@@ -167,6 +167,20 @@ impl DedupeStore for MokaDedupeStore {
         }))
     }
 
+    async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
+        Ok(self.compute(key, |current| match current {
+            // Written again with the new TTL: moka restarts its expiry.
+            Some(entry) if held_by(Some(entry), token) => (
+                Op::Put(Entry {
+                    token: entry.token.clone(),
+                    ttl,
+                }),
+                true,
+            ),
+            _ => (Op::Nop, false),
+        }))
+    }
+
     async fn complete(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
         Ok(self.compute(key, |current| {
             if held_by(current, token) {
@@ -331,5 +345,41 @@ mod tests {
             .map(|(.., value)| value)
             .collect();
         assert_eq!(evicted, vec![DebugValue::Counter(CAPACITY)]);
+    }
+
+    #[tokio::test]
+    async fn only_the_holder_extends_its_mark() {
+        let store = MokaDedupeStore::new();
+        assert!(!store.extend("k", "a", MINUTE).await.unwrap(), "no mark");
+        store.try_begin("k", "a", MINUTE).await.unwrap();
+        assert!(!store.extend("k", "b", MINUTE).await.unwrap());
+        assert!(store.extend("k", "a", MINUTE).await.unwrap());
+        assert_eq!(
+            store.try_begin("k", "b", MINUTE).await.unwrap(),
+            Mark::InProgress,
+            "extending keeps the mark in progress"
+        );
+        assert!(store.complete("k", "a", MINUTE).await.unwrap());
+        assert!(
+            !store.extend("k", "a", MINUTE).await.unwrap(),
+            "a done mark is no longer the holder's"
+        );
+        assert_eq!(store.try_begin("k", "b", MINUTE).await.unwrap(), Mark::Done);
+    }
+
+    #[tokio::test]
+    async fn an_extended_mark_outlives_its_first_ttl() {
+        // moka keeps its own clock, so this waits in real time, briefly.
+        let store = MokaDedupeStore::new();
+        let short = Duration::from_millis(100);
+        store.try_begin("k", "a", short).await.unwrap();
+        assert!(store.extend("k", "a", MINUTE).await.unwrap());
+        tokio::time::sleep(3 * short).await;
+        assert_eq!(
+            store.try_begin("k", "b", MINUTE).await.unwrap(),
+            Mark::InProgress,
+            "the mark expired after its first TTL"
+        );
+        assert!(store.complete("k", "a", MINUTE).await.unwrap());
     }
 }
