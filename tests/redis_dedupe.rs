@@ -176,7 +176,7 @@ async fn release_lets_another_replica_acquire() {
 }
 
 #[tokio::test]
-async fn a_stale_token_can_neither_complete_nor_release_the_new_holders_mark() {
+async fn a_stale_token_can_neither_extend_complete_nor_release_the_new_holders_mark() {
     let (one, two, mut raw) = replicas().await;
     let (stale, fresh) = (token(), token());
     one.try_begin("evt", &stale, IN_PROGRESS_TTL).await.unwrap();
@@ -194,6 +194,7 @@ async fn a_stale_token_can_neither_complete_nor_release_the_new_holders_mark() {
         Mark::Acquired
     );
 
+    assert!(!one.extend("evt", &stale, DONE_TTL).await.unwrap());
     assert!(!one.complete("evt", &stale, DONE_TTL).await.unwrap());
     assert!(!one.release("evt", &stale).await.unwrap());
     assert_eq!(
@@ -206,6 +207,60 @@ async fn a_stale_token_can_neither_complete_nor_release_the_new_holders_mark() {
         one.try_begin("evt", &stale, IN_PROGRESS_TTL).await.unwrap(),
         Mark::Done
     );
+}
+
+#[tokio::test]
+async fn only_the_holder_extends_its_mark_and_the_pttl_grows() {
+    let (one, two, mut raw) = replicas().await;
+    let (holder, other) = (token(), token());
+    let short = Duration::from_secs(2);
+    assert_eq!(
+        one.try_begin("evt", &holder, short).await.unwrap(),
+        Mark::Acquired
+    );
+    let key = one.redis_key("evt");
+    let before = pttl(&mut raw, &key).await;
+    assert!(
+        before > 0 && before <= short.as_millis() as i64,
+        "PTTL {before}"
+    );
+
+    assert!(
+        !two.extend("evt", &other, DONE_TTL).await.unwrap(),
+        "another token extended the mark"
+    );
+    let after_other = pttl(&mut raw, &key).await;
+    assert!(
+        after_other <= before,
+        "another token moved the expiry: PTTL {before} then {after_other}"
+    );
+
+    assert!(one.extend("evt", &holder, DONE_TTL).await.unwrap());
+    let extended = pttl(&mut raw, &key).await;
+    assert!(
+        extended > short.as_millis() as i64 && extended <= DONE_TTL.as_millis() as i64,
+        "PTTL {before} then {extended}"
+    );
+    assert_eq!(
+        get(&mut raw, &key).await,
+        Some(format!("progress:{holder}")),
+        "extending leaves the value alone"
+    );
+    assert_eq!(
+        two.try_begin("evt", &other, IN_PROGRESS_TTL).await.unwrap(),
+        Mark::InProgress
+    );
+
+    assert!(one.complete("evt", &holder, DONE_TTL).await.unwrap());
+    assert!(
+        !one.extend("evt", &holder, DONE_TTL).await.unwrap(),
+        "a done mark has no holder left to extend it"
+    );
+    assert!(
+        !one.extend("never-seen", &holder, DONE_TTL).await.unwrap(),
+        "nor does a missing one"
+    );
+    assert_eq!(get(&mut raw, &one.redis_key("never-seen")).await, None);
 }
 
 #[tokio::test]

@@ -6,7 +6,8 @@ use std::task::{Context, Poll};
 use crate::error::Error;
 
 /// The response future of [`Dedupe`](super::Dedupe): the store's answer,
-/// then the handler if it runs, then the mark's update.
+/// then the handler if it runs, with its in-progress mark extended on a
+/// timer meanwhile, then the mark's update.
 pub struct ResponseFuture {
     inner: Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>,
 }

@@ -21,13 +21,27 @@
 //!   (and is then acked as a duplicate, or run if the first one failed).
 //!
 //! The in-progress mark has a TTL, so a consumer that dies mid-handler does
-//! not block the event forever; it must be longer than everything inside the
-//! dedupe layer can take (all retries with their timeouts and waits), or a
-//! slow first delivery could lose its mark to a second.
-//! [`Resilience::handler`](crate::middleware::Resilience::handler) derives it
-//! from the retry and timeout settings. The fencing token makes sure a holder
-//! whose mark expired and was taken over cannot complete or release the new
-//! holder's mark.
+//! not block the event forever. While the handler runs, the layer extends
+//! the mark ([`DedupeStore::extend`]) every third of that TTL, so a handler
+//! slower than the TTL keeps its mark and a duplicate arriving meanwhile is
+//! still requeued rather than run beside it. The renewal is a timer inside
+//! the call's future, polled with the handler: no task per message. A
+//! renewal that fails (the store is unreachable) is logged and tried again at
+//! the next tick; one that finds the mark no longer this delivery's (it
+//! expired after renewals failed, or was evicted) is logged and stops, and
+//! the handler runs on, as at-least-once allows. The TTL therefore bounds how
+//! long a dead consumer's mark holds the event back, and must still outlast
+//! a few failed renewals; [`Resilience::handler`](crate::middleware::Resilience::handler)
+//! derives it from the retry and timeout settings. The fencing token makes
+//! sure a holder whose mark expired and was taken over cannot extend,
+//! complete or release the new holder's mark.
+//!
+//! The in-process [`MokaDedupeStore`] never refuses a new mark: when full it
+//! evicts the least recently used marks, even before their TTL, and counts
+//! each such eviction ([`MokaDedupeStore::evictions`] and the
+//! `switchboard_dedupe_evictions_total` metric). A duplicate of an evicted
+//! event runs again, so its capacity must cover every event handled within
+//! the redelivery window.
 //!
 //! A handler that succeeded but whose done mark could not be written (the
 //! store failed, or the mark had expired) is still acked; the event may then
@@ -73,10 +87,12 @@ mod redis;
 mod store;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::time::MissedTickBehavior;
 use tower::Service;
 use uuid::Uuid;
 
@@ -216,7 +232,10 @@ where
                 token,
                 held: true,
             };
-            let result = inner.call(message).await.map_err(Into::into);
+            let result = held
+                .renewed_while(inner.call(message), ttls.in_progress)
+                .await
+                .map_err(Into::into);
             match &result {
                 Ok(()) => held.complete(ttls.done).await,
                 Err(_) => held.release().await,
@@ -224,6 +243,12 @@ where
             result
         })
     }
+}
+
+/// How often a held mark is extended: three times per in-progress TTL, so
+/// two renewals in a row can fail or be late before the mark runs out.
+fn renewal_period(in_progress: Duration) -> Duration {
+    (in_progress / 3).max(Duration::from_millis(1))
 }
 
 /// An in-progress mark this delivery holds. Dropped while still held (the
@@ -237,14 +262,66 @@ struct HeldMark {
 }
 
 impl HeldMark {
+    /// Runs `handler` to its end, extending the mark to `ttl` from now every
+    /// third of `ttl` meanwhile. The renewal runs inside this future, beside
+    /// the handler: one timer, no task of its own.
+    async fn renewed_while<F: Future>(&self, handler: F, ttl: Duration) -> F::Output {
+        let mut handler = std::pin::pin!(handler);
+        let period = renewal_period(ttl);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut renewal = None;
+        // Whether the mark is still this delivery's: once it is not, there is
+        // nothing left to extend.
+        let mut owned = true;
+        loop {
+            tokio::select! {
+                biased;
+                output = &mut handler => return output,
+                extended = async { renewal.as_mut().expect("guarded by is_some").await },
+                    if renewal.is_some() =>
+                {
+                    renewal = None;
+                    owned = self.renewed(extended);
+                }
+                _ = ticks.tick(), if owned && renewal.is_none() => {
+                    renewal = Some(self.store.extend(&self.key, &self.token, ttl));
+                }
+            }
+        }
+    }
+
+    /// Logs what a renewal found; `false` when the mark is no longer held.
+    fn renewed(&self, extended: Result<bool, Error>) -> bool {
+        match extended {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(
+                    key = %self.key,
+                    "the in-progress mark was lost while the handler runs (it expired \
+                     or was evicted); a duplicate may be handled at the same time",
+                );
+                false
+            }
+            Err(error) => {
+                tracing::warn!(
+                    key = %self.key,
+                    %error,
+                    "cannot extend the in-progress mark; trying again at the next renewal",
+                );
+                true
+            }
+        }
+    }
+
     async fn complete(&mut self, ttl: Duration) {
         self.held = false;
         match self.store.complete(&self.key, &self.token, ttl).await {
             Ok(true) => {}
             Ok(false) => tracing::warn!(
                 key = %self.key,
-                "the in-progress mark expired before the handler finished; \
-                 the event may be handled again (raise the in-progress TTL)",
+                "the in-progress mark was lost before the handler finished; \
+                 the event may be handled again",
             ),
             Err(error) => tracing::warn!(
                 key = %self.key,

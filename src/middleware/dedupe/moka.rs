@@ -2,11 +2,14 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use moka::Expiry;
+use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
 use super::store::{DedupeStore, Mark};
@@ -17,9 +20,18 @@ use crate::error::Error;
 /// Right for a consumer that runs as one replica, or whose transport never
 /// hands the same message to two replicas at once; replicas that must see
 /// each other's marks need a shared store (Redis). Each mark expires after
-/// its own TTL; when the cache is full, moka evicts the marks least likely to
-/// be used again, so size it for the number of events handled within the
-/// done TTL.
+/// its own TTL.
+///
+/// A new mark is always stored. When the cache is full, room is made by
+/// evicting the least recently used marks, even if their TTL has not run
+/// out: a duplicate of an evicted event is no longer caught and runs again.
+/// Size the store to hold every event handled within the redelivery window
+/// (the done TTL, or at least as far back as a broker or an operator may
+/// redeliver). Such evictions are counted, by [`evictions`](Self::evictions)
+/// and the `switchboard_dedupe_evictions_total` metric (label
+/// `store="moka"`); a count that keeps growing means the capacity is too
+/// small. The count is updated as moka does its housekeeping, which runs
+/// along with the cache's reads and writes.
 ///
 /// ```
 /// use std::time::Duration;
@@ -38,6 +50,8 @@ use crate::error::Error;
 #[derive(Clone)]
 pub struct MokaDedupeStore {
     marks: Cache<String, Entry>,
+    /// Marks evicted for room before their TTL ran out; shared by clones.
+    evictions: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -76,14 +90,34 @@ impl MokaDedupeStore {
         Self::with_capacity(Self::DEFAULT_CAPACITY)
     }
 
-    /// A store holding up to `capacity` marks.
+    /// A store holding up to `capacity` marks; the least recently used are
+    /// evicted to make room for new ones.
     pub fn with_capacity(capacity: u64) -> Self {
-        Self {
-            marks: Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(OwnTtl)
-                .build(),
-        }
+        let evictions = Arc::new(AtomicU64::new(0));
+        let counter = evictions.clone();
+        let marks = Cache::builder()
+            .max_capacity(capacity)
+            // TinyLFU, moka's default, may refuse a new entry when the cache
+            // is full; a refused mark would let its duplicates through.
+            .eviction_policy(EvictionPolicy::lru())
+            .expire_after(OwnTtl)
+            .eviction_listener(move |_, _, cause| {
+                // Expired marks are removed with `Expired`; `Size` is a mark
+                // pushed out before its TTL ran out.
+                if cause == RemovalCause::Size {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    crate::observe::metrics::dedupe_evicted("moka");
+                }
+            })
+            .build();
+        Self { marks, evictions }
+    }
+
+    /// How many marks this store (and its clones) evicted to make room
+    /// before their TTL ran out. Each of them is an event whose duplicates
+    /// are no longer caught.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
     }
 
     /// Runs `decide` on the current mark of `key` atomically.
@@ -133,6 +167,20 @@ impl DedupeStore for MokaDedupeStore {
         }))
     }
 
+    async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
+        Ok(self.compute(key, |current| match current {
+            // Written again with the new TTL: moka restarts its expiry.
+            Some(entry) if held_by(Some(entry), token) => (
+                Op::Put(Entry {
+                    token: entry.token.clone(),
+                    ttl,
+                }),
+                true,
+            ),
+            _ => (Op::Nop, false),
+        }))
+    }
+
     async fn complete(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
         Ok(self.compute(key, |current| {
             if held_by(current, token) {
@@ -158,6 +206,7 @@ impl fmt::Debug for MokaDedupeStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MokaDedupeStore")
             .field("marks", &self.marks.entry_count())
+            .field("evictions", &self.evictions())
             .finish()
     }
 }
@@ -233,5 +282,104 @@ mod tests {
         assert!(taken_over.is_ok(), "the expired mark was never freed");
         // The holder whose mark expired cannot complete the new one's.
         assert!(!store.complete("k", "dead", MINUTE).await.unwrap());
+    }
+
+    #[test]
+    fn at_capacity_the_least_recent_marks_make_room_and_are_counted() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+        const CAPACITY: u64 = 64;
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let store = MokaDedupeStore::with_capacity(CAPACITY);
+        let keys: Vec<String> = (0..2 * CAPACITY).map(|n| format!("g:{n}")).collect();
+        metrics::with_local_recorder(&recorder, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                for key in &keys {
+                    assert_eq!(
+                        store.try_begin(key, "a", MINUTE).await.unwrap(),
+                        Mark::Acquired
+                    );
+                    assert!(store.complete(key, "a", MINUTE).await.unwrap());
+                }
+                store.marks.run_pending_tasks();
+            });
+        });
+
+        let (older, recent) = keys.split_at(CAPACITY as usize);
+        for key in older {
+            assert!(!store.marks.contains_key(key), "{key} was kept");
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            for key in recent {
+                assert_eq!(
+                    store.try_begin(key, "b", MINUTE).await.unwrap(),
+                    Mark::Done,
+                    "a duplicate of {key} was not caught"
+                );
+            }
+        });
+        assert_eq!(store.evictions(), CAPACITY);
+        assert_eq!(
+            store.clone().evictions(),
+            CAPACITY,
+            "clones share the count"
+        );
+        let evicted: Vec<_> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| {
+                key.key().name() == crate::observe::metrics::DEDUPE_EVICTIONS_TOTAL
+                    && key
+                        .key()
+                        .labels()
+                        .any(|label| label.key() == "store" && label.value() == "moka")
+            })
+            .map(|(.., value)| value)
+            .collect();
+        assert_eq!(evicted, vec![DebugValue::Counter(CAPACITY)]);
+    }
+
+    #[tokio::test]
+    async fn only_the_holder_extends_its_mark() {
+        let store = MokaDedupeStore::new();
+        assert!(!store.extend("k", "a", MINUTE).await.unwrap(), "no mark");
+        store.try_begin("k", "a", MINUTE).await.unwrap();
+        assert!(!store.extend("k", "b", MINUTE).await.unwrap());
+        assert!(store.extend("k", "a", MINUTE).await.unwrap());
+        assert_eq!(
+            store.try_begin("k", "b", MINUTE).await.unwrap(),
+            Mark::InProgress,
+            "extending keeps the mark in progress"
+        );
+        assert!(store.complete("k", "a", MINUTE).await.unwrap());
+        assert!(
+            !store.extend("k", "a", MINUTE).await.unwrap(),
+            "a done mark is no longer the holder's"
+        );
+        assert_eq!(store.try_begin("k", "b", MINUTE).await.unwrap(), Mark::Done);
+    }
+
+    #[tokio::test]
+    async fn an_extended_mark_outlives_its_first_ttl() {
+        // moka keeps its own clock, so this waits in real time, briefly.
+        let store = MokaDedupeStore::new();
+        let short = Duration::from_millis(100);
+        store.try_begin("k", "a", short).await.unwrap();
+        assert!(store.extend("k", "a", MINUTE).await.unwrap());
+        tokio::time::sleep(3 * short).await;
+        assert_eq!(
+            store.try_begin("k", "b", MINUTE).await.unwrap(),
+            Mark::InProgress,
+            "the mark expired after its first TTL"
+        );
+        assert!(store.complete("k", "a", MINUTE).await.unwrap());
     }
 }

@@ -6,14 +6,16 @@
 //!
 //! | value | meaning | set by |
 //! |---|---|---|
-//! | `progress:<token>` | held in progress by `token` | [`try_begin`](DedupeStore::try_begin): `SET key value NX PX ttl` |
+//! | `progress:<token>` | held in progress by `token` | [`try_begin`](DedupeStore::try_begin): `SET key value NX PX ttl`; [`extend`](DedupeStore::extend) pushes its expiry out |
 //! | `done` | handled | [`complete`](DedupeStore::complete), with its own TTL |
 //! | (no key) | never seen, released, or expired | [`release`](DedupeStore::release), or Redis expiring the key |
 //!
-//! The in-progress value carries the holder's token so that `complete` and
-//! `release` are compare-and-set / compare-and-delete Lua scripts: a holder
-//! whose mark expired (it was too slow, or presumed dead) cannot turn a newer
-//! holder's mark into `done` nor delete it. The prefix in front of the token
+//! The in-progress value carries the holder's token so that `extend`,
+//! `complete` and `release` are compare-and-set / compare-and-delete Lua
+//! scripts: a holder whose mark expired (its renewals failed, or it was
+//! presumed dead) cannot extend a newer holder's mark, turn it into `done`,
+//! nor delete it. [`extend`](DedupeStore::extend) is `PEXPIRE` on the key
+//! while its value is still the holder's. The prefix in front of the token
 //! keeps every token distinct from `done`.
 //!
 //! `try_begin` runs the `SET NX PX` and, when a mark exists, reads it in the
@@ -45,6 +47,14 @@ if redis.call('GET', KEYS[1]) == ARGV[3] then
   return 'done'
 end
 return 'in-progress'
+";
+
+/// Compare-and-set on the expiry: only the current holder extends its mark.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
 ";
 
 /// Compare-and-set: only the current holder turns its mark into `done`.
@@ -93,6 +103,7 @@ pub struct RedisDedupeStore {
     connection: ConnectionManager,
     prefix: String,
     try_begin: Script,
+    extend: Script,
     complete: Script,
     release: Script,
 }
@@ -106,6 +117,7 @@ impl RedisDedupeStore {
             connection,
             prefix: prefix.into(),
             try_begin: Script::new(TRY_BEGIN),
+            extend: Script::new(EXTEND),
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
         }
@@ -166,6 +178,19 @@ impl DedupeStore for RedisDedupeStore {
                 format!("redis dedupe try_begin: unexpected answer {other:?}"),
             )),
         }
+    }
+
+    async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
+        let mut connection = self.connection.clone();
+        let extended: i64 = self
+            .extend
+            .key(self.redis_key(key))
+            .arg(format!("{IN_PROGRESS}{token}"))
+            .arg(millis(ttl))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|error| redis_error("dedupe extend", error))?;
+        Ok(extended == 1)
     }
 
     async fn complete(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {

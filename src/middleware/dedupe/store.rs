@@ -25,12 +25,21 @@ pub enum Mark {
 /// An in-progress mark carries a fencing token chosen by its holder and a
 /// TTL longer than the handler's timeout, so a holder that dies cannot block
 /// the id forever, and a holder whose mark expired and was taken by another
-/// cannot complete or release the newer holder's mark.
+/// cannot complete or release the newer holder's mark. A holder that is
+/// still working [`extend`](Self::extend)s its mark, so the TTL only bounds
+/// how long a holder that died keeps the id from being handled again.
 #[async_trait]
 pub trait DedupeStore: Send + Sync + 'static {
     /// Marks `key` in progress under `token` for `ttl` unless a mark exists
     /// (Redis: `SET key token NX PX ttl`); says which mark was found.
     async fn try_begin(&self, key: &str, token: &str, ttl: Duration) -> Result<Mark, Error>;
+
+    /// Pushes the expiry of `token`'s in-progress mark out to `ttl` from now
+    /// (compare-and-set on the token; Redis: `PEXPIRE` when the value is
+    /// still `token`'s). Returns `false`, changing nothing, when `token` no
+    /// longer holds the mark: it expired or was evicted (and perhaps another
+    /// holder took it), or it is done.
+    async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error>;
 
     /// Turns `token`'s in-progress mark into a done mark kept for `ttl`.
     /// Returns `false`, changing nothing, when `token` no longer holds the

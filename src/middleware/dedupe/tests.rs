@@ -138,6 +138,7 @@ async fn a_handler_dropped_mid_way_releases_its_mark() {
 #[derive(Default)]
 struct Recording {
     begun: Mutex<Vec<(String, String, Duration)>>,
+    extended: Mutex<Vec<(String, String, Duration)>>,
     completed: Mutex<Vec<(String, String, Duration)>>,
 }
 
@@ -149,6 +150,13 @@ impl DedupeStore for Recording {
             .unwrap()
             .push((key.into(), token.into(), ttl));
         Ok(Mark::Acquired)
+    }
+    async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
+        self.extended
+            .lock()
+            .unwrap()
+            .push((key.into(), token.into(), ttl));
+        Ok(true)
     }
     async fn complete(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
         self.completed
@@ -188,6 +196,10 @@ async fn each_attempt_holds_its_own_token_and_the_configured_ttls() {
     assert!(begun.iter().all(|(_, _, ttl)| *ttl == ttls.in_progress));
     assert_eq!(completed[0].1, begun[0].1, "completed with another token");
     assert!(completed.iter().all(|(_, _, ttl)| *ttl == ttls.done));
+    assert!(
+        store.extended.lock().unwrap().is_empty(),
+        "a handler quicker than a third of the TTL had its mark extended"
+    );
 }
 
 #[tokio::test]
@@ -200,6 +212,9 @@ async fn a_failing_store_requeues_instead_of_dead_lettering() {
                 ErrorKind::Connection,
                 "redis: connection refused",
             ))
+        }
+        async fn extend(&self, _: &str, _: &str, _: Duration) -> Result<bool, Error> {
+            unreachable!()
         }
         async fn complete(&self, _: &str, _: &str, _: Duration) -> Result<bool, Error> {
             unreachable!()
@@ -215,4 +230,195 @@ async fn a_failing_store_requeues_instead_of_dead_lettering() {
     assert_eq!(error.kind(), ErrorKind::Connection);
     assert_eq!(error.requeue_after(), Some(Duration::from_secs(1)));
     assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+/// Marks that expire by tokio's clock (moka keeps its own), so a paused
+/// clock can run a handler past the in-progress TTL without waiting.
+#[derive(Default)]
+struct Clocked {
+    /// The holder's token (`None` once done) and when the mark runs out.
+    marks: Mutex<std::collections::HashMap<String, (Option<String>, tokio::time::Instant)>>,
+    extends: AtomicU32,
+}
+
+impl Clocked {
+    fn live(&self, key: &str) -> Option<Option<String>> {
+        let mut marks = self.marks.lock().unwrap();
+        match marks.get(key) {
+            Some((_, until)) if *until <= tokio::time::Instant::now() => {
+                marks.remove(key);
+                None
+            }
+            Some((token, _)) => Some(token.clone()),
+            None => None,
+        }
+    }
+
+    fn set(&self, key: &str, token: Option<&str>, ttl: Duration) {
+        let until = tokio::time::Instant::now() + ttl;
+        self.marks
+            .lock()
+            .unwrap()
+            .insert(key.into(), (token.map(Into::into), until));
+    }
+
+    fn held_by(&self, key: &str, token: &str) -> bool {
+        self.live(key).flatten().as_deref() == Some(token)
+    }
+}
+
+#[async_trait]
+impl DedupeStore for Clocked {
+    async fn try_begin(&self, key: &str, token: &str, ttl: Duration) -> Result<Mark, Error> {
+        Ok(match self.live(key) {
+            None => {
+                self.set(key, Some(token), ttl);
+                Mark::Acquired
+            }
+            Some(Some(_)) => Mark::InProgress,
+            Some(None) => Mark::Done,
+        })
+    }
+    async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
+        self.extends.fetch_add(1, Ordering::SeqCst);
+        let held = self.held_by(key, token);
+        if held {
+            self.set(key, Some(token), ttl);
+        }
+        Ok(held)
+    }
+    async fn complete(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
+        let held = self.held_by(key, token);
+        if held {
+            self.set(key, None, ttl);
+        }
+        Ok(held)
+    }
+    async fn release(&self, key: &str, token: &str) -> Result<bool, Error> {
+        let held = self.held_by(key, token);
+        if held {
+            self.marks.lock().unwrap().remove(key);
+        }
+        Ok(held)
+    }
+}
+
+/// A handler counting its runs, each taking `takes` on tokio's clock.
+fn slow(
+    runs: Arc<AtomicU32>,
+    takes: Duration,
+) -> impl Service<Message<Ping>, Response = (), Error = Error, Future: Send> + Clone + Send + 'static
+{
+    service_fn(move |_: Message<Ping>| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(takes).await;
+            Ok::<_, Error>(())
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_handler_slower_than_the_in_progress_ttl_keeps_its_mark() {
+    tokio::time::pause();
+    let ttls = DedupeTtls {
+        in_progress: Duration::from_secs(30),
+        done: Duration::from_secs(3600),
+        requeue: Duration::from_secs(1),
+    };
+    let store = Arc::new(Clocked::default());
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = DedupeLayer::new(store.clone())
+        .with_ttls(ttls)
+        .layer(slow(runs.clone(), 3 * ttls.in_progress));
+    let delivery = message(1, 1);
+    let key = key_of(&delivery);
+    let started = tokio::time::Instant::now();
+    let first = tokio::spawn(handler.clone().oneshot(delivery.clone()));
+
+    // Duplicates within the first TTL and well past it (the handler runs
+    // for three): each finds the event in progress.
+    for at in [15, 45, 75, 85] {
+        tokio::time::sleep_until(started + Duration::from_secs(at)).await;
+        let error = handler
+            .clone()
+            .oneshot(delivery.clone().with_attempt(2))
+            .await
+            .expect_err("a duplicate ran beside the slow handler");
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
+        assert_eq!(error.requeue_after(), Some(ttls.requeue), "at {at} s");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    first.await.unwrap().unwrap();
+    // (tokio's timer rounds each deadline up to the next millisecond)
+    assert_eq!(started.elapsed().as_secs(), 3 * ttls.in_progress.as_secs());
+    // One renewal every 10 s while the handler ran.
+    assert!(store.extends.load(Ordering::SeqCst) >= 8);
+    handler
+        .oneshot(delivery.with_attempt(3))
+        .await
+        .expect("a duplicate of a handled event is acked");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "a done event ran again");
+    assert_eq!(store.live(&key), Some(None), "the mark is done");
+}
+
+#[tokio::test]
+async fn failed_renewals_are_tried_again_and_a_lost_mark_lets_the_handler_finish() {
+    /// Acquires every mark and answers each `extend` from `answers`.
+    struct Scripted {
+        answers: Mutex<Vec<Result<bool, Error>>>,
+        extends: Mutex<Vec<tokio::time::Instant>>,
+    }
+    #[async_trait]
+    impl DedupeStore for Scripted {
+        async fn try_begin(&self, _: &str, _: &str, _: Duration) -> Result<Mark, Error> {
+            Ok(Mark::Acquired)
+        }
+        async fn extend(&self, _: &str, _: &str, _: Duration) -> Result<bool, Error> {
+            self.extends
+                .lock()
+                .unwrap()
+                .push(tokio::time::Instant::now());
+            self.answers.lock().unwrap().remove(0)
+        }
+        async fn complete(&self, _: &str, _: &str, _: Duration) -> Result<bool, Error> {
+            Ok(false)
+        }
+        async fn release(&self, _: &str, _: &str) -> Result<bool, Error> {
+            Ok(true)
+        }
+    }
+    tokio::time::pause();
+    let store = Arc::new(Scripted {
+        answers: Mutex::new(vec![
+            Err(Error::new(
+                ErrorKind::Connection,
+                "redis: connection refused",
+            )),
+            Err(Error::new(ErrorKind::Timeout, "redis: timed out")),
+            Ok(false),
+        ]),
+        extends: Mutex::new(Vec::new()),
+    });
+    let runs = Arc::new(AtomicU32::new(0));
+    let ttl = Duration::from_secs(30);
+    let handler = DedupeLayer::new(store.clone())
+        .with_in_progress_ttl(ttl)
+        .layer(slow(runs.clone(), 3 * ttl));
+    let started = tokio::time::Instant::now();
+    handler
+        .oneshot(message(1, 1))
+        .await
+        .expect("the handler ran to its end");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Tried at every tick until the mark was found lost, then no more.
+    let at: Vec<_> = store
+        .extends
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|instant| instant.duration_since(started).as_secs())
+        .collect();
+    assert_eq!(at, [10, 20, 30], "renewals at {at:?} s");
 }
