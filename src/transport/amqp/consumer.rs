@@ -3,34 +3,38 @@
 //!
 //! The subscription's stream polls lapin's consumer directly (no task in
 //! between). Each delivery handed out holds a permit of the subscription's
-//! semaphore until it is settled, so shutting down can wait for them before
-//! closing the channel — which makes the broker requeue whatever was
-//! prefetched but never handed out.
+//! semaphore until it is settled or back with the broker — a nacked one
+//! through its delay too (see [`acker`](super::acker)) — so shutting down can
+//! wait for them before closing the channel, which makes the broker requeue
+//! whatever was prefetched but never handed out.
+//!
+//! With [`SubscribeOptions::max_deliveries`] set on a classic queue, which
+//! keeps no delivery count, a redelivered message is first republished with
+//! its count of deliveries without an outcome raised (and the original
+//! acked) instead of being handed out: that is how the count can pass the
+//! limit at all. Quorum queues count by themselves (`x-delivery-count`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::{SecondsFormat, Utc};
 use futures_util::StreamExt;
+use lapin::Channel;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
 use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::acker::{AmqpAcker, Held, Waiting, counts_of};
 use super::connection::{Link, RETRY_PAUSE, amqp_error, declare_queue};
-use super::properties::{self, ATTEMPTS};
-use super::publisher::publish_direct;
-use super::{DLQ_SUFFIX, QueueType, Shared};
-use crate::error::{Error, ErrorKind};
-use crate::transport::{
-    Acker, DeadLetter, Delivery, RawMessage, SubscribeOptions, Subscription, validate_name,
-};
+use super::{NAME, QueueType, Shared, properties};
+use crate::error::Error;
+use crate::observe::metrics;
+use crate::transport::delay::DelayQueue;
+use crate::transport::{Delivery, SubscribeOptions, Subscription, validate_name};
 
 pub(crate) async fn subscribe(
     shared: &Arc<Shared>,
@@ -54,6 +58,10 @@ pub(crate) async fn subscribe(
         links: shared.supervisor.link_watch(),
         drained: None,
         handle: Handle::current(),
+        delays: DelayQueue::default(),
+        count_redeliveries: options.max_deliveries.is_some()
+            && shared.config.queue_type == QueueType::Classic,
+        lag: None,
     };
     // Live before returning: the queue exists and the consumer is registered.
     let deadline = Instant::now() + shared.config.publish_timeout;
@@ -64,6 +72,12 @@ pub(crate) async fn subscribe(
         .inspect_err(|error| shared.supervisor.failed(&link, error))?;
     let (drained, drained_rx) = oneshot::channel();
     state.drained = Some(drained);
+    state.lag = Some(spawn_lag_sampler(
+        shared.clone(),
+        state.topic.clone(),
+        state.group.clone(),
+        state.queue.clone(),
+    ));
     let (topic, group) = (state.topic.clone(), state.group.clone());
     let deliveries = futures_util::stream::unfold(state, |mut state| async move {
         let delivery = state.next().await?;
@@ -96,6 +110,12 @@ struct ConsumerState {
     links: watch::Receiver<Option<Link>>,
     drained: Option<oneshot::Sender<()>>,
     handle: Handle,
+    /// Nacked deliveries waiting out their delay.
+    delays: DelayQueue<Waiting>,
+    /// Republish redelivered messages to count them (classic queues with a
+    /// poison guard; see the module docs).
+    count_redeliveries: bool,
+    lag: Option<JoinHandle<()>>,
 }
 
 impl ConsumerState {
@@ -138,7 +158,26 @@ impl ConsumerState {
     }
 
     async fn next(&mut self) -> Option<Delivery> {
-        let permit = self.permits.clone().acquire_owned().await.ok()?;
+        loop {
+            // A nacked delivery coming due goes back to the broker (and
+            // frees its permit) whatever this subscription waits for.
+            let permit = tokio::select! {
+                permit = self.permits.clone().acquire_owned() => permit.ok()?,
+                waiting = self.delays.next_due() => {
+                    waiting.requeue().await;
+                    continue;
+                }
+            };
+            if let Some(delivery) = self.receive(permit).await {
+                return Some(delivery);
+            }
+        }
+    }
+
+    /// The next delivery to hand out, with `permit`; `None` when a nacked
+    /// delivery came due meanwhile (and the caller must start over).
+    async fn receive(&mut self, permit: OwnedSemaphorePermit) -> Option<Delivery> {
+        let delays = self.delays.clone();
         loop {
             let Some(live) = self.live.as_mut() else {
                 let after = self.after;
@@ -163,9 +202,19 @@ impl ConsumerState {
                         lapin::ConnectionState::Error,
                     )),
                 )),
+                waiting = delays.next_due() => {
+                    waiting.requeue().await;
+                    return None;
+                }
             };
             match next {
-                Some(Ok(delivery)) => return Some(self.hand_out(delivery, permit)),
+                Some(Ok(delivery)) => {
+                    if self.count_redeliveries && delivery.redelivered {
+                        self.recount(delivery).await;
+                        continue;
+                    }
+                    return Some(self.hand_out(delivery, permit));
+                }
                 Some(Err(error)) => {
                     let error = amqp_error("consume", error);
                     tracing::warn!(%error, queue = &*self.queue, "amqp: consumer failed; resuming");
@@ -192,22 +241,41 @@ impl ConsumerState {
         };
     }
 
+    fn held(&self, delivery: &lapin::message::Delivery, acker: lapin::Acker) -> Held {
+        let (attempt, delivery_count) = counts_of(delivery, self.shared.config.queue_type);
+        Held {
+            shared: self.shared.clone(),
+            acker,
+            queue: self.queue.clone(),
+            generation: self.live.as_ref().map_or(0, |live| live.link.generation),
+            properties: delivery.properties.clone(),
+            attempt,
+            delivery_count,
+        }
+    }
+
+    /// Republishes a redelivered message in its own place with the count
+    /// of deliveries without an outcome raised (see the module docs).
+    async fn recount(&self, delivery: lapin::message::Delivery) {
+        let held = self.held(&delivery, delivery.acker.clone());
+        let body = Bytes::from(delivery.data);
+        held.republish(&body, held.attempt - 1, held.delivery_count - 1)
+            .await;
+    }
+
     fn hand_out(
         &self,
         delivery: lapin::message::Delivery,
         permit: OwnedSemaphorePermit,
     ) -> Delivery {
-        let attempt = attempt_of(&delivery, self.shared.config.queue_type);
+        let held = self.held(&delivery, delivery.acker.clone());
+        let (attempt, delivery_count) = (held.attempt, held.delivery_count);
         let message = properties::raw_message(delivery.data, &delivery.properties);
         let acker = AmqpAcker {
-            shared: self.shared.clone(),
-            acker: delivery.acker,
-            queue: self.queue.clone(),
+            held: Some(held),
             topic: self.topic.clone(),
             group: self.group.clone(),
-            attempt,
-            generation: self.live.as_ref().map_or(0, |live| live.link.generation),
-            properties: delivery.properties,
+            delays: self.delays.clone(),
             permit: Some(permit),
             handle: self.handle.clone(),
         };
@@ -218,17 +286,69 @@ impl ConsumerState {
             attempt,
             Box::new(acker),
         )
+        .with_delivery_count(delivery_count)
     }
+}
+
+/// Samples the queue's depth (a passive declare on a channel of its own,
+/// since a failed passive declare closes its channel) into the lag gauge
+/// every `lag_every`, until the subscription ends.
+fn spawn_lag_sampler(
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+    group: Arc<str>,
+    queue: Arc<str>,
+) -> JoinHandle<()> {
+    let every = shared.config.lag_every;
+    let links = shared.supervisor.link_watch();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(link) = links.borrow().clone() else {
+                continue;
+            };
+            let sample = async {
+                let channel = link.connection.create_channel().await?;
+                let declared = channel
+                    .queue_declare(
+                        queue.as_ref().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                let _ = channel.close(200, "lag sampled".into()).await;
+                declared.map(|queue| queue.message_count())
+            };
+            // A sample that cannot finish within the interval is skipped.
+            if let Ok(Ok(depth)) = tokio::time::timeout(every, sample).await {
+                metrics::consumer_lag(NAME, topic.clone(), group.clone(), u64::from(depth));
+            }
+        }
+    })
 }
 
 impl Drop for ConsumerState {
     fn drop(&mut self) {
+        if let Some(lag) = self.lag.take() {
+            lag.abort();
+        }
+        // Nacked deliveries go back to the broker now, before the channel
+        // closes (which would count them as deliveries without an outcome).
+        let waiting = self.delays.close();
         let live = self.live.take();
         let shared = self.shared.clone();
         let permits = self.permits.clone();
         let prefetch = self.prefetch as u32;
         let drained = self.drained.take();
         self.handle.spawn(async move {
+            for (waiting, _left) in waiting {
+                waiting.requeue().await;
+            }
             if let Some(Live {
                 link,
                 channel,
@@ -262,201 +382,6 @@ impl Drop for ConsumerState {
                 let _ = permits.acquire_many(prefetch).await;
             }
             drop(drained);
-        });
-    }
-}
-
-/// Which delivery this is. Quorum queues count in `x-delivery-count`;
-/// classic queues keep no count, so the transport writes the deliveries so
-/// far into a header when a nack republishes the message, and a redelivery
-/// the broker made by itself counts one more.
-fn attempt_of(delivery: &lapin::message::Delivery, queue_type: QueueType) -> u32 {
-    let count = |name: &str| {
-        properties::header_value(&delivery.properties, name)
-            .and_then(properties::number_value)
-            .map_or(0, |count| count.clamp(0, u32::MAX as i64 - 2) as u32)
-    };
-    match queue_type {
-        QueueType::Quorum => count("x-delivery-count") + 1,
-        QueueType::Classic => count(ATTEMPTS) + 1 + u32::from(delivery.redelivered),
-    }
-}
-
-/// Settles one delivery on the channel it came from.
-struct AmqpAcker {
-    shared: Arc<Shared>,
-    acker: lapin::Acker,
-    queue: Arc<str>,
-    topic: Arc<str>,
-    group: Arc<str>,
-    attempt: u32,
-    /// The connection the delivery came on; settling it dies with it.
-    generation: u64,
-    properties: BasicProperties,
-    /// Held until settled: counts the delivery as in flight.
-    permit: Option<OwnedSemaphorePermit>,
-    handle: Handle,
-}
-
-impl AmqpAcker {
-    async fn reject_requeue(
-        shared: &Shared,
-        generation: u64,
-        acker: &lapin::Acker,
-    ) -> Result<(), Error> {
-        let rejected = async {
-            acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await
-                .map_err(|error| amqp_error("reject", error))
-        };
-        let sent = shared.supervisor.guard(generation, rejected).await?;
-        sent.then_some(()).ok_or_else(channel_gone)
-    }
-
-    /// The nack proper, after the delay.
-    #[allow(clippy::too_many_arguments)]
-    async fn requeue(
-        shared: &Shared,
-        generation: u64,
-        acker: &lapin::Acker,
-        queue: &str,
-        queue_type: QueueType,
-        body: &Bytes,
-        properties: &BasicProperties,
-        attempt: u32,
-    ) -> Result<(), Error> {
-        if queue_type == QueueType::Quorum {
-            return Self::reject_requeue(shared, generation, acker).await;
-        }
-        let republished =
-            properties::with_headers(properties, &[(ATTEMPTS, attempt.to_string())], &[]);
-        match publish_direct(shared, queue, body, republished).await {
-            Ok(()) => ack(shared, generation, acker).await,
-            Err(error) => {
-                tracing::warn!(%error, queue, "amqp: cannot republish a nacked message; requeueing it");
-                Self::reject_requeue(shared, generation, acker).await
-            }
-        }
-    }
-}
-
-async fn ack(shared: &Shared, generation: u64, acker: &lapin::Acker) -> Result<(), Error> {
-    let acked = async {
-        acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(|error| amqp_error("ack", error))
-    };
-    let sent = shared.supervisor.guard(generation, acked).await?;
-    sent.then_some(()).ok_or_else(channel_gone)
-}
-
-fn channel_gone() -> Error {
-    Error::new(
-        ErrorKind::Connection,
-        "amqp: the channel that delivered the message is closed; the broker delivers it again",
-    )
-}
-
-#[async_trait]
-impl Acker for AmqpAcker {
-    async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
-        ack(&self.shared, self.generation, &self.acker).await?;
-        self.permit = None;
-        Ok(())
-    }
-
-    /// With no delay the message is requeued before this returns. With a
-    /// delay, the message is held (unacked, counting against the prefetch)
-    /// by a task that requeues it when the delay is over, and this returns
-    /// at once; if that fails, the message is still unacked on its channel
-    /// and the broker delivers it again when the channel closes.
-    async fn nack(&mut self, message: &RawMessage, delay: Duration) -> Result<(), Error> {
-        let queue_type = self.shared.config.queue_type;
-        if delay.is_zero() {
-            Self::requeue(
-                &self.shared,
-                self.generation,
-                &self.acker,
-                &self.queue,
-                queue_type,
-                &message.body,
-                &self.properties,
-                self.attempt,
-            )
-            .await?;
-            self.permit = None;
-            return Ok(());
-        }
-        let (shared, acker, queue) = (self.shared.clone(), self.acker.clone(), self.queue.clone());
-        let (body, properties, attempt) =
-            (message.body.clone(), self.properties.clone(), self.attempt);
-        let generation = self.generation;
-        let permit = self.permit.take();
-        self.handle.spawn(async move {
-            tokio::time::sleep(delay).await;
-            let requeued = Self::requeue(
-                &shared,
-                generation,
-                &acker,
-                &queue,
-                queue_type,
-                &body,
-                &properties,
-                attempt,
-            )
-            .await;
-            if let Err(error) = requeued {
-                tracing::warn!(%error, queue = &*queue, "amqp: delayed nack failed");
-            }
-            drop(permit);
-        });
-        Ok(())
-    }
-
-    async fn dead_letter(
-        &mut self,
-        message: &RawMessage,
-        letter: &DeadLetter,
-    ) -> Result<(), Error> {
-        let mut facts = vec![
-            (properties::DLQ_REASON, letter.reason().to_owned()),
-            (
-                properties::DLQ_ATTEMPTS,
-                letter.attempts().unwrap_or(self.attempt).to_string(),
-            ),
-            (properties::DLQ_TOPIC, self.topic.to_string()),
-            (properties::DLQ_GROUP, self.group.to_string()),
-            (
-                properties::DLQ_TIME,
-                Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
-            ),
-        ];
-        if let Some(error) = letter.last_error() {
-            facts.push((properties::DLQ_ERROR, error.to_owned()));
-        }
-        let properties = properties::with_headers(&self.properties, &facts, &[ATTEMPTS]);
-        let dlq = format!("{}{DLQ_SUFFIX}", self.queue);
-        publish_direct(&self.shared, &dlq, &message.body, properties).await?;
-        ack(&self.shared, self.generation, &self.acker).await?;
-        self.permit = None;
-        Ok(())
-    }
-
-    fn abandoned(&mut self, _message: RawMessage) {
-        // Left unsettled, the message would sit on this channel until it
-        // closes; give it back now.
-        let Some(permit) = self.permit.take() else {
-            return;
-        };
-        let (shared, acker, generation) =
-            (self.shared.clone(), self.acker.clone(), self.generation);
-        self.handle.spawn(async move {
-            if let Err(error) = Self::reject_requeue(&shared, generation, &acker).await {
-                tracing::debug!(%error, "amqp: requeue of an abandoned delivery failed");
-            }
-            drop(permit);
         });
     }
 }

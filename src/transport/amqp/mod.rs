@@ -21,13 +21,19 @@
 //!   confirms outstanding on one channel, so throughput does not pay a round
 //!   trip per message.
 //! * **Consuming.** Manual acks; the prefetch is
-//!   [`SubscribeOptions::prefetch`]. `nack(delay)` holds the message for the
-//!   delay (it still counts against the prefetch) and then, on a classic
-//!   queue, republishes it (confirmed) to the back of the group's queue with
-//!   its attempt count in a header and acks the original; on a quorum queue
-//!   it rejects it with requeue, and the broker's `x-delivery-count` counts
-//!   the attempt. A delivery dropped unsettled is rejected with requeue at
-//!   once, so it never sits on the channel until the connection closes.
+//!   [`SubscribeOptions::prefetch`], and it bounds everything the
+//!   subscription holds. `nack(delay)` holds the message for the delay in
+//!   the subscription's timer queue (it still counts against the prefetch,
+//!   so a consumer whose dependency is down holds `prefetch` messages and
+//!   does not walk the backlog) and then republishes it (confirmed) to the
+//!   back of the group's queue with its attempt count and its count of
+//!   deliveries without an outcome in headers, and acks the original — on
+//!   both queue types; the `acker` module docs say why this and not a
+//!   broker-side delay queue. A delivery dropped unsettled is rejected with
+//!   requeue at once, so it never sits on the channel until the connection
+//!   closes. Each subscription samples its queue's depth (a passive
+//!   declare) every [`AmqpConfig::lag_every`] into the
+//!   `switchboard_consumer_lag` gauge.
 //! * **Dead letters.** A confirmed publish of the message to `<queue>.dlq`
 //!   with the reason, attempts, original routing key, group, last error and
 //!   time in headers, then an ack of the original. Quorum queues are also
@@ -75,6 +81,7 @@ use super::{
 use crate::error::{Error, ErrorKind};
 use crate::topology::Topology;
 
+mod acker;
 mod connection;
 mod consumer;
 mod dlq;
@@ -148,6 +155,9 @@ pub struct AmqpConfig {
     /// The content type set on published messages (default
     /// `application/json`).
     pub content_type: String,
+    /// How often each subscription samples its queue's depth into the
+    /// `switchboard_consumer_lag` gauge (default 5 s).
+    pub lag_every: Duration,
     /// Extra CA certificates (PEM) trusted for an `amqps://` URI, next to
     /// the webpki roots: a private CA's certificate. Needs the `amqp-tls`
     /// feature, as any `amqps://` URI does (default `None`).
@@ -168,6 +178,7 @@ impl AmqpConfig {
             heartbeat: Duration::from_secs(5),
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             content_type: "application/json".to_owned(),
+            lag_every: Duration::from_secs(5),
             tls_ca_pem: None,
         }
     }
@@ -175,6 +186,12 @@ impl AmqpConfig {
     /// Sets [`tls_ca_pem`](Self::tls_ca_pem).
     pub fn with_tls_ca_pem(mut self, pem: impl Into<String>) -> Self {
         self.tls_ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Sets [`lag_every`](Self::lag_every).
+    pub fn with_lag_every(mut self, every: Duration) -> Self {
+        self.lag_every = every;
         self
     }
 
@@ -250,6 +267,9 @@ impl AmqpConfig {
         if self.publish_window == 0 {
             return Err(config("amqp: publish_window must be at least 1".into()));
         }
+        if self.lag_every.is_zero() {
+            return Err(config("amqp: lag_every must be above zero".into()));
+        }
         if self.heartbeat < Duration::from_secs(1) {
             return Err(config("amqp: heartbeat must be at least 1 s".into()));
         }
@@ -283,6 +303,7 @@ impl fmt::Debug for AmqpConfig {
             .field("heartbeat", &self.heartbeat)
             .field("reconnect_delay", &self.reconnect_delay)
             .field("content_type", &self.content_type)
+            .field("lag_every", &self.lag_every)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<PEM>"))
             .finish()
     }

@@ -14,9 +14,12 @@ use uuid::Uuid;
 use super::connection::long_string;
 use crate::transport::{RawMessage, header};
 
-/// Deliveries before this one, written when a classic queue's message is
-/// republished by a nack.
+/// Deliveries before this one, written when a message is republished (by a
+/// nack, or to count a redelivery on a classic queue).
 pub(crate) const ATTEMPTS: &str = "x-sb-attempts";
+/// Deliveries before this one that ended without an outcome (a crash, a
+/// lost connection, a delivery dropped unsettled), written on republish.
+pub(crate) const REDELIVERIES: &str = "x-sb-redeliveries";
 /// Dead-letter facts.
 pub(crate) const DLQ_REASON: &str = "x-sb-dlq-reason";
 pub(crate) const DLQ_ATTEMPTS: &str = "x-sb-dlq-attempts";

@@ -137,7 +137,8 @@ impl Group {
             .arg(&*self.group)
             .arg(&self.consumer)
             .arg(id);
-        for arg in fields.args_iter() {
+        // The first argument is the command's own name.
+        for arg in fields.args_iter().skip(1) {
             if let redis::Arg::Simple(bytes) = arg {
                 invocation.arg(bytes);
             }

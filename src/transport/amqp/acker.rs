@@ -1,0 +1,256 @@
+//! Settling a delivery on the channel it came from, and how a nack works.
+//!
+//! # A delayed nack on RabbitMQ
+//!
+//! A nacked message waits out its delay **in the subscription**, unacked on
+//! its channel, in the subscription's timer queue (one per subscription,
+//! not a task per nack), holding its prefetch permit; the broker's prefetch
+//! (`basic.qos`) counts it too. When the delay is over it is republished,
+//! confirmed, to the back of its group's queue with its attempt count and
+//! its count of deliveries without an outcome in headers, and the original
+//! is acked. Both queue types work the same way.
+//!
+//! Why not a broker-side delay queue (a TTL queue dead-lettering back):
+//! the message would leave the consumer's prefetch, so while a dependency
+//! is down the consumer would pull, nack and park the whole backlog at
+//! broker speed instead of holding `prefetch` messages and waiting; and
+//! without a plugin RabbitMQ expires only the head of a queue, so one
+//! queue cannot hold several delays. The price of holding in the
+//! subscription: a connection lost during the delay gives the message back
+//! to the broker at once (delivered again early, never lost). Scheduled
+//! publishing, where no consumer holds anything, is a different problem.
+//!
+//! Why republish instead of `basic.reject` with requeue: a reject puts the
+//! message back at the *front* of a classic queue (a nacked message would be
+//! the next one again) and raises a quorum queue's `x-delivery-count`,
+//! which must keep counting only deliveries that ended without an outcome
+//! for the poison guard ([`SubscribeOptions::max_deliveries`]).
+//!
+//! [`SubscribeOptions::max_deliveries`]: crate::SubscribeOptions::max_deliveries
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{SecondsFormat, Utc};
+use lapin::BasicProperties;
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use tokio::runtime::Handle;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::connection::amqp_error;
+use super::properties::{self, ATTEMPTS, REDELIVERIES};
+use super::publisher::publish_direct;
+use super::{DLQ_SUFFIX, QueueType, Shared};
+use crate::error::{Error, ErrorKind};
+use crate::transport::delay::DelayQueue;
+use crate::transport::{Acker, DeadLetter, RawMessage};
+
+/// Which delivery this is, and how many deliveries before it ended without
+/// an outcome. Quorum queues count returns in `x-delivery-count`; classic
+/// queues keep no count (only the `redelivered` flag), so the transport
+/// writes both counts into headers whenever it republishes a message.
+pub(super) fn counts_of(delivery: &lapin::message::Delivery, queue_type: QueueType) -> (u32, u32) {
+    let count = |name: &str| {
+        properties::header_value(&delivery.properties, name)
+            .and_then(properties::number_value)
+            .map_or(0, |count| count.clamp(0, i64::from(u32::MAX / 4)) as u32)
+    };
+    let returned = match queue_type {
+        QueueType::Quorum => count("x-delivery-count"),
+        QueueType::Classic => u32::from(delivery.redelivered),
+    };
+    let attempt = count(ATTEMPTS) + returned + 1;
+    let delivery_count = count(REDELIVERIES) + returned + 1;
+    (attempt, delivery_count)
+}
+
+/// A delivery as the broker handed it out: enough to settle or republish it.
+pub(super) struct Held {
+    pub(super) shared: Arc<Shared>,
+    pub(super) acker: lapin::Acker,
+    pub(super) queue: Arc<str>,
+    /// The connection the delivery came on; settling it dies with it.
+    pub(super) generation: u64,
+    pub(super) properties: BasicProperties,
+    pub(super) attempt: u32,
+    pub(super) delivery_count: u32,
+}
+
+impl Held {
+    async fn reject_requeue(&self) -> Result<(), Error> {
+        let rejected = async {
+            self.acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await
+                .map_err(|error| amqp_error("reject", error))
+        };
+        let sent = self
+            .shared
+            .supervisor
+            .guard(self.generation, rejected)
+            .await?;
+        sent.then_some(()).ok_or_else(channel_gone)
+    }
+
+    pub(super) async fn ack(&self) -> Result<(), Error> {
+        let acked = async {
+            self.acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|error| amqp_error("ack", error))
+        };
+        let sent = self.shared.supervisor.guard(self.generation, acked).await?;
+        sent.then_some(()).ok_or_else(channel_gone)
+    }
+
+    /// Republishes the message to the back of its queue as delivery
+    /// `attempt + 1` with `delivery_count - 1 + returned` deliveries
+    /// without an outcome before it, then acks the original. If the
+    /// republish fails, the original is rejected with requeue instead.
+    pub(super) async fn republish(&self, body: &Bytes, attempt: u32, without_outcome: u32) {
+        let headers = [
+            (ATTEMPTS, attempt.to_string()),
+            (REDELIVERIES, without_outcome.to_string()),
+        ];
+        let properties = properties::with_headers(&self.properties, &headers, &[]);
+        let done = match publish_direct(&self.shared, &self.queue, body, properties).await {
+            Ok(()) => self.ack().await,
+            Err(error) => {
+                tracing::warn!(%error, queue = &*self.queue, "amqp: cannot republish a message; requeueing it");
+                self.reject_requeue().await
+            }
+        };
+        if let Err(error) = done {
+            // Still unacked on its channel: the broker delivers it again
+            // when the channel closes.
+            tracing::warn!(%error, queue = &*self.queue, "amqp: cannot settle a republished message");
+        }
+    }
+
+    /// The nack proper: to the back of the queue, one attempt more, the
+    /// count of deliveries without an outcome unchanged.
+    pub(super) async fn requeue(&self, body: &Bytes) {
+        self.republish(body, self.attempt, self.delivery_count - 1)
+            .await;
+    }
+}
+
+/// A nacked delivery waiting out its delay, with its permit.
+pub(super) struct Waiting {
+    pub(super) held: Held,
+    pub(super) body: Bytes,
+    pub(super) _permit: OwnedSemaphorePermit,
+}
+
+impl Waiting {
+    pub(super) async fn requeue(self) {
+        self.held.requeue(&self.body).await;
+    }
+}
+
+fn channel_gone() -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        "amqp: the channel that delivered the message is closed; the broker delivers it again",
+    )
+}
+
+/// Settles one delivery on the channel it came from.
+pub(super) struct AmqpAcker {
+    pub(super) held: Option<Held>,
+    pub(super) topic: Arc<str>,
+    pub(super) group: Arc<str>,
+    pub(super) delays: DelayQueue<Waiting>,
+    /// Held until settled for good or back with the broker: counts the
+    /// delivery against the prefetch (through a nack's delay too).
+    pub(super) permit: Option<OwnedSemaphorePermit>,
+    pub(super) handle: Handle,
+}
+
+impl AmqpAcker {
+    fn held(&self) -> Result<&Held, Error> {
+        self.held
+            .as_ref()
+            .ok_or_else(|| Error::closed("amqp delivery"))
+    }
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
+        self.held()?.ack().await?;
+        self.permit = None;
+        Ok(())
+    }
+
+    /// With no delay the message is republished before this returns. With
+    /// a delay it waits in the subscription's timer queue (see the module
+    /// docs) and this returns at once.
+    async fn nack(&mut self, message: &RawMessage, delay: Duration) -> Result<(), Error> {
+        self.held()?;
+        let (Some(held), Some(permit)) = (self.held.take(), self.permit.take()) else {
+            return Err(Error::closed("amqp delivery"));
+        };
+        let waiting = Waiting {
+            held,
+            body: message.body.clone(),
+            _permit: permit,
+        };
+        if delay.is_zero() {
+            waiting.requeue().await;
+            return Ok(());
+        }
+        if let Err(waiting) = self.delays.push(delay, waiting) {
+            // The subscription is stopping: back to the broker now.
+            waiting.requeue().await;
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        message: &RawMessage,
+        letter: &DeadLetter,
+    ) -> Result<(), Error> {
+        let held = self.held()?;
+        let mut facts = vec![
+            (properties::DLQ_REASON, letter.reason().to_owned()),
+            (
+                properties::DLQ_ATTEMPTS,
+                letter.attempts().unwrap_or(held.attempt).to_string(),
+            ),
+            (properties::DLQ_TOPIC, self.topic.to_string()),
+            (properties::DLQ_GROUP, self.group.to_string()),
+            (
+                properties::DLQ_TIME,
+                Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
+            ),
+        ];
+        if let Some(error) = letter.last_error() {
+            facts.push((properties::DLQ_ERROR, error.to_owned()));
+        }
+        let properties =
+            properties::with_headers(&held.properties, &facts, &[ATTEMPTS, REDELIVERIES]);
+        let dlq = format!("{}{DLQ_SUFFIX}", held.queue);
+        publish_direct(&held.shared, &dlq, &message.body, properties).await?;
+        held.ack().await?;
+        self.permit = None;
+        Ok(())
+    }
+
+    fn abandoned(&mut self, _message: RawMessage) {
+        // Left unsettled, the message would sit on this channel until it
+        // closes; give it back now.
+        let (Some(held), Some(permit)) = (self.held.take(), self.permit.take()) else {
+            return;
+        };
+        self.handle.spawn(async move {
+            if let Err(error) = held.reject_requeue().await {
+                tracing::debug!(%error, "amqp: requeue of an abandoned delivery failed");
+            }
+            drop(permit);
+        });
+    }
+}
