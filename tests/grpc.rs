@@ -346,3 +346,131 @@ mod receiver {
             .expect("published after bad input");
     }
 }
+
+// ------------------------------------------- a full queue pushes back
+
+#[path = "common/refusals.rs"]
+mod refusals;
+
+mod full_queue {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use switchboard::transport::grpc::{GrpcTransport, RETRY_PUSHBACK_MS, proto};
+    use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
+    use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
+    use tokio::sync::{Semaphore, mpsc};
+    use tokio::task::JoinSet;
+    use tonic::Code;
+    use tonic::transport::Endpoint;
+
+    use super::refusals::Refusals;
+
+    const TOPIC: &str = "busy";
+    const CAPACITY: usize = 2;
+
+    #[tokio::test]
+    async fn a_full_queue_is_refused_at_once_and_the_publisher_loses_nothing() {
+        let refusals = Refusals::new("grpc", TOPIC);
+        let _recorder = metrics::set_default_local_recorder(&refusals);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(&url)))
+            .with_queue_capacity(CAPACITY)
+            .with_timeout(Duration::from_secs(10))
+            .with_retry(switchboard::config::RetryConfig {
+                max_attempts: 2,
+                backoff_ms: 1,
+                backoff_multiplier: 1.0,
+                max_backoff_ms: 1,
+            });
+        let transport = GrpcTransport::new(config).unwrap();
+        tokio::spawn(transport.serve(listener));
+
+        // The handler takes one message at a time and holds each until the
+        // gate opens; what it settles is reported on `handled`.
+        let mut subscription = transport
+            .subscribe(TOPIC, SubscribeOptions::new("g"))
+            .await
+            .unwrap();
+        let gate = Arc::new(Semaphore::new(0));
+        let (taken, mut took) = mpsc::unbounded_channel();
+        let (handled, mut settled) = mpsc::unbounded_channel();
+        let handler = tokio::spawn({
+            let gate = gate.clone();
+            async move {
+                while let Some(delivery) = subscription.recv().await {
+                    let _ = taken.send(());
+                    drop(gate.acquire().await.unwrap());
+                    let body = String::from_utf8(delivery.body().to_vec()).unwrap();
+                    let _ = handled.send((body, delivery.attempt()));
+                    delivery.ack().await.map_err(|(e, _)| e).unwrap();
+                }
+            }
+        });
+        let publish = |body: String| {
+            let publisher = transport.clone();
+            tokio::spawn(async move { publisher.publish(TOPIC, RawMessage::new(body)).await })
+        };
+
+        // The first message is at the handler, which holds it.
+        let mut publishing = vec![publish("published-0".into())];
+        took.recv().await.unwrap();
+
+        // Two more than the queue holds, at once: two wait in the queue and
+        // two are refused straight away, with a retry hint.
+        let client =
+            proto::push_client::PushClient::new(Endpoint::from_shared(url).unwrap().connect_lazy());
+        let mut raw = JoinSet::new();
+        for n in 0..CAPACITY + 2 {
+            let mut client = client.clone();
+            raw.spawn(async move {
+                let request = proto::DeliverRequest {
+                    topic: TOPIC.into(),
+                    body: format!("raw-{n}").into(),
+                    attempt: 1,
+                    ..Default::default()
+                };
+                client.deliver(request).await
+            });
+        }
+        for _ in 0..2 {
+            let status = raw.join_next().await.unwrap().unwrap().unwrap_err();
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert_eq!(status.metadata().get(RETRY_PUSHBACK_MS).unwrap(), "100");
+            assert!(status.message().contains("waiting"), "{status:?}");
+        }
+        assert_eq!(refusals.count(), 2);
+
+        // The queue stays full while the handler holds its message: the
+        // publisher's pushes are refused too, and it keeps trying.
+        publishing.extend((1..5).map(|n| publish(format!("published-{n}"))));
+        refusals.wait_for(2 + 4).await;
+        assert_eq!(raw.len(), CAPACITY, "the queued requests still wait");
+
+        // Once the handler goes on, everything arrives: the queued requests
+        // and every published message, each once and as its first attempt.
+        gate.add_permits(1);
+        for publishing in publishing {
+            publishing
+                .await
+                .unwrap()
+                .expect("published despite the refusals");
+        }
+        while let Some(answer) = raw.join_next().await {
+            answer.unwrap().expect("a queued request is handled");
+        }
+        let mut seen = BTreeMap::new();
+        for _ in 0..5 + CAPACITY {
+            let (body, attempt) = settled.recv().await.unwrap();
+            assert_eq!(attempt, 1, "{body}: a refusal is not an attempt");
+            *seen.entry(body).or_insert(0) += 1;
+        }
+        for n in 0..5 {
+            assert_eq!(seen.get(&format!("published-{n}")), Some(&1), "{seen:?}");
+        }
+        assert!(settled.try_recv().is_err(), "nothing twice: {seen:?}");
+        handler.abort();
+    }
+}

@@ -1,6 +1,7 @@
 //! The gRPC event-push transport: `publish` calls `Push/Deliver` on each of
 //! the topic's endpoints; the receiver hands the message to a subscriber and
-//! answers once the handler has settled it.
+//! answers once the handler has settled it, or at once with
+//! `RESOURCE_EXHAUSTED` when the group's queue is full.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,10 +23,12 @@ use tower::Service;
 use super::proto::push_client::PushClient;
 use super::proto::push_server::{Push, PushServer};
 use super::proto::{DeliverReply, DeliverRequest};
-use super::{error_from_status, status_from_error};
+use super::{RETRY_PUSHBACK_MS, error_from_status, status_from_error};
 use crate::error::{Error, ErrorKind};
 use crate::topology::Topology;
-use crate::transport::push::{self, Inbox, PushConfig, PushRequest, PushSender};
+use crate::transport::push::{
+    self, Inbox, PushConfig, PushRequest, PushSender, QueueFull, SendError,
+};
 use crate::transport::{
     Capabilities, DeliveryMode, Publisher, RawMessage, SubscribeOptions, Subscriber, Subscription,
     Transport,
@@ -42,6 +45,12 @@ type EndpointConfig = dyn Fn(Endpoint) -> Result<Endpoint, Error> + Send + Sync;
 /// on the endpoints [`PushConfig::routes`] names for the topic; the
 /// receiver ([`push_service`](Self::push_service), or [`serve`](Self::serve))
 /// answers once a subscriber's handler has acked.
+///
+/// The receiver keeps at most [`PushConfig::queue_capacity`] pushes per
+/// group waiting for a subscription; one more is answered at once with
+/// `RESOURCE_EXHAUSTED` and `grpc-retry-pushback-ms`
+/// ([`QUEUE_FULL_RETRY_AFTER`](push::QUEUE_FULL_RETRY_AFTER)), and the
+/// publisher sends it again after that, within the same attempt.
 ///
 /// Not persistent, no dead-letter queue, no redelivery of what a receiver
 /// never got: see [`push`](crate::transport::push) for the exact guarantees.
@@ -86,18 +95,20 @@ struct Inner {
 
 impl GrpcTransport {
     /// A transport that publishes by `config` and receives into its own
-    /// inbox. Connections open on first use.
+    /// inbox of [`PushConfig::queue_capacity`]. Connections open on first
+    /// use.
     pub fn new(config: PushConfig) -> Result<Self, Error> {
         config.validate()?;
         for url in config.routes.urls() {
             Endpoint::from_shared(url.to_owned()).map_err(|error| bad_url(url, error))?;
         }
+        let inbox = Inbox::with_capacity(NAME, config.queue_capacity)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 endpoint_config: None,
                 clients: Mutex::default(),
-                inbox: Inbox::new(NAME),
+                inbox,
             }),
         })
     }
@@ -286,7 +297,7 @@ impl fmt::Debug for GrpcTransport {
 
 #[async_trait]
 impl PushSender for GrpcTransport {
-    async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), Error> {
+    async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), SendError> {
         let mut client = self.client(url)?;
         let message = DeliverRequest {
             topic: request.topic.to_owned(),
@@ -295,11 +306,20 @@ impl PushSender for GrpcTransport {
             body: request.message.body.clone(),
             attempt: request.attempt,
         };
-        client
-            .deliver(message)
-            .await
-            .map(drop)
-            .map_err(error_from_status)
+        let status = match client.deliver(message).await {
+            Ok(_) => return Ok(()),
+            Err(status) => status,
+        };
+        // A full queue answers RESOURCE_EXHAUSTED with a pushback; an
+        // oversize body answers it without one.
+        let refused = status.code() == Code::ResourceExhausted
+            && status.metadata().contains_key(RETRY_PUSHBACK_MS);
+        let error = error_from_status(status);
+        Err(if refused {
+            SendError::Refused(error)
+        } else {
+            SendError::Failed(error)
+        })
     }
 }
 
@@ -341,7 +361,10 @@ impl Transport for GrpcTransport {
 }
 
 /// The receiving side: implements the generated `Push` service by handing
-/// each request to the [`Inbox`].
+/// each request to the [`Inbox`]. A request the inbox refuses because the
+/// group's queue is full ([`QueueFull`]) is answered `RESOURCE_EXHAUSTED`
+/// with `grpc-retry-pushback-ms`; the inbox's other errors as
+/// [`status_from_error`] maps them.
 #[derive(Debug, Clone)]
 pub struct PushReceiver {
     inbox: Inbox,
@@ -383,15 +406,31 @@ impl Push for PushReceiver {
             )
             .await
             .map(|()| Response::new(DeliverReply {}))
-            .map_err(|error| status_from_error(&error))
+            .map_err(|error| receiver_status(&error))
     }
+}
+
+/// [`status_from_error`], but `RESOURCE_EXHAUSTED` (keeping the pushback)
+/// for a refusal because the queue is full.
+fn receiver_status(error: &Error) -> Status {
+    let status = status_from_error(error);
+    if QueueFull::of(error).is_none() {
+        return status;
+    }
+    Status::with_metadata(
+        Code::ResourceExhausted,
+        status.message(),
+        status.metadata().clone(),
+    )
 }
 
 /// The generated `PushServer` with tonic's answers to bad input made precise:
 /// an undecodable request is `INVALID_ARGUMENT` (tonic says `INTERNAL`) and
 /// one over the size limit is `RESOURCE_EXHAUSTED` (tonic says
 /// `OUT_OF_RANGE`). The receiver itself answers neither code, so every such
-/// status comes from decoding the request.
+/// status comes from decoding the request. (The receiver's own
+/// `RESOURCE_EXHAUSTED` answers, for a body over the limit or a full queue,
+/// pass through unchanged.)
 #[derive(Debug, Clone)]
 pub struct PushService {
     inner: PushServer<PushReceiver>,

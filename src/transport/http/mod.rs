@@ -59,7 +59,7 @@ mod server;
 mod tls;
 
 pub use client::{JsonService, ResponseFuture};
-pub use push::{ATTEMPT, GROUP, HEADERS, HttpTransport};
+pub use push::{ATTEMPT, GROUP, HEADERS, HttpTransport, REFUSED, REFUSED_QUEUE_FULL};
 pub use server::{JsonBody, MaxBodyBytes};
 #[cfg(feature = "http-tls")]
 pub use tls::{serve_tls, tls_client, tls_server_config};

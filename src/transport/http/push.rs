@@ -1,6 +1,7 @@
 //! The webhook event-push transport: `publish` POSTs the message to
 //! `/events/{topic}` at each of the topic's endpoints; the receiver hands it
-//! to a subscriber and answers once the handler has settled it.
+//! to a subscriber and answers once the handler has settled it, or at once
+//! with 503 when the group's queue is full.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -22,7 +23,9 @@ use super::{ErrorResponse, error_from_response};
 use crate::envelope::Headers;
 use crate::error::{Error, ErrorKind};
 use crate::topology::Topology;
-use crate::transport::push::{self, Inbox, PushConfig, PushRequest, PushSender};
+use crate::transport::push::{
+    self, Inbox, PushConfig, PushRequest, PushSender, QueueFull, SendError,
+};
 use crate::transport::{
     Capabilities, DeliveryMode, Publisher, RawMessage, SubscribeOptions, Subscriber, Subscription,
     Transport,
@@ -38,6 +41,13 @@ pub const HEADERS: &str = "switchboard-headers";
 pub const GROUP: &str = "switchboard-group";
 /// Which delivery of the message this is (1 the first time).
 pub const ATTEMPT: &str = "switchboard-attempt";
+/// On a 503: why the receiver did not take the message. `queue-full` (the
+/// only value) means the group's queue was full and no handler saw the
+/// message; the publisher sends it again after `Retry-After` without
+/// counting an attempt.
+pub const REFUSED: &str = "switchboard-refused";
+/// The value of [`REFUSED`] when the group's queue was full.
+pub const REFUSED_QUEUE_FULL: &str = "queue-full";
 
 /// Events pushed as webhooks.
 ///
@@ -54,10 +64,14 @@ pub const ATTEMPT: &str = "switchboard-attempt";
 ///
 /// The receiver answers **204** once the handler acked; **503** with
 /// `Retry-After` and `switchboard-retry-after-ms` when it nacked, dropped
-/// the message, or no subscriber is there; **400** for a bad topic, group,
-/// attempt or header JSON; **413** for a body over
-/// [`PushConfig::max_body_bytes`]. Error bodies are
-/// `{"error":{"kind":"...","message":"..."}}`.
+/// the message, or no subscriber is there; **503** at once, with
+/// `Retry-After`, `switchboard-retry-after-ms` and `switchboard-refused:
+/// queue-full`, when the group already has
+/// [`PushConfig::queue_capacity`] pushes waiting (the publisher sends it
+/// again after [`QUEUE_FULL_RETRY_AFTER`](push::QUEUE_FULL_RETRY_AFTER),
+/// within the same attempt); **400** for a bad topic, group, attempt or
+/// header JSON; **413** for a body over [`PushConfig::max_body_bytes`].
+/// Error bodies are `{"error":{"kind":"...","message":"..."}}`.
 ///
 /// Not persistent, no dead-letter queue, no redelivery of what a receiver
 /// never got: see [`push`](crate::transport::push).
@@ -102,7 +116,8 @@ struct Inner {
 
 impl HttpTransport {
     /// A transport that publishes by `config` with a default
-    /// `reqwest::Client` and receives into its own inbox.
+    /// `reqwest::Client` and receives into its own inbox of
+    /// [`PushConfig::queue_capacity`].
     pub fn new(config: PushConfig) -> Result<Self, Error> {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
@@ -115,11 +130,12 @@ impl HttpTransport {
     /// timeouts, TLS roots (see `tls_client` with the `http-tls` feature).
     pub fn with_client(config: PushConfig, client: reqwest::Client) -> Result<Self, Error> {
         config.validate()?;
+        let inbox = Inbox::with_capacity(NAME, config.queue_capacity)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 client,
-                inbox: Inbox::new(NAME),
+                inbox,
             }),
         })
     }
@@ -181,7 +197,7 @@ impl HttpTransport {
 
 #[async_trait]
 impl PushSender for HttpTransport {
-    async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), Error> {
+    async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), SendError> {
         let url = format!("{}/events/{}", url.trim_end_matches('/'), request.topic);
         let mut builder = self
             .inner
@@ -204,7 +220,16 @@ impl PushSender for HttpTransport {
         let headers = response.headers().clone();
         // Error bodies are small; a broken one still leaves the status.
         let body = response.bytes().await.unwrap_or_default();
-        Err(error_from_response(status, &headers, &body))
+        let error = error_from_response(status, &headers, &body);
+        let refused = status == StatusCode::SERVICE_UNAVAILABLE
+            && headers
+                .get(REFUSED)
+                .is_some_and(|value| value == REFUSED_QUEUE_FULL);
+        Err(if refused {
+            SendError::Refused(error)
+        } else {
+            SendError::Failed(error)
+        })
     }
 }
 
@@ -282,7 +307,16 @@ async fn receive(
     };
     match deliver(&receiver, &topic, request).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(refusal) => refusal.into_response(),
+        Err(refusal) => {
+            let full = QueueFull::of(refusal.error()).is_some();
+            let mut response = refusal.into_response();
+            if full {
+                response
+                    .headers_mut()
+                    .insert(REFUSED, HeaderValue::from_static(REFUSED_QUEUE_FULL));
+            }
+            response
+        }
     }
 }
 

@@ -1,5 +1,12 @@
 //! The receiving side of a push transport: requests come in from the network
 //! and wait here until a subscriber's handler settles them.
+//!
+//! Everything here is bounded. Per group, the queue holds at most the
+//! inbox's capacity of requests (a bounded channel; one more is refused at
+//! once), and each subscription holds at most its prefetch of them
+//! (semaphore permits). Each request carries a oneshot reply, so the replies
+//! are bounded by the requests: at most one per queued or held request, and
+//! none for a refused one.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,9 +15,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::error::{Error, ErrorKind};
+use crate::observe::metrics;
 use crate::transport::{
     Acker, DeadLetter, Delivery, RawMessage, SubscribeOptions, Subscription, validate_name,
 };
@@ -21,6 +30,10 @@ use crate::transport::{
 /// [`deliver`](Inbox::deliver) hands a message to each group subscribed to
 /// its topic and resolves once every one of them has settled it. Clones share
 /// the same subscriptions.
+///
+/// Each group's queue holds at most [`capacity`](Inbox::capacity) messages
+/// that no subscription has taken yet; a message that finds it full is
+/// refused at once (a [`QueueFull`] error) instead of waiting.
 ///
 /// ```
 /// use switchboard::transport::push::Inbox;
@@ -49,18 +62,20 @@ pub struct Inbox {
 
 struct Inner {
     transport: &'static str,
+    capacity: usize,
     topics: Mutex<HashMap<String, Groups>>,
 }
 
 /// A topic's groups at this receiver.
 type Groups = HashMap<Arc<str>, Arc<GroupQueue>>;
 
-/// One group's queue at this receiver; its members take turns on it.
+/// One group's queue at this receiver; its members take turns on it. The
+/// channel is bounded by the inbox's capacity.
 struct GroupQueue {
     topic: Arc<str>,
     name: Arc<str>,
-    sender: mpsc::UnboundedSender<Pending>,
-    receiver: tokio::sync::Mutex<mpsc::UnboundedReceiver<Pending>>,
+    sender: mpsc::Sender<Pending>,
+    receiver: tokio::sync::Mutex<mpsc::Receiver<Pending>>,
     members: AtomicUsize,
 }
 
@@ -79,15 +94,58 @@ enum Outcome {
 }
 
 impl Inbox {
-    /// An inbox with no subscriptions; `transport` names the transport in
-    /// errors.
+    /// An inbox with no subscriptions and the default capacity
+    /// ([`DEFAULT_QUEUE_CAPACITY`](super::DEFAULT_QUEUE_CAPACITY));
+    /// `transport` names the transport in errors and metrics.
     pub fn new(transport: &'static str) -> Self {
+        Self::build(transport, super::DEFAULT_QUEUE_CAPACITY)
+    }
+
+    /// An inbox whose groups each keep at most `capacity` messages waiting
+    /// for a subscription; [`ErrorKind::Config`] when `capacity` is 0.
+    ///
+    /// ```
+    /// use switchboard::transport::push::{Inbox, QueueFull};
+    /// use switchboard::{ErrorKind, RawMessage, SubscribeOptions};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let inbox = Inbox::with_capacity("example", 1)?;
+    /// assert_eq!(inbox.capacity(), 1);
+    /// let _subscription = inbox.subscribe("price.updated", SubscribeOptions::new("game"))?;
+    /// // Nothing takes messages from the subscription, so the first one
+    /// // waits in the group's queue and fills it...
+    /// let first = inbox.deliver("price.updated", None, RawMessage::new("1"), 1);
+    /// tokio::pin!(first);
+    /// assert!(futures_util::poll!(first.as_mut()).is_pending());
+    /// // ...and the next is refused at once, asking to be sent again later.
+    /// let error = inbox.deliver("price.updated", None, RawMessage::new("2"), 1).await.unwrap_err();
+    /// assert_eq!(error.kind(), ErrorKind::Unavailable);
+    /// assert_eq!(QueueFull::of(&error).unwrap().group(), "game");
+    /// assert!(error.requeue_after().is_some());
+    ///
+    /// assert_eq!(Inbox::with_capacity("example", 0).unwrap_err().kind(), ErrorKind::Config);
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn with_capacity(transport: &'static str, capacity: usize) -> Result<Self, Error> {
+        validate_capacity(capacity)?;
+        Ok(Self::build(transport, capacity))
+    }
+
+    fn build(transport: &'static str, capacity: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 transport,
+                // tokio's bounded channel takes at most this many.
+                capacity: capacity.min(Semaphore::MAX_PERMITS),
                 topics: Mutex::default(),
             }),
         }
+    }
+
+    /// How many messages each group's queue keeps waiting at most.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
     }
 
     /// Hands `message` to `group` (or, with `None`, to every group subscribed
@@ -95,8 +153,11 @@ impl Inbox {
     ///
     /// `Ok` once all acked. [`ErrorKind::Unavailable`] when none subscribes,
     /// when one nacked (with [`Error::requeue_after`] set to the nack's
-    /// delay), or when one dropped it unsettled; [`ErrorKind::Rejected`] for
-    /// an invalid topic or group name.
+    /// delay), when one dropped it unsettled, or at once when a group's
+    /// queue is full (with [`QueueFull`] as the source, checked with
+    /// [`QueueFull::of`], and [`QUEUE_FULL_RETRY_AFTER`] as
+    /// `requeue_after`; no group gets the message then);
+    /// [`ErrorKind::Rejected`] for an invalid topic or group name.
     pub async fn deliver(
         &self,
         topic: &str,
@@ -120,18 +181,35 @@ impl Inbox {
             ));
         }
         let attempt = attempt.max(1);
-        let mut replies = Vec::with_capacity(queues.len());
+        // A place in every group's queue first, so that either all of them
+        // get the message or none does.
+        let mut places = Vec::with_capacity(queues.len());
+        for queue in &queues {
+            match queue.sender.try_reserve() {
+                Ok(place) => places.push((queue, place)),
+                Err(TrySendError::Full(())) => return Err(self.refuse(queue)),
+                // The queue owns its receiver, so it cannot close while we
+                // hold it; were it closed, the group has gone.
+                Err(TrySendError::Closed(())) => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!("group {:?} stopped subscribing", queue.name),
+                    ));
+                }
+            }
+        }
+        let mut replies = Vec::with_capacity(places.len());
         let mut message = Some(message);
-        for (index, queue) in queues.iter().enumerate() {
+        let last = places.len() - 1;
+        for (index, (queue, place)) in places.into_iter().enumerate() {
             // Every group but the last gets a copy; the last takes the message.
-            let message = if index + 1 == queues.len() {
+            let message = if index == last {
                 message.take().unwrap_or_default()
             } else {
                 message.clone().unwrap_or_default()
             };
             let (reply, answer) = oneshot::channel();
-            // A closed queue drops `reply`, which reads as "abandoned" below.
-            let _ = queue.sender.send(Pending {
+            place.send(Pending {
                 message,
                 attempt,
                 reply,
@@ -162,6 +240,32 @@ impl Inbox {
             )
             .with_requeue(delay)),
         }
+    }
+
+    /// Counts and explains a refusal because `queue` is full.
+    fn refuse(&self, queue: &GroupQueue) -> Error {
+        let capacity = self.inner.capacity;
+        metrics::push_refused(self.inner.transport, queue.topic.clone());
+        tracing::debug!(
+            topic = %queue.topic,
+            group = %queue.name,
+            capacity,
+            "push refused: the group's queue is full"
+        );
+        Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "group {:?} already has {capacity} messages of topic {:?} waiting at this \
+                 receiver; send it again after {QUEUE_FULL_RETRY_AFTER:?}",
+                queue.name, queue.topic
+            ),
+        )
+        .with_requeue(QUEUE_FULL_RETRY_AFTER)
+        .with_source(QueueFull {
+            topic: queue.topic.clone(),
+            group: queue.name.clone(),
+            capacity,
+        })
     }
 
     /// Starts receiving `topic` for `options.group`. Live at once: a message
@@ -217,7 +321,7 @@ impl Inbox {
             .or_default()
             .entry(group.into())
             .or_insert_with(|| {
-                let (sender, receiver) = mpsc::unbounded_channel();
+                let (sender, receiver) = mpsc::channel(self.inner.capacity);
                 Arc::new(GroupQueue {
                     topic: topic.into(),
                     name: group.into(),
@@ -259,9 +363,78 @@ impl fmt::Debug for Inbox {
         let topics = lock(&self.inner.topics);
         f.debug_struct("Inbox")
             .field("transport", &self.inner.transport)
+            .field("capacity", &self.inner.capacity)
             .field("topics", &topics.len())
             .finish()
     }
+}
+
+/// How long a receiver whose queue is full asks the publisher to wait before
+/// it sends the message again (`grpc-retry-pushback-ms`, or `Retry-After`
+/// and `switchboard-retry-after-ms`).
+pub const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// Why [`Inbox::deliver`] refused a message at once: the group's queue
+/// already held [`Inbox::capacity`] messages. It is the refusal's
+/// [`source`](std::error::Error::source); the handlers never saw the
+/// message, so sending it again later is safe.
+///
+/// ```
+/// use switchboard::Error;
+/// use switchboard::transport::push::QueueFull;
+///
+/// assert!(QueueFull::of(&Error::transient("nacked")).is_none());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueFull {
+    topic: Arc<str>,
+    group: Arc<str>,
+    capacity: usize,
+}
+
+impl QueueFull {
+    /// The refusal behind `error`, when it is one.
+    pub fn of(error: &Error) -> Option<&QueueFull> {
+        std::error::Error::source(error)?.downcast_ref()
+    }
+
+    /// The topic of the refused message.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The group whose queue was full.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// How many messages the queue holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+impl fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the queue of group {:?} for topic {:?} is full ({} waiting)",
+            self.group, self.topic, self.capacity
+        )
+    }
+}
+
+impl std::error::Error for QueueFull {}
+
+/// Refuses a queue capacity of 0 with an [`ErrorKind::Config`] error.
+pub(super) fn validate_capacity(capacity: usize) -> Result<(), Error> {
+    if capacity == 0 {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "push config: queue_capacity must be at least 1",
+        ));
+    }
+    Ok(())
 }
 
 /// One subscription's side of a group queue; leaves the group when dropped.
@@ -419,6 +592,33 @@ mod tests {
             .unwrap();
         let error = delivering.await.unwrap().unwrap_err();
         assert_eq!(error.requeue_after(), Some(Duration::from_millis(40)));
+    }
+
+    #[tokio::test]
+    async fn a_full_group_refuses_a_push_to_every_group_and_no_group_gets_it() {
+        let inbox = Inbox::with_capacity("test", 1).unwrap();
+        let mut a = inbox.subscribe("t", SubscribeOptions::new("a")).unwrap();
+        let mut b = inbox.subscribe("t", SubscribeOptions::new("b")).unwrap();
+        // Fills group a's queue; nothing takes it yet.
+        let waiting = inbox.deliver("t", Some("a"), RawMessage::new("first"), 1);
+        tokio::pin!(waiting);
+        assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+
+        let error = inbox
+            .deliver("t", None, RawMessage::new("second"), 1)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        assert_eq!(error.requeue_after(), Some(QUEUE_FULL_RETRY_AFTER));
+        let full = QueueFull::of(&error).expect("a queue-full refusal");
+        assert_eq!((full.topic(), full.group(), full.capacity()), ("t", "a", 1));
+        assert!(b.recv().now_or_never().is_none(), "group b did not get it");
+
+        // Group a still has the first one, and room again once it is taken.
+        let first = a.recv().await.unwrap();
+        assert_eq!(first.body().as_ref(), b"first");
+        first.ack().await.map_err(|(error, _)| error).unwrap();
+        waiting.await.unwrap();
     }
 
     #[tokio::test]

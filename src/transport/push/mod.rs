@@ -21,6 +21,31 @@
 //!   down) → UNAVAILABLE / 503, so the publisher's retry sends it again.
 //! * **Dead-letter** → [`ErrorKind::Unsupported`](crate::ErrorKind): there is
 //!   no queue to keep it in. The typed bus then acks and logs the loss.
+//! * **Queue full** → RESOURCE_EXHAUSTED / 503, answered at once: see below.
+//!
+//! # A bounded queue, and pushing back when it is full
+//!
+//! Pushes wait at the receiver for one of the group's subscriptions to take
+//! them, in a queue of at most [`PushConfig::queue_capacity`] per group
+//! (default 64); each subscription then holds at most its
+//! [`prefetch`](crate::SubscribeOptions::prefetch) of them unsettled. So a
+//! receiver holds at most `queue_capacity` plus the group's prefetch of
+//! pushes per group, however fast its publishers are.
+//!
+//! A push that finds the queue full is not queued: the receiver answers at
+//! once with RESOURCE_EXHAUSTED and `grpc-retry-pushback-ms`, or 503 with
+//! `Retry-After`, `switchboard-retry-after-ms` and `switchboard-refused:
+//! queue-full`, asking the publisher to come back after
+//! [`QUEUE_FULL_RETRY_AFTER`], and counts it in
+//! `switchboard_push_refused_total` ([`PUSH_REFUSED_TOTAL`](crate::observe::metrics::PUSH_REFUSED_TOTAL)).
+//! The handlers never saw the message, so the publisher sends it again after
+//! the hint with the same attempt number, for as long as the attempt's
+//! [`timeout`](PushConfig::timeout) lasts — the time it would have waited in
+//! an unbounded queue — and then goes on to its next attempt as after any
+//! retryable error. `publish` returns `Ok` only once the handlers acked, so
+//! a refusal loses nothing: the message is either delivered or `publish`
+//! fails. A push to every group is refused whole when any group's queue is
+//! full, so no group gets it before the others have room.
 //!
 //! # Groups
 //!
@@ -47,12 +72,16 @@ use crate::error::{Error, ErrorKind};
 mod inbox;
 mod outbox;
 
-pub use inbox::Inbox;
-pub(crate) use outbox::{PushRequest, PushSender, publish};
+pub use inbox::{Inbox, QUEUE_FULL_RETRY_AFTER, QueueFull};
+pub(crate) use outbox::{PushRequest, PushSender, SendError, publish};
 
 /// Header carrying how many milliseconds a publisher should wait before it
 /// sends a nacked message again (HTTP; gRPC uses `grpc-retry-pushback-ms`).
 pub const RETRY_AFTER_MS: &str = "switchboard-retry-after-ms";
+
+/// How many pushes a receiver keeps waiting per group unless configured
+/// otherwise ([`PushConfig::queue_capacity`]).
+pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
 
 /// One place to push a topic's messages to.
 ///
@@ -182,8 +211,9 @@ fn config(error: Error) -> Error {
     )
 }
 
-/// How a push publisher sends: where to ([`PushRoutes`]), how often to try,
-/// how long to wait for a handler, and the largest body.
+/// How a push transport sends and receives: where to ([`PushRoutes`]), how
+/// often to try, how long to wait for a handler, the largest body, and how
+/// many pushes its receiver keeps waiting for a handler.
 ///
 /// From YAML (every key optional; the values shown are the defaults, with an
 /// example route):
@@ -217,11 +247,17 @@ pub struct PushConfig {
     /// nacks; a nack's delay is waited for at least.
     pub retry: RetryConfig,
     /// How long one attempt waits for the receiver's answer (the handler
-    /// runs before it answers), in milliseconds.
+    /// runs before it answers), in milliseconds. A receiver whose queue is
+    /// full is asked again within this time, with the same attempt number.
     pub timeout_ms: u64,
     /// The largest body sent or accepted, in bytes (default 1 MiB, like the
     /// codec). Larger messages are refused before they are sent.
     pub max_body_bytes: usize,
+    /// The receiver's side: how many pushes may wait per subscribed group
+    /// for a subscription to take them (default 64, like the default
+    /// prefetch). One more is refused at once with RESOURCE_EXHAUSTED / 503
+    /// and a retry hint; see [the module docs](self).
+    pub queue_capacity: usize,
 }
 
 impl Default for PushConfig {
@@ -231,6 +267,7 @@ impl Default for PushConfig {
             retry: RetryConfig::default(),
             timeout_ms: 30_000,
             max_body_bytes: crate::DEFAULT_MAX_SIZE,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
         }
     }
 }
@@ -262,6 +299,22 @@ impl PushConfig {
         self
     }
 
+    /// Sets how many pushes the receiver keeps waiting per group.
+    ///
+    /// ```
+    /// use switchboard::ErrorKind;
+    /// use switchboard::transport::push::PushConfig;
+    ///
+    /// let config = PushConfig::default().with_queue_capacity(8);
+    /// assert_eq!(config.queue_capacity, 8);
+    /// let error = PushConfig::default().with_queue_capacity(0).validate().unwrap_err();
+    /// assert_eq!(error.kind(), ErrorKind::Config);
+    /// ```
+    pub fn with_queue_capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = capacity;
+        self
+    }
+
     /// The per-attempt timeout.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
@@ -279,7 +332,7 @@ impl PushConfig {
         Ok(config)
     }
 
-    /// Checks routes, retry policy, timeout and body limit.
+    /// Checks routes, retry policy, timeout, body limit and queue capacity.
     pub fn validate(&self) -> Result<(), Error> {
         self.routes.validate()?;
         self.retry.validate()?;
@@ -289,7 +342,7 @@ impl PushConfig {
                 "push config: timeout_ms and max_body_bytes must be at least 1",
             ));
         }
-        Ok(())
+        inbox::validate_capacity(self.queue_capacity)
     }
 }
 
@@ -317,6 +370,9 @@ mod tests {
         assert!(error.message().contains("routs"), "{error}");
         let error = PushConfig::from_yaml("timeout_ms: 0").unwrap_err();
         assert!(error.message().contains("timeout_ms"), "{error}");
+        let error = PushConfig::from_yaml("queue_capacity: 0").unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(error.message().contains("queue_capacity"), "{error}");
         assert_eq!(PushConfig::from_yaml("").unwrap(), PushConfig::default());
     }
 }

@@ -1,5 +1,8 @@
 //! The sending side of a push transport: fan a message out to the topic's
 //! endpoints and try each again while the receiver says "not now".
+//!
+//! Nothing is queued here: each `publish` call waits for its own answers, so
+//! what is in flight is bounded by the callers.
 
 use std::time::Duration;
 
@@ -20,12 +23,30 @@ pub(crate) struct PushRequest<'a> {
     pub(crate) attempt: u32,
 }
 
+/// Why one send did not succeed.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The receiver's queue was full and it did not take the message (gRPC
+    /// RESOURCE_EXHAUSTED with a pushback, HTTP 503 with
+    /// `switchboard-refused: queue-full`): sent again after the hint within
+    /// the same attempt.
+    Refused(Error),
+    /// Anything else: the error's kind says whether to try again.
+    Failed(Error),
+}
+
+impl From<Error> for SendError {
+    fn from(error: Error) -> Self {
+        Self::Failed(error)
+    }
+}
+
 /// Sends one [`PushRequest`] over the wire and maps the answer into an
 /// [`Error`] whose kind says whether to retry (and `requeue_after` how long
-/// to wait, when the receiver said).
+/// to wait, when the receiver said), telling a full receiver's refusal apart.
 #[async_trait]
 pub(crate) trait PushSender: Send + Sync {
-    async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), Error>;
+    async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), SendError>;
 }
 
 /// Publishes `message` to every endpoint of `topic` at once and returns once
@@ -85,20 +106,7 @@ async fn deliver_with_retry<S: PushSender>(
             message,
             attempt,
         };
-        let result =
-            match tokio::time::timeout(config.timeout(), sender.send(&endpoint.url, request)).await
-            {
-                Ok(result) => result,
-                Err(_) => Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "push to {} got no answer within {:?}",
-                        endpoint.url,
-                        config.timeout()
-                    ),
-                )),
-            };
-        let error = match result {
+        let error = match send_until_taken(sender, config, &endpoint.url, request).await {
             Ok(()) => return Ok(()),
             Err(error) if error.is_retryable() => error,
             Err(error) => return Err(error),
@@ -114,6 +122,42 @@ async fn deliver_with_retry<S: PushSender>(
     }
 }
 
+/// One attempt: sends the request and, while the receiver refuses it because
+/// its queue is full, sends it again after the receiver's hint, until the
+/// attempt's timeout. The handlers never saw a refused message, so the
+/// attempt number stays. A refusal that the timeout leaves no room to wait
+/// out is returned (retryable) for the next attempt.
+async fn send_until_taken<S: PushSender>(
+    sender: &S,
+    config: &PushConfig,
+    url: &str,
+    request: PushRequest<'_>,
+) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + config.timeout();
+    loop {
+        let refusal = match tokio::time::timeout_at(deadline, sender.send(url, request)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(SendError::Failed(error))) => return Err(error),
+            Ok(Err(SendError::Refused(error))) => error,
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("push to {url} got no answer within {:?}", config.timeout()),
+                ));
+            }
+        };
+        let wait = refusal
+            .requeue_after()
+            .unwrap_or(Duration::from_millis(config.retry.backoff_ms))
+            .max(Duration::from_millis(1));
+        if tokio::time::Instant::now() + wait >= deadline {
+            return Err(refusal);
+        }
+        tracing::debug!(error = %refusal, attempt = request.attempt, ?wait, %url, "push refused by a full receiver; sending again");
+        tokio::time::sleep(wait).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -124,13 +168,13 @@ mod tests {
 
     /// Answers with the scripted results in turn and records each attempt.
     struct Scripted {
-        answers: Mutex<Vec<Result<(), Error>>>,
+        answers: Mutex<Vec<Result<(), SendError>>>,
         seen: Mutex<Vec<(String, Option<String>, u32)>>,
     }
 
     #[async_trait]
     impl PushSender for Scripted {
-        async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), Error> {
+        async fn send(&self, url: &str, request: PushRequest<'_>) -> Result<(), SendError> {
             self.seen.lock().unwrap().push((
                 url.to_owned(),
                 request.group.map(str::to_owned),
@@ -141,6 +185,10 @@ mod tests {
     }
 
     fn scripted(answers: Vec<Result<(), Error>>) -> Scripted {
+        let answers = answers
+            .into_iter()
+            .map(|answer| answer.map_err(SendError::Failed))
+            .collect();
         Scripted {
             answers: Mutex::new(answers),
             seen: Mutex::default(),
@@ -190,6 +238,56 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Rejected);
         assert_eq!(sender.seen.lock().unwrap().len(), 1);
+    }
+
+    fn refused() -> Result<(), SendError> {
+        Err(SendError::Refused(
+            Error::transient("queue full").with_requeue(Duration::from_millis(100)),
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_receiver_is_asked_again_after_its_hint_within_the_same_attempt() {
+        let sender = scripted(Vec::new());
+        *sender.answers.lock().unwrap() = vec![refused(), refused(), Ok(())];
+        let started = tokio::time::Instant::now();
+        publish(&sender, &config(), "t", &RawMessage::new("x"))
+            .await
+            .expect("taken on the third send");
+        let attempts: Vec<_> = sender.seen.lock().unwrap().iter().map(|s| s.2).collect();
+        assert_eq!(
+            attempts,
+            [1, 1, 1],
+            "a refusal does not count as an attempt"
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_past_the_attempt_timeout_move_on_to_the_next_attempt() {
+        // 250 ms per attempt: sends at 0, 100 and 200 ms are refused, and
+        // the third hint would end past the timeout.
+        let config = config().with_timeout(Duration::from_millis(250));
+        let sender = scripted(Vec::new());
+        *sender.answers.lock().unwrap() = vec![refused(), refused(), refused(), Ok(())];
+        publish(&sender, &config, "t", &RawMessage::new("x"))
+            .await
+            .expect("taken on the second attempt");
+        let attempts: Vec<_> = sender.seen.lock().unwrap().iter().map(|s| s.2).collect();
+        assert_eq!(attempts, [1, 1, 1, 2]);
+
+        let sender = scripted(Vec::new());
+        *sender.answers.lock().unwrap() = (0..9).map(|_| refused()).collect();
+        let error = publish(&sender, &config, "t", &RawMessage::new("x"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        assert!(error.message().contains("queue full"), "{error}");
+        assert_eq!(
+            sender.seen.lock().unwrap().len(),
+            9,
+            "three attempts of three sends"
+        );
     }
 
     #[tokio::test]
