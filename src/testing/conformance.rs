@@ -11,6 +11,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+pub use super::flow::{
+    a_poison_message_is_dead_lettered_after_max_deliveries,
+    a_publish_nothing_would_receive_is_refused_or_kept, a_requeue_storm_holds_only_the_prefetch,
+};
 use super::{message_count, patience};
 use crate::bus::{EventBus, Message, handler_fn};
 use crate::envelope::Event;

@@ -38,6 +38,7 @@ use std::time::Duration;
 use crate::transport::Transport;
 
 pub mod conformance;
+pub mod flow;
 pub mod proxy;
 
 /// Expands to one `#[test]` per conformance case, each running against a
@@ -58,6 +59,9 @@ macro_rules! conformance_tests {
             shutdown_in_flight_then_new_subscriber_receives_everything,
             declared_topology_keeps_messages_published_before_subscribe,
             dead_letters_can_be_listed_inspected_and_redriven,
+            a_requeue_storm_holds_only_the_prefetch,
+            a_poison_message_is_dead_lettered_after_max_deliveries,
+            a_publish_nothing_would_receive_is_refused_or_kept,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -102,7 +106,7 @@ pub fn patience() -> Duration {
     Duration::from_secs(env_number("SWITCHBOARD_CONFORMANCE_TIMEOUT_SECS").unwrap_or(60))
 }
 
-fn env_number(name: &str) -> Option<u64> {
+pub(crate) fn env_number(name: &str) -> Option<u64> {
     let text = std::env::var(name).ok()?;
     match text.trim().parse() {
         Ok(number) => Some(number),

@@ -16,9 +16,11 @@
 //!
 //! A subscription holds at most `prefetch` messages: in a handler, or nacked
 //! and waiting out the delay in the subscription's timer queue (one per
-//! subscription, not a task per nack). A nacked message goes back to its
-//! group's queue when the delay is over, or at once when the subscription
-//! stops. [`MemoryTransport::depth`] is a group's queue depth, also sampled
+//! subscription, not a task per nack). A nacked message keeps its permit and
+//! is handed out again by the same subscription when the delay is over, so
+//! a consumer whose dependency is down holds `prefetch` messages instead of
+//! walking the backlog; it goes back to its group's queue when the
+//! subscription stops. [`MemoryTransport::depth`] is a group's queue depth, also sampled
 //! into the `switchboard_consumer_lag` gauge.
 
 use std::collections::{HashMap, VecDeque};
@@ -379,7 +381,7 @@ fn not_found(topic: &str, id: &str) -> Error {
 /// A nacked message waiting out its delay, with its permit.
 struct Delayed {
     entry: Entry,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 /// One subscription's side of a group queue.
@@ -393,24 +395,18 @@ struct Consumer {
 
 impl Consumer {
     async fn next(&self) -> Option<Delivery> {
-        loop {
-            // A nacked message coming due goes back to the group's queue
-            // (and frees its permit) whatever this subscription waits for.
-            let permit = tokio::select! {
-                permit = self.permits.clone().acquire_owned() => permit.ok()?,
-                due = self.delays.next_due() => {
-                    self.queue.push(due.entry);
-                    continue;
-                }
-            };
-            let mut entry = tokio::select! {
-                entry = self.queue.pop() => entry?,
-                due = self.delays.next_due() => {
-                    self.queue.push(due.entry);
-                    continue;
-                }
-            };
-            self.sample_lag();
+        // A nacked message coming due is handed out again with its own
+        // permit, whatever else this subscription waits for.
+        let (mut entry, permit) = tokio::select! {
+            due = self.delays.next_due() => (due.entry, due.permit),
+            taken = async {
+                let permit = self.permits.clone().acquire_owned().await.ok()?;
+                let entry = self.queue.pop().await?;
+                Some((entry, permit))
+            } => taken?,
+        };
+        self.sample_lag();
+        {
             entry.deliveries += 1;
             let acker = MemoryAcker {
                 topic: self.topic.clone(),
@@ -421,7 +417,7 @@ impl Consumer {
                 unsettled: entry.unsettled,
                 permit: Some(permit),
             };
-            return Some(
+            Some(
                 Delivery::new(
                     entry.message,
                     self.topic.name.clone(),
@@ -430,7 +426,7 @@ impl Consumer {
                     Box::new(acker),
                 )
                 .with_delivery_count(entry.unsettled + 1),
-            );
+            )
         }
     }
 
@@ -498,10 +494,7 @@ impl Acker for MemoryAcker {
             self.queue.push(entry);
             return Ok(());
         }
-        let delayed = Delayed {
-            entry,
-            _permit: permit,
-        };
+        let delayed = Delayed { entry, permit };
         if let Err(delayed) = self.delays.push(delay, delayed) {
             // The subscription stopped: back in the queue now.
             self.queue.push(delayed.entry);

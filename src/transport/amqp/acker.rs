@@ -1,32 +1,6 @@
 //! Settling a delivery on the channel it came from, and how a nack works.
 //!
-//! # A delayed nack on RabbitMQ
-//!
-//! A nacked message waits out its delay **in the subscription**, unacked on
-//! its channel, in the subscription's timer queue (one per subscription,
-//! not a task per nack), holding its prefetch permit; the broker's prefetch
-//! (`basic.qos`) counts it too. When the delay is over it is republished,
-//! confirmed, to the back of its group's queue with its attempt count and
-//! its count of deliveries without an outcome in headers, and the original
-//! is acked. Both queue types work the same way.
-//!
-//! Why not a broker-side delay queue (a TTL queue dead-lettering back):
-//! the message would leave the consumer's prefetch, so while a dependency
-//! is down the consumer would pull, nack and park the whole backlog at
-//! broker speed instead of holding `prefetch` messages and waiting; and
-//! without a plugin RabbitMQ expires only the head of a queue, so one
-//! queue cannot hold several delays. The price of holding in the
-//! subscription: a connection lost during the delay gives the message back
-//! to the broker at once (delivered again early, never lost). Scheduled
-//! publishing, where no consumer holds anything, is a different problem.
-//!
-//! Why republish instead of `basic.reject` with requeue: a reject puts the
-//! message back at the *front* of a classic queue (a nacked message would be
-//! the next one again) and raises a quorum queue's `x-delivery-count`,
-//! which must keep counting only deliveries that ended without an outcome
-//! for the poison guard ([`SubscribeOptions::max_deliveries`]).
-//!
-//! [`SubscribeOptions::max_deliveries`]: crate::SubscribeOptions::max_deliveries
+//! How a nack works is the [module docs'](super#delayed-nacks) choice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +12,7 @@ use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 
 use super::connection::amqp_error;
 use super::properties::{self, ATTEMPTS, REDELIVERIES};
@@ -46,6 +21,11 @@ use super::{DLQ_SUFFIX, QueueType, Shared};
 use crate::error::{Error, ErrorKind};
 use crate::transport::delay::DelayQueue;
 use crate::transport::{Acker, DeadLetter, RawMessage};
+
+/// The longest a nacked message is held in the subscription before it goes
+/// back to the broker: well under RabbitMQ's default `consumer_timeout`
+/// (30 minutes), past which the broker closes the channel.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(10 * 60);
 
 /// Which delivery this is, and how many deliveries before it ended without
 /// an outcome. Quorum queues count returns in `x-delivery-count`; classic
@@ -76,6 +56,8 @@ pub(super) struct Held {
     pub(super) properties: BasicProperties,
     pub(super) attempt: u32,
     pub(super) delivery_count: u32,
+    /// When the broker handed it out (the hold limit counts from here).
+    pub(super) received_at: Instant,
 }
 
 impl Held {
@@ -140,13 +122,14 @@ impl Held {
 /// A nacked delivery waiting out its delay, with its permit.
 pub(super) struct Waiting {
     pub(super) held: Held,
-    pub(super) body: Bytes,
-    pub(super) _permit: OwnedSemaphorePermit,
+    pub(super) message: RawMessage,
+    pub(super) permit: OwnedSemaphorePermit,
 }
 
 impl Waiting {
+    /// Back to the broker (see the module docs); frees the permit after.
     pub(super) async fn requeue(self) {
-        self.held.requeue(&self.body).await;
+        self.held.requeue(&self.message.body).await;
     }
 }
 
@@ -185,9 +168,8 @@ impl Acker for AmqpAcker {
         Ok(())
     }
 
-    /// With no delay the message is republished before this returns. With
-    /// a delay it waits in the subscription's timer queue (see the module
-    /// docs) and this returns at once.
+    /// The message waits in the subscription's timer queue and is handed
+    /// out again after `delay` (see the module docs); this returns at once.
     async fn nack(&mut self, message: &RawMessage, delay: Duration) -> Result<(), Error> {
         self.held()?;
         let (Some(held), Some(permit)) = (self.held.take(), self.permit.take()) else {
@@ -195,13 +177,9 @@ impl Acker for AmqpAcker {
         };
         let waiting = Waiting {
             held,
-            body: message.body.clone(),
-            _permit: permit,
+            message: message.clone(),
+            permit,
         };
-        if delay.is_zero() {
-            waiting.requeue().await;
-            return Ok(());
-        }
         if let Err(waiting) = self.delays.push(delay, waiting) {
             // The subscription is stopping: back to the broker now.
             waiting.requeue().await;

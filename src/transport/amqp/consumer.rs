@@ -8,7 +8,10 @@
 //! wait for them before closing the channel, which makes the broker requeue
 //! whatever was prefetched but never handed out.
 //!
-//! With [`SubscribeOptions::max_deliveries`] set on a classic queue, which
+//! With [`SubscribeOptions::max_deliveries`] set, the count of deliveries
+//! without an outcome is kept exact: what was prefetched but never handed
+//! out goes back republished with its counts unchanged when the
+//! subscription stops, and on a classic queue, which
 //! keeps no delivery count, a redelivered message is first republished with
 //! its count of deliveries without an outcome raised (and the original
 //! acked) instead of being handed out: that is how the count can pass the
@@ -34,7 +37,7 @@ use super::{NAME, QueueType, Shared, properties};
 use crate::error::Error;
 use crate::observe::metrics;
 use crate::transport::delay::DelayQueue;
-use crate::transport::{Delivery, SubscribeOptions, Subscription, validate_name};
+use crate::transport::{Delivery, RawMessage, SubscribeOptions, Subscription, validate_name};
 
 pub(crate) async fn subscribe(
     shared: &Arc<Shared>,
@@ -59,8 +62,7 @@ pub(crate) async fn subscribe(
         drained: None,
         handle: Handle::current(),
         delays: DelayQueue::default(),
-        count_redeliveries: options.max_deliveries.is_some()
-            && shared.config.queue_type == QueueType::Classic,
+        guarded: options.max_deliveries.is_some(),
         lag: None,
     };
     // Live before returning: the queue exists and the consumer is registered.
@@ -112,9 +114,9 @@ struct ConsumerState {
     handle: Handle,
     /// Nacked deliveries waiting out their delay.
     delays: DelayQueue<Waiting>,
-    /// Republish redelivered messages to count them (classic queues with a
-    /// poison guard; see the module docs).
-    count_redeliveries: bool,
+    /// A poison guard is on: keep the count of deliveries without an
+    /// outcome exact (see the module docs).
+    guarded: bool,
     lag: Option<JoinHandle<()>>,
 }
 
@@ -164,7 +166,9 @@ impl ConsumerState {
             let permit = tokio::select! {
                 permit = self.permits.clone().acquire_owned() => permit.ok()?,
                 waiting = self.delays.next_due() => {
-                    waiting.requeue().await;
+                    if let Some(delivery) = self.redeliver(waiting).await {
+                        return Some(delivery);
+                    }
                     continue;
                 }
             };
@@ -174,8 +178,31 @@ impl ConsumerState {
         }
     }
 
+    /// A nacked delivery whose delay is over: handed out again with its own
+    /// permit — unless its connection is gone (the broker delivers it again
+    /// by itself) or it was held for [`HOLD_LIMIT`](super::acker::HOLD_LIMIT)
+    /// (back to the broker).
+    async fn redeliver(&self, waiting: Waiting) -> Option<Delivery> {
+        let current = self.live.as_ref().map(|live| live.link.generation);
+        if current != Some(waiting.held.generation) {
+            return None;
+        }
+        if waiting.held.received_at.elapsed() >= super::acker::HOLD_LIMIT {
+            waiting.requeue().await;
+            return None;
+        }
+        let Waiting {
+            mut held,
+            message,
+            permit,
+        } = waiting;
+        held.attempt = held.attempt.saturating_add(1);
+        Some(self.delivery(held, message, permit))
+    }
+
     /// The next delivery to hand out, with `permit`; `None` when a nacked
-    /// delivery came due meanwhile (and the caller must start over).
+    /// delivery came due meanwhile and was not handed out again (the caller
+    /// starts over).
     async fn receive(&mut self, permit: OwnedSemaphorePermit) -> Option<Delivery> {
         let delays = self.delays.clone();
         loop {
@@ -203,13 +230,15 @@ impl ConsumerState {
                     )),
                 )),
                 waiting = delays.next_due() => {
-                    waiting.requeue().await;
-                    return None;
+                    // The fresh permit goes back; the waiting one has its own.
+                    drop(permit);
+                    return self.redeliver(waiting).await;
                 }
             };
             match next {
                 Some(Ok(delivery)) => {
-                    if self.count_redeliveries && delivery.redelivered {
+                    let classic = self.shared.config.queue_type == QueueType::Classic;
+                    if self.guarded && classic && delivery.redelivered {
                         self.recount(delivery).await;
                         continue;
                     }
@@ -242,16 +271,8 @@ impl ConsumerState {
     }
 
     fn held(&self, delivery: &lapin::message::Delivery, acker: lapin::Acker) -> Held {
-        let (attempt, delivery_count) = counts_of(delivery, self.shared.config.queue_type);
-        Held {
-            shared: self.shared.clone(),
-            acker,
-            queue: self.queue.clone(),
-            generation: self.live.as_ref().map_or(0, |live| live.link.generation),
-            properties: delivery.properties.clone(),
-            attempt,
-            delivery_count,
-        }
+        let generation = self.live.as_ref().map_or(0, |live| live.link.generation);
+        held_of(&self.shared, &self.queue, generation, delivery, acker)
     }
 
     /// Republishes a redelivered message in its own place with the count
@@ -269,8 +290,12 @@ impl ConsumerState {
         permit: OwnedSemaphorePermit,
     ) -> Delivery {
         let held = self.held(&delivery, delivery.acker.clone());
-        let (attempt, delivery_count) = (held.attempt, held.delivery_count);
         let message = properties::raw_message(delivery.data, &delivery.properties);
+        self.delivery(held, message, permit)
+    }
+
+    fn delivery(&self, held: Held, message: RawMessage, permit: OwnedSemaphorePermit) -> Delivery {
+        let (attempt, delivery_count) = (held.attempt, held.delivery_count);
         let acker = AmqpAcker {
             held: Some(held),
             topic: self.topic.clone(),
@@ -287,6 +312,46 @@ impl ConsumerState {
             Box::new(acker),
         )
         .with_delivery_count(delivery_count)
+    }
+}
+
+fn held_of(
+    shared: &Arc<Shared>,
+    queue: &Arc<str>,
+    generation: u64,
+    delivery: &lapin::message::Delivery,
+    acker: lapin::Acker,
+) -> Held {
+    let (attempt, delivery_count) = counts_of(delivery, shared.config.queue_type);
+    Held {
+        shared: shared.clone(),
+        acker,
+        queue: queue.clone(),
+        generation,
+        properties: delivery.properties.clone(),
+        attempt,
+        delivery_count,
+        received_at: Instant::now(),
+    }
+}
+
+/// With a poison guard, what the broker sent before the cancel but was
+/// never handed out goes back republished with its counts as they were: a
+/// channel closing on it would count it as a delivery without an outcome.
+async fn hand_back_unhandled(
+    shared: &Arc<Shared>,
+    queue: &Arc<str>,
+    generation: u64,
+    mut consumer: lapin::Consumer,
+) {
+    // After the cancel, the deliveries already sent are in the consumer's
+    // buffer; a short wait only guards against one still being read.
+    let quiet = std::time::Duration::from_millis(50);
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, consumer.next()).await {
+        let held = held_of(shared, queue, generation, &delivery, delivery.acker.clone());
+        let body = Bytes::from(delivery.data);
+        held.republish(&body, held.attempt - 1, held.delivery_count - 1)
+            .await;
     }
 }
 
@@ -345,6 +410,7 @@ impl Drop for ConsumerState {
         let permits = self.permits.clone();
         let prefetch = self.prefetch as u32;
         let drained = self.drained.take();
+        let (guarded, queue) = (self.guarded, self.queue.clone());
         self.handle.spawn(async move {
             for (waiting, _left) in waiting {
                 waiting.requeue().await;
@@ -369,7 +435,11 @@ impl Drop for ConsumerState {
                         .map_err(|error| amqp_error("cancel", error))
                 };
                 let _ = shared.supervisor.guard(generation, cancel).await;
-                drop(consumer);
+                if guarded {
+                    hand_back_unhandled(&shared, &queue, generation, consumer).await;
+                } else {
+                    drop(consumer);
+                }
                 let _ = permits.acquire_many(prefetch).await;
                 let close = async {
                     channel

@@ -23,15 +23,10 @@
 //! * **Consuming.** Manual acks; the prefetch is
 //!   [`SubscribeOptions::prefetch`], and it bounds everything the
 //!   subscription holds. `nack(delay)` holds the message for the delay in
-//!   the subscription's timer queue (it still counts against the prefetch,
-//!   so a consumer whose dependency is down holds `prefetch` messages and
-//!   does not walk the backlog) and then republishes it (confirmed) to the
-//!   back of the group's queue with its attempt count and its count of
-//!   deliveries without an outcome in headers, and acks the original — on
-//!   both queue types; the `acker` module docs say why this and not a
-//!   broker-side delay queue. A delivery dropped unsettled is rejected with
-//!   requeue at once, so it never sits on the channel until the connection
-//!   closes. Each subscription samples its queue's depth (a passive
+//!   the subscription's timer queue, still counting against the prefetch,
+//!   and then hands it out again ([Delayed nacks](#delayed-nacks) says how
+//!   and why). A delivery dropped unsettled is rejected with requeue at
+//!   once, so it never sits on the channel until the connection closes. Each subscription samples its queue's depth (a passive
 //!   declare) every [`AmqpConfig::lag_every`] into the
 //!   `switchboard_consumer_lag` gauge.
 //! * **Dead letters.** A confirmed publish of the message to `<queue>.dlq`
@@ -49,6 +44,39 @@
 //!   on the next connection until [`AmqpConfig::publish_timeout`], then
 //!   returned as an error — never dropped silently (a retry after a lost
 //!   confirm may duplicate a message: consumers deduplicate on `event_id`).
+//!
+//! # Delayed nacks
+//!
+//! A nacked message waits out its delay **in the subscription**, unacked on
+//! its channel, in the subscription's timer queue (one per subscription,
+//! not a task per nack), holding its prefetch permit; the broker's prefetch
+//! (`basic.qos`) counts it too. When the delay is over the same
+//! subscription hands it out again, one attempt more. So while a dependency
+//! is down, a consumer holds `prefetch` messages and retries them instead of
+//! walking the backlog.
+//!
+//! It goes back to the broker — republished, confirmed, to the back of its
+//! group's queue with its attempt count and its count of deliveries without
+//! an outcome in headers, the original acked — when the subscription stops,
+//! and when it has been held for [`HOLD_LIMIT`] (RabbitMQ closes a channel
+//! that keeps a delivery unacked past its `consumer_timeout`, 30 minutes by
+//! default). A connection lost during the delay gives it back to the broker
+//! at once (delivered again early, never lost); the copy held here is then
+//! dropped, not handed out.
+//!
+//! Why not a broker-side delay queue (a TTL queue dead-lettering back): the
+//! message would leave the consumer's prefetch, so the consumer would pull,
+//! nack and park the whole backlog at broker speed; and without a plugin
+//! RabbitMQ expires only the head of a queue, so one queue cannot hold
+//! several delays. Scheduled publishing, where no consumer holds anything,
+//! is a different problem.
+//!
+//! Why republish instead of `basic.reject` with requeue when giving back: a
+//! reject puts the message at the *front* of a classic queue and raises a
+//! quorum queue's `x-delivery-count`, which must keep counting only
+//! deliveries that ended without an outcome for the poison guard
+//! ([`SubscribeOptions::max_deliveries`]).
+//!
 //!
 //! ```no_run
 //! use switchboard::transport::amqp::{AmqpConfig, AmqpTransport, QueueType};
@@ -88,6 +116,7 @@ mod dlq;
 mod properties;
 mod publisher;
 
+pub use acker::HOLD_LIMIT;
 pub use connection::ConnectionState;
 use connection::Supervisor;
 

@@ -14,7 +14,7 @@ use super::dlq::{
     DLQ_AT, DLQ_ATTEMPTS, DLQ_GROUP, DLQ_LAST_ERROR, DLQ_REASON, DLQ_SOURCE_ID, DLQ_TOPIC,
 };
 use super::fields::{append_message_fields, message_from_fields, value_text};
-use super::lease::{AckRequest, Claim, DEAD_LETTER_SCRIPT, Held, lease_lost};
+use super::lease::{AckRequest, DEAD_LETTER_SCRIPT, GiveBack, Held, lease_lost};
 use super::{Conn, FIELD_REDRIVE_GROUP, RedisStreamsTransport, lock};
 use crate::error::{Error, ErrorKind};
 use crate::transport::delay::DelayQueue;
@@ -155,20 +155,20 @@ impl Group {
         }
     }
 
-    /// Keeps `ids` pending but marks them idle for `idle_ms`, so any
+    /// Keeps `entries` pending but marks them idle for `idle_ms`, so any
     /// member's next `XAUTOCLAIM` with `claim_idle` takes them once
     /// `claim_idle - idle_ms` has passed; forgets them here.
-    pub(super) async fn give_back(&self, ids: &[String], idle_ms: u64) {
-        if ids.is_empty() {
+    pub(super) async fn give_back(&self, entries: &[GiveBack], idle_ms: u64) {
+        if entries.is_empty() {
             return;
         }
         {
             let mut held = lock(&self.held);
-            for id in ids {
-                held.remove(id);
+            for entry in entries {
+                held.remove(&entry.id);
             }
         }
-        if let Err(error) = self.claim_ids(Claim::Idle(idle_ms), ids).await {
+        if let Err(error) = self.give_back_owned(entries, idle_ms).await {
             tracing::warn!(
                 stream = %self.stream,
                 group = %self.group,
@@ -206,7 +206,12 @@ impl Group {
     /// its delay. Any member may take it once the rest of the delay passed.
     pub(super) async fn give_back_nacked(&self, nacked: Nacked, left: Duration) {
         let idle = self.claim_idle_ms().saturating_sub(left.as_millis() as u64);
-        self.give_back(std::slice::from_ref(&nacked.id), idle).await;
+        // A nack is an outcome: the delivery counter must not count it.
+        let entry = GiveBack {
+            id: nacked.id,
+            settled_count: Some(nacked.delivery_count),
+        };
+        self.give_back(&[entry], idle).await;
         drop(nacked.permit);
     }
 }
@@ -283,11 +288,15 @@ impl Acker for RedisAcker {
             return;
         };
         let group = self.group.clone();
-        let ids = [std::mem::take(&mut self.id)];
+        // Handed out and dropped unsettled: the next delivery counts one more.
+        let entry = [GiveBack {
+            id: std::mem::take(&mut self.id),
+            settled_count: None,
+        }];
         // The permit is released only once the entry is handed back, so a
         // drained subscription has handed back everything.
         runtime.spawn(async move {
-            group.give_back(&ids, group.claim_idle_ms()).await;
+            group.give_back(&entry, group.claim_idle_ms()).await;
             drop(permit);
         });
     }

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::acker::{Entry, Group, Nacked, RedisAcker};
-use super::lease::{Claim, SCRIPT_BATCH, spawn_keeper};
+use super::lease::{Claim, GiveBack, SCRIPT_BATCH, spawn_keeper};
 use super::{Conn, DLQ_SUFFIX, RedisStreamsTransport, ensure_group, lock};
 use crate::error::Error;
 use crate::transport::delay::DelayQueue;
@@ -390,7 +390,12 @@ impl Reader {
         if entry.foreign {
             if let Err(error) = self.group.ack(entry.id.clone()).await {
                 tracing::warn!(%error, id = entry.id, "cannot skip another group's redrive");
-                self.group.give_back(&[entry.id], 0).await;
+                let count = Some(entry.delivery_count);
+                let back = GiveBack {
+                    id: entry.id,
+                    settled_count: count,
+                };
+                self.group.give_back(&[back], 0).await;
             }
             return None;
         }
@@ -408,7 +413,12 @@ impl Reader {
                 .await
             {
                 tracing::warn!(%error, id = entry.id, "dead-letter failed; entry stays pending");
-                self.group.give_back(&[entry.id], 0).await;
+                let count = Some(entry.delivery_count);
+                let back = GiveBack {
+                    id: entry.id,
+                    settled_count: count,
+                };
+                self.group.give_back(&[back], 0).await;
             }
             return None;
         }
@@ -499,7 +509,14 @@ impl Drop for Reader {
         let group = self.group.clone();
         let client_id = self.client_id;
         let task = runtime.spawn(async move {
-            let mut ids: Vec<String> = buffered.iter().map(|entry| entry.id.clone()).collect();
+            // None of these reached a handler: their counters are set back.
+            let mut unhandled: Vec<GiveBack> = buffered
+                .iter()
+                .map(|entry| GiveBack {
+                    id: entry.id.clone(),
+                    settled_count: Some(entry.delivery_count),
+                })
+                .collect();
             if let Some(read) = read {
                 if let Some(client_id) = client_id {
                     // Ends the BLOCK now; a reply already on its way still
@@ -511,17 +528,15 @@ impl Drop for Reader {
                         .await;
                 }
                 if let Ok(Some(reply)) = read.reply.await {
-                    ids.extend(
-                        reply
-                            .keys
-                            .into_iter()
-                            .flat_map(|key| key.ids)
-                            .map(|id| id.id),
-                    );
+                    let read = reply.keys.into_iter().flat_map(|key| key.ids);
+                    unhandled.extend(read.map(|id| GiveBack {
+                        id: id.id,
+                        settled_count: Some(1),
+                    }));
                 }
                 drop(read.permits);
             }
-            group.give_back(&ids, group.claim_idle_ms()).await;
+            group.give_back(&unhandled, group.claim_idle_ms()).await;
             drop(buffered);
             for (nacked, left) in nacked {
                 group.give_back_nacked(nacked, left).await;

@@ -30,8 +30,6 @@ use crate::transport::redis_error::redis_error;
 ///
 /// Claims those of `ids` still pending for `consumer`. Modes:
 /// * `renew` — `XCLAIM … JUSTID`: resets their idle time, returns the ids;
-/// * `idle` — `XCLAIM … IDLE <ms> JUSTID`: hands them back (claimable by any
-///   member once idle for `claim_idle`), returns the ids;
 /// * `reread` — `XCLAIM … JUSTID` then `XRANGE` each: the entries again
 ///   without raising their delivery counters (after a nack's delay);
 /// * `recover` — plain `XCLAIM`: the entries, counters raised (what an
@@ -46,10 +44,6 @@ if #owned == 0 then return {} end
 local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
 for _, id in ipairs(owned) do args[#args + 1] = id end
 local mode = ARGV[3]
-if mode == 'idle' then
-  args[#args + 1] = 'IDLE'
-  args[#args + 1] = ARGV[4]
-end
 if mode ~= 'recover' then args[#args + 1] = 'JUSTID' end
 local claimed = redis.call(unpack(args))
 if mode ~= 'reread' then return claimed end
@@ -59,6 +53,31 @@ for _, id in ipairs(claimed) do
   if #found > 0 then entries[#entries + 1] = found[1] end
 end
 return entries
+";
+
+/// `KEYS[1]` stream; `ARGV` group, consumer, idle ms, then pairs of id and
+/// retry count (empty: keep) — hands back those of the ids still pending for
+/// `consumer`: `XCLAIM … IDLE <ms> [RETRYCOUNT n] JUSTID`, so any member's
+/// next `XAUTOCLAIM` takes them. An entry whose delivery ended with an
+/// outcome or never reached a handler gets its delivery counter set back by
+/// one, since that `XAUTOCLAIM` raises it again; returns how many were
+/// handed back.
+const GIVE_BACK_OWNED: &str = r"
+local given = 0
+for i = 4, #ARGV, 2 do
+  local id, retry = ARGV[i], ARGV[i + 1]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2])
+  if #p > 0 then
+    if retry == '' then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'IDLE', ARGV[3], 'JUSTID')
+    else
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'IDLE', ARGV[3],
+        'RETRYCOUNT', retry, 'JUSTID')
+    end
+    given = given + 1
+  end
+end
+return given
 ";
 
 /// `KEYS[1]` stream; `ARGV` group, consumer, ids… — acknowledges those of
@@ -93,6 +112,7 @@ return 1
 
 static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_OWNED));
 static ACK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACK_OWNED));
+static GIVE_BACK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GIVE_BACK_OWNED));
 pub(super) static DEAD_LETTER_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(DEAD_LETTER_OWNED));
 
@@ -104,16 +124,23 @@ pub(super) const SCRIPT_BATCH: usize = 512;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Claim {
     Renew,
-    Idle(u64),
     Reread,
     Recover,
+}
+
+/// An entry to hand back. `settled_count`: its delivery counter, when the
+/// delivery it counts ended with an outcome (a nack) or never reached a
+/// handler — the counter is set back so the next claim does not count it as
+/// a delivery without an outcome. `None`: dropped unsettled, which counts.
+pub(super) struct GiveBack {
+    pub(super) id: String,
+    pub(super) settled_count: Option<u32>,
 }
 
 impl Group {
     fn claim_invocation(&self, mode: Claim, ids: &[String]) -> redis::ScriptInvocation<'static> {
         let (mode, idle) = match mode {
             Claim::Renew => ("renew", 0),
-            Claim::Idle(ms) => ("idle", ms),
             Claim::Reread => ("reread", 0),
             Claim::Recover => ("recover", 0),
         };
@@ -127,8 +154,32 @@ impl Group {
         invocation
     }
 
+    /// Hands back those of `entries` still pending for this consumer, idle
+    /// for `idle_ms` (see `GIVE_BACK_OWNED`).
+    pub(super) async fn give_back_owned(
+        &self,
+        entries: &[GiveBack],
+        idle_ms: u64,
+    ) -> RedisResult<()> {
+        for chunk in entries.chunks(SCRIPT_BATCH / 2) {
+            let mut invocation = GIVE_BACK_SCRIPT.key(&self.stream);
+            invocation
+                .arg(&*self.group)
+                .arg(&self.consumer)
+                .arg(idle_ms);
+            for entry in chunk {
+                let retry = entry
+                    .settled_count
+                    .map_or_else(String::new, |count| count.saturating_sub(1).to_string());
+                invocation.arg(&entry.id).arg(retry);
+            }
+            let _given: i64 = invocation.invoke_async(&mut self.conn()).await?;
+        }
+        Ok(())
+    }
+
     /// Claims those of `ids` still pending for this consumer; returns the
-    /// ids claimed (`Renew`, `Idle`).
+    /// ids claimed (`Renew`).
     pub(super) async fn claim_ids(&self, mode: Claim, ids: &[String]) -> RedisResult<Vec<String>> {
         let mut claimed = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(SCRIPT_BATCH) {
