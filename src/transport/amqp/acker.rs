@@ -218,16 +218,16 @@ impl Acker for AmqpAcker {
         Ok(())
     }
 
-    fn abandoned(&mut self, _message: RawMessage) {
+    fn abandoned(&mut self, message: RawMessage) {
         // Left unsettled, the message would sit on this channel until it
-        // closes; give it back now.
+        // closes; give it back now, one delivery without an outcome more,
+        // with its attempts so far (a reject would lose them).
         let (Some(held), Some(permit)) = (self.held.take(), self.permit.take()) else {
             return;
         };
         self.handle.spawn(async move {
-            if let Err(error) = held.reject_requeue().await {
-                tracing::debug!(%error, "amqp: requeue of an abandoned delivery failed");
-            }
+            held.republish(&message.body, held.attempt, held.delivery_count)
+                .await;
             drop(permit);
         });
     }
