@@ -27,6 +27,9 @@ async fn transport() -> Arc<dyn Transport> {
 
 switchboard::conformance_tests!(transport);
 
+#[path = "redis_streams/flow.rs"]
+mod flow;
+
 // ------------------------------------------------ Redis-specific behaviour
 
 mod redis_specific {

@@ -84,7 +84,7 @@ pub async fn requeue_storm<P, F>(
     probe: P,
 ) -> StormReport
 where
-    P: Fn() -> F + Send + Sync + 'static,
+    P: Fn(String, String) -> F + Send + Sync + 'static,
     F: Future<Output = usize> + Send,
 {
     let bus = EventBus::new(transport, "conformance").with_namespace(unique("storm"));
@@ -128,11 +128,12 @@ where
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let sampling = sampling.clone();
+        let (topic, group) = (bus.topic_of::<ConformanceEvent>().into_owned(), group.clone());
         tokio::spawn(async move {
             let (mut tasks, mut probed) = (0, 0);
             while sampling.load(Ordering::SeqCst) {
                 tasks = tasks.max(metrics.num_alive_tasks());
-                probed = probed.max(probe().await);
+                probed = probed.max(probe(topic.clone(), group.clone()).await);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (tasks, probed)
@@ -207,7 +208,7 @@ pub async fn a_requeue_storm_holds_only_the_prefetch(transport: Arc<dyn Transpor
     }
     let storm = Storm::conformance();
     let prefetch = storm.prefetch;
-    let report = requeue_storm(transport, storm, || async { 0 }).await;
+    let report = requeue_storm(transport, storm, |_, _| async { 0 }).await;
     assert!(
         report.touched_while_refusing <= prefetch + STORM_SLACK,
         "while the handler refused, the subscription took {} messages from the backlog \
