@@ -208,7 +208,10 @@ pub async fn a_requeue_storm_holds_only_the_prefetch(transport: Arc<dyn Transpor
     }
     let storm = Storm::conformance();
     let prefetch = storm.prefetch;
+    let name = transport.name();
     let report = requeue_storm(transport, storm, |_, _| async { 0 }).await;
+    // One line for scripts/chaos to collect.
+    eprintln!("requeue storm on {name}: {report:?}");
     assert!(
         report.touched_while_refusing <= prefetch + STORM_SLACK,
         "while the handler refused, the subscription took {} messages from the backlog \

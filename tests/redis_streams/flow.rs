@@ -83,6 +83,7 @@ async fn a_requeue_storm_keeps_xpending_at_the_prefetch() {
         async move { pending(&stream, &group).await.len() }
     })
     .await;
+    eprintln!("requeue storm on redis-streams with XPENDING sampled: {report:?}");
     assert!(
         report.probe_max <= prefetch + STORM_SLACK,
         "XPENDING reached {} with prefetch {prefetch}: {report:?}",
