@@ -22,6 +22,9 @@
 //!   (exponential backoff with jitter, through `backon`), subscribes again
 //!   and reports each step in a [`ConnectionStatus`]. Messages published
 //!   while it was away are lost — that is Pub/Sub.
+//! * A subscription that is shut down or dropped sends (P)UNSUBSCRIBE before
+//!   closing its connection, so once [`Subscription::shutdown`] returns Redis
+//!   no longer counts it as a receiver.
 //! * Subscriptions speak RESP3 (`HELLO 3`), so the server must be Redis 6 or
 //!   newer.
 //! * The response timeout of both connections is configurable and 5 s by
@@ -583,7 +586,7 @@ struct Listener {
 
 /// A subscribed connection, and the signal that it was lost.
 struct Live {
-    _connection: MultiplexedConnection,
+    connection: MultiplexedConnection,
     lost: Arc<Notify>,
 }
 
@@ -627,17 +630,17 @@ impl Listener {
             Channels::Topic(topic) => connection.subscribe(topic).await?,
             Channels::Pattern(pattern) => connection.psubscribe(pattern).await?,
         }
-        Ok(Live {
-            _connection: connection,
-            lost,
-        })
+        Ok(Live { connection, lost })
     }
 
     async fn run(self, mut live: Live) {
         let mut connection = 1;
         loop {
             tokio::select! {
-                () = self.messages.closed() => break,
+                () = self.messages.closed() => {
+                    self.unsubscribe(&mut live).await;
+                    break;
+                }
                 () = live.lost.notified() => {}
             }
             drop(live);
@@ -661,6 +664,23 @@ impl Listener {
                 .send_replace(ConnectionState::Subscribed { connection });
         }
         self.state.send_replace(ConnectionState::Closed);
+    }
+
+    /// Ends the subscription on the server before the connection is
+    /// dropped: Redis notices a closed socket only some time later, and until
+    /// then counts the subscriber and keeps sending to it.
+    async fn unsubscribe(&self, live: &mut Live) {
+        let result = match &self.channels {
+            Channels::Topic(topic) => live.connection.unsubscribe(topic).await,
+            Channels::Pattern(pattern) => live.connection.punsubscribe(pattern).await,
+        };
+        if let Err(error) = result {
+            tracing::debug!(
+                client = %self.client_name,
+                %error,
+                "redis pub/sub unsubscribe failed; closing the connection anyway"
+            );
+        }
     }
 
     /// Tries until subscribed again; `None` when the subscription is dropped
