@@ -554,7 +554,15 @@ mod flood {
         let published = Arc::new(AtomicU64::new(0));
         let peak_rss = Arc::new(AtomicU64::new(start_rss));
         let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        let raw = raw_connection().await;
+        // redis-rs gives up on a reply after 500 ms by default; a busy
+        // shared machine can stall that long without anything being wrong.
+        let raw = redis::Client::open(URL)
+            .expect("redis url")
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new().set_response_timeout(Some(PATIENCE)),
+            )
+            .await
+            .expect("a publishing connection to Redis");
         let publishers: Vec<_> = (0..PUBLISHERS)
             .map(|_| {
                 let (mut raw, topic) = (raw.clone(), topic.clone());
