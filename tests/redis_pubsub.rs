@@ -1,6 +1,7 @@
 //! The Redis Pub/Sub transport against the machine's Redis (127.0.0.1:6379):
 //! the conformance suite, pattern subscriptions, interop with plain Redis
-//! clients, and recovery after its connection is killed.
+//! clients, recovery after its connection is killed, and a slow handler
+//! under a flood of messages.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +21,13 @@ const URL: &str = "redis://127.0.0.1:6379";
 const PATIENCE: Duration = Duration::from_secs(20);
 
 switchboard::conformance_tests!(|| async {
+    // The suite checks delivery, not overload: an inbox that holds its
+    // largest burst whole, so a subscriber starved of CPU (by the flood test
+    // of this binary, for one) falls behind without dropping anything.
+    let options =
+        RedisPubSubOptions::default().with_inbox_capacity(switchboard::testing::message_count());
     Arc::new(
-        RedisPubSubTransport::connect(URL)
+        RedisPubSubTransport::connect_with(URL, options)
             .await
             .expect("Redis on 127.0.0.1:6379"),
     ) as Arc<dyn Transport>
@@ -470,4 +476,176 @@ async fn subscriber_keeps_retrying_while_redis_is_down_and_resubscribes_when_it_
     assert_eq!(delivery.headers()["h"], "v");
     ack(delivery).await;
     subscription.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn an_inbox_capacity_of_zero_is_a_config_error() {
+    let options = RedisPubSubOptions::default().with_inbox_capacity(0);
+    let error = RedisPubSubTransport::connect_with(URL, options)
+        .await
+        .expect_err("capacity 0 is refused");
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
+}
+
+/// A publisher at full speed against a handler many times slower: the
+/// subscription's bounded inbox drops (and counts) what the handler cannot
+/// take, memory stays flat and the connection is never cut off.
+mod flood {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// Resident memory of this process in bytes (`VmRSS` of
+    /// `/proc/self/status`).
+    fn resident_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .expect("a VmRSS line in kB");
+        kib * 1024
+    }
+
+    const MIB: u64 = 1024 * 1024;
+    /// Resident memory is sampled once per this many messages published.
+    const SAMPLE_EVERY: u64 = 100;
+    /// Concurrent publishing tasks, sharing one connection.
+    const PUBLISHERS: usize = 4;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_handler_keeps_memory_bounded_and_every_message_is_handled_or_counted() {
+        let seconds: u64 = std::env::var("SWITCHBOARD_CHAOS_SECS")
+            .ok()
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(2);
+        // Default options: an inbox of 1024 messages, dropping the oldest.
+        let transport = transport().await;
+        let topic = unique("flood");
+        let (mut subscription, status) = transport
+            .subscribe_to(Channels::Topic(topic.clone()), SubscribeOptions::new("g"))
+            .await
+            .expect("subscribe");
+        let start_rss = resident_bytes();
+
+        // The handler: 1 ms of work per message, so at most 1000 a second,
+        // while the publishers below send well over ten times as many (the
+        // test checks it).
+        let (handled_count, mut handled) = tokio::sync::watch::channel(0_u64);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let handler = tokio::spawn(async move {
+            loop {
+                let delivery = tokio::select! {
+                    _ = &mut stopped => break,
+                    delivery = subscription.recv() => delivery.expect("the subscription is open"),
+                };
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                ack(delivery).await;
+                handled_count.send_modify(|handled| *handled += 1);
+            }
+            subscription
+        });
+
+        // The publishers: a few tasks, each sending one PUBLISH after
+        // another as fast as Redis answers. Each reply says how many
+        // subscribers received the message, so `published` counts exactly
+        // what reached ours.
+        let published = Arc::new(AtomicU64::new(0));
+        let peak_rss = Arc::new(AtomicU64::new(start_rss));
+        let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        // redis-rs gives up on a reply after 500 ms by default; a busy
+        // shared machine can stall that long without anything being wrong.
+        let raw = redis::Client::open(URL)
+            .expect("redis url")
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new().set_response_timeout(Some(PATIENCE)),
+            )
+            .await
+            .expect("a publishing connection to Redis");
+        let publishers: Vec<_> = (0..PUBLISHERS)
+            .map(|_| {
+                let (mut raw, topic) = (raw.clone(), topic.clone());
+                let (published, peak_rss) = (published.clone(), peak_rss.clone());
+                let body = format!("{:-<300}", "tick ");
+                tokio::spawn(async move {
+                    while tokio::time::Instant::now() < until {
+                        let receivers: i64 = redis::cmd("PUBLISH")
+                            .arg(&topic)
+                            .arg(&body)
+                            .query_async(&mut raw)
+                            .await
+                            .expect("PUBLISH");
+                        assert_eq!(
+                            receivers, 1,
+                            "every message reaches the one subscriber: it was never disconnected"
+                        );
+                        if published.fetch_add(1, Ordering::Relaxed) % SAMPLE_EVERY == 0 {
+                            peak_rss.fetch_max(resident_bytes(), Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for publisher in publishers {
+            publisher.await.expect("a publisher");
+        }
+        let published = published.load(Ordering::Relaxed);
+        let handled_while_publishing = *handled.borrow();
+        let mut peak_rss = peak_rss.load(Ordering::Relaxed);
+
+        // Every message that reached the subscriber is either handled or
+        // counted as dropped. The last change is always a handled message
+        // (a full inbox is never empty), so the condition is checked each
+        // time the handler finishes one, up to a deadline.
+        let settled = tokio::time::timeout(
+            PATIENCE,
+            handled.wait_for(|&handled| handled + status.dropped() >= published),
+        )
+        .await
+        .is_ok_and(|waited| waited.is_ok());
+        let handled_now = *handled.borrow();
+        let dropped = status.dropped();
+        peak_rss = peak_rss.max(resident_bytes());
+        let reconnections = match status.current() {
+            ConnectionState::Subscribed { connection } => connection - 1,
+            other => panic!("the subscription is {other:?}, not subscribed"),
+        };
+        println!(
+            "flood for {seconds} s: published {published}, handled {handled_now} \
+             ({handled_while_publishing} while publishing), dropped {dropped}, RSS start {} MiB \
+             / peak {} MiB, reconnections {reconnections}",
+            start_rss / MIB,
+            peak_rss / MIB,
+        );
+        assert!(
+            settled,
+            "the inbox did not drain within {PATIENCE:?}: {handled_now} handled + {dropped} \
+             dropped of {published} published"
+        );
+        assert_eq!(handled_now + dropped, published, "nothing lost uncounted");
+        assert!(
+            published >= 10 * handled_while_publishing,
+            "the publishers ({published}) were not ten times faster than the handler \
+             ({handled_while_publishing} meanwhile)"
+        );
+        assert!(dropped > 0, "a slow handler makes the inbox drop");
+        assert_eq!(reconnections, 0, "Redis never cut the subscriber off");
+        // The inbox holds at most 1024 messages of ~300 bytes plus 64
+        // unsettled deliveries: well under 1 MiB. 64 MiB of margin covers the
+        // allocator's slack, the runtime and the other tests of this binary
+        // running alongside; the unbounded queue this replaced grew by more
+        // than 100 MiB in 5 s at a similar publish rate.
+        let bound = start_rss + 64 * MIB;
+        assert!(
+            peak_rss < bound,
+            "resident memory peaked at {} MiB, over the {} MiB bound",
+            peak_rss / MIB,
+            bound / MIB
+        );
+
+        stop.send(()).expect("the handler is running");
+        let subscription = handler.await.expect("the handler");
+        subscription.shutdown().await.expect("shutdown");
+    }
 }

@@ -22,6 +22,9 @@
 //!   (exponential backoff with jitter, through `backon`), subscribes again
 //!   and reports each step in a [`ConnectionStatus`]. Messages published
 //!   while it was away are lost — that is Pub/Sub.
+//! * A subscription that is shut down or dropped sends (P)UNSUBSCRIBE before
+//!   closing its connection, so once [`Subscription::shutdown`] returns Redis
+//!   no longer counts it as a receiver.
 //! * Subscriptions speak RESP3 (`HELLO 3`), so the server must be Redis 6 or
 //!   newer.
 //! * The response timeout of both connections is configurable and 5 s by
@@ -52,13 +55,34 @@
 //!
 //! # Back-pressure
 //!
-//! redis-rs reads pushes as fast as they come, so messages wait in process
-//! memory while every `prefetch` delivery is unsettled, rather than in the
-//! server's output buffer (where Redis would cut a slow subscriber off at
-//! `client-output-buffer-limit pubsub`).
+//! Pub/Sub has no flow control: Redis writes every message to every
+//! subscriber as it is published, and a subscriber that reads too slowly
+//! lets the server's output buffer grow until `client-output-buffer-limit
+//! pubsub` disconnects it — losing everything buffered, uncounted, and
+//! everything published until it is back. So the connection's read loop
+//! never waits for the consumer: each push goes straight from the socket
+//! into the subscription's **bounded inbox**, and when the inbox is full the
+//! subscription's [`DropPolicy`] decides there and then which message goes
+//! ([`DropPolicy::DropOldest`] by default, keeping the freshest news;
+//! [`DropPolicy::DropNewest`] keeps what arrived first).
+//!
+//! * The inbox holds [`RedisPubSubOptions::with_inbox_capacity`] messages
+//!   (1024 by default) on top of the `prefetch` deliveries handed out and not
+//!   yet settled, so a subscription's memory is bounded whatever the
+//!   publishers do.
+//! * Every dropped message is counted in [`ConnectionStatus::dropped`] and in
+//!   the metric [`switchboard_dropped_total`](crate::observe::metrics::DROPPED_TOTAL)
+//!   (labels `transport="redis-pubsub"`, `topic` = the subscribed topic or
+//!   pattern, `reason="inbox_full"`).
+//! * The inbox bounds memory, not the socket: a process too starved of CPU
+//!   to even read and parse messages as fast as Redis writes them is still
+//!   cut off by the server, and reconnects.
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -68,7 +92,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{
     AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use uuid::Uuid;
 
 use super::{
@@ -77,6 +101,7 @@ use super::{
 };
 use crate::envelope::Headers;
 use crate::error::{Error, ErrorKind};
+use crate::observe::metrics;
 use crate::topology::Topology;
 use crate::transport::redis_error::redis_error;
 
@@ -85,16 +110,32 @@ const NAME: &str = "redis-pubsub";
 /// The first bytes of a framed payload (see the [module docs](self)).
 pub const FRAME_MAGIC: &[u8; 4] = b"\0SB1";
 
+/// Which message a subscription drops when its inbox is full (see
+/// [Back-pressure](self#back-pressure)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum DropPolicy {
+    /// Drop the oldest message waiting in the inbox to make room for the one
+    /// that just arrived: consumers see the latest state (the default).
+    #[default]
+    DropOldest,
+    /// Drop the message that just arrived: consumers see what arrived first.
+    DropNewest,
+}
+
 /// Settings of a [`RedisPubSubTransport`].
 ///
 /// ```
 /// use std::time::Duration;
-/// use switchboard::transport::redis_pubsub::RedisPubSubOptions;
+/// use switchboard::transport::redis_pubsub::{DropPolicy, RedisPubSubOptions};
 ///
 /// let options = RedisPubSubOptions::default()
 ///     .with_response_timeout(Duration::from_secs(2))
-///     .with_client_name_prefix("market-prices");
+///     .with_client_name_prefix("market-prices")
+///     .with_inbox_capacity(256)
+///     .with_drop_policy(DropPolicy::DropNewest);
 /// assert_eq!(options.response_timeout(), Duration::from_secs(2));
+/// assert_eq!(options.inbox_capacity(), 256);
+/// assert_eq!(options.drop_policy(), DropPolicy::DropNewest);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisPubSubOptions {
@@ -103,6 +144,8 @@ pub struct RedisPubSubOptions {
     reconnect_min_delay: Duration,
     reconnect_max_delay: Duration,
     client_name_prefix: String,
+    inbox_capacity: usize,
+    drop_policy: DropPolicy,
 }
 
 impl Default for RedisPubSubOptions {
@@ -113,6 +156,8 @@ impl Default for RedisPubSubOptions {
             reconnect_min_delay: Duration::from_millis(50),
             reconnect_max_delay: Duration::from_secs(5),
             client_name_prefix: "switchboard-pubsub".to_owned(),
+            inbox_capacity: 1024,
+            drop_policy: DropPolicy::DropOldest,
         }
     }
 }
@@ -145,6 +190,32 @@ impl RedisPubSubOptions {
     pub fn with_client_name_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.client_name_prefix = prefix.into();
         self
+    }
+
+    /// How many received messages each subscription keeps waiting for its
+    /// consumer, besides the `prefetch` deliveries handed out (default 1024;
+    /// at least 1, or [`RedisPubSubTransport::connect_with`] fails with
+    /// [`ErrorKind::Config`]).
+    pub fn with_inbox_capacity(mut self, capacity: usize) -> Self {
+        self.inbox_capacity = capacity;
+        self
+    }
+
+    /// Which message a subscription drops when its inbox is full (default
+    /// [`DropPolicy::DropOldest`]).
+    pub fn with_drop_policy(mut self, policy: DropPolicy) -> Self {
+        self.drop_policy = policy;
+        self
+    }
+
+    /// The inbox capacity of each subscription.
+    pub fn inbox_capacity(&self) -> usize {
+        self.inbox_capacity
+    }
+
+    /// The drop policy of each subscription's inbox.
+    pub fn drop_policy(&self) -> DropPolicy {
+        self.drop_policy
     }
 
     /// The response timeout.
@@ -250,12 +321,14 @@ pub enum ConnectionState {
     Closed,
 }
 
-/// A live view of one subscription's connection, for health checks and for
-/// waiting until a lost connection is back.
+/// A live view of one subscription: its connection, for health checks and
+/// for waiting until a lost connection is back, and how many messages its
+/// full inbox dropped.
 #[derive(Debug, Clone)]
 pub struct ConnectionStatus {
     client_name: Arc<str>,
     state: watch::Receiver<ConnectionState>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl ConnectionStatus {
@@ -268,6 +341,43 @@ impl ConnectionStatus {
     /// The state right now.
     pub fn current(&self) -> ConnectionState {
         *self.state.borrow()
+    }
+
+    /// How many messages the subscription dropped so far because its inbox
+    /// was full (see [Back-pressure](self#back-pressure)); it only grows.
+    ///
+    /// Needs a Redis at 127.0.0.1:6379:
+    ///
+    /// ```
+    /// use switchboard::transport::redis_pubsub::{Channels, RedisPubSubOptions};
+    /// use switchboard::{Publisher, RawMessage, RedisPubSubTransport, SubscribeOptions};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// # let topic = format!("doc.tick.{}", uuid::Uuid::new_v4().simple());
+    /// # let topic = topic.as_str(); // "tick" in a real service
+    /// // An inbox of one message, dropping the oldest (the default policy).
+    /// let options = RedisPubSubOptions::default().with_inbox_capacity(1);
+    /// let transport = RedisPubSubTransport::connect_with("redis://127.0.0.1:6379", options).await?;
+    /// let (mut ticks, status) = transport
+    ///     .subscribe_to(Channels::Topic(topic.into()), SubscribeOptions::new("ui"))
+    ///     .await?;
+    /// for n in 1..=3 {
+    ///     transport.publish(topic, RawMessage::new(n.to_string())).await?;
+    /// }
+    /// // Nobody took a message yet: once all three are read, two were dropped.
+    /// # let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    /// while status.dropped() < 2 {
+    /// #   assert!(std::time::Instant::now() < deadline, "the messages never arrived");
+    ///     tokio::task::yield_now().await;
+    /// }
+    /// let latest = ticks.recv().await.expect("a message");
+    /// assert_eq!(latest.body().as_ref(), b"3");
+    /// assert_eq!(status.dropped(), 2);
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// The state as a [`watch`] channel.
@@ -299,6 +409,12 @@ impl RedisPubSubTransport {
     /// Connects to the Redis at `url` with `options`. Fails when Redis does
     /// not answer; later losses of the connection are recovered from.
     pub async fn connect_with(url: &str, options: RedisPubSubOptions) -> Result<Self, Error> {
+        if options.inbox_capacity == 0 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "redis pub/sub option `inbox_capacity` must be at least 1",
+            ));
+        }
         let info = url.into_connection_info().map_err(|error| {
             Error::new(ErrorKind::Config, format!("redis url {url:?}: {error}")).with_source(error)
         })?;
@@ -353,14 +469,22 @@ impl RedisPubSubTransport {
             Channels::Pattern(_) => None,
         };
         let subscription_name: Arc<str> = channels.name().into();
-        let (messages, inbox) = mpsc::unbounded_channel();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let inbox = Arc::new(Inbox::new(
+            self.inner.options.inbox_capacity,
+            self.inner.options.drop_policy,
+            subscription_name.clone(),
+            dropped.clone(),
+        ));
+        let (consumer_alive, alive) = watch::channel(());
         let listener = Listener {
             client: self.inner.client.clone(),
             options: self.inner.options.clone(),
             channels,
             client_name: client_name.clone(),
             fixed_topic,
-            messages,
+            inbox: inbox.clone(),
+            consumer: consumer_alive,
             state: watch::Sender::new(ConnectionState::Subscribed { connection: 1 }),
         };
         // The first connection is made here so its failure reaches the caller.
@@ -371,6 +495,7 @@ impl RedisPubSubTransport {
         let status = ConnectionStatus {
             client_name,
             state: listener.state.subscribe(),
+            dropped,
         };
         let listening = tokio::spawn(listener.run(live));
 
@@ -378,6 +503,7 @@ impl RedisPubSubTransport {
         let permits = Arc::new(Semaphore::new(prefetch));
         let consumer = Consumer {
             inbox,
+            _alive: alive,
             permits: permits.clone(),
             group: options.group.as_str().into(),
         };
@@ -568,6 +694,121 @@ struct Incoming {
     message: RawMessage,
 }
 
+/// A subscription's bounded queue from its connection to its consumer. The
+/// connection's read loop fills it without ever waiting (see
+/// [Back-pressure](self#back-pressure)); the consumer empties it.
+struct Inbox {
+    queue: Mutex<Queue>,
+    capacity: usize,
+    policy: DropPolicy,
+    /// Wakes the consumer when the queue stops being empty or closes.
+    ready: Notify,
+    /// The `topic` label of the dropped-messages metric: the subscribed
+    /// topic or pattern.
+    subscription: Arc<str>,
+    dropped: Arc<AtomicU64>,
+}
+
+struct Queue {
+    messages: VecDeque<Incoming>,
+    closed: bool,
+}
+
+impl Inbox {
+    fn new(
+        capacity: usize,
+        policy: DropPolicy,
+        subscription: Arc<str>,
+        dropped: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            queue: Mutex::new(Queue {
+                // Room for the default capacity up front, so filling the
+                // queue never reallocates; a larger inbox grows on demand.
+                messages: VecDeque::with_capacity(capacity.min(1024)),
+                closed: false,
+            }),
+            capacity,
+            policy,
+            ready: Notify::new(),
+            subscription,
+            dropped,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding the lock; a poisoned queue is intact.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called on the connection's read loop: takes the lock for a few
+    /// pointer moves and never waits for the consumer.
+    fn push(&self, incoming: Incoming) {
+        let mut queue = self.lock();
+        if queue.closed {
+            return;
+        }
+        if queue.messages.len() < self.capacity {
+            let was_empty = queue.messages.is_empty();
+            queue.messages.push_back(incoming);
+            drop(queue);
+            if was_empty {
+                // Stores a wake-up if the consumer is not waiting yet.
+                self.ready.notify_one();
+            }
+            return;
+        }
+        // Full, so not empty: the consumer has something to take already.
+        let evicted = match self.policy {
+            DropPolicy::DropOldest => {
+                let oldest = queue.messages.pop_front();
+                queue.messages.push_back(incoming);
+                oldest
+            }
+            DropPolicy::DropNewest => Some(incoming),
+        };
+        // Counted before the lock is released, so whoever takes the next
+        // message also sees this drop.
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        drop(queue);
+        drop(evicted);
+        metrics::dropped(NAME, self.subscription.clone(), "inbox_full");
+    }
+
+    /// The next message; `None` once the inbox is closed and empty.
+    async fn pop(&self) -> Option<Incoming> {
+        loop {
+            {
+                let mut queue = self.lock();
+                if let Some(incoming) = queue.messages.pop_front() {
+                    return Some(incoming);
+                }
+                if queue.closed {
+                    return None;
+                }
+            }
+            // A push between the unlock and here left a stored wake-up.
+            self.ready.notified().await;
+        }
+    }
+
+    /// Refuses further messages; the consumer still takes what is queued
+    /// unless `discard`.
+    fn close(&self, discard: bool) {
+        let discarded = {
+            let mut queue = self.lock();
+            queue.closed = true;
+            if discard {
+                std::mem::take(&mut queue.messages)
+            } else {
+                VecDeque::new()
+            }
+        };
+        drop(discarded);
+        self.ready.notify_one();
+    }
+}
+
 /// One subscription's connection keeper: connects, subscribes, and does it
 /// again whenever the connection is lost, until the subscription is gone.
 struct Listener {
@@ -577,13 +818,15 @@ struct Listener {
     client_name: Arc<str>,
     /// The topic of an exact subscription, shared by all its deliveries.
     fixed_topic: Option<Arc<str>>,
-    messages: mpsc::UnboundedSender<Incoming>,
+    inbox: Arc<Inbox>,
+    /// Closed when the consumer is dropped: the subscription is over.
+    consumer: watch::Sender<()>,
     state: watch::Sender<ConnectionState>,
 }
 
 /// A subscribed connection, and the signal that it was lost.
 struct Live {
-    _connection: MultiplexedConnection,
+    connection: MultiplexedConnection,
     lost: Arc<Notify>,
 }
 
@@ -591,23 +834,21 @@ impl Listener {
     async fn connect(&self) -> Result<Live, redis::RedisError> {
         let lost = Arc::new(Notify::new());
         let forward = {
-            let (messages, lost, fixed_topic) = (
-                self.messages.clone(),
-                lost.clone(),
-                self.fixed_topic.clone(),
-            );
-            // Runs on the connection's own task, so the message reaches the
-            // subscription without another task hop.
-            move |push: PushInfo| -> Result<(), ()> {
+            let (inbox, lost, fixed_topic) =
+                (self.inbox.clone(), lost.clone(), self.fixed_topic.clone());
+            // Runs on the connection's own task, inside its read loop, so
+            // the message reaches the subscription without another task hop
+            // and without ever holding up the socket.
+            move |push: PushInfo| -> Result<(), Infallible> {
                 if push.kind == PushKind::Disconnection {
                     // `notify_one` keeps the signal if nobody waits yet.
                     lost.notify_one();
                     return Ok(());
                 }
-                match incoming(push, fixed_topic.as_ref()) {
-                    Some(incoming) => messages.send(incoming).map_err(|_| ()),
-                    None => Ok(()),
+                if let Some(incoming) = incoming(push, fixed_topic.as_ref()) {
+                    inbox.push(incoming);
                 }
+                Ok(())
             }
         };
         let config = AsyncConnectionConfig::new()
@@ -627,17 +868,17 @@ impl Listener {
             Channels::Topic(topic) => connection.subscribe(topic).await?,
             Channels::Pattern(pattern) => connection.psubscribe(pattern).await?,
         }
-        Ok(Live {
-            _connection: connection,
-            lost,
-        })
+        Ok(Live { connection, lost })
     }
 
     async fn run(self, mut live: Live) {
         let mut connection = 1;
         loop {
             tokio::select! {
-                () = self.messages.closed() => break,
+                () = self.consumer.closed() => {
+                    self.unsubscribe(&mut live).await;
+                    break;
+                }
                 () = live.lost.notified() => {}
             }
             drop(live);
@@ -660,7 +901,25 @@ impl Listener {
             self.state
                 .send_replace(ConnectionState::Subscribed { connection });
         }
+        self.inbox.close(false);
         self.state.send_replace(ConnectionState::Closed);
+    }
+
+    /// Ends the subscription on the server before the connection is
+    /// dropped: Redis notices a closed socket only some time later, and until
+    /// then counts the subscriber and keeps sending to it.
+    async fn unsubscribe(&self, live: &mut Live) {
+        let result = match &self.channels {
+            Channels::Topic(topic) => live.connection.unsubscribe(topic).await,
+            Channels::Pattern(pattern) => live.connection.punsubscribe(pattern).await,
+        };
+        if let Err(error) = result {
+            tracing::debug!(
+                client = %self.client_name,
+                %error,
+                "redis pub/sub unsubscribe failed; closing the connection anyway"
+            );
+        }
     }
 
     /// Tries until subscribed again; `None` when the subscription is dropped
@@ -678,7 +937,7 @@ impl Listener {
             self.state
                 .send_replace(ConnectionState::Reconnecting { attempt });
             let error = tokio::select! {
-                () = self.messages.closed() => return None,
+                () = self.consumer.closed() => return None,
                 result = self.connect() => match result {
                     Ok(live) => return Some(live),
                     Err(error) => error,
@@ -693,7 +952,7 @@ impl Listener {
                 "redis pub/sub reconnection failed"
             );
             tokio::select! {
-                () = self.messages.closed() => return None,
+                () = self.consumer.closed() => return None,
                 () = tokio::time::sleep(delay) => {}
             }
         }
@@ -729,7 +988,9 @@ fn incoming(push: PushInfo, fixed_topic: Option<&Arc<str>>) -> Option<Incoming> 
 /// The subscription's side: hands out what the listener received, at most
 /// `prefetch` unsettled at a time.
 struct Consumer {
-    inbox: mpsc::UnboundedReceiver<Incoming>,
+    inbox: Arc<Inbox>,
+    /// Dropped with the consumer, which tells the listener to stop.
+    _alive: watch::Receiver<()>,
     permits: Arc<Semaphore>,
     group: Arc<str>,
 }
@@ -737,7 +998,7 @@ struct Consumer {
 impl Consumer {
     async fn next(&mut self) -> Option<Delivery> {
         let permit = self.permits.clone().acquire_owned().await.ok()?;
-        let Incoming { topic, message } = self.inbox.recv().await?;
+        let Incoming { topic, message } = self.inbox.pop().await?;
         let acker = PubSubAcker { _permit: permit };
         // Pub/Sub never delivers a message twice: every delivery is the first.
         Some(Delivery::new(
@@ -747,6 +1008,14 @@ impl Consumer {
             1,
             Box::new(acker),
         ))
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // Frees the queued messages now rather than when the connection is
+        // gone, and refuses what still arrives meanwhile.
+        self.inbox.close(true);
     }
 }
 
@@ -820,6 +1089,65 @@ mod tests {
             assert!(message.headers.is_empty());
             assert_eq!(message.body.as_ref(), damaged);
         }
+    }
+
+    fn inbox(capacity: usize, policy: DropPolicy) -> Inbox {
+        Inbox::new(capacity, policy, "t".into(), Arc::default())
+    }
+
+    fn push(inbox: &Inbox, body: &'static str) {
+        inbox.push(Incoming {
+            topic: "t".into(),
+            message: RawMessage::new(body),
+        });
+    }
+
+    async fn bodies(inbox: &Inbox) -> Vec<Bytes> {
+        inbox.close(false);
+        let mut bodies = Vec::new();
+        while let Some(incoming) = inbox.pop().await {
+            bodies.push(incoming.message.body);
+        }
+        bodies
+    }
+
+    #[tokio::test]
+    async fn a_full_inbox_drops_the_oldest_by_default_and_counts_it() {
+        let inbox = inbox(2, DropPolicy::default());
+        for body in ["1", "2", "3", "4"] {
+            push(&inbox, body);
+        }
+        assert_eq!(inbox.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(bodies(&inbox).await, ["3", "4"]);
+    }
+
+    #[tokio::test]
+    async fn drop_newest_keeps_what_came_first() {
+        let inbox = inbox(2, DropPolicy::DropNewest);
+        for body in ["1", "2", "3", "4"] {
+            push(&inbox, body);
+        }
+        assert_eq!(inbox.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(bodies(&inbox).await, ["1", "2"]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_consumer_is_woken_and_a_closed_inbox_refuses_pushes() {
+        let inbox = Arc::new(inbox(1, DropPolicy::DropOldest));
+        let waiting = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.pop().await.map(|incoming| incoming.message.body) }
+        });
+        push(&inbox, "1");
+        assert_eq!(waiting.await.unwrap().as_deref(), Some(&b"1"[..]));
+        inbox.close(true);
+        push(&inbox, "2");
+        assert!(inbox.pop().await.is_none());
+        assert_eq!(
+            inbox.dropped.load(Ordering::Relaxed),
+            0,
+            "refused, not dropped"
+        );
     }
 
     #[test]
