@@ -158,11 +158,13 @@ pub(crate) fn budget_checked(path: &str, p99: Duration, breached: bool) {
     }
 }
 
+#[cfg_attr(not(feature = "redis-pubsub"), allow(dead_code))]
 pub(crate) fn dropped(transport: &'static str, topic: std::sync::Arc<str>, reason: &'static str) {
     metrics::counter!(DROPPED_TOTAL, "transport" => transport, "topic" => topic, "reason" => reason)
         .increment(1);
 }
 
+#[cfg_attr(not(any(feature = "grpc", feature = "http")), allow(dead_code))]
 pub(crate) fn push_refused(transport: &'static str, topic: std::sync::Arc<str>) {
     metrics::counter!(PUSH_REFUSED_TOTAL, "transport" => transport, "topic" => topic).increment(1);
 }

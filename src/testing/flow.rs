@@ -128,7 +128,10 @@ where
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let sampling = sampling.clone();
-        let (topic, group) = (bus.topic_of::<ConformanceEvent>().into_owned(), group.clone());
+        let (topic, group) = (
+            bus.topic_of::<ConformanceEvent>().into_owned(),
+            group.clone(),
+        );
         tokio::spawn(async move {
             let (mut tasks, mut probed) = (0, 0);
             while sampling.load(Ordering::SeqCst) {

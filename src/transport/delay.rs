@@ -108,6 +108,7 @@ impl<T> DelayQueue<T> {
     }
 
     /// The earliest item whose time has come, if any.
+    #[cfg_attr(not(feature = "redis-streams"), allow(dead_code))]
     pub(crate) fn try_due(&self) -> Option<T> {
         let mut state = self.lock();
         let due = state

@@ -89,7 +89,10 @@ async fn a_requeue_storm_keeps_xpending_at_the_prefetch() {
         "XPENDING reached {} with prefetch {prefetch}: {report:?}",
         report.probe_max,
     );
-    assert!(report.touched_while_refusing <= prefetch + STORM_SLACK, "{report:?}");
+    assert!(
+        report.touched_while_refusing <= prefetch + STORM_SLACK,
+        "{report:?}"
+    );
     assert_eq!(report.handled_twice, 0, "{report:?}");
 }
 
@@ -134,7 +137,11 @@ async fn a_slow_handler_keeps_its_entry_from_other_members() {
     );
     let owners = pending(&slow.stream_key(&topic), &group).await;
     assert_eq!(owners.len(), 1, "{owners:?}");
-    assert_eq!(owners[0].1, format!("{slow_name}-1"), "still the slow member's");
+    assert_eq!(
+        owners[0].1,
+        format!("{slow_name}-1"),
+        "still the slow member's"
+    );
     delivery
         .ack()
         .await
@@ -195,7 +202,11 @@ async fn a_stalled_owner_cannot_settle_an_entry_taken_over() {
         .expect("subscribe B");
     let b_delivery = recv(&mut b_sub).await;
     assert_eq!(b_delivery.body().as_ref(), b"contested");
-    assert_eq!(b_delivery.delivery_count(), 2, "A's delivery ended without an outcome");
+    assert_eq!(
+        b_delivery.delivery_count(),
+        2,
+        "A's delivery ended without an outcome"
+    );
     proxy.restore();
 
     let stream = b.stream_key(&topic);

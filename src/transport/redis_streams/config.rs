@@ -5,6 +5,9 @@ use std::time::Duration;
 use super::GroupStart;
 use crate::error::{Error, ErrorKind};
 
+/// Settings of a [`RedisStreamsTransport`](super::RedisStreamsTransport).
+///
+/// ```
 /// use std::time::Duration;
 /// use switchboard::transport::redis_streams::{GroupStart, RedisStreamsConfig};
 ///

@@ -161,13 +161,14 @@ impl Reader {
                 continue;
             }
             let batch = self.group.transport.inner.config.batch;
-            if self.read.is_none() && Instant::now() >= self.next_claim {
-                if let Some(permits) = self.take_permits(batch) {
-                    if let Err(error) = self.claim_idle(permits).await {
-                        self.failed("XAUTOCLAIM", error).await;
-                    }
-                    continue;
+            if self.read.is_none()
+                && Instant::now() >= self.next_claim
+                && let Some(permits) = self.take_permits(batch)
+            {
+                if let Err(error) = self.claim_idle(permits).await {
+                    self.failed("XAUTOCLAIM", error).await;
                 }
+                continue;
             }
             self.wait().await;
         }

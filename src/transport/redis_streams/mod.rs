@@ -189,10 +189,6 @@ impl GroupStart {
     }
 }
 
-/// Settings of a [`RedisStreamsTransport`].
-///
-/// ```
-
 /// The Redis Streams transport. Clones share the connection.
 ///
 /// ```
