@@ -37,6 +37,10 @@
 //! | `switchboard_dedupe_hits_total` | counter | `topic`, `group`, `state` (`done`/`in_progress`) | [`Dedupe`](crate::middleware::dedupe::Dedupe) |
 //! | `switchboard_latency_p99_seconds` | gauge | `path` | [`LatencyBudgets`] check |
 //! | `switchboard_budget_breaches_total` | counter | `path` | [`LatencyBudgets`] check |
+//! | `switchboard_dropped_total` | counter | `transport`, `topic`, `reason` (`inbox_full`) | Redis Pub/Sub's bounded inbox |
+//! | `switchboard_push_refused_total` | counter | `transport`, `topic` | gRPC / HTTP push receivers whose queue was full |
+//! | `switchboard_consumer_lag` | gauge | `transport`, `topic`, `group` | each subscription, on an interval (memory, Redis Streams, RabbitMQ) |
+//! | `switchboard_dedupe_evictions_total` | counter | `store` | [`MokaDedupeStore`](crate::middleware::dedupe::MokaDedupeStore) |
 //!
 //! Durations are recorded in seconds. `outcome` error kinds are
 //! `connection`, `timeout`, `unavailable`, `rejected`, `unauthorized`,
