@@ -345,8 +345,9 @@ async fn hand_back_unhandled(
     mut consumer: lapin::Consumer,
 ) {
     // After the cancel, the deliveries already sent are in the consumer's
-    // buffer; a short wait only guards against one still being read.
-    let quiet = std::time::Duration::from_millis(50);
+    // buffer and its stream ends behind them; the time limit only guards
+    // against a broker that never confirms the cancel.
+    let quiet = std::time::Duration::from_secs(1);
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, consumer.next()).await {
         let held = held_of(shared, queue, generation, &delivery, delivery.acker.clone());
         let body = Bytes::from(delivery.data);
