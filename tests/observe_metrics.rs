@@ -345,3 +345,53 @@ async fn dedupe_hits_are_counted_per_topic_and_group() {
         1
     );
 }
+
+/// A subscription samples its group's lag: on the memory bus, the queue
+/// depth when it takes a message (at most once a second).
+#[tokio::test]
+async fn each_subscription_reports_its_groups_lag() {
+    let recorder = Recorder::install();
+    let transport = Arc::new(MemoryTransport::new());
+    let bus = EventBus::new(transport.clone(), "trading-service");
+    bus.declare(
+        &switchboard::Topology::new()
+            .with_groups(<TradeExecuted as switchboard::Event>::TYPE, ["game"]),
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        bus.publish(spec_trade()).await.unwrap();
+    }
+    assert_eq!(
+        transport.depth(<TradeExecuted as switchboard::Event>::TYPE, "game"),
+        5
+    );
+    let (done, mut handled) = mpsc::unbounded_channel();
+    let consumer = bus
+        .subscribe(
+            SubscribeOptions::new("game"),
+            handler_fn(move |_: Message<TradeExecuted>| {
+                let done = done.clone();
+                async move {
+                    done.send(()).ok();
+                    Ok::<_, Error>(())
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        handled.recv().await.unwrap();
+    }
+    consumer.shutdown().await.unwrap();
+    let lag = recorder.take().gauge(
+        switchboard::observe::metrics::CONSUMER_LAG,
+        &[
+            ("transport", "memory"),
+            ("topic", <TradeExecuted as switchboard::Event>::TYPE),
+            ("group", "game"),
+        ],
+    );
+    // Sampled as the first message was taken: the other four still queued.
+    assert_eq!(lag, 4.0);
+}
