@@ -77,7 +77,7 @@ mod redis_specific {
             .expect("connect to Redis")
     }
 
-    async fn raw() -> redis::aio::MultiplexedConnection {
+    pub(crate) async fn raw() -> redis::aio::MultiplexedConnection {
         redis::Client::open(super::redis_url())
             .expect("client")
             .get_multiplexed_async_connection()
@@ -85,7 +85,7 @@ mod redis_specific {
             .expect("raw connection")
     }
 
-    async fn recv(subscription: &mut Subscription) -> Delivery {
+    pub(crate) async fn recv(subscription: &mut Subscription) -> Delivery {
         tokio::time::timeout(PATIENCE, subscription.recv())
             .await
             .expect("a delivery in time")

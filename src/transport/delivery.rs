@@ -484,3 +484,46 @@ impl fmt::Debug for Subscription {
             .finish_non_exhaustive()
     }
 }
+
+/// A subscription's prefetch as permits: each message the subscription
+/// holds (read ahead, in a handler, waiting out a nack) holds one, so
+/// draining is waiting until all are back. Clones share the permits.
+#[derive(Clone)]
+pub(crate) struct Prefetch {
+    permits: Arc<tokio::sync::Semaphore>,
+    size: u32,
+}
+
+impl Prefetch {
+    /// `prefetch` permits, capped at what a semaphore can count.
+    pub(crate) fn new(prefetch: usize) -> Self {
+        let size = prefetch
+            .min(u32::MAX as usize)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(size)),
+            size: size as u32,
+        }
+    }
+
+    /// The permits, to take one per message held.
+    pub(crate) fn permits(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.permits
+    }
+
+    /// How many messages the subscription may hold.
+    pub(crate) fn size(&self) -> usize {
+        self.size as usize
+    }
+
+    /// Resolves once every permit is back: nothing the subscription handed
+    /// out is still unsettled.
+    pub(crate) async fn drained(&self) -> Result<(), Error> {
+        let _all = self
+            .permits
+            .acquire_many(self.size)
+            .await
+            .map_err(|_| Error::closed("subscription"))?;
+        Ok(())
+    }
+}

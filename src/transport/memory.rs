@@ -35,6 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
 use super::delay::DelayQueue;
+use super::delivery::Prefetch;
 
 use super::{
     Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
@@ -261,15 +262,11 @@ impl Subscriber for MemoryTransport {
         options.validate()?;
         let topic = self.topic_or_create(topic);
         let queue = topic.group(&options.group);
-        let prefetch = options
-            .prefetch
-            .min(u32::MAX as usize)
-            .min(Semaphore::MAX_PERMITS);
-        let permits = Arc::new(Semaphore::new(prefetch));
+        let prefetch = Prefetch::new(options.prefetch);
         let consumer = Consumer {
             topic,
             queue,
-            permits: permits.clone(),
+            permits: prefetch.permits().clone(),
             delays: DelayQueue::default(),
             lag_sampled: Mutex::new(None),
         };
@@ -279,13 +276,7 @@ impl Subscriber for MemoryTransport {
             Some((delivery, consumer))
         });
         // Draining means every permit is back: each delivery handed out holds one.
-        let drain = async move {
-            let _all = permits
-                .acquire_many(prefetch as u32)
-                .await
-                .map_err(|_| Error::closed("subscription"))?;
-            Ok(())
-        };
+        let drain = async move { prefetch.drained().await };
         Ok(Subscription::new(topic_name, group_name, deliveries, drain))
     }
 }

@@ -11,13 +11,12 @@ use switchboard::testing::flow::{STORM_SLACK, Storm, requeue_storm};
 use switchboard::testing::proxy::FaultProxy;
 use switchboard::transport::redis_streams::{RedisStreamsConfig, RedisStreamsTransport};
 use switchboard::{
-    Delivery, Error, ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, Subscription,
-    Topology, Transport,
+    Delivery, Error, ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, Topology,
+    Transport,
 };
 
+use super::redis_specific::{raw, recv};
 use super::redis_url;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 fn unique(label: &str) -> String {
     format!("rs-flow-{label}-{}", uuid::Uuid::new_v4().simple())
@@ -33,21 +32,6 @@ async fn connect_to(url: &str, config: RedisStreamsConfig) -> RedisStreamsTransp
     RedisStreamsTransport::connect_with(url, config)
         .await
         .unwrap_or_else(|error| panic!("connect to Redis at {url}: {error}"))
-}
-
-async fn raw() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis_url())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("raw connection")
-}
-
-async fn recv(subscription: &mut Subscription) -> Delivery {
-    tokio::time::timeout(PATIENCE, subscription.recv())
-        .await
-        .expect("a delivery in time")
-        .expect("subscription open")
 }
 
 /// Each pending entry of `group` with its owner.

@@ -27,7 +27,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use tokio::runtime::Handle;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -37,6 +37,7 @@ use super::{NAME, QueueType, Shared, properties};
 use crate::error::Error;
 use crate::observe::metrics;
 use crate::transport::delay::DelayQueue;
+use crate::transport::delivery::Prefetch;
 use crate::transport::{Delivery, RawMessage, SubscribeOptions, Subscription, validate_name};
 
 pub(crate) async fn subscribe(
@@ -54,8 +55,7 @@ pub(crate) async fn subscribe(
         topic: topic.into(),
         group: options.group.as_str().into(),
         queue: queue.into(),
-        prefetch,
-        permits: Arc::new(Semaphore::new(prefetch)),
+        prefetch: Prefetch::new(prefetch),
         live: None,
         after: 0,
         links: shared.supervisor.link_watch(),
@@ -104,8 +104,7 @@ struct ConsumerState {
     topic: Arc<str>,
     group: Arc<str>,
     queue: Arc<str>,
-    prefetch: usize,
-    permits: Arc<Semaphore>,
+    prefetch: Prefetch,
     live: Option<Live>,
     /// After a lost connection, only a newer generation is worth trying.
     after: u64,
@@ -136,7 +135,7 @@ impl ConsumerState {
             .await
             .map_err(|error| amqp_error("open a channel", error))?;
         channel
-            .basic_qos(self.prefetch as u16, BasicQosOptions::default())
+            .basic_qos(self.prefetch.size() as u16, BasicQosOptions::default())
             .await
             .map_err(|error| amqp_error("set the prefetch", error))?;
         // Declared again on every (re)start: a queue with `x-expires` may be
@@ -164,7 +163,7 @@ impl ConsumerState {
             // A nacked delivery coming due goes back to the broker (and
             // frees its permit) whatever this subscription waits for.
             let permit = tokio::select! {
-                permit = self.permits.clone().acquire_owned() => permit.ok()?,
+                permit = self.prefetch.permits().clone().acquire_owned() => permit.ok()?,
                 waiting = self.delays.next_due() => {
                     if let Some(delivery) = self.redeliver(waiting).await {
                         return Some(delivery);
@@ -408,8 +407,7 @@ impl Drop for ConsumerState {
         let waiting = self.delays.close();
         let live = self.live.take();
         let shared = self.shared.clone();
-        let permits = self.permits.clone();
-        let prefetch = self.prefetch as u32;
+        let prefetch = self.prefetch.clone();
         let drained = self.drained.take();
         let (guarded, queue) = (self.guarded, self.queue.clone());
         self.handle.spawn(async move {
@@ -441,7 +439,7 @@ impl Drop for ConsumerState {
                 } else {
                     drop(consumer);
                 }
-                let _ = permits.acquire_many(prefetch).await;
+                let _ = prefetch.drained().await;
                 let close = async {
                     channel
                         .close(200, "subscription closed".into())
@@ -450,7 +448,7 @@ impl Drop for ConsumerState {
                 };
                 let _ = shared.supervisor.guard(generation, close).await;
             } else {
-                let _ = permits.acquire_many(prefetch).await;
+                let _ = prefetch.drained().await;
             }
             drop(drained);
         });

@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
+use crate::transport::delivery::Prefetch;
 use crate::transport::{
     Acker, DeadLetter, Delivery, RawMessage, SubscribeOptions, Subscription, validate_name,
 };
@@ -274,27 +275,17 @@ impl Inbox {
         validate_name("topic", topic)?;
         options.validate()?;
         let queue = self.join(topic, &options.group);
-        let prefetch = options
-            .prefetch
-            .min(Semaphore::MAX_PERMITS)
-            .min(u32::MAX as usize);
-        let permits = Arc::new(Semaphore::new(prefetch));
+        let prefetch = Prefetch::new(options.prefetch);
         let member = Member {
             inbox: self.clone(),
             queue: queue.clone(),
-            permits: permits.clone(),
+            permits: prefetch.permits().clone(),
         };
         let deliveries = futures_util::stream::unfold(member, |member| async move {
             let delivery = member.next().await?;
             Some((delivery, member))
         });
-        let drain = async move {
-            let _all = permits
-                .acquire_many(prefetch as u32)
-                .await
-                .map_err(|_| Error::closed("subscription"))?;
-            Ok(())
-        };
+        let drain = async move { prefetch.drained().await };
         Ok(Subscription::new(
             queue.topic.clone(),
             queue.name.clone(),

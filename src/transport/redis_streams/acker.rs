@@ -207,10 +207,7 @@ impl Group {
     pub(super) async fn give_back_nacked(&self, nacked: Nacked, left: Duration) {
         let idle = self.claim_idle_ms().saturating_sub(left.as_millis() as u64);
         // A nack is an outcome: the delivery counter must not count it.
-        let entry = GiveBack {
-            id: nacked.id,
-            settled_count: Some(nacked.delivery_count),
-        };
+        let entry = GiveBack::settled(nacked.id, nacked.delivery_count);
         self.give_back(&[entry], idle).await;
         drop(nacked.permit);
     }
@@ -289,10 +286,7 @@ impl Acker for RedisAcker {
         };
         let group = self.group.clone();
         // Handed out and dropped unsettled: the next delivery counts one more.
-        let entry = [GiveBack {
-            id: std::mem::take(&mut self.id),
-            settled_count: None,
-        }];
+        let entry = [GiveBack::abandoned(std::mem::take(&mut self.id))];
         // The permit is released only once the entry is handed back, so a
         // drained subscription has handed back everything.
         runtime.spawn(async move {

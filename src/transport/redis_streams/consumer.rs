@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_core::future::BoxFuture;
-use redis::streams::{StreamAutoClaimReply, StreamReadReply};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{RedisError, RedisResult, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -20,6 +20,7 @@ use super::lease::{Claim, GiveBack, SCRIPT_BATCH, spawn_keeper};
 use super::{Conn, DLQ_SUFFIX, RedisStreamsTransport, ensure_group, lock};
 use crate::error::Error;
 use crate::transport::delay::DelayQueue;
+use crate::transport::delivery::Prefetch;
 use crate::transport::{
     DeadLetter, Delivery, SubscribeOptions, Subscriber, Subscription, validate_name,
 };
@@ -40,11 +41,8 @@ impl Subscriber for RedisStreamsTransport {
         let stream = self.stream_key(topic);
         self.ensure_group(&stream, &options.group).await?;
         let blocking = self.blocking_connection().await?;
-        let prefetch = options
-            .prefetch
-            .min(u32::MAX as usize)
-            .min(Semaphore::MAX_PERMITS);
-        let (acks, ack_requests) = mpsc::channel(prefetch.clamp(1, SCRIPT_BATCH));
+        let prefetch = Prefetch::new(options.prefetch);
+        let (acks, ack_requests) = mpsc::channel(prefetch.size().clamp(1, SCRIPT_BATCH));
         let group = Arc::new(Group {
             transport: self.clone(),
             topic: topic.into(),
@@ -57,13 +55,13 @@ impl Subscriber for RedisStreamsTransport {
             delays: DelayQueue::default(),
         });
         spawn_keeper(Arc::downgrade(&group), ack_requests);
-        let permits = Arc::new(Semaphore::new(prefetch));
+        let permits = prefetch.permits().clone();
         let stopping: Arc<Mutex<Option<JoinHandle<()>>>> = Arc::default();
         let mut reader = Reader {
             group: group.clone(),
             blocking,
             client_id: None,
-            permits: permits.clone(),
+            permits,
             buffer: VecDeque::new(),
             read: None,
             recovery: Some("-".to_owned()),
@@ -84,11 +82,7 @@ impl Subscriber for RedisStreamsTransport {
                 let _ = task.await;
             }
             // ...then every delivery handed out is settled or dropped.
-            let _all = permits
-                .acquire_many(prefetch as u32)
-                .await
-                .map_err(|_| Error::closed("subscription"))?;
-            Ok(())
+            prefetch.drained().await
         };
         Ok(Subscription::new(
             group.topic.clone(),
@@ -319,18 +313,10 @@ impl Reader {
             return Ok(());
         }
         let entries = self.group.claim_entries(Claim::Recover, &ids).await?;
-        for id in entries {
-            let Some(permit) = permits.split(1) else {
-                break;
-            };
-            let before = counts
-                .iter()
-                .find(|(pending, _)| *pending == id.id)
-                .map_or(0, |(_, count)| *count);
-            let count = before.saturating_add(1);
-            let entry = self.group.entry(id, count, count, permit);
-            self.buffer.push_back(entry);
-        }
+        // The counts were read before the claim raised them.
+        self.buffer_claimed(entries, &counts, &mut permits, |before| {
+            before.unwrap_or(0).saturating_add(1)
+        });
         Ok(())
     }
 
@@ -371,18 +357,34 @@ impl Reader {
             claimed = reply.claimed.len(),
             "took over idle pending entries",
         );
-        for id in reply.claimed {
+        self.buffer_claimed(reply.claimed, &counts, &mut permits, |after| {
+            after.unwrap_or(1)
+        });
+        Ok(())
+    }
+
+    /// Buffers claimed entries, one permit each, with the delivery counter
+    /// `count` makes of what `XPENDING` listed for the entry.
+    fn buffer_claimed(
+        &mut self,
+        claimed: Vec<StreamId>,
+        pending: &[(String, u32)],
+        permits: &mut OwnedSemaphorePermit,
+        count: impl Fn(Option<u32>) -> u32,
+    ) {
+        for id in claimed {
+            // Redis returned at most as many as asked for, one per permit.
             let Some(permit) = permits.split(1) else {
                 break;
             };
-            let count = counts
+            let listed = pending
                 .iter()
                 .find(|(pending, _)| *pending == id.id)
-                .map_or(1, |(_, count)| *count);
+                .map(|(_, count)| *count);
+            let count = count(listed);
             let entry = self.group.entry(id, count, count, permit);
             self.buffer.push_back(entry);
         }
-        Ok(())
     }
 
     /// Turns an entry into a delivery, or settles it here when it must not
@@ -391,11 +393,7 @@ impl Reader {
         if entry.foreign {
             if let Err(error) = self.group.ack(entry.id.clone()).await {
                 tracing::warn!(%error, id = entry.id, "cannot skip another group's redrive");
-                let count = Some(entry.delivery_count);
-                let back = GiveBack {
-                    id: entry.id,
-                    settled_count: count,
-                };
+                let back = GiveBack::settled(entry.id, entry.delivery_count);
                 self.group.give_back(&[back], 0).await;
             }
             return None;
@@ -414,11 +412,7 @@ impl Reader {
                 .await
             {
                 tracing::warn!(%error, id = entry.id, "dead-letter failed; entry stays pending");
-                let count = Some(entry.delivery_count);
-                let back = GiveBack {
-                    id: entry.id,
-                    settled_count: count,
-                };
+                let back = GiveBack::settled(entry.id, entry.delivery_count);
                 self.group.give_back(&[back], 0).await;
             }
             return None;
@@ -513,10 +507,7 @@ impl Drop for Reader {
             // None of these reached a handler: their counters are set back.
             let mut unhandled: Vec<GiveBack> = buffered
                 .iter()
-                .map(|entry| GiveBack {
-                    id: entry.id.clone(),
-                    settled_count: Some(entry.delivery_count),
-                })
+                .map(|entry| GiveBack::settled(entry.id.clone(), entry.delivery_count))
                 .collect();
             if let Some(read) = read {
                 if let Some(client_id) = client_id {
@@ -530,10 +521,7 @@ impl Drop for Reader {
                 }
                 if let Ok(Some(reply)) = read.reply.await {
                     let read = reply.keys.into_iter().flat_map(|key| key.ids);
-                    unhandled.extend(read.map(|id| GiveBack {
-                        id: id.id,
-                        settled_count: Some(1),
-                    }));
+                    unhandled.extend(read.map(|id| GiveBack::settled(id.id, 1)));
                 }
                 drop(read.permits);
             }

@@ -137,6 +137,25 @@ pub(super) struct GiveBack {
     pub(super) settled_count: Option<u32>,
 }
 
+impl GiveBack {
+    /// Never handed to a handler, or its delivery ended with a nack: the
+    /// counter stays `count` for the next claim.
+    pub(super) fn settled(id: String, count: u32) -> Self {
+        Self {
+            id,
+            settled_count: Some(count),
+        }
+    }
+
+    /// Handed out and dropped unsettled: the next claim counts one more.
+    pub(super) fn abandoned(id: String) -> Self {
+        Self {
+            id,
+            settled_count: None,
+        }
+    }
+}
+
 impl Group {
     fn claim_invocation(&self, mode: Claim, ids: &[String]) -> redis::ScriptInvocation<'static> {
         let (mode, idle) = match mode {
