@@ -7,3 +7,43 @@ use switchboard::{MemoryTransport, Transport};
 switchboard::conformance_tests!(|| async {
     Arc::new(MemoryTransport::new()) as Arc<dyn Transport>
 });
+
+/// A topic with no group keeps what is published for the first group it
+/// gets, up to a limit past which a publish is refused, not dropped.
+#[tokio::test]
+async fn a_topic_without_groups_keeps_messages_for_the_first_group_up_to_a_limit() {
+    use switchboard::{ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber};
+
+    let transport = MemoryTransport::new();
+    let kept: Vec<RawMessage> = (0..MemoryTransport::UNROUTED_LIMIT)
+        .map(|n| RawMessage::new(n.to_string()))
+        .collect();
+    transport
+        .publish_batch("orphan.topic", kept)
+        .await
+        .expect("kept for a later group");
+    let error = transport
+        .publish("orphan.topic", RawMessage::new("one too many"))
+        .await
+        .expect_err("past the limit");
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+    assert!(!error.is_retryable());
+    assert!(error.message().contains("orphan.topic"), "{error}");
+
+    let mut late = transport
+        .subscribe("orphan.topic", SubscribeOptions::new("late"))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        transport.depth("orphan.topic", "late"),
+        MemoryTransport::UNROUTED_LIMIT,
+        "the first group took every kept message"
+    );
+    let first = late.recv().await.expect("the first kept message");
+    assert_eq!(first.body().as_ref(), b"0");
+    first.ack().await.map_err(|(error, _)| error).expect("ack");
+    transport
+        .publish("orphan.topic", RawMessage::new("routed now"))
+        .await
+        .expect("a group exists now");
+}

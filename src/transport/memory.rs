@@ -6,11 +6,13 @@
 //! of a group compete for its queue. Nothing survives the process.
 //!
 //! A publish to a topic that no group is declared for and no subscriber has
-//! joined is refused with [`ErrorKind::NotFound`] — nothing would ever
-//! receive it, and RabbitMQ's mandatory publishing says the same — so a
-//! missing [`Topology`] declaration shows at the first publish instead of as
-//! silently missing messages. Declare the topology at start-up, as with a
-//! broker.
+//! joined is **kept for the first group** the topic gets (by
+//! [`Transport::declare`] or a subscribe), as a Redis stream keeps entries
+//! for a group that starts at its beginning — never dropped silently. A
+//! topic keeps at most [`MemoryTransport::UNROUTED_LIMIT`] such messages;
+//! past that a publish is refused with [`ErrorKind::Rejected`] naming the
+//! topic, since nobody is coming for them. Declare the [`Topology`] at
+//! start-up, as with a broker, so every group gets every message.
 //!
 //! # Flow control
 //!
@@ -83,6 +85,8 @@ struct Inner {
 struct Topic {
     name: Arc<str>,
     groups: RwLock<HashMap<Arc<str>, Arc<GroupQueue>>>,
+    /// Published while the topic had no group: for the first group it gets.
+    unrouted: Mutex<VecDeque<Entry>>,
     dead_letters: Mutex<VecDeque<DeadLettered>>,
 }
 
@@ -106,6 +110,10 @@ struct Entry {
 }
 
 impl MemoryTransport {
+    /// The most messages a topic with no group keeps for the first group
+    /// it gets (see the module docs).
+    pub const UNROUTED_LIMIT: usize = 10_000;
+
     /// An empty transport.
     pub fn new() -> Self {
         Self::default()
@@ -125,6 +133,7 @@ impl MemoryTransport {
                 Arc::new(Topic {
                     name: name.into(),
                     groups: RwLock::default(),
+                    unrouted: Mutex::default(),
                     dead_letters: Mutex::default(),
                 })
             })
@@ -155,42 +164,58 @@ impl MemoryTransport {
             .map_or(0, |queue| queue.depth.load(Ordering::Relaxed))
     }
 
-    /// Refuses a publish nothing would receive (see the module docs).
-    fn route(&self, name: &str) -> Result<Arc<Topic>, Error> {
-        self.topic(name)
-            .filter(|topic| !read(&topic.groups).is_empty())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "memory: no group is declared for topic {name:?} and none subscribes, \
-                         so nothing would receive the message; declare the topology first"
-                    ),
-                )
-            })
-    }
-
-    fn enqueue(&self, topic: &Topic, message: RawMessage) {
+    /// Hands `messages` to every group of `topic`, or keeps them for the
+    /// first group it gets (see the module docs).
+    fn enqueue(&self, topic: &Topic, messages: Vec<RawMessage>) -> Result<(), Error> {
+        // The read lock is held throughout, so a group created meanwhile
+        // (under the write lock) finds every kept message.
         let groups = read(&topic.groups);
-        let id = self.next_id();
-        // Every group but the last gets a copy; the last takes the message.
-        let mut remaining = groups.len();
-        let mut message = Some(message);
-        for queue in groups.values() {
-            remaining -= 1;
-            let message = if remaining == 0 {
-                message.take()
-            } else {
-                message.clone()
-            };
-            if let Some(message) = message {
-                queue.push(Entry {
-                    id,
-                    message,
-                    deliveries: 0,
-                    unsettled: 0,
-                });
+        if groups.is_empty() {
+            let mut unrouted = lock(&topic.unrouted);
+            if unrouted.len() + messages.len() > Self::UNROUTED_LIMIT {
+                return Err(Error::new(
+                    ErrorKind::Rejected,
+                    format!(
+                        "memory: topic {:?} has no group and already keeps {} messages for \
+                         the first one; declare the topology (or subscribe) first",
+                        topic.name,
+                        unrouted.len()
+                    ),
+                ));
             }
+            for message in messages {
+                unrouted.push_back(Entry::new(self.next_id(), message));
+            }
+            return Ok(());
+        }
+        for message in messages {
+            let id = self.next_id();
+            // Every group but the last gets a copy; the last takes the message.
+            let mut remaining = groups.len();
+            let mut message = Some(message);
+            for queue in groups.values() {
+                remaining -= 1;
+                let message = if remaining == 0 {
+                    message.take()
+                } else {
+                    message.clone()
+                };
+                if let Some(message) = message {
+                    queue.push(Entry::new(id, message));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Entry {
+    fn new(id: u64, message: RawMessage) -> Self {
+        Self {
+            id,
+            message,
+            deliveries: 0,
+            unsettled: 0,
         }
     }
 }
@@ -200,7 +225,9 @@ impl Topic {
         if let Some(queue) = read(&self.groups).get(name) {
             return queue.clone();
         }
-        write(&self.groups)
+        let mut groups = write(&self.groups);
+        let first = groups.is_empty();
+        let queue = groups
             .entry(name.into())
             .or_insert_with(|| {
                 let (sender, receiver) = mpsc::unbounded_channel();
@@ -211,7 +238,13 @@ impl Topic {
                     depth: AtomicUsize::new(0),
                 })
             })
-            .clone()
+            .clone();
+        if first {
+            for entry in lock(&self.unrouted).drain(..) {
+                queue.push(entry);
+            }
+        }
+        queue
     }
 }
 
@@ -233,9 +266,7 @@ impl GroupQueue {
 impl Publisher for MemoryTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
         validate_name("topic", topic)?;
-        let topic = self.route(topic)?;
-        self.enqueue(&topic, message);
-        Ok(())
+        self.enqueue(&self.topic_or_create(topic), vec![message])
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
@@ -243,11 +274,7 @@ impl Publisher for MemoryTransport {
         if messages.is_empty() {
             return Ok(());
         }
-        let topic = self.route(topic)?;
-        for message in messages {
-            self.enqueue(&topic, message);
-        }
-        Ok(())
+        self.enqueue(&self.topic_or_create(topic), messages)
     }
 }
 
@@ -350,12 +377,9 @@ impl DeadLetterQueue for MemoryTransport {
         let count = taken.len();
         if let Some(state) = state {
             for letter in taken {
-                state.group(&letter.group).push(Entry {
-                    id: self.next_id(),
-                    message: letter.message,
-                    deliveries: 0,
-                    unsettled: 0,
-                });
+                state
+                    .group(&letter.group)
+                    .push(Entry::new(self.next_id(), letter.message));
             }
         }
         Ok(count)
