@@ -1,0 +1,49 @@
+//! Publishing: one PUBLISH per message, a pipeline per batch.
+
+use async_trait::async_trait;
+
+use super::RedisPubSubTransport;
+use super::frame::encode_payload;
+use crate::error::Error;
+use crate::transport::redis_error::redis_error;
+use crate::transport::{Publisher, RawMessage, validate_name};
+
+#[async_trait]
+impl Publisher for RedisPubSubTransport {
+    /// Returns once Redis accepted the PUBLISH — whether or not anyone was
+    /// subscribed.
+    async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        validate_name("topic", topic)?;
+        let payload = encode_payload(&message)?;
+        let mut connection = self.inner.publisher.clone();
+        let receivers: i64 = redis::cmd("PUBLISH")
+            .arg(topic)
+            .arg(payload.as_ref())
+            .query_async(&mut connection)
+            .await
+            .map_err(|error| redis_error("PUBLISH", error))?;
+        tracing::trace!(topic, receivers, "published");
+        Ok(())
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
+        validate_name("topic", topic)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = redis::pipe();
+        for message in &messages {
+            let payload = encode_payload(message)?;
+            pipeline
+                .cmd("PUBLISH")
+                .arg(topic)
+                .arg(payload.as_ref())
+                .ignore();
+        }
+        let mut connection = self.inner.publisher.clone();
+        pipeline
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|error| redis_error("PUBLISH (pipelined)", error))
+    }
+}
