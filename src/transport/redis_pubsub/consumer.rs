@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::transport::delivery::Prefetch;
 use uuid::Uuid;
 
 use super::connection::Listener;
@@ -70,12 +72,11 @@ impl RedisPubSubTransport {
         };
         let listening = tokio::spawn(listener.run(live));
 
-        let prefetch = options.prefetch.min(Semaphore::MAX_PERMITS);
-        let permits = Arc::new(Semaphore::new(prefetch));
+        let prefetch = Prefetch::new(options.prefetch);
         let consumer = Consumer {
             inbox,
             _alive: alive,
-            permits: permits.clone(),
+            permits: prefetch.permits().clone(),
             group: options.group.as_str().into(),
         };
         let group = consumer.group.clone();
@@ -86,10 +87,7 @@ impl RedisPubSubTransport {
         // Draining: every delivery handed out is settled (each holds a
         // permit), and the listener has closed its connection.
         let drain = async move {
-            let _all = permits
-                .acquire_many(prefetch as u32)
-                .await
-                .map_err(|_| Error::closed("subscription"))?;
+            prefetch.drained().await?;
             listening.await.map_err(|error| {
                 Error::new(ErrorKind::Closed, "the redis pub/sub listener failed")
                     .with_source(error)
