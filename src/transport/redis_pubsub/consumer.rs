@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-
-use crate::transport::delivery::Prefetch;
 use uuid::Uuid;
 
 use super::connection::Listener;
 use super::inbox::{Inbox, Incoming};
 use super::{Channels, ConnectionState, ConnectionStatus, NAME, RedisPubSubTransport};
 use crate::error::{Error, ErrorKind};
+use crate::transport::delivery::Prefetch;
 use crate::transport::redis_error::redis_error;
 use crate::transport::{
     Acker, DeadLetter, Delivery, RawMessage, SubscribeOptions, Subscriber, Subscription,
