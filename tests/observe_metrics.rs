@@ -78,6 +78,14 @@ impl Snapshot {
             .unwrap_or_else(|| panic!("no {name} {wanted:?} in {self:#?}"))
     }
 
+    #[cfg(feature = "redis-streams")]
+    fn has(&self, name: &str, pairs: &[(&str, &str)]) -> bool {
+        let wanted = labels(pairs);
+        self.0
+            .iter()
+            .any(|(found, labels, _)| found == name && *labels == wanted)
+    }
+
     fn counter(&self, name: &str, pairs: &[(&str, &str)]) -> u64 {
         match self.find(name, pairs) {
             DebugValue::Counter(count) => *count,
@@ -394,4 +402,64 @@ async fn each_subscription_reports_its_groups_lag() {
     );
     // Sampled as the first message was taken: the other four still queued.
     assert_eq!(lag, 4.0);
+}
+
+/// A Redis Streams subscription samples its group's lag (`XINFO GROUPS`)
+/// every `lag_every`: entries of the stream not yet delivered to the group.
+#[cfg(feature = "redis-streams")]
+#[tokio::test]
+async fn a_redis_streams_subscription_reports_its_groups_lag() {
+    use switchboard::transport::redis_streams::{RedisStreamsConfig, RedisStreamsTransport};
+    use switchboard::{Publisher, RawMessage, Subscriber, Topology, Transport};
+
+    let recorder = Recorder::install();
+    let config = RedisStreamsConfig::default()
+        .with_key_prefix(format!("sb-test-{}:", uuid::Uuid::new_v4().simple()))
+        .with_lag_every(Duration::from_millis(20));
+    let url =
+        std::env::var("SWITCHBOARD_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let transport = RedisStreamsTransport::connect_with(&url, config)
+        .await
+        .expect("connect to Redis");
+    let topic = format!("lag-{}", uuid::Uuid::new_v4().simple());
+    transport
+        .declare(&Topology::new().with_groups(topic.clone(), ["game"]))
+        .await
+        .unwrap();
+    for n in 0..5 {
+        transport
+            .publish(&topic, RawMessage::new(n.to_string()))
+            .await
+            .unwrap();
+    }
+    // Prefetch 1: one entry delivered to the group, four still to come.
+    let mut subscription = transport
+        .subscribe(&topic, SubscribeOptions::new("game").with_prefetch(1))
+        .await
+        .unwrap();
+    let held = subscription.recv().await.expect("one delivery");
+    let labels = [
+        ("transport", "redis-streams"),
+        ("topic", topic.as_str()),
+        ("group", "game"),
+    ];
+    // The keeper samples on its own timer: look until a sample shows the
+    // delivery (the first may predate it), within a deadline.
+    let lag = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let snapshot = recorder.take();
+            if snapshot.has(CONSUMER_LAG, &labels) {
+                let lag = snapshot.gauge(CONSUMER_LAG, &labels);
+                if lag < 5.0 {
+                    return lag;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a lag sample after the first delivery");
+    assert_eq!(lag, 4.0);
+    held.ack().await.map_err(|(error, _)| error).unwrap();
+    subscription.shutdown().await.unwrap();
 }
