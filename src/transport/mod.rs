@@ -23,7 +23,19 @@
 //!   success. What happens to a delivery dropped unsettled is what
 //!   [`Capabilities::redelivers_unacked`] says.
 //! * `concurrency = 1` with [`Capabilities::ordered`] delivers a group's
-//!   messages in publish order (a nack moves a message to the back).
+//!   messages in publish order (a nacked message comes again after its
+//!   delay, behind what was delivered meanwhile).
+//! * [`SubscribeOptions::prefetch`] bounds everything a subscription holds:
+//!   read ahead, in a handler, and nacked while waiting out the delay. A
+//!   nacked message keeps its place in the prefetch and the same
+//!   subscription hands it out again, so a consumer whose dependency is down
+//!   retries `prefetch` messages instead of walking the backlog; no transport
+//!   spawns a task per nack, and no queue inside a transport is unbounded
+//!   (the conformance suite's requeue storm checks it).
+//! * [`Delivery::delivery_count`] counts the deliveries of a message that
+//!   ended without an outcome (crash, lost connection, dropped unsettled);
+//!   [`SubscribeOptions::max_deliveries`] is the consume loop's poison guard
+//!   on it.
 //! * [`Transport::declare`] creates what a [`Topology`] names (stream groups,
 //!   queues) so nothing published before a subscriber's first start is lost.
 //!
