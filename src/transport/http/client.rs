@@ -15,14 +15,17 @@ use serde::de::DeserializeOwned;
 use tower::Service;
 
 use super::error_from_response;
-use crate::error::{Error, ErrorKind};
+use crate::error::{Effect, Error, ErrorKind};
 
 /// Sends each request as a JSON body to one URL and decodes the JSON answer,
 /// as a `tower::Service<Req, Response = Resp, Error = Error>`.
 ///
 /// Failures are typed (see the [module table](super#statuses-and-errors)):
 /// a 5xx, a timeout or a refused connection is retryable; a 4xx is not, and
-/// its message is the server's. An answer that is not the expected JSON is
+/// its message is the server's. Each also says whether the request may have
+/// taken effect ([`Effect`](crate::Effect)): only a refused connection and
+/// a 503, 429 or 408 prove it did not, so a retry layer sends a request
+/// that is not idempotent again only after those. An answer that is not the expected JSON is
 /// [`ErrorKind::Decode`]; one over the size limit (default 1 MiB) is
 /// [`ErrorKind::Rejected`].
 ///
@@ -223,16 +226,27 @@ pub(super) fn from_reqwest(error: reqwest::Error) -> Error {
         )
         .with_source(error);
     }
-    let kind = if error.is_timeout() {
-        ErrorKind::Timeout
-    } else if error.is_connect() || error.is_request() || error.is_body() {
-        ErrorKind::Connection
+    // Only a failed connect proves the request was never sent; a timeout or
+    // a connection that broke afterwards may have left it applied.
+    let (kind, effect) = if error.is_connect() {
+        let kind = if error.is_timeout() {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Connection
+        };
+        (kind, Effect::NotApplied)
+    } else if error.is_timeout() {
+        (ErrorKind::Timeout, Effect::Unknown)
+    } else if error.is_request() || error.is_body() {
+        (ErrorKind::Connection, Effect::Unknown)
     } else if error.is_builder() {
-        ErrorKind::Config
+        (ErrorKind::Config, Effect::NotApplied)
     } else {
-        ErrorKind::Unavailable
+        (ErrorKind::Unavailable, Effect::Unknown)
     };
-    Error::new(kind, format!("HTTP: {error}")).with_source(error)
+    Error::new(kind, format!("HTTP: {error}"))
+        .with_effect(effect)
+        .with_source(error)
 }
 
 /// The future of a [`JsonService`] call.
