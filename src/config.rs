@@ -14,6 +14,10 @@
 //!   backoff_ms: 100
 //!   backoff_multiplier: 2
 //!   max_backoff_ms: 1000
+//!   jitter: true
+//!   budget_percent: 20
+//!   budget_min_per_second: 10
+//!   budget_window_ms: 10000
 //! ```
 //!
 //! The values shown are the defaults. A block, or any key inside one, may be
@@ -118,7 +122,16 @@ impl CircuitBreakerConfig {
 /// The wait before the second attempt is [`backoff`](Self::backoff); each
 /// later wait is the previous one times
 /// [`backoff_multiplier`](Self::backoff_multiplier), never more than
-/// [`max_backoff`](Self::max_backoff).
+/// [`max_backoff`](Self::max_backoff) (with [`jitter`](Self::jitter), up to
+/// twice that). A delay the peer asks for (`Retry-After`, gRPC pushback) is
+/// waited for, but never longer than `max_backoff`.
+///
+/// The retry budget bounds the retries of one stack to
+/// [`budget_percent`](Self::budget_percent) of its calls over the last
+/// [`budget_window_ms`](Self::budget_window_ms), plus
+/// [`budget_min_per_second`](Self::budget_min_per_second): when a
+/// dependency browns out, the retries do not multiply its load by
+/// `max_attempts`.
 ///
 /// The YAML block is `retry:`; see the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -133,18 +146,38 @@ pub struct RetryConfig {
     /// What each wait is multiplied by to get the next. A finite number, at
     /// least 1 (1 keeps the wait constant). YAML may write it as an integer.
     pub backoff_multiplier: f64,
-    /// The longest wait, in milliseconds. At least 1.
+    /// The longest wait, in milliseconds, and the longest a peer's
+    /// `Retry-After` is obeyed. At least 1.
     pub max_backoff_ms: u64,
+    /// Adds a random part of up to the wait again to each wait, so that many
+    /// callers failing at once do not retry in lockstep.
+    pub jitter: bool,
+    /// Retries allowed, as a percentage of the calls made within
+    /// [`budget_window_ms`](Self::budget_window_ms): 20 allows one retry per
+    /// five calls. From 0 to 1000.
+    pub budget_percent: f64,
+    /// Retries allowed per second on top of the percentage, so a caller that
+    /// makes few calls can still retry.
+    pub budget_min_per_second: u32,
+    /// How long a call counts towards the budget, in milliseconds. From
+    /// 1000 to 60000.
+    pub budget_window_ms: u64,
 }
 
 impl Default for RetryConfig {
-    /// Three attempts, waiting 100 ms and then doubling, up to 1 s.
+    /// Three attempts, waiting 100 ms and then doubling, up to 1 s, with
+    /// jitter; retries within 20 % of the last 10 s of calls plus 10 a
+    /// second (tower's `TpsBudget` defaults).
     fn default() -> Self {
         Self {
             max_attempts: 3,
             backoff_ms: 100,
             backoff_multiplier: 2.0,
             max_backoff_ms: 1_000,
+            jitter: true,
+            budget_percent: 20.0,
+            budget_min_per_second: 10,
+            budget_window_ms: 10_000,
         }
     }
 }
@@ -179,8 +212,8 @@ impl RetryConfig {
     ///
     /// An [`ErrorKind::Config`] error naming the key (for example
     /// `retry.max_attempts`) if a count or duration is zero, if
-    /// `backoff_multiplier` is below 1 or not finite, or if `backoff_ms` is
-    /// above `max_backoff_ms`.
+    /// `backoff_multiplier` is below 1 or not finite, if `backoff_ms` is
+    /// above `max_backoff_ms`, or if a budget value is out of its range.
     pub fn validate(&self) -> Result<(), Error> {
         at_least_one("retry.max_attempts", self.max_attempts.into())?;
         at_least_one("retry.backoff_ms", self.backoff_ms)?;
@@ -198,7 +231,32 @@ impl RetryConfig {
                 self.backoff_ms, self.max_backoff_ms
             )));
         }
+        // The ranges tower's `TpsBudget` accepts (it panics outside them).
+        if !(0.0..=1000.0).contains(&self.budget_percent) {
+            return Err(invalid(format!(
+                "retry.budget_percent must be from 0 to 1000, got {}",
+                self.budget_percent
+            )));
+        }
+        if !(1_000..=60_000).contains(&self.budget_window_ms) {
+            return Err(invalid(format!(
+                "retry.budget_window_ms must be from 1000 to 60000, got {}",
+                self.budget_window_ms
+            )));
+        }
+        if self.budget_min_per_second >= i32::MAX as u32 {
+            return Err(invalid(format!(
+                "retry.budget_min_per_second must be below {}, got {}",
+                i32::MAX,
+                self.budget_min_per_second
+            )));
+        }
         Ok(())
+    }
+
+    /// [`budget_window_ms`](Self::budget_window_ms) as a [`Duration`].
+    pub const fn budget_window(&self) -> Duration {
+        Duration::from_millis(self.budget_window_ms)
     }
 
     /// The first wait, [`backoff_ms`](Self::backoff_ms), as a [`Duration`].
@@ -381,6 +439,10 @@ retry:
                     backoff_ms: 100,
                     backoff_multiplier: 2.0,
                     max_backoff_ms: 1000,
+                    jitter: true,
+                    budget_percent: 20.0,
+                    budget_min_per_second: 10,
+                    budget_window_ms: 10_000,
                 },
             }
         );
@@ -566,6 +628,22 @@ retry:
         );
         let equal = retry("  backoff_ms: 1000\n  max_backoff_ms: 1000\n").unwrap();
         assert_eq!(equal.retry.backoff(), equal.retry.max_backoff());
+    }
+
+    #[test]
+    fn a_retry_budget_outside_what_it_can_count_is_refused() {
+        for (body, key) in [
+            ("  budget_percent: -1\n", "retry.budget_percent"),
+            ("  budget_percent: 1001\n", "retry.budget_percent"),
+            ("  budget_window_ms: 999\n", "retry.budget_window_ms"),
+            ("  budget_window_ms: 60001\n", "retry.budget_window_ms"),
+            ("  budget_min_per_second: 2147483647\n", "retry.budget_min_per_second"),
+        ] {
+            assert_config_error(retry(body), &[key]);
+        }
+        let config = retry("  jitter: false\n  budget_percent: 0\n  budget_window_ms: 1000\n").unwrap();
+        assert!(!config.retry.jitter);
+        assert_eq!(config.retry.budget_window(), Duration::from_secs(1));
     }
 
     #[test]
