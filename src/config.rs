@@ -637,11 +637,15 @@ retry:
             ("  budget_percent: 1001\n", "retry.budget_percent"),
             ("  budget_window_ms: 999\n", "retry.budget_window_ms"),
             ("  budget_window_ms: 60001\n", "retry.budget_window_ms"),
-            ("  budget_min_per_second: 2147483647\n", "retry.budget_min_per_second"),
+            (
+                "  budget_min_per_second: 2147483647\n",
+                "retry.budget_min_per_second",
+            ),
         ] {
             assert_config_error(retry(body), &[key]);
         }
-        let config = retry("  jitter: false\n  budget_percent: 0\n  budget_window_ms: 1000\n").unwrap();
+        let config =
+            retry("  jitter: false\n  budget_percent: 0\n  budget_window_ms: 1000\n").unwrap();
         assert!(!config.retry.jitter);
         assert_eq!(config.retry.budget_window(), Duration::from_secs(1));
     }

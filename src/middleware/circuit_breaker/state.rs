@@ -273,9 +273,8 @@ impl Shared {
     fn time_to_probe(&self, machine: &Machine) -> Duration {
         match machine.state {
             BreakerState::Closed => Duration::ZERO,
-            BreakerState::Open => {
-                (machine.opened_at + self.config.reset_timeout()).saturating_duration_since(Instant::now())
-            }
+            BreakerState::Open => (machine.opened_at + self.config.reset_timeout())
+                .saturating_duration_since(Instant::now()),
             // The trial call decides within one call timeout.
             BreakerState::HalfOpen if machine.probe_in_flight => self.config.timeout(),
             BreakerState::HalfOpen => Duration::ZERO,

@@ -331,10 +331,18 @@ async fn slow_successes_of_calls_let_through_before_the_trip_leave_it_open() {
     while let Some(call) = calls.join_next().await {
         call.unwrap().unwrap();
     }
-    assert_eq!(layer.state(), BreakerState::Open, "a stale success closed it");
+    assert_eq!(
+        layer.state(),
+        BreakerState::Open,
+        "a stale success closed it"
+    );
     let error = breaker.clone().oneshot(()).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::BreakerOpen);
-    assert_eq!(dependency.in_flight(), 0, "an open breaker let a call through");
+    assert_eq!(
+        dependency.in_flight(),
+        0,
+        "an open breaker let a call through"
+    );
 
     // The probe after the reset timeout decides.
     tokio::time::advance(Duration::from_secs(30)).await;

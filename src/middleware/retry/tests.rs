@@ -249,7 +249,11 @@ async fn the_budget_keeps_a_brownout_from_multiplying_the_load() {
     let (service, calls) = failing(ErrorKind::Unavailable);
     let fresh = RetryLayer::new(config).layer(service);
     fresh.oneshot(1).await.unwrap_err();
-    assert_eq!(calls.lock().unwrap().len(), 1, "a fifth of one call is no retry");
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "a fifth of one call is no retry"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -274,9 +278,8 @@ async fn the_budget_allows_the_minimum_per_second_whatever_the_traffic() {
 #[tokio::test(start_paused = true)]
 async fn a_peers_delay_is_waited_for_at_most_max_backoff() {
     // The server asks for a day; the cap is 1 s.
-    let (service, calls) = failing_with(|| {
-        Error::transient("HTTP 503").with_retry_after(Duration::from_secs(86_400))
-    });
+    let (service, calls) =
+        failing_with(|| Error::transient("HTTP 503").with_retry_after(Duration::from_secs(86_400)));
     let started = Instant::now();
     let error = RetryLayer::new(steady())
         .layer(service)
@@ -293,9 +296,8 @@ async fn a_peers_delay_is_waited_for_at_most_max_backoff() {
     assert_eq!(error.retry_after(), Some(Duration::from_secs(1)));
 
     // A shorter delay than the schedule's does not shorten the wait.
-    let (service, calls) = failing_with(|| {
-        Error::transient("HTTP 429").with_retry_after(Duration::from_millis(10))
-    });
+    let (service, calls) =
+        failing_with(|| Error::transient("HTTP 429").with_retry_after(Duration::from_millis(10)));
     RetryLayer::new(steady())
         .layer(service)
         .oneshot(1)

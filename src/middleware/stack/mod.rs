@@ -448,7 +448,8 @@ const _: fn() = || {
     type Plain = tower::util::ServiceFn<fn(String) -> std::future::Ready<Result<f64, Error>>>;
     shareable::<Client<Plain>>();
     shareable::<Client<Plain, super::retry::IdempotentIf<fn(&String) -> bool>>>();
-    shareable::<super::fallback::Fallback<Client<Plain>, fn(&String, Error) -> Result<f64, Error>>>();
+    shareable::<super::fallback::Fallback<Client<Plain>, fn(&String, Error) -> Result<f64, Error>>>(
+    );
     shareable::<super::fallback::Gate<Client<Plain>, fn(&String) -> super::fallback::Access>>();
     shareable::<super::fallback::StaleCache<Client<Plain>, fn(&String) -> String, String, f64>>();
     #[cfg(feature = "http")]
@@ -467,9 +468,8 @@ const _: fn() = || {
         shareable::<Client<GrpcService<Push, Deliver>>>();
     }
     fn sendable<T: Send + 'static>() {}
-    type Handle = tower::util::ServiceFn<
-        fn(crate::Message<String>) -> std::future::Ready<Result<(), Error>>,
-    >;
+    type Handle =
+        tower::util::ServiceFn<fn(crate::Message<String>) -> std::future::Ready<Result<(), Error>>>;
     sendable::<Consumer<Handle>>();
 };
 

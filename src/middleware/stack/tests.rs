@@ -88,8 +88,8 @@ async fn slow(_: String) -> Result<f64, Error> {
 
 #[tokio::test(start_paused = true)]
 async fn every_client_constructor_keeps_the_path_timeout_of_the_yaml_file() {
-    let resilience = Resilience::from_yaml("retry:\n  max_attempts: 1\ntimeouts:\n  slow: 200\n")
-        .unwrap();
+    let resilience =
+        Resilience::from_yaml("retry:\n  max_attempts: 1\ntimeouts:\n  slow: 200\n").unwrap();
     let breaker = resilience.breaker("slow");
     let clients = [
         ("client", resilience.client("slow", service_fn(slow))),
@@ -105,7 +105,10 @@ async fn every_client_constructor_keeps_the_path_timeout_of_the_yaml_file() {
         ),
         (
             "idempotent client",
-            resilience.clone().idempotent().client("slow", service_fn(slow)),
+            resilience
+                .clone()
+                .idempotent()
+                .client("slow", service_fn(slow)),
         ),
     ];
     for (constructor, client) in clients {
@@ -124,13 +127,17 @@ async fn every_client_constructor_keeps_the_path_timeout_of_the_yaml_file() {
     let started = Instant::now();
     let error = per_call.oneshot("AAPL".into()).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Timeout);
-    assert_eq!(started.elapsed(), Duration::from_millis(200), "idempotent_if");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(200),
+        "idempotent_if"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn every_consumer_constructor_keeps_the_path_timeout_of_the_yaml_file() {
-    let resilience = Resilience::from_yaml("retry:\n  max_attempts: 1\ntimeouts:\n  slow: 200\n")
-        .unwrap();
+    let resilience =
+        Resilience::from_yaml("retry:\n  max_attempts: 1\ntimeouts:\n  slow: 200\n").unwrap();
     let handler = || {
         service_fn(|_: crate::Message<Ping>| async {
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -151,6 +158,10 @@ async fn every_consumer_constructor_keeps_the_path_timeout_of_the_yaml_file() {
             .await
             .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Timeout, "{constructor}: {error}");
-        assert_eq!(started.elapsed(), Duration::from_millis(200), "{constructor}");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(200),
+            "{constructor}"
+        );
     }
 }

@@ -49,6 +49,42 @@ use crate::error::{Effect, Error, ErrorKind};
 /// # Ok::<(), switchboard::Error>(())
 /// # }).unwrap();
 /// ```
+///
+/// Behind the resilience stack it stays `Clone + Send + Sync`, so one
+/// client (one breaker, one retry budget) can sit in axum's state and be
+/// cloned for each request:
+///
+/// ```
+/// use axum::extract::State;
+/// use axum::routing::post;
+/// use axum::Router;
+/// use serde::{Deserialize, Serialize};
+/// use switchboard::middleware::{Client, Resilience};
+/// use switchboard::transport::http::{ErrorResponse, JsonService};
+/// use switchboard::Error;
+/// use tower::ServiceExt;
+///
+/// #[derive(Clone, Serialize, Deserialize)]
+/// struct Quote { symbol: String }
+/// #[derive(Serialize, Deserialize)]
+/// struct Price { cents: u64 }
+///
+/// type Market = Client<JsonService<Quote, Price>>;
+///
+/// async fn price(State(market): State<Market>) -> Result<axum::Json<Price>, ErrorResponse> {
+///     let quote = Quote { symbol: "AAPL".into() };
+///     Ok(axum::Json(market.oneshot(quote).await?))
+/// }
+///
+/// let resilience = Resilience::from_yaml("timeouts:\n  market: 50\n")?;
+/// let market: Market = resilience.client(
+///     "market",
+///     JsonService::post(reqwest::Client::new(), "http://127.0.0.1:9/quote"),
+/// );
+/// let app: Router = Router::new().route("/price", post(price)).with_state(market);
+/// # let _ = app;
+/// # Ok::<(), Error>(())
+/// ```
 pub struct JsonService<Req, Resp> {
     client: reqwest::Client,
     method: Method,

@@ -261,8 +261,8 @@ mod tests {
 
     #[test]
     fn every_status_class_maps_to_the_documented_kind() {
-        use ErrorKind::*;
         use Effect::{NotApplied, Unknown};
+        use ErrorKind::*;
         let table = [
             (400, Rejected, false, NotApplied),
             (401, Unauthorized, false, NotApplied),

@@ -237,7 +237,11 @@ mod tests {
         publish(&sender, &config(), "t", &RawMessage::new("x"))
             .await
             .expect("second attempt succeeds");
-        assert_eq!(started.elapsed(), Duration::from_millis(100), "max_backoff_ms");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(100),
+            "max_backoff_ms"
+        );
 
         // A full receiver's hint is capped the same way within an attempt.
         let sender = scripted(Vec::new());
