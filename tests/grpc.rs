@@ -20,6 +20,7 @@ async fn wired_to_itself() -> Arc<dyn Transport> {
             backoff_ms: 5,
             backoff_multiplier: 2.0,
             max_backoff_ms: 100,
+            ..RetryConfig::default()
         });
     let transport = GrpcTransport::new(config).expect("a gRPC transport");
     tokio::spawn(transport.serve(listener));
@@ -94,6 +95,7 @@ mod receiver {
                 backoff_ms: 1,
                 backoff_multiplier: 1.0,
                 max_backoff_ms: 1,
+                ..switchboard::config::RetryConfig::default()
             });
         let transport = GrpcTransport::new(config).unwrap();
         tokio::spawn(transport.serve(listener));
@@ -305,6 +307,7 @@ mod receiver {
                 backoff_ms: 1,
                 backoff_multiplier: 1.0,
                 max_backoff_ms: 1,
+                ..switchboard::config::RetryConfig::default()
             });
         let transport = GrpcTransport::new(config).unwrap();
         let error = transport
@@ -384,6 +387,7 @@ mod full_queue {
                 backoff_ms: 1,
                 backoff_multiplier: 1.0,
                 max_backoff_ms: 1,
+                ..switchboard::config::RetryConfig::default()
             });
         let transport = GrpcTransport::new(config).unwrap();
         tokio::spawn(transport.serve(listener));

@@ -93,7 +93,12 @@ impl Outage {
                 async move {
                     match ledger {
                         Ledger::Healthy => {
-                            handled.send(Call { at: Instant::now(), ..call }).ok();
+                            handled
+                                .send(Call {
+                                    at: Instant::now(),
+                                    ..call
+                                })
+                                .ok();
                             Ok(())
                         }
                         Ledger::Failing => Err(Error::transient("ledger database unavailable")),
@@ -210,7 +215,10 @@ async fn outage(ledger: Ledger, idempotent: bool, attempts: usize) {
         assert_eq!(calls.len(), 1, "order {order_id} handled twice");
         let call = calls[0];
         // Nothing was pulled before the second trial call was due.
-        assert!(call.at - probe[0].at >= RESET, "order {order_id} at {call:?}");
+        assert!(
+            call.at - probe[0].at >= RESET,
+            "order {order_id} at {call:?}"
+        );
         if *order_id != 3 {
             assert_eq!(call.attempt, 1, "order {order_id} was delivered twice");
         }

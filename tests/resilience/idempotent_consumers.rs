@@ -9,7 +9,9 @@ use switchboard::config::{CircuitBreakerConfig, ResilienceConfig, RetryConfig};
 use switchboard::middleware::Resilience;
 use switchboard::middleware::dead_letter::DeadLetterAdmin;
 use switchboard::middleware::dedupe::DedupeTtls;
-use switchboard::{Error, ErrorKind, Event, EventEnvelope, Message, SubscribeOptions, Transport, handler_fn};
+use switchboard::{
+    Error, ErrorKind, Event, EventEnvelope, Message, SubscribeOptions, Transport, handler_fn,
+};
 use tokio::sync::{Notify, mpsc};
 use tower::ServiceExt;
 
@@ -25,18 +27,21 @@ async fn the_same_envelope_delivered_three_times_at_once_takes_effect_once_and_a
     let effects = Arc::new(AtomicU32::new(0));
     let entered = Arc::new(Notify::new());
     let finish = Arc::new(Notify::new());
-    let handler = resilience.consumer("ledger", handler_fn({
-        let (effects, entered, finish) = (effects.clone(), entered.clone(), finish.clone());
-        move |_: Message<TradeExecuted>| {
+    let handler = resilience.consumer(
+        "ledger",
+        handler_fn({
             let (effects, entered, finish) = (effects.clone(), entered.clone(), finish.clone());
-            async move {
-                effects.fetch_add(1, Ordering::SeqCst);
-                entered.notify_one();
-                finish.notified().await;
-                Ok::<_, Error>(())
+            move |_: Message<TradeExecuted>| {
+                let (effects, entered, finish) = (effects.clone(), entered.clone(), finish.clone());
+                async move {
+                    effects.fetch_add(1, Ordering::SeqCst);
+                    entered.notify_one();
+                    finish.notified().await;
+                    Ok::<_, Error>(())
+                }
             }
-        }
-    }));
+        }),
+    );
     // What the consume loop sees from the stack: Ok is acked, a requeue
     // error nacked.
     let (outcomes, mut outcome_rx) = mpsc::unbounded_channel();
@@ -94,18 +99,21 @@ async fn a_handler_that_fails_the_first_time_runs_on_the_redelivery() {
     let (bus, _transport) = bus("ledger").await;
     let resilience = Resilience::new(spec());
     let (seen, mut seen_rx) = mpsc::unbounded_channel();
-    let handler = resilience.consumer("ledger", handler_fn(move |message: Message<TradeExecuted>| {
-        seen.send(message.attempt()).ok();
-        let first = message.attempt() == 1;
-        async move {
-            if first {
-                // Not now: put it back (as an open breaker further in would).
-                Err(Error::permanent("not yet").with_requeue(Duration::ZERO))
-            } else {
-                Ok(())
+    let handler = resilience.consumer(
+        "ledger",
+        handler_fn(move |message: Message<TradeExecuted>| {
+            seen.send(message.attempt()).ok();
+            let first = message.attempt() == 1;
+            async move {
+                if first {
+                    // Not now: put it back (as an open breaker further in would).
+                    Err(Error::permanent("not yet").with_requeue(Duration::ZERO))
+                } else {
+                    Ok(())
+                }
             }
-        }
-    }));
+        }),
+    );
     let _consumer = bus
         .subscribe(SubscribeOptions::new("ledger"), handler)
         .await
@@ -128,21 +136,24 @@ async fn a_dead_lettered_event_carries_its_facts_and_runs_when_redriven() {
     let resilience = Resilience::new(spec()).with_alert(Arc::new(Forward(alerts)));
     let failing = Arc::new(Mutex::new(true));
     let (ran, mut ran_rx) = mpsc::unbounded_channel();
-    let handler = resilience.consumer("ledger", handler_fn({
-        let failing = failing.clone();
-        move |message: Message<TradeExecuted>| {
-            let fail = *failing.lock().unwrap();
-            ran.send((message.payload().order_id, message.attempt(), fail))
-                .ok();
-            async move {
-                if fail {
-                    Err(Error::transient("ledger database unavailable"))
-                } else {
-                    Ok(())
+    let handler = resilience.consumer(
+        "ledger",
+        handler_fn({
+            let failing = failing.clone();
+            move |message: Message<TradeExecuted>| {
+                let fail = *failing.lock().unwrap();
+                ran.send((message.payload().order_id, message.attempt(), fail))
+                    .ok();
+                async move {
+                    if fail {
+                        Err(Error::transient("ledger database unavailable"))
+                    } else {
+                        Ok(())
+                    }
                 }
             }
-        }
-    }));
+        }),
+    );
     let _consumer = bus
         .subscribe(SubscribeOptions::new("ledger"), handler)
         .await
@@ -219,20 +230,23 @@ async fn dead_letters_are_listed_inspected_and_redriven_one_or_all() {
     let resilience = Resilience::new(config).with_alert(Arc::new(Forward(alerts)));
     let failing = Arc::new(Mutex::new(true));
     let (ran, mut ran_rx) = mpsc::unbounded_channel();
-    let handler = resilience.consumer("ledger", handler_fn({
-        let failing = failing.clone();
-        move |message: Message<TradeExecuted>| {
-            let fail = *failing.lock().unwrap();
-            if !fail {
-                ran.send(message.payload().order_id).ok();
+    let handler = resilience.consumer(
+        "ledger",
+        handler_fn({
+            let failing = failing.clone();
+            move |message: Message<TradeExecuted>| {
+                let fail = *failing.lock().unwrap();
+                if !fail {
+                    ran.send(message.payload().order_id).ok();
+                }
+                std::future::ready(if fail {
+                    Err(Error::permanent("refused"))
+                } else {
+                    Ok(())
+                })
             }
-            std::future::ready(if fail {
-                Err(Error::permanent("refused"))
-            } else {
-                Ok(())
-            })
-        }
-    }));
+        }),
+    );
     let _consumer = bus
         .subscribe(SubscribeOptions::new("ledger"), handler)
         .await

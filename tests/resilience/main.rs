@@ -76,7 +76,6 @@ fn spec() -> ResilienceConfig {
     ResilienceConfig::default()
 }
 
-
 /// An alert hook that forwards the facts to the test.
 #[derive(Debug)]
 struct Forward(mpsc::UnboundedSender<DeadLetterFacts>);
@@ -86,4 +85,3 @@ impl DeadLetterAlert for Forward {
         self.0.send(facts.clone()).ok();
     }
 }
-

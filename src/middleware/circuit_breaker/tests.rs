@@ -272,10 +272,13 @@ async fn an_abandoned_trial_call_frees_the_slot() {
     assert_eq!(layer.state(), BreakerState::Open);
 }
 
+/// How the test ends one call in flight.
+type Answer = oneshot::Sender<Result<(), Error>>;
+
 /// A dependency whose every call waits for the test to say how it ends.
 #[derive(Clone, Default)]
 struct Scripted {
-    answers: Arc<Mutex<Vec<oneshot::Sender<Result<(), Error>>>>>,
+    answers: Arc<Mutex<Vec<Answer>>>,
 }
 
 impl Scripted {

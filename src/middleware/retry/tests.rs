@@ -218,7 +218,7 @@ async fn idempotency_can_be_decided_per_call() {
     // Even requests are reads, odd ones writes.
     let (service, calls) = failing(ErrorKind::Timeout);
     let retry = RetryLayer::new(steady())
-        .idempotent_if(|n: &u32| n % 2 == 0)
+        .idempotent_if(|n: &u32| n.is_multiple_of(2))
         .layer(service);
     let read = retry.clone().oneshot(2).await.unwrap_err();
     assert_eq!(read.attempts(), Some(3));

@@ -31,7 +31,7 @@ pub type Client<S, I = Uniform> = Retry<CircuitBreaker<Timeout<S>>, SameRequest,
 /// timeout ▸ handler`; see [`Resilience::consumer`].
 pub type Consumer<H> = Dedupe<DeadLettering<CircuitBreaker<Retry<Timeout<H>, CountAttempts>>>>;
 
-/// The consumer stack [`Resilience::handler`] builds.
+/// The consumer stack the deprecated `Resilience::handler` builds.
 #[deprecated(note = "renamed `Consumer`, built by `Resilience::consumer`")]
 pub type Handler<H> = Consumer<H>;
 
