@@ -13,22 +13,6 @@
 //! placed the order. [`Error::effect`] records which of the two a failure
 //! is ([`Effect`]), and the retry layer sends a request that is not
 //! idempotent again only after an [`Effect::NotApplied`] failure.
-//!
-//! # Effect by origin
-//!
-//! | failure | kind | effect |
-//! |---|---|---|
-//! | connection refused or not made (HTTP connect error, tonic `ConnectError`) | `Connection` | `NotApplied` |
-//! | HTTP 503, 429, 408; gRPC `RESOURCE_EXHAUSTED`, `ABORTED` (the peer refused it unprocessed) | `Unavailable` / `Timeout` | `NotApplied` |
-//! | connection lost after the request was sent, a broken answer | `Connection` | `Unknown` |
-//! | a deadline passed ([`Timeout`](crate::middleware::timeout::Timeout), HTTP 504, gRPC `DEADLINE_EXCEEDED`, a client-side timeout) | `Timeout` | `Unknown` |
-//! | other HTTP 5xx; gRPC `UNAVAILABLE` without a failed connect, `UNKNOWN`, `INTERNAL`, `DATA_LOSS`, `CANCELLED` | `Unavailable` | `Unknown` |
-//! | any other [`Error::new`], [`Error::transient`], [`Error::permanent`] | as given | `NotApplied`, except kind `Timeout`: `Unknown` |
-//!
-//! The last row is what a handler says of itself: an error it returns means
-//! it did not complete (a timeout means nobody knows), so its own transient
-//! failures are retried. Code that wraps a call it cannot see into marks
-//! the error with [`Error::with_effect`].
 
 use std::borrow::Cow;
 use std::fmt;
@@ -112,8 +96,24 @@ impl fmt::Display for ErrorKind {
     }
 }
 
-/// Whether a failed request may have taken effect at the peer; see the
-/// [module docs](self#effect-by-origin) for what each transport reports.
+/// Whether a failed request may have taken effect at the peer: decides
+/// whether a request that is not idempotent may be sent again.
+///
+/// # By origin
+///
+/// | failure | kind | effect |
+/// |---|---|---|
+/// | connection refused or not made (HTTP connect error, tonic `ConnectError`) | `Connection` | `NotApplied` |
+/// | HTTP 503, 429, 408; gRPC `RESOURCE_EXHAUSTED`, `ABORTED` (the peer refused it unprocessed) | `Unavailable` / `Timeout` | `NotApplied` |
+/// | connection lost after the request was sent, a broken answer | `Connection` | `Unknown` |
+/// | a deadline passed ([`Timeout`](crate::middleware::timeout::Timeout), HTTP 504, gRPC `DEADLINE_EXCEEDED`, a client-side timeout) | `Timeout` | `Unknown` |
+/// | other HTTP 5xx; gRPC `UNAVAILABLE` without a failed connect, `UNKNOWN`, `INTERNAL`, `DATA_LOSS`, `CANCELLED` | `Unavailable` | `Unknown` |
+/// | any other [`Error::new`], [`Error::transient`], [`Error::permanent`] | as given | `NotApplied`, except kind `Timeout`: `Unknown` |
+///
+/// The last row is what a handler says of itself: an error it returns means
+/// it did not complete (a timeout means nobody knows), so its own transient
+/// failures are retried. Code that wraps a call it cannot see into marks
+/// the error with [`Error::with_effect`].
 ///
 /// ```
 /// use switchboard::{Effect, Error, ErrorKind};

@@ -18,7 +18,7 @@
 //!    ([`RetryLayer::idempotent`]) or per call ([`RetryLayer::idempotent_if`]);
 //! 3. attempts are left: `max_attempts` in all (SPEC §4.3: 3);
 //! 4. the retry budget has room: tower's
-//!    [`TpsBudget`](tower::retry::budget::TpsBudget), shared by every clone
+//!    [`TpsBudget`], shared by every clone
 //!    of one stack, lets retries be `budget_percent` (20 %) of the calls of
 //!    the last `budget_window_ms` (10 s), plus `budget_min_per_second` (10).
 //!    When a dependency browns out and every call fails, three attempts per

@@ -35,7 +35,7 @@
 //! 501 is the 5xx that says "never". 503, 429 and 408 also say the server
 //! did not act on the request, so even a request that is not idempotent
 //! may be sent again; after any other 5xx or a lost answer it may have
-//! taken effect (see [`Effect`](crate::Effect)). A
+//! taken effect (see [`Effect`]). A
 //! `switchboard-retry-after-ms` or `Retry-After` (seconds) header becomes
 //! [`Error::retry_after`], which the retry layer caps at `max_backoff_ms`.
 //!
