@@ -14,8 +14,9 @@
 //!
 //! The memory transport lives in this process, so with `--transport memory`
 //! (the default) the example first runs a Game consumer (the handler stack
-//! of `Resilience::handler`) whose ledger is down: three trades are retried
-//! three times each and dead-lettered, with an alert each. Then it runs the
+//! of `Resilience::consumer`) whose ledger is down: three trades are retried
+//! three times each and dead-lettered, with an alert each (three failed
+//! messages stay below the breaker's threshold of five). Then it runs the
 //! command, with the ledger back up, so a redriven trade is handled. With
 //! `redis` or `amqp` it works on the broker's real dead-letter queue of
 //! `--topic` (with its namespace, e.g. `demo.trade.executed`) for `--group`.
@@ -169,23 +170,26 @@ async fn demo(
     let resilience = Resilience::default()
         .with_timeout(Duration::from_millis(50))
         .with_alert(Arc::new(Pager(alerts)));
-    let handler = resilience.handler(handler_fn({
-        let ledger_up = ledger_up.clone();
-        move |message: Message<TradeExecuted>| {
-            let up = ledger_up.load(Ordering::SeqCst);
-            let order = message.payload().order_id.clone();
-            let handled = handled.clone();
-            async move {
-                if up {
-                    println!("game: credited holdings for order {order}");
-                    handled.send(()).ok();
-                    Ok(())
-                } else {
-                    Err(Error::transient("ledger database unavailable"))
+    let handler = resilience.consumer(
+        "ledger",
+        handler_fn({
+            let ledger_up = ledger_up.clone();
+            move |message: Message<TradeExecuted>| {
+                let up = ledger_up.load(Ordering::SeqCst);
+                let order = message.payload().order_id.clone();
+                let handled = handled.clone();
+                async move {
+                    if up {
+                        println!("game: credited holdings for order {order}");
+                        handled.send(()).ok();
+                        Ok(())
+                    } else {
+                        Err(Error::transient("ledger database unavailable"))
+                    }
                 }
             }
-        }
-    }));
+        }),
+    );
     let consumer = bus
         .subscribe(SubscribeOptions::new("game"), handler)
         .await?;

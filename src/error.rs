@@ -6,6 +6,13 @@
 //! a lost connection, a timeout or an overloaded peer is worth another try;
 //! bad input, a refused request, an open circuit breaker or an unsupported
 //! operation is not.
+//!
+//! A retryable failure answers only half of it. Sending a request again is
+//! harmless only if the first one certainly did not take effect, or if the
+//! request is idempotent: a `PlaceOrder` whose answer was lost may have
+//! placed the order. [`Error::effect`] records which of the two a failure
+//! is ([`Effect`]), and the retry layer sends a request that is not
+//! idempotent again only after an [`Effect::NotApplied`] failure.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -89,6 +96,52 @@ impl fmt::Display for ErrorKind {
     }
 }
 
+/// Whether a failed request may have taken effect at the peer: decides
+/// whether a request that is not idempotent may be sent again.
+///
+/// # By origin
+///
+/// | failure | kind | effect |
+/// |---|---|---|
+/// | connection refused or not made (HTTP connect error, tonic `ConnectError`) | `Connection` | `NotApplied` |
+/// | HTTP 503, 429, 408; gRPC `RESOURCE_EXHAUSTED`, `ABORTED` (the peer refused it unprocessed) | `Unavailable` / `Timeout` | `NotApplied` |
+/// | connection lost after the request was sent, a broken answer | `Connection` | `Unknown` |
+/// | a deadline passed ([`Timeout`](crate::middleware::timeout::Timeout), HTTP 504, gRPC `DEADLINE_EXCEEDED`, a client-side timeout) | `Timeout` | `Unknown` |
+/// | other HTTP 5xx; gRPC `UNAVAILABLE` without a failed connect, `UNKNOWN`, `INTERNAL`, `DATA_LOSS`, `CANCELLED` | `Unavailable` | `Unknown` |
+/// | any other [`Error::new`], [`Error::transient`], [`Error::permanent`] | as given | `NotApplied`, except kind `Timeout`: `Unknown` |
+///
+/// The last row is what a handler says of itself: an error it returns means
+/// it did not complete (a timeout means nobody knows), so its own transient
+/// failures are retried. Code that wraps a call it cannot see into marks
+/// the error with [`Error::with_effect`].
+///
+/// ```
+/// use switchboard::{Effect, Error, ErrorKind};
+///
+/// // Nothing was sent: safe to send again, idempotent or not.
+/// let refused = Error::new(ErrorKind::Connection, "connection refused");
+/// assert_eq!(refused.effect(), Effect::NotApplied);
+/// assert!(refused.is_safe_to_retry(false));
+///
+/// // The answer was lost: only an idempotent request may be sent again.
+/// let lost = Error::new(ErrorKind::Connection, "reset after sending").with_effect(Effect::Unknown);
+/// assert!(lost.is_retryable());
+/// assert!(!lost.is_safe_to_retry(false));
+/// assert!(lost.is_safe_to_retry(true));
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Effect {
+    /// Certainly not applied: the request never reached the peer (the
+    /// connection was refused), or the peer refused it before acting on it
+    /// (HTTP 503 or 429). Sending it again cannot apply it twice.
+    NotApplied,
+    /// It may have been applied: it reached the peer and then timed out, its
+    /// answer was lost, or the peer failed while handling it. Sending it
+    /// again may apply it twice, which only an idempotent request allows.
+    Unknown,
+}
+
 /// The crate's error: a [`kind`](Error::kind), a message, and the underlying
 /// cause when there is one.
 ///
@@ -107,7 +160,9 @@ impl fmt::Display for ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: Cow<'static, str>,
+    effect: Effect,
     requeue_after: Option<Duration>,
+    retry_after: Option<Duration>,
     attempts: Option<u32>,
     dead_letter: Option<Box<DeadLetter>>,
     #[source]
@@ -116,11 +171,22 @@ pub struct Error {
 
 impl Error {
     /// An error of `kind` with a message saying what failed.
+    ///
+    /// Its [`effect`](Self::effect) is [`Effect::Unknown`] for
+    /// [`ErrorKind::Timeout`] (nobody knows how far a call that ran out of
+    /// time got) and [`Effect::NotApplied`] for every other kind; set it with
+    /// [`with_effect`](Self::with_effect).
     pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        let effect = match kind {
+            ErrorKind::Timeout => Effect::Unknown,
+            _ => Effect::NotApplied,
+        };
         Self {
             kind,
             message: message.into(),
+            effect,
             requeue_after: None,
+            retry_after: None,
             attempts: None,
             dead_letter: None,
             source: None,
@@ -154,14 +220,38 @@ impl Error {
         self
     }
 
+    /// Says whether the failed request may have taken effect (see
+    /// [`Effect`]).
+    pub fn with_effect(mut self, effect: Effect) -> Self {
+        self.effect = effect;
+        self
+    }
+
     /// Asks the consume loop to put the message back and deliver it again
     /// after `delay`, instead of dead-lettering it.
     ///
-    /// This is for "not now" rather than "failed": an open circuit breaker in
-    /// the handler's path, or a duplicate whose first copy is still being
-    /// handled. Nothing bounds how often a message comes back this way.
+    /// This is for "not now" rather than "failed", decided by this process:
+    /// an open circuit breaker in the handler's path, or a duplicate whose
+    /// first copy is still being handled. The loop waits exactly `delay`.
+    /// Nothing bounds how often a message comes back this way. A delay a
+    /// *peer* asked for is [`with_retry_after`](Self::with_retry_after).
     pub fn with_requeue(mut self, delay: Duration) -> Self {
         self.requeue_after = Some(delay);
+        self
+    }
+
+    /// Records the delay a peer asked for before trying again: HTTP
+    /// `Retry-After` (or `switchboard-retry-after-ms`), gRPC
+    /// `grpc-retry-pushback-ms`.
+    ///
+    /// It is a hint from outside, so nothing obeys it as it is: the
+    /// [retry layer](crate::middleware::retry) waits for it at most
+    /// `max_backoff_ms`, and when it gives up it turns it into a
+    /// [`requeue_after`](Self::requeue_after) of at most `max_backoff_ms`,
+    /// so a consume loop puts the message back for no longer than that. A
+    /// consume loop ignores a `retry_after` no retry layer capped.
+    pub fn with_retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
         self
     }
 
@@ -193,14 +283,35 @@ impl Error {
         &self.message
     }
 
-    /// Whether trying the same operation again may succeed.
+    /// Whether trying the same operation again may succeed: the failure
+    /// may pass. Whether it is *safe* to send the request again is
+    /// [`is_safe_to_retry`](Self::is_safe_to_retry).
     pub fn is_retryable(&self) -> bool {
         self.kind.is_retryable()
+    }
+
+    /// Whether the failed request may have taken effect.
+    pub fn effect(&self) -> Effect {
+        self.effect
+    }
+
+    /// Whether sending the request again may succeed and cannot apply it
+    /// twice: the failure [is retryable](Self::is_retryable), and the request
+    /// certainly [did not take effect](Effect::NotApplied) or is
+    /// `idempotent`.
+    pub fn is_safe_to_retry(&self, idempotent: bool) -> bool {
+        self.is_retryable() && (idempotent || self.effect == Effect::NotApplied)
     }
 
     /// The delay set by [`with_requeue`](Error::with_requeue), if any.
     pub fn requeue_after(&self) -> Option<Duration> {
         self.requeue_after
+    }
+
+    /// The delay a peer asked for, set by
+    /// [`with_retry_after`](Error::with_retry_after), if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// How many times the operation was tried, when a retry layer said so.
@@ -230,8 +341,14 @@ impl fmt::Debug for Error {
         debug
             .field("kind", &self.kind)
             .field("message", &self.message);
+        if self.effect != Effect::NotApplied {
+            debug.field("effect", &self.effect);
+        }
         if let Some(delay) = self.requeue_after {
             debug.field("requeue_after", &delay);
+        }
+        if let Some(delay) = self.retry_after {
+            debug.field("retry_after", &delay);
         }
         if let Some(attempts) = self.attempts {
             debug.field("attempts", &attempts);
@@ -296,6 +413,21 @@ mod tests {
                 ErrorKind::Unavailable
             ]
         );
+    }
+
+    #[test]
+    fn a_timeout_may_have_taken_effect_and_everything_else_did_not_unless_marked() {
+        let timeout = Error::new(ErrorKind::Timeout, "no answer");
+        assert_eq!(timeout.effect(), Effect::Unknown);
+        assert!(!timeout.is_safe_to_retry(false));
+        assert!(timeout.is_safe_to_retry(true));
+        let transient = Error::transient("database busy");
+        assert_eq!(transient.effect(), Effect::NotApplied);
+        assert!(transient.is_safe_to_retry(false));
+        let lost = transient.with_effect(Effect::Unknown);
+        assert!(!lost.is_safe_to_retry(false));
+        // A refusal is never worth sending again, idempotent or not.
+        assert!(!Error::permanent("bad").is_safe_to_retry(true));
     }
 
     #[test]

@@ -115,7 +115,7 @@ struct ReadmeDoctests;
 pub use bus::{ConsumerHandle, EventBus, Message, handler_fn};
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
 pub use envelope::{Event, EventEnvelope, Headers};
-pub use error::{BoxError, Error, ErrorKind};
+pub use error::{BoxError, Effect, Error, ErrorKind};
 pub use topology::Topology;
 pub use transport::memory::MemoryTransport;
 #[cfg(feature = "redis-pubsub")]

@@ -20,6 +20,7 @@ async fn wired_to_itself() -> Arc<dyn Transport> {
             backoff_ms: 5,
             backoff_multiplier: 2.0,
             max_backoff_ms: 100,
+            ..RetryConfig::default()
         });
     let transport = GrpcTransport::new(config).expect("a gRPC transport");
     tokio::spawn(transport.serve(listener));
@@ -85,6 +86,11 @@ mod receiver {
     /// A transport with a small body limit serving on a free port, and a
     /// channel to it.
     async fn served() -> (GrpcTransport, Channel) {
+        served_with_max_backoff(1).await
+    }
+
+    /// [`served`], obeying a receiver's delay for up to `max_backoff_ms`.
+    async fn served_with_max_backoff(max_backoff_ms: u64) -> (GrpcTransport, Channel) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(&url)))
@@ -93,7 +99,8 @@ mod receiver {
                 max_attempts: 2,
                 backoff_ms: 1,
                 backoff_multiplier: 1.0,
-                max_backoff_ms: 1,
+                max_backoff_ms,
+                ..switchboard::config::RetryConfig::default()
             });
         let transport = GrpcTransport::new(config).unwrap();
         tokio::spawn(transport.serve(listener));
@@ -201,40 +208,50 @@ mod receiver {
 
     #[tokio::test]
     async fn a_nack_reaches_the_publisher_as_a_retry_and_its_delay_is_kept() {
-        let (transport, _channel) = served().await;
-        let mut subscription = transport
-            .subscribe("nacked", SubscribeOptions::new("g"))
-            .await
-            .unwrap();
-        let publisher = transport.clone();
-        let publishing = tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
-            let result = publisher.publish("nacked", RawMessage::new("x")).await;
-            (result, started.elapsed())
-        });
-        let first = subscription.recv().await.unwrap();
-        assert_eq!(first.attempt(), 1);
-        first
-            .nack(Duration::from_millis(50))
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-        let second = subscription.recv().await.unwrap();
-        assert_eq!(second.attempt(), 2, "the publisher sent it again");
-        second
-            .nack(Duration::ZERO)
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-        // max_attempts is 2: the publisher gives up with a retryable error.
-        let (result, elapsed) = publishing.await.unwrap();
-        let error = result.unwrap_err();
-        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
-        assert!(error.message().contains("nacked"), "{error}");
-        assert!(
-            elapsed >= Duration::from_millis(50),
-            "waited out the nack: {elapsed:?}"
-        );
+        // Waited for up to max_backoff_ms (100): a 50 ms nack in full, a
+        // day's nack for 100 ms.
+        for (nack, waited_at_least, waited_less_than) in [
+            (Duration::from_millis(50), Duration::from_millis(50), None),
+            (
+                Duration::from_secs(86_400),
+                Duration::from_millis(100),
+                Some(Duration::from_secs(60)),
+            ),
+        ] {
+            let (transport, _channel) = served_with_max_backoff(100).await;
+            let mut subscription = transport
+                .subscribe("nacked", SubscribeOptions::new("g"))
+                .await
+                .unwrap();
+            let publisher = transport.clone();
+            let publishing = tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                let result = publisher.publish("nacked", RawMessage::new("x")).await;
+                (result, started.elapsed())
+            });
+            let first = subscription.recv().await.unwrap();
+            assert_eq!(first.attempt(), 1);
+            first.nack(nack).await.map_err(|(e, _)| e).unwrap();
+            let second = subscription.recv().await.unwrap();
+            assert_eq!(second.attempt(), 2, "the publisher sent it again");
+            second
+                .nack(Duration::ZERO)
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+            // max_attempts is 2: the publisher gives up with a retryable error.
+            let (result, elapsed) = publishing.await.unwrap();
+            let error = result.unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+            assert!(error.message().contains("nacked"), "{error}");
+            assert!(
+                elapsed >= waited_at_least,
+                "waited out the nack of {nack:?}: {elapsed:?}"
+            );
+            if let Some(bound) = waited_less_than {
+                assert!(elapsed < bound, "obeyed a {nack:?} nack: {elapsed:?}");
+            }
+        }
     }
 
     #[tokio::test]
@@ -305,6 +322,7 @@ mod receiver {
                 backoff_ms: 1,
                 backoff_multiplier: 1.0,
                 max_backoff_ms: 1,
+                ..switchboard::config::RetryConfig::default()
             });
         let transport = GrpcTransport::new(config).unwrap();
         let error = transport
@@ -384,6 +402,7 @@ mod full_queue {
                 backoff_ms: 1,
                 backoff_multiplier: 1.0,
                 max_backoff_ms: 1,
+                ..switchboard::config::RetryConfig::default()
             });
         let transport = GrpcTransport::new(config).unwrap();
         tokio::spawn(transport.serve(listener));

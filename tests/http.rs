@@ -21,6 +21,7 @@ async fn wired_to_itself() -> Arc<dyn Transport> {
             backoff_ms: 5,
             backoff_multiplier: 2.0,
             max_backoff_ms: 100,
+            ..RetryConfig::default()
         });
     let transport = HttpTransport::new(config).expect("an HTTP transport");
     tokio::spawn(transport.serve(listener));
@@ -52,6 +53,7 @@ mod receiver {
                 backoff_ms: 1,
                 backoff_multiplier: 1.0,
                 max_backoff_ms: 1,
+                ..switchboard::config::RetryConfig::default()
             });
         let transport = HttpTransport::new(config).unwrap();
         tokio::spawn(transport.serve(listener));
@@ -229,6 +231,7 @@ mod receiver {
                 backoff_ms: 1,
                 backoff_multiplier: 1.0,
                 max_backoff_ms: 1,
+                ..switchboard::config::RetryConfig::default()
             });
         let transport = HttpTransport::new(config).unwrap();
         let error = transport
@@ -447,6 +450,7 @@ mod full_queue {
                 backoff_ms: 1,
                 backoff_multiplier: 1.0,
                 max_backoff_ms: 1,
+                ..switchboard::config::RetryConfig::default()
             });
         let transport = HttpTransport::new(config).unwrap();
         tokio::spawn(transport.serve(listener));

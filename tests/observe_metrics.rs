@@ -244,25 +244,40 @@ async fn calls_are_counted_and_timed_per_path_transport_and_outcome() {
 #[tokio::test(start_paused = true)]
 async fn retries_are_counted_by_the_kind_that_caused_them() {
     let recorder = Recorder::install();
-    let tries = Arc::new(AtomicU32::new(0));
-    let counted = tries.clone();
-    let flaky = ServiceBuilder::new()
-        .layer(RetryLayer::new(RetryConfig::default()))
-        .service(service_fn(move |_: ()| {
-            let tries = counted.clone();
-            async move {
-                match tries.fetch_add(1, Ordering::SeqCst) {
-                    0 => Err(Error::new(ErrorKind::Unavailable, "503")),
-                    1 => Err(Error::new(ErrorKind::Timeout, "slow")),
-                    _ => Ok(()),
+    let flaky = |retry: RetryLayer| {
+        let tries = Arc::new(AtomicU32::new(0));
+        let counted = tries.clone();
+        let service = ServiceBuilder::new()
+            .layer(retry)
+            .service(service_fn(move |_: ()| {
+                let tries = counted.clone();
+                async move {
+                    match tries.fetch_add(1, Ordering::SeqCst) {
+                        0 => Err(Error::new(ErrorKind::Unavailable, "503")),
+                        1 => Err(Error::new(ErrorKind::Timeout, "slow")),
+                        _ => Ok(()),
+                    }
                 }
-            }
-        }));
-    flaky.oneshot(()).await.unwrap();
+            }));
+        (service, tries)
+    };
+    // A timeout may have taken effect: retried only for an idempotent call.
+    let (idempotent, tries) = flaky(RetryLayer::new(RetryConfig::default()).idempotent());
+    idempotent.oneshot(()).await.unwrap();
     assert_eq!(tries.load(Ordering::SeqCst), 3);
     let seen = recorder.take();
     assert_eq!(seen.counter(RETRIES_TOTAL, &[("kind", "unavailable")]), 1);
     assert_eq!(seen.counter(RETRIES_TOTAL, &[("kind", "timeout")]), 1);
+
+    let (not_idempotent, tries) = flaky(RetryLayer::new(RetryConfig::default()));
+    not_idempotent.oneshot(()).await.unwrap_err();
+    assert_eq!(tries.load(Ordering::SeqCst), 2);
+    let seen = recorder.take();
+    assert_eq!(seen.counter(RETRIES_TOTAL, &[("kind", "unavailable")]), 1);
+    assert_eq!(
+        seen.counter(RETRIES_REFUSED_TOTAL, &[("reason", "may_have_applied")]),
+        1
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -312,13 +327,16 @@ async fn dedupe_hits_are_counted_per_topic_and_group() {
     let (done, mut handled) = mpsc::unbounded_channel();
     let resilience = Resilience::default(); // one dedupe store for both consumers
     let handler = |done: mpsc::UnboundedSender<()>| {
-        resilience.handler(handler_fn(move |_: Message<TradeExecuted>| {
-            let done = done.clone();
-            async move {
-                done.send(()).ok();
-                Ok::<_, Error>(())
-            }
-        }))
+        resilience.consumer(
+            "ledger",
+            handler_fn(move |_: Message<TradeExecuted>| {
+                let done = done.clone();
+                async move {
+                    done.send(()).ok();
+                    Ok::<_, Error>(())
+                }
+            }),
+        )
     };
     let envelope = EventEnvelope::new("trading-service", spec_trade());
     let consumer = bus

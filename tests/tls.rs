@@ -95,6 +95,7 @@ fn push_config(url: String) -> PushConfig {
             backoff_ms: 5,
             backoff_multiplier: 2.0,
             max_backoff_ms: 50,
+            ..RetryConfig::default()
         },
     )
 }

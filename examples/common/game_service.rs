@@ -36,12 +36,12 @@ use switchboard::{
 };
 use tokio::sync::watch;
 use tower::ServiceExt;
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 
 use super::brokers::Brokers;
 use super::domain::{HoldingChanged, PriceUpdated, TradeExecuted, UserRegistered, groups};
 use super::market_service::{Quote, QuoteRequest};
-use super::net::{Latencies, PathStats, Server, Shared, bind, shut_down, stop_all};
+use super::net::{Latencies, PathStats, Server, bind, shut_down, stop_all};
 use super::proto::auth as pb;
 
 /// SPEC §3's names for the paths Game times.
@@ -120,12 +120,12 @@ type Quotes = StaleCache<
     String,
     Quote,
 >;
-type Users = Shared<BoxCloneService<pb::GetUserRequest, pb::User, Error>>;
+type Users = BoxCloneSyncService<pb::GetUserRequest, pb::User, Error>;
 
 struct GameState {
     ledger: Mutex<Ledger>,
     changed: watch::Sender<u64>,
-    quotes: Shared<Quotes>,
+    quotes: Quotes,
     users: Users,
     market_transfer: SocketAddr,
     events: EventBus,
@@ -148,7 +148,7 @@ impl GameState {
             // and goes to the dead-letter queue.
             let user = self
                 .users
-                .get()
+                .clone()
                 .oneshot(pb::GetUserRequest {
                     user_id: trade.user_id.clone(),
                 })
@@ -215,7 +215,7 @@ impl GameState {
             let started = Instant::now();
             let quote = self
                 .quotes
-                .get()
+                .clone()
                 .oneshot(QuoteRequest {
                     symbol: symbol.clone(),
                 })
@@ -331,14 +331,14 @@ impl GameService {
             format!("http://{}/v1/prices/quote", config.market_http),
         );
         let key: fn(&QuoteRequest) -> String = |request| request.symbol.clone();
+        // Quotes and user lookups are reads: safe to send again after a
+        // timeout. The ledger's handlers below are not marked so.
+        let reads = resilience.clone().idempotent();
         let quotes = StaleCache::new(
-            resilience
-                .path("market")
-                .client_with_breaker(&market_breaker, quote),
+            reads.client_with_breaker(&market_breaker, quote),
             key,
             1_000,
         );
-        let quotes = Shared::new(quotes);
         let auth_breaker = resilience.breaker("auth");
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://{}", config.auth_grpc))
@@ -349,11 +349,7 @@ impl GameService {
             pb::users_client::UsersClient::new(channel),
             |mut client, request: pb::GetUserRequest| async move { client.get_user(request).await },
         );
-        let users = Shared::new(BoxCloneService::new(
-            resilience
-                .path("auth")
-                .client_with_breaker(&auth_breaker, get_user),
-        ));
+        let users = BoxCloneSyncService::new(reads.client_with_breaker(&auth_breaker, get_user));
         let (changed, _) = watch::channel(0);
         let state = Arc::new(GameState {
             ledger: Mutex::default(),
@@ -364,7 +360,7 @@ impl GameService {
             events: brokers.events("game-service"),
             latency: Latencies::default(),
         });
-        let mut handlers = resilience.path("ledger");
+        let mut handlers = resilience.clone();
         if let Some(alert) = config.alert.clone() {
             handlers = handlers.with_alert(alert);
         }
@@ -373,27 +369,34 @@ impl GameService {
             let state = state.clone();
             bus.subscribe(
                 SubscribeOptions::new(groups::GAME),
-                handlers.handler(handler_fn(move |message: Message<TradeExecuted>| {
-                    let state = state.clone();
-                    async move { state.on_trade(&message).await }
-                })),
+                handlers.consumer(
+                    "ledger",
+                    handler_fn(move |message: Message<TradeExecuted>| {
+                        let state = state.clone();
+                        async move { state.on_trade(&message).await }
+                    }),
+                ),
             )
             .await?
         };
+        // Players land in the same ledger: its timeout, a breaker of their own.
         let users = {
             let state = state.clone();
             bus.subscribe(
                 SubscribeOptions::new(groups::GAME),
-                handlers.handler(handler_fn(move |message: Message<UserRegistered>| {
-                    let user = message.payload();
-                    state
-                        .ledger
-                        .lock()
-                        .expect("ledger lock")
-                        .players
-                        .insert(user.user_id.clone(), user.username.clone());
-                    async { Ok::<_, Error>(()) }
-                })),
+                handlers.path("ledger").consumer(
+                    "players",
+                    handler_fn(move |message: Message<UserRegistered>| {
+                        let user = message.payload();
+                        state
+                            .ledger
+                            .lock()
+                            .expect("ledger lock")
+                            .players
+                            .insert(user.user_id.clone(), user.username.clone());
+                        async { Ok::<_, Error>(()) }
+                    }),
+                ),
             )
             .await?
         };

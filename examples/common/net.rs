@@ -184,28 +184,6 @@ impl Latencies {
     }
 }
 
-/// A cloneable service behind a lock, so a state shared with axum handlers
-/// (which must be `Sync`) can hold a resilience stack (which is `Send` but
-/// not `Sync`: the breaker keeps a timer). Each call clones it out.
-pub struct Shared<S>(Mutex<S>);
-
-impl<S: Clone> Shared<S> {
-    pub fn new(service: S) -> Self {
-        Self(Mutex::new(service))
-    }
-
-    /// A clone to call.
-    pub fn get(&self) -> S {
-        self.0.lock().expect("service lock").clone()
-    }
-}
-
-impl<S: Clone> Clone for Shared<S> {
-    fn clone(&self) -> Self {
-        Self::new(self.get())
-    }
-}
-
 /// Maps a reqwest failure to an `Error` that says whether to retry.
 pub fn from_reqwest(error: reqwest::Error) -> Error {
     let kind = if error.is_timeout() {

@@ -29,14 +29,14 @@ use switchboard::middleware::Resilience;
 use switchboard::middleware::circuit_breaker::CircuitBreakerLayer;
 use switchboard::middleware::fallback::{Access, Fallback, Gate};
 use switchboard::{Error, ErrorKind};
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
 use super::auth_service::{Credentials, Registered, Token};
 use super::domain::Side;
 use super::game_service::{Chart, GameStats, PATH_GAME_MARKET, PATH_TRADING_GAME, Portfolio};
 use super::market_service::Quote;
-use super::net::{Latencies, PathStats, Shared, from_reqwest, json_answer};
+use super::net::{Latencies, PathStats, from_reqwest, json_answer};
 use super::trading_service::{OrderReceipt, PATH_TRADING_MARKET, PlaceOrder, TradingStats};
 
 /// SPEC §3's name for the path the gateway times.
@@ -115,7 +115,7 @@ impl Service<Call> for Rest {
     }
 }
 
-type Upstream = Shared<BoxCloneService<Call, Value, Error>>;
+type Upstream = BoxCloneSyncService<Call, Value, Error>;
 
 /// Where the four services' HTTP APIs are.
 #[derive(Debug, Clone, Copy)]
@@ -203,12 +203,10 @@ impl Gateway {
             },
         );
         Self {
-            auth: Shared::new(BoxCloneService::new(auth)),
-            trading: Shared::new(BoxCloneService::new(trading)),
-            market: Shared::new(BoxCloneService::new(
-                resilience.client("market", rest(addresses.market)),
-            )),
-            game: Shared::new(BoxCloneService::new(game)),
+            auth: BoxCloneSyncService::new(auth),
+            trading: BoxCloneSyncService::new(trading),
+            market: BoxCloneSyncService::new(resilience.client("market", rest(addresses.market))),
+            game: BoxCloneSyncService::new(game),
             auth_breaker,
             trading_breaker,
             game_breaker,
@@ -234,7 +232,7 @@ impl Gateway {
     }
 
     async fn send<T: DeserializeOwned>(upstream: &Upstream, call: Call) -> Result<T, Error> {
-        let value = upstream.get().oneshot(call).await?;
+        let value = upstream.clone().oneshot(call).await?;
         serde_json::from_value(value)
             .map_err(|error| Error::new(ErrorKind::Decode, format!("unexpected answer: {error}")))
     }

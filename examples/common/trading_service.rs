@@ -28,11 +28,11 @@ use switchboard::{
 };
 use tokio::sync::watch;
 use tower::ServiceExt;
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 
 use super::brokers::Brokers;
 use super::domain::{OrderCreated, PriceUpdated, SettlementRequested, Side, TradeExecuted, groups};
-use super::net::{Latencies, PathStats, Server, Shared, bind, shut_down, stop_all};
+use super::net::{Latencies, PathStats, Server, bind, shut_down, stop_all};
 use super::proto::market as pb;
 
 /// SPEC §3's name for the path this service times.
@@ -72,7 +72,7 @@ struct WaitQuery {
     settled_at_least: Option<usize>,
 }
 
-type PriceClient = Shared<BoxCloneService<pb::GetPriceRequest, pb::Price, Error>>;
+type PriceClient = BoxCloneSyncService<pb::GetPriceRequest, pb::Price, Error>;
 
 struct TradingState {
     orders: Mutex<Vec<(String, OrderReceipt)>>,
@@ -93,7 +93,7 @@ impl TradingState {
         let started = Instant::now();
         let quote = self
             .market
-            .get()
+            .clone()
             .oneshot(pb::GetPriceRequest {
                 symbol: order.symbol.clone(),
             })
@@ -231,12 +231,14 @@ impl TradingService {
             |mut client, request: pb::GetPriceRequest| async move { client.get_price(request).await },
         );
         let market_breaker = config.resilience.breaker("market");
-        let market = Shared::new(BoxCloneService::new(
+        // A price lookup is a read: safe to send again after a timeout.
+        let market = BoxCloneSyncService::new(
             config
                 .resilience
-                .path("market")
+                .clone()
+                .idempotent()
                 .client_with_breaker(&market_breaker, get_price),
-        ));
+        );
         let (settled, _) = watch::channel(0);
         let state = Arc::new(TradingState {
             orders: Mutex::default(),

@@ -11,7 +11,14 @@
 //! that works (outer to inner):
 //!
 //! * RPC clients: `fallback ▸ retry ▸ circuit_breaker ▸ timeout ▸ service`;
-//! * consumer handlers: `dedupe ▸ dead_letter ▸ retry ▸ timeout ▸ handler`.
+//! * consumers: `dedupe ▸ dead_letter ▸ circuit_breaker ▸ retry ▸ timeout ▸
+//!   handler`, the breaker waiting while open so the consume loop stops
+//!   pulling ([`Resilience::consumer`] says why, and what it implies).
+//!
+//! Every retry is safe: a request is sent again after a failure that may
+//! have taken effect (a timeout, a lost answer) only if it is marked
+//! idempotent, and a retry budget keeps a brownout from multiplying the
+//! load ([`retry`]).
 
 pub mod circuit_breaker;
 pub mod dead_letter;
@@ -22,7 +29,9 @@ pub mod timeout;
 
 mod stack;
 
-pub use stack::{Client, Handler, Resilience};
+#[allow(deprecated)]
+pub use stack::Handler;
+pub use stack::{Client, Consumer, Resilience};
 
 #[cfg(test)]
 mod test_support;

@@ -30,6 +30,10 @@ pub const CALL_DURATION: &str = "switchboard_call_duration_seconds";
 /// Counter of retries (attempts after the first), label `kind` (the error
 /// kind that caused the retry).
 pub const RETRIES_TOTAL: &str = "switchboard_retries_total";
+/// Counter of retries not made although attempts were left, label `reason`
+/// (`budget`: the retry budget was spent / `may_have_applied`: the failure
+/// may have taken effect and the call is not idempotent).
+pub const RETRIES_REFUSED_TOTAL: &str = "switchboard_retries_refused_total";
 /// Counter of circuit-breaker state changes, labels `breaker`, `to`
 /// (`closed` / `open` / `half_open`).
 pub const BREAKER_TRANSITIONS_TOTAL: &str = "switchboard_breaker_transitions_total";
@@ -129,6 +133,10 @@ pub(crate) fn called(path: &Label, transport: &Label, outcome: &'static str, ela
 
 pub(crate) fn retried(kind: ErrorKind) {
     metrics::counter!(RETRIES_TOTAL, "kind" => kind_label(kind)).increment(1);
+}
+
+pub(crate) fn retry_refused(reason: &'static str) {
+    metrics::counter!(RETRIES_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
 pub(crate) fn breaker_changed(breaker: &str, to: &'static str, level: f64) {
@@ -239,6 +247,11 @@ pub fn describe() {
         RETRIES_TOTAL,
         Unit::Count,
         "retries, by the error kind retried"
+    );
+    describe_counter!(
+        RETRIES_REFUSED_TOTAL,
+        Unit::Count,
+        "retries not made: the budget was spent, or the call may have taken effect"
     );
     describe_counter!(
         BREAKER_TRANSITIONS_TOTAL,

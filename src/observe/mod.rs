@@ -30,6 +30,7 @@
 //! | `switchboard_call_total` | counter | `path`, `transport`, `outcome` (`ok` or the error kind) | [`CallMetrics`] |
 //! | `switchboard_call_duration_seconds` | histogram | `path`, `transport`, `outcome` | [`CallMetrics`] |
 //! | `switchboard_retries_total` | counter | `kind` (error kind retried) | [`Retry`](crate::middleware::retry::Retry) |
+//! | `switchboard_retries_refused_total` | counter | `reason` (`budget`/`may_have_applied`) | [`Retry`](crate::middleware::retry::Retry): attempts were left but it gave up |
 //! | `switchboard_breaker_transitions_total` | counter | `breaker`, `to` (`closed`/`open`/`half_open`) | [`CircuitBreaker`](crate::middleware::circuit_breaker::CircuitBreaker) |
 //! | `switchboard_breaker_state` | gauge | `breaker` (0 closed, 1 half open, 2 open) | [`CircuitBreaker`](crate::middleware::circuit_breaker::CircuitBreaker) |
 //! | `switchboard_dead_letters_total` | counter | `transport`, `topic`, `group` | the consume loop |

@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
 
-use super::state::{Outcome, Permit, Shared};
+use super::state::{Outcome, Permit, Recorded, Shared};
 use crate::error::Error;
 
 pin_project! {
@@ -26,6 +26,8 @@ pin_project! {
             #[pin]
             future: F,
             permit: PermitGuard,
+            // Whether a failure during a known outage asks to be requeued.
+            requeue_in_outage: bool,
         },
         Rejected {
             error: Option<Error>,
@@ -34,7 +36,12 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn called(future: F, shared: Arc<Shared>, permit: Permit) -> Self {
+    pub(super) fn called(
+        future: F,
+        shared: Arc<Shared>,
+        permit: Permit,
+        requeue_in_outage: bool,
+    ) -> Self {
         Self {
             kind: Kind::Called {
                 future,
@@ -42,6 +49,7 @@ impl<F> ResponseFuture<F> {
                     shared,
                     permit: Some(permit),
                 },
+                requeue_in_outage,
             },
         }
     }
@@ -62,10 +70,23 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Called { future, permit } => {
+            KindProj::Called {
+                future,
+                permit,
+                requeue_in_outage,
+            } => {
                 let result = ready!(future.poll(cx)).map_err(Into::into);
-                permit.finish(Outcome::of(&result));
-                Poll::Ready(result)
+                let recorded = permit.finish(Outcome::of(&result));
+                Poll::Ready(match (result, recorded) {
+                    // The message did nothing wrong: the dependency is known
+                    // to be down, so it goes back for the next trial call.
+                    (Err(error), Some(Recorded::Outage(until_probe)))
+                        if *requeue_in_outage && error.requeue_after().is_none() =>
+                    {
+                        Err(error.with_requeue(until_probe))
+                    }
+                    (result, _) => result,
+                })
             }
             KindProj::Rejected { error } => Poll::Ready(Err(error
                 .take()
@@ -95,10 +116,9 @@ struct PermitGuard {
 }
 
 impl PermitGuard {
-    fn finish(&mut self, outcome: Outcome) {
-        if let Some(permit) = self.permit.take() {
-            self.shared.record(permit, outcome);
-        }
+    fn finish(&mut self, outcome: Outcome) -> Option<Recorded> {
+        let permit = self.permit.take()?;
+        Some(self.shared.record(permit, outcome))
     }
 }
 

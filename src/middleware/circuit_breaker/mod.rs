@@ -13,6 +13,14 @@
 //! through; success closes the breaker, failure opens it for another reset
 //! timeout.
 //!
+//! Once the breaker is open or half-open, only the trial call's outcome
+//! changes its state. A call let through while it was still closed may end
+//! after it opened — a slow success among hundreds in flight when the
+//! dependency fell over — and says nothing about the dependency *now*: the
+//! breaker starts a new epoch at every change of state, tags each call it
+//! lets through with the epoch, and ignores outcomes from older epochs.
+//! Otherwise a flapping dependency, under concurrency, would never stay open.
+//!
 //! A refused request (bad input, 4xx-like, not found) proves the dependency
 //! is up and answering, and says nothing about its health, so it neither
 //! counts towards opening nor resets the count. `BreakerOpen` is not
@@ -33,7 +41,11 @@
 //!   until the trial call is due, and wakes then. The consume loop of
 //!   [`EventBus::subscribe`](crate::EventBus::subscribe) asks `poll_ready`
 //!   before pulling each message, so it stops pulling while the breaker is
-//!   open instead of cycling every queued message through a nack.
+//!   open instead of cycling every queued message through a nack. The
+//!   messages already in flight when it opened, and a trial call that
+//!   fails, fail with `requeue_after` = the time until the next trial call:
+//!   the consume loop gives them back rather than dead-letter them for an
+//!   outage that is not theirs.
 //!
 //! # Watching
 //!
@@ -100,11 +112,18 @@ pub enum WhenOpen {
     #[default]
     FailFast,
     /// `poll_ready` is `Pending` until the trial call is due (or, while the
-    /// trial call runs, until its outcome is known).
+    /// trial call runs, until its outcome is known). A call that fails
+    /// during an outage the breaker already knows of — one let through
+    /// before it opened, or the trial call that opens it again — fails with
+    /// [`requeue_after`](crate::Error::requeue_after) set to the time until
+    /// the next trial call, so a consume loop gives the message back instead
+    /// of dead-lettering it.
     Wait,
 }
 
-type WaitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+// `Sync` too, so that a stack holding a breaker can sit in shared state
+// (axum's, say) without a lock around it.
+type WaitFuture = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
 /// A service behind a circuit breaker; see the [module docs](self).
 pub struct CircuitBreaker<S> {
@@ -215,9 +234,12 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         match self.shared.acquire() {
-            Ok(permit) => {
-                ResponseFuture::called(self.inner.call(request), self.shared.clone(), permit)
-            }
+            Ok(permit) => ResponseFuture::called(
+                self.inner.call(request),
+                self.shared.clone(),
+                permit,
+                self.when_open == WhenOpen::Wait,
+            ),
             Err(error) => ResponseFuture::rejected(error),
         }
     }

@@ -41,13 +41,40 @@ impl fmt::Display for BreakerState {
     }
 }
 
-/// What the breaker allowed a call to do.
+/// What the breaker allowed a call to do, and in which epoch: the breaker
+/// starts a new epoch at every change of state, and only an outcome of the
+/// current epoch moves it.
+///
+/// Without epochs a slow call let through while the breaker was still
+/// closed, succeeding after it opened, would close it again: under
+/// concurrency a flapping dependency would never stay open. With them, once
+/// the breaker is open or half-open only the probe's outcome changes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Permit {
     /// An ordinary call while closed.
-    Call,
+    Call { epoch: u64 },
     /// The one trial call while half-open.
-    Probe,
+    Probe { epoch: u64 },
+}
+
+impl Permit {
+    fn epoch(self) -> u64 {
+        match self {
+            Self::Call { epoch } | Self::Probe { epoch } => epoch,
+        }
+    }
+}
+
+/// What recording a call's outcome did, for the caller's sake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Recorded {
+    /// The outcome counted, or said nothing about the dependency.
+    Counted,
+    /// A failure explained by an outage the breaker already knows of: the
+    /// call was let through before the breaker opened, or it was the probe
+    /// and opened it again. The duration is the time until the next trial
+    /// call (zero if the breaker has closed since).
+    Outage(Duration),
 }
 
 /// How a call ended, as far as the breaker cares.
@@ -86,6 +113,8 @@ pub(super) enum Readiness {
 
 struct Machine {
     state: BreakerState,
+    /// Bumped by every transition; see [`Permit`].
+    epoch: u64,
     failures: u32,
     opened_at: Instant,
     probe_in_flight: bool,
@@ -105,6 +134,7 @@ impl Shared {
             config,
             machine: Mutex::new(Machine {
                 state: BreakerState::Closed,
+                epoch: 0,
                 failures: 0,
                 opened_at: Instant::now(),
                 probe_in_flight: false,
@@ -165,9 +195,13 @@ impl Shared {
         match self.readiness_locked(&mut machine, now) {
             Readiness::Ready if machine.state == BreakerState::HalfOpen => {
                 machine.probe_in_flight = true;
-                Ok(Permit::Probe)
+                Ok(Permit::Probe {
+                    epoch: machine.epoch,
+                })
             }
-            Readiness::Ready => Ok(Permit::Call),
+            Readiness::Ready => Ok(Permit::Call {
+                epoch: machine.epoch,
+            }),
             Readiness::OpenUntil(due) => Err(self.open_error(due - now)),
             // The trial call decides within one call timeout.
             Readiness::ProbeInFlight => Err(self.open_error(self.config.timeout())),
@@ -190,42 +224,71 @@ impl Shared {
     }
 
     /// Records how a permitted call ended.
-    pub(super) fn record(&self, permit: Permit, outcome: Outcome) {
+    pub(super) fn record(&self, permit: Permit, outcome: Outcome) -> Recorded {
         let mut machine = self.lock();
-        if permit == Permit::Probe {
-            machine.probe_in_flight = false;
+        if permit.epoch() != machine.epoch {
+            // Let through before the last change of state: what it says about
+            // the dependency is out of date. A failure is the outage's.
+            return match outcome {
+                Outcome::Failure => Recorded::Outage(self.time_to_probe(&machine)),
+                Outcome::Success | Outcome::Neutral => Recorded::Counted,
+            };
         }
-        match (outcome, permit, machine.state) {
-            (Outcome::Neutral, ..) => {}
-            (Outcome::Success, ..) => {
+        // The epoch is current, so a call's breaker is still closed and a
+        // probe's still half-open with this probe in flight.
+        let recorded = match (outcome, permit) {
+            (Outcome::Neutral, _) => Recorded::Counted,
+            (Outcome::Success, Permit::Call { .. }) => {
                 machine.failures = 0;
-                if machine.state != BreakerState::Closed {
-                    self.transition(&mut machine, BreakerState::Closed);
-                }
+                Recorded::Counted
             }
-            (Outcome::Failure, Permit::Probe, _) => self.open(&mut machine),
-            (Outcome::Failure, Permit::Call, BreakerState::Closed) => {
+            (Outcome::Success, Permit::Probe { .. }) => {
+                machine.probe_in_flight = false;
+                self.transition(&mut machine, BreakerState::Closed);
+                Recorded::Counted
+            }
+            (Outcome::Failure, Permit::Call { .. }) => {
                 machine.failures += 1;
                 if machine.failures >= self.config.failure_threshold {
                     self.open(&mut machine);
                 }
+                Recorded::Counted
             }
-            // A call let through while closed that failed after the breaker
-            // opened (or is probing): the breaker already knows.
-            (Outcome::Failure, Permit::Call, _) => {}
-        }
-        if permit == Permit::Probe && machine.state == BreakerState::HalfOpen {
+            (Outcome::Failure, Permit::Probe { .. }) => {
+                machine.probe_in_flight = false;
+                self.open(&mut machine);
+                Recorded::Outage(self.config.reset_timeout())
+            }
+        };
+        if let (Outcome::Neutral, Permit::Probe { .. }) = (outcome, permit) {
             // A neutral trial call changed nothing, yet those waiting for its
             // outcome must wake so one of them tries next.
+            machine.probe_in_flight = false;
             self.state_tx.send_replace(BreakerState::HalfOpen);
+        }
+        recorded
+    }
+
+    /// How long until the breaker lets a trial call through.
+    fn time_to_probe(&self, machine: &Machine) -> Duration {
+        match machine.state {
+            BreakerState::Closed => Duration::ZERO,
+            BreakerState::Open => (machine.opened_at + self.config.reset_timeout())
+                .saturating_duration_since(Instant::now()),
+            // The trial call decides within one call timeout.
+            BreakerState::HalfOpen if machine.probe_in_flight => self.config.timeout(),
+            BreakerState::HalfOpen => Duration::ZERO,
         }
     }
 
     /// A permitted call was dropped before it finished: it says nothing
     /// about the dependency, but a trial call must free its slot.
     pub(super) fn abandon(&self, permit: Permit) {
-        if permit == Permit::Probe {
-            self.lock().probe_in_flight = false;
+        let mut machine = self.lock();
+        if let Permit::Probe { epoch } = permit
+            && epoch == machine.epoch
+        {
+            machine.probe_in_flight = false;
             // Wake those waiting for the probe's outcome so one of them probes.
             self.state_tx.send_replace(BreakerState::HalfOpen);
         }
@@ -240,6 +303,7 @@ impl Shared {
     fn transition(&self, machine: &mut Machine, to: BreakerState) {
         let from = machine.state;
         machine.state = to;
+        machine.epoch += 1;
         match to {
             BreakerState::Open => tracing::warn!(
                 breaker = %self.name,

@@ -271,3 +271,181 @@ async fn an_abandoned_trial_call_frees_the_slot() {
     assert_eq!(error.kind(), ErrorKind::Unavailable);
     assert_eq!(layer.state(), BreakerState::Open);
 }
+
+/// How the test ends one call in flight.
+type Answer = oneshot::Sender<Result<(), Error>>;
+
+/// A dependency whose every call waits for the test to say how it ends.
+#[derive(Clone, Default)]
+struct Scripted {
+    answers: Arc<Mutex<Vec<Answer>>>,
+}
+
+impl Scripted {
+    fn service(
+        &self,
+    ) -> impl Service<(), Response = (), Error = Error, Future: Send> + Clone + Send + 'static {
+        let answers = self.answers.clone();
+        tower::service_fn(move |()| {
+            let (answer, answered) = oneshot::channel();
+            answers.lock().unwrap().push(answer);
+            async move { answered.await.expect("the test answers every call") }
+        })
+    }
+
+    /// Ends the calls in flight, oldest first, with `result`.
+    fn answer(&self, calls: usize, result: impl Fn() -> Result<(), Error>) {
+        let answers: Vec<_> = self.answers.lock().unwrap().drain(..calls).collect();
+        for answer in answers {
+            answer.send(result()).ok();
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.answers.lock().unwrap().len()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_successes_of_calls_let_through_before_the_trip_leave_it_open() {
+    let layer = CircuitBreakerLayer::new(CircuitBreakerConfig::default());
+    let dependency = Scripted::default();
+    let breaker = layer.layer(dependency.service());
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let mut client = breaker.clone();
+        calls.spawn(async move { client.ready().await?.call(()).await });
+    }
+    while dependency.in_flight() < 200 {
+        tokio::task::yield_now().await;
+    }
+
+    // The dependency fails: the first five answers open the breaker.
+    dependency.answer(5, || Err(Error::transient("down")));
+    for _ in 0..5 {
+        calls.join_next().await.unwrap().unwrap().unwrap_err();
+    }
+    assert_eq!(layer.state(), BreakerState::Open);
+    let opened = Instant::now();
+
+    // The 195 slow ones succeed afterwards: they were let through before the
+    // trip and say nothing about the dependency now.
+    dependency.answer(195, || Ok(()));
+    while let Some(call) = calls.join_next().await {
+        call.unwrap().unwrap();
+    }
+    assert_eq!(
+        layer.state(),
+        BreakerState::Open,
+        "a stale success closed it"
+    );
+    let error = breaker.clone().oneshot(()).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::BreakerOpen);
+    assert_eq!(
+        dependency.in_flight(),
+        0,
+        "an open breaker let a call through"
+    );
+
+    // The probe after the reset timeout decides.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert_eq!(opened.elapsed(), Duration::from_secs(30));
+    let probe = tokio::spawn(breaker.clone().oneshot(()));
+    while dependency.in_flight() < 1 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(layer.state(), BreakerState::HalfOpen);
+    dependency.answer(1, || Ok(()));
+    probe.await.unwrap().unwrap();
+    assert_eq!(layer.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_failures_neither_reopen_a_recovered_breaker_nor_count_towards_the_next_trip() {
+    let layer = CircuitBreakerLayer::new(CircuitBreakerConfig {
+        failure_threshold: 2,
+        ..Default::default()
+    });
+    let dependency = Scripted::default();
+    let breaker = layer.layer(dependency.service());
+    let mut stale = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let mut client = breaker.clone();
+        stale.spawn(async move { client.ready().await?.call(()).await });
+    }
+    while dependency.in_flight() < 4 {
+        tokio::task::yield_now().await;
+    }
+    dependency.answer(2, || Err(Error::transient("down")));
+    for _ in 0..2 {
+        stale.join_next().await.unwrap().unwrap().unwrap_err();
+    }
+    assert_eq!(layer.state(), BreakerState::Open);
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let probe = tokio::spawn(breaker.clone().oneshot(()));
+    while dependency.in_flight() < 3 {
+        tokio::task::yield_now().await;
+    }
+    // The probe is the newest call in flight: answer it alone.
+    let probe_answer = dependency.answers.lock().unwrap().pop().unwrap();
+    probe_answer.send(Ok(())).unwrap();
+    probe.await.unwrap().unwrap();
+    assert_eq!(layer.state(), BreakerState::Closed);
+
+    // The two calls from before the trip fail now: stale, not counted.
+    dependency.answer(2, || Err(Error::transient("down")));
+    while let Some(call) = stale.join_next().await {
+        call.unwrap().unwrap_err();
+    }
+    assert_eq!(layer.state(), BreakerState::Closed);
+    // One fresh failure is one, not three.
+    let failing = tokio::spawn(breaker.clone().oneshot(()));
+    while dependency.in_flight() < 1 {
+        tokio::task::yield_now().await;
+    }
+    dependency.answer(1, || Err(Error::transient("down")));
+    failing.await.unwrap().unwrap_err();
+    assert_eq!(layer.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_wait_mode_a_failure_during_a_known_outage_asks_to_be_requeued() {
+    let layer = CircuitBreakerLayer::new(CircuitBreakerConfig {
+        failure_threshold: 1,
+        ..Default::default()
+    })
+    .when_open(WhenOpen::Wait);
+    let dependency = Scripted::default();
+    let breaker = layer.layer(dependency.service());
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let mut client = breaker.clone();
+        calls.spawn(async move { client.ready().await?.call(()).await });
+    }
+    while dependency.in_flight() < 2 {
+        tokio::task::yield_now().await;
+    }
+    // The failure that trips it is the dependency's to report: as it is.
+    dependency.answer(1, || Err(Error::transient("down")));
+    let tripping = calls.join_next().await.unwrap().unwrap().unwrap_err();
+    assert_eq!(tripping.requeue_after(), None);
+    assert_eq!(layer.state(), BreakerState::Open);
+
+    // One let through before the trip fails 10 s later: the outage's.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    dependency.answer(1, || Err(Error::transient("down")));
+    let stale = calls.join_next().await.unwrap().unwrap().unwrap_err();
+    assert_eq!(stale.kind(), ErrorKind::Unavailable);
+    assert_eq!(stale.requeue_after(), Some(Duration::from_secs(20)));
+
+    // A failed probe opens it again and goes back for a whole reset timeout.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let probe = tokio::spawn(breaker.clone().oneshot(()));
+    while dependency.in_flight() < 1 {
+        tokio::task::yield_now().await;
+    }
+    dependency.answer(1, || Err(Error::transient("still down")));
+    let failed_probe = probe.await.unwrap().unwrap_err();
+    assert_eq!(failed_probe.requeue_after(), Some(Duration::from_secs(30)));
+    assert_eq!(layer.state(), BreakerState::Open);
+}

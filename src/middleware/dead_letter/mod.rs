@@ -6,8 +6,9 @@
 //! with the reason, the attempts, the last error and the time; the transport
 //! adds the original topic and group. Without this layer the letter says
 //! only "handler failed" with the broker's delivery count. [`DeadLettering`],
-//! placed outside the retry layer (`dedupe ▸ dead_letter ▸ retry ▸ timeout ▸
-//! handler`), sees the error retry finally gave up with and:
+//! placed outside the retry layer (`dedupe ▸ dead_letter ▸ circuit_breaker ▸
+//! retry ▸ timeout ▸ handler`), sees the error retry finally gave up with
+//! and:
 //!
 //! * counts the attempts in all — the broker's deliveries before this one
 //!   plus the in-process attempts the retry layer made ([`Error::attempts`]);

@@ -31,7 +31,7 @@
 //! expired after renewals failed, or was evicted) is logged and stops, and
 //! the handler runs on, as at-least-once allows. The TTL therefore bounds how
 //! long a dead consumer's mark holds the event back, and must still outlast
-//! a few failed renewals; [`Resilience::handler`](crate::middleware::Resilience::handler)
+//! a few failed renewals; [`Resilience::consumer`](crate::middleware::Resilience::consumer)
 //! derives it from the retry and timeout settings. The fencing token makes
 //! sure a holder whose mark expired and was taken over cannot extend,
 //! complete or release the new holder's mark.

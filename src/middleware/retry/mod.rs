@@ -1,22 +1,46 @@
 //! Try a failed call again, a bounded number of times, with exponential
-//! backoff.
+//! backoff, when that is safe and the dependency can take it.
 //!
 //! Most infrastructure failures pass within a moment: a connection is
 //! re-established, a leader is elected, a pod restarts. The retry layer
-//! tries again only errors whose kind [is retryable](crate::Error::is_retryable)
-//! — a refused request, bad input or an open breaker
-//! ([`ErrorKind::BreakerOpen`](crate::ErrorKind::BreakerOpen)) will fail the
-//! same way again, and retrying them would only add load — and gives up after
-//! `max_attempts` attempts in all (SPEC §4.3: 3), returning the last error
-//! with [`Error::attempts`] set so a dead-letter queue can record it.
+//! tries a call again only when all of these hold:
+//!
+//! 1. the error's kind [is retryable](crate::Error::is_retryable) — a
+//!    refused request, bad input or an open breaker
+//!    ([`ErrorKind::BreakerOpen`](crate::ErrorKind::BreakerOpen)) will fail
+//!    the same way again;
+//! 2. sending the request again cannot apply it twice: the failure
+//!    certainly [did not take effect](crate::Effect::NotApplied) (a refused
+//!    connection, HTTP 503 or 429), or the request is idempotent. A timeout,
+//!    a lost answer, gRPC `UNKNOWN` or `INTERNAL` may come after the work
+//!    was done, so a `PlaceOrder` is not sent again after them. Requests are
+//!    not idempotent unless marked: for the whole stack
+//!    ([`RetryLayer::idempotent`]) or per call ([`RetryLayer::idempotent_if`]);
+//! 3. attempts are left: `max_attempts` in all (SPEC §4.3: 3);
+//! 4. the retry budget has room: tower's
+//!    [`TpsBudget`], shared by every clone
+//!    of one stack, lets retries be `budget_percent` (20 %) of the calls of
+//!    the last `budget_window_ms` (10 s), plus `budget_min_per_second` (10).
+//!    When a dependency browns out and every call fails, three attempts per
+//!    call would triple its load just when it can least take it; with the
+//!    budget the load grows by a fifth.
+//!
+//! Otherwise it returns the last error with [`Error::attempts`] set, so a
+//! dead-letter queue can record it. Each retry is counted in
+//! `switchboard_retries_total`, each one refused by the budget or by a
+//! possible effect in `switchboard_retries_refused_total`.
 //!
 //! The waits come from [`backon`]'s `ExponentialBuilder`: `backoff_ms`
 //! (100 ms) before the second attempt, then multiplied by
 //! `backoff_multiplier` (2) up to `max_backoff_ms` (1 s): 100 ms, 200 ms, …
 //! backon multiplies in `f32`, so the waits are rounded to whole
-//! milliseconds, the unit of the configuration. [`with_jitter`] adds a random
-//! part of up to the wait again, so that many clients failing at once do not
-//! retry in lockstep.
+//! milliseconds, the unit of the configuration. Jitter (`jitter: true`, the
+//! default) adds a random part of up to the wait again, so that many
+//! clients failing at once do not retry in lockstep. A delay the peer asked
+//! for ([`Error::retry_after`]: `Retry-After`, gRPC pushback) makes the wait
+//! longer, but never longer than `max_backoff_ms`; when the layer gives up
+//! on such an error it sets [`Error::requeue_after`] to that capped delay,
+//! so a consume loop puts the message back for no longer either.
 //!
 //! (The `backoff` crate named in the original plan is unmaintained,
 //! RUSTSEC-2025-0012; backon is its maintained replacement.)
@@ -26,8 +50,6 @@
 //! [`Message`]'s [`attempt`](crate::Message::attempt), so the
 //! handler — and the dead-letter facts — see one attempt count that includes
 //! the broker's deliveries and the in-process retries.
-//!
-//! [`with_jitter`]: RetryLayer::with_jitter
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU32, Ordering};
@@ -49,6 +71,7 @@
 //! let retrying = ServiceBuilder::new()
 //!     .layer(RetryLayer::new(RetryConfig::default()))
 //!     .service(flaky);
+//! // `Error::transient` says the failed call did nothing: safe to resend.
 //! assert_eq!(retrying.oneshot(()).await?, 3);
 //! # Ok::<(), Error>(())
 //! # }).unwrap();
@@ -56,15 +79,19 @@
 
 mod future;
 mod layer;
+mod policy;
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 
 pub use self::future::ResponseFuture;
 pub use self::layer::RetryLayer;
+pub(crate) use self::policy::Policy;
+pub use self::policy::{Idempotency, IdempotentIf, Uniform};
 use crate::bus::Message;
 use crate::config::RetryConfig;
 use crate::error::Error;
@@ -98,64 +125,72 @@ impl<E> NextAttempt<Message<E>> for CountAttempts {
 
 /// A service whose failed calls are tried again; see the
 /// [module docs](self).
+///
+/// Clones share one retry budget.
 #[derive(Debug, Clone)]
-pub struct Retry<S, N = SameRequest> {
+pub struct Retry<S, N = SameRequest, I = Uniform> {
     inner: S,
     policy: Policy,
+    budget: Arc<TpsBudget>,
     next: N,
-}
-
-/// The schedule: how many attempts, and the waits between them.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Policy {
-    max_attempts: u32,
-    backoff: ExponentialBuilder,
-}
-
-impl Policy {
-    pub(crate) fn new(config: &RetryConfig, jitter: bool) -> Self {
-        let mut backoff = ExponentialBuilder::new()
-            .with_min_delay(config.backoff())
-            .with_max_delay(config.max_backoff())
-            .with_factor(config.backoff_multiplier as f32)
-            .with_max_times(config.max_attempts.saturating_sub(1) as usize);
-        if jitter {
-            backoff = backoff.with_jitter();
-        }
-        Self {
-            max_attempts: config.max_attempts.max(1),
-            backoff,
-        }
-    }
-
-    /// The waits before the second, third, … attempt.
-    pub(crate) fn delays(&self) -> impl Iterator<Item = Duration> + Send + use<> {
-        // backon multiplies in f32 (100 ms × 2 comes out as 200.000003 ms);
-        // the configuration is in whole milliseconds, and so are the waits.
-        self.backoff
-            .build()
-            .map(|delay| Duration::from_millis((delay.as_secs_f64() * 1000.0).round() as u64))
-    }
+    idempotency: I,
 }
 
 impl<S> Retry<S> {
-    /// `inner`, retried as `config` says.
+    /// `inner`, retried as `config` says, with a budget of its own; no
+    /// request is idempotent.
     pub fn new(inner: S, config: &RetryConfig) -> Self {
-        Self {
+        Self::from_parts(
             inner,
-            policy: Policy::new(config, false),
-            next: SameRequest,
-        }
+            Policy::new(config),
+            policy::budget(config),
+            SameRequest,
+            Uniform::NONE,
+        )
     }
 }
 
-impl<S, N> Retry<S, N> {
-    pub(crate) fn from_parts(inner: S, policy: Policy, next: N) -> Self {
+impl<S, N> Retry<S, N, Uniform> {
+    /// Takes every request as idempotent: a timeout or a lost answer is
+    /// retried too.
+    pub fn idempotent(mut self) -> Self {
+        self.idempotency = Uniform::ALL;
+        self
+    }
+}
+
+impl<S, N, I> Retry<S, N, I> {
+    pub(crate) fn from_parts(
+        inner: S,
+        policy: Policy,
+        budget: Arc<TpsBudget>,
+        next: N,
+        idempotency: I,
+    ) -> Self {
         Self {
             inner,
             policy,
+            budget,
             next,
+            idempotency,
         }
+    }
+
+    /// Decides per call which requests are idempotent, with `is_idempotent`
+    /// (such as "a read").
+    pub fn idempotent_if<F>(self, is_idempotent: F) -> Retry<S, N, IdempotentIf<F>> {
+        Retry::from_parts(
+            self.inner,
+            self.policy,
+            self.budget,
+            self.next,
+            IdempotentIf(is_idempotent),
+        )
+    }
+
+    /// Which requests it takes as idempotent.
+    pub fn idempotency(&self) -> &I {
+        &self.idempotency
     }
 
     /// The waits before each retry, in order, as configured (without
@@ -180,13 +215,14 @@ impl<S, N> Retry<S, N> {
     }
 }
 
-impl<S, N, Request> Service<Request> for Retry<S, N>
+impl<S, N, I, Request> Service<Request> for Retry<S, N, I>
 where
     S: Service<Request> + Clone + Send + 'static,
     S::Error: Into<Error>,
     S::Future: Send,
     S::Response: Send + 'static,
     N: NextAttempt<Request>,
+    I: Idempotency<Request>,
     Request: Clone + Send + 'static,
 {
     type Response = S::Response;
@@ -202,9 +238,12 @@ where
         // clone waits for readiness before each later one.
         let clone = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, clone);
-        let (policy, next) = (self.policy, self.next.clone());
+        let (policy, next, budget) = (self.policy, self.next.clone(), self.budget.clone());
+        let idempotent = self.idempotency.is_idempotent(&request);
+        // Every call earns the budget its share of retries.
+        budget.deposit();
         ResponseFuture::new(async move {
-            let mut delays = policy.delays();
+            let mut delays = policy.waits();
             let mut request = request;
             let mut attempt = 1;
             loop {
@@ -213,10 +252,25 @@ where
                     Ok(response) => return Ok(response),
                     Err(error) => error,
                 };
-                let delay = match delays.next() {
+                let scheduled = match delays.next() {
                     Some(delay) if error.is_retryable() && attempt < policy.max_attempts => delay,
-                    _ => return Err(error.with_attempts(attempt)),
+                    _ => return Err(policy.give_up(error, attempt)),
                 };
+                if !error.is_safe_to_retry(idempotent) {
+                    crate::observe::metrics::retry_refused("may_have_applied");
+                    tracing::debug!(
+                        attempt,
+                        %error,
+                        "call failed and may have taken effect; not idempotent, so not sent again",
+                    );
+                    return Err(policy.give_up(error, attempt));
+                }
+                if !budget.withdraw() {
+                    crate::observe::metrics::retry_refused("budget");
+                    tracing::debug!(attempt, %error, "call failed; the retry budget is spent");
+                    return Err(policy.give_up(error, attempt));
+                }
+                let delay = policy.wait(scheduled, &error);
                 crate::observe::metrics::retried(error.kind());
                 tracing::debug!(
                     attempt,

@@ -5,8 +5,16 @@ use tokio::time::Instant;
 use tower::{Layer, ServiceExt, service_fn};
 
 use super::*;
-use crate::error::ErrorKind;
+use crate::error::{Effect, ErrorKind};
 use crate::middleware::test_support::{Ping, message};
+
+/// The SPEC's schedule without jitter, for tests that check exact waits.
+fn steady() -> RetryConfig {
+    RetryConfig {
+        jitter: false,
+        ..RetryConfig::default()
+    }
+}
 
 /// A service failing with `kind` every time, recording when each call came.
 fn failing(
@@ -15,11 +23,23 @@ fn failing(
     impl Service<u32, Response = (), Error = Error, Future: Send> + Clone + Send + 'static,
     Arc<Mutex<Vec<Instant>>>,
 ) {
+    failing_with(move || Error::new(kind, "scripted"))
+}
+
+/// A service failing with `error()` every time, recording when each call
+/// came.
+fn failing_with(
+    error: impl Fn() -> Error + Clone + Send + 'static,
+) -> (
+    impl Service<u32, Response = (), Error = Error, Future: Send> + Clone + Send + 'static,
+    Arc<Mutex<Vec<Instant>>>,
+) {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let recorded = calls.clone();
     let service = service_fn(move |_: u32| {
         recorded.lock().unwrap().push(Instant::now());
-        async move { Err::<(), _>(Error::new(kind, "scripted")) }
+        let error = error();
+        async move { Err::<(), _>(error) }
     });
     (service, calls)
 }
@@ -31,7 +51,7 @@ fn gaps(calls: &[Instant]) -> Vec<Duration> {
 #[tokio::test(start_paused = true)]
 async fn three_attempts_in_all_waiting_100_then_200_ms() {
     let (service, calls) = failing(ErrorKind::Unavailable);
-    let error = RetryLayer::new(RetryConfig::default())
+    let error = RetryLayer::new(steady())
         .layer(service)
         .oneshot(1)
         .await
@@ -48,10 +68,10 @@ async fn three_attempts_in_all_waiting_100_then_200_ms() {
 
 #[tokio::test(start_paused = true)]
 async fn the_waits_double_up_to_the_cap() {
-    let (service, calls) = failing(ErrorKind::Timeout);
+    let (service, calls) = failing(ErrorKind::Unavailable);
     let config = RetryConfig {
         max_attempts: 7,
-        ..RetryConfig::default()
+        ..steady()
     };
     let retry = Retry::new(service, &config);
     let expected: Vec<_> = [100, 200, 400, 800, 1000, 1000]
@@ -122,7 +142,7 @@ async fn each_retry_raises_the_message_attempt() {
     });
     // Delivered for the second time by the broker.
     let message = message(1, 2);
-    let error = RetryLayer::for_messages(RetryConfig::default())
+    let error = RetryLayer::for_messages(steady())
         .layer(handler)
         .oneshot(message)
         .await
@@ -132,22 +152,173 @@ async fn each_retry_raises_the_message_attempt() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn jitter_adds_at_most_the_wait_again() {
+async fn jitter_is_on_by_default_and_adds_at_most_the_wait_again() {
     let (service, calls) = failing(ErrorKind::Unavailable);
     let config = RetryConfig {
         max_attempts: 5,
         ..RetryConfig::default()
     };
-    RetryLayer::new(config)
-        .with_jitter()
-        .layer(service)
-        .oneshot(1)
-        .await
-        .unwrap_err();
+    assert!(config.jitter);
+    let retry = RetryLayer::new(config).layer(service);
+    // The schedule it reports is the one configured, without the random part.
+    assert_eq!(
+        retry.delays(),
+        [100, 200, 400, 800].map(Duration::from_millis)
+    );
+    retry.oneshot(1).await.unwrap_err();
     let gaps = gaps(&calls.lock().unwrap());
     assert_eq!(gaps.len(), 4);
     for (gap, base) in gaps.iter().zip([100u64, 200, 400, 800]) {
         let base = Duration::from_millis(base);
         assert!(*gap >= base && *gap <= base * 2, "{gap:?} for {base:?}");
     }
+    let scheduled = [100, 200, 400, 800].map(Duration::from_millis);
+    assert_ne!(gaps, scheduled, "no wait had a random part");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_that_may_have_taken_effect_is_retried_only_when_idempotent() {
+    let may_have_applied: [fn() -> Error; 3] = [
+        || Error::new(ErrorKind::Timeout, "no answer in time"),
+        || Error::new(ErrorKind::Connection, "reset after sending").with_effect(Effect::Unknown),
+        || Error::transient("gRPC INTERNAL").with_effect(Effect::Unknown),
+    ];
+    for error in may_have_applied {
+        let (service, calls) = failing_with(error);
+        let once = RetryLayer::new(steady()).layer(service).oneshot(1).await;
+        assert_eq!(once.unwrap_err().attempts(), Some(1), "{}", error());
+        assert_eq!(calls.lock().unwrap().len(), 1, "{} was sent again", error());
+
+        let (service, calls) = failing_with(error);
+        let retried = RetryLayer::new(steady())
+            .idempotent()
+            .layer(service)
+            .oneshot(1)
+            .await;
+        assert_eq!(retried.unwrap_err().attempts(), Some(3), "{}", error());
+        assert_eq!(calls.lock().unwrap().len(), 3);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_that_certainly_did_not_take_effect_is_retried_for_any_call() {
+    for error in [
+        || Error::new(ErrorKind::Connection, "connection refused"),
+        || Error::transient("HTTP 503"),
+    ] {
+        let (service, calls) = failing_with(error);
+        let result = RetryLayer::new(steady()).layer(service).oneshot(1).await;
+        assert_eq!(result.unwrap_err().attempts(), Some(3));
+        assert_eq!(calls.lock().unwrap().len(), 3);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idempotency_can_be_decided_per_call() {
+    // Even requests are reads, odd ones writes.
+    let (service, calls) = failing(ErrorKind::Timeout);
+    let retry = RetryLayer::new(steady())
+        .idempotent_if(|n: &u32| n.is_multiple_of(2))
+        .layer(service);
+    let read = retry.clone().oneshot(2).await.unwrap_err();
+    assert_eq!(read.attempts(), Some(3));
+    let write = retry.oneshot(3).await.unwrap_err();
+    assert_eq!(write.attempts(), Some(1));
+    assert_eq!(calls.lock().unwrap().len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_keeps_a_brownout_from_multiplying_the_load() {
+    // 20 % of the calls, nothing per second: 100 calls that all fail may be
+    // retried 20 times in all, not 200.
+    let config = RetryConfig {
+        budget_min_per_second: 0,
+        backoff_ms: 1,
+        max_backoff_ms: 1,
+        ..steady()
+    };
+    let (service, calls) = failing(ErrorKind::Unavailable);
+    let retry = RetryLayer::new(config).layer(service);
+    for n in 0..100 {
+        retry.clone().oneshot(n).await.unwrap_err();
+    }
+    let attempts = calls.lock().unwrap().len();
+    assert_eq!(attempts, 120, "100 calls and one retry per five");
+
+    // The clones shared one budget; a new layer has its own.
+    let (service, calls) = failing(ErrorKind::Unavailable);
+    let fresh = RetryLayer::new(config).layer(service);
+    fresh.oneshot(1).await.unwrap_err();
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "a fifth of one call is no retry"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_allows_the_minimum_per_second_whatever_the_traffic() {
+    let config = RetryConfig {
+        budget_percent: 0.0,
+        budget_min_per_second: 1,
+        budget_window_ms: 2_000,
+        backoff_ms: 1,
+        max_backoff_ms: 1,
+        ..steady()
+    };
+    let (service, calls) = failing(ErrorKind::Unavailable);
+    let retry = RetryLayer::new(config).layer(service);
+    for n in 0..10 {
+        retry.clone().oneshot(n).await.unwrap_err();
+    }
+    // One a second over a 2 s window: two retries.
+    assert_eq!(calls.lock().unwrap().len(), 12);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peers_delay_is_waited_for_at_most_max_backoff() {
+    // The server asks for a day; the cap is 1 s.
+    let (service, calls) =
+        failing_with(|| Error::transient("HTTP 503").with_retry_after(Duration::from_secs(86_400)));
+    let started = Instant::now();
+    let error = RetryLayer::new(steady())
+        .layer(service)
+        .oneshot(1)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        gaps(&calls.lock().unwrap()),
+        [Duration::from_secs(1), Duration::from_secs(1)]
+    );
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    // What a consume loop sees: put the message back for at most 1 s.
+    assert_eq!(error.requeue_after(), Some(Duration::from_secs(1)));
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(1)));
+
+    // A shorter delay than the schedule's does not shorten the wait.
+    let (service, calls) =
+        failing_with(|| Error::transient("HTTP 429").with_retry_after(Duration::from_millis(10)));
+    RetryLayer::new(steady())
+        .layer(service)
+        .oneshot(1)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        gaps(&calls.lock().unwrap()),
+        [100, 200].map(Duration::from_millis)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requeue_set_further_in_is_left_as_it_is() {
+    // An open breaker's requeue is this process's own decision, not a peer's.
+    let (service, _) = failing_with(|| {
+        Error::new(ErrorKind::BreakerOpen, "open").with_requeue(Duration::from_secs(30))
+    });
+    let error = RetryLayer::new(steady())
+        .layer(service)
+        .oneshot(1)
+        .await
+        .unwrap_err();
+    assert_eq!(error.requeue_after(), Some(Duration::from_secs(30)));
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use crate::error::{Error, ErrorKind};
+use crate::error::{Effect, Error, ErrorKind};
 
 mod push;
 mod service;
@@ -54,21 +54,29 @@ pub mod proto {
 /// The metadata key gRPC uses for "retry after this many milliseconds".
 pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 
-/// Maps a gRPC status into an [`Error`] whose kind says whether to retry.
+/// Maps a gRPC status into an [`Error`] whose kind says whether to retry
+/// and whose [effect](Effect) says whether the call may have taken effect.
 ///
-/// A `grpc-retry-pushback-ms` value becomes [`Error::requeue_after`].
+/// A `grpc-retry-pushback-ms` value becomes [`Error::retry_after`], which
+/// the retry layer caps at `max_backoff_ms`.
 ///
-/// | status | kind | retryable |
-/// |---|---|---|
-/// | `UNAVAILABLE` from a TLS handshake rustls refused (feature `grpc-tls`) | [`Rejected`](ErrorKind::Rejected) | no |
-/// | `UNAVAILABLE` from a failed connect | [`Connection`](ErrorKind::Connection) | yes |
-/// | `CANCELLED` from tonic's own request timeout | [`Timeout`](ErrorKind::Timeout) | yes |
-/// | `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, `ABORTED`, `CANCELLED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | [`Unavailable`](ErrorKind::Unavailable) | yes |
-/// | `DEADLINE_EXCEEDED` | [`Timeout`](ErrorKind::Timeout) | yes |
-/// | `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`, `ALREADY_EXISTS` | [`Rejected`](ErrorKind::Rejected) | no |
-/// | `NOT_FOUND` | [`NotFound`](ErrorKind::NotFound) | no |
-/// | `UNAUTHENTICATED`, `PERMISSION_DENIED` | [`Unauthorized`](ErrorKind::Unauthorized) | no |
-/// | `UNIMPLEMENTED` | [`Unsupported`](ErrorKind::Unsupported) | no |
+/// | status | kind | retryable | effect |
+/// |---|---|---|---|
+/// | `UNAVAILABLE` from a TLS handshake rustls refused (feature `grpc-tls`) | [`Rejected`](ErrorKind::Rejected) | no | `NotApplied` |
+/// | `UNAVAILABLE` from a failed connect (the request was never sent) | [`Connection`](ErrorKind::Connection) | yes | `NotApplied` |
+/// | `RESOURCE_EXHAUSTED`, `ABORTED` (the server refused or rolled it back) | [`Unavailable`](ErrorKind::Unavailable) | yes | `NotApplied` |
+/// | `UNAVAILABLE` otherwise (a server draining, a connection lost mid-call) | [`Unavailable`](ErrorKind::Unavailable) | yes | `Unknown` |
+/// | `CANCELLED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | [`Unavailable`](ErrorKind::Unavailable) | yes | `Unknown` |
+/// | `CANCELLED` from tonic's own request timeout | [`Timeout`](ErrorKind::Timeout) | yes | `Unknown` |
+/// | `DEADLINE_EXCEEDED` | [`Timeout`](ErrorKind::Timeout) | yes | `Unknown` |
+/// | `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`, `ALREADY_EXISTS` | [`Rejected`](ErrorKind::Rejected) | no | `NotApplied` |
+/// | `NOT_FOUND` | [`NotFound`](ErrorKind::NotFound) | no | `NotApplied` |
+/// | `UNAUTHENTICATED`, `PERMISSION_DENIED` | [`Unauthorized`](ErrorKind::Unauthorized) | no | `NotApplied` |
+/// | `UNIMPLEMENTED` | [`Unsupported`](ErrorKind::Unsupported) | no | `NotApplied` |
+///
+/// gRPC says of `UNAVAILABLE` that retrying a call that is not idempotent
+/// is not always safe; only a failed connect proves the server never saw
+/// it.
 ///
 /// ```
 /// use switchboard::ErrorKind;
@@ -91,27 +99,29 @@ pub fn error_from_status(status: Status) -> Error {
         )
         .with_source(status);
     }
-    let kind = match status.code() {
+    use Effect::{NotApplied, Unknown};
+    let (kind, effect) = match status.code() {
         // Tonic reports a failed connect as UNAVAILABLE and its own request
         // timeout as CANCELLED; the cause it keeps says which it was.
-        Code::Unavailable if caused_by::<tonic::ConnectError>(&status) => ErrorKind::Connection,
-        Code::Cancelled if caused_by::<tonic::TimeoutExpired>(&status) => ErrorKind::Timeout,
-        Code::Ok => ErrorKind::Unavailable, // never an error; defensive
-        Code::Unavailable
-        | Code::ResourceExhausted
-        | Code::Aborted
-        | Code::Cancelled
-        | Code::Internal
-        | Code::Unknown
-        | Code::DataLoss => ErrorKind::Unavailable,
-        Code::DeadlineExceeded => ErrorKind::Timeout,
+        Code::Unavailable if caused_by::<tonic::ConnectError>(&status) => {
+            (ErrorKind::Connection, NotApplied)
+        }
+        Code::Cancelled if caused_by::<tonic::TimeoutExpired>(&status) => {
+            (ErrorKind::Timeout, Unknown)
+        }
+        Code::Ok => (ErrorKind::Unavailable, Unknown), // never an error; defensive
+        Code::ResourceExhausted | Code::Aborted => (ErrorKind::Unavailable, NotApplied),
+        Code::Unavailable | Code::Cancelled | Code::Internal | Code::Unknown | Code::DataLoss => {
+            (ErrorKind::Unavailable, Unknown)
+        }
+        Code::DeadlineExceeded => (ErrorKind::Timeout, Unknown),
         Code::InvalidArgument
         | Code::FailedPrecondition
         | Code::OutOfRange
-        | Code::AlreadyExists => ErrorKind::Rejected,
-        Code::NotFound => ErrorKind::NotFound,
-        Code::Unauthenticated | Code::PermissionDenied => ErrorKind::Unauthorized,
-        Code::Unimplemented => ErrorKind::Unsupported,
+        | Code::AlreadyExists => (ErrorKind::Rejected, NotApplied),
+        Code::NotFound => (ErrorKind::NotFound, NotApplied),
+        Code::Unauthenticated | Code::PermissionDenied => (ErrorKind::Unauthorized, NotApplied),
+        Code::Unimplemented => (ErrorKind::Unsupported, NotApplied),
     };
     let pushback = status
         .metadata()
@@ -121,15 +131,17 @@ pub fn error_from_status(status: Status) -> Error {
     let mut error = Error::new(
         kind,
         format!("gRPC {}: {}", code_name(status.code()), status.message()),
-    );
+    )
+    .with_effect(effect);
     if let Some(delay) = pushback {
-        error = error.with_requeue(delay);
+        error = error.with_retry_after(delay);
     }
     error.with_source(status)
 }
 
 /// Maps an [`Error`] into the gRPC status a server answers with; a
-/// [`requeue_after`](Error::requeue_after) delay is sent as
+/// [`requeue_after`](Error::requeue_after) delay (or, passing a peer's hint
+/// on, [`retry_after`](Error::retry_after)) is sent as
 /// `grpc-retry-pushback-ms`.
 ///
 /// ```
@@ -152,7 +164,7 @@ pub fn status_from_error(error: &Error) -> Status {
         ErrorKind::Unsupported => Code::Unimplemented,
     };
     let mut status = Status::new(code, error.message().to_owned());
-    if let Some(delay) = error.requeue_after() {
+    if let Some(delay) = error.requeue_after().or(error.retry_after()) {
         let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         status
             .metadata_mut()
@@ -200,29 +212,31 @@ mod tests {
 
     #[test]
     fn every_status_code_maps_to_the_documented_kind() {
+        use Effect::{NotApplied, Unknown};
         use ErrorKind::*;
         let table = [
-            (Code::Unavailable, Unavailable, true),
-            (Code::DeadlineExceeded, Timeout, true),
-            (Code::ResourceExhausted, Unavailable, true),
-            (Code::Aborted, Unavailable, true),
-            (Code::Cancelled, Unavailable, true),
-            (Code::Internal, Unavailable, true),
-            (Code::Unknown, Unavailable, true),
-            (Code::DataLoss, Unavailable, true),
-            (Code::InvalidArgument, Rejected, false),
-            (Code::FailedPrecondition, Rejected, false),
-            (Code::OutOfRange, Rejected, false),
-            (Code::AlreadyExists, Rejected, false),
-            (Code::NotFound, NotFound, false),
-            (Code::Unauthenticated, Unauthorized, false),
-            (Code::PermissionDenied, Unauthorized, false),
-            (Code::Unimplemented, Unsupported, false),
+            (Code::Unavailable, Unavailable, true, Unknown),
+            (Code::DeadlineExceeded, Timeout, true, Unknown),
+            (Code::ResourceExhausted, Unavailable, true, NotApplied),
+            (Code::Aborted, Unavailable, true, NotApplied),
+            (Code::Cancelled, Unavailable, true, Unknown),
+            (Code::Internal, Unavailable, true, Unknown),
+            (Code::Unknown, Unavailable, true, Unknown),
+            (Code::DataLoss, Unavailable, true, Unknown),
+            (Code::InvalidArgument, Rejected, false, NotApplied),
+            (Code::FailedPrecondition, Rejected, false, NotApplied),
+            (Code::OutOfRange, Rejected, false, NotApplied),
+            (Code::AlreadyExists, Rejected, false, NotApplied),
+            (Code::NotFound, NotFound, false, NotApplied),
+            (Code::Unauthenticated, Unauthorized, false, NotApplied),
+            (Code::PermissionDenied, Unauthorized, false, NotApplied),
+            (Code::Unimplemented, Unsupported, false, NotApplied),
         ];
-        for (code, kind, retryable) in table {
+        for (code, kind, retryable, effect) in table {
             let error = error_from_status(Status::new(code, "why"));
             assert_eq!(error.kind(), kind, "{code:?}");
             assert_eq!(error.is_retryable(), retryable, "{code:?}");
+            assert_eq!(error.effect(), effect, "{code:?}");
             assert_eq!(
                 error.message(),
                 format!("gRPC {}: why", code_name(code)),
@@ -263,10 +277,14 @@ mod tests {
     fn connect_failures_and_client_timeouts_are_told_apart_by_their_cause() {
         let refused = Status::from_error(Box::new(tonic::ConnectError("refused".into())));
         assert_eq!(refused.code(), Code::Unavailable);
-        assert_eq!(error_from_status(refused).kind(), ErrorKind::Connection);
+        let refused = error_from_status(refused);
+        assert_eq!(refused.kind(), ErrorKind::Connection);
+        assert_eq!(refused.effect(), Effect::NotApplied, "never sent");
         let timed_out = Status::from_error(Box::new(tonic::TimeoutExpired(())));
         assert_eq!(timed_out.code(), Code::Cancelled);
-        assert_eq!(error_from_status(timed_out).kind(), ErrorKind::Timeout);
+        let timed_out = error_from_status(timed_out);
+        assert_eq!(timed_out.kind(), ErrorKind::Timeout);
+        assert_eq!(timed_out.effect(), Effect::Unknown);
     }
 
     #[test]
@@ -275,6 +293,8 @@ mod tests {
         let status = status_from_error(&error);
         assert_eq!(status.metadata().get(RETRY_PUSHBACK_MS).unwrap(), "250");
         let back = error_from_status(status);
-        assert_eq!(back.requeue_after(), Some(Duration::from_millis(250)));
+        // The peer's delay is a hint for a retry layer to cap, not a requeue.
+        assert_eq!(back.retry_after(), Some(Duration::from_millis(250)));
+        assert_eq!(back.requeue_after(), None);
     }
 }

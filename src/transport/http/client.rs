@@ -15,14 +15,17 @@ use serde::de::DeserializeOwned;
 use tower::Service;
 
 use super::error_from_response;
-use crate::error::{Error, ErrorKind};
+use crate::error::{Effect, Error, ErrorKind};
 
 /// Sends each request as a JSON body to one URL and decodes the JSON answer,
 /// as a `tower::Service<Req, Response = Resp, Error = Error>`.
 ///
 /// Failures are typed (see the [module table](super#statuses-and-errors)):
 /// a 5xx, a timeout or a refused connection is retryable; a 4xx is not, and
-/// its message is the server's. An answer that is not the expected JSON is
+/// its message is the server's. Each also says whether the request may have
+/// taken effect ([`Effect`](crate::Effect)): only a refused connection and
+/// a 503, 429 or 408 prove it did not, so a retry layer sends a request
+/// that is not idempotent again only after those. An answer that is not the expected JSON is
 /// [`ErrorKind::Decode`]; one over the size limit (default 1 MiB) is
 /// [`ErrorKind::Rejected`].
 ///
@@ -45,6 +48,42 @@ use crate::error::{Error, ErrorKind};
 /// assert!(error.is_retryable());
 /// # Ok::<(), switchboard::Error>(())
 /// # }).unwrap();
+/// ```
+///
+/// Behind the resilience stack it stays `Clone + Send + Sync`, so one
+/// client (one breaker, one retry budget) can sit in axum's state and be
+/// cloned for each request:
+///
+/// ```
+/// use axum::extract::State;
+/// use axum::routing::post;
+/// use axum::Router;
+/// use serde::{Deserialize, Serialize};
+/// use switchboard::middleware::{Client, Resilience};
+/// use switchboard::transport::http::{ErrorResponse, JsonService};
+/// use switchboard::Error;
+/// use tower::ServiceExt;
+///
+/// #[derive(Clone, Serialize, Deserialize)]
+/// struct Quote { symbol: String }
+/// #[derive(Serialize, Deserialize)]
+/// struct Price { cents: u64 }
+///
+/// type Market = Client<JsonService<Quote, Price>>;
+///
+/// async fn price(State(market): State<Market>) -> Result<axum::Json<Price>, ErrorResponse> {
+///     let quote = Quote { symbol: "AAPL".into() };
+///     Ok(axum::Json(market.oneshot(quote).await?))
+/// }
+///
+/// let resilience = Resilience::from_yaml("timeouts:\n  market: 50\n")?;
+/// let market: Market = resilience.client(
+///     "market",
+///     JsonService::post(reqwest::Client::new(), "http://127.0.0.1:9/quote"),
+/// );
+/// let app: Router = Router::new().route("/price", post(price)).with_state(market);
+/// # let _ = app;
+/// # Ok::<(), Error>(())
 /// ```
 pub struct JsonService<Req, Resp> {
     client: reqwest::Client,
@@ -223,16 +262,27 @@ pub(super) fn from_reqwest(error: reqwest::Error) -> Error {
         )
         .with_source(error);
     }
-    let kind = if error.is_timeout() {
-        ErrorKind::Timeout
-    } else if error.is_connect() || error.is_request() || error.is_body() {
-        ErrorKind::Connection
+    // Only a failed connect proves the request was never sent; a timeout or
+    // a connection that broke afterwards may have left it applied.
+    let (kind, effect) = if error.is_connect() {
+        let kind = if error.is_timeout() {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Connection
+        };
+        (kind, Effect::NotApplied)
+    } else if error.is_timeout() {
+        (ErrorKind::Timeout, Effect::Unknown)
+    } else if error.is_request() || error.is_body() {
+        (ErrorKind::Connection, Effect::Unknown)
     } else if error.is_builder() {
-        ErrorKind::Config
+        (ErrorKind::Config, Effect::NotApplied)
     } else {
-        ErrorKind::Unavailable
+        (ErrorKind::Unavailable, Effect::Unknown)
     };
-    Error::new(kind, format!("HTTP: {error}")).with_source(error)
+    Error::new(kind, format!("HTTP: {error}"))
+        .with_effect(effect)
+        .with_source(error)
 }
 
 /// The future of a [`JsonService`] call.

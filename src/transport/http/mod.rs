@@ -15,22 +15,29 @@
 //!
 //! # Statuses and errors
 //!
-//! | status | kind | retryable |
-//! |---|---|---|
-//! | 5xx (but 501, 504) | [`Unavailable`](ErrorKind::Unavailable) | yes |
-//! | 504, 408 | [`Timeout`](ErrorKind::Timeout) | yes |
-//! | 429 | [`Unavailable`](ErrorKind::Unavailable) | yes |
-//! | 401, 403 | [`Unauthorized`](ErrorKind::Unauthorized) | no |
-//! | 404 | [`NotFound`](ErrorKind::NotFound) | no |
-//! | 501 | [`Unsupported`](ErrorKind::Unsupported) | no |
-//! | other 4xx (400, 413, 422, ...) | [`Rejected`](ErrorKind::Rejected) | no |
-//! | no answer: TLS handshake refused (untrusted certificate) | [`Rejected`](ErrorKind::Rejected) | no |
-//! | no answer: connect failure | [`Connection`](ErrorKind::Connection) | yes |
-//! | no answer: timeout | [`Timeout`](ErrorKind::Timeout) | yes |
+//! | status | kind | retryable | [effect](crate::Effect) |
+//! |---|---|---|---|
+//! | 503, 429 | [`Unavailable`](ErrorKind::Unavailable) | yes | `NotApplied` |
+//! | 408 | [`Timeout`](ErrorKind::Timeout) | yes | `NotApplied` |
+//! | other 5xx (500, 502, ...; but 501, 504) | [`Unavailable`](ErrorKind::Unavailable) | yes | `Unknown` |
+//! | 504 | [`Timeout`](ErrorKind::Timeout) | yes | `Unknown` |
+//! | 401, 403 | [`Unauthorized`](ErrorKind::Unauthorized) | no | `NotApplied` |
+//! | 404 | [`NotFound`](ErrorKind::NotFound) | no | `NotApplied` |
+//! | 501 | [`Unsupported`](ErrorKind::Unsupported) | no | `NotApplied` |
+//! | other 4xx (400, 413, 422, ...) | [`Rejected`](ErrorKind::Rejected) | no | `NotApplied` |
+//! | no answer: TLS handshake refused (untrusted certificate) | [`Rejected`](ErrorKind::Rejected) | no | `NotApplied` |
+//! | no answer: connect failure | [`Connection`](ErrorKind::Connection) | yes | `NotApplied` |
+//! | no answer: connect timeout | [`Timeout`](ErrorKind::Timeout) | yes | `NotApplied` |
+//! | no answer: the connection broke after the request was sent, or the body broke | [`Connection`](ErrorKind::Connection) | yes | `Unknown` |
+//! | no answer: timeout | [`Timeout`](ErrorKind::Timeout) | yes | `Unknown` |
 //!
 //! 408 and 429 are the two 4xx codes that say "try again" by definition;
-//! 501 is the 5xx that says "never". A `switchboard-retry-after-ms` or
-//! `Retry-After` (seconds) header becomes [`Error::requeue_after`].
+//! 501 is the 5xx that says "never". 503, 429 and 408 also say the server
+//! did not act on the request, so even a request that is not idempotent
+//! may be sent again; after any other 5xx or a lost answer it may have
+//! taken effect (see [`Effect`]). A
+//! `switchboard-retry-after-ms` or `Retry-After` (seconds) header becomes
+//! [`Error::retry_after`], which the retry layer caps at `max_backoff_ms`.
 //!
 //! # TLS
 //!
@@ -49,7 +56,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, ErrorKind};
+use crate::error::{Effect, Error, ErrorKind};
 use crate::transport::push::RETRY_AFTER_MS;
 
 mod client;
@@ -86,11 +93,23 @@ pub fn error_from_response(status: StatusCode, headers: &HeaderMap, body: &[u8])
     let mut error = Error::new(
         kind,
         format!("HTTP {}: {}", status.as_u16(), message.trim()),
-    );
+    )
+    .with_effect(effect_of_status(status));
     if let Some(delay) = retry_after(headers) {
-        error = error.with_requeue(delay);
+        error = error.with_retry_after(delay);
     }
     error
+}
+
+/// Whether the server may have acted on a request it answered with
+/// `status`: 503, 429, 408 and 501 say it did not; any other 5xx may come
+/// after the work was done.
+fn effect_of_status(status: StatusCode) -> Effect {
+    match status.as_u16() {
+        408 | 429 | 501 | 503 => Effect::NotApplied,
+        500..=599 => Effect::Unknown,
+        _ => Effect::NotApplied,
+    }
 }
 
 fn kind_of_status(status: StatusCode) -> ErrorKind {
@@ -168,7 +187,8 @@ struct ErrorDetail {
 /// Answers an [`Error`] with [`status_from_error`]'s status (or one set
 /// with [`with_status`](Self::with_status)), a JSON body
 /// `{"error":{"kind":"...","message":"..."}}`, and, for an error with
-/// [`requeue_after`](Error::requeue_after), `Retry-After` and
+/// [`requeue_after`](Error::requeue_after) (or, passing a peer's hint on,
+/// [`retry_after`](Error::retry_after)), `Retry-After` and
 /// `switchboard-retry-after-ms`.
 ///
 /// ```
@@ -224,7 +244,7 @@ impl IntoResponse for ErrorResponse {
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let content_type = [(header::CONTENT_TYPE, "application/json")];
         let mut response = (self.status, content_type, json).into_response();
-        if let Some(delay) = self.error.requeue_after() {
+        if let Some(delay) = self.error.requeue_after().or(self.error.retry_after()) {
             let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
             let seconds = millis.div_ceil(1000);
             let headers = response.headers_mut();
@@ -241,30 +261,32 @@ mod tests {
 
     #[test]
     fn every_status_class_maps_to_the_documented_kind() {
+        use Effect::{NotApplied, Unknown};
         use ErrorKind::*;
         let table = [
-            (400, Rejected, false),
-            (401, Unauthorized, false),
-            (403, Unauthorized, false),
-            (404, NotFound, false),
-            (405, Rejected, false),
-            (408, Timeout, true),
-            (409, Rejected, false),
-            (413, Rejected, false),
-            (422, Rejected, false),
-            (429, Unavailable, true),
-            (500, Unavailable, true),
-            (501, Unsupported, false),
-            (502, Unavailable, true),
-            (503, Unavailable, true),
-            (504, Timeout, true),
-            (599, Unavailable, true),
+            (400, Rejected, false, NotApplied),
+            (401, Unauthorized, false, NotApplied),
+            (403, Unauthorized, false, NotApplied),
+            (404, NotFound, false, NotApplied),
+            (405, Rejected, false, NotApplied),
+            (408, Timeout, true, NotApplied),
+            (409, Rejected, false, NotApplied),
+            (413, Rejected, false, NotApplied),
+            (422, Rejected, false, NotApplied),
+            (429, Unavailable, true, NotApplied),
+            (500, Unavailable, true, Unknown),
+            (501, Unsupported, false, NotApplied),
+            (502, Unavailable, true, Unknown),
+            (503, Unavailable, true, NotApplied),
+            (504, Timeout, true, Unknown),
+            (599, Unavailable, true, Unknown),
         ];
-        for (code, kind, retryable) in table {
+        for (code, kind, retryable, effect) in table {
             let status = StatusCode::from_u16(code).unwrap();
             let error = error_from_response(status, &HeaderMap::new(), b"why");
             assert_eq!(error.kind(), kind, "{code}");
             assert_eq!(error.is_retryable(), retryable, "{code}");
+            assert_eq!(error.effect(), effect, "{code}");
             assert_eq!(error.message(), format!("HTTP {code}: why"));
         }
     }
@@ -310,11 +332,13 @@ mod tests {
         );
         let back = error_from_response(StatusCode::SERVICE_UNAVAILABLE, &headers, &body);
         assert_eq!(back.message(), "HTTP 503: nacked");
-        assert_eq!(back.requeue_after(), Some(Duration::from_millis(1500)));
+        // The peer's delay is a hint for a retry layer to cap, not a requeue.
+        assert_eq!(back.retry_after(), Some(Duration::from_millis(1500)));
+        assert_eq!(back.requeue_after(), None);
 
         let mut seconds_only = HeaderMap::new();
         seconds_only.insert(header::RETRY_AFTER, HeaderValue::from(3));
         let back = error_from_response(StatusCode::TOO_MANY_REQUESTS, &seconds_only, b"");
-        assert_eq!(back.requeue_after(), Some(Duration::from_secs(3)));
+        assert_eq!(back.retry_after(), Some(Duration::from_secs(3)));
     }
 }

@@ -42,7 +42,7 @@ impl From<Error> for SendError {
 }
 
 /// Sends one [`PushRequest`] over the wire and maps the answer into an
-/// [`Error`] whose kind says whether to retry (and `requeue_after` how long
+/// [`Error`] whose kind says whether to retry (and `retry_after` how long
 /// to wait, when the receiver said), telling a full receiver's refusal apart.
 #[async_trait]
 pub(crate) trait PushSender: Send + Sync {
@@ -114,8 +114,10 @@ async fn deliver_with_retry<S: PushSender>(
         let Some(backoff) = delays.next() else {
             return Err(error);
         };
-        // A nack's delay is the least we wait; the backoff may ask for more.
-        let wait = backoff.max(error.requeue_after().unwrap_or_default());
+        // A nack's delay is the least we wait, the backoff may ask for more,
+        // and `max_backoff_ms` bounds what a receiver can ask for.
+        let asked = error.retry_after().unwrap_or_default();
+        let wait = backoff.max(asked.min(Duration::from_millis(retry.max_backoff_ms)));
         tracing::debug!(%error, attempt, ?wait, url = %endpoint.url, "push not accepted; trying again");
         tokio::time::sleep(wait).await;
         attempt += 1;
@@ -147,8 +149,9 @@ async fn send_until_taken<S: PushSender>(
             }
         };
         let wait = refusal
-            .requeue_after()
+            .retry_after()
             .unwrap_or(Duration::from_millis(config.retry.backoff_ms))
+            .min(Duration::from_millis(config.retry.max_backoff_ms))
             .max(Duration::from_millis(1));
         if tokio::time::Instant::now() + wait >= deadline {
             return Err(refusal);
@@ -202,13 +205,14 @@ mod tests {
                 backoff_ms: 10,
                 backoff_multiplier: 2.0,
                 max_backoff_ms: 100,
+                ..RetryConfig::default()
             })
     }
 
     #[tokio::test(start_paused = true)]
     async fn retries_what_is_retryable_with_rising_attempts_and_waits_out_a_nack() {
         let sender = scripted(vec![
-            Err(Error::transient("nacked").with_requeue(Duration::from_secs(5))),
+            Err(Error::transient("nacked").with_retry_after(Duration::from_millis(50))),
             Err(Error::new(ErrorKind::Connection, "refused")),
             Ok(()),
         ]);
@@ -219,8 +223,39 @@ mod tests {
         let attempts: Vec<_> = sender.seen.lock().unwrap().iter().map(|s| s.2).collect();
         assert_eq!(attempts, [1, 2, 3]);
         assert_eq!(sender.seen.lock().unwrap()[0].1.as_deref(), Some("g"));
-        // 5 s for the nack (more than the 10 ms backoff) + 20 ms backoff.
-        assert_eq!(started.elapsed(), Duration::from_millis(5_020));
+        // 50 ms for the nack (more than the 10 ms backoff) + 20 ms backoff.
+        assert_eq!(started.elapsed(), Duration::from_millis(70));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receiver_asking_for_a_day_is_waited_for_at_most_max_backoff() {
+        let sender = scripted(vec![
+            Err(Error::transient("nacked").with_retry_after(Duration::from_secs(86_400))),
+            Ok(()),
+        ]);
+        let started = tokio::time::Instant::now();
+        publish(&sender, &config(), "t", &RawMessage::new("x"))
+            .await
+            .expect("second attempt succeeds");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(100),
+            "max_backoff_ms"
+        );
+
+        // A full receiver's hint is capped the same way within an attempt.
+        let sender = scripted(Vec::new());
+        *sender.answers.lock().unwrap() = vec![
+            Err(SendError::Refused(
+                Error::transient("queue full").with_retry_after(Duration::from_secs(86_400)),
+            )),
+            Ok(()),
+        ];
+        let started = tokio::time::Instant::now();
+        publish(&sender, &config(), "t", &RawMessage::new("x"))
+            .await
+            .expect("taken on the second send");
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
     }
 
     #[tokio::test(start_paused = true)]
@@ -242,7 +277,7 @@ mod tests {
 
     fn refused() -> Result<(), SendError> {
         Err(SendError::Refused(
-            Error::transient("queue full").with_requeue(Duration::from_millis(100)),
+            Error::transient("queue full").with_retry_after(Duration::from_millis(100)),
         ))
     }
 

@@ -14,6 +14,10 @@
 //!   backoff_ms: 100
 //!   backoff_multiplier: 2
 //!   max_backoff_ms: 1000
+//!   jitter: true
+//!   budget_percent: 20
+//!   budget_min_per_second: 10
+//!   budget_window_ms: 10000
 //! ```
 //!
 //! The values shown are the defaults. A block, or any key inside one, may be
@@ -118,7 +122,16 @@ impl CircuitBreakerConfig {
 /// The wait before the second attempt is [`backoff`](Self::backoff); each
 /// later wait is the previous one times
 /// [`backoff_multiplier`](Self::backoff_multiplier), never more than
-/// [`max_backoff`](Self::max_backoff).
+/// [`max_backoff`](Self::max_backoff) (with [`jitter`](Self::jitter), up to
+/// twice that). A delay the peer asks for (`Retry-After`, gRPC pushback) is
+/// waited for, but never longer than `max_backoff`.
+///
+/// The retry budget bounds the retries of one stack to
+/// [`budget_percent`](Self::budget_percent) of its calls over the last
+/// [`budget_window_ms`](Self::budget_window_ms), plus
+/// [`budget_min_per_second`](Self::budget_min_per_second): when a
+/// dependency browns out, the retries do not multiply its load by
+/// `max_attempts`.
 ///
 /// The YAML block is `retry:`; see the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -133,18 +146,38 @@ pub struct RetryConfig {
     /// What each wait is multiplied by to get the next. A finite number, at
     /// least 1 (1 keeps the wait constant). YAML may write it as an integer.
     pub backoff_multiplier: f64,
-    /// The longest wait, in milliseconds. At least 1.
+    /// The longest wait, in milliseconds, and the longest a peer's
+    /// `Retry-After` is obeyed. At least 1.
     pub max_backoff_ms: u64,
+    /// Adds a random part of up to the wait again to each wait, so that many
+    /// callers failing at once do not retry in lockstep.
+    pub jitter: bool,
+    /// Retries allowed, as a percentage of the calls made within
+    /// [`budget_window_ms`](Self::budget_window_ms): 20 allows one retry per
+    /// five calls. From 0 to 1000.
+    pub budget_percent: f64,
+    /// Retries allowed per second on top of the percentage, so a caller that
+    /// makes few calls can still retry.
+    pub budget_min_per_second: u32,
+    /// How long a call counts towards the budget, in milliseconds. From
+    /// 1000 to 60000.
+    pub budget_window_ms: u64,
 }
 
 impl Default for RetryConfig {
-    /// Three attempts, waiting 100 ms and then doubling, up to 1 s.
+    /// Three attempts, waiting 100 ms and then doubling, up to 1 s, with
+    /// jitter; retries within 20 % of the last 10 s of calls plus 10 a
+    /// second (tower's `TpsBudget` defaults).
     fn default() -> Self {
         Self {
             max_attempts: 3,
             backoff_ms: 100,
             backoff_multiplier: 2.0,
             max_backoff_ms: 1_000,
+            jitter: true,
+            budget_percent: 20.0,
+            budget_min_per_second: 10,
+            budget_window_ms: 10_000,
         }
     }
 }
@@ -179,8 +212,8 @@ impl RetryConfig {
     ///
     /// An [`ErrorKind::Config`] error naming the key (for example
     /// `retry.max_attempts`) if a count or duration is zero, if
-    /// `backoff_multiplier` is below 1 or not finite, or if `backoff_ms` is
-    /// above `max_backoff_ms`.
+    /// `backoff_multiplier` is below 1 or not finite, if `backoff_ms` is
+    /// above `max_backoff_ms`, or if a budget value is out of its range.
     pub fn validate(&self) -> Result<(), Error> {
         at_least_one("retry.max_attempts", self.max_attempts.into())?;
         at_least_one("retry.backoff_ms", self.backoff_ms)?;
@@ -198,7 +231,32 @@ impl RetryConfig {
                 self.backoff_ms, self.max_backoff_ms
             )));
         }
+        // The ranges tower's `TpsBudget` accepts (it panics outside them).
+        if !(0.0..=1000.0).contains(&self.budget_percent) {
+            return Err(invalid(format!(
+                "retry.budget_percent must be from 0 to 1000, got {}",
+                self.budget_percent
+            )));
+        }
+        if !(1_000..=60_000).contains(&self.budget_window_ms) {
+            return Err(invalid(format!(
+                "retry.budget_window_ms must be from 1000 to 60000, got {}",
+                self.budget_window_ms
+            )));
+        }
+        if self.budget_min_per_second >= i32::MAX as u32 {
+            return Err(invalid(format!(
+                "retry.budget_min_per_second must be below {}, got {}",
+                i32::MAX,
+                self.budget_min_per_second
+            )));
+        }
         Ok(())
+    }
+
+    /// [`budget_window_ms`](Self::budget_window_ms) as a [`Duration`].
+    pub const fn budget_window(&self) -> Duration {
+        Duration::from_millis(self.budget_window_ms)
     }
 
     /// The first wait, [`backoff_ms`](Self::backoff_ms), as a [`Duration`].
@@ -321,284 +379,4 @@ fn invalid(message: String) -> Error {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SPEC_CIRCUIT_BREAKER: &str = "\
-circuit_breaker:
-  failure_threshold: 5
-  timeout_ms: 5000
-  reset_timeout_ms: 30000
-";
-
-    const SPEC_RETRY: &str = "\
-retry:
-  max_attempts: 3
-  backoff_ms: 100
-  backoff_multiplier: 2
-  max_backoff_ms: 1000
-";
-
-    /// Both spec blocks, as one file would hold them.
-    fn spec_yaml() -> String {
-        format!("{SPEC_CIRCUIT_BREAKER}\n{SPEC_RETRY}")
-    }
-
-    #[track_caller]
-    fn assert_config_error(result: Result<impl std::fmt::Debug, Error>, needles: &[&str]) {
-        let error = result.expect_err("configuration should be refused");
-        assert_eq!(error.kind(), ErrorKind::Config, "{error:?}");
-        for needle in needles {
-            assert!(
-                error.message().contains(needle),
-                "message {:?} should contain {needle:?}",
-                error.message()
-            );
-        }
-    }
-
-    fn retry(yaml_body: &str) -> Result<ResilienceConfig, Error> {
-        ResilienceConfig::from_yaml(&format!("retry:\n{yaml_body}"))
-    }
-
-    fn circuit_breaker(yaml_body: &str) -> Result<ResilienceConfig, Error> {
-        ResilienceConfig::from_yaml(&format!("circuit_breaker:\n{yaml_body}"))
-    }
-
-    #[test]
-    fn spec_yaml_gives_the_spec_values_which_are_the_defaults() {
-        let config = ResilienceConfig::from_yaml(&spec_yaml()).unwrap();
-        assert_eq!(
-            config,
-            ResilienceConfig {
-                circuit_breaker: CircuitBreakerConfig {
-                    failure_threshold: 5,
-                    timeout_ms: 5000,
-                    reset_timeout_ms: 30000,
-                },
-                retry: RetryConfig {
-                    max_attempts: 3,
-                    backoff_ms: 100,
-                    backoff_multiplier: 2.0,
-                    max_backoff_ms: 1000,
-                },
-            }
-        );
-        assert_eq!(config, ResilienceConfig::default());
-        assert_eq!(config.circuit_breaker.timeout(), Duration::from_secs(5));
-        assert_eq!(
-            config.circuit_breaker.reset_timeout(),
-            Duration::from_secs(30)
-        );
-        assert_eq!(config.retry.backoff(), Duration::from_millis(100));
-        assert_eq!(config.retry.max_backoff(), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn spec_blocks_parse_on_their_own() {
-        assert_eq!(
-            CircuitBreakerConfig::from_yaml(SPEC_CIRCUIT_BREAKER).unwrap(),
-            CircuitBreakerConfig::default()
-        );
-        assert_eq!(
-            RetryConfig::from_yaml(SPEC_RETRY).unwrap(),
-            RetryConfig::default()
-        );
-        assert_eq!(
-            ResilienceConfig::from_yaml(SPEC_RETRY).unwrap(),
-            ResilienceConfig::default()
-        );
-    }
-
-    #[test]
-    fn a_single_block_parser_refuses_the_other_block() {
-        assert_config_error(RetryConfig::from_yaml(&spec_yaml()), &["circuit_breaker"]);
-        assert_config_error(
-            CircuitBreakerConfig::from_yaml(SPEC_RETRY),
-            &["retry", "line 1"],
-        );
-    }
-
-    #[test]
-    fn a_single_block_parser_validates() {
-        assert_config_error(
-            RetryConfig::from_yaml("retry:\n  max_attempts: 0\n"),
-            &["retry.max_attempts"],
-        );
-        assert_config_error(
-            CircuitBreakerConfig::from_yaml("circuit_breaker:\n  timeout_ms: 0\n"),
-            &["circuit_breaker.timeout_ms"],
-        );
-    }
-
-    #[test]
-    fn one_key_can_be_overridden() {
-        let config = ResilienceConfig::from_yaml("retry:\n  max_attempts: 5\n").unwrap();
-        assert_eq!(
-            config,
-            ResilienceConfig {
-                retry: RetryConfig {
-                    max_attempts: 5,
-                    ..RetryConfig::default()
-                },
-                ..ResilienceConfig::default()
-            }
-        );
-    }
-
-    #[test]
-    fn an_empty_document_gives_the_defaults() {
-        for text in ["", "# nothing to change\n", "retry:\n"] {
-            assert_eq!(
-                ResilienceConfig::from_yaml(text).unwrap(),
-                ResilienceConfig::default(),
-                "{text:?}"
-            );
-        }
-        assert_eq!(RetryConfig::from_yaml("").unwrap(), RetryConfig::default());
-        assert_eq!(
-            CircuitBreakerConfig::from_yaml("").unwrap(),
-            CircuitBreakerConfig::default()
-        );
-    }
-
-    #[test]
-    fn default_round_trips_through_yaml() {
-        let yaml = serde_norway::to_string(&ResilienceConfig::default()).unwrap();
-        assert_eq!(
-            ResilienceConfig::from_yaml(&yaml).unwrap(),
-            ResilienceConfig::default()
-        );
-    }
-
-    #[test]
-    fn unknown_key_inside_a_block_is_refused_with_its_name_and_line() {
-        assert_config_error(
-            retry("  max_attempts: 5\n  max_retries: 2\n"),
-            &["retry", "max_retries", "line 3"],
-        );
-        assert_config_error(
-            circuit_breaker("  treshold: 2\n"),
-            &["circuit_breaker", "treshold", "line 2"],
-        );
-    }
-
-    #[test]
-    fn unknown_top_level_key_is_refused_with_its_name_and_line() {
-        assert_config_error(
-            ResilienceConfig::from_yaml("retries:\n  max_attempts: 5\n"),
-            &["retries", "line 1"],
-        );
-        assert_config_error(
-            ResilienceConfig::from_yaml(&format!("{}bulkhead:\n  limit: 3\n", spec_yaml())),
-            &["bulkhead", "line 11"],
-        );
-    }
-
-    #[test]
-    fn zero_failure_threshold_is_refused() {
-        assert_config_error(
-            circuit_breaker("  failure_threshold: 0\n"),
-            &["circuit_breaker.failure_threshold"],
-        );
-    }
-
-    #[test]
-    fn zero_timeout_is_refused() {
-        assert_config_error(
-            circuit_breaker("  timeout_ms: 0\n"),
-            &["circuit_breaker.timeout_ms"],
-        );
-    }
-
-    #[test]
-    fn zero_reset_timeout_is_refused() {
-        assert_config_error(
-            circuit_breaker("  reset_timeout_ms: 0\n"),
-            &["circuit_breaker.reset_timeout_ms"],
-        );
-    }
-
-    #[test]
-    fn zero_max_attempts_is_refused() {
-        assert_config_error(retry("  max_attempts: 0\n"), &["retry.max_attempts"]);
-    }
-
-    #[test]
-    fn backoff_multiplier_below_one_is_refused() {
-        assert_config_error(
-            retry("  backoff_multiplier: 0.5\n"),
-            &["retry.backoff_multiplier", "0.5"],
-        );
-    }
-
-    #[test]
-    fn backoff_multiplier_of_one_is_accepted() {
-        let config = retry("  backoff_multiplier: 1\n").unwrap();
-        assert_eq!(config.retry.backoff_multiplier, 1.0);
-    }
-
-    #[test]
-    fn non_finite_backoff_multiplier_is_refused() {
-        for value in [".nan", ".inf", "-.inf"] {
-            assert_config_error(
-                retry(&format!("  backoff_multiplier: {value}\n")),
-                &["retry.backoff_multiplier"],
-            );
-        }
-    }
-
-    #[test]
-    fn zero_backoff_is_refused() {
-        assert_config_error(retry("  backoff_ms: 0\n"), &["retry.backoff_ms"]);
-    }
-
-    #[test]
-    fn zero_max_backoff_is_refused() {
-        assert_config_error(retry("  max_backoff_ms: 0\n"), &["retry.max_backoff_ms"]);
-    }
-
-    #[test]
-    fn first_backoff_above_its_cap_is_refused() {
-        assert_config_error(
-            retry("  backoff_ms: 2000\n  max_backoff_ms: 1000\n"),
-            &["retry.backoff_ms", "retry.max_backoff_ms"],
-        );
-        let equal = retry("  backoff_ms: 1000\n  max_backoff_ms: 1000\n").unwrap();
-        assert_eq!(equal.retry.backoff(), equal.retry.max_backoff());
-    }
-
-    #[test]
-    fn text_that_is_not_yaml_is_refused() {
-        assert_config_error(
-            ResilienceConfig::from_yaml("retry:\n\tmax_attempts: 1\n"),
-            &["line 2"],
-        );
-        assert_config_error(ResilienceConfig::from_yaml("retry: [\n"), &["retry"]);
-    }
-
-    #[test]
-    fn a_value_of_the_wrong_type_is_refused() {
-        assert_config_error(
-            retry("  max_attempts: three\n"),
-            &["retry.max_attempts", "three", "line 2"],
-        );
-        assert_config_error(
-            circuit_breaker("  timeout_ms: -1\n"),
-            &["circuit_breaker.timeout_ms", "line 2"],
-        );
-        assert_config_error(
-            ResilienceConfig::from_yaml("retry: 3\n"),
-            &["retry", "line 1"],
-        );
-        assert_config_error(ResilienceConfig::from_yaml("- retry\n"), &["line 1"]);
-    }
-
-    #[test]
-    fn validate_checks_values_built_in_code() {
-        let mut config = ResilienceConfig::default();
-        assert!(config.validate().is_ok());
-        config.retry.max_attempts = 0;
-        assert_config_error(config.validate(), &["retry.max_attempts"]);
-    }
-}
+mod tests;
