@@ -512,6 +512,10 @@ impl Prefetch {
     }
 
     /// How many messages the subscription may hold.
+    #[cfg_attr(
+        not(any(feature = "redis-streams", feature = "amqp")),
+        allow(dead_code)
+    )]
     pub(crate) fn size(&self) -> usize {
         self.size as usize
     }

@@ -6,6 +6,9 @@
 mod consumer_breaker;
 mod idempotent_consumers;
 mod order;
+// Retries over real HTTP and gRPC connections, cut through a FaultProxy.
+#[cfg(all(feature = "http", feature = "grpc", feature = "test-util"))]
+mod retry_safety;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
