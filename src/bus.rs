@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::Service;
 use tracing::Instrument;
@@ -401,7 +401,9 @@ impl EventBus {
             subscription.group().to_owned(),
         );
         let (stop, stopped) = oneshot::channel();
+        let (health, watched) = watch::channel(ConsumerHealth::Running);
         let consume = ConsumeLoop {
+            health,
             subscription,
             transport: self.transport.name(),
             handler,
@@ -416,6 +418,7 @@ impl EventBus {
             group,
             stop: Some(stop),
             task: Some(task),
+            health: watched,
         })
     }
 }
@@ -437,6 +440,38 @@ pub struct ConsumerHandle {
     group: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), Error>>>,
+    health: watch::Receiver<ConsumerHealth>,
+}
+
+/// Where a consumer stands, as [`ConsumerHandle::health`] reports it.
+///
+/// ```
+/// use switchboard::ConsumerHealth;
+///
+/// assert_eq!(ConsumerHealth::Paused.to_string(), "paused");
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConsumerHealth {
+    /// Pulling and handling messages.
+    Running,
+    /// Not pulling: the handler is not ready (a circuit breaker in the
+    /// handler's stack is open and waits). Nothing is dead-lettered
+    /// meanwhile; messages stay with the broker.
+    Paused,
+    /// The consume loop has ended: shut down, aborted, the subscription
+    /// closed, or the handler failed for good.
+    Stopped,
+}
+
+impl fmt::Display for ConsumerHealth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopped => "stopped",
+        })
+    }
 }
 
 impl ConsumerHandle {
@@ -448,6 +483,22 @@ impl ConsumerHandle {
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
+    }
+
+    /// Where the consumer stands right now: running, paused (its handler is
+    /// not ready, such as an open breaker), or stopped.
+    pub fn health(&self) -> ConsumerHealth {
+        // The loop drops its sender when it ends, however it ends.
+        if self.health.has_changed().is_err() {
+            return ConsumerHealth::Stopped;
+        }
+        *self.health.borrow()
+    }
+
+    /// The consumer's health as a watch, to follow its changes
+    /// (`changed()` fails once the consume loop has ended).
+    pub fn watch_health(&self) -> watch::Receiver<ConsumerHealth> {
+        self.health.clone()
     }
 
     /// Whether the consume loop has ended (shut down, or the transport
@@ -508,6 +559,7 @@ impl fmt::Debug for ConsumerHandle {
 type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 struct ConsumeLoop<E, H> {
+    health: watch::Sender<ConsumerHealth>,
     subscription: Subscription,
     transport: &'static str,
     handler: H,
@@ -534,7 +586,18 @@ where
                 biased;
                 _ = &mut stopped => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                readiness = poll_fn(|cx| self.handler.poll_ready(cx)), if room && !ready => {
+                readiness = poll_fn(|cx| {
+                    let polled = self.handler.poll_ready(cx);
+                    let now = if polled.is_pending() {
+                        ConsumerHealth::Paused
+                    } else {
+                        ConsumerHealth::Running
+                    };
+                    self.health.send_if_modified(|health| {
+                        std::mem::replace(health, now) != now
+                    });
+                    polled
+                }), if room && !ready => {
                     match readiness {
                         Ok(()) => ready = true,
                         Err(error) => {
@@ -560,6 +623,7 @@ where
                 },
             }
         }
+        self.health.send_replace(ConsumerHealth::Stopped);
         while in_flight.next().await.is_some() {}
         let drained = self.subscription.shutdown().await;
         outcome.and(drained)

@@ -112,7 +112,7 @@ pub mod transport;
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-pub use bus::{ConsumerHandle, EventBus, Message, handler_fn};
+pub use bus::{ConsumerHandle, ConsumerHealth, EventBus, Message, handler_fn};
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
 pub use envelope::{Event, EventEnvelope, Headers};
 pub use error::{BoxError, Effect, Error, ErrorKind};

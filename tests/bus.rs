@@ -524,3 +524,31 @@ mod spans {
         assert_eq!(consume["attempt"], "1");
     }
 }
+
+#[tokio::test]
+async fn a_consumer_says_when_it_has_stopped() {
+    let (bus, _transport) = bus();
+    let handler = handler_fn(|_: Message<Ping>| async { Ok::<_, Error>(()) });
+    let consumer = bus
+        .subscribe::<Ping, _>(SubscribeOptions::new("g"), handler)
+        .await
+        .unwrap();
+    let mut health = consumer.watch_health();
+    assert_eq!(consumer.health(), switchboard::ConsumerHealth::Running);
+    let aborted = bus
+        .subscribe::<Ping, _>(
+            SubscribeOptions::new("g"),
+            handler_fn(|_: Message<Ping>| async { Ok::<_, Error>(()) }),
+        )
+        .await
+        .unwrap();
+    let mut aborted_health = aborted.watch_health();
+    aborted.abort();
+    // The loop's end closes the watch, however it ends.
+    while aborted_health.changed().await.is_ok() {}
+    consumer.shutdown().await.unwrap();
+    assert_eq!(
+        *health.borrow_and_update(),
+        switchboard::ConsumerHealth::Stopped
+    );
+}

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use switchboard::middleware::Resilience;
 use switchboard::middleware::circuit_breaker::{BreakerState, CircuitBreakerLayer};
-use switchboard::{Error, Event, EventBus, Message, SubscribeOptions, Transport, handler_fn};
+use switchboard::{
+    ConsumerHealth, Error, Event, EventBus, Message, SubscribeOptions, Transport, handler_fn,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -60,7 +62,7 @@ struct Outage {
     handled: mpsc::UnboundedReceiver<Call>,
     alerts: mpsc::UnboundedReceiver<switchboard::middleware::dead_letter::DeadLetterFacts>,
     transport: switchboard::MemoryTransport,
-    _consumer: switchboard::ConsumerHandle,
+    consumer: switchboard::ConsumerHandle,
 }
 
 impl Outage {
@@ -122,7 +124,7 @@ impl Outage {
             handled: handled_rx,
             alerts: alert_rx,
             transport,
-            _consumer: consumer,
+            consumer,
         }
     }
 
@@ -191,6 +193,13 @@ async fn outage(ledger: Ledger, idempotent: bool, attempts: usize) {
     assert_eq!(tried, expected, "calls before the breaker opened");
 
     outage.publish(4..=53).await;
+    // Not pulling, and saying so.
+    outage
+        .consumer
+        .watch_health()
+        .wait_for(|health| *health == ConsumerHealth::Paused)
+        .await
+        .expect("the consumer is running");
 
     // The first trial call, at the reset timeout: message 3, failing again.
     let mut probe = Vec::new();
@@ -208,6 +217,7 @@ async fn outage(ledger: Ledger, idempotent: bool, attempts: usize) {
         handled.entry(call.order_id).or_default().push(call);
     }
     assert_eq!(outage.breaker.state(), BreakerState::Closed);
+    assert_eq!(outage.consumer.health(), ConsumerHealth::Running);
     let mut ids: Vec<u64> = handled.keys().copied().collect();
     ids.sort_unstable();
     assert_eq!(ids, (3..=53).collect::<Vec<_>>());
