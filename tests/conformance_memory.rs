@@ -47,3 +47,37 @@ async fn a_topic_without_groups_keeps_messages_for_the_first_group_up_to_a_limit
         .await
         .expect("a group exists now");
 }
+
+/// A group's queue holds at most `QUEUE_LIMIT` messages: past it a publish
+/// is refused as retryable (the consumers are behind), and taking one
+/// message makes room again.
+#[tokio::test]
+async fn a_full_group_queue_refuses_a_publish_until_there_is_room() {
+    use switchboard::{ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, Topology};
+
+    let transport = MemoryTransport::new();
+    transport
+        .declare(&Topology::new().with_groups("busy.topic", ["slow"]))
+        .await
+        .unwrap();
+    let batch: Vec<RawMessage> = (0..MemoryTransport::QUEUE_LIMIT)
+        .map(|n| RawMessage::new(n.to_string()))
+        .collect();
+    transport.publish_batch("busy.topic", batch).await.unwrap();
+    let error = transport
+        .publish("busy.topic", RawMessage::new("one too many"))
+        .await
+        .expect_err("the queue is full");
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    assert!(error.is_retryable());
+    let mut slow = transport
+        .subscribe("busy.topic", SubscribeOptions::new("slow").with_prefetch(1))
+        .await
+        .unwrap();
+    let first = slow.recv().await.unwrap();
+    first.ack().await.map_err(|(error, _)| error).unwrap();
+    transport
+        .publish("busy.topic", RawMessage::new("room again"))
+        .await
+        .expect("one message taken makes room");
+}

@@ -22,18 +22,20 @@
 //! is handed out again by the same subscription when the delay is over, so
 //! a consumer whose dependency is down holds `prefetch` messages instead of
 //! walking the backlog; it goes back to its group's queue when the
-//! subscription stops. [`MemoryTransport::depth`] is a group's queue depth, also sampled
+//! subscription stops. A group's queue holds at most
+//! [`MemoryTransport::QUEUE_LIMIT`] messages; past that a publish is refused
+//! as retryable. [`MemoryTransport::depth`] is a group's queue depth, also sampled
 //! into the `switchboard_consumer_lag` gauge.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::delay::DelayQueue;
@@ -90,14 +92,14 @@ struct Topic {
     dead_letters: Mutex<VecDeque<DeadLettered>>,
 }
 
-/// One group's queue. Its members take turns on the receiver, so each
-/// message goes to exactly one of them.
+/// One group's queue: what the broker holds for the group. Its members
+/// take turns popping, so each message goes to exactly one of them. It
+/// holds at most [`MemoryTransport::QUEUE_LIMIT`] published messages.
 struct GroupQueue {
     name: Arc<str>,
-    sender: mpsc::UnboundedSender<Entry>,
-    receiver: tokio::sync::Mutex<mpsc::UnboundedReceiver<Entry>>,
-    /// Messages in the queue (not handed out).
-    depth: AtomicUsize,
+    entries: Mutex<VecDeque<Entry>>,
+    /// Woken on every push; a waiting member looks again.
+    arrived: Notify,
 }
 
 struct Entry {
@@ -113,6 +115,12 @@ impl MemoryTransport {
     /// The most messages a topic with no group keeps for the first group
     /// it gets (see the module docs).
     pub const UNROUTED_LIMIT: usize = 10_000;
+
+    /// The most published messages a group's queue holds; a publish that
+    /// finds one of the topic's groups full is refused with the retryable
+    /// [`ErrorKind::Unavailable`] (its consumers are behind), as a broker
+    /// at its length limit refuses one.
+    pub const QUEUE_LIMIT: usize = 100_000;
 
     /// An empty transport.
     pub fn new() -> Self {
@@ -161,7 +169,7 @@ impl MemoryTransport {
     pub fn depth(&self, topic: &str, group: &str) -> usize {
         self.topic(topic)
             .and_then(|topic| read(&topic.groups).get(group).cloned())
-            .map_or(0, |queue| queue.depth.load(Ordering::Relaxed))
+            .map_or(0, |queue| queue.depth())
     }
 
     /// Hands `messages` to every group of `topic`, or keeps them for the
@@ -187,6 +195,21 @@ impl MemoryTransport {
                 unrouted.push_back(Entry::new(self.next_id(), message));
             }
             return Ok(());
+        }
+        if let Some(full) = groups
+            .values()
+            .find(|queue| queue.depth() + messages.len() > Self::QUEUE_LIMIT)
+        {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "memory: group {:?} of topic {:?} already holds {} messages; \
+                     its consumers are behind",
+                    full.name,
+                    topic.name,
+                    full.depth()
+                ),
+            ));
         }
         for message in messages {
             let id = self.next_id();
@@ -230,12 +253,10 @@ impl Topic {
         let queue = groups
             .entry(name.into())
             .or_insert_with(|| {
-                let (sender, receiver) = mpsc::unbounded_channel();
                 Arc::new(GroupQueue {
                     name: name.into(),
-                    sender,
-                    receiver: tokio::sync::Mutex::new(receiver),
-                    depth: AtomicUsize::new(0),
+                    entries: Mutex::default(),
+                    arrived: Notify::new(),
                 })
             })
             .clone();
@@ -249,16 +270,32 @@ impl Topic {
 }
 
 impl GroupQueue {
+    /// Puts a message back or in (a nack, a hand-back, a redrive, a
+    /// publish already checked against the limit).
     fn push(&self, entry: Entry) {
-        self.depth.fetch_add(1, Ordering::Relaxed);
-        // The queue holds its own sender, so the channel is never closed.
-        let _ = self.sender.send(entry);
+        lock(&self.entries).push_back(entry);
+        // Every waiter looks again: a waiter cancelled after being woken
+        // then cannot swallow the wake-up another one needed.
+        self.arrived.notify_waiters();
     }
 
-    async fn pop(&self) -> Option<Entry> {
-        let entry = self.receiver.lock().await.recv().await?;
-        self.depth.fetch_sub(1, Ordering::Relaxed);
-        Some(entry)
+    fn depth(&self) -> usize {
+        lock(&self.entries).len()
+    }
+
+    /// The next message. Cancel-safe: a message is taken out only when
+    /// this returns it.
+    async fn pop(&self) -> Entry {
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            // Registered before looking, so a push in between still wakes us.
+            arrived.as_mut().enable();
+            if let Some(entry) = lock(&self.entries).pop_front() {
+                return entry;
+            }
+            arrived.await;
+        }
     }
 }
 
@@ -416,7 +453,7 @@ impl Consumer {
             due = self.delays.next_due() => (due.entry, due.permit),
             taken = async {
                 let permit = self.permits.clone().acquire_owned().await.ok()?;
-                let entry = self.queue.pop().await?;
+                let entry = self.queue.pop().await;
                 Some((entry, permit))
             } => taken?,
         };
@@ -451,7 +488,7 @@ impl Consumer {
             return;
         }
         *sampled = Some(Instant::now());
-        let depth = self.queue.depth.load(Ordering::Relaxed) as u64;
+        let depth = self.queue.depth() as u64;
         metrics::consumer_lag(
             NAME,
             self.topic.name.clone(),
