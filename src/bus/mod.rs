@@ -1,0 +1,332 @@
+//! The typed layer: [`EventBus`] publishes payloads as envelopes and runs a
+//! consume loop that hands typed [`Message`]s to a tower `Service`.
+//!
+//! # The consume loop
+//!
+//! The loop owns each [`Delivery`]; the handler never settles it. For each
+//! delivery, in order:
+//!
+//! 1. with [`SubscribeOptions::max_deliveries`] set, a delivery the
+//!    transport has handed out more often than that without an outcome (its
+//!    consumer crashed, lost its connection or dropped it) goes to the
+//!    dead-letter queue with reason "delivered N times without an outcome"
+//!    before any handler runs — the poison guard;
+//! 2. bytes that do not decode into `EventEnvelope<E>` (including another
+//!    major version) go to the dead-letter queue at once — the handler never
+//!    sees them;
+//! 3. the handler's `Ok` acks;
+//! 4. an error carrying [`Error::requeue_after`] (an open breaker, a
+//!    duplicate still in progress) nacks with that delay;
+//! 5. any other error — what is left after the handler's own retry layer gave
+//!    up — dead-letters with reason, attempts and the last error, and a
+//!    panic counts as such an error.
+//!
+//! A poison message therefore never blocks the ones behind it. The loop asks
+//! the handler's `poll_ready` before pulling each message, so a handler that
+//! is not ready (a breaker that is open) stops the pulling instead of letting
+//! messages pile up. At most `concurrency` handlers run at once, inside the
+//! subscription's own task (no task per message); a handler that needs a core
+//! of its own can spawn. `concurrency = 1` handles messages in order.
+//! A transport that cannot nack or dead-letter gets the message acked and the
+//! failure logged, so it cannot loop forever.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+use tower::Service;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::codec::Codec;
+use crate::envelope::{Event, EventEnvelope};
+use crate::error::Error;
+use crate::observe::metrics;
+use crate::topology::Topology;
+use crate::transport::{DeadLetterQueue, RawMessage, SubscribeOptions, Transport, header};
+
+mod consume;
+mod handle;
+mod message;
+
+use consume::ConsumeLoop;
+pub use handle::{ConsumerHandle, ConsumerHealth};
+pub use message::Message;
+
+/// Adapts an async function into a handler: re-export of
+/// [`tower::service_fn`].
+pub use tower::service_fn as handler_fn;
+
+/// Typed publishing and consuming over any [`Transport`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use serde::{Deserialize, Serialize};
+/// use switchboard::{handler_fn, Event, EventBus, Message, MemoryTransport, SubscribeOptions};
+/// use tokio::sync::mpsc;
+///
+/// #[derive(Debug, Clone, Serialize, Deserialize)]
+/// struct UserRegistered { user_id: String }
+/// impl Event for UserRegistered {
+///     const TYPE: &'static str = "user.registered";
+///     const VERSION: &'static str = "1.0";
+/// }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let bus = EventBus::new(Arc::new(MemoryTransport::new()), "auth-service");
+/// let (seen, mut rx) = mpsc::unbounded_channel();
+/// let consumer = bus
+///     .subscribe::<UserRegistered, _>(
+///         SubscribeOptions::new("game"),
+///         handler_fn(move |message: Message<UserRegistered>| {
+///             let seen = seen.clone();
+///             async move {
+///                 seen.send(message.payload().user_id.clone()).ok();
+///                 Ok::<_, switchboard::Error>(())
+///             }
+///         }),
+///     )
+///     .await?;
+///
+/// bus.publish(UserRegistered { user_id: "42".into() }).await?;
+/// assert_eq!(rx.recv().await.as_deref(), Some("42"));
+/// consumer.shutdown().await?;
+/// # Ok::<(), switchboard::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct EventBus {
+    transport: Arc<dyn Transport>,
+    source: Arc<str>,
+    codec: Codec,
+    namespace: Option<Arc<str>>,
+}
+
+impl EventBus {
+    /// A bus over `transport` that stamps `source` (such as
+    /// `"trading-service"`) on every envelope it publishes.
+    pub fn new(transport: Arc<dyn Transport>, source: impl Into<String>) -> Self {
+        Self {
+            transport,
+            source: source.into().into(),
+            codec: Codec::default(),
+            namespace: None,
+        }
+    }
+
+    /// Puts every topic of this bus under `namespace`: events of type
+    /// `trade.executed` travel on `<namespace>.trade.executed`. Lets several
+    /// environments (or test runs) share one broker without seeing each
+    /// other's events. Publishers and consumers must use the same namespace.
+    pub fn with_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into().into());
+        self
+    }
+
+    /// The topic events of type `E` travel on.
+    pub fn topic_of<E: Event>(&self) -> std::borrow::Cow<'static, str> {
+        match &self.namespace {
+            None => std::borrow::Cow::Borrowed(E::TYPE),
+            Some(namespace) => std::borrow::Cow::Owned(format!("{namespace}.{}", E::TYPE)),
+        }
+    }
+
+    /// Replaces the codec (to change the size limit).
+    pub fn with_codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// The transport underneath.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// The codec in use.
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// Creates every group and queue `topology` names (under the bus's
+    /// namespace, if any); call at start-up.
+    pub async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        match &self.namespace {
+            None => self.transport.declare(topology).await,
+            Some(namespace) => {
+                let namespaced = topology.namespaced(namespace);
+                self.transport.declare(&namespaced).await
+            }
+        }
+    }
+
+    /// The transport's dead-letter queue.
+    pub fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
+        self.transport.dead_letters()
+    }
+
+    /// Publishes `payload` to the topic of [`E::TYPE`](Event::TYPE) in a fresh
+    /// envelope; returns its `event_id` once the transport accepted it.
+    pub async fn publish<E: Event>(&self, payload: E) -> Result<Uuid, Error> {
+        let envelope = EventEnvelope::new(&*self.source, payload);
+        self.publish_envelope(&envelope).await?;
+        Ok(envelope.event_id())
+    }
+
+    /// Publishes an envelope built by the caller (to carry headers or keep
+    /// an id).
+    pub async fn publish_envelope<E: Event>(
+        &self,
+        envelope: &EventEnvelope<E>,
+    ) -> Result<(), Error> {
+        let topic = self.topic_of::<E>();
+        let span = tracing::info_span!(
+            "publish",
+            event_id = %envelope.event_id(),
+            event_type = E::TYPE,
+            topic = &*topic,
+            transport = self.transport.name(),
+        );
+        let started = std::time::Instant::now();
+        let result = async {
+            let message = self.traced_message(envelope)?;
+            self.transport.publish(&topic, message).await
+        }
+        .instrument(span)
+        .await;
+        metrics::published(
+            self.transport.name(),
+            topic,
+            result.is_ok(),
+            started.elapsed(),
+        );
+        result
+    }
+
+    /// Publishes several payloads in as few round trips as the transport
+    /// allows; returns their ids in order.
+    pub async fn publish_batch<E: Event>(
+        &self,
+        payloads: impl IntoIterator<Item = E>,
+    ) -> Result<Vec<Uuid>, Error> {
+        let topic = self.topic_of::<E>();
+        let span = tracing::info_span!(
+            "publish_batch",
+            event_type = E::TYPE,
+            topic = &*topic,
+            count = tracing::field::Empty,
+            transport = self.transport.name(),
+        );
+        let mut ids = Vec::new();
+        let mut messages = Vec::new();
+        span.in_scope(|| {
+            for payload in payloads {
+                let envelope = EventEnvelope::new(&*self.source, payload);
+                ids.push(envelope.event_id());
+                messages.push(self.traced_message(&envelope)?);
+            }
+            Ok::<_, Error>(())
+        })?;
+        span.record("count", ids.len());
+        let started = std::time::Instant::now();
+        let result = self
+            .transport
+            .publish_batch(&topic, messages)
+            .instrument(span)
+            .await;
+        metrics::published(
+            self.transport.name(),
+            topic,
+            result.is_ok(),
+            started.elapsed(),
+        );
+        result.map(|()| ids)
+    }
+
+    fn raw_message<T: serde::Serialize>(
+        &self,
+        envelope: &EventEnvelope<T>,
+        event_type: &'static str,
+    ) -> Result<RawMessage, Error> {
+        Ok(RawMessage::new(self.codec.encode(envelope)?)
+            .with_header(header::EVENT_ID, envelope.event_id().to_string())
+            .with_header(header::EVENT_TYPE, event_type))
+    }
+
+    /// Encodes `envelope`, with the current span's trace context added to
+    /// its headers when feature `otel` is on (see [`crate::observe::trace`]).
+    fn traced_message<E: Event>(&self, envelope: &EventEnvelope<E>) -> Result<RawMessage, Error> {
+        #[cfg(feature = "otel")]
+        if let Some(headers) = crate::observe::trace::with_current(envelope.headers()) {
+            // A view that borrows the payload: the caller keeps its envelope.
+            let traced = EventEnvelope::from_parts(
+                envelope.event_id(),
+                std::borrow::Cow::Borrowed(E::TYPE),
+                envelope.timestamp(),
+                envelope.source().to_owned(),
+                std::borrow::Cow::Owned(envelope.version().to_owned()),
+                envelope.payload(),
+                headers,
+            );
+            return self.raw_message(&traced, E::TYPE);
+        }
+        self.raw_message(envelope, E::TYPE)
+    }
+
+    /// Subscribes `handler` to events of type `E` (topic
+    /// [`E::TYPE`](Event::TYPE)) and runs the consume loop in a task.
+    ///
+    /// Returns once the subscription is live. Dropping the returned handle
+    /// stops the consumer; [`ConsumerHandle::shutdown`] also waits for the
+    /// handlers in flight.
+    pub async fn subscribe<E, H>(
+        &self,
+        options: SubscribeOptions,
+        handler: H,
+    ) -> Result<ConsumerHandle, Error>
+    where
+        E: Event,
+        H: Service<Message<E>, Response = ()> + Send + 'static,
+        H::Error: Into<Error>,
+        H::Future: Send + 'static,
+    {
+        let (concurrency, max_deliveries) = (options.concurrency, options.max_deliveries);
+        let subscription = self
+            .transport
+            .subscribe(&self.topic_of::<E>(), options)
+            .await?;
+        let (topic, group) = (
+            subscription.topic().to_owned(),
+            subscription.group().to_owned(),
+        );
+        let (stop, stopped) = oneshot::channel();
+        let (health, watched) = watch::channel(ConsumerHealth::Running);
+        let consume = ConsumeLoop {
+            health,
+            subscription,
+            transport: self.transport.name(),
+            handler,
+            codec: self.codec,
+            concurrency,
+            max_deliveries,
+            _event: std::marker::PhantomData::<fn() -> E>,
+        };
+        let task = tokio::spawn(consume.run(stopped));
+        Ok(ConsumerHandle {
+            topic,
+            group,
+            stop: Some(stop),
+            task: Some(task),
+            health: watched,
+        })
+    }
+}
+
+impl fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBus")
+            .field("transport", &self.transport.name())
+            .field("source", &self.source)
+            .field("codec", &self.codec)
+            .finish()
+    }
+}
