@@ -1,4 +1,4 @@
-//! An operator's dead-letter CLI over [`DeadLetterAdmin`] (SPEC §6.3's
+//! An operator's dead-letter CLI over [`DeadLetterAdmin`] (strategy §6.3's
 //! manual retry) — list, inspect, redrive one, redrive all — against the
 //! memory, Redis Streams or RabbitMQ dead-letter queues:
 //!

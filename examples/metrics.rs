@@ -9,7 +9,7 @@
 //! installed before the bus is built, renders the scrape text a
 //! `/metrics` endpoint would serve. Trading publishes trades, Game consumes
 //! them (one is poison and is dead-lettered), a Market client is measured
-//! against its SPEC §3 budget, and the budget check runs once.
+//! against its strategy §3 budget, and the budget check runs once.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -38,7 +38,7 @@ async fn main() -> Result<(), Error> {
     let game = EventBus::new(transport.clone(), "game-service");
     let market = EventBus::new(transport.clone(), "market-service");
 
-    // SPEC §5.2: trade.executed goes to Game and Market. Declared first, so
+    // strategy §5.2: trade.executed goes to Game and Market. Declared first, so
     // nothing published before a consumer starts is lost.
     let topology = Topology::new().with_event::<TradeExecuted, _>(["game", "market"]);
     trading.declare(&topology).await?;

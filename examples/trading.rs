@@ -1,4 +1,4 @@
-//! Start here: the SPEC's four services running a scripted session.
+//! Start here: the strategy's four services running a scripted session.
 //!
 //! ```text
 //! cargo run --example trading                 # no broker needed
@@ -14,7 +14,7 @@
 //! name brokers. A user registers, logs in and places orders; Trading asks
 //! Market for each price over gRPC and publishes order.created and
 //! trade.executed; Game applies the trades to the user's holdings; the
-//! settlement jobs go through the task queue. At the end, each SPEC §3
+//! settlement jobs go through the task queue. At the end, each strategy §3
 //! path's P50 / P99 beside its target.
 
 #[path = "common/mod.rs"]

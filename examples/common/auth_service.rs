@@ -1,7 +1,7 @@
 //! Auth: registers users, publishes `user.registered`, issues tokens signed
 //! with its own Ed25519 private key, and answers user lookups over gRPC.
 //!
-//! SPEC §2 row and column: nobody calls Auth synchronously except Game's
+//! strategy §2 row and column: nobody calls Auth synchronously except Game's
 //! user lookup (📞 Game → Auth); everyone else trusts its tokens by checking
 //! the signature locally with the public key (✉ Auth → Game), so Auth being
 //! down stops new logins but not existing sessions (§4.2).

@@ -1,7 +1,7 @@
 //! Where events travel: the in-memory bus by default, Redis and RabbitMQ
 //! when their URLs are given.
 //!
-//! SPEC §1.2 gives each kind of asynchronous message its own broker: event
+//! strategy §1.2 gives each kind of asynchronous message its own broker: event
 //! notification on Redis Streams, the task queue on RabbitMQ, broadcast on
 //! Redis Pub/Sub. The services only ever see an `EventBus` for each kind,
 //! so the same code runs on three `MemoryTransport`s in one process (no
@@ -22,7 +22,7 @@ use super::domain;
 /// a message saying what to check.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The three transports of SPEC §1.2 and the namespace all topics live in.
+/// The three transports of strategy §1.2 and the namespace all topics live in.
 #[derive(Clone)]
 pub struct Brokers {
     /// Event notification (Redis Streams, or memory).
@@ -118,7 +118,7 @@ impl Brokers {
         self.bus(&self.tasks, source)
     }
 
-    /// Declares the SPEC §5.2 catalogue, the task queue and the broadcast
+    /// Declares the strategy §5.2 catalogue, the task queue and the broadcast
     /// channel. Every service calls it at start-up: it is idempotent.
     pub async fn declare(&self) -> Result<(), Error> {
         self.events("declare")

@@ -1,4 +1,4 @@
-//! The four services' shared language: the SPEC §5.2 events, the settlement
+//! The four services' shared language: the strategy §5.2 events, the settlement
 //! job, and the topology declared from the catalogue at start-up.
 //!
 //! Prices and quantities are `rust_decimal::Decimal`, never `f64`: 0.1 + 0.2
@@ -59,7 +59,7 @@ impl Event for OrderCreated {
     const VERSION: &'static str = "1.0";
 }
 
-/// `trade.executed`: Trading → Game, Market. The SPEC §5.1 payload plus the
+/// `trade.executed`: Trading → Game, Market. The strategy §5.1 payload plus the
 /// side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TradeExecuted {
@@ -89,7 +89,7 @@ impl Event for PriceUpdated {
     const VERSION: &'static str = "1.0";
 }
 
-/// `holding.changed`: Game → nobody yet (SPEC §5.2 lists no subscriber; it
+/// `holding.changed`: Game → nobody yet (strategy §5.2 lists no subscriber; it
 /// is there for whoever needs it next).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HoldingChanged {
@@ -106,7 +106,7 @@ impl Event for HoldingChanged {
     const VERSION: &'static str = "1.0";
 }
 
-/// `price.tick`: Market's live broadcast on Redis Pub/Sub (SPEC §1.2,
+/// `price.tick`: Market's live broadcast on Redis Pub/Sub (strategy §1.2,
 /// "broadcast messages"). At most once: a listener that is away misses ticks,
 /// which is fine for a live ticker and why it is not in the event catalogue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,7 +120,7 @@ impl Event for PriceTick {
     const VERSION: &'static str = "1.0";
 }
 
-/// `settlement.requested`: a job on the RabbitMQ task queue (SPEC §1.2,
+/// `settlement.requested`: a job on the RabbitMQ task queue (strategy §1.2,
 /// "task queue"): persistent, acknowledged, done exactly by one worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SettlementRequested {
@@ -148,7 +148,7 @@ pub mod groups {
     pub const TICKER: &str = "ticker";
 }
 
-/// SPEC §5.2, the event catalogue, as the topology every service declares at
+/// strategy §5.2, the event catalogue, as the topology every service declares at
 /// start-up (declaring is idempotent, so whichever starts first creates the
 /// groups and nothing published before a consumer starts is lost).
 pub fn event_topology() -> Topology {

@@ -4,7 +4,7 @@
 //! holdings with Market's HTTP price API, downloads price history from
 //! Market's HTTP/2 file stream, and checks Auth's tokens locally.
 //!
-//! SPEC §2: 📞 Game → Auth (gRPC), 📞 Game → Market (HTTP), ✉ Auth → Game
+//! strategy §2: 📞 Game → Auth (gRPC), 📞 Game → Market (HTTP), ✉ Auth → Game
 //! (token verification, no call). §5.2: consumes user.registered,
 //! trade.executed and price.updated; publishes holding.changed.
 //!
@@ -44,7 +44,7 @@ use super::market_service::{Quote, QuoteRequest};
 use super::net::{Latencies, PathStats, Server, bind, shut_down, stop_all};
 use super::proto::auth as pb;
 
-/// SPEC §3's names for the paths Game times.
+/// strategy §3's names for the paths Game times.
 pub const PATH_TRADING_GAME: &str = "Trading → Game (Redis)";
 pub const PATH_GAME_MARKET: &str = "Game → Market (HTTP)";
 
@@ -56,7 +56,7 @@ pub struct Position {
     /// Market's price; `None` when Market is down and no price was ever
     /// seen.
     pub price: Option<Decimal>,
-    /// The price is an old one served while Market is down (SPEC §4.2).
+    /// The price is an old one served while Market is down (strategy §4.2).
     pub price_delayed: bool,
     /// How old a delayed price is.
     pub price_age_ms: Option<u64>,
@@ -71,7 +71,7 @@ pub struct Portfolio {
     pub trades_applied: u64,
     pub positions: Vec<Position>,
     /// Set by a gateway serving its last snapshot while Game is down
-    /// (SPEC §4.2, "return basic data"); Game itself never sets it.
+    /// (strategy §4.2, "return basic data"); Game itself never sets it.
     #[serde(default)]
     pub basic: bool,
 }

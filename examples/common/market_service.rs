@@ -3,7 +3,7 @@
 //! on Redis Streams and broadcasts `price.tick` on Redis Pub/Sub, and serves
 //! each symbol's price history as a file streamed over HTTP/2.
 //!
-//! SPEC §2: a callee only (📞 Trading → Market, 📞 Game → Market); it calls
+//! strategy §2: a callee only (📞 Trading → Market, 📞 Game → Market); it calls
 //! nobody. §5.2: consumes trade.executed and order.created, publishes
 //! price.updated.
 //!

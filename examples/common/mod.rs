@@ -1,15 +1,15 @@
-//! The four services of the SPEC as a small library the examples share:
+//! The four services of the strategy as a small library the examples share:
 //! `trading.rs` embeds all four in one process, `auth.rs`, `market.rs` and
 //! `game.rs` run one each, `platform.rs` runs all four against real brokers,
 //! and `tests/services.rs` takes them down and brings them back.
 //!
 //! | module | what |
 //! |---|---|
-//! | `domain` | SPEC §5.2 events (decimal prices and quantities), topology |
+//! | `domain` | strategy §5.2 events (decimal prices and quantities), topology |
 //! | `proto` | Market's and Auth's gRPC APIs, generated code checked in |
 //! | `brokers` | in-memory bus, or Redis Streams / Pub/Sub and RabbitMQ |
 //! | `auth_service`, `market_service`, `trading_service`, `game_service` | the services |
-//! | `session` | the gateway client (with SPEC §4.2 degradation) and the scripted session |
+//! | `session` | the gateway client (with strategy §4.2 degradation) and the scripted session |
 //! | `cli` | flags, and one-line errors instead of panics |
 //! | `net` | restartable servers, latency histograms |
 

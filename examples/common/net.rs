@@ -1,6 +1,6 @@
 //! Servers that can be stopped and started again on the same port (the
 //! degradation tests take a dependency down and bring it back), and latency
-//! histograms for the SPEC §3 paths.
+//! histograms for the strategy §3 paths.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

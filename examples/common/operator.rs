@@ -1,4 +1,4 @@
-//! The operator's dead-letter commands (SPEC §6.3, "manual retry"): list,
+//! The operator's dead-letter commands (strategy §6.3, "manual retry"): list,
 //! inspect, redrive one, redrive all — on whichever transport holds the
 //! queue. `examples/dlq.rs` is the command line around it; the tests call it
 //! directly against Redis and RabbitMQ.

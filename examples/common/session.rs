@@ -1,7 +1,7 @@
 //! The gateway in front of the four services, and the scripted session
 //! `cargo run --example trading` plays through it.
 //!
-//! The gateway is where SPEC §4.2's degradation is felt by a user, so it is
+//! The gateway is where strategy §4.2's degradation is felt by a user, so it is
 //! built from the library's pieces: a circuit breaker per service, and
 //!
 //! * Auth down → `Gate`: new registrations and logins refused; existing
@@ -39,10 +39,10 @@ use super::market_service::Quote;
 use super::net::{Latencies, PathStats, from_reqwest, json_answer};
 use super::trading_service::{OrderReceipt, PATH_TRADING_MARKET, PlaceOrder, TradingStats};
 
-/// SPEC §3's name for the path the gateway times.
+/// strategy §3's name for the path the gateway times.
 pub const PATH_GATEWAY: &str = "Gateway → Service (HTTP)";
 
-/// SPEC §3: each path's P99 target.
+/// strategy §3: each path's P99 target.
 pub const TARGETS: [(&str, Duration); 4] = [
     (PATH_GATEWAY, Duration::from_millis(50)),
     (PATH_TRADING_MARKET, Duration::from_millis(20)),
@@ -145,7 +145,7 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-/// The gateway's resilience: SPEC §4.1's breaker, but no retries — an order
+/// The gateway's resilience: strategy §4.1's breaker, but no retries — an order
 /// is not idempotent, and a user can press the button again.
 pub fn gateway_resilience(breaker: CircuitBreakerConfig) -> Resilience {
     Resilience::new(ResilienceConfig {
@@ -400,7 +400,7 @@ pub struct Report {
 
 /// The scripted session: register, log in, place `orders` orders, watch
 /// Game's holdings catch up, download a chart, wait for settlement, and
-/// print what happened and each SPEC §3 path's P50 / P99 beside its target.
+/// print what happened and each strategy §3 path's P50 / P99 beside its target.
 pub async fn run(gateway: &Gateway, orders: usize) -> Result<Report, Error> {
     let username = format!("alice-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
     let password = "correct horse battery";
@@ -530,12 +530,12 @@ fn ms(micros: u64) -> String {
     format!("{:.2} ms", micros as f64 / 1000.0)
 }
 
-/// The SPEC §3 table with this run's figures.
+/// The strategy §3 table with this run's figures.
 pub fn print_latency(latency: &BTreeMap<String, PathStats>) {
     println!();
     println!(
         "{:<28} {:>7} {:>10} {:>10} {:>12}  ",
-        "SPEC §3 path", "samples", "P50", "P99", "P99 target"
+        "strategy §3 path", "samples", "P50", "P99", "P99 target"
     );
     for (path, target) in TARGETS {
         match latency.get(path) {

@@ -4,7 +4,7 @@
 //! fill's settlement to the task queue (RabbitMQ) as `settlement.requested`,
 //! which its own settlement worker takes off the queue.
 //!
-//! SPEC §2: 📞 Trading → Market (gRPC), 📢 Trading → Game (events on Redis
+//! strategy §2: 📞 Trading → Market (gRPC), 📢 Trading → Game (events on Redis
 //! Streams). §5.2: publishes trade.executed and order.created, consumes
 //! price.updated.
 
@@ -35,7 +35,7 @@ use super::domain::{OrderCreated, PriceUpdated, SettlementRequested, Side, Trade
 use super::net::{Latencies, PathStats, Server, bind, shut_down, stop_all};
 use super::proto::market as pb;
 
-/// SPEC §3's name for the path this service times.
+/// strategy §3's name for the path this service times.
 pub const PATH_TRADING_MARKET: &str = "Trading → Market (gRPC)";
 
 /// The body of `POST /v1/orders`.
@@ -190,7 +190,7 @@ pub struct TradingConfig {
     pub market_grpc: SocketAddr,
     /// Auth's public key (PEM), to check tokens locally.
     pub auth_public_key_pem: String,
-    /// The resilience settings (SPEC §4.1 and §4.3 by default).
+    /// The resilience settings (strategy §4.1 and §4.3 by default).
     pub resilience: Resilience,
 }
 

@@ -1,7 +1,7 @@
 //! Verifying Auth's tokens locally, and a tower layer that does it for every
 //! incoming HTTP or gRPC request.
 //!
-//! The strategy has Game trust Auth's tokens *without calling Auth* (SPEC §2):
+//! The strategy has Game trust Auth's tokens *without calling Auth* (strategy §2):
 //! a call per request would put Auth on every request's path, and Auth being
 //! down would stop everything instead of only new logins. So Auth signs its
 //! tokens with a private key, publishes the public key, and every service

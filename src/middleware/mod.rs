@@ -1,5 +1,5 @@
 //! tower middleware that keeps callers and consumers alive when a dependency
-//! fails (SPEC §4 and §6.2–6.3).
+//! fails (strategy §4 and §6.2–6.3).
 //!
 //! Each concern is one layer in tower's shape — a service, its layer, its
 //! response future — so they compose with tower's own and with each other,

@@ -1,4 +1,4 @@
-//! Latency budgets: each SPEC §3 path's P99 target, and a periodic check of
+//! Latency budgets: each strategy §3 path's P99 target, and a periodic check of
 //! the latencies recorded since the last check.
 //!
 //! # Why atomic bucket histograms
@@ -40,7 +40,7 @@ use crate::error::{Error, ErrorKind};
 /// ```
 ///
 /// Path names are free (`[a-z0-9_]`); [`BudgetConfig::spec`] gives the four
-/// of SPEC §3. Unknown top-level keys, zero budgets and bad names are
+/// of strategy §3. Unknown top-level keys, zero budgets and bad names are
 /// refused.
 ///
 /// ```
@@ -68,7 +68,7 @@ fn default_interval_ms() -> u64 {
 }
 
 impl BudgetConfig {
-    /// The four paths of SPEC §3 with their P99 targets.
+    /// The four paths of strategy §3 with their P99 targets.
     pub fn spec() -> Self {
         let budgets = [
             ("gateway_service", 50),

@@ -1,4 +1,4 @@
-//! [`CallMetrics`]: counts and times the calls of one path (SPEC §3), and
+//! [`CallMetrics`]: counts and times the calls of one path (strategy §3), and
 //! feeds its latency budget.
 
 use std::fmt;

@@ -2,7 +2,7 @@
 //!
 //! Operators of a four-service system need to follow one trade from the
 //! gateway to Game's holdings, and to see each path's latency against its
-//! SPEC §3 budget before users notice. Three pieces:
+//! strategy §3 budget before users notice. Three pieces:
 //!
 //! * [`trace`] (feature `otel`): the W3C `traceparent` / `tracestate` of
 //!   the current span travels in the envelope headers (so across every

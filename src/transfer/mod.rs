@@ -1,6 +1,6 @@
 //! Streaming file upload and download over HTTP/2, in bounded memory.
 //!
-//! The strategy sends files over HTTP/2 (SPEC §1.1) because it streams: a
+//! The strategy sends files over HTTP/2 (strategy §1.1) because it streams: a
 //! file moves as a sequence of DATA frames under flow control, so neither
 //! side ever needs the whole file in memory, and many transfers share one
 //! connection. This module is that path, on hyper directly:

@@ -274,7 +274,7 @@ pub enum Redrive {
     All,
 }
 
-/// A transport's dead-letter queue: list, inspect and redrive (SPEC §6.3's
+/// A transport's dead-letter queue: list, inspect and redrive (strategy §6.3's
 /// manual retry).
 #[async_trait]
 pub trait DeadLetterQueue: Send + Sync {

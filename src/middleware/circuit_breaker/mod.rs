@@ -6,7 +6,7 @@
 //! work, and keeps hammering a service that is trying to come back. The
 //! breaker counts *consecutive infrastructure failures* — errors whose kind
 //! [is retryable](crate::Error::is_retryable): lost connections, timeouts,
-//! 5xx-like answers. After `failure_threshold` of them (SPEC §4.1: 5) it
+//! 5xx-like answers. After `failure_threshold` of them (strategy §4.1: 5) it
 //! opens, and for `reset_timeout_ms` (30 s) every call fails at once with
 //! [`ErrorKind::BreakerOpen`](crate::ErrorKind::BreakerOpen), without reaching
 //! the inner service. Then it is half-open: exactly one trial call goes
@@ -56,7 +56,7 @@
 //!
 //! The call timeout is not the breaker's job: put a
 //! [`Timeout`](crate::middleware::timeout::Timeout) inside it, whose
-//! `Timeout` errors the breaker counts. The SPEC's `timeout_ms` is that
+//! `Timeout` errors the breaker counts. The strategy's `timeout_ms` is that
 //! layer's default; [`Resilience`](crate::middleware::Resilience) wires both.
 //!
 //! ```

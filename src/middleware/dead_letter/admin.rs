@@ -4,7 +4,7 @@ use std::sync::Arc;
 use crate::error::Error;
 use crate::transport::{DeadLetterQueue, DeadLettered, Redrive, Transport};
 
-/// Manual retry of dead letters (SPEC §6.3): list, inspect, redrive one,
+/// Manual retry of dead letters (strategy §6.3): list, inspect, redrive one,
 /// redrive all — the same calls on every transport that keeps dead letters.
 ///
 /// A redriven message goes back to the group that gave up on it and is

@@ -28,7 +28,7 @@ pub struct DeadLetterFacts {
 }
 
 /// Told about every message a handler gives up on, before the consume loop
-/// moves it to the dead-letter queue (SPEC §6.3: operations are alerted).
+/// moves it to the dead-letter queue (strategy §6.3: operations are alerted).
 ///
 /// Implement it to page someone, post to a chat or count a metric. It is
 /// called on the consumer's task: hand slow work to a task of your own.

@@ -1,4 +1,4 @@
-//! Dead letters (SPEC §6.3): when a handler gives up on a message, say why,
+//! Dead letters (strategy §6.3): when a handler gives up on a message, say why,
 //! alert operations, and let them retry it by hand.
 //!
 //! The consume loop of [`EventBus::subscribe`](crate::EventBus::subscribe)

@@ -3,7 +3,7 @@
 //!
 //! Every transport here delivers at least once: a publisher that lost a
 //! confirm sends again, a broker redelivers what a dead consumer held, an
-//! operator redrives the dead-letter queue. SPEC §6.2 asks consumers to keep
+//! operator redrives the dead-letter queue. strategy §6.2 asks consumers to keep
 //! a record of handled events and skip duplicates. [`Dedupe`] keeps that
 //! record in a [`DedupeStore`], keyed by the consumer group and the
 //! envelope's `event_id` (two groups handling one event are not duplicates

@@ -1,5 +1,5 @@
 //! Dedupe marks in Redis, so every replica of a service sees the same marks
-//! (SPEC §6.2): an event handled by one replica is not handled again by
+//! (strategy §6.2): an event handled by one replica is not handled again by
 //! another that receives a redelivery.
 //!
 //! Each mark is one string key, `<prefix>:<key>`:

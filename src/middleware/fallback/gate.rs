@@ -39,7 +39,7 @@ impl Mode {
 /// Refuses calls classed as writes while a breaker is not closed, and serves
 /// reads; see the [module docs](super).
 ///
-/// SPEC §4.2's "Trading unavailable → read-only mode" and "Auth unavailable →
+/// strategy §4.2's "Trading unavailable → read-only mode" and "Auth unavailable →
 /// refuse new requests, keep existing sessions" are both a gate: the classifier
 /// says which calls are writes (placing an order; a new login) and which are
 /// reads (listing orders; checking a session).

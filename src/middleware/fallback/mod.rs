@@ -1,8 +1,8 @@
-//! Degraded answers for when a dependency is down (SPEC §4.2).
+//! Degraded answers for when a dependency is down (strategy §4.2).
 //!
 //! A breaker that fails fast protects the caller's threads and the sick
 //! service; these pieces decide what the caller's own callers get instead of
-//! an error. They are generic — the four behaviours of SPEC §4.2 (cached
+//! an error. They are generic — the four behaviours of strategy §4.2 (cached
 //! price marked delayed, refuse new logins but keep sessions, read-only
 //! trading, basic game data) are wired from them in the services:
 //!

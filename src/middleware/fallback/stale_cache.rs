@@ -23,7 +23,7 @@ pub enum Freshness {
 }
 
 /// An answer from a [`StaleCache`], with how fresh it is — so a price can be
-/// shown "delayed" (SPEC §4.2: Market unavailable).
+/// shown "delayed" (strategy §4.2: Market unavailable).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Cached<T> {
     /// The answer.

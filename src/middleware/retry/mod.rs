@@ -16,7 +16,7 @@
 //!    was done, so a `PlaceOrder` is not sent again after them. Requests are
 //!    not idempotent unless marked: for the whole stack
 //!    ([`RetryLayer::idempotent`]) or per call ([`RetryLayer::idempotent_if`]);
-//! 3. attempts are left: `max_attempts` in all (SPEC §4.3: 3);
+//! 3. attempts are left: `max_attempts` in all (strategy §4.3: 3);
 //! 4. the retry budget has room: tower's
 //!    [`TpsBudget`], shared by every clone
 //!    of one stack, lets retries be `budget_percent` (20 %) of the calls of

@@ -8,7 +8,7 @@ use super::*;
 use crate::error::{Effect, ErrorKind};
 use crate::middleware::test_support::{Ping, message};
 
-/// The SPEC's schedule without jitter, for tests that check exact waits.
+/// The strategy's schedule without jitter, for tests that check exact waits.
 fn steady() -> RetryConfig {
     RetryConfig {
         jitter: false,

@@ -44,7 +44,7 @@ pub type Handler<H> = Consumer<H>;
 /// write, goes around it). The timeout is inside the breaker so the breaker
 /// counts timeouts; the breaker fails fast while open and is inside retry,
 /// so every attempt is counted and an open breaker (not retryable) ends the
-/// retries at once: with the SPEC's values (3 attempts, threshold 5) a
+/// retries at once: with the strategy's values (3 attempts, threshold 5) a
 /// dependency failing every call opens the breaker on the second attempt of
 /// the second call, after 5 attempts. The fallback is outside everything so
 /// the breaker still sees the failures it answers for.
@@ -60,7 +60,7 @@ pub type Handler<H> = Consumer<H>;
 /// * retry is *inside* the breaker, so the breaker sees one outcome per
 ///   message, the last of its attempts. A handler failing every attempt
 ///   opens the breaker after exactly `failure_threshold` messages, whatever
-///   `max_attempts`: with the SPEC's values, 5 messages, 15 handler calls,
+///   `max_attempts`: with the strategy's values, 5 messages, 15 handler calls,
 ///   5 dead letters. A hanging handler too: 5 messages, each one timeout
 ///   (a timed-out attempt is retried only if the handler is
 ///   [idempotent](Self::idempotent): then 3 timeouts per message, still one
@@ -82,8 +82,8 @@ pub type Handler<H> = Consumer<H>;
 /// # Timeouts per path
 ///
 /// Each path has its own timeout: the YAML file may carry, beside the
-/// SPEC's two blocks, a `timeouts:` block of milliseconds per path name
-/// (SPEC §3's budgets are far below the breaker's 5 s `timeout_ms`, which is
+/// strategy's two blocks, a `timeouts:` block of milliseconds per path name
+/// (strategy §3's budgets are far below the breaker's 5 s `timeout_ms`, which is
 /// the default). Every constructor looks its path up by the breaker's name:
 /// [`client`](Self::client) and [`consumer`](Self::consumer) by the name
 /// they are given, [`client_with_breaker`](Self::client_with_breaker) and
@@ -114,7 +114,7 @@ pub type Handler<H> = Consumer<H>;
 /// retry:
 ///   max_attempts: 3
 /// timeouts:
-///   market: 20     # Trading → Market, gRPC (SPEC §3)
+///   market: 20     # Trading → Market, gRPC (strategy §3)
 ///   ledger: 250    # the Game consumer's handler
 /// ",
 /// )?;
@@ -433,7 +433,7 @@ impl fmt::Debug for Resilience {
 }
 
 impl Default for Resilience {
-    /// The SPEC's values.
+    /// The strategy's values.
     fn default() -> Self {
         Self::new(ResilienceConfig::default())
     }

@@ -5,7 +5,7 @@
 //! retry layer and the circuit breaker here decide by
 //! [`ErrorKind`](crate::ErrorKind), so this one fails with the crate's
 //! [`Error`] of kind `Timeout`, which both count as an infrastructure
-//! failure. Each path gets its own deadline — SPEC §3's budgets (20 ms for
+//! failure. Each path gets its own deadline — strategy §3's budgets (20 ms for
 //! Trading → Market, 50 ms through the gateway) are far below the breaker's
 //! default 5 s `timeout_ms`.
 //!

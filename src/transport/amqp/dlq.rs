@@ -1,4 +1,4 @@
-//! Manual retry (SPEC §6.3): list, inspect and redrive dead letters.
+//! Manual retry (strategy §6.3): list, inspect and redrive dead letters.
 //!
 //! AMQP 0-9-1 has no way to peek at a queue, so the dead-letter queue is
 //! browsed: on a channel of its own, `basic.get` takes messages one by one

@@ -1,4 +1,4 @@
-//! The RabbitMQ transport (feature `amqp`): SPEC §1.2's task queue, on lapin 4
+//! The RabbitMQ transport (feature `amqp`): strategy §1.2's task queue, on lapin 4
 //! and tokio.
 //!
 //! RabbitMQ is where the strategy wants reliability and persistence, so this

@@ -48,7 +48,7 @@ pub fn encode_payload(message: &RawMessage) -> Result<Bytes, Error> {
 }
 
 /// Turns received bytes back into a message. A payload without
-/// [`FRAME_MAGIC`] — such as SPEC §5.1 JSON sent by `redis-cli PUBLISH` — is
+/// [`FRAME_MAGIC`] — such as strategy §5.1 JSON sent by `redis-cli PUBLISH` — is
 /// the body, with no headers; so is a frame whose header block is damaged
 /// (logged as a warning), so the consumer still sees it.
 ///

@@ -1,5 +1,5 @@
 //! Redis Pub/Sub: broadcast to whoever is listening right now, at most once
-//! (SPEC §1.2, "broadcast").
+//! (strategy §1.2, "broadcast").
 //!
 //! Pub/Sub is the cheapest way to tell every live instance something — a
 //! price tick, a cache invalidation — and it keeps nothing: a message
@@ -40,7 +40,7 @@
 //! # Wire format
 //!
 //! A message without headers is published as its body alone, so any Redis
-//! client sees exactly the bytes (a SPEC §5.1 JSON envelope, for the typed
+//! client sees exactly the bytes (a strategy §5.1 JSON envelope, for the typed
 //! bus). A message with headers is framed:
 //!
 //! ```text
@@ -49,7 +49,7 @@
 //!
 //! A NUL byte never starts a JSON document, so on receipt a payload that
 //! starts with [`FRAME_MAGIC`] is unframed and anything else — for example a
-//! SPEC §5.1 envelope published with `redis-cli PUBLISH` — is taken whole as
+//! strategy §5.1 envelope published with `redis-cli PUBLISH` — is taken whole as
 //! the body, with no headers. [`encode_payload`] and [`decode_payload`] are
 //! the two directions.
 //!

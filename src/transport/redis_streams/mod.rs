@@ -1,5 +1,5 @@
 //! The Redis Streams transport (feature `redis-streams`): event notification
-//! (SPEC §1.2) with consumer groups and at-least-once delivery.
+//! (strategy §1.2) with consumer groups and at-least-once delivery.
 //!
 //! Why Redis Streams: a stream keeps every entry until it is trimmed, each
 //! consumer group keeps its own read position, and the group's *pending
@@ -15,7 +15,7 @@
 //!
 //! | field | value |
 //! |---|---|
-//! | `envelope` | the body: the envelope JSON of SPEC §5.1 |
+//! | `envelope` | the body: the envelope JSON of strategy §5.1 |
 //! | `event_type` | the `event-type` header (or the body's `event_type`) |
 //! | `event_id` | the `event-id` header (or the body's `event_id`) |
 //! | `h:<name>` | every other header |
