@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use crate::transport::Transport;
 
+mod claimed;
 pub mod conformance;
 pub mod flow;
 pub mod proxy;
