@@ -97,7 +97,8 @@ mod topology;
 pub mod transfer;
 pub mod transport;
 
-// The README's examples compile and run as doctests.
+// The examples of the README and of the guides in docs/ compile and run as
+// doctests.
 #[cfg(all(
     doctest,
     feature = "test-util",
@@ -109,8 +110,28 @@ pub mod transport;
     feature = "auth",
     feature = "otel"
 ))]
-#[doc = include_str!("../README.md")]
-struct ReadmeDoctests;
+mod guides {
+    #[doc = include_str!("../README.md")]
+    struct ReadmeDoctests;
+
+    #[doc = include_str!("../docs/transports.md")]
+    struct TransportsGuide;
+
+    #[doc = include_str!("../docs/resilience.md")]
+    struct ResilienceGuide;
+
+    #[doc = include_str!("../docs/observability.md")]
+    struct ObservabilityGuide;
+
+    #[doc = include_str!("../docs/reliability.md")]
+    struct ReliabilityGuide;
+
+    #[doc = include_str!("../docs/services.md")]
+    struct ServicesGuide;
+
+    #[doc = include_str!("../docs/performance.md")]
+    struct PerformanceGuide;
+}
 
 pub use bus::{ConsumerHandle, ConsumerHealth, EventBus, Message, handler_fn};
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
