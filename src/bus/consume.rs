@@ -97,16 +97,19 @@ where
     /// handles and settles it, and whether it used the handler's readiness.
     fn start(&mut self, delivery: Delivery) -> (Settling, bool) {
         let (topic, group) = delivery.shared_names();
+        // What reaches no handler, and why: past the poison guard, or not
+        // an envelope of `E`.
         let count = delivery.delivery_count();
-        let poisoned = self.max_deliveries.is_some_and(|max| count > max);
-        let decoded = if poisoned {
-            Err(None)
+        let refused = if self.max_deliveries.is_some_and(|max| count > max) {
+            Err(format!("delivered {} times without an outcome", count - 1))
         } else {
-            self.codec.decode::<E>(delivery.body()).map_err(Some)
+            self.codec
+                .decode::<E>(delivery.body())
+                .map_err(|error| format!("cannot decode as {}: {error}", E::TYPE))
         };
-        let envelope = match decoded {
+        let envelope = match refused {
             Ok(envelope) => envelope,
-            Err(error) => {
+            Err(reason) => {
                 let span = tracing::info_span!(
                     "consume",
                     event_type = E::TYPE,
@@ -114,14 +117,7 @@ where
                     group = &*group,
                     attempt = delivery.attempt(),
                 );
-                let letter = match error {
-                    Some(error) => {
-                        DeadLetter::new(format!("cannot decode as {}: {error}", E::TYPE))
-                    }
-                    None => {
-                        DeadLetter::new(format!("delivered {} times without an outcome", count - 1))
-                    }
-                };
+                let letter = DeadLetter::new(reason);
                 let (transport, started) = (self.transport, std::time::Instant::now());
                 let settling = async move {
                     let outcome = dead_letter(delivery, letter).await;

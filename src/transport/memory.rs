@@ -332,7 +332,8 @@ impl Subscriber for MemoryTransport {
             queue,
             permits: prefetch.permits().clone(),
             delays: DelayQueue::default(),
-            lag_sampled: Mutex::new(None),
+            started: Instant::now(),
+            next_lag_ms: AtomicU64::new(0),
         };
         let (topic_name, group_name) = (consumer.topic.name.clone(), consumer.queue.name.clone());
         let deliveries = futures_util::stream::unfold(consumer, |consumer| async move {
@@ -442,7 +443,10 @@ struct Consumer {
     queue: Arc<GroupQueue>,
     permits: Arc<Semaphore>,
     delays: DelayQueue<Delayed>,
-    lag_sampled: Mutex<Option<Instant>>,
+    started: Instant,
+    /// When the next lag sample is due, in ms since `started`; an atomic,
+    /// since every take looks at it.
+    next_lag_ms: AtomicU64,
 }
 
 impl Consumer {
@@ -483,11 +487,12 @@ impl Consumer {
     }
 
     fn sample_lag(&self) {
-        let mut sampled = lock(&self.lag_sampled);
-        if sampled.is_some_and(|at| at.elapsed() < LAG_EVERY) {
+        let now = self.started.elapsed().as_millis() as u64;
+        if now < self.next_lag_ms.load(Ordering::Relaxed) {
             return;
         }
-        *sampled = Some(Instant::now());
+        self.next_lag_ms
+            .store(now + LAG_EVERY.as_millis() as u64, Ordering::Relaxed);
         let depth = self.queue.depth() as u64;
         metrics::consumer_lag(
             NAME,

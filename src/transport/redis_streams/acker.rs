@@ -213,6 +213,14 @@ impl Group {
     }
 }
 
+/// Whether a settle leaves the entry no longer this consumer's: it worked,
+/// or another member had taken the entry over (`Rejected`).
+fn done_with(settled: &Result<(), Error>) -> bool {
+    settled
+        .as_ref()
+        .map_or_else(|error| error.kind() == ErrorKind::Rejected, |()| true)
+}
+
 pub(super) struct RedisAcker {
     pub(super) group: Arc<Group>,
     pub(super) id: String,
@@ -227,11 +235,7 @@ pub(super) struct RedisAcker {
 impl Acker for RedisAcker {
     async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
         let acked = self.group.ack(self.id.clone()).await;
-        if acked.is_ok()
-            || acked
-                .as_ref()
-                .is_err_and(|e| e.kind() == ErrorKind::Rejected)
-        {
+        if done_with(&acked) {
             // Ours no more either way.
             self.permit = None;
         }
@@ -267,11 +271,7 @@ impl Acker for RedisAcker {
             .group
             .dead_letter(&self.id, message, letter, self.attempt)
             .await;
-        if moved.is_ok()
-            || moved
-                .as_ref()
-                .is_err_and(|e| e.kind() == ErrorKind::Rejected)
-        {
+        if done_with(&moved) {
             self.permit = None;
         }
         moved
