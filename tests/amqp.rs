@@ -320,7 +320,8 @@ async fn messages_are_persistent_with_plain_properties_and_unroutable_is_an_erro
 
 /// Classic queues count attempts in a header written on republish, quorum
 /// queues by `x-delivery-count`; either way a nack comes back with the
-/// attempt raised, and a delivery dropped unsettled comes back at once.
+/// attempt raised, a delivery dropped unsettled comes back at once, and
+/// neither count takes a return twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_are_counted_on_classic_and_quorum_queues() {
     for queue_type in [QueueType::Classic, QueueType::Quorum] {
@@ -349,10 +350,25 @@ async fn attempts_are_counted_on_classic_and_quorum_queues() {
         drop(delivery);
         let delivery = recv(&mut subscription, "abandoned message").await;
         assert_eq!(seq_of(&delivery), 7);
-        assert!(
-            delivery.attempt() >= 5,
-            "{queue_type:?}: {}",
-            delivery.attempt()
+        assert_eq!(delivery.attempt(), 5, "{queue_type:?}");
+        assert_eq!(
+            delivery.delivery_count(),
+            2,
+            "{queue_type:?}: one without an outcome"
+        );
+        // A nack after a return the broker counted: neither count may take
+        // that return twice.
+        delivery
+            .nack(Duration::ZERO)
+            .await
+            .map_err(|(error, _)| error)
+            .expect("nack");
+        let delivery = recv(&mut subscription, "nacked after a return").await;
+        assert_eq!(delivery.attempt(), 6, "{queue_type:?}");
+        assert_eq!(
+            delivery.delivery_count(),
+            2,
+            "{queue_type:?}: a nack is an outcome"
         );
         ack(delivery).await;
         subscription.shutdown().await.expect("shutdown");

@@ -107,6 +107,11 @@ impl<T> DelayQueue<T> {
         self.lock().heap.len()
     }
 
+    /// Whether [`close`](Self::close) was called: the subscription stops.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// The earliest item whose time has come, if any.
     #[cfg_attr(not(feature = "redis-streams"), allow(dead_code))]
     pub(crate) fn try_due(&self) -> Option<T> {

@@ -27,19 +27,32 @@ use crate::transport::{Acker, DeadLetter, RawMessage};
 /// (30 minutes), past which the broker closes the channel.
 pub const HOLD_LIMIT: Duration = Duration::from_secs(10 * 60);
 
+/// Where a quorum queue counts the times a message came back to it.
+const QUORUM_DELIVERY_COUNT: &str = "x-delivery-count";
+
 /// Which delivery this is, and how many deliveries before it ended without
-/// an outcome. Quorum queues count returns in `x-delivery-count`; classic
-/// queues keep no count (only the `redelivered` flag), so the transport
-/// writes both counts into headers whenever it republishes a message.
-pub(super) fn counts_of(delivery: &lapin::message::Delivery, queue_type: QueueType) -> (u32, u32) {
+/// an outcome. Classic queues keep no count (only the `redelivered` flag),
+/// so the transport writes both counts into headers whenever it republishes
+/// a message. Quorum queues count returns in `x-delivery-count`, which gives
+/// an unguarded subscription its attempts; a guarded one (`max_deliveries`)
+/// counts by the flag on both queue types, recounting every redelivery, for
+/// the broker's count is not one for the guard: RabbitMQ 3.10 was seen
+/// raising it by two across one aborted consumer (a message handed to a
+/// channel already closing counts too), and RabbitMQ 4 counts only some
+/// kinds of return.
+pub(super) fn counts_of(
+    delivery: &lapin::message::Delivery,
+    queue_type: QueueType,
+    guarded: bool,
+) -> (u32, u32) {
     let count = |name: &str| {
         properties::header_value(&delivery.properties, name)
             .and_then(properties::number_value)
             .map_or(0, |count| count.clamp(0, i64::from(u32::MAX / 4)) as u32)
     };
     let returned = match queue_type {
-        QueueType::Quorum => count("x-delivery-count"),
-        QueueType::Classic => u32::from(delivery.redelivered),
+        QueueType::Quorum if !guarded => count(QUORUM_DELIVERY_COUNT),
+        _ => u32::from(delivery.redelivered),
     };
     let attempt = count(ATTEMPTS) + returned + 1;
     let delivery_count = count(REDELIVERIES) + returned + 1;
@@ -56,6 +69,9 @@ pub(super) struct Held {
     pub(super) properties: BasicProperties,
     pub(super) attempt: u32,
     pub(super) delivery_count: u32,
+    /// Handed out again by the subscription after a nack, so the broker's
+    /// counts are behind `attempt`.
+    pub(super) rehanded: bool,
     /// When the broker handed it out (the hold limit counts from here).
     pub(super) received_at: Instant,
 }
@@ -96,7 +112,11 @@ impl Held {
             (ATTEMPTS, attempt.to_string()),
             (REDELIVERIES, without_outcome.to_string()),
         ];
-        let properties = properties::with_headers(&self.properties, &headers, &[]);
+        // A quorum queue's own count is folded into ours; left on the copy,
+        // the broker would not reset it and the next delivery would count
+        // those returns twice.
+        let properties =
+            properties::with_headers(&self.properties, &headers, &[QUORUM_DELIVERY_COUNT]);
         let done = match publish_direct(&self.shared, &self.queue, body, properties).await {
             Ok(()) => self.ack().await,
             Err(error) => {
@@ -221,13 +241,29 @@ impl Acker for AmqpAcker {
     fn abandoned(&mut self, message: RawMessage) {
         // Left unsettled, the message would sit on this channel until it
         // closes; give it back now, one delivery without an outcome more,
-        // with its attempts so far (a reject would lose them).
+        // with its attempts so far.
         let (Some(held), Some(permit)) = (self.held.take(), self.permit.take()) else {
             return;
         };
+        let delays = self.delays.clone();
         self.handle.spawn(async move {
-            held.republish(&message.body, held.attempt, held.delivery_count)
-                .await;
+            if delays.is_closed() && !held.rehanded {
+                // The subscription is going (a consumer aborted): its channel
+                // closes once this permit is free and the broker takes the
+                // message back, counted once. A reject or a copy now could
+                // be delivered to this dying consumer first and be counted
+                // twice.
+            } else if held.shared.config.queue_type == QueueType::Quorum && !held.rehanded {
+                // A quorum queue counts the return itself, exactly.
+                if let Err(error) = held.reject_requeue().await {
+                    tracing::debug!(%error, queue = &*held.queue, "amqp: an abandoned delivery returns with its channel");
+                }
+            } else {
+                // A reject would lose the attempts counted here (a classic
+                // queue only flags a return): a copy carries them.
+                held.republish(&message.body, held.attempt, held.delivery_count)
+                    .await;
+            }
             drop(permit);
         });
     }

@@ -15,7 +15,8 @@
 //! keeps no delivery count, a redelivered message is first republished with
 //! its count of deliveries without an outcome raised (and the original
 //! acked) instead of being handed out: that is how the count can pass the
-//! limit at all. Quorum queues count by themselves (`x-delivery-count`).
+//! limit at all. Quorum queues are counted the same way under a guard (see
+//! `acker::counts_of` for why not by `x-delivery-count`).
 
 use std::sync::Arc;
 
@@ -33,7 +34,7 @@ use tokio::time::Instant;
 
 use super::acker::{AmqpAcker, Held, Waiting, counts_of};
 use super::connection::{Link, RETRY_PAUSE, amqp_error, declare_queue};
-use super::{NAME, QueueType, Shared, properties};
+use super::{NAME, Shared, properties};
 use crate::error::Error;
 use crate::observe::metrics;
 use crate::transport::delay::DelayQueue;
@@ -196,6 +197,7 @@ impl ConsumerState {
             permit,
         } = waiting;
         held.attempt = held.attempt.saturating_add(1);
+        held.rehanded = true;
         Some(self.delivery(held, message, permit))
     }
 
@@ -236,8 +238,7 @@ impl ConsumerState {
             };
             match next {
                 Some(Ok(delivery)) => {
-                    let classic = self.shared.config.queue_type == QueueType::Classic;
-                    if self.guarded && classic && delivery.redelivered {
+                    if self.guarded && delivery.redelivered {
                         self.recount(delivery).await;
                         continue;
                     }
@@ -271,7 +272,14 @@ impl ConsumerState {
 
     fn held(&self, delivery: &lapin::message::Delivery, acker: lapin::Acker) -> Held {
         let generation = self.live.as_ref().map_or(0, |live| live.link.generation);
-        held_of(&self.shared, &self.queue, generation, delivery, acker)
+        held_of(
+            &self.shared,
+            &self.queue,
+            generation,
+            self.guarded,
+            delivery,
+            acker,
+        )
     }
 
     /// Republishes a redelivered message in its own place with the count
@@ -318,10 +326,11 @@ fn held_of(
     shared: &Arc<Shared>,
     queue: &Arc<str>,
     generation: u64,
+    guarded: bool,
     delivery: &lapin::message::Delivery,
     acker: lapin::Acker,
 ) -> Held {
-    let (attempt, delivery_count) = counts_of(delivery, shared.config.queue_type);
+    let (attempt, delivery_count) = counts_of(delivery, shared.config.queue_type, guarded);
     Held {
         shared: shared.clone(),
         acker,
@@ -330,6 +339,7 @@ fn held_of(
         properties: delivery.properties.clone(),
         attempt,
         delivery_count,
+        rehanded: false,
         received_at: Instant::now(),
     }
 }
@@ -348,7 +358,14 @@ async fn hand_back_unhandled(
     // against a broker that never confirms the cancel.
     let quiet = std::time::Duration::from_secs(1);
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, consumer.next()).await {
-        let held = held_of(shared, queue, generation, &delivery, delivery.acker.clone());
+        let held = held_of(
+            shared,
+            queue,
+            generation,
+            true,
+            &delivery,
+            delivery.acker.clone(),
+        );
         let body = Bytes::from(delivery.data);
         held.republish(&body, held.attempt - 1, held.delivery_count - 1)
             .await;

@@ -129,8 +129,9 @@ pub enum QueueType {
     /// counts attempts in a header when it republishes a nacked message.
     #[default]
     Classic,
-    /// Quorum queues (replicated): the broker counts deliveries in
-    /// `x-delivery-count`, and a nack is a reject with requeue.
+    /// Quorum queues (replicated): the broker counts returns in
+    /// `x-delivery-count`, which the attempts of an unguarded subscription
+    /// come from; nacks and the poison guard work as on classic queues.
     Quorum,
 }
 
