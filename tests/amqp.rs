@@ -838,3 +838,11 @@ async fn quorum_queues_dead_letter_broker_side_into_the_same_queue() {
     assert_eq!(letter.group, group);
     assert_eq!(letter.message.headers["seq"], "5");
 }
+
+#[path = "common/redrive.rs"]
+mod redrive;
+
+#[tokio::test]
+async fn a_redrive_of_all_moves_only_what_the_queue_held() {
+    redrive::redrive_all_moves_only_what_was_there(transport(QueueType::Quorum).await).await;
+}

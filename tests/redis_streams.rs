@@ -623,3 +623,11 @@ mod redis_specific {
         }
     }
 }
+
+#[path = "common/redrive.rs"]
+mod redrive;
+
+#[tokio::test]
+async fn a_redrive_of_all_moves_only_what_the_queue_held() {
+    redrive::redrive_all_moves_only_what_was_there(transport().await).await;
+}
