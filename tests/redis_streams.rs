@@ -30,6 +30,9 @@ switchboard::conformance_tests!(transport);
 #[path = "redis_streams/flow.rs"]
 mod flow;
 
+#[path = "redis_streams/cut.rs"]
+mod cut;
+
 // ------------------------------------------------ Redis-specific behaviour
 
 mod redis_specific {
