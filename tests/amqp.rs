@@ -838,3 +838,68 @@ async fn quorum_queues_dead_letter_broker_side_into_the_same_queue() {
     assert_eq!(letter.group, group);
     assert_eq!(letter.message.headers["seq"], "5");
 }
+
+#[path = "common/redrive.rs"]
+mod redrive;
+
+#[tokio::test]
+async fn a_redrive_of_all_moves_only_what_the_queue_held() {
+    redrive::redrive_all_moves_only_what_was_there(transport(QueueType::Quorum).await).await;
+}
+
+/// A browse holds at most 1 000 dead letters unacked: an id further back is
+/// reported as out of reach, not searched for by holding the whole queue,
+/// and nothing is lost by looking.
+#[tokio::test]
+async fn inspect_looks_at_the_first_thousand_dead_letters_and_says_so() {
+    use switchboard::{DeadLetter, RawMessage, SubscribeOptions, Topology, header};
+
+    let transport = transport(QueueType::Classic).await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (topic, group) = (format!("browse.{id}"), format!("g-{id}"));
+    transport
+        .declare(&Topology::new().with_groups(topic.clone(), [group.clone()]))
+        .await
+        .expect("declare");
+    let mut subscription = transport
+        .subscribe(&topic, SubscribeOptions::new(group))
+        .await
+        .expect("subscribe");
+    let ids: Vec<String> = (0..1_001)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    let messages = ids
+        .iter()
+        .map(|id| RawMessage::new("x").with_header(header::EVENT_ID, id.clone()))
+        .collect();
+    transport
+        .publish_batch(&topic, messages)
+        .await
+        .expect("publish");
+    for _ in 0..ids.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), subscription.recv())
+            .await
+            .expect("a delivery in time")
+            .expect("the subscription is open");
+        delivery
+            .dead_letter(DeadLetter::new("browse test"))
+            .await
+            .map_err(|(error, _)| error)
+            .expect("dead-letter");
+    }
+    let queue = transport.dead_letters().expect("a dead-letter queue");
+    let first = queue.inspect(&topic, &ids[0]).await.expect("the first");
+    assert_eq!(first.id, ids[0]);
+    let error = queue
+        .inspect(&topic, &ids[1_000])
+        .await
+        .expect_err("the 1 001st is out of reach");
+    assert_eq!(error.kind(), switchboard::ErrorKind::NotFound, "{error}");
+    assert!(error.message().contains("first 1000"), "{error}");
+    assert_eq!(
+        queue.list(&topic, 2_000).await.expect("list").len(),
+        ids.len(),
+        "looking removed nothing"
+    );
+    subscription.shutdown().await.expect("shutdown");
+}

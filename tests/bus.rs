@@ -552,3 +552,6 @@ async fn a_consumer_says_when_it_has_stopped() {
         switchboard::ConsumerHealth::Stopped
     );
 }
+
+#[path = "bus/liveness.rs"]
+mod liveness;

@@ -81,3 +81,11 @@ async fn a_full_group_queue_refuses_a_publish_until_there_is_room() {
         .await
         .expect("one message taken makes room");
 }
+
+#[path = "common/redrive.rs"]
+mod redrive;
+
+#[tokio::test]
+async fn a_redrive_of_all_moves_only_what_the_queue_held() {
+    redrive::redrive_all_moves_only_what_was_there(Arc::new(MemoryTransport::new())).await;
+}

@@ -649,3 +649,6 @@ mod flood {
         subscription.shutdown().await.expect("shutdown");
     }
 }
+
+#[path = "redis_pubsub/stall.rs"]
+mod stall;

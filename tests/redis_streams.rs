@@ -30,6 +30,9 @@ switchboard::conformance_tests!(transport);
 #[path = "redis_streams/flow.rs"]
 mod flow;
 
+#[path = "redis_streams/cut.rs"]
+mod cut;
+
 // ------------------------------------------------ Redis-specific behaviour
 
 mod redis_specific {
@@ -622,4 +625,12 @@ mod redis_specific {
             subscription.shutdown().await.expect("shutdown");
         }
     }
+}
+
+#[path = "common/redrive.rs"]
+mod redrive;
+
+#[tokio::test]
+async fn a_redrive_of_all_moves_only_what_the_queue_held() {
+    redrive::redrive_all_moves_only_what_was_there(transport().await).await;
 }

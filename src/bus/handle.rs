@@ -1,6 +1,7 @@
 //! A running consumer: its handle, and the health it reports.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -13,8 +14,13 @@ pub struct ConsumerHandle {
     pub(super) topic: String,
     pub(super) group: String,
     pub(super) stop: Option<oneshot::Sender<()>>,
-    pub(super) task: Option<JoinHandle<Result<(), Error>>>,
+    pub(super) task: Option<JoinHandle<()>>,
     pub(super) health: watch::Receiver<ConsumerHealth>,
+    /// Becomes true once the consume loop has ended and settled what it had
+    /// in flight.
+    pub(super) ended: watch::Receiver<bool>,
+    /// Why the loop ended, when it ended on an error.
+    pub(super) failure: Arc<OnceLock<Error>>,
 }
 
 /// Where a consumer stands, as [`ConsumerHandle::health`] reports it.
@@ -81,6 +87,67 @@ impl ConsumerHandle {
         self.task.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
+    /// Resolves once the consume loop has ended, however it ended, and has
+    /// settled the deliveries it had in flight; returns the error it ended
+    /// on, if any (the same as [`failure`](Self::failure)).
+    ///
+    /// A loop ends on its own when its handler fails for good (its
+    /// `poll_ready` returns an error) or the transport closes the
+    /// subscription; [`health`](Self::health) says
+    /// [`Stopped`](ConsumerHealth::Stopped) from that moment. Await this
+    /// next to the rest of a service (in a `select!`) to stop or restart
+    /// at once instead of finding out at [`shutdown`](Self::shutdown).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::task::{Context, Poll};
+    /// use serde::{Deserialize, Serialize};
+    /// use switchboard::{ConsumerHealth, Error, Event, EventBus, MemoryTransport, Message, SubscribeOptions};
+    ///
+    /// #[derive(Debug, Clone, Serialize, Deserialize)]
+    /// struct Tick;
+    /// impl Event for Tick {
+    ///     const TYPE: &'static str = "tick";
+    ///     const VERSION: &'static str = "1.0";
+    /// }
+    ///
+    /// /// A handler whose dependency is gone for good.
+    /// struct Broken;
+    /// impl tower::Service<Message<Tick>> for Broken {
+    ///     type Response = ();
+    ///     type Error = Error;
+    ///     type Future = std::future::Ready<Result<(), Error>>;
+    ///     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    ///         Poll::Ready(Err(Error::permanent("the ledger is gone")))
+    ///     }
+    ///     fn call(&mut self, _: Message<Tick>) -> Self::Future {
+    ///         std::future::ready(Ok(()))
+    ///     }
+    /// }
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let bus = EventBus::new(Arc::new(MemoryTransport::new()), "clock");
+    /// let consumer = bus.subscribe::<Tick, _>(SubscribeOptions::new("ui"), Broken).await?;
+    /// let error = consumer.closed().await.expect("it ended on an error");
+    /// assert!(error.message().contains("the ledger is gone"));
+    /// assert_eq!(consumer.health(), ConsumerHealth::Stopped);
+    /// assert!(consumer.shutdown().await.is_err(), "shutdown reports it too");
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn closed(&self) -> Option<&Error> {
+        let mut ended = self.ended.clone();
+        // Fails only when the task is gone without saying so (it panicked
+        // or was aborted): ended all the same.
+        let _ = ended.wait_for(|ended| *ended).await;
+        self.failure.get()
+    }
+
+    /// The error the consume loop ended on, once it has ended on one.
+    pub fn failure(&self) -> Option<&Error> {
+        self.failure.get()
+    }
+
     /// Stops the consumer at once, the way a crash would: the handlers in
     /// flight are dropped and their deliveries left unsettled, so the
     /// transport delivers them again (to this group's other members, or to
@@ -103,11 +170,18 @@ impl ConsumerHandle {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match self.task.take() {
-            Some(task) => task.await.map_err(|error| {
+        if let Some(task) = self.task.take() {
+            task.await.map_err(|error| {
                 Error::new(ErrorKind::Closed, "consumer task failed").with_source(error)
-            })?,
-            None => Ok(()),
+            })?;
+        }
+        // The task has finished and dropped its share of the failure.
+        let failure = std::mem::take(&mut self.failure);
+        match Arc::try_unwrap(failure) {
+            Ok(failure) => failure.into_inner().map_or(Ok(()), Err),
+            Err(shared) => shared.get().map_or(Ok(()), |error| {
+                Err(Error::new(error.kind(), error.message().to_owned()))
+            }),
         }
     }
 }

@@ -48,10 +48,12 @@ use crate::transport::{DeadLetterQueue, RawMessage, SubscribeOptions, Transport,
 mod consume;
 mod handle;
 mod message;
+mod publish_retry;
 
 use consume::ConsumeLoop;
 pub use handle::{ConsumerHandle, ConsumerHealth};
 pub use message::Message;
+use publish_retry::PublishRetry;
 
 /// Adapts an async function into a handler: re-export of
 /// [`tower::service_fn`].
@@ -100,9 +102,16 @@ pub struct EventBus {
     source: Arc<str>,
     codec: Codec,
     namespace: Option<Arc<str>>,
+    retry: PublishRetry,
 }
 
 impl EventBus {
+    /// The publish deadline when none is set (10 s): long enough for a
+    /// broker that restarts or fails over in a few seconds, short enough
+    /// that a caller holding a request open hears of a real outage.
+    pub const DEFAULT_PUBLISH_DEADLINE: std::time::Duration =
+        publish_retry::DEFAULT_PUBLISH_DEADLINE;
+
     /// A bus over `transport` that stamps `source` (such as
     /// `"trading-service"`) on every envelope it publishes.
     pub fn new(transport: Arc<dyn Transport>, source: impl Into<String>) -> Self {
@@ -111,7 +120,67 @@ impl EventBus {
             source: source.into().into(),
             codec: Codec::default(),
             namespace: None,
+            retry: PublishRetry::default(),
         }
+    }
+
+    /// How long a publish may keep trying (default
+    /// [`EventBus::DEFAULT_PUBLISH_DEADLINE`], 10 s).
+    ///
+    /// A publish that fails with a [retryable](Error::is_retryable) error (a
+    /// lost connection, a broker restarting, a confirm that timed out) is
+    /// tried again with the same envelope, waiting as
+    /// [`with_publish_backoff`](Self::with_publish_backoff) says, until it
+    /// succeeds or the next attempt would start past the deadline; an
+    /// attempt still running at the deadline is cut short with
+    /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout). The error then
+    /// says how many attempts were made ([`Error::attempts`], and in its
+    /// message). [`Duration::ZERO`](std::time::Duration::ZERO) makes one
+    /// attempt, bounded only by the transport's own timeouts.
+    ///
+    /// A retried publish may reach the broker twice (the first attempt may
+    /// have been applied before its answer was lost); both copies carry the
+    /// same `event_id`, which a dedupe layer on the consumer recognises.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use switchboard::{EventBus, MemoryTransport};
+    ///
+    /// let bus = EventBus::new(Arc::new(MemoryTransport::new()), "orders")
+    ///     .with_publish_deadline(Duration::from_secs(3));
+    /// assert_eq!(bus.publish_deadline(), Duration::from_secs(3));
+    /// ```
+    pub fn with_publish_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.retry = self.retry.with_deadline(deadline);
+        self
+    }
+
+    /// The waits between publish attempts, from a `retry:` block (default
+    /// [`RetryConfig::default`](crate::config::RetryConfig): 100 ms, doubling,
+    /// at most 1 s, with jitter). `backoff_ms`, `backoff_multiplier`,
+    /// `max_backoff_ms` and `jitter` apply; `max_attempts` and the budget do
+    /// not, as the [publish deadline](Self::with_publish_deadline) bounds the
+    /// attempts.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use switchboard::config::RetryConfig;
+    /// use switchboard::{EventBus, MemoryTransport};
+    ///
+    /// let retry = RetryConfig { backoff_ms: 50, max_backoff_ms: 500, ..RetryConfig::default() };
+    /// let bus = EventBus::new(Arc::new(MemoryTransport::new()), "orders")
+    ///     .with_publish_backoff(&retry);
+    /// assert_eq!(bus.publish_deadline(), EventBus::DEFAULT_PUBLISH_DEADLINE);
+    /// ```
+    pub fn with_publish_backoff(mut self, config: &crate::config::RetryConfig) -> Self {
+        self.retry = PublishRetry::new(self.retry.deadline, config);
+        self
+    }
+
+    /// How long a publish may keep trying.
+    pub fn publish_deadline(&self) -> std::time::Duration {
+        self.retry.deadline
     }
 
     /// Puts every topic of this bus under `namespace`: events of type
@@ -166,6 +235,8 @@ impl EventBus {
 
     /// Publishes `payload` to the topic of [`E::TYPE`](Event::TYPE) in a fresh
     /// envelope; returns its `event_id` once the transport accepted it.
+    /// Retryable failures are tried again until the
+    /// [publish deadline](Self::with_publish_deadline).
     pub async fn publish<E: Event>(&self, payload: E) -> Result<Uuid, Error> {
         let envelope = EventEnvelope::new(&*self.source, payload);
         self.publish_envelope(&envelope).await?;
@@ -189,7 +260,9 @@ impl EventBus {
         let started = std::time::Instant::now();
         let result = async {
             let message = self.traced_message(envelope)?;
-            self.transport.publish(&topic, message).await
+            self.retry
+                .run(&topic, || self.transport.publish(&topic, message.clone()))
+                .await
         }
         .instrument(span)
         .await;
@@ -203,7 +276,9 @@ impl EventBus {
     }
 
     /// Publishes several payloads in as few round trips as the transport
-    /// allows; returns their ids in order.
+    /// allows; returns their ids in order. Retried as a whole within the
+    /// [publish deadline](Self::with_publish_deadline): after a failure that
+    /// may have taken effect, some of them may reach the broker twice.
     pub async fn publish_batch<E: Event>(
         &self,
         payloads: impl IntoIterator<Item = E>,
@@ -229,8 +304,10 @@ impl EventBus {
         span.record("count", ids.len());
         let started = std::time::Instant::now();
         let result = self
-            .transport
-            .publish_batch(&topic, messages)
+            .retry
+            .run(&topic, || {
+                self.transport.publish_batch(&topic, messages.clone())
+            })
             .instrument(span)
             .await;
         metrics::published(
@@ -310,13 +387,25 @@ impl EventBus {
             max_deliveries,
             _event: std::marker::PhantomData::<fn() -> E>,
         };
-        let task = tokio::spawn(consume.run(stopped));
+        let (ended, watch_ended) = watch::channel(false);
+        let failure = Arc::new(std::sync::OnceLock::new());
+        let failed = failure.clone();
+        let task = tokio::spawn(async move {
+            // The failure is kept before the end is announced, so whoever
+            // wakes on `closed()` finds it.
+            if let Err(error) = consume.run(stopped).await {
+                let _ = failed.set(error);
+            }
+            ended.send_replace(true);
+        });
         Ok(ConsumerHandle {
             topic,
             group,
             stop: Some(stop),
             task: Some(task),
             health: watched,
+            ended: watch_ended,
+            failure,
         })
     }
 }
@@ -327,6 +416,7 @@ impl fmt::Debug for EventBus {
             .field("transport", &self.transport.name())
             .field("source", &self.source)
             .field("codec", &self.codec)
+            .field("publish_deadline", &self.retry.deadline)
             .finish()
     }
 }

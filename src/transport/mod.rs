@@ -270,7 +270,10 @@ pub struct DeadLettered {
 pub enum Redrive {
     /// The one with this [`DeadLettered::id`].
     One(String),
-    /// All of the topic's dead letters.
+    /// All of the topic's dead letters that are in the queue when the
+    /// redrive starts; what is dead-lettered meanwhile (a redriven message
+    /// that fails again at once, too) waits for the next redrive, so a
+    /// redrive always ends.
     All,
 }
 
@@ -286,6 +289,7 @@ pub trait DeadLetterQueue: Send + Sync {
     async fn inspect(&self, topic: &str, id: &str) -> Result<DeadLettered, Error>;
 
     /// Sends dead letters back to the group that gave up on them and removes
-    /// them from the queue; returns how many were sent.
+    /// them from the queue; returns how many were sent. [`Redrive::All`]
+    /// moves at most the letters that were there when it started.
     async fn redrive(&self, topic: &str, which: Redrive) -> Result<usize, Error>;
 }

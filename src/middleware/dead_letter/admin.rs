@@ -69,6 +69,11 @@ impl DeadLetterAdmin {
     }
 
     /// Sends every dead letter of `topic` back; returns how many.
+    ///
+    /// It moves at most the letters that were in the queue when it started:
+    /// one that fails again at once and comes back meanwhile waits for the
+    /// next redrive, so the call always ends. The depth gauge is set to 0
+    /// for what it moved; a later [`list`](Self::list) measures again.
     pub async fn redrive_all(&self, topic: &str) -> Result<usize, Error> {
         let sent = self.queue()?.redrive(topic, Redrive::All).await?;
         crate::observe::metrics::dead_letter_depth(self.transport.name(), topic, 0);

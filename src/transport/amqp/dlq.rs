@@ -9,6 +9,15 @@
 //! runs those messages are invisible to other browsers. That is fine for an
 //! operator's tool on a queue of failures; it is not a monitoring feed.
 //!
+//! A browse holds at most [`BROWSE_WINDOW`] messages unacked: `inspect` and
+//! a redrive of one id look at the first 1 000 dead letters of each group,
+//! and fail with [`ErrorKind::NotFound`] naming that limit when the id is
+//! further back (redrive or purge the older ones to reach it). A redrive of
+//! all holds one message at a time and stops at the first message it has
+//! moved already (known by its event id, or else its body), so a message
+//! that fails again at once and comes back to the queue's tail waits for
+//! the next redrive instead of looping.
+//!
 //! The groups looked at are those this transport has declared or subscribed
 //! for the topic, so an operator's tool declares the topology first.
 //!
@@ -19,6 +28,8 @@
 //! again to every other group bound to the topic, which handled it already;
 //! the original routing key is kept in the dead letter's facts and the
 //! redriven message reaches its group under that topic.
+
+use std::collections::HashSet;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
@@ -33,6 +44,10 @@ use super::publisher::publish_direct;
 use super::{AmqpTransport, DLQ_SUFFIX, Shared};
 use crate::error::{Error, ErrorKind};
 use crate::transport::{DeadLetterQueue, DeadLettered, Redrive, header, validate_name};
+
+/// The most messages a browse holds unacked on its channel: what `inspect`
+/// and a redrive of one id can reach in each group's dead-letter queue.
+pub(super) const BROWSE_WINDOW: usize = 1_000;
 
 /// The headers a redriven message leaves behind.
 const DEAD_LETTER_FACTS: &[&str] = &[
@@ -79,9 +94,16 @@ impl DeadLetterQueue for AmqpTransport {
 
     async fn inspect(&self, topic: &str, id: &str) -> Result<DeadLettered, Error> {
         validate_name("topic", topic)?;
+        // Another group may hold it within reach; the limit is reported
+        // only when none does.
+        let mut beyond = None;
         for group in self.shared.groups(topic) {
             let mut browser = Browser::open(&self.shared, topic, &group).await?;
             let found = loop {
+                if browser.seen >= BROWSE_WINDOW {
+                    beyond = Some(beyond_window(topic, id, &group));
+                    break Ok(None);
+                }
                 match browser.next().await {
                     Ok(Some((letter, _))) if letter.id == id => break Ok(Some(letter)),
                     Ok(Some(_)) => {}
@@ -94,17 +116,35 @@ impl DeadLetterQueue for AmqpTransport {
                 return Ok(letter);
             }
         }
-        Err(not_found(topic, id))
+        Err(beyond.unwrap_or_else(|| not_found(topic, id)))
     }
 
     async fn redrive(&self, topic: &str, which: Redrive) -> Result<usize, Error> {
         validate_name("topic", topic)?;
         let mut count = 0;
+        let mut beyond = None;
         for group in self.shared.groups(topic) {
             let queue = self.shared.config.queue_name(topic, &group)?;
             let mut browser = Browser::open(&self.shared, topic, &group).await?;
+            // A redrive of all stops at the first message it moved already:
+            // one that failed again at once and came back to the queue's
+            // tail waits for the next redrive. (The queue's message count
+            // cannot bound it: a quorum queue reports it late.)
+            let mut moved = HashSet::new();
             let redriven = async {
-                while let Some((letter, got)) = browser.next().await? {
+                loop {
+                    if matches!(which, Redrive::One(_)) && browser.seen >= BROWSE_WINDOW {
+                        if let Redrive::One(id) = &which {
+                            beyond = Some(beyond_window(topic, id, &group));
+                        }
+                        return Ok(false);
+                    }
+                    let Some((letter, got)) = browser.next().await? else {
+                        return Ok(false);
+                    };
+                    if matches!(which, Redrive::All) && !moved.insert(identity(&letter)) {
+                        return Ok(false);
+                    }
                     if let Redrive::One(id) = &which
                         && &letter.id != id
                     {
@@ -134,7 +174,6 @@ impl DeadLetterQueue for AmqpTransport {
                         return Ok(true);
                     }
                 }
-                Ok(false)
             }
             .await;
             browser.close().await;
@@ -143,10 +182,33 @@ impl DeadLetterQueue for AmqpTransport {
             }
         }
         match which {
-            Redrive::One(id) => Err(not_found(topic, &id)),
+            Redrive::One(id) => Err(beyond.unwrap_or_else(|| not_found(topic, &id))),
             Redrive::All => Ok(count),
         }
     }
+}
+
+/// What recognises a message that comes back: its event id, or else its
+/// body (a browse numbers messages without an id afresh each time).
+fn identity(letter: &DeadLettered) -> Result<String, u64> {
+    match letter.message.headers.get(header::EVENT_ID) {
+        Some(id) => Ok(id.clone()),
+        None => {
+            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+            Err(BuildHasherDefault::<DefaultHasher>::default().hash_one(&letter.message.body))
+        }
+    }
+}
+
+fn beyond_window(topic: &str, id: &str, group: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "no dead letter {id:?} among the first {BROWSE_WINDOW} of group {group:?} on topic \
+             {topic:?}; a browse holds no more at once: redrive or purge the older ones to \
+             reach it (not retryable as it is)"
+        ),
+    )
 }
 
 fn not_found(topic: &str, id: &str) -> Error {

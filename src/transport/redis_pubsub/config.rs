@@ -42,6 +42,8 @@ pub struct RedisPubSubOptions {
     pub(super) client_name_prefix: String,
     pub(super) inbox_capacity: usize,
     pub(super) drop_policy: DropPolicy,
+    pub(super) ping_interval: Duration,
+    pub(super) ping_timeout: Duration,
 }
 
 impl Default for RedisPubSubOptions {
@@ -54,6 +56,8 @@ impl Default for RedisPubSubOptions {
             client_name_prefix: "switchboard-pubsub".to_owned(),
             inbox_capacity: 1024,
             drop_policy: DropPolicy::DropOldest,
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -103,6 +107,40 @@ impl RedisPubSubOptions {
     pub fn with_drop_policy(mut self, policy: DropPolicy) -> Self {
         self.drop_policy = policy;
         self
+    }
+
+    /// How often a subscription that heard nothing since the last check
+    /// pings its connection, and how long the answer may take (default 5 s
+    /// and 2 s). A connection that does not answer in time is taken for
+    /// lost (half-open: the peer hung or vanished without closing the
+    /// socket) and replaced, as a closed one is; so a stalled subscription
+    /// is noticed within two intervals and the timeout (12 s by default)
+    /// instead of never. An interval of zero turns the pings off.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::transport::redis_pubsub::RedisPubSubOptions;
+    ///
+    /// let options = RedisPubSubOptions::default()
+    ///     .with_ping(Duration::from_secs(1), Duration::from_millis(500));
+    /// assert_eq!(options.ping_interval(), Duration::from_secs(1));
+    /// assert_eq!(options.ping_timeout(), Duration::from_millis(500));
+    /// assert_eq!(RedisPubSubOptions::default().ping_interval(), Duration::from_secs(5));
+    /// ```
+    pub fn with_ping(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.ping_interval = interval;
+        self.ping_timeout = timeout;
+        self
+    }
+
+    /// How often a silent subscription pings its connection.
+    pub fn ping_interval(&self) -> Duration {
+        self.ping_interval
+    }
+
+    /// How long a ping's answer may take.
+    pub fn ping_timeout(&self) -> Duration {
+        self.ping_timeout
     }
 
     /// The inbox capacity of each subscription.

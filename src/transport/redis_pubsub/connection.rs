@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
@@ -183,18 +183,25 @@ pub(super) struct Listener {
     pub(super) state: watch::Sender<ConnectionState>,
 }
 
-/// A subscribed connection, and the signal that it was lost.
+/// A subscribed connection, the signal that it was lost, and whether it
+/// heard anything since the last check.
 pub(super) struct Live {
     connection: MultiplexedConnection,
     lost: Arc<Notify>,
+    heard: Arc<AtomicBool>,
 }
 
 impl Listener {
     pub(super) async fn connect(&self) -> Result<Live, redis::RedisError> {
         let lost = Arc::new(Notify::new());
+        let heard = Arc::new(AtomicBool::new(false));
         let forward = {
-            let (inbox, lost, fixed_topic) =
-                (self.inbox.clone(), lost.clone(), self.fixed_topic.clone());
+            let (inbox, lost, fixed_topic, heard) = (
+                self.inbox.clone(),
+                lost.clone(),
+                self.fixed_topic.clone(),
+                heard.clone(),
+            );
             // Runs on the connection's own task, inside its read loop, so
             // the message reaches the subscription without another task hop
             // and without ever holding up the socket.
@@ -204,6 +211,7 @@ impl Listener {
                     lost.notify_one();
                     return Ok(());
                 }
+                heard.store(true, Ordering::Relaxed);
                 if let Some(incoming) = incoming(push, fixed_topic.as_ref()) {
                     inbox.push(incoming);
                 }
@@ -227,25 +235,35 @@ impl Listener {
             Channels::Topic(topic) => connection.subscribe(topic).await?,
             Channels::Pattern(pattern) => connection.psubscribe(pattern).await?,
         }
-        Ok(Live { connection, lost })
+        Ok(Live {
+            connection,
+            lost,
+            heard,
+        })
     }
 
     pub(super) async fn run(self, mut live: Live) {
         let mut connection = 1;
         loop {
-            tokio::select! {
-                () = self.consumer.closed() => {
+            match self.watch(&mut live).await {
+                Watched::Ended => {
                     self.unsubscribe(&mut live).await;
                     break;
                 }
-                () = live.lost.notified() => {}
+                Watched::Lost => tracing::warn!(
+                    client = %self.client_name,
+                    channels = self.channels.name(),
+                    "redis pub/sub connection lost; reconnecting"
+                ),
+                Watched::Silent(why) => tracing::warn!(
+                    client = %self.client_name,
+                    channels = self.channels.name(),
+                    why,
+                    timeout = ?self.options.ping_timeout,
+                    "redis pub/sub connection does not answer a ping; reconnecting"
+                ),
             }
             drop(live);
-            tracing::warn!(
-                client = %self.client_name,
-                channels = self.channels.name(),
-                "redis pub/sub connection lost; reconnecting"
-            );
             live = match self.reconnect().await {
                 Some(live) => live,
                 None => break,
@@ -262,6 +280,47 @@ impl Listener {
         }
         self.inbox.close(false);
         self.state.send_replace(ConnectionState::Closed);
+    }
+
+    /// Waits until the subscription ends or its connection is lost, closed
+    /// or silent: a connection that heard nothing for a ping interval is
+    /// pinged, and one that does not answer within the ping timeout is as
+    /// good as lost (a half-open connection never reports itself).
+    async fn watch(&self, live: &mut Live) -> Watched {
+        let interval = self.options.ping_interval;
+        let mut ticks = (!interval.is_zero()).then(|| {
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
+        loop {
+            let tick = async {
+                match ticks.as_mut() {
+                    Some(ticks) => ticks.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.consumer.closed() => return Watched::Ended,
+                () = live.lost.notified() => return Watched::Lost,
+                _ = tick => {}
+            }
+            if live.heard.swap(false, Ordering::Relaxed) {
+                continue;
+            }
+            let command = redis::cmd("PING");
+            let ping = command.query_async::<Value>(&mut live.connection);
+            tokio::select! {
+                () = self.consumer.closed() => return Watched::Ended,
+                () = live.lost.notified() => return Watched::Lost,
+                answer = tokio::time::timeout(self.options.ping_timeout, ping) => match answer {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => return Watched::Silent("ping failed"),
+                    Err(_) => return Watched::Silent("no answer in time"),
+                },
+            }
+        }
     }
 
     /// Ends the subscription on the server before the connection is
@@ -316,6 +375,16 @@ impl Listener {
             }
         }
     }
+}
+
+/// How watching a live connection ended.
+enum Watched {
+    /// The subscription was dropped or shut down.
+    Ended,
+    /// The connection reported its loss.
+    Lost,
+    /// The connection did not answer a ping: why.
+    Silent(&'static str),
 }
 
 /// The message in a `message` or `pmessage` push; `None` for anything else

@@ -22,6 +22,11 @@
 //!   (exponential backoff with jitter, through `backon`), subscribes again
 //!   and reports each step in a [`ConnectionStatus`]. Messages published
 //!   while it was away are lost — that is Pub/Sub.
+//! * Silence is checked: a subscription that heard nothing for
+//!   [`RedisPubSubOptions::with_ping`]'s interval (5 s) sends `PING`, and
+//!   one whose answer does not come within the ping timeout (2 s) is taken
+//!   for half-open — a hung peer or a dropped route never closes the
+//!   socket — and replaced as a lost one is.
 //! * A subscription that is shut down or dropped sends (P)UNSUBSCRIBE before
 //!   closing its connection, so once [`Subscription::shutdown`] returns Redis
 //!   no longer counts it as a receiver.

@@ -36,11 +36,23 @@ impl RedisStreamsTransport {
         after: Option<&str>,
         count: usize,
     ) -> Result<Vec<DlqEntry>, Error> {
+        self.dlq_range(topic, after, "+", count).await
+    }
+
+    /// Dead-letter entries of `topic` after `after` (exclusive) up to
+    /// `until` (inclusive, or `+` for the end), oldest first.
+    async fn dlq_range(
+        &self,
+        topic: &str,
+        after: Option<&str>,
+        until: &str,
+        count: usize,
+    ) -> Result<Vec<DlqEntry>, Error> {
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
         let reply: StreamRangeReply = redis::cmd("XRANGE")
             .arg(self.dead_letter_key(topic))
             .arg(start)
-            .arg("+")
+            .arg(until)
             .arg("COUNT")
             .arg(count)
             .query_async(&mut self.conn())
@@ -54,6 +66,20 @@ impl RedisStreamsTransport {
                 stream_id: entry.id,
             })
             .collect())
+    }
+
+    /// The id of the newest dead-letter entry of `topic`, if any.
+    async fn last_dead_letter_id(&self, topic: &str) -> Result<Option<String>, Error> {
+        let reply: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(self.dead_letter_key(topic))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|error| redis_error("XREVRANGE dead letters", error))?;
+        Ok(reply.ids.into_iter().next().map(|entry| entry.id))
     }
 
     async fn find_dead_letter(&self, topic: &str, id: &str) -> Result<DlqEntry, Error> {
@@ -131,10 +157,16 @@ impl DeadLetterQueue for RedisStreamsTransport {
                 Ok(1)
             }
             Redrive::All => {
+                // Only what is in the queue now: a redriven message that
+                // fails again at once comes back under a newer id, and
+                // chasing it would loop for ever.
+                let Some(last) = self.last_dead_letter_id(topic).await? else {
+                    return Ok(0);
+                };
                 // Redriven entries are deleted, so each page starts at the front.
                 let mut count = 0;
                 loop {
-                    let page = self.dlq_page(topic, None, DLQ_PAGE).await?;
+                    let page = self.dlq_range(topic, None, &last, DLQ_PAGE).await?;
                     if page.is_empty() {
                         return Ok(count);
                     }
