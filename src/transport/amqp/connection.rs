@@ -1,4 +1,13 @@
-//! The connection and the task that keeps it up.
+//! The connections and the tasks that keep them up.
+//!
+//! There are two: one for publishing, one for consuming. RabbitMQ blocks a
+//! connection that publishes while a resource alarm (memory, disk) is on,
+//! and a blocked connection carries nothing at all — lapin stops writing to
+//! it, acks included. So consumers, which only ack, reject and declare,
+//! have a connection of their own that the broker never blocks; everything
+//! that publishes (publishers, and a consumer's dead letters and
+//! republished nacks) goes through the publishing connection under
+//! [`AmqpConfig::publish_timeout`].
 //!
 //! lapin 4 can recover a connection by itself, but then the application
 //! cannot tell when the topology has been declared again nor hand out a
@@ -32,6 +41,12 @@ use crate::topology::Topology;
 pub enum ConnectionState {
     /// Connected, and the known topology declared on this connection.
     Connected,
+    /// Connected, but the broker blocked the connection (a memory or disk
+    /// alarm, `connection.blocked`): publishes wait until it is unblocked
+    /// or their [`publish_timeout`](super::AmqpConfig::publish_timeout)
+    /// passes, then fail with [`ErrorKind::Timeout`]. Only the publishing
+    /// connection is ever blocked; consumers go on acking.
+    Blocked,
     /// The connection was lost; reconnecting with backoff. Publishes wait
     /// (up to the publish timeout) and consumers resume once connected.
     Reconnecting,
@@ -48,16 +63,38 @@ pub(crate) struct Link {
     pub(crate) pool: Arc<Mutex<Vec<Channel>>>,
 }
 
+/// Which of the two connections a supervisor keeps up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Publishers, and the consumers' own publishes; declares the known
+    /// topology on every new connection.
+    Publishing,
+    /// Consumers: they declare their own queues when they (re)start.
+    Consuming,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Publishing => "publish",
+            Self::Consuming => "consume",
+        }
+    }
+}
+
 pub(crate) struct Supervisor {
+    role: Role,
     uri: AMQPUri,
     state: watch::Sender<ConnectionState>,
     link: watch::Sender<Option<Link>>,
     /// The highest generation reported lost.
     lost: watch::Sender<u64>,
+    /// The broker's reason while it blocks the live connection.
+    blocked: watch::Sender<Option<String>>,
 }
 
 impl Supervisor {
-    pub(crate) fn new(config: &AmqpConfig) -> Result<Self, Error> {
+    pub(crate) fn new(config: &AmqpConfig, role: Role) -> Result<Self, Error> {
         let mut uri: AMQPUri = config.uri.parse().map_err(|error| {
             Error::new(
                 ErrorKind::Config,
@@ -67,11 +104,28 @@ impl Supervisor {
         uri.query.heartbeat = Some(config.heartbeat.as_secs().clamp(1, u16::MAX.into()) as u16);
         uri.query.connection_timeout.get_or_insert(10_000);
         Ok(Self {
+            role,
             uri,
             state: watch::Sender::new(ConnectionState::Reconnecting),
             link: watch::Sender::new(None),
             lost: watch::Sender::new(0),
+            blocked: watch::Sender::new(None),
         })
+    }
+
+    /// The broker's reason while it blocks the live connection.
+    pub(crate) fn blocked(&self) -> Option<String> {
+        self.blocked.borrow().clone()
+    }
+
+    /// Waits until the live connection is not blocked, failing with a
+    /// retryable [`ErrorKind::Timeout`] at `deadline`.
+    pub(crate) async fn wait_unblocked(&self, deadline: Instant) -> Result<(), Error> {
+        let mut blocked = self.blocked.subscribe();
+        match tokio::time::timeout_at(deadline, blocked.wait_for(Option::is_none)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(blocked_timeout(self.blocked())),
+        }
     }
 
     pub(crate) fn state(&self) -> watch::Receiver<ConnectionState> {
@@ -96,11 +150,13 @@ impl Supervisor {
         match waited {
             Ok(Ok(link)) => Ok(link.clone().expect("waited for Some")),
             Ok(Err(_)) => Err(Error::closed("amqp transport")),
-            Err(_) => Err(Error::new(
-                ErrorKind::Connection,
-                "amqp: not connected to the broker (still reconnecting)",
-            )),
+            Err(_) => Err(not_connected()),
         }
+    }
+
+    /// Whether a connection is live now.
+    pub(crate) fn is_linked(&self) -> bool {
+        self.link.borrow().is_some()
     }
 
     /// Resolves once the link of `generation` is no longer the live one.
@@ -153,23 +209,94 @@ impl Supervisor {
     }
 }
 
-/// Connects once (so a bad URI or a broker that is down fails the caller),
-/// then leaves the connection to the supervisor task.
+/// The error of a wait for a connection that did not come in time.
+pub(crate) fn not_connected() -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        "amqp: not connected to the broker (still reconnecting)",
+    )
+    .with_effect(crate::error::Effect::NotApplied)
+}
+
+/// The error of a publish that waited for the broker to unblock its
+/// connection until its deadline: never sent, so safe to send again.
+pub(crate) fn blocked_timeout(reason: Option<String>) -> Error {
+    let reason = reason.unwrap_or_else(|| "no reason given".to_owned());
+    Error::new(
+        ErrorKind::Timeout,
+        format!(
+            "amqp: the broker blocks publishing ({reason}); not sent within the publish timeout"
+        ),
+    )
+    .with_effect(crate::error::Effect::NotApplied)
+}
+
+/// Picks one of the two supervisors out of the shared state.
+type Pick = fn(&Shared) -> &Supervisor;
+
+/// Connects both connections once (so a bad URI or a broker that is down
+/// fails the caller), then leaves each to its supervisor task.
 pub(crate) async fn start(shared: &Arc<Shared>) -> Result<(), Error> {
-    let link = open(shared, 1).await?;
-    let events = link.connection.events_listener();
-    install(shared, link.clone());
-    tokio::spawn(supervise(Arc::downgrade(shared), link, Box::pin(events)));
+    let publishing: Pick = |shared| &shared.supervisor;
+    let consuming: Pick = |shared| &shared.consuming;
+    for pick in [publishing, consuming] {
+        let link = open(shared, pick(shared), 1).await?;
+        let events = link.connection.events_listener();
+        install(pick(shared), link.clone());
+        tokio::spawn(supervise(
+            Arc::downgrade(shared),
+            pick,
+            link,
+            Box::pin(events),
+        ));
+    }
     Ok(())
 }
 
 type Events = std::pin::Pin<Box<dyn futures_core::Stream<Item = lapin::Event> + Send>>;
 
-async fn supervise(shared: Weak<Shared>, mut link: Link, mut events: Events) {
+/// Follows the connection's events until it fails: a block or an unblock
+/// is published in the supervisor's state.
+async fn follow(shared: &Weak<Shared>, pick: Pick, connection: &Connection, events: &mut Events) {
+    while let Some(event) = events.next().await {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let supervisor = pick(&strong);
+        match event {
+            // lapin reports a channel closed by the broker (a refused
+            // declaration, say) as an error event too: only one that took
+            // the connection down is the connection's.
+            lapin::Event::Error(error) if !connection.status().connected() => {
+                tracing::warn!(%error, role = supervisor.role.name(), "amqp: connection error");
+                return;
+            }
+            lapin::Event::Error(error) => {
+                tracing::debug!(%error, role = supervisor.role.name(), "amqp: a channel closed");
+            }
+            lapin::Event::ConnectionBlocked(reason) => {
+                tracing::warn!(%reason, role = supervisor.role.name(), "amqp: the broker blocked the connection");
+                supervisor.blocked.send_replace(Some(reason));
+                supervisor.state.send_replace(ConnectionState::Blocked);
+            }
+            lapin::Event::ConnectionUnblocked => {
+                tracing::info!(
+                    role = supervisor.role.name(),
+                    "amqp: the broker unblocked the connection"
+                );
+                supervisor.blocked.send_replace(None);
+                supervisor.state.send_replace(ConnectionState::Connected);
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn supervise(shared: Weak<Shared>, pick: Pick, mut link: Link, mut events: Events) {
     loop {
         let Some(mut lost) = shared
             .upgrade()
-            .map(|shared| shared.supervisor.lost.subscribe())
+            .map(|shared| pick(&shared).lost.subscribe())
         else {
             return;
         };
@@ -179,25 +306,21 @@ async fn supervise(shared: Weak<Shared>, mut link: Link, mut events: Events) {
             result = lost.wait_for(|lost| *lost >= generation) => if result.is_err() {
                 return;
             },
-            _ = async {
-                while let Some(event) = events.next().await {
-                    if let lapin::Event::Error(error) = event {
-                        tracing::warn!(%error, "amqp: connection error");
-                        break;
-                    }
-                }
-            } => {}
+            () = follow(&shared, pick, &link.connection, &mut events) => {}
         }
         drop(lost);
         let Some(strong) = shared.upgrade() else {
             return;
         };
-        tracing::warn!(generation, "amqp: connection lost; reconnecting");
-        strong.supervisor.link.send_replace(None);
-        strong
-            .supervisor
-            .state
-            .send_replace(ConnectionState::Reconnecting);
+        let supervisor = pick(&strong);
+        tracing::warn!(
+            generation,
+            role = supervisor.role.name(),
+            "amqp: connection lost; reconnecting"
+        );
+        supervisor.link.send_replace(None);
+        supervisor.blocked.send_replace(None);
+        supervisor.state.send_replace(ConnectionState::Reconnecting);
         let (first, longest) = strong.config.reconnect_delay;
         drop(strong);
         // Closing politely may hang on a dead socket; dropping is enough.
@@ -215,7 +338,7 @@ async fn supervise(shared: Weak<Shared>, mut link: Link, mut events: Events) {
             let Some(strong) = shared.upgrade() else {
                 return;
             };
-            match open(&strong, next).await {
+            match open(&strong, pick(&strong), next).await {
                 Ok(link) => break link,
                 Err(error) => {
                     tracing::warn!(%error, "amqp: reconnect failed");
@@ -230,29 +353,34 @@ async fn supervise(shared: Weak<Shared>, mut link: Link, mut events: Events) {
         let Some(strong) = shared.upgrade() else {
             return;
         };
-        install(&strong, link.clone());
+        install(pick(&strong), link.clone());
         tracing::info!(generation = link.generation, "amqp: reconnected");
     }
 }
 
-fn install(shared: &Shared, link: Link) {
-    shared.supervisor.link.send_replace(Some(link));
-    shared
-        .supervisor
-        .state
-        .send_replace(ConnectionState::Connected);
+fn install(supervisor: &Supervisor, link: Link) {
+    // A connection the broker blocks says so in its first frames.
+    let blocked = link.connection.status().blocked();
+    supervisor.link.send_replace(Some(link));
+    supervisor.state.send_replace(if blocked {
+        ConnectionState::Blocked
+    } else {
+        ConnectionState::Connected
+    });
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        self.supervisor.state.send_replace(ConnectionState::Closed);
-        if let Some(link) = self.supervisor.link.send_replace(None) {
-            let connection = link.connection.clone();
-            drop(link);
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = connection.close(200, "transport dropped".into()).await;
-                });
+        for supervisor in [&self.supervisor, &self.consuming] {
+            supervisor.state.send_replace(ConnectionState::Closed);
+            if let Some(link) = supervisor.link.send_replace(None) {
+                let connection = link.connection.clone();
+                drop(link);
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move {
+                        let _ = connection.close(200, "transport dropped".into()).await;
+                    });
+                }
             }
         }
     }
@@ -290,10 +418,10 @@ async fn connect(
         .map_err(|error| amqp_error("connect", error))
 }
 
-async fn open(shared: &Shared, generation: u64) -> Result<Link, Error> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(format!("switchboard/{generation}")));
-    let connection = connect(&shared.config, shared.supervisor.uri.clone(), properties).await?;
+async fn open(shared: &Shared, supervisor: &Supervisor, generation: u64) -> Result<Link, Error> {
+    let name = format!("switchboard/{}/{generation}", supervisor.role.name());
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    let connection = connect(&shared.config, supervisor.uri.clone(), properties).await?;
     let link = Link {
         generation,
         connection: Arc::new(connection),
@@ -302,20 +430,44 @@ async fn open(shared: &Shared, generation: u64) -> Result<Link, Error> {
     // The link is not live yet, so nothing else notices if the connection
     // dies under the declarations: bound them, or the supervisor could wait
     // forever instead of reconnecting.
-    let topology = shared.known_topology();
-    let declared = tokio::time::timeout(
-        DECLARE_TIMEOUT,
-        declare_on(&shared.config, &link, &topology),
-    )
-    .await
-    .map_err(|_| {
-        Error::new(
-            ErrorKind::Timeout,
-            "amqp: declaring the topology on a new connection took too long",
-        )
-    })?;
+    let declared = tokio::time::timeout(DECLARE_TIMEOUT, redeclare(shared, supervisor, &link))
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                "amqp: declaring the topology on a new connection took too long",
+            )
+        })?;
     declared?;
     Ok(link)
+}
+
+/// On a new connection: the exchange, and on the publishing connection
+/// every known queue, each on a channel of its own. A declaration the
+/// broker refuses (say `PRECONDITION_FAILED`: the queue exists with other
+/// arguments) fails only what needs it — the subscription declares its
+/// queue again when it resumes and reports the reason — never the
+/// connection of everything else; only a connection failure does.
+async fn redeclare(shared: &Shared, supervisor: &Supervisor, link: &Link) -> Result<(), Error> {
+    let config = &shared.config;
+    let mut parts = vec![Topology::new()];
+    if supervisor.role == Role::Publishing {
+        let known = shared.known_topology();
+        parts.extend(
+            known
+                .subscriptions()
+                .map(|(topic, group)| Topology::new().with_groups(topic, [group])),
+        );
+    }
+    for part in &parts {
+        if let Err(error) = declare_on(config, link, part).await {
+            if matches!(error.kind(), ErrorKind::Connection | ErrorKind::Timeout) {
+                return Err(error);
+            }
+            tracing::warn!(%error, "amqp: a declaration failed on a new connection; going on without it");
+        }
+    }
+    Ok(())
 }
 
 /// Declares the exchange, and each group's queue, binding and dead-letter

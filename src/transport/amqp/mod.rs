@@ -118,7 +118,7 @@ mod publisher;
 
 pub use acker::HOLD_LIMIT;
 pub use connection::ConnectionState;
-use connection::Supervisor;
+use connection::{Role, Supervisor};
 
 const NAME: &str = "amqp";
 
@@ -347,6 +347,36 @@ impl Default for AmqpConfig {
 
 pub(crate) const DLQ_SUFFIX: &str = ".dlq";
 
+/// What [`AmqpTransport::health`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AmqpHealth {
+    /// The publishing connection (publishers, and the consumers' dead
+    /// letters and republished nacks): [`ConnectionState::Blocked`] while
+    /// the broker blocks it.
+    pub publishing: ConnectionState,
+    /// The consuming connection (consumers, their acks and rejects).
+    pub consuming: ConnectionState,
+    /// The broker's reason while it blocks the publishing connection, such
+    /// as `"low on memory"`.
+    pub blocked: Option<String>,
+}
+
+impl AmqpHealth {
+    /// Both connections are up and publishing is not blocked.
+    ///
+    /// ```
+    /// # use switchboard::transport::amqp::AmqpHealth;
+    /// fn ready(health: &AmqpHealth) -> bool {
+    ///     health.is_up()
+    /// }
+    /// ```
+    pub fn is_up(&self) -> bool {
+        self.publishing == ConnectionState::Connected
+            && self.consuming == ConnectionState::Connected
+    }
+}
+
 /// The RabbitMQ transport. Clones share one connection.
 ///
 /// See the [module docs](self) for what it guarantees and how.
@@ -358,9 +388,16 @@ pub struct AmqpTransport {
 /// What publishers, consumers and the supervisor share.
 pub(crate) struct Shared {
     pub(crate) config: AmqpConfig,
+    /// The publishing connection: publishers, declarations, dead letters,
+    /// republished nacks and the dead-letter queue's operations.
     pub(crate) supervisor: Supervisor,
-    /// Every (topic, group) declared or subscribed, so a new connection
-    /// declares them again and the dead-letter queue knows where to look.
+    /// The consuming connection: consumers' channels, their acks and
+    /// rejects, and the lag samples. Never publishes, so the broker never
+    /// blocks it.
+    pub(crate) consuming: Supervisor,
+    /// Every (topic, group) declared or subscribed successfully, so a new
+    /// connection declares them again and the dead-letter queue knows where
+    /// to look. A declaration the broker refused is not remembered.
     pub(crate) known: Mutex<BTreeMap<String, BTreeSet<String>>>,
     pub(crate) window: Arc<tokio::sync::Semaphore>,
 }
@@ -400,10 +437,12 @@ impl AmqpTransport {
                 .publish_window
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
-        let supervisor = Supervisor::new(&config)?;
+        let supervisor = Supervisor::new(&config, Role::Publishing)?;
+        let consuming = Supervisor::new(&config, Role::Consuming)?;
         let shared = Arc::new(Shared {
             config,
             supervisor,
+            consuming,
             known: Mutex::default(),
             window,
         });
@@ -411,10 +450,38 @@ impl AmqpTransport {
         Ok(Self { shared })
     }
 
-    /// The connection state, as a watch: `borrow()` for now, `changed()` or
-    /// `wait_for(..)` to follow it.
+    /// The publishing connection's state, as a watch: `borrow()` for now,
+    /// `changed()` or `wait_for(..)` to follow it. It is
+    /// [`ConnectionState::Blocked`] while the broker blocks publishing.
     pub fn connection_state(&self) -> watch::Receiver<ConnectionState> {
         self.shared.supervisor.state()
+    }
+
+    /// The consuming connection's state, as a watch (consumers have a
+    /// connection of their own, so a blocked publisher never stalls acks).
+    pub fn consumer_connection_state(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.consuming.state()
+    }
+
+    /// Both connections' states now, and the broker's reason while it
+    /// blocks publishing.
+    ///
+    /// ```no_run
+    /// # async fn run(transport: switchboard::transport::amqp::AmqpTransport) {
+    /// use switchboard::transport::amqp::ConnectionState;
+    ///
+    /// let health = transport.health();
+    /// if health.publishing == ConnectionState::Blocked {
+    ///     eprintln!("RabbitMQ blocks publishing: {:?}", health.blocked);
+    /// }
+    /// # }
+    /// ```
+    pub fn health(&self) -> AmqpHealth {
+        AmqpHealth {
+            publishing: *self.shared.supervisor.state().borrow(),
+            consuming: *self.shared.consuming.state().borrow(),
+            blocked: self.shared.supervisor.blocked(),
+        }
     }
 
     /// The configuration.
@@ -469,20 +536,25 @@ impl Transport for AmqpTransport {
         for (topic, group) in topology.subscriptions() {
             self.shared.config.queue_name(topic, group)?;
         }
+        let deadline = tokio::time::Instant::now() + self.shared.config.publish_timeout;
+        let link = self.shared.supervisor.wait_link(deadline).await?;
+        let declared = connection::declare_on(&self.shared.config, &link, topology);
+        let guarded = self.shared.supervisor.guard(link.generation, declared);
+        tokio::time::timeout_at(deadline, guarded)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    "amqp: the broker did not answer the declarations within the publish timeout",
+                ))
+            })
+            .inspect_err(|error| self.shared.supervisor.failed(&link, error))?;
+        // Only what the broker accepted is declared again on reconnects: a
+        // refused queue would fail every later connection.
         for (topic, group) in topology.subscriptions() {
             self.shared.remember(topic, group);
         }
-        let link = self
-            .shared
-            .supervisor
-            .wait_link(tokio::time::Instant::now() + self.shared.config.publish_timeout)
-            .await?;
-        let declared = connection::declare_on(&self.shared.config, &link, topology);
-        self.shared
-            .supervisor
-            .guard(link.generation, declared)
-            .await
-            .inspect_err(|error| self.shared.supervisor.failed(&link, error))
+        Ok(())
     }
 
     fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
@@ -495,7 +567,7 @@ impl fmt::Debug for AmqpTransport {
         f.debug_struct("AmqpTransport")
             .field("exchange", &self.shared.config.exchange)
             .field("queue_type", &self.shared.config.queue_type)
-            .field("state", &*self.shared.supervisor.state().borrow())
+            .field("health", &self.health())
             .finish_non_exhaustive()
     }
 }
