@@ -108,6 +108,7 @@ impl<T> DelayQueue<T> {
     }
 
     /// Whether [`close`](Self::close) was called: the subscription stops.
+    #[cfg_attr(not(feature = "amqp"), allow(dead_code))]
     pub(crate) fn is_closed(&self) -> bool {
         self.lock().closed
     }

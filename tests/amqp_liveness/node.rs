@@ -75,6 +75,8 @@ impl Node {
         node
     }
 
+    // Never waited for: it must outlive this process to clean up after it.
+    #[allow(clippy::zombie_processes)]
     fn watchdog(&self) {
         let script = format!(
             "while kill -0 {me} 2>/dev/null; do sleep 1; done; \

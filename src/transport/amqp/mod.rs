@@ -35,7 +35,21 @@
 //!   declared with broker-side dead-lettering to the same queue
 //!   (`x-dead-letter-strategy = at-least-once`, which needs
 //!   `x-overflow = reject-publish`).
-//! * **Connection loss.** A supervisor task owns the connection: heartbeats
+//! * **Two connections.** Publishers use one, consumers the other: RabbitMQ
+//!   blocks a connection that publishes during a memory or disk alarm, and a
+//!   blocked connection carries nothing, acks included. The consumers' own
+//!   publishes (dead letters, republished nacks) go through the publishing
+//!   connection, so the consuming one never publishes and is never blocked.
+//! * **Deadlines.** [`AmqpConfig::publish_timeout`] bounds all of a publish:
+//!   a place in the window, a connection, the broker unblocking the
+//!   connection (nothing is sent while it is blocked) and the confirms. Past
+//!   it the publish fails with a retryable [`ErrorKind::Timeout`] (or
+//!   [`ErrorKind::Connection`] while reconnecting), so a consumer's dead
+//!   letter or republish holds its delivery and permit at most that long.
+//!   `connection_state` says [`ConnectionState::Blocked`] while the broker
+//!   blocks publishing; [`AmqpTransport::health`] gives both connections and
+//!   the broker's reason.
+//! * **Connection loss.** A supervisor task owns each connection: heartbeats
 //!   every few seconds notice a dead peer, and it reconnects with an
 //!   exponential backoff (`backon`), declares everything again and hands the
 //!   new connection to publishers and consumers, which resume by themselves.
@@ -44,6 +58,11 @@
 //!   on the next connection until [`AmqpConfig::publish_timeout`], then
 //!   returned as an error — never dropped silently (a retry after a lost
 //!   confirm may duplicate a message: consumers deduplicate on `event_id`).
+//! * **Declarations.** One the broker refuses (say `PRECONDITION_FAILED`)
+//!   fails the `subscribe` or `declare` that needed it, with the broker's
+//!   reason, and is not remembered; reconnections declare each remembered
+//!   queue on a channel of its own and go on past a refusal, so one queue
+//!   never keeps the transport down.
 //!
 //! # Delayed nacks
 //!
@@ -172,10 +191,12 @@ pub struct AmqpConfig {
     /// Publishes in flight at once, and confirms outstanding in one
     /// `publish_batch` (default 256).
     pub publish_window: usize,
-    /// How long a publish waits for a connection and tries again after one
-    /// is lost, before it returns the error (default 30 s). `declare`,
-    /// `subscribe` and the dead-letter operations wait as long for a
-    /// connection.
+    /// The deadline of each publish, over all it waits for — a place in the
+    /// window, a connection, the broker unblocking a blocked connection, the
+    /// confirm — and the tries after a lost connection; past it the publish
+    /// fails with a retryable error (default 30 s). `declare`, `subscribe`
+    /// and the dead-letter operations wait as long for a connection, and
+    /// declarations as long for the broker's answer.
     pub publish_timeout: Duration,
     /// The AMQP heartbeat, so a dead peer is noticed (default 5 s).
     pub heartbeat: Duration,
