@@ -33,7 +33,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::acker::{AmqpAcker, Held, Waiting, counts_of};
-use super::connection::{Link, RETRY_PAUSE, amqp_error, declare_queue};
+use super::connection::{Link, RETRY_PAUSE, amqp_error};
+use super::declare::declare_queue;
 use super::{NAME, Shared, properties};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
