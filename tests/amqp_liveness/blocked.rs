@@ -158,8 +158,9 @@ async fn a_blocked_node_fails_publishes_in_time_and_keeps_acking() {
     .await
     .expect("the state says connected again")
     .expect("state watch");
-    println!(
-        "node blocked: publish failed with Timeout in {:.2} s (first, already sent) and \
+    // On a line of its own, after the harness's "test … ..." prefix.
+    eprintln!(
+        "\nnode blocked: publish failed with Timeout in {:.2} s (the first, sent before the broker said blocked) and \
          {:.2} s (not sent), a dead letter gave up in {:.2} s (publish_timeout {} s); \
          {BACKLOG} messages consumed and acked while blocked in {:.2} s (prefetch {PREFETCH}); \
          publishing resumed {:.2} s after the alarm cleared ({tries} tries)",

@@ -176,8 +176,9 @@ async fn a_killed_node_loses_no_confirmed_message() {
     let slowest = failures.iter().max().copied().unwrap_or_default();
     let published = since.published.lock().unwrap().unwrap_or_default();
     let consumed = since.consumed.lock().unwrap().unwrap_or_default();
-    println!(
-        "node killed: {total} persistent messages from {PUBLISHERS} publishers, \
+    // On a line of its own, after the harness's "test … ..." prefix.
+    eprintln!(
+        "\nnode killed: {total} persistent messages from {PUBLISHERS} publishers, \
          {confirmed} confirmed ({confirmed_at_kill} before the kill), {} consumed \
          ({duplicates} redelivered), lost 0; {} publishes failed retryably, slowest in \
          {:.2} s (publish_timeout {} s); node down {:.1} s; publishing resumed {:.2} s \
