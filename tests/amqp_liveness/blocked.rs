@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use switchboard::transport::amqp::{AmqpTransport, ConnectionState};
 use switchboard::{
-    DeadLetter, ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, Topology, Transport,
+    DeadLetter, Effect, ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, Topology,
+    Transport,
 };
 
 use super::{Node, PATIENCE, config, init_tracing, node, recv, seq_message, unique};
@@ -73,6 +74,11 @@ async fn a_blocked_node_fails_publishes_in_time_and_keeps_acking() {
     let (error, first_took) = first_failure.expect("a publish fails once the node is blocked");
     assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
     assert!(error.is_retryable());
+    assert_eq!(
+        error.effect(),
+        Effect::Unknown,
+        "sent: the broker may take it later"
+    );
     assert!(first_took <= PUBLISH_TIMEOUT + SLACK, "{first_took:?}");
     let mut state = transport.connection_state();
     tokio::time::timeout(
@@ -95,6 +101,11 @@ async fn a_blocked_node_fails_publishes_in_time_and_keeps_acking() {
     let blocked_took = started.elapsed();
     assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
     assert!(error.message().contains("blocks publishing"), "{error}");
+    assert_eq!(
+        error.effect(),
+        Effect::NotApplied,
+        "never sent: safe to send again"
+    );
     assert!(blocked_took <= PUBLISH_TIMEOUT + SLACK, "{blocked_took:?}");
 
     // A consumer's own publish (a dead letter, on the publishing

@@ -119,7 +119,16 @@ where
     let sent = AtomicBool::new(false);
     let tries = tries(shared, deadline, &sent, attempt);
     match tokio::time::timeout_at(deadline, tries).await {
-        Ok(result) => result,
+        Ok(Ok(())) => Ok(()),
+        // Once a try has begun, a lost connection may have lost only the
+        // confirm: the broker may have the message.
+        Ok(Err(error))
+            if sent.load(Ordering::Relaxed)
+                && matches!(error.kind(), ErrorKind::Connection | ErrorKind::Timeout) =>
+        {
+            Err(error.with_effect(Effect::Unknown))
+        }
+        Ok(Err(error)) => Err(error),
         Err(_) => Err(deadline_passed(shared, sent.load(Ordering::Relaxed))),
     }
 }
@@ -143,6 +152,11 @@ fn deadline_passed(shared: &Shared, sent: bool) -> Error {
                 "amqp: the broker blocked publishing ({reason}) before it confirmed the \
                  message; it may still take it once unblocked"
             ),
+        ),
+        (None, true) if !shared.supervisor.is_linked() => Error::new(
+            ErrorKind::Connection,
+            "amqp: the connection was lost and no new one came within the publish timeout; \
+             the broker may have taken the message",
         ),
         (None, true) => Error::new(
             ErrorKind::Timeout,
