@@ -759,7 +759,7 @@ async fn heartbeats_notice_a_peer_that_hangs() {
     let mut state = transport.connection_state();
 
     proxy.stall();
-    assert_eq!(proxy.open_connections(), 1, "the connection stays open");
+    assert_eq!(proxy.open_connections(), 2, "both connections stay open");
     tokio::time::timeout(
         PATIENCE,
         state.wait_for(|state| *state == ConnectionState::Reconnecting),

@@ -86,7 +86,7 @@ impl Held {
         };
         let sent = self
             .shared
-            .supervisor
+            .consuming
             .guard(self.generation, rejected)
             .await?;
         sent.then_some(()).ok_or_else(channel_gone)
@@ -99,7 +99,7 @@ impl Held {
                 .await
                 .map_err(|error| amqp_error("ack", error))
         };
-        let sent = self.shared.supervisor.guard(self.generation, acked).await?;
+        let sent = self.shared.consuming.guard(self.generation, acked).await?;
         sent.then_some(()).ok_or_else(channel_gone)
     }
 

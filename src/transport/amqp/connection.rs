@@ -1,4 +1,13 @@
-//! The connection and the task that keeps it up.
+//! The connections and the tasks that keep them up.
+//!
+//! There are two: one for publishing, one for consuming. RabbitMQ blocks a
+//! connection that publishes while a resource alarm (memory, disk) is on,
+//! and a blocked connection carries nothing at all — lapin stops writing to
+//! it, acks included. So consumers, which only ack, reject and declare,
+//! have a connection of their own that the broker never blocks; everything
+//! that publishes (publishers, and a consumer's dead letters and
+//! republished nacks) goes through the publishing connection under
+//! [`AmqpConfig::publish_timeout`].
 //!
 //! lapin 4 can recover a connection by itself, but then the application
 //! cannot tell when the topology has been declared again nor hand out a
@@ -14,17 +23,16 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::LongString;
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{AmqpConfig, DLQ_SUFFIX, QueueType, Shared};
+use super::declare::redeclare;
+use super::{AmqpConfig, Shared};
 use crate::error::{Error, ErrorKind};
-use crate::topology::Topology;
 
 /// Where the transport's connection to RabbitMQ stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +40,12 @@ use crate::topology::Topology;
 pub enum ConnectionState {
     /// Connected, and the known topology declared on this connection.
     Connected,
+    /// Connected, but the broker blocked the connection (a memory or disk
+    /// alarm, `connection.blocked`): publishes wait until it is unblocked
+    /// or their [`publish_timeout`](super::AmqpConfig::publish_timeout)
+    /// passes, then fail with [`ErrorKind::Timeout`]. Only the publishing
+    /// connection is ever blocked; consumers go on acking.
+    Blocked,
     /// The connection was lost; reconnecting with backoff. Publishes wait
     /// (up to the publish timeout) and consumers resume once connected.
     Reconnecting,
@@ -48,16 +62,38 @@ pub(crate) struct Link {
     pub(crate) pool: Arc<Mutex<Vec<Channel>>>,
 }
 
+/// Which of the two connections a supervisor keeps up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Publishers, and the consumers' own publishes; declares the known
+    /// topology on every new connection.
+    Publishing,
+    /// Consumers: they declare their own queues when they (re)start.
+    Consuming,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Publishing => "publish",
+            Self::Consuming => "consume",
+        }
+    }
+}
+
 pub(crate) struct Supervisor {
+    pub(super) role: Role,
     uri: AMQPUri,
     state: watch::Sender<ConnectionState>,
     link: watch::Sender<Option<Link>>,
     /// The highest generation reported lost.
     lost: watch::Sender<u64>,
+    /// The broker's reason while it blocks the live connection.
+    blocked: watch::Sender<Option<String>>,
 }
 
 impl Supervisor {
-    pub(crate) fn new(config: &AmqpConfig) -> Result<Self, Error> {
+    pub(crate) fn new(config: &AmqpConfig, role: Role) -> Result<Self, Error> {
         let mut uri: AMQPUri = config.uri.parse().map_err(|error| {
             Error::new(
                 ErrorKind::Config,
@@ -67,11 +103,28 @@ impl Supervisor {
         uri.query.heartbeat = Some(config.heartbeat.as_secs().clamp(1, u16::MAX.into()) as u16);
         uri.query.connection_timeout.get_or_insert(10_000);
         Ok(Self {
+            role,
             uri,
             state: watch::Sender::new(ConnectionState::Reconnecting),
             link: watch::Sender::new(None),
             lost: watch::Sender::new(0),
+            blocked: watch::Sender::new(None),
         })
+    }
+
+    /// The broker's reason while it blocks the live connection.
+    pub(crate) fn blocked(&self) -> Option<String> {
+        self.blocked.borrow().clone()
+    }
+
+    /// Waits until the live connection is not blocked, failing with a
+    /// retryable [`ErrorKind::Timeout`] at `deadline`.
+    pub(crate) async fn wait_unblocked(&self, deadline: Instant) -> Result<(), Error> {
+        let mut blocked = self.blocked.subscribe();
+        match tokio::time::timeout_at(deadline, blocked.wait_for(Option::is_none)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(blocked_timeout(self.blocked())),
+        }
     }
 
     pub(crate) fn state(&self) -> watch::Receiver<ConnectionState> {
@@ -96,11 +149,13 @@ impl Supervisor {
         match waited {
             Ok(Ok(link)) => Ok(link.clone().expect("waited for Some")),
             Ok(Err(_)) => Err(Error::closed("amqp transport")),
-            Err(_) => Err(Error::new(
-                ErrorKind::Connection,
-                "amqp: not connected to the broker (still reconnecting)",
-            )),
+            Err(_) => Err(not_connected()),
         }
+    }
+
+    /// Whether a connection is live now.
+    pub(crate) fn is_linked(&self) -> bool {
+        self.link.borrow().is_some()
     }
 
     /// Resolves once the link of `generation` is no longer the live one.
@@ -153,23 +208,94 @@ impl Supervisor {
     }
 }
 
-/// Connects once (so a bad URI or a broker that is down fails the caller),
-/// then leaves the connection to the supervisor task.
+/// The error of a wait for a connection that did not come in time.
+pub(crate) fn not_connected() -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        "amqp: not connected to the broker (still reconnecting)",
+    )
+    .with_effect(crate::error::Effect::NotApplied)
+}
+
+/// The error of a publish that waited for the broker to unblock its
+/// connection until its deadline: never sent, so safe to send again.
+pub(crate) fn blocked_timeout(reason: Option<String>) -> Error {
+    let reason = reason.unwrap_or_else(|| "no reason given".to_owned());
+    Error::new(
+        ErrorKind::Timeout,
+        format!(
+            "amqp: the broker blocks publishing ({reason}); not sent within the publish timeout"
+        ),
+    )
+    .with_effect(crate::error::Effect::NotApplied)
+}
+
+/// Picks one of the two supervisors out of the shared state.
+type Pick = fn(&Shared) -> &Supervisor;
+
+/// Connects both connections once (so a bad URI or a broker that is down
+/// fails the caller), then leaves each to its supervisor task.
 pub(crate) async fn start(shared: &Arc<Shared>) -> Result<(), Error> {
-    let link = open(shared, 1).await?;
-    let events = link.connection.events_listener();
-    install(shared, link.clone());
-    tokio::spawn(supervise(Arc::downgrade(shared), link, Box::pin(events)));
+    let publishing: Pick = |shared| &shared.supervisor;
+    let consuming: Pick = |shared| &shared.consuming;
+    for pick in [publishing, consuming] {
+        let link = open(shared, pick(shared), 1).await?;
+        let events = link.connection.events_listener();
+        install(pick(shared), link.clone());
+        tokio::spawn(supervise(
+            Arc::downgrade(shared),
+            pick,
+            link,
+            Box::pin(events),
+        ));
+    }
     Ok(())
 }
 
 type Events = std::pin::Pin<Box<dyn futures_core::Stream<Item = lapin::Event> + Send>>;
 
-async fn supervise(shared: Weak<Shared>, mut link: Link, mut events: Events) {
+/// Follows the connection's events until it fails: a block or an unblock
+/// is published in the supervisor's state.
+async fn follow(shared: &Weak<Shared>, pick: Pick, connection: &Connection, events: &mut Events) {
+    while let Some(event) = events.next().await {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let supervisor = pick(&strong);
+        match event {
+            // lapin reports a channel closed by the broker (a refused
+            // declaration, say) as an error event too: only one that took
+            // the connection down is the connection's.
+            lapin::Event::Error(error) if !connection.status().connected() => {
+                tracing::warn!(%error, role = supervisor.role.name(), "amqp: connection error");
+                return;
+            }
+            lapin::Event::Error(error) => {
+                tracing::debug!(%error, role = supervisor.role.name(), "amqp: a channel closed");
+            }
+            lapin::Event::ConnectionBlocked(reason) => {
+                tracing::warn!(%reason, role = supervisor.role.name(), "amqp: the broker blocked the connection");
+                supervisor.blocked.send_replace(Some(reason));
+                supervisor.state.send_replace(ConnectionState::Blocked);
+            }
+            lapin::Event::ConnectionUnblocked => {
+                tracing::info!(
+                    role = supervisor.role.name(),
+                    "amqp: the broker unblocked the connection"
+                );
+                supervisor.blocked.send_replace(None);
+                supervisor.state.send_replace(ConnectionState::Connected);
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn supervise(shared: Weak<Shared>, pick: Pick, mut link: Link, mut events: Events) {
     loop {
         let Some(mut lost) = shared
             .upgrade()
-            .map(|shared| shared.supervisor.lost.subscribe())
+            .map(|shared| pick(&shared).lost.subscribe())
         else {
             return;
         };
@@ -179,25 +305,21 @@ async fn supervise(shared: Weak<Shared>, mut link: Link, mut events: Events) {
             result = lost.wait_for(|lost| *lost >= generation) => if result.is_err() {
                 return;
             },
-            _ = async {
-                while let Some(event) = events.next().await {
-                    if let lapin::Event::Error(error) = event {
-                        tracing::warn!(%error, "amqp: connection error");
-                        break;
-                    }
-                }
-            } => {}
+            () = follow(&shared, pick, &link.connection, &mut events) => {}
         }
         drop(lost);
         let Some(strong) = shared.upgrade() else {
             return;
         };
-        tracing::warn!(generation, "amqp: connection lost; reconnecting");
-        strong.supervisor.link.send_replace(None);
-        strong
-            .supervisor
-            .state
-            .send_replace(ConnectionState::Reconnecting);
+        let supervisor = pick(&strong);
+        tracing::warn!(
+            generation,
+            role = supervisor.role.name(),
+            "amqp: connection lost; reconnecting"
+        );
+        supervisor.link.send_replace(None);
+        supervisor.blocked.send_replace(None);
+        supervisor.state.send_replace(ConnectionState::Reconnecting);
         let (first, longest) = strong.config.reconnect_delay;
         drop(strong);
         // Closing politely may hang on a dead socket; dropping is enough.
@@ -215,7 +337,7 @@ async fn supervise(shared: Weak<Shared>, mut link: Link, mut events: Events) {
             let Some(strong) = shared.upgrade() else {
                 return;
             };
-            match open(&strong, next).await {
+            match open(&strong, pick(&strong), next).await {
                 Ok(link) => break link,
                 Err(error) => {
                     tracing::warn!(%error, "amqp: reconnect failed");
@@ -230,29 +352,34 @@ async fn supervise(shared: Weak<Shared>, mut link: Link, mut events: Events) {
         let Some(strong) = shared.upgrade() else {
             return;
         };
-        install(&strong, link.clone());
+        install(pick(&strong), link.clone());
         tracing::info!(generation = link.generation, "amqp: reconnected");
     }
 }
 
-fn install(shared: &Shared, link: Link) {
-    shared.supervisor.link.send_replace(Some(link));
-    shared
-        .supervisor
-        .state
-        .send_replace(ConnectionState::Connected);
+fn install(supervisor: &Supervisor, link: Link) {
+    // A connection the broker blocks says so in its first frames.
+    let blocked = link.connection.status().blocked();
+    supervisor.link.send_replace(Some(link));
+    supervisor.state.send_replace(if blocked {
+        ConnectionState::Blocked
+    } else {
+        ConnectionState::Connected
+    });
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        self.supervisor.state.send_replace(ConnectionState::Closed);
-        if let Some(link) = self.supervisor.link.send_replace(None) {
-            let connection = link.connection.clone();
-            drop(link);
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = connection.close(200, "transport dropped".into()).await;
-                });
+        for supervisor in [&self.supervisor, &self.consuming] {
+            supervisor.state.send_replace(ConnectionState::Closed);
+            if let Some(link) = supervisor.link.send_replace(None) {
+                let connection = link.connection.clone();
+                drop(link);
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move {
+                        let _ = connection.close(200, "transport dropped".into()).await;
+                    });
+                }
             }
         }
     }
@@ -290,10 +417,10 @@ async fn connect(
         .map_err(|error| amqp_error("connect", error))
 }
 
-async fn open(shared: &Shared, generation: u64) -> Result<Link, Error> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(format!("switchboard/{generation}")));
-    let connection = connect(&shared.config, shared.supervisor.uri.clone(), properties).await?;
+async fn open(shared: &Shared, supervisor: &Supervisor, generation: u64) -> Result<Link, Error> {
+    let name = format!("switchboard/{}/{generation}", supervisor.role.name());
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    let connection = connect(&shared.config, supervisor.uri.clone(), properties).await?;
     let link = Link {
         generation,
         connection: Arc::new(connection),
@@ -302,123 +429,16 @@ async fn open(shared: &Shared, generation: u64) -> Result<Link, Error> {
     // The link is not live yet, so nothing else notices if the connection
     // dies under the declarations: bound them, or the supervisor could wait
     // forever instead of reconnecting.
-    let topology = shared.known_topology();
-    let declared = tokio::time::timeout(
-        DECLARE_TIMEOUT,
-        declare_on(&shared.config, &link, &topology),
-    )
-    .await
-    .map_err(|_| {
-        Error::new(
-            ErrorKind::Timeout,
-            "amqp: declaring the topology on a new connection took too long",
-        )
-    })?;
+    let declared = tokio::time::timeout(DECLARE_TIMEOUT, redeclare(shared, supervisor, &link))
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                "amqp: declaring the topology on a new connection took too long",
+            )
+        })?;
     declared?;
     Ok(link)
-}
-
-/// Declares the exchange, and each group's queue, binding and dead-letter
-/// queue, on one short-lived channel.
-pub(crate) async fn declare_on(
-    config: &AmqpConfig,
-    link: &Link,
-    topology: &Topology,
-) -> Result<(), Error> {
-    let channel = link
-        .connection
-        .create_channel()
-        .await
-        .map_err(|error| amqp_error("open a channel", error))?;
-    let declared = async {
-        channel
-            .exchange_declare(
-                config.exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    auto_delete: config.exchange_auto_delete,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|error| amqp_error("declare the exchange", error))?;
-        for (topic, group) in topology.subscriptions() {
-            declare_queue(config, &channel, topic, group).await?;
-        }
-        Ok(())
-    }
-    .await;
-    // Closing waits for the broker; a dead connection never answers.
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "declared".into())).await;
-    declared
-}
-
-pub(crate) async fn declare_queue(
-    config: &AmqpConfig,
-    channel: &Channel,
-    topic: &str,
-    group: &str,
-) -> Result<String, Error> {
-    let queue = config.queue_name(topic, group)?;
-    let dlq = format!("{queue}{DLQ_SUFFIX}");
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(dlq.as_str().into(), durable, queue_arguments(config, None))
-        .await
-        .map_err(|error| amqp_error("declare the dead-letter queue", error))?;
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            durable,
-            queue_arguments(config, Some(&dlq)),
-        )
-        .await
-        .map_err(|error| amqp_error("declare the queue", error))?;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            config.exchange.as_str().into(),
-            topic.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|error| amqp_error("bind the queue", error))?;
-    Ok(queue)
-}
-
-fn queue_arguments(config: &AmqpConfig, dead_letters_to: Option<&str>) -> FieldTable {
-    let mut arguments = FieldTable::default();
-    let mut set = |name: &str, value: AMQPValue| {
-        arguments.insert(ShortString::from(name), value);
-    };
-    if let Some(expires) = config.queue_expires {
-        set(
-            "x-expires",
-            AMQPValue::LongLongInt(expires.as_millis().clamp(1, i64::MAX as u128) as i64),
-        );
-    }
-    if config.queue_type == QueueType::Quorum {
-        set("x-queue-type", long_string("quorum"));
-        if let Some(dlq) = dead_letters_to {
-            // Broker-side dead-lettering (a delivery limit, a reject without
-            // requeue) lands in the same queue, at least once.
-            set("x-dead-letter-exchange", long_string(""));
-            set("x-dead-letter-routing-key", long_string(dlq));
-            set("x-dead-letter-strategy", long_string("at-least-once"));
-            set("x-overflow", long_string("reject-publish"));
-        }
-    }
-    arguments
-}
-
-pub(crate) fn long_string(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value))
 }
 
 /// Maps a lapin error to the crate's, keeping whether a retry can help.
@@ -482,22 +502,5 @@ mod tests {
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(redact("amqp://host"), "amqp://host");
-    }
-
-    #[test]
-    fn quorum_queues_dead_letter_at_least_once() {
-        let config = AmqpConfig::default()
-            .with_queue_type(QueueType::Quorum)
-            .with_queue_expires(Duration::from_secs(60));
-        let arguments = queue_arguments(&config, Some("q.dlq"));
-        let inner = arguments.inner();
-        assert_eq!(
-            inner["x-dead-letter-strategy"],
-            long_string("at-least-once")
-        );
-        assert_eq!(inner["x-overflow"], long_string("reject-publish"));
-        assert_eq!(inner["x-expires"], AMQPValue::LongLongInt(60_000));
-        let classic = queue_arguments(&AmqpConfig::default(), Some("q.dlq"));
-        assert!(classic.inner().is_empty());
     }
 }

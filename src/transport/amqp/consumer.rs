@@ -33,9 +33,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::acker::{AmqpAcker, Held, Waiting, counts_of};
-use super::connection::{Link, RETRY_PAUSE, amqp_error, declare_queue};
+use super::connection::{Link, RETRY_PAUSE, amqp_error};
+use super::declare::declare_queue;
 use super::{NAME, Shared, properties};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
 use crate::transport::delay::DelayQueue;
 use crate::transport::delivery::Prefetch;
@@ -49,7 +50,6 @@ pub(crate) async fn subscribe(
     validate_name("topic", topic)?;
     options.validate()?;
     let queue = shared.config.queue_name(topic, &options.group)?;
-    shared.remember(topic, &options.group);
     let prefetch = options.prefetch.min(u16::MAX.into());
     let mut state = ConsumerState {
         shared: shared.clone(),
@@ -59,7 +59,7 @@ pub(crate) async fn subscribe(
         prefetch: Prefetch::new(prefetch),
         live: None,
         after: 0,
-        links: shared.supervisor.link_watch(),
+        links: shared.consuming.link_watch(),
         drained: None,
         handle: Handle::current(),
         delays: DelayQueue::default(),
@@ -68,11 +68,19 @@ pub(crate) async fn subscribe(
     };
     // Live before returning: the queue exists and the consumer is registered.
     let deadline = Instant::now() + shared.config.publish_timeout;
-    let link = shared.supervisor.wait_link(deadline).await?;
-    state
-        .open(link.clone())
+    let link = shared.consuming.wait_link(deadline).await?;
+    tokio::time::timeout_at(deadline, state.open(link.clone()))
         .await
-        .inspect_err(|error| shared.supervisor.failed(&link, error))?;
+        .unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                "amqp: the broker did not answer the subscription's declarations in time",
+            ))
+        })
+        .inspect_err(|error| shared.consuming.failed(&link, error))?;
+    // Remembered only once the broker accepted the queue: a refused
+    // declaration must not fail every later reconnection.
+    shared.remember(topic, &options.group);
     let (drained, drained_rx) = oneshot::channel();
     state.drained = Some(drained);
     state.lag = Some(spawn_lag_sampler(
@@ -126,7 +134,7 @@ impl ConsumerState {
     async fn open(&mut self, link: Link) -> Result<(), Error> {
         let shared = self.shared.clone();
         let generation = link.generation;
-        shared.supervisor.guard(generation, self.start(link)).await
+        shared.consuming.guard(generation, self.start(link)).await
     }
 
     async fn start(&mut self, link: Link) -> Result<(), Error> {
@@ -218,14 +226,22 @@ impl ConsumerState {
                 if let Err(error) = self.open(link.clone()).await {
                     tracing::warn!(%error, queue = &*self.queue, "amqp: cannot resume consuming");
                     self.lost(&link, &error);
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                    // A refusal (the queue redeclared elsewhere with other
+                    // arguments) lasts until an operator acts: try again
+                    // at the reconnect pace, not in a tight loop.
+                    let pause = if error.is_retryable() {
+                        RETRY_PAUSE
+                    } else {
+                        self.shared.config.reconnect_delay.1
+                    };
+                    tokio::time::sleep(pause).await;
                 }
                 continue;
             };
             let generation = live.link.generation;
             let next = tokio::select! {
                 next = live.consumer.next() => next,
-                () = self.shared.supervisor.link_gone(generation) => Some(Err(
+                () = self.shared.consuming.link_gone(generation) => Some(Err(
                     lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
                         lapin::ConnectionState::Error,
                     )),
@@ -262,7 +278,7 @@ impl ConsumerState {
     }
 
     fn lost(&mut self, link: &Link, error: &Error) {
-        self.shared.supervisor.failed(link, error);
+        self.shared.consuming.failed(link, error);
         self.after = if link.connection.status().connected() {
             link.generation - 1
         } else {
@@ -382,7 +398,7 @@ fn spawn_lag_sampler(
     queue: Arc<str>,
 ) -> JoinHandle<()> {
     let every = shared.config.lag_every;
-    let links = shared.supervisor.link_watch();
+    let links = shared.consuming.link_watch();
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -450,7 +466,7 @@ impl Drop for ConsumerState {
                         .await
                         .map_err(|error| amqp_error("cancel", error))
                 };
-                let _ = shared.supervisor.guard(generation, cancel).await;
+                let _ = shared.consuming.guard(generation, cancel).await;
                 if guarded {
                     hand_back_unhandled(&shared, &queue, generation, consumer).await;
                 } else {
@@ -463,7 +479,7 @@ impl Drop for ConsumerState {
                         .await
                         .map_err(|error| amqp_error("close", error))
                 };
-                let _ = shared.supervisor.guard(generation, close).await;
+                let _ = shared.consuming.guard(generation, close).await;
             } else {
                 let _ = prefetch.drained().await;
             }

@@ -230,16 +230,18 @@ struct Browser<'a> {
 }
 
 impl<'a> Browser<'a> {
+    /// On the consuming connection: browsing only reads and acks, so it
+    /// works while the broker blocks the publishing one.
     async fn open(shared: &'a Shared, topic: &str, group: &str) -> Result<Self, Error> {
         let dlq = format!("{}{DLQ_SUFFIX}", shared.config.queue_name(topic, group)?);
         let deadline = Instant::now() + shared.config.publish_timeout;
-        let link = shared.supervisor.wait_link(deadline).await?;
+        let link = shared.consuming.wait_link(deadline).await?;
         let channel = link
             .connection
             .create_channel()
             .await
             .map_err(|error| amqp_error("open a channel", error))
-            .inspect_err(|error| shared.supervisor.failed(&link, error))?;
+            .inspect_err(|error| shared.consuming.failed(&link, error))?;
         Ok(Self {
             shared,
             link,
@@ -257,7 +259,7 @@ impl<'a> Browser<'a> {
         operation: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
         self.shared
-            .supervisor
+            .consuming
             .guard(self.link.generation, operation)
             .await
     }
@@ -271,10 +273,10 @@ impl<'a> Browser<'a> {
         };
         let got = self
             .shared
-            .supervisor
+            .consuming
             .guard(self.link.generation, get)
             .await
-            .inspect_err(|error| self.shared.supervisor.failed(&self.link, error));
+            .inspect_err(|error| self.shared.consuming.failed(&self.link, error));
         let got = match got {
             Ok(got) => got,
             // A group that never dead-lettered anything may have no queue yet.
@@ -335,7 +337,7 @@ impl<'a> Browser<'a> {
         };
         let _ = self
             .shared
-            .supervisor
+            .consuming
             .guard(self.link.generation, close)
             .await;
     }

@@ -11,7 +11,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use uuid::Uuid;
 
-use super::connection::long_string;
+use super::declare::long_string;
 use crate::transport::{RawMessage, header};
 
 /// Deliveries before this one, written when a message is republished (by a

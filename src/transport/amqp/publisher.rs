@@ -8,13 +8,20 @@
 //! lands on the right publish. The window semaphore bounds how many
 //! publishes (so channels and outstanding confirms) are in flight at once.
 //!
+//! Every publish has one deadline, [`publish_timeout`](super::AmqpConfig::publish_timeout),
+//! over everything it waits for: a place in the window, a connection, the
+//! broker unblocking the connection, the confirms. While the broker blocks
+//! the connection no new message is sent (it would only sit in lapin's
+//! buffer); one already sent when the block began fails at the deadline
+//! with [`Effect::Unknown`], since the broker may still take it.
+//!
 //! A batch keeps up to `publish_window` confirms outstanding on its one
 //! channel and checks them in order, so it knows exactly which prefix the
 //! broker has confirmed; after a lost connection it goes on from there on the
 //! next connection.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -22,9 +29,9 @@ use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::time::Instant;
 
 use super::Shared;
-use super::connection::{Link, amqp_error};
+use super::connection::{Link, amqp_error, blocked_timeout, not_connected};
 use super::properties::publish_properties;
-use crate::error::{Error, ErrorKind};
+use crate::error::{Effect, Error, ErrorKind};
 use crate::transport::{RawMessage, validate_name};
 
 /// How often one publish is tried on connections that fail under it.
@@ -38,11 +45,6 @@ pub(crate) async fn publish(
     validate_name("topic", topic)?;
     let properties = [publish_properties(&message, &shared.config.content_type)];
     let message = [message];
-    let _permit = shared
-        .window
-        .acquire()
-        .await
-        .map_err(|_| Error::closed("amqp transport"))?;
     let done = AtomicUsize::new(0);
     with_retries(shared, |link| {
         publish_on(
@@ -71,11 +73,6 @@ pub(crate) async fn publish_batch(
         .iter()
         .map(|message| publish_properties(message, &shared.config.content_type))
         .collect();
-    let _permit = shared
-        .window
-        .acquire()
-        .await
-        .map_err(|_| Error::closed("amqp transport"))?;
     let done = AtomicUsize::new(0);
     with_retries(shared, |link| {
         publish_on(
@@ -103,11 +100,6 @@ pub(crate) async fn publish_direct(
 ) -> Result<(), Error> {
     let message = [RawMessage::new(body.clone())];
     let properties = [properties];
-    let _permit = shared
-        .window
-        .acquire()
-        .await
-        .map_err(|_| Error::closed("amqp transport"))?;
     let done = AtomicUsize::new(0);
     with_retries(shared, |link| {
         publish_on(shared, link, "", queue, &message, &properties, &done)
@@ -116,18 +108,92 @@ pub(crate) async fn publish_direct(
 }
 
 /// Runs `attempt` on the current connection; when the connection fails under
-/// it, waits for the next one and runs it again, until the publish timeout.
+/// it, waits for the next one and runs it again — all of it, the wait for a
+/// place in the window included, within the publish timeout.
 async fn with_retries<F, Fut>(shared: &Shared, attempt: F) -> Result<(), Error>
 where
     F: Fn(Link) -> Fut,
     Fut: Future<Output = Result<(), Error>>,
 {
     let deadline = Instant::now() + shared.config.publish_timeout;
+    let sent = AtomicBool::new(false);
+    let tries = tries(shared, deadline, &sent, attempt);
+    match tokio::time::timeout_at(deadline, tries).await {
+        Ok(Ok(())) => Ok(()),
+        // Once a try has begun, a lost connection may have lost only the
+        // confirm: the broker may have the message.
+        Ok(Err(error))
+            if sent.load(Ordering::Relaxed)
+                && matches!(error.kind(), ErrorKind::Connection | ErrorKind::Timeout) =>
+        {
+            Err(error.with_effect(Effect::Unknown))
+        }
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(deadline_passed(shared, sent.load(Ordering::Relaxed))),
+    }
+}
+
+/// The error of a publish whose deadline passed: a timeout, which says why
+/// when the broker blocks the connection, and whether the message may
+/// still arrive.
+fn deadline_passed(shared: &Shared, sent: bool) -> Error {
+    let blocked = shared.supervisor.blocked();
+    let error = match (blocked, sent) {
+        (Some(reason), false) => blocked_timeout(Some(reason)),
+        (None, false) if !shared.supervisor.is_linked() => not_connected(),
+        (None, false) => Error::new(
+            ErrorKind::Timeout,
+            "amqp: no place in the publish window within the publish timeout",
+        )
+        .with_effect(Effect::NotApplied),
+        (Some(reason), true) => Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "amqp: the broker blocked publishing ({reason}) before it confirmed the \
+                 message; it may still take it once unblocked"
+            ),
+        ),
+        (None, true) if !shared.supervisor.is_linked() => Error::new(
+            ErrorKind::Connection,
+            "amqp: the connection was lost and no new one came within the publish timeout; \
+             the broker may have taken the message",
+        ),
+        (None, true) => Error::new(
+            ErrorKind::Timeout,
+            "amqp: no confirm from the broker within the publish timeout",
+        ),
+    };
+    if sent {
+        error.with_effect(Effect::Unknown)
+    } else {
+        error
+    }
+}
+
+async fn tries<F, Fut>(
+    shared: &Shared,
+    deadline: Instant,
+    sent: &AtomicBool,
+    attempt: F,
+) -> Result<(), Error>
+where
+    F: Fn(Link) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let _permit = shared
+        .window
+        .acquire()
+        .await
+        .map_err(|_| Error::closed("amqp transport"))?;
     let mut after = 0;
     let mut tries = 0;
     loop {
         tries += 1;
         let link = shared.supervisor.wait_link_after(deadline, after).await?;
+        // Sent into a blocked connection, a message only waits in lapin's
+        // buffer, past its deadline: wait here, where it is not sent yet.
+        shared.supervisor.wait_unblocked(deadline).await?;
+        sent.store(true, Ordering::Relaxed);
         let Err(error) = attempt(link.clone()).await else {
             return Ok(());
         };

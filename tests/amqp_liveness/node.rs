@@ -1,0 +1,169 @@
+//! A private RabbitMQ node for the fault proofs: its own name, ports and
+//! data directory, so killing it or raising its memory alarm never touches
+//! the machine's shared broker (PITFALLS "Private brokers for fault tests").
+//!
+//! One node per test binary: it takes about 9 s to start. A watchdog shell
+//! started beside it kills the node (by the pid in its pid file, which a
+//! restart rewrites) and removes its directory once this process is gone,
+//! however it ends — a panic, or a SIGKILL of the test binary.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a start may take before the test gives up.
+const START_PATIENCE: Duration = Duration::from_secs(90);
+
+pub struct Node {
+    dir: PathBuf,
+    name: String,
+    port: u16,
+    dist_port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn run(command: &mut Command, what: &str) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+impl Node {
+    /// Starts a node on free ports in a new directory and waits until it
+    /// answers.
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("sb-rabbit-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(dir.join("mnesia")).expect("node dir");
+        std::fs::create_dir_all(dir.join("log")).expect("node log dir");
+        let port = free_port();
+        let node = Self {
+            name: format!("sbtest-{}@localhost", uuid::Uuid::new_v4().simple()),
+            dist_port: free_port(),
+            port,
+            dir,
+        };
+        std::fs::write(
+            node.dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )
+        .expect("rabbitmq.conf");
+        std::fs::write(node.dir.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
+        // rabbitmq-server drops to the rabbitmq user, which must own it all.
+        run(
+            Command::new("chown")
+                .arg("-R")
+                .arg("rabbitmq:rabbitmq")
+                .arg(&node.dir),
+            "chown the node directory",
+        );
+        node.watchdog();
+        node.launch();
+        node
+    }
+
+    // Never waited for: it must outlive this process to clean up after it.
+    #[allow(clippy::zombie_processes)]
+    fn watchdog(&self) {
+        let script = format!(
+            "while kill -0 {me} 2>/dev/null; do sleep 1; done; \
+             kill -9 $(cat {dir}/pid 2>/dev/null) 2>/dev/null; rm -rf {dir}",
+            me = std::process::id(),
+            dir = self.dir.display(),
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the node's watchdog");
+    }
+
+    /// Starts the node on its directory (again, after a kill: with its
+    /// data) and waits until it accepts connections.
+    pub fn launch(&self) {
+        let dir = &self.dir;
+        let _ = std::fs::remove_file(dir.join("pid"));
+        run(
+            Command::new("rabbitmq-server")
+                .arg("-detached")
+                .env("RABBITMQ_NODENAME", &self.name)
+                .env("RABBITMQ_NODE_PORT", self.port.to_string())
+                .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+                .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+                .env("RABBITMQ_LOG_BASE", dir.join("log"))
+                .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+                .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+                .env("RABBITMQ_PID_FILE", dir.join("pid")),
+            "rabbitmq-server -detached",
+        );
+        let deadline = Instant::now() + START_PATIENCE;
+        while !self.answers() || self.pid().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the private node did not answer on {} within {START_PATIENCE:?}; logs in {}",
+                self.port,
+                dir.join("log").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn answers(&self) -> bool {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// SIGKILLs the node (a crash: nothing flushed, nothing closed) and
+    /// waits until its port is closed.
+    pub fn kill(&self) {
+        let pid = self.pid().expect("the node's pid");
+        run(
+            Command::new("kill").arg("-9").arg(pid.to_string()),
+            "kill -9 the private node",
+        );
+        let deadline = Instant::now() + START_PATIENCE;
+        while self.answers() {
+            assert!(Instant::now() < deadline, "the killed node still answers");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `rabbitmqctl -n <node> args…`.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        run(
+            Command::new("rabbitmqctl")
+                .arg("-n")
+                .arg(&self.name)
+                .args(args),
+            &format!("rabbitmqctl {}", args.join(" ")),
+        )
+    }
+
+    pub fn uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
