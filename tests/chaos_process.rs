@@ -101,8 +101,14 @@ impl Guarded {
             .unwrap_or_else(|error| panic!("start {name}: {error}"));
         let output = Arc::new(Mutex::new(Vec::new()));
         for stream in [
-            child.stdout.take().map(|out| Box::new(out) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|err| Box::new(err) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|out| Box::new(out) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|err| Box::new(err) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -258,13 +264,7 @@ mod process_kill {
         marks
     }
 
-    fn consumer(
-        namespace: &str,
-        group: &str,
-        name: &str,
-        dedupe: &str,
-        effects: &str,
-    ) -> Guarded {
+    fn consumer(namespace: &str, group: &str, name: &str, dedupe: &str, effects: &str) -> Guarded {
         let mut command = Command::new(example("chaos_consumer"));
         command.args([
             "--redis",
@@ -305,7 +305,10 @@ mod process_kill {
         let run = Uuid::new_v4().simple().to_string();
         let namespace = format!("chaos-{run}");
         let (group, name) = ("chaos-workers", format!("chaos-consumer-{}", &run[..8]));
-        let (dedupe, effects_key) = (format!("chaos-{run}:dedupe"), format!("chaos-{run}:effects"));
+        let (dedupe, effects_key) = (
+            format!("chaos-{run}:dedupe"),
+            format!("chaos-{run}:effects"),
+        );
         let stream = format!("{namespace}.chaos.job");
         let mut redis = connection(SHARED_REDIS).await;
 
@@ -333,7 +336,10 @@ mod process_kill {
             if let Some(status) = first.exited() {
                 panic!("chaos_consumer exited ({status}):\n{}", first.output());
             }
-            assert!(Instant::now() < deadline, "{kill_at} events not handled in 120 s");
+            assert!(
+                Instant::now() < deadline,
+                "{kill_at} events not handled in 120 s"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         first.kill();
@@ -373,7 +379,10 @@ mod process_kill {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(status) = second.exited() {
-                panic!("restarted chaos_consumer exited ({status}):\n{}", second.output());
+                panic!(
+                    "restarted chaos_consumer exited ({status}):\n{}",
+                    second.output()
+                );
             }
             if handled(&mut redis, &effects_key).await == events
                 && pending(&mut redis, &stream, group).await == 0
@@ -469,27 +478,38 @@ mod broker_restart {
             let mut command = Command::new("redis-server");
             command
                 .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+                .args([
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                ])
                 .arg("--dir")
                 .arg(&self.dir)
                 .args(["--daemonize", "no"]);
             self.server = Some(Guarded::spawn("redis-server", command));
             let url = self.url();
-            until(Duration::from_secs(30), "private Redis answers PING", || {
-                let url = url.clone();
-                async move {
-                    let Ok(client) = redis::Client::open(url) else {
-                        return false;
-                    };
-                    match client.get_multiplexed_async_connection().await {
-                        Ok(mut conn) => redis::cmd("PING")
-                            .query_async::<String>(&mut conn)
-                            .await
-                            .is_ok(),
-                        Err(_) => false,
+            until(
+                Duration::from_secs(30),
+                "private Redis answers PING",
+                || {
+                    let url = url.clone();
+                    async move {
+                        let Ok(client) = redis::Client::open(url) else {
+                            return false;
+                        };
+                        match client.get_multiplexed_async_connection().await {
+                            Ok(mut conn) => redis::cmd("PING")
+                                .query_async::<String>(&mut conn)
+                                .await
+                                .is_ok(),
+                            Err(_) => false,
+                        }
                     }
-                }
-            })
+                },
+            )
             .await;
         }
 
@@ -557,7 +577,10 @@ mod broker_restart {
                 .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
                 .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
                 .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
-                .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("enabled_plugins"))
+                .env(
+                    "RABBITMQ_ENABLED_PLUGINS_FILE",
+                    self.dir.join("enabled_plugins"),
+                )
                 .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -565,9 +588,11 @@ mod broker_restart {
                 .expect("start rabbitmq-server (is it installed?)");
             assert!(status.success(), "rabbitmq-server -detached: {status}");
             let port = self.port;
-            until(Duration::from_secs(90), "private RabbitMQ answers", || async move {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            })
+            until(
+                Duration::from_secs(90),
+                "private RabbitMQ answers",
+                || async move { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
+            )
             .await;
         }
 
@@ -581,9 +606,11 @@ mod broker_restart {
         async fn kill(&self) {
             if let Some(pid) = self.pid() {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                until(Duration::from_secs(30), "the killed node is gone", || async move {
-                    !Path::new(&format!("/proc/{pid}")).exists()
-                })
+                until(
+                    Duration::from_secs(30),
+                    "the killed node is gone",
+                    || async move { !Path::new(&format!("/proc/{pid}")).exists() },
+                )
                 .await;
             }
         }
@@ -658,7 +685,10 @@ mod broker_restart {
                     session.output()
                 );
             }
-            assert!(Instant::now() < deadline, "{kill_at} trades not placed in 180 s");
+            assert!(
+                Instant::now() < deadline,
+                "{kill_at} trades not placed in 180 s"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -688,6 +718,11 @@ mod broker_restart {
         // The outage itself, as users saw it: Redis back 2 s after the kill.
         tokio::time::sleep(down).await;
         redis.spawn().await;
+        eprintln!(
+            "redis SIGKILLed after {kill_at} trades ({:.1} s in), answering again {:.1} s in",
+            killed_after.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
         completes(&mut trading, Duration::from_secs(300)).await;
         let mut after = connection(&redis.url()).await;
         let kept = trades(&mut after, &namespace).await;
@@ -719,6 +754,11 @@ mod broker_restart {
         // The outage itself, as users saw it: the node back 10 s after the kill.
         tokio::time::sleep(down).await;
         rabbit.spawn().await;
+        eprintln!(
+            "rabbitmq SIGKILLed after {kill_at} trades ({:.1} s in), answering again {:.1} s in",
+            killed_after.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
         completes(&mut trading, Duration::from_secs(300)).await;
         println!(
             "rabbitmq restart: {orders} orders, SIGKILL after {kill_at} trades ({:.1} s in), down {:.0} s \
