@@ -148,8 +148,13 @@ async fn run(flags: Flags) -> Result<(), Error> {
 
     let client = redis::Client::open(flags.redis.as_str())
         .map_err(|error| Error::new(ErrorKind::Config, error.to_string()))?;
+    // No response timeout on the effect: a reply given up on after the
+    // command ran would fail the handler after its effect (a duplicate that
+    // is not the kill's).
     let effects = client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
         .await
         .map_err(|error| Error::new(ErrorKind::Connection, error.to_string()))?;
     let (effects_key, before, after) = (flags.effects.clone(), flags.before, flags.after);
@@ -165,7 +170,10 @@ async fn run(flags: Flags) -> Result<(), Error> {
                 .arg(1)
                 .query_async(&mut effects)
                 .await
-                .map_err(|error| Error::new(ErrorKind::Unavailable, error.to_string()))?;
+                .map_err(|error| {
+                    eprintln!("effect of {} failed: {error}", message.event_id());
+                    Error::new(ErrorKind::Unavailable, error.to_string())
+                })?;
             // Work after the effect: a kill here is the crash window.
             tokio::time::sleep(after).await;
             Ok::<_, Error>(())
