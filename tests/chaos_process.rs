@@ -780,10 +780,15 @@ mod broker_restart {
             started.elapsed().as_secs_f64(),
             gateway_p99(&trading.output())
         );
-        let _: redis::RedisResult<i64> = redis::cmd("DEL")
-            .arg(format!("{namespace}.trade.executed"))
-            .arg(format!("{namespace}.order.created"))
+        // The run's streams on the shared Redis.
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{namespace}.*"))
             .query_async(&mut watch)
-            .await;
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<i64> =
+                redis::cmd("DEL").arg(&keys).query_async(&mut watch).await;
+        }
     }
 }
