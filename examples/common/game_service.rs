@@ -11,7 +11,7 @@
 //! Degradation (§4.2): Market down → the last price, flagged delayed with
 //! its age (`StaleCache`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -107,6 +107,11 @@ struct WaitQuery {
 #[derive(Default)]
 struct Ledger {
     players: HashMap<String, String>,
+    /// Every trade.executed applied, by event id: a redelivery (the
+    /// holding.changed publish failed after the trade was applied, or the
+    /// ack was lost to a broker restart) must not apply it again. Kept under
+    /// the same lock as the holdings, so applying and remembering are one step.
+    applied: HashSet<uuid::Uuid>,
     holdings: HashMap<String, BTreeMap<String, Decimal>>,
     trades_applied: HashMap<String, u64>,
     total_trades: u64,
@@ -170,19 +175,24 @@ impl GameState {
         let change = trade.side.signed(trade.quantity);
         let quantity = {
             let mut ledger = self.ledger.lock().expect("ledger lock");
+            let first = ledger.applied.insert(message.event_id());
             let position = ledger
                 .holdings
                 .entry(trade.user_id.clone())
                 .or_default()
                 .entry(trade.symbol.clone())
                 .or_default();
-            *position += change;
+            if first {
+                *position += change;
+            }
             let quantity = *position;
-            *ledger
-                .trades_applied
-                .entry(trade.user_id.clone())
-                .or_default() += 1;
-            ledger.total_trades += 1;
+            if first {
+                *ledger
+                    .trades_applied
+                    .entry(trade.user_id.clone())
+                    .or_default() += 1;
+                ledger.total_trades += 1;
+            }
             quantity
         };
         self.changed.send_modify(|version| *version += 1);

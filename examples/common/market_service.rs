@@ -148,7 +148,8 @@ impl MarketState {
 }
 
 /// The price-history files (`AAPL.csv`, ...) as a read-only `FileStore`,
-/// made line by line as the download pulls them.
+/// made 64 lines to a chunk as the download pulls them (one frame per line
+/// broke a download of a few hundred lines off midway; see the CHANGELOG).
 struct HistoryFiles(Arc<MarketState>);
 
 #[async_trait]
@@ -165,7 +166,11 @@ impl FileStore for HistoryFiles {
         let symbol = name.strip_suffix(".csv").ok_or_else(not_found)?;
         let lines = self.0.history_csv(symbol).ok_or_else(not_found)?;
         let length = lines.iter().map(|line| line.len() as u64).sum();
-        let stream = futures_util::stream::iter(lines.into_iter().map(Ok));
+        let chunks: Vec<Bytes> = lines
+            .chunks(64)
+            .map(|group| Bytes::from(group.concat()))
+            .collect();
+        let stream = futures_util::stream::iter(chunks.into_iter().map(Ok));
         Ok((Box::pin(stream), Some(length)))
     }
 }
