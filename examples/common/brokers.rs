@@ -22,6 +22,16 @@ use super::domain;
 /// a message saying what to check.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a publish keeps trying through a broker outage before the
+/// request that made it fails: a broker restart (a RabbitMQ node takes about
+/// 10 s to come back) costs an order latency, not the order.
+pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
+
+/// One RabbitMQ publish attempt's deadline: a third of the publish
+/// deadline, so an attempt stuck on a connection that died leaves room for
+/// two more on the next one.
+const AMQP_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The three transports of strategy §1.2 and the namespace all topics live in.
 #[derive(Clone)]
 pub struct Brokers {
@@ -83,7 +93,7 @@ impl Brokers {
             parts.push("events and ticks in memory".into());
         }
         if let Some(url) = amqp {
-            let config = AmqpConfig::new(url);
+            let config = AmqpConfig::new(url).with_publish_timeout(AMQP_PUBLISH_TIMEOUT);
             let rabbit = within(url, "RabbitMQ", AmqpTransport::connect(config)).await?;
             brokers.tasks = Arc::new(rabbit);
             parts.push(format!("settlement jobs on RabbitMQ at {}", redact(url)));
@@ -96,7 +106,7 @@ impl Brokers {
     }
 
     fn bus(&self, transport: &Arc<dyn Transport>, source: &str) -> EventBus {
-        let bus = EventBus::new(transport.clone(), source);
+        let bus = EventBus::new(transport.clone(), source).with_publish_deadline(PUBLISH_DEADLINE);
         match &self.namespace {
             Some(namespace) => bus.with_namespace(namespace.clone()),
             None => bus,

@@ -33,6 +33,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
 use super::auth_service::{Credentials, Registered, Token};
+use super::brokers;
 use super::domain::Side;
 use super::game_service::{Chart, GameStats, PATH_GAME_MARKET, PATH_TRADING_GAME, Portfolio};
 use super::market_service::Quote;
@@ -146,7 +147,9 @@ impl std::fmt::Debug for Gateway {
 }
 
 /// The gateway's resilience: strategy §4.1's breaker, but no retries — an order
-/// is not idempotent, and a user can press the button again.
+/// is not idempotent, and a user can press the button again. The timeout
+/// outlasts the services' publish deadline, so an order placed while a
+/// broker restarts waits for it instead of failing.
 pub fn gateway_resilience(breaker: CircuitBreakerConfig) -> Resilience {
     Resilience::new(ResilienceConfig {
         circuit_breaker: breaker,
@@ -155,7 +158,7 @@ pub fn gateway_resilience(breaker: CircuitBreakerConfig) -> Resilience {
             ..RetryConfig::default()
         },
     })
-    .with_timeout(Duration::from_secs(15))
+    .with_timeout(brokers::PUBLISH_DEADLINE + Duration::from_secs(15))
 }
 
 fn access(call: &Call) -> Access {
