@@ -88,6 +88,7 @@ mod envelope;
 mod error;
 pub mod middleware;
 pub mod observe;
+mod outcome;
 #[cfg(feature = "test-util")]
 pub mod testing;
 #[cfg(feature = "tls")]
@@ -137,6 +138,7 @@ pub use bus::{ConsumerHandle, ConsumerHealth, EventBus, Message, handler_fn};
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
 pub use envelope::{Event, EventEnvelope, Headers};
 pub use error::{BoxError, Effect, Error, ErrorKind};
+pub use outcome::Outcome;
 pub use topology::Topology;
 pub use transport::memory::MemoryTransport;
 #[cfg(feature = "redis-pubsub")]
@@ -145,6 +147,6 @@ pub use transport::redis_pubsub::RedisPubSubTransport;
 pub use transport::redis_streams::RedisStreamsTransport;
 pub use transport::{
     Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
-    Publisher, RawMessage, Redrive, SettleError, SubscribeOptions, Subscriber, Subscription,
-    Transport, header, validate_name,
+    GiveBackLimit, Publisher, RawMessage, Redrive, SettleError, Settled, SubscribeOptions,
+    Subscriber, Subscription, Transport, header, validate_name,
 };

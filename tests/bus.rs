@@ -147,10 +147,11 @@ async fn undecodable_input_goes_to_the_dead_letter_queue_without_reaching_the_ha
 }
 
 #[tokio::test]
-async fn another_major_version_is_dead_lettered_as_unsupported() {
+async fn another_major_version_is_given_back_and_dead_lettered_once_no_member_took_it() {
     let (bus, transport) = bus();
-    let (_consumer, mut inbox) =
-        subscribe_reporting(&bus, SubscribeOptions::new("g"), |_, _| Ok(())).await;
+    let options = SubscribeOptions::new("g")
+        .with_give_back_limit(switchboard::GiveBackLimit::default().with_max_times(2));
+    let (_consumer, mut inbox) = subscribe_reporting(&bus, options, |_, _| Ok(())).await;
     let future_version = EventEnvelope::untyped(
         Ping::TYPE,
         "2.0",
@@ -163,15 +164,31 @@ async fn another_major_version_is_dead_lettered_as_unsupported() {
         .await
         .unwrap();
     bus.publish(Ping { n: 2 }).await.unwrap();
+    // The message behind it is not held up.
     assert_eq!(inbox.recv().await, Some((2, 1)));
+    assert!(
+        dead_letters(&transport).await.is_empty(),
+        "given back for another member first, not dead-lettered at once"
+    );
 
-    let letters = dead_letters(&transport).await;
+    // No member of the group knows 2.0: past the limit it is dead-lettered.
+    let letters = loop {
+        let letters = dead_letters(&transport).await;
+        if !letters.is_empty() {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert_eq!(letters.len(), 1);
     assert!(
-        letters[0].reason.contains("not supported"),
+        letters[0].reason.starts_with(
+            "no member of group \"g\" knows version 2.0 of test.ping: given back 2 times over "
+        ),
         "{}",
         letters[0].reason
     );
+    assert_eq!(letters[0].message.headers[header::GIVEN_BACK], "2");
+    assert!(inbox.try_recv().is_err(), "the handler never saw it");
 }
 
 #[tokio::test]

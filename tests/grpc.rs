@@ -29,6 +29,26 @@ async fn wired_to_itself() -> Arc<dyn Transport> {
 
 switchboard::conformance_tests!(wired_to_itself);
 
+// ------------------------------------------- outcomes and the retry owner
+
+/// The publisher's loop (5 attempts in `wired_to_itself`) is the one retry
+/// owner of a push: a handler asking for a retry is called once per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_a_handler_asks_for_is_the_publishers_alone() {
+    switchboard::testing::outcomes::push_retries_have_one_owner(wired_to_itself().await, 5).await;
+}
+
+/// An envelope of a major version the receiver's member does not know is
+/// given back: retried by the publisher, which then fails saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_no_member_can_read_fails_saying_why() {
+    switchboard::testing::outcomes::a_push_nobody_can_read_fails_saying_why(
+        wired_to_itself().await,
+        5,
+    )
+    .await;
+}
+
 // ------------------------------------------------- the receiver's answers
 
 mod receiver {

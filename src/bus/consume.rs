@@ -14,11 +14,12 @@ use tower::Service;
 use tracing::Instrument;
 
 use super::{ConsumerHealth, Message};
-use crate::codec::Codec;
-use crate::envelope::Event;
-use crate::error::{Error, ErrorKind};
+use crate::codec::{Codec, DecodeError};
+use crate::envelope::{Event, EventEnvelope};
+use crate::error::Error;
 use crate::observe::metrics;
-use crate::transport::{DeadLetter, Delivery, Subscription};
+use crate::outcome::Outcome;
+use crate::transport::{Delivery, GiveBackLimit, Subscription};
 
 type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -30,6 +31,7 @@ pub(super) struct ConsumeLoop<E, H> {
     pub(super) codec: Codec,
     pub(super) concurrency: usize,
     pub(super) max_deliveries: Option<u32>,
+    pub(super) give_back_limit: GiveBackLimit,
     pub(super) _event: std::marker::PhantomData<fn() -> E>,
 }
 
@@ -97,19 +99,9 @@ where
     /// handles and settles it, and whether it used the handler's readiness.
     fn start(&mut self, delivery: Delivery) -> (Settling, bool) {
         let (topic, group) = delivery.shared_names();
-        // What reaches no handler, and why: past the poison guard, or not
-        // an envelope of `E`.
-        let count = delivery.delivery_count();
-        let refused = if self.max_deliveries.is_some_and(|max| count > max) {
-            Err(format!("delivered {} times without an outcome", count - 1))
-        } else {
-            self.codec
-                .decode::<E>(delivery.body())
-                .map_err(|error| format!("cannot decode as {}: {error}", E::TYPE))
-        };
-        let envelope = match refused {
+        let envelope = match self.refusal(&delivery) {
             Ok(envelope) => envelope,
-            Err(reason) => {
+            Err(outcome) => {
                 let span = tracing::info_span!(
                     "consume",
                     event_type = E::TYPE,
@@ -117,11 +109,11 @@ where
                     group = &*group,
                     attempt = delivery.attempt(),
                 );
-                let letter = DeadLetter::new(reason);
                 let (transport, started) = (self.transport, std::time::Instant::now());
+                let limit = self.give_back_limit;
                 let settling = async move {
-                    let outcome = dead_letter(delivery, letter).await;
-                    metrics::consumed(transport, topic, group, outcome, started.elapsed());
+                    let label = settle(delivery, outcome, &limit).await;
+                    metrics::consumed(transport, topic, group, label, started.elapsed());
                 };
                 return (Box::pin(settling.instrument(span)), false);
             }
@@ -146,6 +138,7 @@ where
         };
         let call = span
             .in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.call(message))));
+        let limit = self.give_back_limit;
         let settling = async move {
             let result = match call {
                 Ok(call) => match AssertUnwindSafe(call).catch_unwind().await {
@@ -154,74 +147,78 @@ where
                 },
                 Err(_) => Err(Error::permanent("handler panicked")),
             };
-            let outcome = settle(delivery, result).await;
-            metrics::consumed(transport, labels.0, labels.1, outcome, started.elapsed());
+            let label = settle(delivery, Outcome::of(&result), &limit).await;
+            metrics::consumed(transport, labels.0, labels.1, label, started.elapsed());
         };
         (Box::pin(settling.instrument(span)), true)
     }
-}
 
-/// Settles a delivery by the handler's result (see the module docs).
-/// Returns the `outcome` metric label.
-async fn settle(delivery: Delivery, result: Result<(), Error>) -> &'static str {
-    let error = match result {
-        Ok(()) => {
-            if let Err((error, _delivery)) = delivery.ack().await {
-                // The delivery is dropped unsettled: the broker redelivers it.
-                tracing::warn!(%error, "ack failed; the message will be delivered again");
-                return "unsettled";
-            }
-            return "ack";
+    /// The envelope of `E` in `delivery`, or the outcome of a delivery that
+    /// reaches no handler: past the poison guard or malformed (rejected at
+    /// once), or of a major version this consumer does not know (given back
+    /// to the group, within its limit).
+    fn refusal(&self, delivery: &Delivery) -> Result<EventEnvelope<E>, Outcome> {
+        let count = delivery.delivery_count();
+        if self.max_deliveries.is_some_and(|max| count > max) {
+            let reason = format!("delivered {} times without an outcome", count - 1);
+            return Err(Outcome::reject(reason));
         }
-        Err(error) => error,
-    };
-    if let Some(delay) = error.requeue_after() {
-        match delivery.nack(delay).await {
-            Ok(()) => return "nack",
-            Err((nack_error, delivery)) => {
-                tracing::warn!(%error, %nack_error, "cannot requeue; dead-lettering instead");
-                return dead_letter(delivery, failure_letter(&error)).await;
+        match self.codec.decode::<E>(delivery.body()) {
+            Ok(envelope) => Ok(envelope),
+            Err(DecodeError::UnsupportedVersion { found, supported }) => {
+                if let Some(why) = self.give_back_limit.exceeded(delivery) {
+                    return Err(Outcome::reject(format!(
+                        "no member of group {:?} knows version {found} of {}: {why}",
+                        delivery.group(),
+                        E::TYPE,
+                    )));
+                }
+                Err(Outcome::GiveBack {
+                    reason: format!(
+                        "this consumer reads version {supported} of {}, not {found}",
+                        E::TYPE
+                    ),
+                })
             }
+            Err(error) => Err(Outcome::reject(format!(
+                "cannot decode as {}: {error}",
+                E::TYPE
+            ))),
         }
     }
-    dead_letter(delivery, failure_letter(&error)).await
 }
 
-/// The facts a failed message is dead-lettered with: those the handler's
-/// dead-letter layer attached to the error, or a generic letter.
-fn failure_letter(error: &Error) -> DeadLetter {
-    match error.dead_letter() {
-        Some(letter) => letter.clone(),
-        None => DeadLetter::new("handler failed").with_last_error(error.to_string()),
-    }
-}
-
-/// Dead-letters a delivery; where the transport has no dead-letter queue,
-/// logs the loss and acks so the message cannot come back forever. Returns
-/// the `outcome` metric label.
-async fn dead_letter(delivery: Delivery, letter: DeadLetter) -> &'static str {
+/// Settles a delivery by `outcome` (see [`Outcome`]); a give-back past the
+/// subscription's limit is a rejection. Returns the `outcome` metric label.
+async fn settle(delivery: Delivery, outcome: Outcome, limit: &GiveBackLimit) -> &'static str {
     let attempt = delivery.attempt();
-    tracing::warn!(
-        reason = letter.reason(),
-        last_error = letter.last_error(),
-        attempt,
-        "dead-lettering message",
-    );
-    match delivery.dead_letter(letter.clone()).await {
-        Ok(()) => "dead_letter",
-        Err((error, delivery)) if error.kind() == ErrorKind::Unsupported => {
-            tracing::error!(
-                reason = letter.reason(),
-                "transport keeps no dead letters; message dropped",
-            );
-            if let Err((error, _)) = delivery.ack().await {
-                tracing::warn!(%error, "ack after failed handling also failed");
-                return "unsettled";
+    let outcome = match outcome {
+        Outcome::GiveBack { reason } => match limit.exceeded(&delivery) {
+            Some(why) => Outcome::reject(format!(
+                "no member of group {:?} could take it ({reason}): {why}",
+                delivery.group()
+            )),
+            None => {
+                tracing::debug!(%reason, given_back = delivery.given_back(), "giving the message back to the group");
+                Outcome::GiveBack { reason }
             }
-            "dropped"
-        }
+        },
+        outcome => outcome,
+    };
+    if let Outcome::Reject(letter) = &outcome {
+        tracing::warn!(
+            reason = letter.reason(),
+            last_error = letter.last_error(),
+            attempt,
+            "dead-lettering message",
+        );
+    }
+    let asked = outcome.name();
+    match delivery.settle(outcome).await {
+        Ok(settled) => settled.label(),
         Err((error, _delivery)) => {
-            tracing::warn!(%error, "dead-letter failed; the message will be delivered again");
+            // Dropped unsettled: the transport delivers it again.
+            tracing::warn!(%error, outcome = asked, "cannot settle the message; it will be delivered again");
             "unsettled"
         }
     }

@@ -3,32 +3,42 @@
 //!
 //! # The consume loop
 //!
-//! The loop owns each [`Delivery`]; the handler never settles it. For each
-//! delivery, in order:
+//! The loop owns each [`Delivery`]; the handler never settles it. It
+//! settles each one by an [`Outcome`](crate::Outcome) — one table for
+//! every transport — with [`Delivery::settle`](crate::Delivery::settle):
 //!
 //! 1. with [`SubscribeOptions::max_deliveries`] set, a delivery the
 //!    transport has handed out more often than that without an outcome (its
-//!    consumer crashed, lost its connection or dropped it) goes to the
-//!    dead-letter queue with reason "delivered N times without an outcome"
-//!    before any handler runs — the poison guard;
-//! 2. bytes that do not decode into `EventEnvelope<E>` (including another
-//!    major version) go to the dead-letter queue at once — the handler never
-//!    sees them;
-//! 3. the handler's `Ok` acks;
-//! 4. an error carrying [`Error::requeue_after`] (an open breaker, a
-//!    duplicate still in progress) nacks with that delay;
-//! 5. any other error — what is left after the handler's own retry layer gave
-//!    up — dead-letters with reason, attempts and the last error, and a
-//!    panic counts as such an error.
+//!    consumer crashed, lost its connection or dropped it) is rejected to
+//!    the dead-letter queue with reason "delivered N times without an
+//!    outcome" before any handler runs — the poison guard;
+//! 2. an envelope of a major version this consumer does not know is
+//!    **given back** to the group for another member (a newer replica in a
+//!    rolling deploy): its permit freed at once, never lease-renewed, so the
+//!    consumer goes on at full speed with what it can read; past the
+//!    subscription's [`GiveBackLimit`](crate::GiveBackLimit) (by default 10
+//!    minutes after its first give-back) it is rejected with reason "no
+//!    member of group … knows version … of …";
+//! 3. other bytes that do not decode into `EventEnvelope<E>` are rejected
+//!    to the dead-letter queue at once — the handler never sees them;
+//! 4. the handler's result: `Ok` acks; an error is mapped by
+//!    [`Outcome::of`](crate::Outcome::of) — one carrying
+//!    [`Error::requeue_after`] (an open breaker, a duplicate still in
+//!    progress) or of kind `BreakerOpen` retries after that delay (a nack),
+//!    any other — what is left after the handler's own retry layer gave up,
+//!    and a panic — is rejected with reason, attempts and the last error.
 //!
 //! A poison message therefore never blocks the ones behind it. The loop asks
 //! the handler's `poll_ready` before pulling each message, so a handler that
 //! is not ready (a breaker that is open) stops the pulling instead of letting
-//! messages pile up. At most `concurrency` handlers run at once, inside the
+//! messages pile up; an open breaker never sends a message to the
+//! dead-letter queue. At most `concurrency` handlers run at once, inside the
 //! subscription's own task (no task per message); a handler that needs a core
 //! of its own can spawn. `concurrency = 1` handles messages in order.
-//! A transport that cannot nack or dead-letter gets the message acked and the
-//! failure logged, so it cannot loop forever.
+//! A transport without a dead-letter queue reports a rejection to whoever
+//! can hear it (a push publisher gets a non-retryable error with the
+//! reason), never a silent success; only where nobody can (Redis Pub/Sub)
+//! is the message acked and its loss logged.
 
 use std::fmt;
 use std::sync::Arc;
@@ -366,7 +376,11 @@ impl EventBus {
         H::Error: Into<Error>,
         H::Future: Send + 'static,
     {
-        let (concurrency, max_deliveries) = (options.concurrency, options.max_deliveries);
+        let (concurrency, max_deliveries, give_back_limit) = (
+            options.concurrency,
+            options.max_deliveries,
+            options.give_back_limit,
+        );
         let subscription = self
             .transport
             .subscribe(&self.topic_of::<E>(), options)
@@ -385,6 +399,7 @@ impl EventBus {
             codec: self.codec,
             concurrency,
             max_deliveries,
+            give_back_limit,
             _event: std::marker::PhantomData::<fn() -> E>,
         };
         let (ended, watch_ended) = watch::channel(false);

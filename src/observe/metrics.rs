@@ -17,7 +17,7 @@ pub const PUBLISH_TOTAL: &str = "switchboard_publish_total";
 /// Histogram of publish latency in seconds, labels `transport`, `topic`, `outcome`.
 pub const PUBLISH_DURATION: &str = "switchboard_publish_duration_seconds";
 /// Counter of consumed deliveries, labels `transport`, `topic`, `group`,
-/// `outcome` (`ack` / `nack` / `dead_letter` / `dropped` / `unsettled`).
+/// `outcome` (`ack` / `nack` / `give_back` / `dead_letter` / `rejected` / `dropped` / `unsettled`).
 pub const CONSUME_TOTAL: &str = "switchboard_consume_total";
 /// Histogram of handling time (decode to settled) in seconds, labels
 /// `transport`, `topic`, `group`, `outcome`.

@@ -21,6 +21,11 @@ pub use super::flow::{
     a_poison_message_is_dead_lettered_after_max_deliveries,
     a_publish_nothing_would_receive_is_refused_or_kept, a_requeue_storm_holds_only_the_prefetch,
 };
+pub use super::outcomes::{
+    a_handler_that_gives_up_is_never_a_silent_success,
+    a_mixed_group_hands_each_version_to_a_member_that_reads_it,
+    what_no_member_can_read_is_dead_lettered_past_the_give_back_limit,
+};
 use super::{message_count, patience};
 use crate::bus::{EventBus, Message, handler_fn};
 use crate::envelope::Event;
@@ -292,7 +297,8 @@ impl Event for ConformanceEvent {
 
 /// Bad names and options are refused with non-retryable errors, and bytes
 /// that are not an envelope never reach a handler nor hold up the next
-/// message (they are dead-lettered where the transport keeps dead letters).
+/// message: they are dead-lettered at once where the transport keeps dead
+/// letters, and a push publisher gets a non-retryable error saying why.
 pub async fn bad_input_is_refused(transport: Arc<dyn Transport>) {
     for topic in ["", "two words", "slash/ed", &"x".repeat(256)] {
         let error = transport
@@ -332,10 +338,16 @@ pub async fn bad_input_is_refused(transport: Arc<dyn Transport>) {
         .expect("subscribe through the bus");
     let garbage =
         RawMessage::new("{ this is not an envelope").with_header(header::EVENT_ID, "garbage-1");
-    transport
-        .publish(&topic, garbage)
-        .await
-        .expect("publishing raw bytes");
+    match transport.publish(&topic, garbage).await {
+        Ok(()) => {}
+        // A push publisher hears of the rejection: there is no dead-letter
+        // queue, and the handler never accepted the bytes.
+        Err(error) if !transport.capabilities().dead_letter => {
+            assert!(!error.is_retryable(), "a rejection is not retried: {error}");
+            assert!(error.message().contains("not JSON"), "says why: {error}");
+        }
+        Err(error) => panic!("publishing raw bytes: {error}"),
+    }
     bus.publish(ConformanceEvent { seq: 7 })
         .await
         .expect("publish a valid event");

@@ -40,6 +40,7 @@ use crate::transport::Transport;
 mod claimed;
 pub mod conformance;
 pub mod flow;
+pub mod outcomes;
 pub mod proxy;
 
 /// Expands to one `#[test]` per conformance case, each running against a
@@ -63,6 +64,9 @@ macro_rules! conformance_tests {
             a_requeue_storm_holds_only_the_prefetch,
             a_poison_message_is_dead_lettered_after_max_deliveries,
             a_publish_nothing_would_receive_is_refused_or_kept,
+            a_handler_that_gives_up_is_never_a_silent_success,
+            a_mixed_group_hands_each_version_to_a_member_that_reads_it,
+            what_no_member_can_read_is_dead_lettered_past_the_give_back_limit,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

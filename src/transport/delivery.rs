@@ -14,8 +14,12 @@ use futures_core::Stream;
 use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
 
+use chrono::{DateTime, SecondsFormat, Utc};
+
 use crate::envelope::Headers;
 use crate::error::{Error, ErrorKind};
+use crate::outcome::Outcome;
+use crate::transport::header;
 
 /// The bytes a transport moves: a body (the envelope JSON, for the typed bus)
 /// and string headers.
@@ -142,6 +146,40 @@ pub trait Acker: Send + Sync {
     async fn dead_letter(&mut self, message: &RawMessage, letter: &DeadLetter)
     -> Result<(), Error>;
 
+    /// Give the message back to its group, for another member to take: the
+    /// prefetch permit is freed at once and the lease (where there is one)
+    /// no longer renewed. `message` carries the raised
+    /// [`header::GIVEN_BACK`] and [`header::GIVEN_BACK_AT`], which the
+    /// transport keeps with the message so the next member sees them; the
+    /// delivery's attempt and delivery counts stay as they were (a
+    /// give-back is neither an attempt nor a delivery without an outcome).
+    ///
+    /// `reason` says why this consumer cannot take it, for the transport to
+    /// pass on where someone hears it (a push publisher). The default says
+    /// [`ErrorKind::Unsupported`].
+    async fn give_back(&mut self, message: &RawMessage, reason: &str) -> Result<(), Error> {
+        let _ = (message, reason);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this transport cannot give a message back to its group",
+        ))
+    }
+
+    /// Where the transport keeps no dead letters ([`dead_letter`](Self::dead_letter)
+    /// said `Unsupported`): tell whoever can hear it that the message was
+    /// refused for good, then forget it. A push receiver answers its
+    /// publisher with a non-retryable error naming `letter`'s reason.
+    ///
+    /// The default says [`ErrorKind::Unsupported`]: nobody can hear it (the
+    /// message is then acked and its loss logged).
+    async fn reject(&mut self, message: &RawMessage, letter: &DeadLetter) -> Result<(), Error> {
+        let _ = (message, letter);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this transport has nobody to report a rejection to",
+        ))
+    }
+
     /// Called when the [`Delivery`] is dropped without being settled (a
     /// handler panicked, a subscriber shut down mid-message). The default
     /// does nothing and leaves the message to the broker's own redelivery;
@@ -152,8 +190,11 @@ pub trait Acker: Send + Sync {
 }
 
 /// One message handed to a subscriber, to be settled exactly once with
-/// [`ack`](Delivery::ack), [`nack`](Delivery::nack) or
-/// [`dead_letter`](Delivery::dead_letter).
+/// [`ack`](Delivery::ack), [`nack`](Delivery::nack),
+/// [`give_back`](Delivery::give_back) or
+/// [`dead_letter`](Delivery::dead_letter) — or by an [`Outcome`] with
+/// [`settle`](Delivery::settle), which falls back the same way everywhere
+/// when the transport cannot do what the outcome asks.
 ///
 /// Each of those consumes the delivery and, on failure, hands it back with the
 /// error so the caller can try again or choose another way to settle it.
@@ -278,6 +319,197 @@ impl Delivery {
             Err(error) => Err((error, self)),
         }
     }
+
+    /// How many times members of the group have given this message back
+    /// ([`give_back`](Self::give_back)) before this delivery: 0 unless its
+    /// [`header::GIVEN_BACK`] says more.
+    pub fn given_back(&self) -> u32 {
+        self.message
+            .headers
+            .get(header::GIVEN_BACK)
+            .and_then(|times| times.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// When the message was first given back, if it was
+    /// ([`header::GIVEN_BACK_AT`]).
+    pub fn given_back_since(&self) -> Option<DateTime<Utc>> {
+        let at = self.message.headers.get(header::GIVEN_BACK_AT)?;
+        DateTime::parse_from_rfc3339(at)
+            .ok()
+            .map(|at| at.with_timezone(&Utc))
+    }
+
+    /// Gives the message back to its group for another member to take
+    /// (this consumer cannot read it: an envelope of a major version it does
+    /// not know; `reason` says so). The prefetch permit is freed at once and the message is
+    /// no longer lease-renewed; the count in [`header::GIVEN_BACK`] goes up
+    /// by one and [`header::GIVEN_BACK_AT`] keeps the time of the first
+    /// give-back, which [`GiveBackLimit`] checks.
+    ///
+    /// Where the message goes: memory — back in the group's queue, visible
+    /// to its members after a short pause that doubles with each give-back
+    /// (10 ms up to 1 s), so a member that cannot read it never spins on
+    /// it; Redis Streams — left pending with its idle time at `claim_idle`,
+    /// so the next `XAUTOCLAIM` of any member takes it (at most every
+    /// `claim_every`); RabbitMQ — republished to the back of the group's
+    /// queue, the original acked; push — answered as retryable to the
+    /// publisher, which sends it again (a load balancer may pick a newer
+    /// replica). A transport that cannot says [`ErrorKind::Unsupported`].
+    pub async fn give_back(mut self, reason: &str) -> Result<(), SettleError> {
+        let times = self.given_back().saturating_add(1);
+        let before = (
+            self.message.headers.get(header::GIVEN_BACK).cloned(),
+            self.message.headers.get(header::GIVEN_BACK_AT).cloned(),
+        );
+        if self.given_back_since().is_none() {
+            let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+            self.message
+                .headers
+                .insert(header::GIVEN_BACK_AT.to_owned(), now);
+        }
+        self.message
+            .headers
+            .insert(header::GIVEN_BACK.to_owned(), times.to_string());
+        match self.acker.give_back(&self.message, reason).await {
+            Ok(()) => {
+                self.settled = true;
+                Ok(())
+            }
+            Err(error) => {
+                for (name, value) in [
+                    (header::GIVEN_BACK, before.0),
+                    (header::GIVEN_BACK_AT, before.1),
+                ] {
+                    match value {
+                        Some(value) => self.message.headers.insert(name.to_owned(), value),
+                        None => self.message.headers.remove(name),
+                    };
+                }
+                Err((error, self))
+            }
+        }
+    }
+
+    /// Settles the message by `outcome` (see [the table](Outcome)),
+    /// and when the transport cannot do what it asks, the same way on
+    /// every transport:
+    ///
+    /// * [`Retry`](Outcome::Retry) that cannot nack → a rejection;
+    /// * [`GiveBack`](Outcome::GiveBack) that cannot give back → a
+    ///   rejection saying so;
+    /// * [`Reject`](Outcome::Reject) without a dead-letter queue → reported
+    ///   to whoever can hear it ([`Settled::Refused`]: a push publisher
+    ///   gets a non-retryable error with the reason), and only where nobody
+    ///   can, acked and logged as lost ([`Settled::Dropped`]).
+    ///
+    /// Any other failure hands the delivery back with the error; dropped,
+    /// it is delivered again.
+    ///
+    /// ```
+    /// use switchboard::{MemoryTransport, Outcome, Publisher, RawMessage, Settled, SubscribeOptions, Subscriber};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let transport = MemoryTransport::new();
+    /// let mut subscription = transport.subscribe("price.updated", SubscribeOptions::new("game")).await?;
+    /// transport.publish("price.updated", RawMessage::new("not an envelope")).await?;
+    /// let delivery = subscription.recv().await.expect("a message");
+    /// let settled = delivery.settle(Outcome::reject("not an envelope")).await.map_err(|(error, _)| error)?;
+    /// assert_eq!(settled, Settled::DeadLettered);
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn settle(self, outcome: Outcome) -> Result<Settled, SettleError> {
+        let letter = match outcome {
+            Outcome::Ack => return self.ack().await.map(|()| Settled::Acked),
+            Outcome::Retry { after } => match self.nack(after).await {
+                Ok(()) => return Ok(Settled::Retrying),
+                Err((error, delivery)) if error.kind() == ErrorKind::Unsupported => {
+                    let letter =
+                        DeadLetter::new("could not be retried").with_last_error(error.to_string());
+                    return delivery.reject_for_good(letter).await;
+                }
+                Err(failed) => return Err(failed),
+            },
+            Outcome::GiveBack { reason } => match self.give_back(&reason).await {
+                Ok(()) => return Ok(Settled::GivenBack),
+                Err((error, delivery)) if error.kind() == ErrorKind::Unsupported => {
+                    tracing::warn!(%reason, %error, "cannot give the message back; rejecting it");
+                    let letter = DeadLetter::new(reason).with_last_error(error.to_string());
+                    return delivery.reject_for_good(letter).await;
+                }
+                Err(failed) => return Err(failed),
+            },
+            Outcome::Reject(letter) => letter,
+        };
+        self.reject_for_good(letter).await
+    }
+
+    /// The rejection of [`settle`](Self::settle): dead-letter, else tell
+    /// the sender, else ack and log the loss.
+    async fn reject_for_good(mut self, mut letter: DeadLetter) -> Result<Settled, SettleError> {
+        letter.attempts.get_or_insert(self.attempt);
+        let error = match self.acker.dead_letter(&self.message, &letter).await {
+            Ok(()) => {
+                self.settled = true;
+                return Ok(Settled::DeadLettered);
+            }
+            Err(error) if error.kind() == ErrorKind::Unsupported => error,
+            Err(error) => return Err((error, self)),
+        };
+        match self.acker.reject(&self.message, &letter).await {
+            Ok(()) => {
+                self.settled = true;
+                return Ok(Settled::Refused);
+            }
+            Err(error) if error.kind() == ErrorKind::Unsupported => {}
+            Err(error) => return Err((error, self)),
+        }
+        tracing::error!(
+            topic = &*self.topic,
+            group = &*self.group,
+            reason = letter.reason(),
+            last_error = letter.last_error(),
+            %error,
+            "the transport keeps no dead letters and nobody hears of it; message dropped",
+        );
+        self.ack().await.map(|()| Settled::Dropped)
+    }
+}
+
+/// What [`Delivery::settle`] did in the end.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Settled {
+    /// Acknowledged.
+    Acked,
+    /// Nacked: delivered again after the delay.
+    Retrying,
+    /// Given back to the group.
+    GivenBack,
+    /// In the dead-letter queue.
+    DeadLettered,
+    /// Refused to the sender (a push publisher got a non-retryable error
+    /// with the reason); nothing is kept.
+    Refused,
+    /// The transport keeps no dead letters and has nobody to tell: acked,
+    /// and the loss logged.
+    Dropped,
+}
+
+impl Settled {
+    /// The `outcome` label of `switchboard_consume_total`: `ack`, `nack`,
+    /// `give_back`, `dead_letter`, `rejected` or `dropped`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Acked => "ack",
+            Self::Retrying => "nack",
+            Self::GivenBack => "give_back",
+            Self::DeadLettered => "dead_letter",
+            Self::Refused => "rejected",
+            Self::Dropped => "dropped",
+        }
+    }
 }
 
 impl Drop for Delivery {
@@ -312,6 +544,7 @@ impl fmt::Debug for Delivery {
 /// assert!(options.validate().is_ok());
 /// let guarded = SubscribeOptions::new("game").with_max_deliveries(5);
 /// assert_eq!(guarded.max_deliveries, Some(5));
+/// assert_eq!(guarded.give_back_limit.max_age, std::time::Duration::from_secs(600));
 /// assert!(SubscribeOptions::new("game").with_concurrency(0).validate().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,6 +565,96 @@ pub struct SubscribeOptions {
     /// runs — a message that crashes its consumer cannot come back forever.
     /// Nacks are outcomes and do not count.
     pub max_deliveries: Option<u32>,
+    /// How long, and how often, a message this consumer cannot read (an
+    /// envelope of a major version it does not know) is given back to the
+    /// group for another member before the [`EventBus`](crate::EventBus)
+    /// dead-letters it (default: for 10 minutes after its first give-back,
+    /// however often). See [`GiveBackLimit`].
+    pub give_back_limit: GiveBackLimit,
+}
+
+/// When a message that members of a group keep giving back (none of them
+/// knows its major version) is dead-lettered instead, with reason "no member
+/// of group … knows version … of …".
+///
+/// During a rolling deploy a producer on the new major version may reach
+/// the group before its new members do; the old members give those
+/// messages back ([`Delivery::give_back`]) for a new member to take, and go
+/// on handling what they can read at full speed. The limit is for when no
+/// such member comes: a message is dead-lettered once it was first given
+/// back `max_age` ago, or has been given back `max_times` times. The age
+/// counts from the first give-back ([`header::GIVEN_BACK_AT`]), not from
+/// publication, so an old backlog is not dead-lettered for being old.
+///
+/// ```
+/// use std::time::Duration;
+/// use switchboard::{GiveBackLimit, SubscribeOptions};
+///
+/// let limit = GiveBackLimit::default();
+/// assert_eq!(limit.max_age, Duration::from_secs(600));
+/// assert_eq!(limit.max_times, None);
+/// // Dead-letter what this consumer cannot read at once, as before giving back existed:
+/// let strict = SubscribeOptions::new("game").with_give_back_limit(GiveBackLimit::default().with_max_times(0));
+/// assert_eq!(strict.give_back_limit.max_times, Some(0));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GiveBackLimit {
+    /// How long after its first give-back a message may still be given back
+    /// (default [`GiveBackLimit::DEFAULT_MAX_AGE`], 10 minutes).
+    pub max_age: Duration,
+    /// How many times it may be given back (default `None`: only the age
+    /// counts). How fast a message comes back to a member that cannot read
+    /// it is the transport's: after a pause doubling up to 1 s in memory,
+    /// at most every `claim_every` on Redis Streams, at the broker's pace on
+    /// RabbitMQ (where it goes to the back of the queue); so a count means
+    /// different times on different transports. `Some(0)` never gives back.
+    pub max_times: Option<u32>,
+}
+
+impl GiveBackLimit {
+    /// The default [`max_age`](Self::max_age): 10 minutes, longer than a
+    /// rolling deploy takes.
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(600);
+
+    /// A limit of `max_age` and no count.
+    pub const fn new(max_age: Duration) -> Self {
+        Self {
+            max_age,
+            max_times: None,
+        }
+    }
+
+    /// Also dead-letters a message given back `times` times.
+    pub const fn with_max_times(mut self, times: u32) -> Self {
+        self.max_times = Some(times);
+        self
+    }
+
+    /// Why `delivery` must not be given back again, when it must not: it has
+    /// been given back `max_times` times, or first `max_age` ago.
+    pub fn exceeded(&self, delivery: &Delivery) -> Option<String> {
+        let times = delivery.given_back();
+        let since = delivery.given_back_since();
+        let age = since.map(|since| (Utc::now() - since).to_std().unwrap_or_default());
+        let by_count = self.max_times.is_some_and(|max| times >= max);
+        let by_age = age.is_some_and(|age| age >= self.max_age);
+        if !by_count && !by_age {
+            return None;
+        }
+        Some(match age {
+            Some(age) if age < Duration::from_secs(10) => {
+                format!("given back {times} times over {} ms", age.as_millis())
+            }
+            Some(age) => format!("given back {times} times over {} s", age.as_secs()),
+            None => format!("given back {times} times"),
+        })
+    }
+}
+
+impl Default for GiveBackLimit {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT_MAX_AGE)
+    }
 }
 
 impl SubscribeOptions {
@@ -342,6 +665,7 @@ impl SubscribeOptions {
             concurrency: 1,
             prefetch: 64,
             max_deliveries: None,
+            give_back_limit: GiveBackLimit::default(),
         }
     }
 
@@ -362,6 +686,13 @@ impl SubscribeOptions {
     /// [`max_deliveries`](Self::max_deliveries)).
     pub fn with_max_deliveries(mut self, max: u32) -> Self {
         self.max_deliveries = Some(max);
+        self
+    }
+
+    /// Sets when a message this consumer cannot read stops being given back
+    /// to the group and is dead-lettered (see [`GiveBackLimit`]).
+    pub fn with_give_back_limit(mut self, limit: GiveBackLimit) -> Self {
+        self.give_back_limit = limit;
         self
     }
 
@@ -529,5 +860,148 @@ impl Prefetch {
             .await
             .map_err(|_| Error::closed("subscription"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Settles nothing, records the give-back it was asked for.
+    struct Recording(Arc<std::sync::Mutex<Vec<RawMessage>>>);
+
+    #[async_trait]
+    impl Acker for Recording {
+        async fn ack(&mut self, _: &RawMessage) -> Result<(), Error> {
+            Ok(())
+        }
+        async fn nack(&mut self, _: &RawMessage, _: Duration) -> Result<(), Error> {
+            Ok(())
+        }
+        async fn dead_letter(&mut self, _: &RawMessage, _: &DeadLetter) -> Result<(), Error> {
+            Ok(())
+        }
+        async fn give_back(&mut self, message: &RawMessage, _: &str) -> Result<(), Error> {
+            self.0.lock().unwrap().push(message.clone());
+            Ok(())
+        }
+    }
+
+    fn delivery(message: RawMessage, acker: impl Acker + 'static) -> Delivery {
+        Delivery::new(message, "t".into(), "g".into(), 1, Box::new(acker))
+    }
+
+    #[tokio::test]
+    async fn a_give_back_counts_and_keeps_the_first_time() {
+        let given = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let first = delivery(RawMessage::new("x"), Recording(given.clone()));
+        assert_eq!(first.given_back(), 0);
+        assert_eq!(first.given_back_since(), None);
+        first
+            .give_back("unknown version")
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        let once = given.lock().unwrap()[0].clone();
+        assert_eq!(once.headers[header::GIVEN_BACK], "1");
+        let since = once.headers[header::GIVEN_BACK_AT].clone();
+
+        let second = delivery(once, Recording(given.clone()));
+        assert_eq!(second.given_back(), 1);
+        assert!(second.given_back_since().is_some());
+        second
+            .give_back("unknown version")
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        let twice = &given.lock().unwrap()[1];
+        assert_eq!(twice.headers[header::GIVEN_BACK], "2");
+        assert_eq!(
+            twice.headers[header::GIVEN_BACK_AT],
+            since,
+            "the first time stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transport_that_cannot_give_back_keeps_the_headers_and_settle_rejects() {
+        struct Plain;
+        #[async_trait]
+        impl Acker for Plain {
+            async fn ack(&mut self, _: &RawMessage) -> Result<(), Error> {
+                Ok(())
+            }
+            async fn nack(&mut self, _: &RawMessage, _: Duration) -> Result<(), Error> {
+                Err(Error::unsupported("plain", "nack"))
+            }
+            async fn dead_letter(&mut self, _: &RawMessage, _: &DeadLetter) -> Result<(), Error> {
+                Err(Error::unsupported("plain", "keep dead letters"))
+            }
+        }
+        let (error, back) = delivery(RawMessage::new("x"), Plain)
+            .give_back("unknown version")
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unsupported);
+        assert!(
+            back.headers().get(header::GIVEN_BACK).is_none(),
+            "unchanged"
+        );
+        // Nobody to give it back to, no dead letters, nobody to tell: dropped.
+        let reason = "unknown version".to_owned();
+        let settled = back
+            .settle(Outcome::GiveBack { reason })
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(settled, Settled::Dropped);
+        let settled = delivery(RawMessage::new("x"), Plain)
+            .settle(Outcome::Retry {
+                after: Duration::from_secs(1),
+            })
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(
+            settled,
+            Settled::Dropped,
+            "a retry it cannot do is a rejection"
+        );
+    }
+
+    #[test]
+    fn the_give_back_limit_counts_times_and_age_from_the_first_give_back() {
+        let given = |times: u32, ago: Duration| {
+            let at = (Utc::now() - chrono::Duration::from_std(ago).unwrap())
+                .to_rfc3339_opts(SecondsFormat::Millis, true);
+            let message = RawMessage::new("x")
+                .with_header(header::GIVEN_BACK, times.to_string())
+                .with_header(header::GIVEN_BACK_AT, at);
+            delivery(message, Recording(Arc::default()))
+        };
+        let fresh = delivery(RawMessage::new("x"), Recording(Arc::default()));
+        let limit = GiveBackLimit::default();
+        assert_eq!(limit.exceeded(&fresh), None);
+        assert_eq!(
+            limit.exceeded(&given(1000, Duration::from_secs(60))),
+            None,
+            "no count by default"
+        );
+        let old = limit
+            .exceeded(&given(3, Duration::from_secs(601)))
+            .expect("too old");
+        assert_eq!(old, "given back 3 times over 601 s");
+        let counted = GiveBackLimit::default().with_max_times(3);
+        assert_eq!(counted.exceeded(&given(2, Duration::ZERO)), None);
+        let why = counted
+            .exceeded(&given(3, Duration::ZERO))
+            .expect("three times");
+        assert!(why.starts_with("given back 3 times over "), "{why}");
+        assert!(
+            GiveBackLimit::default()
+                .with_max_times(0)
+                .exceeded(&fresh)
+                .is_some()
+        );
     }
 }

@@ -17,8 +17,9 @@
 //! * With [`DeliveryMode::Competing`], each consumer group gets every message
 //!   of the topic and exactly one member of a group handles it; with
 //!   [`DeliveryMode::Broadcast`], every live subscriber gets every message.
-//! * A [`Delivery`] is settled once: `ack`, `nack(delay)` or
-//!   `dead_letter(reason)`. An operation the transport cannot do fails with
+//! * A [`Delivery`] is settled once: `ack`, `nack(delay)`, `give_back()`
+//!   or `dead_letter(reason)` — or by an [`Outcome`](crate::Outcome) with
+//!   [`Delivery::settle`]. An operation the transport cannot do fails with
 //!   [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported), never a silent
 //!   success. What happens to a delivery dropped unsettled is what
 //!   [`Capabilities::redelivers_unacked`] says.
@@ -69,8 +70,8 @@ pub mod redis_pubsub;
 pub mod redis_streams;
 
 pub use delivery::{
-    Acker, DeadLetter, Delivery, RawMessage, SettleError, SubscribeOptions, Subscription,
-    validate_name,
+    Acker, DeadLetter, Delivery, GiveBackLimit, RawMessage, SettleError, Settled, SubscribeOptions,
+    Subscription, validate_name,
 };
 
 /// Names of the headers this crate reads and writes on a [`RawMessage`].
@@ -79,6 +80,12 @@ pub mod header {
     pub const EVENT_ID: &str = "event-id";
     /// The envelope's `event_type`, set by the typed bus on publish.
     pub const EVENT_TYPE: &str = "event-type";
+    /// How many times members of the group have given the message back
+    /// ([`Delivery::give_back`](super::Delivery::give_back)); kept with the
+    /// message by the transport.
+    pub const GIVEN_BACK: &str = "switchboard-given-back";
+    /// When the message was first given back (RFC 3339, UTC).
+    pub const GIVEN_BACK_AT: &str = "switchboard-given-back-at";
 }
 
 /// Sends messages to a topic.

@@ -20,7 +20,7 @@ use super::publisher::publish_direct;
 use super::{DLQ_SUFFIX, QueueType, Shared};
 use crate::error::{Error, ErrorKind};
 use crate::transport::delay::DelayQueue;
-use crate::transport::{Acker, DeadLetter, RawMessage};
+use crate::transport::{Acker, DeadLetter, RawMessage, header};
 
 /// The longest a nacked message is held in the subscription before it goes
 /// back to the broker: well under RabbitMQ's default `consumer_timeout`
@@ -131,6 +131,34 @@ impl Held {
         }
     }
 
+    /// The give-back: to the back of the queue for any member, with its
+    /// give-back headers; the attempt and the count of deliveries without
+    /// an outcome unchanged (a give-back is neither). The original is acked
+    /// once the copy is confirmed; a failed publish leaves it held.
+    pub(super) async fn give_back(&self, message: &RawMessage) -> Result<(), Error> {
+        let mut headers = vec![
+            (ATTEMPTS, self.attempt.saturating_sub(1).to_string()),
+            (
+                REDELIVERIES,
+                self.delivery_count.saturating_sub(1).to_string(),
+            ),
+        ];
+        for name in [header::GIVEN_BACK, header::GIVEN_BACK_AT] {
+            if let Some(value) = message.headers.get(name) {
+                headers.push((name, value.clone()));
+            }
+        }
+        let properties =
+            properties::with_headers(&self.properties, &headers, &[QUORUM_DELIVERY_COUNT]);
+        publish_direct(&self.shared, &self.queue, &message.body, properties).await?;
+        if let Err(error) = self.ack().await {
+            // Still unacked on its channel: the broker delivers it again when
+            // the channel closes, beside the copy (consumers deduplicate).
+            tracing::warn!(%error, queue = &*self.queue, "amqp: cannot ack a message given back");
+        }
+        Ok(())
+    }
+
     /// The nack proper: to the back of the queue, one attempt more, the
     /// count of deliveries without an outcome unchanged.
     pub(super) async fn requeue(&self, body: &Bytes) {
@@ -234,6 +262,19 @@ impl Acker for AmqpAcker {
         let dlq = format!("{}{DLQ_SUFFIX}", held.queue);
         publish_direct(&held.shared, &dlq, &message.body, properties).await?;
         held.ack().await?;
+        self.permit = None;
+        Ok(())
+    }
+
+    /// Republished (confirmed) to the back of the group's queue with its
+    /// give-back headers, for whichever consumer the broker hands it to
+    /// next, and the original acked; its permit is then freed. The broker
+    /// hands it out again at once: while no member that can read it has
+    /// room, it goes round at the broker's pace until the subscription's
+    /// [`GiveBackLimit`](crate::GiveBackLimit).
+    async fn give_back(&mut self, message: &RawMessage, _reason: &str) -> Result<(), Error> {
+        self.held()?.give_back(message).await?;
+        self.held = None;
         self.permit = None;
         Ok(())
     }

@@ -26,8 +26,14 @@
 //! [`MemoryTransport::QUEUE_LIMIT`] messages; past that a publish is refused
 //! as retryable. [`MemoryTransport::depth`] is a group's queue depth, also sampled
 //! into the `switchboard_consumer_lag` gauge.
+//!
+//! A message given back ([`Delivery::give_back`]) frees its permit at once
+//! and stays out of sight of the whole group for a pause — 10 ms, doubling
+//! with each give-back up to 1 s — then joins the back of the group's
+//! queue, for whichever member takes it next; so a member that cannot read
+//! it never takes it again in a tight loop.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -100,8 +106,48 @@ struct Topic {
 struct GroupQueue {
     name: Arc<str>,
     entries: Mutex<VecDeque<Entry>>,
+    /// Given back by a member that cannot read them, each back in
+    /// `entries` at its time (see [`give_back_pause`]).
+    parked: Mutex<BinaryHeap<Parked>>,
     /// Woken on every push; a waiting member looks again.
     arrived: Notify,
+}
+
+/// A given-back message waiting to be visible to the group again.
+struct Parked {
+    at: Instant,
+    entry: Entry,
+}
+
+// `BinaryHeap` is a max-heap: the earliest time (then the oldest id)
+// compares greatest.
+impl Ord for Parked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.entry.id).cmp(&(self.at, self.entry.id))
+    }
+}
+
+impl PartialOrd for Parked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Parked {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.entry.id) == (other.at, other.entry.id)
+    }
+}
+
+impl Eq for Parked {}
+
+/// How long a message given back for the `times`-th time stays out of
+/// sight: 10 ms, doubling, at most 1 s — so a member that cannot read it
+/// does not take it again at once, in a loop, while the member that can is
+/// busy.
+fn give_back_pause(times: u32) -> Duration {
+    let doubled = 10u64 << times.saturating_sub(1).min(7);
+    Duration::from_millis(doubled.min(1000))
 }
 
 struct Entry {
@@ -258,6 +304,7 @@ impl Topic {
                 Arc::new(GroupQueue {
                     name: name.into(),
                     entries: Mutex::default(),
+                    parked: Mutex::default(),
                     arrived: Notify::new(),
                 })
             })
@@ -281,8 +328,35 @@ impl GroupQueue {
         self.arrived.notify_waiters();
     }
 
+    /// Puts a given-back message out of sight for `pause`; it then joins
+    /// the back of the queue.
+    fn park(&self, pause: Duration, entry: Entry) {
+        let at = Instant::now() + pause;
+        lock(&self.parked).push(Parked { at, entry });
+        // A waiting member sets its timer for the new one.
+        self.arrived.notify_waiters();
+    }
+
+    /// Moves the given-back messages whose pause is over to the back of the
+    /// queue; returns when the next one is due.
+    fn unpark(&self) -> Option<Instant> {
+        let mut parked = lock(&self.parked);
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while parked.peek().is_some_and(|next| next.at <= now) {
+            due.extend(parked.pop());
+        }
+        let next = parked.peek().map(|next| next.at);
+        drop(parked);
+        if !due.is_empty() {
+            let mut entries = lock(&self.entries);
+            entries.extend(due.into_iter().map(|parked| parked.entry));
+        }
+        next
+    }
+
     fn depth(&self) -> usize {
-        lock(&self.entries).len()
+        lock(&self.entries).len() + lock(&self.parked).len()
     }
 
     /// The next message. Cancel-safe: a message is taken out only when
@@ -293,10 +367,19 @@ impl GroupQueue {
             tokio::pin!(arrived);
             // Registered before looking, so a push in between still wakes us.
             arrived.as_mut().enable();
+            let next_parked = self.unpark();
             if let Some(entry) = lock(&self.entries).pop_front() {
                 return entry;
             }
-            arrived.await;
+            match next_parked {
+                Some(at) => {
+                    tokio::select! {
+                        () = arrived => {}
+                        () = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => arrived.await,
+            }
         }
     }
 }
@@ -529,6 +612,26 @@ impl Acker for MemoryAcker {
         Ok(())
     }
 
+    /// Out of sight for a pause that doubles with each give-back (10 ms up
+    /// to 1 s), then at the back of the group's queue for any member; the
+    /// permit is freed now. Its attempt count stays: a give-back is not an
+    /// attempt.
+    async fn give_back(&mut self, message: &RawMessage, _reason: &str) -> Result<(), Error> {
+        let Some(permit) = self.permit.take() else {
+            return Err(Error::closed("memory delivery"));
+        };
+        drop(permit);
+        let times = message
+            .headers
+            .get(header::GIVEN_BACK)
+            .and_then(|times| times.parse().ok())
+            .unwrap_or(1);
+        let mut entry = self.entry(message.clone());
+        entry.deliveries = entry.deliveries.saturating_sub(1);
+        self.queue.park(give_back_pause(times), entry);
+        Ok(())
+    }
+
     fn abandoned(&mut self, message: RawMessage) {
         // Like a broker whose consumer went away: the message is due again
         // now, one more delivery without an outcome.
@@ -560,4 +663,18 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     lock.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_given_back_message_pauses_longer_each_time_up_to_a_second() {
+        let pauses: Vec<u64> = (1..=10)
+            .map(|times| give_back_pause(times).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        assert_eq!(give_back_pause(u32::MAX), Duration::from_secs(1));
+    }
 }

@@ -84,14 +84,19 @@ struct GroupQueue {
 struct Pending {
     message: RawMessage,
     attempt: u32,
-    reply: oneshot::Sender<Outcome>,
+    reply: oneshot::Sender<Answer>,
 }
 
-/// How a handler settled a pushed message. A dropped reply sender means the
-/// delivery was abandoned.
-enum Outcome {
+/// How a handler settled a pushed message: what the receiver answers. A
+/// dropped reply sender means the delivery was abandoned.
+enum Answer {
     Ack,
     Nack(Duration),
+    /// This member cannot read it (an unknown major version): the publisher
+    /// sends it again, maybe to a newer replica.
+    GiveBack(String),
+    /// Refused for good: the publisher must not send it again.
+    Reject(DeadLetter),
 }
 
 impl Inbox {
@@ -152,9 +157,11 @@ impl Inbox {
     /// Hands `message` to `group` (or, with `None`, to every group subscribed
     /// to `topic`) and waits until each has settled it.
     ///
-    /// `Ok` once all acked. [`ErrorKind::Unavailable`] when none subscribes,
+    /// `Ok` once all acked. [`ErrorKind::Rejected`] (not retryable) when
+    /// one rejected it for good, naming its reason and last error — even if
+    /// others acked. [`ErrorKind::Unavailable`] when none subscribes,
     /// when one nacked (with [`Error::requeue_after`] set to the nack's
-    /// delay), when one dropped it unsettled, or at once when a group's
+    /// delay), when one gave it back or dropped it unsettled, or at once when a group's
     /// queue is full (with [`QueueFull`] as the source, checked with
     /// [`QueueFull::of`], and [`QUEUE_FULL_RETRY_AFTER`] as
     /// `requeue_after`; no group gets the message then);
@@ -218,20 +225,37 @@ impl Inbox {
             replies.push((queue.name.clone(), answer));
         }
         drop(queues);
+        // Every group answers; a rejection wins (nothing would change it),
+        // then a drop, a give-back, and the longest nack.
         let mut longest_nack = None;
+        let mut again = None;
+        let mut rejected = None;
         for (group, answer) in replies {
             match answer.await {
-                Ok(Outcome::Ack) => {}
-                Ok(Outcome::Nack(delay)) => {
+                Ok(Answer::Ack) => {}
+                Ok(Answer::Nack(delay)) => {
                     longest_nack = Some(longest_nack.unwrap_or(Duration::ZERO).max(delay));
                 }
+                Ok(Answer::GiveBack(reason)) => {
+                    again.get_or_insert(format!(
+                        "group {group:?} gave the message back: {reason}; send it again"
+                    ));
+                }
+                Ok(Answer::Reject(letter)) => {
+                    rejected.get_or_insert((group, letter));
+                }
                 Err(_) => {
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        format!("group {group:?} dropped the message without settling it"),
+                    again = Some(format!(
+                        "group {group:?} dropped the message without settling it"
                     ));
                 }
             }
+        }
+        if let Some((group, letter)) = rejected {
+            return Err(rejection(&group, &letter));
+        }
+        if let Some(message) = again {
+            return Err(Error::new(ErrorKind::Unavailable, message));
         }
         match longest_nack {
             None => Ok(()),
@@ -467,16 +491,32 @@ impl Drop for Member {
     }
 }
 
+/// The error a receiver answers when `group`'s handler refused the message
+/// for good: not retryable, naming the reason (and the last error).
+fn rejection(group: &str, letter: &DeadLetter) -> Error {
+    let mut message = format!(
+        "group {group:?} rejected the message for good: {}",
+        letter.reason()
+    );
+    if let Some(last_error) = letter.last_error() {
+        message.push_str(&format!(" (last error: {last_error})"));
+    }
+    if let Some(attempts) = letter.attempts() {
+        message.push_str(&format!(" after {attempts} attempt(s)"));
+    }
+    Error::new(ErrorKind::Rejected, message)
+}
+
 /// Settles a pushed message by answering the waiting request.
 struct PushAcker {
     transport: &'static str,
-    reply: Option<oneshot::Sender<Outcome>>,
+    reply: Option<oneshot::Sender<Answer>>,
     /// Held until the delivery is settled or dropped; counts it as in flight.
     _permit: OwnedSemaphorePermit,
 }
 
 impl PushAcker {
-    fn answer(&mut self, outcome: Outcome) -> Result<(), Error> {
+    fn answer(&mut self, outcome: Answer) -> Result<(), Error> {
         let reply = self
             .reply
             .take()
@@ -493,11 +533,11 @@ impl PushAcker {
 #[async_trait]
 impl Acker for PushAcker {
     async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
-        self.answer(Outcome::Ack)
+        self.answer(Answer::Ack)
     }
 
     async fn nack(&mut self, _message: &RawMessage, delay: Duration) -> Result<(), Error> {
-        self.answer(Outcome::Nack(delay))
+        self.answer(Answer::Nack(delay))
     }
 
     async fn dead_letter(
@@ -506,6 +546,19 @@ impl Acker for PushAcker {
         _letter: &DeadLetter,
     ) -> Result<(), Error> {
         Err(Error::unsupported(self.transport, "keep dead letters"))
+    }
+
+    /// Answers the publisher UNAVAILABLE / 503: it sends the message again
+    /// (its retry loop is the one retry owner), maybe to a newer replica.
+    async fn give_back(&mut self, _message: &RawMessage, reason: &str) -> Result<(), Error> {
+        self.answer(Answer::GiveBack(reason.to_owned()))
+    }
+
+    /// Answers the publisher with a non-retryable error naming the reason:
+    /// there is no queue to keep the message in, and no one may think it
+    /// was handled.
+    async fn reject(&mut self, _message: &RawMessage, letter: &DeadLetter) -> Result<(), Error> {
+        self.answer(Answer::Reject(letter.clone()))
     }
 
     fn abandoned(&mut self, _message: RawMessage) {

@@ -104,3 +104,64 @@ async fn dead_letter_is_unsupported_and_leaves_the_delivery_to_settle() {
     delivery.ack().await.map_err(|(error, _)| error).unwrap();
     delivering.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_rejection_is_answered_not_retryable_with_its_reason_and_wins_over_an_ack() {
+    let inbox = Inbox::new("test");
+    let mut a = inbox.subscribe("t", SubscribeOptions::new("a")).unwrap();
+    let mut b = inbox.subscribe("t", SubscribeOptions::new("b")).unwrap();
+    let delivering = {
+        let inbox = inbox.clone();
+        tokio::spawn(async move { inbox.deliver("t", None, RawMessage::new("x"), 1).await })
+    };
+    a.recv()
+        .await
+        .unwrap()
+        .ack()
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let letter = DeadLetter::new("gave up after 3 attempt(s)").with_last_error("db down");
+    let settled = b
+        .recv()
+        .await
+        .unwrap()
+        .settle(crate::Outcome::Reject(letter))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(
+        settled,
+        crate::Settled::Refused,
+        "reported to the publisher"
+    );
+    let error = delivering.await.unwrap().unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+    assert!(!error.is_retryable());
+    for part in ["\"b\"", "gave up after 3 attempt(s)", "db down"] {
+        assert!(error.message().contains(part), "{part}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn a_give_back_is_answered_retryable_naming_why() {
+    let inbox = Inbox::new("test");
+    let mut a = inbox.subscribe("t", SubscribeOptions::new("a")).unwrap();
+    let delivering = {
+        let inbox = inbox.clone();
+        tokio::spawn(async move { inbox.deliver("t", None, RawMessage::new("x"), 1).await })
+    };
+    let reason = "this consumer reads version 1.0 of t, not 2.0".to_owned();
+    let settled = a
+        .recv()
+        .await
+        .unwrap()
+        .settle(crate::Outcome::GiveBack { reason })
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(settled, crate::Settled::GivenBack);
+    let error = delivering.await.unwrap().unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    assert!(error.message().contains("not 2.0"), "{error}");
+}

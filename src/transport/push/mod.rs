@@ -17,11 +17,32 @@
 //!   `switchboard-retry-after-ms`); the publisher waits at least that long and
 //!   sends the message again with its attempt number raised, up to
 //!   [`PushConfig::retry`]'s `max_attempts`.
+//! * **Give back** (the subscriber cannot read it: an envelope of a major
+//!   version it does not know) → UNAVAILABLE / 503 naming why; the
+//!   publisher sends it again like a nack, and a load balancer in front of
+//!   the replicas may pick a newer one. When the publisher gives up, its
+//!   error says why.
 //! * **Dropped unsettled** (a panicking handler, a subscriber shutting
 //!   down) → UNAVAILABLE / 503, so the publisher's retry sends it again.
-//! * **Dead-letter** → [`ErrorKind::Unsupported`](crate::ErrorKind): there is
-//!   no queue to keep it in. The typed bus then acks and logs the loss.
+//! * **Reject** (the handler gave up for good: what its retry layer could
+//!   not fix, a permanent failure, a panic, bytes that are not an envelope)
+//!   → INVALID_ARGUMENT / 400 with the reason and the last error, and
+//!   `publish` returns that as a non-retryable
+//!   [`ErrorKind::Rejected`](crate::ErrorKind) error at once — never OK for
+//!   a failed handler. There is no queue to keep the message in:
+//!   [`Delivery::dead_letter`](crate::Delivery::dead_letter) itself says
+//!   [`ErrorKind::Unsupported`](crate::ErrorKind), and
+//!   [`Delivery::settle`](crate::Delivery::settle) (which the typed bus
+//!   uses) reports the rejection to the publisher instead.
 //! * **Queue full** → RESOURCE_EXHAUSTED / 503, answered at once: see below.
+//!
+//! The publisher's retry loop is the one retry owner of a push: the
+//! receiver never retries by itself, and the error `publish` returns once
+//! the loop gives up carries the attempts it made
+//! ([`Error::attempts`](crate::Error::attempts)), so a retry on top
+//! (the bus's own publish retry) must not multiply them. A handler's own
+//! retry layer retries in-process before the receiver answers: a message
+//! it gave up on is rejected, not sent again.
 //!
 //! # A bounded queue, and pushing back when it is full
 //!

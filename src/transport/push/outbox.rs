@@ -1,6 +1,12 @@
 //! The sending side of a push transport: fan a message out to the topic's
 //! endpoints and try each again while the receiver says "not now".
 //!
+//! This loop is the one retry owner of a push: the receiver retries
+//! nothing itself (a nack or a give-back is answered to the publisher, which
+//! sends again), and the error `publish` returns once the loop gives up
+//! carries how many attempts it made ([`Error::attempts`]) — an error that
+//! says so has been retried by its owner and is not to be retried on top.
+//!
 //! Nothing is queued here: each `publish` call waits for its own answers, so
 //! what is in flight is bounded by the callers.
 
@@ -109,10 +115,15 @@ async fn deliver_with_retry<S: PushSender>(
         let error = match send_until_taken(sender, config, &endpoint.url, request).await {
             Ok(()) => return Ok(()),
             Err(error) if error.is_retryable() => error,
-            Err(error) => return Err(error),
+            // A receiver's refusal for good (its handler rejected the
+            // message) is not sent again.
+            Err(error) => return Err(error.with_attempts(attempt)),
         };
         let Some(backoff) = delays.next() else {
-            return Err(error);
+            // This loop is the push path's one retry owner: the attempts it
+            // made travel with the error, so a caller's retry (the bus's
+            // publish retry) does not multiply them.
+            return Err(error.with_attempts(attempt));
         };
         // A nack's delay is the least we wait, the backoff may ask for more,
         // and `max_backoff_ms` bounds what a receiver can ask for.
@@ -266,6 +277,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Unavailable);
         assert_eq!(sender.seen.lock().unwrap().len(), 3);
+        assert_eq!(
+            error.attempts(),
+            Some(3),
+            "the attempts travel with the error"
+        );
 
         let sender = scripted(vec![Err(Error::permanent("bad"))]);
         let error = publish(&sender, &config(), "t", &RawMessage::new("x"))
@@ -273,6 +289,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Rejected);
         assert_eq!(sender.seen.lock().unwrap().len(), 1);
+        assert_eq!(error.attempts(), Some(1));
     }
 
     fn refused() -> Result<(), SendError> {

@@ -1,6 +1,7 @@
 //! Settling: what one subscription shares with the deliveries it hands out,
 //! and the acker of each delivery.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,12 +15,14 @@ use super::dlq::{
     DLQ_AT, DLQ_ATTEMPTS, DLQ_GROUP, DLQ_LAST_ERROR, DLQ_REASON, DLQ_SOURCE_ID, DLQ_TOPIC,
 };
 use super::fields::{append_message_fields, message_from_fields, value_text};
-use super::lease::{AckRequest, DEAD_LETTER_SCRIPT, GiveBack, Held, lease_lost};
+use super::lease::{
+    AckRequest, DEAD_LETTER_SCRIPT, GIVE_BACK_TO_GROUP_SCRIPT, GiveBack, Held, lease_lost,
+};
 use super::{Conn, FIELD_REDRIVE_GROUP, RedisStreamsTransport, lock};
 use crate::error::{Error, ErrorKind};
 use crate::transport::delay::DelayQueue;
 use crate::transport::redis_error::redis_error;
-use crate::transport::{Acker, DeadLetter, RawMessage};
+use crate::transport::{Acker, DeadLetter, RawMessage, header};
 
 /// What one subscription shares with its ackers and its keeper.
 pub(super) struct Group {
@@ -33,6 +36,13 @@ pub(super) struct Group {
     pub(super) consumer: String,
     pub(super) stream: String,
     pub(super) dlq: String,
+    /// How often and since when entries were given back to the group
+    /// (field `<group> <id>`, value `<times> <first time>`); see
+    /// [`Group::give_back_to_group`].
+    pub(super) given_back: String,
+    /// The TTL each give-back renews on `given_back`, in seconds: what is
+    /// left there of entries settled elsewhere goes once nobody gives back.
+    pub(super) given_back_ttl: u64,
     /// Every id the subscription holds; the keeper renews their leases.
     pub(super) held: Held,
     /// Nacked entries waiting out their delay, each with its permit.
@@ -44,7 +54,50 @@ pub(super) struct Nacked {
     pub(super) id: String,
     pub(super) attempt: u32,
     pub(super) delivery_count: u32,
+    /// Its give-back headers, put back on the entry read again.
+    pub(super) given_back: Option<GivenBack>,
     pub(super) permit: OwnedSemaphorePermit,
+}
+
+/// How often and since when an entry was given back to the group: the
+/// values of [`header::GIVEN_BACK`] and [`header::GIVEN_BACK_AT`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct GivenBack {
+    pub(super) times: String,
+    pub(super) at: String,
+}
+
+impl GivenBack {
+    /// The headers of `message`, if it was given back.
+    pub(super) fn of(message: &RawMessage) -> Option<Self> {
+        Some(Self {
+            times: message.headers.get(header::GIVEN_BACK)?.clone(),
+            at: message.headers.get(header::GIVEN_BACK_AT)?.clone(),
+        })
+    }
+
+    /// Sets the headers on `message`.
+    pub(super) fn apply(self, message: &mut RawMessage) {
+        message
+            .headers
+            .insert(header::GIVEN_BACK.to_owned(), self.times);
+        message
+            .headers
+            .insert(header::GIVEN_BACK_AT.to_owned(), self.at);
+    }
+
+    /// The hash value: `<times> <at>` (the time has no space).
+    fn value(&self) -> String {
+        format!("{} {}", self.times, self.at)
+    }
+
+    fn parse(value: &str) -> Option<Self> {
+        let (times, at) = value.split_once(' ')?;
+        Some(Self {
+            times: times.to_owned(),
+            at: at.to_owned(),
+        })
+    }
 }
 
 /// An entry read for this subscription, not yet handed out. It holds its
@@ -178,6 +231,76 @@ impl Group {
         }
     }
 
+    fn given_back_field(&self, id: &str) -> String {
+        format!("{} {id}", self.group)
+    }
+
+    /// Gives `id` back to the group (see `GIVE_BACK_TO_GROUP`): pending,
+    /// idle for `claim_idle` so the next `XAUTOCLAIM` of any member takes it,
+    /// no longer renewed here, its give-back headers kept in the group's
+    /// hash for whoever takes it. Returns whether it was still this
+    /// consumer's.
+    pub(super) async fn give_back_to_group(
+        &self,
+        id: &str,
+        delivery_count: u32,
+        given_back: &GivenBack,
+    ) -> Result<bool, Error> {
+        lock(&self.held).remove(id);
+        let given: i64 = GIVE_BACK_TO_GROUP_SCRIPT
+            .key(&self.stream)
+            .key(&self.given_back)
+            .arg(&*self.group)
+            .arg(&self.consumer)
+            .arg(self.claim_idle_ms())
+            .arg(id)
+            .arg(delivery_count.saturating_sub(1))
+            .arg(self.given_back_field(id))
+            .arg(given_back.value())
+            .arg(self.given_back_ttl)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|error| redis_error("give back (XCLAIM IDLE)", error))?;
+        Ok(given == 1)
+    }
+
+    /// The give-back headers recorded for `ids` (those never given back are
+    /// missing). A failed look-up only costs the counts: logged, empty.
+    pub(super) async fn given_back_of(&self, ids: &[&str]) -> HashMap<String, GivenBack> {
+        if ids.is_empty() {
+            return HashMap::new();
+        }
+        let fields: Vec<String> = ids.iter().map(|id| self.given_back_field(id)).collect();
+        let reply: RedisResult<Vec<Option<String>>> = redis::cmd("HMGET")
+            .arg(&self.given_back)
+            .arg(&fields)
+            .query_async(&mut self.conn())
+            .await;
+        match reply {
+            Ok(values) => ids
+                .iter()
+                .zip(values)
+                .filter_map(|(id, value)| Some(((*id).to_owned(), GivenBack::parse(&value?)?)))
+                .collect(),
+            Err(error) => {
+                tracing::warn!(stream = %self.stream, %error, "cannot read give-back counts");
+                HashMap::new()
+            }
+        }
+    }
+
+    /// Forgets the give-back record of `id`, settled for good.
+    async fn forget_given_back(&self, id: &str) {
+        let removed: RedisResult<i64> = redis::cmd("HDEL")
+            .arg(&self.given_back)
+            .arg(self.given_back_field(id))
+            .query_async(&mut self.conn())
+            .await;
+        if let Err(error) = removed {
+            tracing::debug!(%error, id, "cannot remove a give-back record; it expires");
+        }
+    }
+
     /// Delivery counters of this consumer's pending entries between `first`
     /// and `last`.
     pub(super) async fn delivery_counts(
@@ -233,11 +356,14 @@ pub(super) struct RedisAcker {
 
 #[async_trait]
 impl Acker for RedisAcker {
-    async fn ack(&mut self, _message: &RawMessage) -> Result<(), Error> {
+    async fn ack(&mut self, message: &RawMessage) -> Result<(), Error> {
         let acked = self.group.ack(self.id.clone()).await;
         if done_with(&acked) {
             // Ours no more either way.
             self.permit = None;
+            if acked.is_ok() && GivenBack::of(message).is_some() {
+                self.group.forget_given_back(&self.id).await;
+            }
         }
         acked
     }
@@ -245,7 +371,7 @@ impl Acker for RedisAcker {
     /// No command at all: the entry stays pending for this consumer, its
     /// lease renewed by the keeper, and waits in the subscription's timer
     /// queue with its permit.
-    async fn nack(&mut self, _message: &RawMessage, delay: Duration) -> Result<(), Error> {
+    async fn nack(&mut self, message: &RawMessage, delay: Duration) -> Result<(), Error> {
         let Some(permit) = self.permit.take() else {
             return Err(Error::closed("redis-streams delivery"));
         };
@@ -253,6 +379,7 @@ impl Acker for RedisAcker {
             id: self.id.clone(),
             attempt: self.attempt,
             delivery_count: self.delivery_count,
+            given_back: GivenBack::of(message),
             permit,
         };
         if let Err(nacked) = self.group.delays.push(delay, nacked) {
@@ -273,8 +400,46 @@ impl Acker for RedisAcker {
             .await;
         if done_with(&moved) {
             self.permit = None;
+            if moved.is_ok() && GivenBack::of(message).is_some() {
+                self.group.forget_given_back(&self.id).await;
+            }
         }
         moved
+    }
+
+    /// Left pending, idle for `claim_idle`, so the next `XAUTOCLAIM` of any
+    /// member (at most every `claim_every`) takes it; no longer renewed, its
+    /// permit freed now. Its delivery counter stays as it was.
+    async fn give_back(&mut self, message: &RawMessage, reason: &str) -> Result<(), Error> {
+        let Some(given_back) = GivenBack::of(message) else {
+            return Err(Error::new(
+                ErrorKind::Rejected,
+                "redis-streams: give back through Delivery::give_back",
+            ));
+        };
+        // Freed once the entry is handed back, so a drained subscription
+        // has handed back everything.
+        let Some(_permit) = self.permit.take() else {
+            return Err(Error::closed("redis-streams delivery"));
+        };
+        match self
+            .group
+            .give_back_to_group(&self.id, self.delivery_count, &given_back)
+            .await
+        {
+            Ok(true) => {
+                tracing::debug!(stream = %self.group.stream, id = self.id, reason, "entry given back to the group");
+                Ok(())
+            }
+            // Another member took it over meanwhile: in the group's hands.
+            Ok(false) => Ok(()),
+            Err(error) => {
+                // Not renewed any more, so any member takes it after
+                // claim_idle anyway; only this give-back goes uncounted.
+                tracing::warn!(%error, id = self.id, "cannot record a give-back; the entry is reclaimed after claim_idle");
+                Ok(())
+            }
+        }
     }
 
     fn abandoned(&mut self, _message: RawMessage) {

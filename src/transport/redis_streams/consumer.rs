@@ -29,6 +29,16 @@ use crate::transport::{
 /// (fewer when fewer permits are free).
 const RECOVER_PAGE: usize = 500;
 
+/// After the stream key: the hash of a stream's given-back entries. `#` is
+/// in no topic name, so it never names another topic's stream.
+const GIVEN_BACK_SUFFIX: &str = "#given-back";
+
+/// The TTL of the given-back hash: twice the give-back age limit, at least
+/// an hour — a record outlives every entry it can still matter for.
+fn given_back_ttl(max_age: Duration) -> u64 {
+    max_age.saturating_mul(2).as_secs().max(3600)
+}
+
 #[async_trait]
 impl Subscriber for RedisStreamsTransport {
     async fn subscribe(
@@ -50,6 +60,8 @@ impl Subscriber for RedisStreamsTransport {
             group: options.group.as_str().into(),
             consumer: self.consumer_name(topic, &options.group),
             dlq: format!("{stream}{DLQ_SUFFIX}"),
+            given_back: format!("{stream}{GIVEN_BACK_SUFFIX}"),
+            given_back_ttl: given_back_ttl(options.give_back_limit.max_age),
             stream,
             held: Arc::default(),
             delays: DelayQueue::default(),
@@ -271,9 +283,12 @@ impl Reader {
             Ok(mut found) => match found.pop() {
                 Some(id) => {
                     let attempt = nacked.attempt.saturating_add(1);
-                    let entry = self
-                        .group
-                        .entry(id, attempt, nacked.delivery_count, nacked.permit);
+                    let mut entry =
+                        self.group
+                            .entry(id, attempt, nacked.delivery_count, nacked.permit);
+                    if let Some(given_back) = nacked.given_back {
+                        given_back.apply(&mut entry.message);
+                    }
                     self.buffer.push_back(entry);
                 }
                 None => {
@@ -316,7 +331,8 @@ impl Reader {
         // The counts were read before the claim raised them.
         self.buffer_claimed(entries, &counts, &mut permits, |before| {
             before.unwrap_or(0).saturating_add(1)
-        });
+        })
+        .await;
         Ok(())
     }
 
@@ -359,19 +375,24 @@ impl Reader {
         );
         self.buffer_claimed(reply.claimed, &counts, &mut permits, |after| {
             after.unwrap_or(1)
-        });
+        })
+        .await;
         Ok(())
     }
 
     /// Buffers claimed entries, one permit each, with the delivery counter
     /// `count` makes of what `XPENDING` listed for the entry.
-    fn buffer_claimed(
+    async fn buffer_claimed(
         &mut self,
         claimed: Vec<StreamId>,
         pending: &[(String, u32)],
         permits: &mut OwnedSemaphorePermit,
         count: impl Fn(Option<u32>) -> u32,
     ) {
+        // Claimed entries may have been given back by a member that could
+        // not read them: how often and since when travels with them.
+        let ids: Vec<&str> = claimed.iter().map(|id| id.id.as_str()).collect();
+        let mut given_back = self.group.given_back_of(&ids).await;
         for id in claimed {
             // Redis returned at most as many as asked for, one per permit.
             let Some(permit) = permits.split(1) else {
@@ -382,7 +403,11 @@ impl Reader {
                 .find(|(pending, _)| *pending == id.id)
                 .map(|(_, count)| *count);
             let count = count(listed);
-            let entry = self.group.entry(id, count, count, permit);
+            let given_back = given_back.remove(&id.id);
+            let mut entry = self.group.entry(id, count, count, permit);
+            if let Some(given_back) = given_back {
+                given_back.apply(&mut entry.message);
+            }
             self.buffer.push_back(entry);
         }
     }

@@ -80,6 +80,24 @@ end
 return given
 ";
 
+/// `KEYS[1]` stream, `KEYS[2]` the group's given-back hash; `ARGV` group,
+/// consumer, idle ms, id, retry count, hash field, hash value, hash TTL in
+/// seconds — gives `id` back to the group if it is still pending for
+/// `consumer`: `XCLAIM … IDLE <ms> RETRYCOUNT <n> JUSTID`, so any member's
+/// next `XAUTOCLAIM` takes it (the retry count set back by one, since that
+/// claim raises it again: a give-back is not a delivery without an
+/// outcome), and records how often and since when it was given back in the
+/// hash (whose TTL each give-back renews). Returns 1 if so, 0 if not.
+const GIVE_BACK_TO_GROUP: &str = r"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], ARGV[4], 1, ARGV[2])
+if #p == 0 then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'IDLE', ARGV[3],
+  'RETRYCOUNT', ARGV[5], 'JUSTID')
+redis.call('HSET', KEYS[2], ARGV[6], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+return 1
+";
+
 /// `KEYS[1]` stream; `ARGV` group, consumer, ids… — acknowledges those of
 /// `ids` still pending for `consumer`; returns 1 or 0 per id.
 const ACK_OWNED: &str = r"
@@ -113,6 +131,8 @@ return 1
 static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_OWNED));
 static ACK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACK_OWNED));
 static GIVE_BACK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GIVE_BACK_OWNED));
+pub(super) static GIVE_BACK_TO_GROUP_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(GIVE_BACK_TO_GROUP));
 pub(super) static DEAD_LETTER_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(DEAD_LETTER_OWNED));
 

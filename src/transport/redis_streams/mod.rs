@@ -56,6 +56,16 @@
 //! * `dead_letter` is one script: `XADD <stream>.dlq ...` and `XACK`
 //!   together, so the entry is either in the dead-letter stream or still
 //!   pending, never lost nor in both.
+//! * `give_back` (an envelope of a major version this consumer does not
+//!   know) is one script too: the entry stays pending, marked idle for
+//!   `claim_idle` (`XCLAIM … IDLE`, its delivery counter kept), so the next
+//!   `XAUTOCLAIM` of any member takes it — at most every
+//!   [`claim_every`](RedisStreamsConfig::claim_every), never in a tight
+//!   loop — while its permit is freed and its lease no longer renewed; how
+//!   often and since when it was given back is kept in the hash
+//!   `<stream>#given-back` (field `<group> <id>`, removed once a member
+//!   settles it, the key's TTL renewed by each give-back), which a claim
+//!   reads back into the delivery's headers.
 //!
 //! # Flow control: the prefetch bounds everything
 //!
