@@ -426,6 +426,33 @@ mod tls {
         assert_eq!(received_digest, sent.await.unwrap());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn thousands_of_40_byte_chunks_over_tls_arrive_whole() {
+        use super::small_chunks::{
+            CHUNK_LEN, CHUNKS, TinyChunkStore, download_whole, expected, tiny_chunks,
+        };
+        let store = Arc::new(TinyChunkStore::default());
+        let server = start_tls(store.clone()).await;
+        let client = TransferClient::connect_tls(
+            server.address,
+            "localhost",
+            client_config(server.roots.clone()).unwrap(),
+        )
+        .await
+        .unwrap();
+
+        assert!(
+            download_whole(&client).await == expected(),
+            "download differs"
+        );
+        let stored = client.upload("up.csv", tiny_chunks()).await.unwrap();
+        assert_eq!(stored, (CHUNKS * CHUNK_LEN) as u64);
+        assert!(
+            store.uploads.lock().unwrap()[..] == [("up.csv".to_owned(), expected())],
+            "upload differs"
+        );
+    }
+
     #[tokio::test]
     async fn an_untrusted_certificate_is_refused_and_not_retryable() {
         let server = start_tls(Arc::new(HashingStore::default())).await;
@@ -462,5 +489,101 @@ mod tls {
             .await
             .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Config);
+    }
+}
+
+/// Stores whose streams yield thousands of tiny chunks, as a store that
+/// serves a file line by line does: every chunk becomes a DATA frame of its
+/// own, far more frames than the 32 MiB transfers above send.
+mod small_chunks {
+    use super::*;
+
+    pub(super) const CHUNKS: usize = 5_000;
+    pub(super) const CHUNK_LEN: usize = 40;
+
+    /// Chunk `i` of the content: 40 bytes that say which chunk they are, so
+    /// a lost, doubled or reordered chunk shows in the comparison.
+    fn chunk(i: usize) -> Bytes {
+        let line = format!("{i:08},{:030}\n", i * 7919);
+        assert_eq!(line.len(), CHUNK_LEN);
+        Bytes::from(line)
+    }
+
+    pub(super) fn expected() -> Vec<u8> {
+        (0..CHUNKS).flat_map(|i| chunk(i).to_vec()).collect()
+    }
+
+    /// The chunks, with an empty one after every tenth: 500 empty chunks,
+    /// more than the 100 empty DATA frames h2 accepts on a connection.
+    pub(super) fn tiny_chunks() -> ByteStream {
+        futures_util::stream::iter((0..CHUNKS).flat_map(|i| {
+            let empty = (i % 10 == 9).then(Bytes::new);
+            [Some(chunk(i)), empty].into_iter().flatten().map(Ok)
+        }))
+        .boxed()
+    }
+
+    /// Serves `lines.csv` as 5 000 chunks of 40 bytes and keeps every upload
+    /// whole.
+    #[derive(Default)]
+    pub(super) struct TinyChunkStore {
+        pub(super) uploads: Mutex<Vec<(String, Vec<u8>)>>,
+    }
+
+    #[async_trait]
+    impl FileStore for TinyChunkStore {
+        async fn put(&self, name: &str, mut chunks: ByteStream) -> Result<u64, Error> {
+            let mut content = Vec::new();
+            while let Some(chunk) = chunks.next().await {
+                content.extend_from_slice(&chunk?);
+            }
+            let len = content.len() as u64;
+            self.uploads
+                .lock()
+                .unwrap()
+                .push((name.to_owned(), content));
+            Ok(len)
+        }
+
+        async fn get(&self, name: &str) -> Result<(ByteStream, Option<u64>), Error> {
+            if name != "lines.csv" {
+                return Err(Error::new(ErrorKind::NotFound, format!("no {name}")));
+            }
+            Ok((tiny_chunks(), Some((CHUNKS * CHUNK_LEN) as u64)))
+        }
+    }
+
+    pub(super) async fn download_whole(client: &TransferClient) -> Vec<u8> {
+        let download = client.download("lines.csv").await.unwrap();
+        assert_eq!(download.content_length(), Some((CHUNKS * CHUNK_LEN) as u64));
+        let mut download = download;
+        let mut received = Vec::new();
+        while let Some(chunk) = download.next().await {
+            let chunk = chunk.unwrap_or_else(|error| {
+                panic!("broke off after {} bytes: {error:?}", received.len())
+            });
+            received.extend_from_slice(&chunk);
+        }
+        received
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_of_5000_chunks_of_40_bytes_arrives_whole() {
+        let server = start(Arc::new(TinyChunkStore::default())).await;
+        let received = download_whole(&server.client).await;
+        assert_eq!(received.len(), CHUNKS * CHUNK_LEN);
+        assert!(received == expected(), "the content differs");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_of_5000_chunks_of_40_bytes_arrives_whole() {
+        let store = Arc::new(TinyChunkStore::default());
+        let server = start(store.clone()).await;
+        let stored = server.client.upload("up.csv", tiny_chunks()).await.unwrap();
+        assert_eq!(stored, (CHUNKS * CHUNK_LEN) as u64);
+        let uploads = store.uploads.lock().unwrap();
+        assert_eq!(uploads.len(), 1);
+        assert_eq!(uploads[0].0, "up.csv");
+        assert!(uploads[0].1 == expected(), "the content differs");
     }
 }

@@ -138,6 +138,8 @@ impl TransferClient {
     /// Uploads `chunks` as `name` and returns the number of bytes the server
     /// stored. The next chunk is pulled only when flow control lets the
     /// previous one go, so a stream that reads lazily holds little memory.
+    /// Chunks of any size, even empty ones, are fine: small ones are merged
+    /// into frames of at least 1 KiB before they are sent.
     pub async fn upload<S, E>(&self, name: &str, chunks: S) -> Result<u64, Error>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,

@@ -14,7 +14,11 @@
 //!
 //! Memory stays bounded because every stage pulls: the sender reads the next
 //! chunk (at most [`CHUNK_SIZE`] from a file) only after the previous one has
-//! been handed to HTTP/2 within its flow-control window, and the receiver
+//! been handed to HTTP/2 within its flow-control window (small chunks that
+//! are ready together are merged into one DATA frame of up to 16 KiB, and a
+//! frame under 1 KiB waits for more unless the stream ends, because the
+//! receiving HTTP/2 stack closes a connection that sends it too many small
+//! frames), and the receiver
 //! releases window only as it consumes chunks, so a slow disk slows the
 //! sender instead of filling a buffer. Both ends use hyper's
 //! adaptive flow control, which sizes the window to the measured
