@@ -148,8 +148,8 @@ impl MarketState {
 }
 
 /// The price-history files (`AAPL.csv`, ...) as a read-only `FileStore`,
-/// made 64 lines to a chunk as the download pulls them (one frame per line
-/// broke a download of a few hundred lines off midway; see the CHANGELOG).
+/// made 64 lines to a chunk as the download pulls them (fewer, fuller
+/// frames than a line each).
 struct HistoryFiles(Arc<MarketState>);
 
 #[async_trait]

@@ -146,7 +146,10 @@ impl EventBus {
     /// [`ErrorKind::Timeout`](crate::ErrorKind::Timeout). The error then
     /// says how many attempts were made ([`Error::attempts`], and in its
     /// message). [`Duration::ZERO`](std::time::Duration::ZERO) makes one
-    /// attempt, bounded only by the transport's own timeouts.
+    /// attempt, bounded only by the transport's own timeouts. An error that
+    /// already carries [`Error::attempts`] comes from a transport that
+    /// retries by itself (the push publishers) and is returned as it is:
+    /// each path has one retry owner.
     ///
     /// A retried publish may reach the broker twice (the first attempt may
     /// have been applied before its answer was lost); both copies carry the

@@ -75,6 +75,10 @@ impl PublishRetry {
             attempts += 1;
             let error = match bounded(deadline, attempt()).await {
                 Ok(Ok(())) => return Ok(()),
+                // An error that already counts its attempts comes from a
+                // transport that retries by itself (the push publisher):
+                // one retry owner per path, so it is not tried again here.
+                Ok(Err(error)) if error.attempts().is_some() => return Err(error),
                 Ok(Err(error)) if !error.is_retryable() || attempts == u32::MAX => {
                     return Err(self.gave_up(topic, error, attempts, started));
                 }
