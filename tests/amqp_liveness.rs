@@ -22,6 +22,8 @@ use uuid::Uuid;
 mod blocked;
 #[path = "amqp_liveness/declarations.rs"]
 mod declarations;
+#[path = "amqp_liveness/failover.rs"]
+mod failover;
 #[path = "amqp_liveness/killed.rs"]
 mod killed;
 #[path = "amqp_liveness/node.rs"]

@@ -158,6 +158,12 @@ pub struct AmqpHealth {
     /// The broker's reason while it blocks the publishing connection, such
     /// as `"low on memory"`.
     pub blocked: Option<String>,
+    /// The node (`host:port`, no credentials) the publishing connection
+    /// goes to; `None` while it reconnects.
+    pub publishing_node: Option<String>,
+    /// The node (`host:port`) the consuming connection goes to; `None`
+    /// while it reconnects.
+    pub consuming_node: Option<String>,
 }
 
 impl AmqpHealth {
@@ -261,8 +267,8 @@ impl AmqpTransport {
         self.shared.consuming.state()
     }
 
-    /// Both connections' states now, and the broker's reason while it
-    /// blocks publishing.
+    /// Both connections' states and nodes now, and the broker's reason
+    /// while it blocks publishing.
     ///
     /// ```no_run
     /// # async fn run(transport: switchboard::transport::amqp::AmqpTransport) {
@@ -272,6 +278,7 @@ impl AmqpTransport {
     /// if health.publishing == ConnectionState::Blocked {
     ///     eprintln!("RabbitMQ blocks publishing: {:?}", health.blocked);
     /// }
+    /// println!("publishing through {:?}", health.publishing_node);
     /// # }
     /// ```
     pub fn health(&self) -> AmqpHealth {
@@ -279,6 +286,8 @@ impl AmqpTransport {
             publishing: *self.shared.supervisor.state().borrow(),
             consuming: *self.shared.consuming.state().borrow(),
             blocked: self.shared.supervisor.blocked(),
+            publishing_node: self.shared.supervisor.node(),
+            consuming_node: self.shared.consuming.node(),
         }
     }
 
