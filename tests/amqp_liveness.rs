@@ -20,6 +20,8 @@ use uuid::Uuid;
 
 #[path = "amqp_liveness/blocked.rs"]
 mod blocked;
+#[path = "amqp_liveness/cluster.rs"]
+mod cluster;
 #[path = "amqp_liveness/declarations.rs"]
 mod declarations;
 #[path = "amqp_liveness/failover.rs"]
