@@ -163,8 +163,7 @@ async fn a_first_node_that_is_down_is_skipped_at_connect() {
         format!("amqp://guest:guest@{}/%2f", second.addr()),
     ))
     .await
-    .err()
-    .expect("no node answers");
+    .expect_err("no node answers");
     assert!(error.is_retryable(), "{error}");
     assert!(
         error.message().contains(&second.addr().to_string()),

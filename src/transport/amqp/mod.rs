@@ -58,6 +58,13 @@
 //!   on the next connection until [`AmqpConfig::publish_timeout`], then
 //!   returned as an error — never dropped silently (a retry after a lost
 //!   confirm may duplicate a message: consumers deduplicate on `event_id`).
+//! * **Several nodes.** [`AmqpConfig::new_cluster`] or
+//!   [`AmqpConfig::with_nodes`] list a cluster's nodes: each connection goes
+//!   to the first that answers, and after a loss the next round of attempts
+//!   starts at the node after the lost one, so both connections move to a
+//!   survivor, declare again there and consumers resume.
+//!   [`AmqpHealth::publishing_node`] and [`AmqpHealth::consuming_node`] name
+//!   the node in use (`host:port`).
 //! * **Declarations.** One the broker refuses (say `PRECONDITION_FAILED`)
 //!   fails the `subscribe` or `declare` that needed it, with the broker's
 //!   reason, and is not remembered; reconnections declare each remembered
