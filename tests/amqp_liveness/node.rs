@@ -82,7 +82,8 @@ impl Node {
     fn watchdog(&self) {
         let script = format!(
             "while kill -0 {me} 2>/dev/null; do sleep 1; done; \
-             kill -9 $(cat {dir}/pid 2>/dev/null) 2>/dev/null; rm -rf {dir}",
+             pid=$(cat {dir}/pid 2>/dev/null); kill -9 $pid 2>/dev/null; \
+             while kill -0 $pid 2>/dev/null; do sleep 0.1; done; rm -rf {dir}",
             me = std::process::id(),
             dir = self.dir.display(),
         );
@@ -211,6 +212,14 @@ impl Drop for Node {
                 .contains(self.name.split('@').next().unwrap_or_default())
             {
                 let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                // A node still dying writes files into a directory being
+                // removed, leaving part of it behind: wait until it is gone.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
