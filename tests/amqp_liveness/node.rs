@@ -2,7 +2,9 @@
 //! data directory, so killing it or raising its memory alarm never touches
 //! the machine's shared broker (PITFALLS "Private brokers for fault tests").
 //!
-//! One node per test binary: it takes about 9 s to start. A watchdog shell
+//! One node per test binary for the single-node proofs: it takes about 9 s
+//! to start; the cluster proof starts three of its own and joins them with
+//! [`Node::join`]. A watchdog shell
 //! started beside it kills the node (by the pid in its pid file, which a
 //! restart rewrites) and removes its directory once this process is gone,
 //! however it ends — a panic, or a SIGKILL of the test binary.
@@ -80,7 +82,8 @@ impl Node {
     fn watchdog(&self) {
         let script = format!(
             "while kill -0 {me} 2>/dev/null; do sleep 1; done; \
-             kill -9 $(cat {dir}/pid 2>/dev/null) 2>/dev/null; rm -rf {dir}",
+             pid=$(cat {dir}/pid 2>/dev/null); kill -9 $pid 2>/dev/null; \
+             while kill -0 $pid 2>/dev/null; do sleep 0.1; done; rm -rf {dir}",
             me = std::process::id(),
             dir = self.dir.display(),
         );
@@ -152,6 +155,34 @@ impl Node {
         }
     }
 
+    /// Joins this node to `first`'s cluster (they share the rabbitmq
+    /// user's Erlang cookie): its app stopped, joined, started again.
+    pub fn join(&self, first: &Node) {
+        self.ctl(&["stop_app"]);
+        self.ctl(&["join_cluster", &first.name]);
+        self.ctl(&["start_app"]);
+        let deadline = Instant::now() + START_PATIENCE;
+        while !self.answers() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not answer after joining the cluster",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The Erlang node name, as `rabbitmqctl` and `list_queues leader`
+    /// name it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `host:port`, as `AmqpHealth` names a node.
+    pub fn label(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
     /// `rabbitmqctl -n <node> args…`.
     pub fn ctl(&self, args: &[&str]) -> String {
         run(
@@ -165,5 +196,32 @@ impl Node {
 
     pub fn uri(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+/// A node started by a test that owns it (the cluster's) is killed and its
+/// directory removed when the test ends, a panic included; the binary's
+/// shared node lives in a static and is left to its watchdog.
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Only a process that is still this node: a pid from a file of a
+        // node killed earlier may have been reused by now.
+        if let Some(pid) = self.pid() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline)
+                .contains(self.name.split('@').next().unwrap_or_default())
+            {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                // A node still dying writes files into a directory being
+                // removed, leaving part of it behind: wait until it is gone.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -37,12 +37,29 @@ pub enum QueueType {
 ///
 /// let secret = AmqpConfig::new("amqp://app:s3cret@rabbit:5672/%2f");
 /// assert!(!format!("{secret:?}").contains("s3cret"), "Debug hides the password");
+///
+/// // A cluster: the first node that answers, the others on failover.
+/// let cluster = AmqpConfig::new_cluster([
+///     "amqp://app:s3cret@rabbit-1:5672/%2f",
+///     "amqp://app:s3cret@rabbit-2:5672/%2f",
+///     "amqp://app:s3cret@rabbit-3:5672/%2f",
+/// ]);
+/// assert_eq!(cluster.uri, "amqp://app:s3cret@rabbit-1:5672/%2f");
+/// assert_eq!(cluster.node_uris().count(), 3);
+/// assert!(!format!("{cluster:?}").contains("s3cret"));
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AmqpConfig {
-    /// The AMQP URI, such as `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// The AMQP URI, such as `amqp://guest:guest@127.0.0.1:5672/%2f`: the
+    /// first node tried.
     pub uri: String,
+    /// The other nodes of the same cluster, tried after [`uri`](Self::uri)
+    /// in this order (default none). Each connection goes to the first node
+    /// that answers; when it is lost, reconnecting starts at the node after
+    /// the one lost and goes round the list, each try under the URI's
+    /// connection timeout (10 s unless the URI sets `connection_timeout`).
+    pub nodes: Vec<String>,
     /// The topic exchange every message is published to (default
     /// `"switchboard"`). Queue names start with it.
     pub exchange: String,
@@ -87,6 +104,7 @@ impl AmqpConfig {
     pub fn new(uri: impl Into<String>) -> Self {
         Self {
             uri: uri.into(),
+            nodes: Vec::new(),
             exchange: "switchboard".to_owned(),
             exchange_auto_delete: false,
             queue_type: QueueType::Classic,
@@ -99,6 +117,61 @@ impl AmqpConfig {
             lag_every: Duration::from_secs(5),
             tls_ca_pem: None,
         }
+    }
+
+    /// The defaults with the nodes of one cluster: the first is
+    /// [`uri`](Self::uri), the rest [`nodes`](Self::nodes). An empty list
+    /// leaves `uri` empty, which [`AmqpTransport::connect`] refuses as a
+    /// config error.
+    ///
+    /// [`AmqpTransport::connect`]: super::AmqpTransport::connect
+    ///
+    /// ```
+    /// use switchboard::transport::amqp::AmqpConfig;
+    ///
+    /// let config = AmqpConfig::new_cluster(["amqp://rabbit-1", "amqp://rabbit-2"]);
+    /// assert_eq!(config.uri, "amqp://rabbit-1");
+    /// assert_eq!(config.nodes, ["amqp://rabbit-2"]);
+    /// ```
+    pub fn new_cluster<I, S>(uris: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut uris = uris.into_iter().map(Into::into);
+        let first = uris.next().unwrap_or_default();
+        Self::new(first).with_nodes(uris)
+    }
+
+    /// Sets [`nodes`](Self::nodes): the cluster's other nodes, after
+    /// [`uri`](Self::uri).
+    ///
+    /// ```
+    /// use switchboard::transport::amqp::AmqpConfig;
+    ///
+    /// let config = AmqpConfig::new("amqp://rabbit-1").with_nodes(["amqp://rabbit-2"]);
+    /// let nodes: Vec<&str> = config.node_uris().collect();
+    /// assert_eq!(nodes, ["amqp://rabbit-1", "amqp://rabbit-2"]);
+    /// ```
+    pub fn with_nodes<I, S>(mut self, uris: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.nodes = uris.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Every node's URI in the order they are tried: [`uri`](Self::uri),
+    /// then [`nodes`](Self::nodes).
+    ///
+    /// ```
+    /// use switchboard::transport::amqp::AmqpConfig;
+    ///
+    /// assert_eq!(AmqpConfig::new("amqp://rabbit").node_uris().count(), 1);
+    /// ```
+    pub fn node_uris(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.uri.as_str()).chain(self.nodes.iter().map(String::as_str))
     }
 
     /// Sets [`tls_ca_pem`](Self::tls_ca_pem).
@@ -180,6 +253,9 @@ impl AmqpConfig {
 
     pub(super) fn validate(&self) -> Result<(), Error> {
         let config = |message: String| Error::new(ErrorKind::Config, message);
+        if self.node_uris().any(|uri| uri.trim().is_empty()) {
+            return Err(config("amqp: every node needs a URI".into()));
+        }
         validate_name("exchange", &self.exchange)
             .map_err(|error| config(format!("amqp: {}", error.message())))?;
         if self.publish_window == 0 {
@@ -197,7 +273,10 @@ impl AmqpConfig {
             ));
         }
         if cfg!(not(feature = "amqp-tls"))
-            && (self.tls_ca_pem.is_some() || self.uri.trim_start().starts_with("amqps:"))
+            && (self.tls_ca_pem.is_some()
+                || self
+                    .node_uris()
+                    .any(|uri| uri.trim_start().starts_with("amqps:")))
         {
             return Err(config(
                 "amqp: TLS (an amqps:// URI or tls_ca_pem) needs the `amqp-tls` feature".into(),
@@ -212,6 +291,14 @@ impl fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpConfig")
             .field("uri", &connection::redact(&self.uri))
+            .field(
+                "nodes",
+                &self
+                    .nodes
+                    .iter()
+                    .map(|uri| connection::redact(uri))
+                    .collect::<Vec<_>>(),
+            )
             .field("exchange", &self.exchange)
             .field("exchange_auto_delete", &self.exchange_auto_delete)
             .field("queue_type", &self.queue_type)
@@ -250,6 +337,30 @@ mod tests {
             assert_eq!(error.kind(), ErrorKind::Config);
             assert!(error.message().contains("amqp-tls"), "{error}");
         }
+    }
+
+    #[test]
+    fn an_empty_node_list_is_a_config_error() {
+        let error = AmqpConfig::new_cluster(Vec::<String>::new())
+            .validate()
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config);
+        let error = AmqpConfig::default()
+            .with_nodes([""])
+            .validate()
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config);
+    }
+
+    #[test]
+    fn debug_hides_every_nodes_password() {
+        let config = AmqpConfig::new_cluster(["amqp://a:first-pw@x", "amqp://b:second-pw@y"]);
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("first-pw") && !debug.contains("second-pw"),
+            "{debug}"
+        );
+        assert!(debug.contains("b:***@y"), "{debug}");
     }
 
     #[cfg(feature = "amqp-tls")]

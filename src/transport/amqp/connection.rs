@@ -18,7 +18,16 @@
 //! connection is gone) reports it, after which the supervisor reconnects with
 //! an exponential backoff, declares everything known again and publishes the
 //! next link.
+//!
+//! With several nodes ([`AmqpConfig::nodes`]) every reconnection attempt is
+//! a round over them, starting at the node after the one just lost (so a
+//! dead node is tried last, not first) and each under the connect deadline;
+//! the backoff is between rounds, not between nodes, because another node
+//! answering at once is the point of having it. Each connection rotates on
+//! its own: the publishing one may sit on a different node than the
+//! consuming one.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -57,6 +66,8 @@ pub enum ConnectionState {
 #[derive(Clone)]
 pub(crate) struct Link {
     pub(crate) generation: u64,
+    /// The index of the node it is connected to.
+    pub(crate) node: usize,
     pub(crate) connection: Arc<Connection>,
     /// Idle channels in confirm mode; a publish takes one for itself.
     pub(crate) pool: Arc<Mutex<Vec<Channel>>>,
@@ -81,9 +92,30 @@ impl Role {
     }
 }
 
+/// One node the supervisor may connect to.
+struct NodeUri {
+    uri: AMQPUri,
+    /// `host:port`, for health and logs: no credentials.
+    label: String,
+}
+
+/// The nodes in the order one reconnection round tries them: all of them
+/// once, from `start` round the list.
+fn round(start: usize, nodes: usize) -> impl Iterator<Item = usize> {
+    (0..nodes).map(move |offset| (start + offset) % nodes)
+}
+
+/// Where the round after losing the connection to `lost` starts: at the
+/// next node, so the one that just failed is tried last.
+fn after(lost: usize, nodes: usize) -> usize {
+    (lost + 1) % nodes
+}
+
 pub(crate) struct Supervisor {
     pub(super) role: Role,
-    uri: AMQPUri,
+    nodes: Vec<NodeUri>,
+    /// Where the next round of connection attempts starts.
+    start: AtomicUsize,
     state: watch::Sender<ConnectionState>,
     link: watch::Sender<Option<Link>>,
     /// The highest generation reported lost.
@@ -94,22 +126,38 @@ pub(crate) struct Supervisor {
 
 impl Supervisor {
     pub(crate) fn new(config: &AmqpConfig, role: Role) -> Result<Self, Error> {
-        let mut uri: AMQPUri = config.uri.parse().map_err(|error| {
-            Error::new(
-                ErrorKind::Config,
-                format!("amqp: invalid uri {:?}: {error}", redact(&config.uri)),
-            )
-        })?;
-        uri.query.heartbeat = Some(config.heartbeat.as_secs().clamp(1, u16::MAX.into()) as u16);
-        uri.query.connection_timeout.get_or_insert(10_000);
+        let nodes = config
+            .node_uris()
+            .map(|text| {
+                let mut uri: AMQPUri = text.parse().map_err(|error| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("amqp: invalid uri {:?}: {error}", redact(text)),
+                    )
+                })?;
+                uri.query.heartbeat =
+                    Some(config.heartbeat.as_secs().clamp(1, u16::MAX.into()) as u16);
+                uri.query.connection_timeout.get_or_insert(10_000);
+                let label = format!("{}:{}", uri.authority.host, uri.authority.port);
+                Ok(NodeUri { uri, label })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         Ok(Self {
             role,
-            uri,
+            nodes,
+            start: AtomicUsize::new(0),
             state: watch::Sender::new(ConnectionState::Reconnecting),
             link: watch::Sender::new(None),
             lost: watch::Sender::new(0),
             blocked: watch::Sender::new(None),
         })
+    }
+
+    /// The node (`host:port`) the live connection goes to.
+    pub(crate) fn node(&self) -> Option<String> {
+        let link = self.link.borrow();
+        link.as_ref()
+            .map(|link| self.nodes[link.node].label.clone())
     }
 
     /// The broker's reason while it blocks the live connection.
@@ -239,7 +287,7 @@ pub(crate) async fn start(shared: &Arc<Shared>) -> Result<(), Error> {
     let publishing: Pick = |shared| &shared.supervisor;
     let consuming: Pick = |shared| &shared.consuming;
     for pick in [publishing, consuming] {
-        let link = open(shared, pick(shared), 1).await?;
+        let link = open_any(shared, pick(shared), 1).await?;
         let events = link.connection.events_listener();
         install(pick(shared), link.clone());
         tokio::spawn(supervise(
@@ -317,6 +365,9 @@ async fn supervise(shared: Weak<Shared>, pick: Pick, mut link: Link, mut events:
             role = supervisor.role.name(),
             "amqp: connection lost; reconnecting"
         );
+        supervisor
+            .start
+            .store(after(link.node, supervisor.nodes.len()), Ordering::Relaxed);
         supervisor.link.send_replace(None);
         supervisor.blocked.send_replace(None);
         supervisor.state.send_replace(ConnectionState::Reconnecting);
@@ -337,7 +388,7 @@ async fn supervise(shared: Weak<Shared>, pick: Pick, mut link: Link, mut events:
             let Some(strong) = shared.upgrade() else {
                 return;
             };
-            match open(&strong, pick(&strong), next).await {
+            match open_any(&strong, pick(&strong), next).await {
                 Ok(link) => break link,
                 Err(error) => {
                     tracing::warn!(%error, "amqp: reconnect failed");
@@ -352,8 +403,14 @@ async fn supervise(shared: Weak<Shared>, pick: Pick, mut link: Link, mut events:
         let Some(strong) = shared.upgrade() else {
             return;
         };
-        install(pick(&strong), link.clone());
-        tracing::info!(generation = link.generation, "amqp: reconnected");
+        let supervisor = pick(&strong);
+        install(supervisor, link.clone());
+        tracing::info!(
+            generation = link.generation,
+            role = supervisor.role.name(),
+            node = %supervisor.nodes[link.node].label,
+            "amqp: reconnected"
+        );
     }
 }
 
@@ -390,10 +447,11 @@ async fn connect(
     _config: &AmqpConfig,
     uri: AMQPUri,
     properties: ConnectionProperties,
+    what: &str,
 ) -> Result<Connection, Error> {
     Connection::connect_uri(uri, properties)
         .await
-        .map_err(|error| amqp_error("connect", error))
+        .map_err(|error| amqp_error(what, error))
 }
 
 /// lapin's rustls connector builds its config from rustls' process-default
@@ -404,25 +462,74 @@ async fn connect(
     config: &AmqpConfig,
     uri: AMQPUri,
     properties: ConnectionProperties,
+    what: &str,
 ) -> Result<Connection, Error> {
     crate::tls::install_default_provider();
     let tls = lapin::tcp::OwnedTLSConfig {
         identity: None,
         cert_chain: config.tls_ca_pem.clone(),
     };
-    let runtime =
-        lapin::runtime::default_runtime().map_err(|error| amqp_error("connect", error))?;
+    let runtime = lapin::runtime::default_runtime().map_err(|error| amqp_error(what, error))?;
     Connection::connect_uri_with_config(uri, properties, tls, runtime)
         .await
-        .map_err(|error| amqp_error("connect", error))
+        .map_err(|error| amqp_error(what, error))
 }
 
-async fn open(shared: &Shared, supervisor: &Supervisor, generation: u64) -> Result<Link, Error> {
+/// One round: each node once, from where the supervisor's rotation starts,
+/// until one connects and takes the declarations. The error is the last
+/// node's, naming it.
+async fn open_any(
+    shared: &Shared,
+    supervisor: &Supervisor,
+    generation: u64,
+) -> Result<Link, Error> {
+    let start = supervisor.start.load(Ordering::Relaxed);
+    let mut last = None;
+    for node in round(start, supervisor.nodes.len()) {
+        match open(shared, supervisor, generation, node).await {
+            Ok(link) => return Ok(link),
+            Err(error) => {
+                let label = &supervisor.nodes[node].label;
+                tracing::debug!(%error, node = %label, role = supervisor.role.name(), "amqp: node did not connect");
+                last = Some(error);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(not_connected))
+}
+
+async fn open(
+    shared: &Shared,
+    supervisor: &Supervisor,
+    generation: u64,
+    node: usize,
+) -> Result<Link, Error> {
     let name = format!("switchboard/{}/{generation}", supervisor.role.name());
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    let connection = connect(&shared.config, supervisor.uri.clone(), properties).await?;
+    let target = &supervisor.nodes[node];
+    // lapin's connection_timeout bounds the TCP connect; a node that
+    // accepts and then says nothing would hold the whole round without a
+    // deadline over the handshake too.
+    let deadline = Duration::from_millis(target.uri.query.connection_timeout.unwrap_or(10_000));
+    let connection = tokio::time::timeout(
+        deadline,
+        connect(
+            &shared.config,
+            target.uri.clone(),
+            properties,
+            &format!("connect to {}", target.label),
+        ),
+    )
+    .await
+    .map_err(|_| {
+        Error::new(
+            ErrorKind::Timeout,
+            format!("amqp: connecting to {} took too long", target.label),
+        )
+    })??;
     let link = Link {
         generation,
+        node,
         connection: Arc::new(connection),
         pool: Arc::default(),
     };
@@ -494,6 +601,50 @@ pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(50);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_tries_every_node_once_from_its_start() {
+        assert_eq!(round(0, 3).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(round(2, 3).collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(round(0, 1).collect::<Vec<_>>(), [0]);
+    }
+
+    #[test]
+    fn after_a_loss_the_lost_node_is_tried_last() {
+        for nodes in 1..5 {
+            for lost in 0..nodes {
+                let order: Vec<_> = round(after(lost, nodes), nodes).collect();
+                assert_eq!(order.len(), nodes);
+                assert_eq!(*order.last().unwrap(), lost, "{nodes} nodes, lost {lost}");
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..nodes).collect::<Vec<_>>(), "each node once");
+            }
+        }
+    }
+
+    #[test]
+    fn node_labels_carry_no_credentials() {
+        let config =
+            AmqpConfig::new_cluster(["amqp://app:secret@rabbit-1:5673/%2f", "amqp://rabbit-2"]);
+        let supervisor = Supervisor::new(&config, Role::Publishing).expect("valid");
+        let labels: Vec<_> = supervisor
+            .nodes
+            .iter()
+            .map(|node| node.label.as_str())
+            .collect();
+        assert_eq!(labels, ["rabbit-1:5673", "rabbit-2:5672"]);
+    }
+
+    #[test]
+    fn an_invalid_node_uri_is_a_config_error_naming_it_without_password() {
+        let config = AmqpConfig::new("amqp://rabbit-1").with_nodes(["http://u:secret@x"]);
+        let error = Supervisor::new(&config, Role::Consuming)
+            .err()
+            .expect("invalid");
+        assert_eq!(error.kind(), ErrorKind::Config);
+        assert!(!error.message().contains("secret"), "{error}");
+    }
 
     #[test]
     fn passwords_are_kept_out_of_messages() {

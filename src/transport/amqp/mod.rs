@@ -58,6 +58,13 @@
 //!   on the next connection until [`AmqpConfig::publish_timeout`], then
 //!   returned as an error — never dropped silently (a retry after a lost
 //!   confirm may duplicate a message: consumers deduplicate on `event_id`).
+//! * **Several nodes.** [`AmqpConfig::new_cluster`] or
+//!   [`AmqpConfig::with_nodes`] list a cluster's nodes: each connection goes
+//!   to the first that answers, and after a loss the next round of attempts
+//!   starts at the node after the lost one, so both connections move to a
+//!   survivor, declare again there and consumers resume.
+//!   [`AmqpHealth::publishing_node`] and [`AmqpHealth::consuming_node`] name
+//!   the node in use (`host:port`).
 //! * **Declarations.** One the broker refuses (say `PRECONDITION_FAILED`)
 //!   fails the `subscribe` or `declare` that needed it, with the broker's
 //!   reason, and is not remembered; reconnections declare each remembered
@@ -158,6 +165,12 @@ pub struct AmqpHealth {
     /// The broker's reason while it blocks the publishing connection, such
     /// as `"low on memory"`.
     pub blocked: Option<String>,
+    /// The node (`host:port`, no credentials) the publishing connection
+    /// goes to; `None` while it reconnects.
+    pub publishing_node: Option<String>,
+    /// The node (`host:port`) the consuming connection goes to; `None`
+    /// while it reconnects.
+    pub consuming_node: Option<String>,
 }
 
 impl AmqpHealth {
@@ -261,8 +274,8 @@ impl AmqpTransport {
         self.shared.consuming.state()
     }
 
-    /// Both connections' states now, and the broker's reason while it
-    /// blocks publishing.
+    /// Both connections' states and nodes now, and the broker's reason
+    /// while it blocks publishing.
     ///
     /// ```no_run
     /// # async fn run(transport: switchboard::transport::amqp::AmqpTransport) {
@@ -272,6 +285,7 @@ impl AmqpTransport {
     /// if health.publishing == ConnectionState::Blocked {
     ///     eprintln!("RabbitMQ blocks publishing: {:?}", health.blocked);
     /// }
+    /// println!("publishing through {:?}", health.publishing_node);
     /// # }
     /// ```
     pub fn health(&self) -> AmqpHealth {
@@ -279,6 +293,8 @@ impl AmqpTransport {
             publishing: *self.shared.supervisor.state().borrow(),
             consuming: *self.shared.consuming.state().borrow(),
             blocked: self.shared.supervisor.blocked(),
+            publishing_node: self.shared.supervisor.node(),
+            consuming_node: self.shared.consuming.node(),
         }
     }
 
