@@ -159,9 +159,11 @@ mod dlq;
 mod fields;
 mod lease;
 mod publisher;
+mod trim;
 
 pub use config::RedisStreamsConfig;
 use connection::{Conn, Connector, ensure_group};
+pub use trim::{KeepNeeded, TrimPolicy, TrimReport};
 
 const NAME: &str = "redis-streams";
 
@@ -230,6 +232,8 @@ struct Inner {
     persistent: bool,
     /// Subscriptions so far per (topic, group), for consumer names.
     consumers: Mutex<HashMap<(String, String), u64>>,
+    /// Scheduled trims per topic; dropping the transport stops them.
+    trimmers: trim::Trimmers,
 }
 
 impl RedisStreamsTransport {
@@ -300,6 +304,7 @@ impl Transport for RedisStreamsTransport {
         topology.validate()?;
         for (topic, group) in topology.subscriptions() {
             self.ensure_group(&self.stream_key(topic), group).await?;
+            self.ensure_trimmer(topic);
         }
         Ok(())
     }
