@@ -129,9 +129,18 @@
 //! # Trimming
 //!
 //! Streams are not trimmed by default: every entry stays until deleted.
-//! [`RedisStreamsConfig::with_max_len`] adds `MAXLEN ~ n` to each `XADD`,
-//! which bounds memory but **can drop entries no group has acknowledged
-//! yet**: Redis trims by length, not by what is pending.
+//! [`RedisStreamsConfig::with_max_len`] (or [`TrimPolicy::MaxLen`]) adds
+//! `MAXLEN ~ n` to each `XADD`, which bounds memory but **can drop entries
+//! no group has acknowledged yet**: Redis trims by length, not by what is
+//! pending; [`TrimPolicy::MaxAge`] likewise trims by age. Both suit streams
+//! read without a group. For streams read by groups,
+//! [`TrimPolicy::KeepNeeded`] trims on a schedule below the oldest entry any
+//! group still needs — its oldest pending entry (which covers nacked and
+//! given-back entries) or the first it has not read (which covers redriven
+//! ones) — and can lose only what a group stale past
+//! [`KeepNeeded::stale_group_after`] had not acknowledged.
+//! [`RedisStreamsConfig::with_dlq_max_len`] bounds the dead-letter stream,
+//! evicting its oldest letter with a warning.
 //!
 //! # Persistence
 //!

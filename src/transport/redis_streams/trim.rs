@@ -271,10 +271,13 @@ pub(super) struct Trimmer {
     empty_since: Mutex<HashMap<String, Instant>>,
 }
 
+/// A topic's trimmer and its scheduled task, if it has one.
+type Running = (Arc<Trimmer>, Option<tokio::task::AbortHandle>);
+
 /// The running trimmers of a transport, aborted when it is dropped.
 #[derive(Default)]
 pub(super) struct Trimmers {
-    running: Mutex<HashMap<String, (Arc<Trimmer>, Option<tokio::task::AbortHandle>)>>,
+    running: Mutex<HashMap<String, Running>>,
 }
 
 impl Drop for Trimmers {
