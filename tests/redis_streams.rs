@@ -634,3 +634,6 @@ mod redrive;
 async fn a_redrive_of_all_moves_only_what_the_queue_held() {
     redrive::redrive_all_moves_only_what_was_there(transport().await).await;
 }
+
+#[path = "redis_streams/trim.rs"]
+mod trim;

@@ -72,6 +72,19 @@ pub const CONSUMER_LAG: &str = "switchboard_consumer_lag";
 /// Counter of dedupe marks evicted for room before their TTL ran out (a
 /// duplicate arriving later is no longer caught), label `store`.
 pub const DEDUPE_EVICTIONS_TOTAL: &str = "switchboard_dedupe_evictions_total";
+/// Counter of stream entries a scheduled or explicit trim removed, labels
+/// `transport`, `topic`, `policy` (`max_len` / `max_age` / `keep_needed`).
+pub const STREAM_TRIMMED_TOTAL: &str = "switchboard_stream_trimmed_total";
+/// Gauge of a stream's consumer groups found stale (idle past
+/// `stale_group_after`) and kept, labels `transport`, `topic`; set on each
+/// `keep_needed` trim. Such a group no longer holds back trimming.
+pub const STREAM_STALE_GROUPS: &str = "switchboard_stream_stale_groups";
+/// Counter of stale consumer groups a trim destroyed, labels `transport`,
+/// `topic`.
+pub const STREAM_GROUPS_DESTROYED_TOTAL: &str = "switchboard_stream_groups_destroyed_total";
+/// Counter of dead letters evicted because the dead-letter stream was at
+/// its bound, labels `transport`, `topic`. Each one is a message lost.
+pub const DEAD_LETTERS_EVICTED_TOTAL: &str = "switchboard_dead_letters_evicted_total";
 
 /// A label value: borrowed when static, shared otherwise.
 pub(crate) type Label = Cow<'static, str>;
@@ -185,6 +198,38 @@ pub(crate) fn consumer_lag(
 ) {
     metrics::gauge!(CONSUMER_LAG, "transport" => transport, "topic" => topic, "group" => group)
         .set(lag as f64);
+}
+
+#[cfg_attr(not(feature = "redis-streams"), allow(dead_code))]
+pub(crate) fn stream_trimmed(
+    transport: &'static str,
+    topic: std::sync::Arc<str>,
+    policy: &'static str,
+    trimmed: u64,
+) {
+    metrics::counter!(STREAM_TRIMMED_TOTAL, "transport" => transport, "topic" => topic, "policy" => policy)
+        .increment(trimmed);
+}
+
+#[cfg_attr(not(feature = "redis-streams"), allow(dead_code))]
+pub(crate) fn stale_groups(
+    transport: &'static str,
+    topic: std::sync::Arc<str>,
+    kept: usize,
+    destroyed: usize,
+) {
+    metrics::gauge!(STREAM_STALE_GROUPS, "transport" => transport, "topic" => topic.clone())
+        .set(kept as f64);
+    if destroyed > 0 {
+        metrics::counter!(STREAM_GROUPS_DESTROYED_TOTAL, "transport" => transport, "topic" => topic)
+            .increment(destroyed as u64);
+    }
+}
+
+#[cfg_attr(not(feature = "redis-streams"), allow(dead_code))]
+pub(crate) fn dead_letter_evicted(transport: &'static str, topic: std::sync::Arc<str>) {
+    metrics::counter!(DEAD_LETTERS_EVICTED_TOTAL, "transport" => transport, "topic" => topic)
+        .increment(1);
 }
 
 pub(crate) fn dedupe_evicted(store: &'static str) {

@@ -20,6 +20,7 @@ use super::lease::{
 };
 use super::{Conn, FIELD_REDRIVE_GROUP, RedisStreamsTransport, lock};
 use crate::error::{Error, ErrorKind};
+use crate::observe::metrics;
 use crate::transport::delay::DelayQueue;
 use crate::transport::redis_error::redis_error;
 use crate::transport::{Acker, DeadLetter, RawMessage, header};
@@ -189,7 +190,8 @@ impl Group {
             .key(&self.dlq)
             .arg(&*self.group)
             .arg(&self.consumer)
-            .arg(id);
+            .arg(id)
+            .arg(self.transport.inner.config.dlq_max_len.unwrap_or(0));
         // The first argument is the command's own name.
         for arg in fields.args_iter().skip(1) {
             if let redis::Arg::Simple(bytes) = arg {
@@ -201,7 +203,17 @@ impl Group {
             .await
             .map_err(|error| redis_error("dead-letter (XADD + XACK)", error))?;
         lock(&self.held).remove(id);
-        if moved == 1 {
+        if moved == 2 {
+            // Evicting is the price of the bound; say so every time, as a
+            // dead letter gone is a message gone.
+            tracing::warn!(
+                dlq = %self.dlq,
+                bound = ?self.transport.inner.config.dlq_max_len,
+                "dead-letter stream is at its bound (dlq_max_len): the oldest dead letter was evicted",
+            );
+            metrics::dead_letter_evicted(super::NAME, self.topic.clone());
+        }
+        if moved >= 1 {
             Ok(())
         } else {
             Err(lease_lost(id))

@@ -1,8 +1,10 @@
 //! Settings of the Redis Streams transport.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::GroupStart;
+use super::trim::TrimPolicy;
 use crate::error::{Error, ErrorKind};
 
 /// Settings of a [`RedisStreamsTransport`](super::RedisStreamsTransport).
@@ -46,8 +48,24 @@ pub struct RedisStreamsConfig {
     /// subscription's prefetch has less room.
     pub batch: usize,
     /// `MAXLEN ~ n` on every `XADD` (default `None`: no trimming). Trimming
-    /// can drop entries no group has acknowledged yet.
+    /// can drop entries no group has acknowledged yet. The same as
+    /// [`TrimPolicy::MaxLen`] for every topic; not together with a
+    /// [`trim`](Self::trim) policy.
     pub max_len: Option<usize>,
+    /// How every topic's stream is trimmed unless
+    /// [`topic_trim`](Self::topic_trim) names it (default
+    /// [`TrimPolicy::None`]).
+    pub trim: TrimPolicy,
+    /// Trim policies of single topics, over [`trim`](Self::trim): for
+    /// example [`TrimPolicy::MaxAge`] for a stream replicas follow without
+    /// a group, next to [`TrimPolicy::KeepNeeded`] for the rest.
+    pub topic_trim: BTreeMap<String, TrimPolicy>,
+    /// The most entries a dead-letter stream keeps (default `None`:
+    /// unbounded). At the bound, each new dead letter evicts the oldest
+    /// (`XADD MAXLEN =`), with a warning and the
+    /// `switchboard_dead_letters_evicted_total` counter: the evicted
+    /// letter is gone for good, so alert on it.
+    pub dlq_max_len: Option<usize>,
     /// Where a group this transport creates starts (default
     /// [`GroupStart::Beginning`]).
     pub group_start: GroupStart,
@@ -81,6 +99,9 @@ impl Default for RedisStreamsConfig {
             block: Duration::from_secs(5),
             batch: 128,
             max_len: None,
+            trim: TrimPolicy::None,
+            topic_trim: BTreeMap::new(),
+            dlq_max_len: None,
             group_start: GroupStart::Beginning,
             consumer_name: uuid::Uuid::new_v4().simple().to_string(),
             key_prefix: String::new(),
@@ -132,6 +153,74 @@ impl RedisStreamsConfig {
     pub fn with_max_len(mut self, max_len: usize) -> Self {
         self.max_len = Some(max_len);
         self
+    }
+
+    /// Sets [`trim`](Self::trim), the policy of every topic not set with
+    /// [`with_topic_trim`](Self::with_topic_trim).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::transport::redis_streams::{KeepNeeded, RedisStreamsConfig, TrimPolicy};
+    ///
+    /// let config = RedisStreamsConfig::default()
+    ///     .with_trim(TrimPolicy::KeepNeeded(KeepNeeded::every(Duration::from_secs(60))));
+    /// assert_eq!(
+    ///     config.trim_policy("any.topic"),
+    ///     &TrimPolicy::KeepNeeded(KeepNeeded::every(Duration::from_secs(60))),
+    /// );
+    /// ```
+    pub fn with_trim(mut self, policy: TrimPolicy) -> Self {
+        self.trim = policy;
+        self
+    }
+
+    /// Sets the trim policy of one topic (in [`topic_trim`](Self::topic_trim)).
+    ///
+    /// ```
+    /// use switchboard::transport::redis_streams::{RedisStreamsConfig, TrimPolicy};
+    ///
+    /// let config = RedisStreamsConfig::default().with_topic_trim("announcements", TrimPolicy::MaxLen(1000));
+    /// assert_eq!(config.trim_policy("announcements"), &TrimPolicy::MaxLen(1000));
+    /// assert_eq!(config.trim_policy("trade.executed"), &TrimPolicy::None);
+    /// ```
+    pub fn with_topic_trim(mut self, topic: impl Into<String>, policy: TrimPolicy) -> Self {
+        self.topic_trim.insert(topic.into(), policy);
+        self
+    }
+
+    /// Sets [`dlq_max_len`](Self::dlq_max_len).
+    ///
+    /// ```
+    /// use switchboard::transport::redis_streams::RedisStreamsConfig;
+    ///
+    /// let config = RedisStreamsConfig::default().with_dlq_max_len(10_000);
+    /// assert_eq!(config.dlq_max_len, Some(10_000));
+    /// ```
+    pub fn with_dlq_max_len(mut self, max_len: usize) -> Self {
+        self.dlq_max_len = Some(max_len);
+        self
+    }
+
+    /// The trim policy of `topic`: its own, or [`trim`](Self::trim).
+    pub fn trim_policy(&self, topic: &str) -> &TrimPolicy {
+        self.topic_trim.get(topic).unwrap_or(&self.trim)
+    }
+
+    /// `MAXLEN ~ n` for an `XADD` to `topic`, if any.
+    pub(super) fn xadd_max_len(&self, topic: &str) -> Option<usize> {
+        match self.trim_policy(topic) {
+            TrimPolicy::MaxLen(n) => Some(*n),
+            _ => self.max_len,
+        }
+    }
+
+    /// Whether any topic may need a scheduled trim task.
+    pub(super) fn has_scheduled_trim(&self) -> bool {
+        self.trim.schedule().is_some()
+            || self
+                .topic_trim
+                .values()
+                .any(|policy| policy.schedule().is_some())
     }
 
     /// Sets [`group_start`](Self::group_start).
@@ -202,6 +291,19 @@ impl RedisStreamsConfig {
         if self.consumer_name.is_empty() {
             return invalid("redis-streams: `consumer_name` must not be empty");
         }
+        let policies = || std::iter::once(&self.trim).chain(self.topic_trim.values());
+        for policy in policies() {
+            policy.validate()?;
+        }
+        if self.max_len.is_some() && policies().any(|policy| *policy != TrimPolicy::None) {
+            return invalid(
+                "redis-streams: `max_len` and a trim policy together; \
+                 use `TrimPolicy::MaxLen` instead of `max_len`",
+            );
+        }
+        if self.dlq_max_len == Some(0) {
+            return invalid("redis-streams: `dlq_max_len` must be at least 1");
+        }
         Ok(())
     }
 }
@@ -220,6 +322,11 @@ mod tests {
             RedisStreamsConfig::default().with_lease_every(Duration::from_secs(30)),
             RedisStreamsConfig::default().with_lag_every(Duration::ZERO),
             RedisStreamsConfig::default().with_consumer_name(""),
+            RedisStreamsConfig::default().with_dlq_max_len(0),
+            RedisStreamsConfig::default().with_topic_trim("t", TrimPolicy::MaxLen(0)),
+            RedisStreamsConfig::default()
+                .with_max_len(10)
+                .with_topic_trim("t", TrimPolicy::max_age(Duration::from_secs(60))),
         ];
         for config in refused {
             let error = config.validate().expect_err("refused");

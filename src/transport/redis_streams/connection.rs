@@ -126,6 +126,7 @@ impl RedisStreamsTransport {
                 hash_tag,
                 persistent,
                 consumers: std::sync::Mutex::default(),
+                trimmers: super::trim::Trimmers::default(),
             }),
         }
     }

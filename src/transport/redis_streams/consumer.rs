@@ -50,6 +50,7 @@ impl Subscriber for RedisStreamsTransport {
         options.validate()?;
         let stream = self.stream_key(topic);
         self.ensure_group(&stream, &options.group).await?;
+        self.ensure_trimmer(topic);
         let blocking = self.blocking_connection().await?;
         let prefetch = Prefetch::new(options.prefetch);
         let (acks, ack_requests) = mpsc::channel(prefetch.size().clamp(1, SCRIPT_BATCH));

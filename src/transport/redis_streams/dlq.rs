@@ -103,11 +103,13 @@ impl RedisStreamsTransport {
         if entries.is_empty() {
             return Ok(());
         }
-        let stream = self.stream_key(topic);
         let mut pipe = redis::pipe();
         pipe.atomic();
         for entry in entries {
-            let mut xadd = self.xadd(&stream, &entry.letter.message);
+            // A new id at the end of the stream: above every group's
+            // last-delivered id, so a `KeepNeeded` trim keeps it until the
+            // group it is marked for has acknowledged it.
+            let mut xadd = self.xadd(topic, &entry.letter.message);
             xadd.arg(FIELD_REDRIVE_GROUP).arg(&entry.letter.group);
             pipe.add_command(xadd).ignore();
             pipe.cmd("XDEL")

@@ -115,17 +115,28 @@ return result
 ";
 
 /// `KEYS[1]` stream, `KEYS[2]` dead-letter stream; `ARGV` group, consumer,
-/// id, then the dead-letter entry's field/value pairs — adds the entry to
-/// the dead-letter stream and acknowledges the original, only if `id` is
-/// still pending for `consumer`; returns 1 if so, 0 if not.
+/// id, the dead-letter stream's bound (0: none), then the dead-letter
+/// entry's field/value pairs — adds the entry to the dead-letter stream
+/// (trimmed to the bound) and acknowledges the original, only if `id` is
+/// still pending for `consumer`; returns 0 if not, 1 if moved, 2 if moved
+/// and the bound evicted older dead letters.
 const DEAD_LETTER_OWNED: &str = r"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if #p == 0 then return 0 end
-local args = {'XADD', KEYS[2], '*'}
-for i = 4, #ARGV do args[#args + 1] = ARGV[i] end
+local bound = tonumber(ARGV[4])
+local evicted = 0
+local args = {'XADD', KEYS[2]}
+if bound > 0 then
+  if redis.call('XLEN', KEYS[2]) >= bound then evicted = 1 end
+  args[#args + 1] = 'MAXLEN'
+  args[#args + 1] = '='
+  args[#args + 1] = ARGV[4]
+end
+args[#args + 1] = '*'
+for i = 5, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call(unpack(args))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-return 1
+return 1 + evicted
 ";
 
 static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_OWNED));

@@ -129,9 +129,18 @@
 //! # Trimming
 //!
 //! Streams are not trimmed by default: every entry stays until deleted.
-//! [`RedisStreamsConfig::with_max_len`] adds `MAXLEN ~ n` to each `XADD`,
-//! which bounds memory but **can drop entries no group has acknowledged
-//! yet**: Redis trims by length, not by what is pending.
+//! [`RedisStreamsConfig::with_max_len`] (or [`TrimPolicy::MaxLen`]) adds
+//! `MAXLEN ~ n` to each `XADD`, which bounds memory but **can drop entries
+//! no group has acknowledged yet**: Redis trims by length, not by what is
+//! pending; [`TrimPolicy::MaxAge`] likewise trims by age. Both suit streams
+//! read without a group. For streams read by groups,
+//! [`TrimPolicy::KeepNeeded`] trims on a schedule below the oldest entry any
+//! group still needs — its oldest pending entry (which covers nacked and
+//! given-back entries) or the first it has not read (which covers redriven
+//! ones) — and can lose only what a group stale past
+//! [`KeepNeeded::stale_group_after`] had not acknowledged.
+//! [`RedisStreamsConfig::with_dlq_max_len`] bounds the dead-letter stream,
+//! evicting its oldest letter with a warning.
 //!
 //! # Persistence
 //!
@@ -159,9 +168,11 @@ mod dlq;
 mod fields;
 mod lease;
 mod publisher;
+mod trim;
 
 pub use config::RedisStreamsConfig;
 use connection::{Conn, Connector, ensure_group};
+pub use trim::{KeepNeeded, TrimPolicy, TrimReport};
 
 const NAME: &str = "redis-streams";
 
@@ -230,6 +241,8 @@ struct Inner {
     persistent: bool,
     /// Subscriptions so far per (topic, group), for consumer names.
     consumers: Mutex<HashMap<(String, String), u64>>,
+    /// Scheduled trims per topic; dropping the transport stops them.
+    trimmers: trim::Trimmers,
 }
 
 impl RedisStreamsTransport {
@@ -300,6 +313,7 @@ impl Transport for RedisStreamsTransport {
         topology.validate()?;
         for (topic, group) in topology.subscriptions() {
             self.ensure_group(&self.stream_key(topic), group).await?;
+            self.ensure_trimmer(topic);
         }
         Ok(())
     }

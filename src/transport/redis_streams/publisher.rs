@@ -10,10 +10,12 @@ use crate::transport::redis_error::redis_error;
 use crate::transport::{Publisher, RawMessage, validate_name};
 
 impl RedisStreamsTransport {
-    pub(super) fn xadd(&self, stream: &str, message: &RawMessage) -> Cmd {
+    /// `XADD` to `topic`'s stream, with `MAXLEN ~` when its trim policy
+    /// (or the older [`max_len`](super::RedisStreamsConfig::max_len)) says so.
+    pub(super) fn xadd(&self, topic: &str, message: &RawMessage) -> Cmd {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(stream);
-        if let Some(max_len) = self.inner.config.max_len {
+        cmd.arg(self.stream_key(topic));
+        if let Some(max_len) = self.inner.config.xadd_max_len(topic) {
             cmd.arg("MAXLEN").arg("~").arg(max_len);
         }
         cmd.arg("*");
@@ -26,7 +28,8 @@ impl RedisStreamsTransport {
 impl Publisher for RedisStreamsTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
         validate_name("topic", topic)?;
-        let cmd = self.xadd(&self.stream_key(topic), &message);
+        self.ensure_trimmer(topic);
+        let cmd = self.xadd(topic, &message);
         let _: Value = cmd
             .query_async(&mut self.conn())
             .await
@@ -39,10 +42,10 @@ impl Publisher for RedisStreamsTransport {
         if messages.is_empty() {
             return Ok(());
         }
-        let stream = self.stream_key(topic);
+        self.ensure_trimmer(topic);
         let mut pipe = redis::pipe();
         for message in &messages {
-            pipe.add_command(self.xadd(&stream, message)).ignore();
+            pipe.add_command(self.xadd(topic, message)).ignore();
         }
         let _: Value = pipe
             .query_async(&mut self.conn())
