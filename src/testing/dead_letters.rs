@@ -25,12 +25,17 @@ use crate::transport::{Redrive, Transport};
 struct ListsWhenAlerted {
     bus: EventBus,
     found: mpsc::UnboundedSender<(Uuid, bool)>,
+    // One look at a time: a RabbitMQ browse hides what it holds from
+    // another browse running at once (see `transport::amqp`'s dead letters).
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl DeadLetterAlert for ListsWhenAlerted {
     fn alert(&self, facts: &DeadLetterFacts) {
         let (bus, found, id) = (self.bus.clone(), self.found.clone(), facts.event_id);
+        let one_at_a_time = self.one_at_a_time.clone();
         tokio::spawn(async move {
+            let _alone = one_at_a_time.lock().await;
             let letters = bus
                 .dead_letters_of::<ConformanceEvent>()
                 .expect("a dead-letter queue is claimed")
@@ -64,6 +69,7 @@ pub async fn typed_dead_letters_are_alerted_once_stored_and_redriven_by_key_or_i
     let alert = Arc::new(ListsWhenAlerted {
         bus: bus.clone(),
         found,
+        one_at_a_time: Arc::default(),
     });
     let healed = Arc::new(AtomicBool::new(false));
     let (seen, mut handled) = mpsc::unbounded_channel();
