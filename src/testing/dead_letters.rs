@@ -18,33 +18,34 @@ use crate::middleware::dead_letter::{DeadLetterAlert, DeadLetterFacts, DeadLette
 use crate::topology::Topology;
 use crate::transport::{Redrive, Transport};
 
-/// An alert that, from inside the hook, lists the dead letters once and
-/// reports whether the one it is told about is there: it must be, as the
-/// hook runs only after the transport accepted the letter.
+/// An alert that, inside the hook and before it returns, lists the dead
+/// letters once and reports whether the one it is told about is there: it
+/// must be, as the hook runs only after the transport accepted the letter.
+/// The look is synchronous so that an alert raised before the letter is
+/// stored is caught however fast the transport stores it; the hooks of one
+/// consumer run one at a time on its task, so no two looks overlap (a
+/// RabbitMQ browse hides what it holds from another running at once).
 #[derive(Debug)]
 struct ListsWhenAlerted {
     bus: EventBus,
     found: mpsc::UnboundedSender<(Uuid, bool)>,
-    // One look at a time: a RabbitMQ browse hides what it holds from
-    // another browse running at once (see `transport::amqp`'s dead letters).
-    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl DeadLetterAlert for ListsWhenAlerted {
     fn alert(&self, facts: &DeadLetterFacts) {
-        let (bus, found, id) = (self.bus.clone(), self.found.clone(), facts.event_id);
-        let one_at_a_time = self.one_at_a_time.clone();
-        tokio::spawn(async move {
-            let _alone = one_at_a_time.lock().await;
-            let letters = bus
-                .dead_letters_of::<ConformanceEvent>()
-                .expect("a dead-letter queue is claimed")
-                .list(50)
-                .await
-                .expect("list dead letters from the alert");
-            let there = letters.iter().any(|letter| letter.id() == id.to_string());
-            found.send((id, there)).ok();
+        let letters = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                self.bus
+                    .dead_letters_of::<ConformanceEvent>()
+                    .expect("a dead-letter queue is claimed")
+                    .list(50)
+                    .await
+                    .expect("list dead letters from the alert")
+            })
         });
+        let id = facts.event_id.to_string();
+        let there = letters.iter().any(|letter| letter.id() == id);
+        self.found.send((facts.event_id, there)).ok();
     }
 }
 
@@ -69,7 +70,6 @@ pub async fn typed_dead_letters_are_alerted_once_stored_and_redriven_by_key_or_i
     let alert = Arc::new(ListsWhenAlerted {
         bus: bus.clone(),
         found,
-        one_at_a_time: Arc::default(),
     });
     let healed = Arc::new(AtomicBool::new(false));
     let (seen, mut handled) = mpsc::unbounded_channel();
