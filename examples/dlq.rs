@@ -20,6 +20,8 @@
 //! command, with the ledger back up, so a redriven trade is handled. With
 //! `redis` or `amqp` it works on the broker's real dead-letter queue of
 //! `--topic` (with its namespace, e.g. `demo.trade.executed`) for `--group`.
+//! In code, `EventBus::dead_letters_of::<E>()` is the typed view (the demo
+//! lists its letters through it).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -202,9 +204,23 @@ async fn demo(
         alerted.recv().await;
     }
     let topic = TradeExecuted::TYPE;
-    // The loop dead-letters right after the alert.
-    while admin.list(topic, 100).await?.len() < 3 {
-        tokio::task::yield_now().await;
+    // Each alert comes once its letter is stored, so all three are listed
+    // now: the typed view reads each trade back.
+    let letters = bus.dead_letters_of::<TradeExecuted>()?;
+    assert_eq!(
+        letters.list(100).await?.len(),
+        3,
+        "alerted letters are stored"
+    );
+    for letter in letters.list(100).await? {
+        let trade = letter.payload()?;
+        println!(
+            "dead letter {}: order {} x{} after {} attempts",
+            letter.id(),
+            trade.order_id,
+            trade.quantity,
+            letter.attempts()
+        );
     }
     ledger_up.store(true, Ordering::SeqCst);
 

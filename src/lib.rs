@@ -134,7 +134,9 @@ mod guides {
     struct PerformanceGuide;
 }
 
-pub use bus::{ConsumerHandle, ConsumerHealth, EventBus, Message, handler_fn};
+pub use bus::{
+    ConsumerHandle, ConsumerHealth, DeadLetterOf, DeadLetters, EventBus, Message, handler_fn,
+};
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
 pub use envelope::{Event, EventEnvelope, Headers};
 pub use error::{BoxError, Effect, Error, ErrorKind};

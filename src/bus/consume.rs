@@ -189,10 +189,11 @@ where
 }
 
 /// Settles a delivery by `outcome` (see [`Outcome`]); a give-back past the
-/// subscription's limit is a rejection. Returns the `outcome` metric label.
+/// subscription's limit is a rejection. A rejection's alert is raised once
+/// the transport has settled it. Returns the `outcome` metric label.
 async fn settle(delivery: Delivery, outcome: Outcome, limit: &GiveBackLimit) -> &'static str {
     let attempt = delivery.attempt();
-    let outcome = match outcome {
+    let mut outcome = match outcome {
         Outcome::GiveBack { reason } => match limit.exceeded(&delivery) {
             Some(why) => Outcome::reject(format!(
                 "no member of group {:?} could take it ({reason}): {why}",
@@ -205,7 +206,9 @@ async fn settle(delivery: Delivery, outcome: Outcome, limit: &GiveBackLimit) -> 
         },
         outcome => outcome,
     };
-    if let Outcome::Reject(letter) = &outcome {
+    let mut alert = None;
+    if let Outcome::Reject(letter) = &mut outcome {
+        alert = Some(letter.take_alert());
         tracing::warn!(
             reason = letter.reason(),
             last_error = letter.last_error(),
@@ -215,7 +218,14 @@ async fn settle(delivery: Delivery, outcome: Outcome, limit: &GiveBackLimit) -> 
     }
     let asked = outcome.name();
     match delivery.settle(outcome).await {
-        Ok(settled) => settled.label(),
+        Ok(settled) => {
+            // Only now: the transport holds the dead letter (or has told the
+            // sender), so whoever the alert sends to the queue finds it.
+            if let Some(alert) = alert {
+                alert.raise();
+            }
+            settled.label()
+        }
         Err((error, _delivery)) => {
             // Dropped unsettled: the transport delivers it again.
             tracing::warn!(%error, outcome = asked, "cannot settle the message; it will be delivered again");

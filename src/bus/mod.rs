@@ -56,11 +56,13 @@ use crate::topology::Topology;
 use crate::transport::{DeadLetterQueue, RawMessage, SubscribeOptions, Transport, header};
 
 mod consume;
+mod dead_letters;
 mod handle;
 mod message;
 mod publish_retry;
 
 use consume::ConsumeLoop;
+pub use dead_letters::{DeadLetterOf, DeadLetters};
 pub use handle::{ConsumerHandle, ConsumerHealth};
 pub use message::Message;
 use publish_retry::PublishRetry;
@@ -241,9 +243,69 @@ impl EventBus {
         }
     }
 
-    /// The transport's dead-letter queue.
+    /// The transport's dead-letter queue, untyped and by full topic name:
+    /// the bus's namespace is not applied (pass
+    /// [`topic_of::<E>()`](Self::topic_of)). Prefer
+    /// [`dead_letters_of`](Self::dead_letters_of).
     pub fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
         self.transport.dead_letters()
+    }
+
+    /// The dead letters of `E`'s topic in this bus's namespace: list,
+    /// inspect, read the payload and redrive by event id, by a header value
+    /// or all. [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) on
+    /// a transport that keeps none.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use serde::{Deserialize, Serialize};
+    /// use switchboard::{
+    ///     handler_fn, Error, Event, EventBus, EventEnvelope, MemoryTransport, Message, Redrive,
+    ///     SubscribeOptions, Topology,
+    /// };
+    ///
+    /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    /// struct OrderPlaced { quantity: i64 }
+    /// impl Event for OrderPlaced {
+    ///     const TYPE: &'static str = "order.placed";
+    ///     const VERSION: &'static str = "1.0";
+    /// }
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let bus = EventBus::new(Arc::new(MemoryTransport::new()), "orders").with_namespace("staging");
+    /// bus.declare(&Topology::new().with_event::<OrderPlaced, _>(["billing"])).await?;
+    /// let consumer = bus
+    ///     .subscribe::<OrderPlaced, _>(
+    ///         SubscribeOptions::new("billing"),
+    ///         handler_fn(|_: Message<OrderPlaced>| async {
+    ///             Err::<(), _>(Error::permanent("quantity must be positive"))
+    ///         }),
+    ///     )
+    ///     .await?;
+    /// let envelope = EventEnvelope::new("orders", OrderPlaced { quantity: -1 })
+    ///     .with_header("order-id", "A-17");
+    /// bus.publish_envelope(&envelope).await?;
+    ///
+    /// let letters = bus.dead_letters_of::<OrderPlaced>()?;
+    /// assert_eq!(letters.topic(), "staging.order.placed");
+    /// let letter = loop {
+    ///     // The consume loop stores the letter on its own task.
+    ///     if let Some(letter) = letters.list(10).await?.pop() { break letter; }
+    ///     tokio::task::yield_now().await;
+    /// };
+    /// assert_eq!(letter.payload()?, OrderPlaced { quantity: -1 });
+    /// assert_eq!(letter.group(), "billing");
+    /// assert!(letter.last_error().unwrap().contains("quantity must be positive"));
+    /// consumer.shutdown().await?;
+    ///
+    /// assert_eq!(letters.redrive_where("order-id", "A-17").await?, 1);
+    /// assert!(letters.list(10).await?.is_empty());
+    /// # let _ = Redrive::All;
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn dead_letters_of<E: Event>(&self) -> Result<DeadLetters<'_, E>, Error> {
+        DeadLetters::new(self)
     }
 
     /// Publishes `payload` to the topic of [`E::TYPE`](Event::TYPE) in a fresh

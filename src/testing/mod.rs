@@ -39,6 +39,7 @@ use crate::transport::Transport;
 
 mod claimed;
 pub mod conformance;
+mod dead_letters;
 pub mod flow;
 pub mod outcomes;
 pub mod proxy;
@@ -67,6 +68,7 @@ macro_rules! conformance_tests {
             a_handler_that_gives_up_is_never_a_silent_success,
             a_mixed_group_hands_each_version_to_a_member_that_reads_it,
             what_no_member_can_read_is_dead_lettered_past_the_give_back_limit,
+            typed_dead_letters_are_alerted_once_stored_and_redriven_by_key_or_id,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

@@ -73,6 +73,45 @@ pub struct DeadLetter {
     reason: String,
     attempts: Option<u32>,
     last_error: Option<String>,
+    alert: PendingAlert,
+}
+
+/// The alert the dead-letter layer asks for, carried with the letter so the
+/// consume loop can raise it once the transport has accepted the letter —
+/// an alert raised earlier would send an operator to a queue that does not
+/// hold the message yet. Not part of a letter's identity: two letters with
+/// the same facts are equal whether or not one still has its alert.
+#[derive(Clone, Default)]
+pub(crate) struct PendingAlert(
+    Option<
+        Arc<(
+            Arc<dyn crate::middleware::dead_letter::DeadLetterAlert>,
+            crate::middleware::dead_letter::DeadLetterFacts,
+        )>,
+    >,
+);
+
+impl PendingAlert {
+    /// Tells the hook, once.
+    pub(crate) fn raise(self) {
+        if let Some(pending) = self.0 {
+            pending.0.alert(&pending.1);
+        }
+    }
+}
+
+impl PartialEq for PendingAlert {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for PendingAlert {}
+
+impl fmt::Debug for PendingAlert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "pending" } else { "none" })
+    }
 }
 
 impl DeadLetter {
@@ -82,7 +121,24 @@ impl DeadLetter {
             reason: reason.into(),
             attempts: None,
             last_error: None,
+            alert: PendingAlert::default(),
         }
+    }
+
+    /// Asks for `alert` to be told `facts` once the transport has accepted
+    /// this letter.
+    pub(crate) fn with_alert(
+        mut self,
+        alert: Arc<dyn crate::middleware::dead_letter::DeadLetterAlert>,
+        facts: crate::middleware::dead_letter::DeadLetterFacts,
+    ) -> Self {
+        self.alert = PendingAlert(Some(Arc::new((alert, facts))));
+        self
+    }
+
+    /// The alert to raise once the letter is stored, taken from the letter.
+    pub(crate) fn take_alert(&mut self) -> PendingAlert {
+        std::mem::take(&mut self.alert)
     }
 
     /// Sets how many times the message was tried in all.

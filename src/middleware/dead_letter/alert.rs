@@ -27,9 +27,13 @@ pub struct DeadLetterFacts {
     pub at: DateTime<Utc>,
 }
 
-/// Told about every message a handler gives up on, before the consume loop
-/// moves it to the dead-letter queue (strategy §6.3: operations are alerted).
+/// Told about every message a handler gives up on, once the transport has
+/// accepted it as a dead letter (strategy §6.3: operations are alerted).
 ///
+/// The consume loop calls it after [`Delivery::settle`](crate::Delivery::settle)
+/// returned `Ok` for the rejection, so the letter can be listed, inspected
+/// and redriven by the time the hook runs. A rejection the transport could
+/// not store raises no alert; the message is delivered again instead.
 /// Implement it to page someone, post to a chat or count a metric. It is
 /// called on the consumer's task: hand slow work to a task of your own.
 ///
@@ -45,7 +49,7 @@ pub struct DeadLetterFacts {
 /// }
 /// ```
 pub trait DeadLetterAlert: fmt::Debug + Send + Sync + 'static {
-    /// A message is being dead-lettered.
+    /// A message has been dead-lettered.
     fn alert(&self, facts: &DeadLetterFacts);
 }
 

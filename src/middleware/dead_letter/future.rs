@@ -44,6 +44,6 @@ where
             .message
             .take()
             .expect("dead-lettering future polled after completion");
-        Poll::Ready(result.map_err(|error| give_up(&message, error.into(), &**this.alert)))
+        Poll::Ready(result.map_err(|error| give_up(&message, error.into(), this.alert.clone())))
     }
 }

@@ -13,16 +13,26 @@
 //! * counts the attempts in all — the broker's deliveries before this one
 //!   plus the in-process attempts the retry layer made ([`Error::attempts`]);
 //! * names the reason: retries exhausted, or a failure not worth retrying;
-//! * logs a `tracing` `error!` and calls the [`DeadLetterAlert`] hook;
+//! * logs a `tracing` `error!`;
 //! * attaches the facts to the error ([`Error::with_dead_letter`]), which the
-//!   consume loop puts on the dead letter.
+//!   consume loop puts on the dead letter, and with them the
+//!   [`DeadLetterAlert`] hook, which the consume loop calls only once the
+//!   transport has accepted the dead letter — so a
+//!   [`list`](crate::DeadLetters::list) made from the hook finds it.
+//!   When the transport cannot take it (a lost connection), nobody is
+//!   alerted: the message is delivered again, and alerted when it is
+//!   finally stored. Called outside the consume loop, the layer raises no
+//!   alert.
 //!
 //! An error that asks for a requeue ([`Error::requeue_after`]: an open
 //! breaker, a duplicate in progress) is not a dead letter and passes through
 //! untouched, for the loop to nack.
 //!
-//! [`DeadLetterAdmin`] is the manual retry: list, inspect, redrive one id or
-//! all, on any transport that keeps dead letters. `examples/dlq.rs` is an
+//! [`EventBus::dead_letters_of`](crate::EventBus::dead_letters_of) is the
+//! typed manual retry of one event type, in the bus's namespace: list,
+//! inspect, read the payload, redrive by id, by a header value or all.
+//! [`DeadLetterAdmin`] is the untyped one, by topic name, on any transport
+//! that keeps dead letters. `examples/dlq.rs` is an
 //! operator CLI over it.
 
 mod admin;
@@ -97,8 +107,8 @@ where
 }
 
 /// Turns the error a handler gave up with into one carrying dead-letter
-/// facts, logging it and telling the alert hook.
-fn give_up<E>(message: &Message<E>, error: Error, alert: &dyn DeadLetterAlert) -> Error {
+/// facts and the alert to raise once the letter is stored, logging it.
+fn give_up<E>(message: &Message<E>, error: Error, alert: Arc<dyn DeadLetterAlert>) -> Error {
     if error.requeue_after().is_some() {
         return error;
     }
@@ -129,10 +139,13 @@ fn give_up<E>(message: &Message<E>, error: Error, alert: &dyn DeadLetterAlert) -
         last_error = %facts.last_error,
         "message dead-lettered",
     );
-    alert.alert(&facts);
-    let letter = DeadLetter::new(facts.reason)
+    // The alert travels with the letter: the consume loop raises it once the
+    // transport has accepted the letter, so whoever it sends to the queue
+    // finds the message there.
+    let letter = DeadLetter::new(facts.reason.clone())
         .with_attempts(attempts)
-        .with_last_error(facts.last_error);
+        .with_last_error(facts.last_error.clone())
+        .with_alert(alert, facts);
     error.with_dead_letter(letter)
 }
 
@@ -183,6 +196,11 @@ mod tests {
         assert!(letter.reason().contains("3 attempt"), "{}", letter.reason());
         assert!(letter.last_error().unwrap().contains("market down"));
 
+        assert!(
+            alerts.0.lock().unwrap().is_empty(),
+            "no alert before the letter is stored"
+        );
+        letter.clone().take_alert().raise();
         let alerts = alerts.0.lock().unwrap();
         assert_eq!(alerts.len(), 1);
         assert_eq!(alerts[0].event_id, delivery.event_id());
@@ -204,6 +222,8 @@ mod tests {
         let letter = error.dead_letter().unwrap();
         assert_eq!(letter.attempts(), Some(1));
         assert!(letter.reason().contains("retrying cannot fix"));
+        assert!(alerts.0.lock().unwrap().is_empty());
+        letter.clone().take_alert().raise();
         assert_eq!(alerts.0.lock().unwrap().len(), 1);
     }
 
