@@ -31,7 +31,7 @@ mod declarations;
 mod failover;
 #[path = "amqp_liveness/killed.rs"]
 mod killed;
-#[path = "amqp_liveness/node.rs"]
+#[path = "common/rabbit_node.rs"]
 mod node;
 
 use node::Node;

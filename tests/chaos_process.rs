@@ -41,6 +41,9 @@ use switchboard::transport::redis_streams::RedisStreamsTransport;
 use switchboard::{Event, EventBus};
 use uuid::Uuid;
 
+#[path = "common/rabbit_node.rs"]
+mod rabbit_node;
+
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 const SHARED_AMQP: &str = "amqp://guest:guest@127.0.0.1:5672";
 
@@ -456,6 +459,7 @@ mod process_kill {
 }
 
 mod broker_restart {
+    use super::rabbit_node::Node;
     use super::*;
 
     /// A private `redis-server` with AOF and `appendfsync always`.
@@ -531,104 +535,6 @@ mod broker_restart {
     impl Drop for PrivateRedis {
         fn drop(&mut self) {
             self.kill();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    /// A private RabbitMQ node (PITFALLS.md's recipe): its own name, ports
-    /// and directories, killed by the pid in its pid file.
-    struct PrivateRabbit {
-        port: u16,
-        dir: PathBuf,
-        node: String,
-    }
-
-    impl PrivateRabbit {
-        async fn start() -> Self {
-            let port = free_port();
-            let dir = std::env::temp_dir().join(format!("sb-chaos-rabbit-{}", Uuid::new_v4()));
-            std::fs::create_dir_all(dir.join("mnesia")).expect("mnesia dir");
-            std::fs::create_dir_all(dir.join("log")).expect("log dir");
-            std::fs::write(
-                dir.join("rabbitmq.conf"),
-                format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"),
-            )
-            .expect("rabbitmq.conf");
-            std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
-            let status = Command::new("chown")
-                .args(["-R", "rabbitmq:rabbitmq"])
-                .arg(&dir)
-                .status()
-                .expect("chown");
-            assert!(status.success(), "chown the node's directory to rabbitmq");
-            let rabbit = Self {
-                port,
-                dir,
-                node: format!("sbchaos{port}@localhost"),
-            };
-            rabbit.spawn().await;
-            rabbit
-        }
-
-        fn url(&self) -> String {
-            format!("amqp://guest:guest@127.0.0.1:{}", self.port)
-        }
-
-        async fn spawn(&self) {
-            let _ = std::fs::remove_file(self.dir.join("pid"));
-            let dist = free_port();
-            let status = Command::new("rabbitmq-server")
-                .arg("-detached")
-                .env("RABBITMQ_NODENAME", &self.node)
-                .env("RABBITMQ_NODE_PORT", self.port.to_string())
-                .env("RABBITMQ_DIST_PORT", dist.to_string())
-                .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
-                .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
-                .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
-                .env(
-                    "RABBITMQ_ENABLED_PLUGINS_FILE",
-                    self.dir.join("enabled_plugins"),
-                )
-                .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("start rabbitmq-server (is it installed?)");
-            assert!(status.success(), "rabbitmq-server -detached: {status}");
-            let port = self.port;
-            until(
-                Duration::from_secs(90),
-                "private RabbitMQ answers",
-                || async move { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
-            )
-            .await;
-        }
-
-        fn pid(&self) -> Option<i32> {
-            std::fs::read_to_string(self.dir.join("pid"))
-                .ok()
-                .and_then(|pid| pid.trim().parse().ok())
-        }
-
-        /// SIGKILL the node and wait until its port is closed.
-        async fn kill(&self) {
-            if let Some(pid) = self.pid() {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                until(
-                    Duration::from_secs(30),
-                    "the killed node is gone",
-                    || async move { !Path::new(&format!("/proc/{pid}")).exists() },
-                )
-                .await;
-            }
-        }
-    }
-
-    impl Drop for PrivateRabbit {
-        fn drop(&mut self) {
-            if let Some(pid) = self.pid() {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -753,18 +659,22 @@ mod broker_restart {
         // 8 s to start, so by default it is back about 10 s after the kill,
         // as users saw.
         let down = Duration::from_secs(env_number("SWITCHBOARD_CHAOS_RABBIT_DOWN_SECS", 0));
-        let rabbit = PrivateRabbit::start().await;
+        let rabbit = tokio::task::spawn_blocking(Node::start)
+            .await
+            .expect("start a private RabbitMQ node");
         let namespace = format!("chaos-{}", Uuid::new_v4().simple());
         let started = Instant::now();
-        let mut trading = session(SHARED_REDIS, &rabbit.url(), &namespace, orders);
+        let mut trading = session(SHARED_REDIS, &rabbit.uri(), &namespace, orders);
         let mut watch = connection(SHARED_REDIS).await;
         let kill_at = orders / 3;
         until_trades(&mut trading, &mut watch, &namespace, kill_at).await;
-        rabbit.kill().await;
+        // The session runs in processes of their own: blocking this test's
+        // thread while the node dies and starts again holds nothing up.
+        rabbit.kill();
         let killed_after = started.elapsed();
         // The outage itself (0 s by default: the node's start is the outage).
         tokio::time::sleep(down).await;
-        rabbit.spawn().await;
+        rabbit.launch();
         let back_after = started.elapsed() - killed_after;
         eprintln!(
             "rabbitmq SIGKILLed after {kill_at} trades ({:.1} s in), answering again {:.1} s in",

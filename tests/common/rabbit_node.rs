@@ -1,6 +1,7 @@
-//! A private RabbitMQ node for the fault proofs: its own name, ports and
-//! data directory, so killing it or raising its memory alarm never touches
-//! the machine's shared broker (PITFALLS "Private brokers for fault tests").
+//! A private RabbitMQ node for the fault proofs (`tests/amqp_liveness.rs`,
+//! `tests/chaos_process.rs`): its own name, ports and data directory, so
+//! killing it or raising its memory alarm never touches the machine's
+//! shared broker.
 //!
 //! One node per test binary for the single-node proofs: it takes about 9 s
 //! to start; the cluster proof starts three of its own and joins them with
@@ -8,6 +9,9 @@
 //! started beside it kills the node (by the pid in its pid file, which a
 //! restart rewrites) and removes its directory once this process is gone,
 //! however it ends — a panic, or a SIGKILL of the test binary.
+
+// Each binary that includes this file uses a part of it.
+#![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -87,7 +91,10 @@ impl Node {
             me = std::process::id(),
             dir = self.dir.display(),
         );
-        Command::new("sh")
+        // In a session of its own: whoever ends this process's group (a CI
+        // runner, a terminal) must not take the watchdog with it.
+        Command::new("setsid")
+            .arg("sh")
             .arg("-c")
             .arg(script)
             .stdin(Stdio::null())
@@ -207,9 +214,12 @@ impl Drop for Node {
         // Only a process that is still this node: a pid from a file of a
         // node killed earlier may have been reused by now.
         if let Some(pid) = self.pid() {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline)
-                .contains(self.name.split('@').next().unwrap_or_default())
+            // The node's name is in its environment, not on its command line.
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let this_node = format!("RABBITMQ_NODENAME={}", self.name);
+            if environ
+                .split(|byte| *byte == 0)
+                .any(|entry| entry == this_node.as_bytes())
             {
                 let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
                 // A node still dying writes files into a directory being
