@@ -31,6 +31,8 @@ mod declarations;
 mod failover;
 #[path = "amqp_liveness/killed.rs"]
 mod killed;
+#[path = "amqp_liveness/load.rs"]
+mod load;
 #[path = "common/rabbit_node.rs"]
 mod node;
 

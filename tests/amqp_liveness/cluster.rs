@@ -9,19 +9,15 @@
 //! cores): `scripts/chaos` runs it with `--ignored cluster::`. Size:
 //! `SWITCHBOARD_CLUSTER_MESSAGES` (default 20 000).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use switchboard::transport::amqp::{AmqpTransport, QueueType};
-use switchboard::{Publisher, SubscribeOptions, Subscriber, Topology, Transport};
-use tokio::sync::watch;
+use switchboard::{SubscribeOptions, Subscriber, Topology, Transport};
 
+use super::load::{Load, PUBLISHERS};
 use super::node::Node;
-use super::{PATIENCE, config, init_tracing, seq_message, seq_of, unique};
+use super::{config, init_tracing, unique};
 
-const PUBLISHERS: u64 = 4;
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Scheduling on a loaded two-core machine, on top of the deadline.
 const SLACK: Duration = Duration::from_secs(3);
@@ -69,23 +65,6 @@ fn leader(nodes: &[Node], ask: &Node, queue: &str) -> usize {
         .unwrap_or_else(|| panic!("leader {holder} is none of the cluster's nodes"))
 }
 
-/// When something first happened after the kill.
-#[derive(Default)]
-struct Since {
-    killed: std::sync::Mutex<Option<Instant>>,
-    published: std::sync::Mutex<Option<Duration>>,
-    consumed: std::sync::Mutex<Option<Duration>>,
-}
-
-impl Since {
-    fn mark(&self, slot: &std::sync::Mutex<Option<Duration>>) {
-        let Some(killed) = *self.killed.lock().unwrap() else {
-            return;
-        };
-        slot.lock().unwrap().get_or_insert_with(|| killed.elapsed());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "three private nodes, about a minute to start: scripts/chaos runs it"]
 async fn cluster_leader_killed_loses_no_confirmed_message() {
@@ -106,114 +85,25 @@ async fn cluster_leader_killed_loses_no_confirmed_message() {
         .await
         .expect("declare");
     let queue = transport.config().queue_name(&topic, "g").expect("name");
-    let mut subscription = transport
+    let subscription = transport
         .subscribe(&topic, SubscribeOptions::new("g").with_prefetch(200))
         .await
         .expect("subscribe");
-    let since = Arc::new(Since::default());
+    let mut load = Load::start(
+        &transport,
+        &topic,
+        subscription,
+        total,
+        PUBLISH_TIMEOUT + SLACK,
+    );
 
-    let (consumed_tx, mut consumed_rx) = watch::channel(0_u64);
-    let consumer = {
-        let since = since.clone();
-        tokio::spawn(async move {
-            let (mut seen, mut duplicates) = (BTreeSet::new(), 0_u64);
-            while let Some(delivery) = subscription.recv().await {
-                since.mark(&since.consumed);
-                if !seen.insert(seq_of(&delivery)) {
-                    duplicates += 1;
-                }
-                // An ack lost with the node: the message comes again, and
-                // the set counts it once.
-                let _ = delivery.ack().await;
-                consumed_tx.send_replace(seen.len() as u64);
-                if seen.len() as u64 == total {
-                    break;
-                }
-            }
-            (seen, duplicates)
-        })
-    };
-
-    let confirmed = Arc::new(AtomicU64::new(0));
-    let (confirmed_tx, mut confirmed_rx) = watch::channel(0_u64);
-    let confirmed_tx = Arc::new(confirmed_tx);
-    let failures = Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
-    let publishers: Vec<_> = (0..PUBLISHERS)
-        .map(|publisher| {
-            let (transport, topic) = (transport.clone(), topic.clone());
-            let (confirmed, confirmed_tx) = (confirmed.clone(), confirmed_tx.clone());
-            let (failures, since) = (failures.clone(), since.clone());
-            tokio::spawn(async move {
-                let per = total / PUBLISHERS;
-                let first = publisher * per;
-                let last = if publisher + 1 == PUBLISHERS {
-                    total
-                } else {
-                    first + per
-                };
-                for seq in first..last {
-                    // What a caller's retry would do: the same message
-                    // again until the broker confirms it.
-                    loop {
-                        let started = Instant::now();
-                        match transport.publish(&topic, seq_message(seq)).await {
-                            Ok(()) => {
-                                since.mark(&since.published);
-                                let now = confirmed.fetch_add(1, Ordering::Relaxed) + 1;
-                                confirmed_tx.send_replace(now);
-                                break;
-                            }
-                            Err(error) => {
-                                let took = started.elapsed();
-                                assert!(error.is_retryable(), "{error}");
-                                assert!(
-                                    took <= PUBLISH_TIMEOUT + SLACK,
-                                    "a publish failed after {took:?}, past its deadline: {error}"
-                                );
-                                failures.lock().unwrap().push(took);
-                                // A pause before trying again (failures
-                                // that come at once must not spin).
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-
-    confirmed_rx
-        .wait_for(|confirmed| *confirmed >= total / 3)
-        .await
-        .expect("publishers");
+    load.confirmed_at_least(total / 3).await;
     let killed = tokio::task::block_in_place(|| leader(&nodes, &nodes[0], &queue));
     let before = transport.health();
-    let confirmed_at_kill = confirmed.load(Ordering::Relaxed);
+    let confirmed_at_kill = load.confirmed();
     tokio::task::block_in_place(|| nodes[killed].kill());
-    *since.killed.lock().unwrap() = Some(Instant::now());
-
-    for publisher in publishers {
-        tokio::time::timeout(PATIENCE * 3, publisher)
-            .await
-            .expect("publishers finish on the survivors")
-            .expect("publisher");
-    }
-    let all = tokio::time::timeout(
-        PATIENCE * 3,
-        consumed_rx.wait_for(|consumed| *consumed == total),
-    )
-    .await
-    .is_ok();
-    assert!(
-        all,
-        "only {} of {total} confirmed messages consumed",
-        *consumed_rx.borrow()
-    );
-    let (seen, duplicates) = consumer.await.expect("consumer");
-    let confirmed = confirmed.load(Ordering::Relaxed);
-    let lost = (0..total).filter(|seq| !seen.contains(seq)).count();
-    assert_eq!(confirmed, total);
-    assert_eq!(lost, 0, "confirmed messages lost");
+    load.fault_from_now();
+    let seen = load.finish().await;
 
     // Both connections are on survivors, and the queue has a new leader.
     let survivor = (killed + 1) % nodes.len();
@@ -228,16 +118,12 @@ async fn cluster_leader_killed_loses_no_confirmed_message() {
     let new_leader = tokio::task::block_in_place(|| leader(&nodes, &nodes[survivor], &queue));
     assert_ne!(new_leader, killed, "the queue's leader moved");
 
-    let failures = failures.lock().unwrap();
-    let slowest = failures.iter().max().copied().unwrap_or_default();
-    let published = since.published.lock().unwrap().unwrap_or_default();
-    let consumed = since.consumed.lock().unwrap().unwrap_or_default();
     // On a line of its own, after the harness's "test … ..." prefix.
     eprintln!(
         "\ncluster node killed: 3 nodes (started and joined in {:.0} s), quorum queue, \
          leader's node SIGKILLed (connections were on {:?}/{:?}, now {:?}/{:?}); {total} \
-         persistent messages from {PUBLISHERS} publishers, {confirmed} confirmed \
-         ({confirmed_at_kill} before the kill), {} consumed ({duplicates} duplicates), \
+         persistent messages from {PUBLISHERS} publishers, {total} confirmed \
+         ({confirmed_at_kill} before the kill), {} consumed ({} duplicates), \
          lost 0; {} publishes failed retryably, slowest in {:.2} s (publish_timeout {} s); \
          publishing resumed {:.2} s and consuming {:.2} s after the kill",
         started_in.as_secs_f64(),
@@ -245,11 +131,12 @@ async fn cluster_leader_killed_loses_no_confirmed_message() {
         before.consuming_node.unwrap_or_default(),
         after.publishing_node.unwrap_or_default(),
         after.consuming_node.unwrap_or_default(),
-        seen.len(),
-        failures.len(),
-        slowest.as_secs_f64(),
+        seen.consumed,
+        seen.duplicates,
+        seen.failures.len(),
+        seen.slowest_failure().as_secs_f64(),
         PUBLISH_TIMEOUT.as_secs(),
-        published.as_secs_f64(),
-        consumed.as_secs_f64(),
+        seen.published_after_fault.as_secs_f64(),
+        seen.consumed_after_fault.as_secs_f64(),
     );
 }
