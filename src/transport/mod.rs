@@ -68,6 +68,8 @@ pub mod redis_pubsub;
 #[cfg(feature = "redis-streams")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis-streams")))]
 pub mod redis_streams;
+mod subscribe_options;
+mod subscription;
 
 pub use delivery::{
     Acker, DeadLetter, Delivery, GiveBackLimit, RawMessage, SettleError, Settled, SubscribeOptions,
