@@ -350,14 +350,13 @@ pub async fn a_handler_that_gives_up_is_never_a_silent_success(transport: Arc<dy
             "the publisher hears why: {error}"
         );
     }
-    // Anything that would multiply the attempts has had time to.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stopped and drained: every call that was going to run has run.
+    consumer.shutdown().await.expect("shutdown");
     assert_eq!(
         calls.load(Ordering::SeqCst),
         3,
         "the handler's retry layer is the one retry owner"
     );
-    consumer.shutdown().await.expect("shutdown");
 }
 
 /// For a push transport whose publisher makes `max_attempts` attempts: a
@@ -390,9 +389,10 @@ pub async fn push_retries_have_one_owner(transport: Arc<dyn Transport>, max_atte
         .expect_err("never acked");
     assert!(error.is_retryable(), "{error}");
     assert_eq!(error.attempts(), Some(max_attempts), "{error:?}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(calls.load(Ordering::SeqCst), max_attempts);
+    // The publisher has given up; stopped and drained, the receiver has run
+    // every call it was going to.
     consumer.shutdown().await.expect("shutdown");
+    assert_eq!(calls.load(Ordering::SeqCst), max_attempts);
 }
 
 /// For a push transport whose publisher makes `max_attempts` attempts: a

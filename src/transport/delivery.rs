@@ -497,33 +497,30 @@ impl Delivery {
 
     /// The rejection of [`settle`](Self::settle): dead-letter, else tell
     /// the sender, else ack and log the loss.
-    async fn reject_for_good(mut self, mut letter: DeadLetter) -> Result<Settled, SettleError> {
+    async fn reject_for_good(self, mut letter: DeadLetter) -> Result<Settled, SettleError> {
         letter.attempts.get_or_insert(self.attempt);
-        let error = match self.acker.dead_letter(&self.message, &letter).await {
-            Ok(()) => {
-                self.settled = true;
-                return Ok(Settled::DeadLettered);
-            }
-            Err(error) if error.kind() == ErrorKind::Unsupported => error,
-            Err(error) => return Err((error, self)),
+        let (error, mut this) = match self.dead_letter(letter.clone()).await {
+            Ok(()) => return Ok(Settled::DeadLettered),
+            Err((error, this)) if error.kind() == ErrorKind::Unsupported => (error, this),
+            Err(failed) => return Err(failed),
         };
-        match self.acker.reject(&self.message, &letter).await {
+        match this.acker.reject(&this.message, &letter).await {
             Ok(()) => {
-                self.settled = true;
+                this.settled = true;
                 return Ok(Settled::Refused);
             }
             Err(error) if error.kind() == ErrorKind::Unsupported => {}
-            Err(error) => return Err((error, self)),
+            Err(error) => return Err((error, this)),
         }
         tracing::error!(
-            topic = &*self.topic,
-            group = &*self.group,
+            topic = &*this.topic,
+            group = &*this.group,
             reason = letter.reason(),
             last_error = letter.last_error(),
             %error,
             "the transport keeps no dead letters and nobody hears of it; message dropped",
         );
-        self.ack().await.map(|()| Settled::Dropped)
+        this.ack().await.map(|()| Settled::Dropped)
     }
 }
 

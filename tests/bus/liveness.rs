@@ -223,7 +223,7 @@ async fn a_consume_loop_that_ends_on_an_error_is_visible_before_shutdown() {
 }
 
 #[tokio::test]
-async fn closed_waits_for_an_orderly_stop_and_reports_no_error() {
+async fn closed_stays_pending_while_the_loop_runs_and_no_failure_is_reported() {
     let (bus, _transport) = super::bus();
     let consumer = bus
         .subscribe::<Ping, _>(
@@ -240,5 +240,10 @@ async fn closed_waits_for_an_orderly_stop_and_reports_no_error() {
             "running: not closed"
         );
     }
+    assert!(
+        consumer.failure().is_none(),
+        "a running loop has no failure"
+    );
+    assert!(!consumer.is_finished());
     consumer.shutdown().await.unwrap();
 }

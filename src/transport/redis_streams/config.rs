@@ -214,15 +214,6 @@ impl RedisStreamsConfig {
         }
     }
 
-    /// Whether any topic may need a scheduled trim task.
-    pub(super) fn has_scheduled_trim(&self) -> bool {
-        self.trim.schedule().is_some()
-            || self
-                .topic_trim
-                .values()
-                .any(|policy| policy.schedule().is_some())
-    }
-
     /// Sets [`group_start`](Self::group_start).
     pub fn with_group_start(mut self, start: GroupStart) -> Self {
         self.group_start = start;
