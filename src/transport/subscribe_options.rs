@@ -59,7 +59,7 @@ pub struct SubscribeOptions {
 /// on handling what they can read at full speed. The limit is for when no
 /// such member comes: a message is dead-lettered once it was first given
 /// back `max_age` ago, or has been given back `max_times` times. The age
-/// counts from the first give-back ([`header::GIVEN_BACK_AT`]), not from
+/// counts from the first give-back ([`crate::transport::header::GIVEN_BACK_AT`]), not from
 /// publication, so an old backlog is not dead-lettered for being old.
 ///
 /// ```
