@@ -76,7 +76,11 @@ impl Settings {
                 blocks: 2,
                 repeats: 1,
                 warmup: 2,
-                load_rate: 10_000,
+                // Test mode only proves the bench runs: an unoptimised
+                // consumer on a shared machine cannot keep up with the
+                // bench's 10 000/s, and the measured event would queue
+                // behind the backlog.
+                load_rate: 1_000,
             }
         };
         (settings, bench)
@@ -101,7 +105,8 @@ impl Mode {
 }
 
 fn histogram() -> Histogram<u64> {
-    // Nanoseconds, 1 ns to 60 s, three significant digits.
+    // Nanoseconds, 1 ns to 60 s, three significant digits; a longer call
+    // counts as 60 s rather than ending the run.
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds")
 }
 
@@ -140,7 +145,7 @@ async fn sequential(path: &Path, samples: usize) -> [Histogram<u64>; 2] {
     for i in 0..samples {
         for side in order(i) {
             let nanos = timed(path, side).await;
-            histograms[index(side)].record(nanos).expect("in range");
+            histograms[index(side)].saturating_record(nanos);
         }
     }
     histograms
@@ -167,7 +172,7 @@ async fn concurrent(path: &Arc<Path>, settings: &Settings) -> [Histogram<u64>; 2
                 .collect();
             for task in tasks {
                 for nanos in task.await.expect("caller") {
-                    histograms[index(side)].record(nanos).expect("in range");
+                    histograms[index(side)].saturating_record(nanos);
                 }
             }
         }
@@ -192,7 +197,7 @@ async fn loaded(path: &Path, settings: &Settings) -> ([Histogram<u64>; 2], [f64;
             tokio::time::sleep(Duration::from_millis(20)).await;
             for _ in 0..per_block {
                 let nanos = timed(path, side).await;
-                histograms[index(side)].record(nanos).expect("in range");
+                histograms[index(side)].saturating_record(nanos);
             }
             stop.store(true, Ordering::Relaxed);
             let rate = generator.await.expect("load generator");
@@ -202,12 +207,15 @@ async fn loaded(path: &Path, settings: &Settings) -> ([Histogram<u64>; 2], [f64;
     (histograms, rates)
 }
 
-/// Publishes batches of 10 every millisecond (at most 8 batches in flight)
-/// until stopped; returns the events per second it reached.
+/// Publishes batches of 10 (at most 8 batches in flight) at `rate` events/s
+/// until stopped — every millisecond from 10 000/s up, less often below;
+/// returns the events per second it reached.
 async fn generate(load: common::Call, rate: u64, stop: Arc<AtomicBool>) -> f64 {
+    let rate = rate.max(10);
     let batches_per_ms = (rate / 10_000).max(1);
+    let period = Duration::from_micros((10_000_000 / rate).max(1_000));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(8));
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut tick = tokio::time::interval(period);
     let started = Instant::now();
     let mut published = 0u64;
     let mut batch = 0u64;
