@@ -530,8 +530,8 @@ mod flood {
         let start_rss = resident_bytes();
 
         // The handler: 1 ms of work per message, so at most 1000 a second,
-        // while the publishers below send well over ten times as many (the
-        // test checks it).
+        // while the publishers below send several times as many (the test
+        // checks they outran it).
         let (handled_count, mut handled) = tokio::sync::watch::channel(0_u64);
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let handler = tokio::spawn(async move {
@@ -624,9 +624,13 @@ mod flood {
              dropped of {published} published"
         );
         assert_eq!(handled_now + dropped, published, "nothing lost uncounted");
+        // That the flood outran the handler is what makes the case: a
+        // handler keeping up would prove nothing about the bound. Twice its
+        // pace is enough to overflow the inbox in 2 s (a loaded machine
+        // slows the publishers more than the sleeping handler).
         assert!(
-            published >= 10 * handled_while_publishing,
-            "the publishers ({published}) were not ten times faster than the handler \
+            published >= 2 * handled_while_publishing,
+            "the publishers ({published}) were not twice as fast as the handler \
              ({handled_while_publishing} meanwhile)"
         );
         assert!(dropped > 0, "a slow handler makes the inbox drop");
