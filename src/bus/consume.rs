@@ -19,7 +19,7 @@ use crate::envelope::{Event, EventEnvelope};
 use crate::error::Error;
 use crate::observe::metrics;
 use crate::outcome::Outcome;
-use crate::transport::{Delivery, GiveBackLimit, Subscription};
+use crate::transport::{Delivery, GiveBackLimit, Settled, Subscription};
 
 type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -206,22 +206,32 @@ async fn settle(delivery: Delivery, outcome: Outcome, limit: &GiveBackLimit) -> 
         },
         outcome => outcome,
     };
-    let mut alert = None;
+    let mut rejected = None;
     if let Outcome::Reject(letter) = &mut outcome {
-        alert = Some(letter.take_alert());
-        tracing::warn!(
-            reason = letter.reason(),
-            last_error = letter.last_error(),
-            attempt,
-            "dead-lettering message",
-        );
+        rejected = Some((
+            letter.take_alert(),
+            letter.reason().to_owned(),
+            letter.last_error().map(str::to_owned),
+        ));
     }
     let asked = outcome.name();
+    let (topic, group) = (delivery.topic().to_owned(), delivery.group().to_owned());
     match delivery.settle(outcome).await {
         Ok(settled) => {
             // Only now: the transport holds the dead letter (or has told the
-            // sender), so whoever the alert sends to the queue finds it.
-            if let Some(alert) = alert {
+            // sender), so whoever the alert sends to the queue finds it. One
+            // line per rejected message, saying where it went; a drop is
+            // logged where it happens.
+            if let Some((alert, reason, last_error)) = rejected {
+                match settled {
+                    Settled::DeadLettered => tracing::error!(
+                        %topic, %group, %reason, last_error = last_error.as_deref(), attempt, "message dead-lettered"
+                    ),
+                    Settled::Refused => tracing::warn!(
+                        %topic, %group, %reason, last_error = last_error.as_deref(), attempt, "message refused to its sender"
+                    ),
+                    _ => {}
+                }
                 alert.raise();
             }
             settled.label()

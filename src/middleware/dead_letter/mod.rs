@@ -129,19 +129,9 @@ fn give_up<E>(message: &Message<E>, error: Error, alert: Arc<dyn DeadLetterAlert
         last_error: error.to_string(),
         at: Utc::now(),
     };
-    tracing::error!(
-        topic = %facts.topic,
-        group = %facts.group,
-        event_id = %facts.event_id,
-        event_type = %facts.event_type,
-        attempts,
-        reason = %facts.reason,
-        last_error = %facts.last_error,
-        "message dead-lettered",
-    );
-    // The alert travels with the letter: the consume loop raises it once the
-    // transport has accepted the letter, so whoever it sends to the queue
-    // finds the message there.
+    // The alert travels with the letter: the consume loop raises it, and logs
+    // the dead-lettering, once the transport has accepted the letter, so
+    // whoever it sends to the queue finds the message there.
     let letter = DeadLetter::new(facts.reason.clone())
         .with_attempts(attempts)
         .with_last_error(facts.last_error.clone())
