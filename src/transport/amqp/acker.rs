@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::connection::amqp_error;
+use super::error::amqp_error;
 use super::properties::{self, ATTEMPTS, REDELIVERIES};
 use super::publisher::publish_direct;
 use super::{DLQ_SUFFIX, QueueType, Shared};

@@ -4,7 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::DLQ_SUFFIX;
-use super::connection;
+use super::error::redact;
 use crate::error::{Error, ErrorKind};
 use crate::transport::validate_name;
 
@@ -290,14 +290,10 @@ impl AmqpConfig {
 impl fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpConfig")
-            .field("uri", &connection::redact(&self.uri))
+            .field("uri", &redact(&self.uri))
             .field(
                 "nodes",
-                &self
-                    .nodes
-                    .iter()
-                    .map(|uri| connection::redact(uri))
-                    .collect::<Vec<_>>(),
+                &self.nodes.iter().map(|uri| redact(uri)).collect::<Vec<_>>(),
             )
             .field("exchange", &self.exchange)
             .field("exchange_auto_delete", &self.exchange_auto_delete)

@@ -32,7 +32,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::LongString;
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -40,6 +39,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::declare::redeclare;
+use super::error::{amqp_error, blocked_timeout, not_connected, redact};
 use super::{AmqpConfig, Shared};
 use crate::error::{Error, ErrorKind};
 
@@ -254,28 +254,6 @@ impl Supervisor {
             });
         }
     }
-}
-
-/// The error of a wait for a connection that did not come in time.
-pub(crate) fn not_connected() -> Error {
-    Error::new(
-        ErrorKind::Connection,
-        "amqp: not connected to the broker (still reconnecting)",
-    )
-    .with_effect(crate::error::Effect::NotApplied)
-}
-
-/// The error of a publish that waited for the broker to unblock its
-/// connection until its deadline: never sent, so safe to send again.
-pub(crate) fn blocked_timeout(reason: Option<String>) -> Error {
-    let reason = reason.unwrap_or_else(|| "no reason given".to_owned());
-    Error::new(
-        ErrorKind::Timeout,
-        format!(
-            "amqp: the broker blocks publishing ({reason}); not sent within the publish timeout"
-        ),
-    )
-    .with_effect(crate::error::Effect::NotApplied)
 }
 
 /// Picks one of the two supervisors out of the shared state.
@@ -546,46 +524,6 @@ async fn open(
         })?;
     declared?;
     Ok(link)
-}
-
-/// Maps a lapin error to the crate's, keeping whether a retry can help.
-pub(crate) fn amqp_error(what: &str, error: lapin::Error) -> Error {
-    use lapin::ErrorKind as Lapin;
-    #[cfg(feature = "amqp-tls")]
-    if let Some(failure) = crate::tls::tls_failure(&error) {
-        // An untrusted certificate stays untrusted: retrying cannot help.
-        return Error::new(
-            ErrorKind::Rejected,
-            format!("amqp: {what}: the TLS handshake failed: {failure}"),
-        )
-        .with_source(error);
-    }
-    let kind = match error.kind() {
-        Lapin::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => ErrorKind::NotFound,
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => ErrorKind::Unauthorized,
-            AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED) => ErrorKind::Unavailable,
-            AMQPErrorKind::Soft(_) => ErrorKind::Rejected,
-            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => ErrorKind::Unauthorized,
-            AMQPErrorKind::Hard(_) => ErrorKind::Connection,
-        },
-        Lapin::AuthProviderError(_) => ErrorKind::Unauthorized,
-        Lapin::ChannelsLimitReached => ErrorKind::Unavailable,
-        _ => ErrorKind::Connection,
-    };
-    Error::new(kind, format!("amqp: {what}: {error}")).with_source(error)
-}
-
-/// The URI without its password, for error messages.
-pub(crate) fn redact(uri: &str) -> String {
-    match (uri.find("://"), uri.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &uri[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &uri[..scheme + 3], &uri[at..])
-        }
-        _ => uri.to_owned(),
-    }
 }
 
 /// How long closing a channel may wait for the broker's answer.

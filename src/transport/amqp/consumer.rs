@@ -33,8 +33,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::acker::{AmqpAcker, Held, Waiting, counts_of};
-use super::connection::{Link, RETRY_PAUSE, amqp_error};
+use super::connection::{Link, RETRY_PAUSE};
 use super::declare::declare_queue;
+use super::error::amqp_error;
 use super::{NAME, Shared, properties};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;

@@ -5,7 +5,8 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
-use super::connection::{CLOSE_TIMEOUT, Link, Role, Supervisor, amqp_error};
+use super::connection::{CLOSE_TIMEOUT, Link, Role, Supervisor};
+use super::error::amqp_error;
 use super::{AmqpConfig, DLQ_SUFFIX, QueueType, Shared};
 use crate::error::{Error, ErrorKind};
 use crate::topology::Topology;

@@ -38,7 +38,8 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::{BasicProperties, Channel};
 use tokio::time::Instant;
 
-use super::connection::{Link, amqp_error};
+use super::connection::Link;
+use super::error::amqp_error;
 use super::properties::{self, ATTEMPTS};
 use super::publisher::publish_direct;
 use super::{AmqpTransport, DLQ_SUFFIX, Shared};

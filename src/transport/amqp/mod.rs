@@ -140,6 +140,7 @@ mod connection;
 mod consumer;
 mod declare;
 mod dlq;
+mod error;
 mod properties;
 mod publisher;
 

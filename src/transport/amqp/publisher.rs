@@ -29,7 +29,8 @@ use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::time::Instant;
 
 use super::Shared;
-use super::connection::{Link, amqp_error, blocked_timeout, not_connected};
+use super::connection::Link;
+use super::error::{amqp_error, blocked_timeout, not_connected};
 use super::properties::publish_properties;
 use crate::error::{Effect, Error, ErrorKind};
 use crate::transport::{RawMessage, validate_name};
