@@ -208,21 +208,24 @@ async fn settle(delivery: Delivery, outcome: Outcome, limit: &GiveBackLimit) -> 
     };
     let mut rejected = None;
     if let Outcome::Reject(letter) = &mut outcome {
+        // Copied only for a rejection: the message's facts are gone once
+        // `settle` has taken the delivery.
         rejected = Some((
             letter.take_alert(),
             letter.reason().to_owned(),
             letter.last_error().map(str::to_owned),
+            delivery.topic().to_owned(),
+            delivery.group().to_owned(),
         ));
     }
     let asked = outcome.name();
-    let (topic, group) = (delivery.topic().to_owned(), delivery.group().to_owned());
     match delivery.settle(outcome).await {
         Ok(settled) => {
             // Only now: the transport holds the dead letter (or has told the
             // sender), so whoever the alert sends to the queue finds it. One
             // line per rejected message, saying where it went; a drop is
             // logged where it happens.
-            if let Some((alert, reason, last_error)) = rejected {
+            if let Some((alert, reason, last_error, topic, group)) = rejected {
                 match settled {
                     Settled::DeadLettered => tracing::error!(
                         %topic, %group, %reason, last_error = last_error.as_deref(), attempt, "message dead-lettered"
