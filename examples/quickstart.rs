@@ -83,7 +83,7 @@ async fn main() -> Result<(), Error> {
                             trade.order_id, trade.symbol
                         ))
                         .ok();
-                    Ok::<_, Error>(())
+                    Ok(())
                 }
             }),
         )

@@ -369,16 +369,52 @@ impl From<DecodeError> for Error {
     }
 }
 
-/// Errors from tower layers and other libraries arrive boxed. An [`Error`]
-/// inside keeps its kind; anything else is taken as a transient failure, the
-/// way a handler's unexpected error is usually best treated (retried, then
+/// Errors from tower layers, handlers and other libraries arrive boxed. An
+/// [`Error`] keeps its kind; an error that carries an [`Error`] somewhere in
+/// its source chain (an `anyhow` context, a `thiserror` variant with
+/// `#[source]`) takes that error's kind, effect and delays, with its own
+/// message; anything else is taken as a transient failure, the way a
+/// handler's unexpected error is usually best treated (retried, then
 /// dead-lettered).
+///
+/// ```
+/// use switchboard::{BoxError, Error, ErrorKind};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("cannot ship order A-17")]
+/// struct CannotShip(#[source] Error);
+///
+/// let boxed: BoxError = Box::new(CannotShip(Error::permanent("no address")));
+/// let error = Error::from(boxed);
+/// assert_eq!(error.kind(), ErrorKind::Rejected);
+/// assert_eq!(error.message(), "cannot ship order A-17");
+///
+/// let boxed: BoxError = "socket closed".into();
+/// assert_eq!(Error::from(boxed).kind(), ErrorKind::Unavailable);
+/// ```
 impl From<BoxError> for Error {
     fn from(error: BoxError) -> Self {
-        match error.downcast::<Error>() {
-            Ok(error) => *error,
-            Err(other) => Self::new(ErrorKind::Unavailable, other.to_string()).with_source(other),
+        let other = match error.downcast::<Error>() {
+            Ok(error) => return *error,
+            Err(other) => other,
+        };
+        let mut cause = other.source();
+        let mut inner = None;
+        while let Some(error) = cause {
+            if let Some(found) = error.downcast_ref::<Error>() {
+                inner = Some(found);
+                break;
+            }
+            cause = error.source();
         }
+        let Some(inner) = inner else {
+            return Self::new(ErrorKind::Unavailable, other.to_string()).with_source(other);
+        };
+        let mut error = Self::new(inner.kind, other.to_string());
+        error.effect = inner.effect;
+        error.requeue_after = inner.requeue_after;
+        error.retry_after = inner.retry_after;
+        error.with_source(other)
     }
 }
 
@@ -447,6 +483,26 @@ mod tests {
         let error = Error::from(boxed);
         assert_eq!(error.kind(), ErrorKind::Unavailable);
         assert_eq!(error.message(), "socket closed");
+    }
+
+    #[test]
+    fn a_boxed_error_takes_the_kind_of_the_crate_error_in_its_source_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] Middle);
+        #[derive(Debug, thiserror::Error)]
+        #[error("middle")]
+        struct Middle(#[source] Error);
+        let inner = Error::new(ErrorKind::Timeout, "slow").with_requeue(Duration::from_secs(2));
+        let error = Error::from(Box::new(Outer(Middle(inner))) as BoxError);
+        assert_eq!(error.kind(), ErrorKind::Timeout);
+        assert_eq!(error.effect(), Effect::Unknown);
+        assert_eq!(error.requeue_after(), Some(Duration::from_secs(2)));
+        assert_eq!(error.message(), "outer");
+        assert_eq!(
+            std::error::Error::source(&error).unwrap().to_string(),
+            "outer"
+        );
     }
 
     #[test]

@@ -47,7 +47,7 @@
 //!         let done = done.clone();
 //!         async move {
 //!             done.send(message.payload().quantity).ok();
-//!             Ok::<_, switchboard::Error>(())
+//!             Ok(())
 //!         }
 //!     }))
 //!     .await?;
@@ -135,7 +135,8 @@ mod guides {
 }
 
 pub use bus::{
-    ConsumerHandle, ConsumerHealth, DeadLetterOf, DeadLetters, EventBus, Message, handler_fn,
+    BoxedHandlerFn, ConsumerHandle, ConsumerHealth, DeadLetterOf, DeadLetters, EventBus,
+    HandlerFn, Message, handler_fn, handler_fn_boxed,
 };
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
 pub use envelope::{Event, EventEnvelope, Headers};

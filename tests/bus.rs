@@ -572,3 +572,6 @@ async fn a_consumer_says_when_it_has_stopped() {
 
 #[path = "bus/liveness.rs"]
 mod liveness;
+
+#[path = "bus/handlers.rs"]
+mod handlers;

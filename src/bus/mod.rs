@@ -58,6 +58,7 @@ use crate::transport::{DeadLetterQueue, RawMessage, SubscribeOptions, Transport,
 mod consume;
 mod dead_letters;
 mod handle;
+mod handler;
 mod message;
 mod publish_retry;
 
@@ -67,9 +68,7 @@ pub use handle::{ConsumerHandle, ConsumerHealth};
 pub use message::Message;
 use publish_retry::PublishRetry;
 
-/// Adapts an async function into a handler: re-export of
-/// [`tower::service_fn`].
-pub use tower::service_fn as handler_fn;
+pub use handler::{BoxedHandlerFn, HandlerFn, handler_fn, handler_fn_boxed};
 
 /// Typed publishing and consuming over any [`Transport`].
 ///
@@ -96,7 +95,7 @@ pub use tower::service_fn as handler_fn;
 ///             let seen = seen.clone();
 ///             async move {
 ///                 seen.send(message.payload().user_id.clone()).ok();
-///                 Ok::<_, switchboard::Error>(())
+///                 Ok(())
 ///             }
 ///         }),
 ///     )

@@ -67,7 +67,7 @@
 //! let counter = applied.clone();
 //! let handler = DedupeLayer::in_memory().layer(handler_fn(move |_: Message<Credited>| {
 //!     counter.fetch_add(1, Ordering::SeqCst);
-//!     async { Ok::<_, Error>(()) }
+//!     async { Ok(()) }
 //! }));
 //!
 //! let envelope = EventEnvelope::new("bank", Credited { amount: 5 });

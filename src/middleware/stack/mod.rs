@@ -359,7 +359,7 @@ impl Resilience {
     /// let resilience = Resilience::from_yaml("timeouts:\n  ledger: 250\n")?;
     /// let handler = resilience.consumer("ledger", handler_fn(|trade: Message<TradeExecuted>| async move {
     ///     let _ = trade.payload().order_id; // apply it to the ledger
-    ///     Ok::<_, Error>(())
+    ///     Ok(())
     /// }));
     /// assert_eq!(handler.get_ref().get_ref().name(), "ledger");
     ///
