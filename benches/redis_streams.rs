@@ -242,11 +242,7 @@ fn round_trip(c: &mut Criterion) {
                             .await
                             .expect("publish");
                         let delivery = subscription.recv().await.expect("a delivery");
-                        delivery
-                            .ack()
-                            .await
-                            .map_err(|(error, _)| error)
-                            .expect("ack");
+                        delivery.ack().await.expect("ack");
                     }
                 });
             },

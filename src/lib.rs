@@ -135,8 +135,8 @@ mod guides {
 }
 
 pub use bus::{
-    BoxedHandlerFn, ConsumerHandle, ConsumerHealth, DeadLetterOf, DeadLetters, EventBus,
-    HandlerFn, Message, handler_fn, handler_fn_boxed,
+    BoxedHandlerFn, ConsumerHandle, ConsumerHealth, DeadLetterOf, DeadLetters, EventBus, HandlerFn,
+    Message, handler_fn, handler_fn_boxed,
 };
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
 pub use envelope::{Event, EventEnvelope, Headers};

@@ -99,11 +99,7 @@ async fn recv(subscription: &mut Subscription, what: &str) -> Delivery {
 }
 
 async fn ack(delivery: Delivery) {
-    delivery
-        .ack()
-        .await
-        .map_err(|(error, _)| error)
-        .expect("ack");
+    delivery.ack().await.expect("ack");
 }
 
 fn seq_message(seq: u64) -> RawMessage {
@@ -339,11 +335,7 @@ async fn attempts_are_counted_on_classic_and_quorum_queues() {
             let delivery = recv(&mut subscription, "nacked message").await;
             assert_eq!(delivery.attempt(), expected, "{queue_type:?}");
             assert_eq!(seq_of(&delivery), 7);
-            delivery
-                .nack(Duration::ZERO)
-                .await
-                .map_err(|(error, _)| error)
-                .expect("nack");
+            delivery.nack(Duration::ZERO).await.expect("nack");
         }
         let delivery = recv(&mut subscription, "before abandoning").await;
         assert_eq!(delivery.attempt(), 4, "{queue_type:?}");
@@ -358,11 +350,7 @@ async fn attempts_are_counted_on_classic_and_quorum_queues() {
         );
         // A nack after a return the broker counted: neither count may take
         // that return twice.
-        delivery
-            .nack(Duration::ZERO)
-            .await
-            .map_err(|(error, _)| error)
-            .expect("nack");
+        delivery.nack(Duration::ZERO).await.expect("nack");
         let delivery = recv(&mut subscription, "nacked after a return").await;
         assert_eq!(delivery.attempt(), 6, "{queue_type:?}");
         assert_eq!(
@@ -405,7 +393,6 @@ async fn dead_letters_are_listed_inspected_and_redriven_one_or_all() {
                         .with_last_error("market: unavailable"),
                 )
                 .await
-                .map_err(|(error, _)| error)
                 .expect("dead_letter");
         }
         let queue = transport.dead_letters().expect("dead letters");
@@ -884,7 +871,6 @@ async fn inspect_looks_at_the_first_thousand_dead_letters_and_says_so() {
         delivery
             .dead_letter(DeadLetter::new("browse test"))
             .await
-            .map_err(|(error, _)| error)
             .expect("dead-letter");
     }
     let queue = transport.dead_letters().expect("a dead-letter queue");

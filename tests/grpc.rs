@@ -251,14 +251,10 @@ mod receiver {
             });
             let first = subscription.recv().await.unwrap();
             assert_eq!(first.attempt(), 1);
-            first.nack(nack).await.map_err(|(e, _)| e).unwrap();
+            first.nack(nack).await.unwrap();
             let second = subscription.recv().await.unwrap();
             assert_eq!(second.attempt(), 2, "the publisher sent it again");
-            second
-                .nack(Duration::ZERO)
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
+            second.nack(Duration::ZERO).await.unwrap();
             // max_attempts is 2: the publisher gives up with a retryable error.
             let (result, elapsed) = publishing.await.unwrap();
             let error = result.unwrap_err();
@@ -287,7 +283,7 @@ mod receiver {
         drop(subscription.recv().await.unwrap());
         let again = subscription.recv().await.unwrap();
         assert_eq!(again.attempt(), 2);
-        again.ack().await.map_err(|(e, _)| e).unwrap();
+        again.ack().await.unwrap();
         publishing
             .await
             .unwrap()
@@ -317,7 +313,7 @@ mod receiver {
         for subscription in &mut subscriptions[..2] {
             let delivery = subscription.recv().await.unwrap();
             assert_eq!(delivery.group(), subscription.group());
-            delivery.ack().await.map_err(|(e, _)| e).unwrap();
+            delivery.ack().await.unwrap();
         }
         publishing.await.unwrap().expect("both routed groups acked");
         for subscription in &mut subscriptions {
@@ -377,7 +373,7 @@ mod receiver {
         });
         let delivery = subscription.recv().await.unwrap();
         assert_eq!(delivery.body().as_ref(), b"fine");
-        delivery.ack().await.map_err(|(e, _)| e).unwrap();
+        delivery.ack().await.unwrap();
         publishing
             .await
             .unwrap()
@@ -444,7 +440,7 @@ mod full_queue {
                     drop(gate.acquire().await.unwrap());
                     let body = String::from_utf8(delivery.body().to_vec()).unwrap();
                     let _ = handled.send((body, delivery.attempt()));
-                    delivery.ack().await.map_err(|(e, _)| e).unwrap();
+                    delivery.ack().await.unwrap();
                 }
             }
         });

@@ -201,11 +201,7 @@ mod receiver {
                 .unwrap()
         });
         let delivery = subscription.recv().await.unwrap();
-        delivery
-            .nack(Duration::from_millis(1500))
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        delivery.nack(Duration::from_millis(1500)).await.unwrap();
         let response = raw.await.unwrap();
         assert_eq!(response.status(), 503);
         assert_eq!(response.headers()["switchboard-retry-after-ms"], "1500");
@@ -215,14 +211,10 @@ mod receiver {
         let publishing =
             tokio::spawn(async move { publisher.publish("nacked", RawMessage::new("y")).await });
         let first = subscription.recv().await.unwrap();
-        first
-            .nack(Duration::ZERO)
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        first.nack(Duration::ZERO).await.unwrap();
         let second = subscription.recv().await.unwrap();
         assert_eq!(second.attempt(), 2);
-        second.ack().await.map_err(|(e, _)| e).unwrap();
+        second.ack().await.unwrap();
         publishing
             .await
             .unwrap()
@@ -286,7 +278,7 @@ mod receiver {
         });
         let delivery = subscription.recv().await.unwrap();
         assert_eq!(delivery.body().as_ref(), b"fine");
-        delivery.ack().await.map_err(|(e, _)| e).unwrap();
+        delivery.ack().await.unwrap();
         publishing
             .await
             .unwrap()
@@ -492,7 +484,7 @@ mod full_queue {
                     drop(gate.acquire().await.unwrap());
                     let body = String::from_utf8(delivery.body().to_vec()).unwrap();
                     let _ = handled.send((body, delivery.attempt()));
-                    delivery.ack().await.map_err(|(e, _)| e).unwrap();
+                    delivery.ack().await.unwrap();
                 }
             }
         });

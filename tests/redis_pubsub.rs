@@ -61,11 +61,7 @@ async fn recv(subscription: &mut Subscription, what: &str) -> Delivery {
 }
 
 async fn ack(delivery: Delivery) {
-    delivery
-        .ack()
-        .await
-        .map_err(|(error, _)| error)
-        .expect("ack");
+    delivery.ack().await.expect("ack");
 }
 
 /// The id `CLIENT LIST` shows for the connection named `name`, if any.

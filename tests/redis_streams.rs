@@ -95,8 +95,8 @@ mod redis_specific {
             .expect("subscription open")
     }
 
-    fn ok<T>(result: Result<T, (Error, Delivery)>) -> T {
-        result.map_err(|(error, _)| error).expect("settle")
+    fn ok<T>(result: Result<T, switchboard::SettleError>) -> T {
+        result.expect("settle")
     }
 
     #[tokio::test]

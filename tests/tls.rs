@@ -115,7 +115,7 @@ async fn publish_and_receive<T: Publisher + Subscriber>(transport: &T) {
     let handler = tokio::spawn(async move {
         let delivery = subscription.recv().await.expect("a delivery");
         let body = delivery.body().clone();
-        delivery.ack().await.map_err(|(error, _)| error)?;
+        delivery.ack().await?;
         Ok::<_, switchboard::Error>(body)
     });
     tokio::time::timeout(

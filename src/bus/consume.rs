@@ -239,7 +239,8 @@ async fn settle(delivery: Delivery, outcome: Outcome, limit: &GiveBackLimit) -> 
             }
             settled.label()
         }
-        Err((error, _delivery)) => {
+        Err(failed) => {
+            let error = failed.error();
             // Dropped unsettled: the transport delivers it again.
             tracing::warn!(%error, outcome = asked, "cannot settle the message; it will be delivered again");
             "unsettled"

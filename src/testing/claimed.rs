@@ -30,7 +30,8 @@ pub async fn nack_redelivers(transport: Arc<dyn Transport>) {
         let (error, delivery) = delivery
             .nack(Duration::ZERO)
             .await
-            .expect_err("nack is not claimed, so it must fail");
+            .expect_err("nack is not claimed, so it must fail")
+            .into_parts();
         assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
         let _ = delivery.ack().await;
         publishing.await.expect("publisher task");
@@ -43,24 +44,15 @@ pub async fn nack_redelivers(transport: Arc<dyn Transport>) {
         let delivery = recv_one(&mut subscription, "nack then redelivery").await;
         let seq = seq_of(delivery.message());
         if redelivered.contains(&seq) {
-            delivery
-                .ack()
-                .await
-                .map_err(|(error, _)| error)
-                .expect("ack");
+            delivery.ack().await.expect("ack");
         } else if delivery.attempt() == 1 {
             delivery
                 .nack(Duration::from_millis(10))
                 .await
-                .map_err(|(error, _)| error)
                 .expect("nack");
         } else {
             redelivered.insert(seq);
-            delivery
-                .ack()
-                .await
-                .map_err(|(error, _)| error)
-                .expect("ack");
+            delivery.ack().await.expect("ack");
         }
     }
     assert_eq!(
@@ -124,11 +116,7 @@ pub async fn order_is_kept_with_concurrency_one(transport: Arc<dyn Transport>) {
     for expected in 0..count {
         let delivery = recv_one(&mut subscription, "ordered delivery").await;
         assert_eq!(seq_of(delivery.message()), expected, "out of order");
-        delivery
-            .ack()
-            .await
-            .map_err(|(error, _)| error)
-            .expect("ack");
+        delivery.ack().await.expect("ack");
     }
     subscription.shutdown().await.expect("shutdown");
 }
@@ -179,11 +167,7 @@ pub async fn shutdown_in_flight_then_new_subscriber_receives_everything(
             held.push(delivery);
         } else {
             acked.insert(seq_of(delivery.message()));
-            delivery
-                .ack()
-                .await
-                .map_err(|(error, _)| error)
-                .expect("ack");
+            delivery.ack().await.expect("ack");
         }
     }
     let shutdown = tokio::spawn(subscription.shutdown());
@@ -259,7 +243,8 @@ pub async fn dead_letters_can_be_listed_inspected_and_redriven(transport: Arc<dy
         let (error, delivery) = delivery
             .dead_letter(letter)
             .await
-            .expect_err("dead_letter is not claimed, so it must fail");
+            .expect_err("dead_letter is not claimed, so it must fail")
+            .into_parts();
         assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
         let _ = delivery.ack().await;
         publishing.await.expect("publisher task").expect("publish");
@@ -270,11 +255,7 @@ pub async fn dead_letters_can_be_listed_inspected_and_redriven(transport: Arc<dy
         assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
         return;
     }
-    delivery
-        .dead_letter(letter)
-        .await
-        .map_err(|(error, _)| error)
-        .expect("dead_letter");
+    delivery.dead_letter(letter).await.expect("dead_letter");
     publishing.await.expect("publisher task").expect("publish");
     let queue = transport.dead_letters().expect("dead_letter is claimed");
 
@@ -307,7 +288,7 @@ pub async fn dead_letters_can_be_listed_inspected_and_redriven(transport: Arc<dy
     );
     let again = recv_one(&mut subscription, "redriven message").await;
     assert_eq!(again.message().body, poison.body, "redriven body intact");
-    again.ack().await.map_err(|(error, _)| error).expect("ack");
+    again.ack().await.expect("ack");
     assert!(
         queue.list(&topic, 10).await.expect("list").is_empty(),
         "redrive empties the queue"

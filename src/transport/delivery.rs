@@ -258,8 +258,7 @@ pub struct Delivery {
     settled: bool,
 }
 
-/// A settle operation that failed: the error, and the delivery to try again.
-pub type SettleError = (Error, Delivery);
+pub use super::settle_error::SettleError;
 
 impl Delivery {
     /// Used by transports to hand out a message. `attempt` starts at 1.
@@ -341,7 +340,7 @@ impl Delivery {
                 self.settled = true;
                 Ok(())
             }
-            Err(error) => Err((error, self)),
+            Err(error) => Err(SettleError::new(error, self)),
         }
     }
 
@@ -352,7 +351,7 @@ impl Delivery {
                 self.settled = true;
                 Ok(())
             }
-            Err(error) => Err((error, self)),
+            Err(error) => Err(SettleError::new(error, self)),
         }
     }
 
@@ -366,7 +365,7 @@ impl Delivery {
                 self.settled = true;
                 Ok(())
             }
-            Err(error) => Err((error, self)),
+            Err(error) => Err(SettleError::new(error, self)),
         }
     }
 
@@ -436,7 +435,7 @@ impl Delivery {
                         None => self.message.headers.remove(name),
                     };
                 }
-                Err((error, self))
+                Err(SettleError::new(error, self))
             }
         }
     }
@@ -464,7 +463,7 @@ impl Delivery {
     /// let mut subscription = transport.subscribe("price.updated", SubscribeOptions::new("game")).await?;
     /// transport.publish("price.updated", RawMessage::new("not an envelope")).await?;
     /// let delivery = subscription.recv().await.expect("a message");
-    /// let settled = delivery.settle(Outcome::reject("not an envelope")).await.map_err(|(error, _)| error)?;
+    /// let settled = delivery.settle(Outcome::reject("not an envelope")).await?;
     /// assert_eq!(settled, Settled::DeadLettered);
     /// # Ok::<(), switchboard::Error>(())
     /// # }).unwrap();
@@ -474,7 +473,8 @@ impl Delivery {
             Outcome::Ack => return self.ack().await.map(|()| Settled::Acked),
             Outcome::Retry { after } => match self.nack(after).await {
                 Ok(()) => return Ok(Settled::Retrying),
-                Err((error, delivery)) if error.kind() == ErrorKind::Unsupported => {
+                Err(failed) if failed.kind() == ErrorKind::Unsupported => {
+                    let (error, delivery) = failed.into_parts();
                     let letter =
                         DeadLetter::new("could not be retried").with_last_error(error.to_string());
                     return delivery.reject_for_good(letter).await;
@@ -483,7 +483,8 @@ impl Delivery {
             },
             Outcome::GiveBack { reason } => match self.give_back(&reason).await {
                 Ok(()) => return Ok(Settled::GivenBack),
-                Err((error, delivery)) if error.kind() == ErrorKind::Unsupported => {
+                Err(failed) if failed.kind() == ErrorKind::Unsupported => {
+                    let (error, delivery) = failed.into_parts();
                     tracing::warn!(%reason, %error, "cannot give the message back; rejecting it");
                     let letter = DeadLetter::new(reason).with_last_error(error.to_string());
                     return delivery.reject_for_good(letter).await;
@@ -501,7 +502,7 @@ impl Delivery {
         letter.attempts.get_or_insert(self.attempt);
         let (error, mut this) = match self.dead_letter(letter.clone()).await {
             Ok(()) => return Ok(Settled::DeadLettered),
-            Err((error, this)) if error.kind() == ErrorKind::Unsupported => (error, this),
+            Err(failed) if failed.kind() == ErrorKind::Unsupported => failed.into_parts(),
             Err(failed) => return Err(failed),
         };
         match this.acker.reject(&this.message, &letter).await {
@@ -510,7 +511,7 @@ impl Delivery {
                 return Ok(Settled::Refused);
             }
             Err(error) if error.kind() == ErrorKind::Unsupported => {}
-            Err(error) => return Err((error, this)),
+            Err(error) => return Err(SettleError::new(error, this)),
         }
         tracing::error!(
             topic = &*this.topic,

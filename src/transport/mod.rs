@@ -68,6 +68,7 @@ pub mod redis_pubsub;
 #[cfg(feature = "redis-streams")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis-streams")))]
 pub mod redis_streams;
+mod settle_error;
 mod subscribe_options;
 mod subscription;
 

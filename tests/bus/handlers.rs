@@ -22,8 +22,10 @@ fn message(n: u64) -> Message<Ping> {
 }
 
 fn resilience() -> Resilience {
-    Resilience::from_yaml("retry:\n  max_attempts: 3\n  backoff_ms: 10\ntimeouts:\n  ledger: 1000\n")
-        .expect("valid config")
+    Resilience::from_yaml(
+        "retry:\n  max_attempts: 3\n  backoff_ms: 10\ntimeouts:\n  ledger: 1000\n",
+    )
+    .expect("valid config")
 }
 
 /// Runs `handler` behind the consumer stack and says how often it was called
@@ -35,8 +37,11 @@ where
 {
     let calls = Arc::new(AtomicU32::new(0));
     let stack = resilience().consumer("ledger", handler(calls.clone()));
-    let error = stack.oneshot(message(1)).await.expect_err("the handler fails");
-    (calls.load(Ordering::SeqCst), error.into())
+    let error = stack
+        .oneshot(message(1))
+        .await
+        .expect_err("the handler fails");
+    (calls.load(Ordering::SeqCst), error)
 }
 
 #[tokio::test(start_paused = true)]
@@ -45,15 +50,17 @@ async fn an_anyhow_context_around_a_refusal_is_not_retried() {
         handler_fn_boxed(move |_: Message<Ping>| {
             calls.fetch_add(1, Ordering::SeqCst);
             async {
-                Err::<(), _>(Error::permanent("unknown account"))
-                    .context("cannot apply the credit")
+                Err::<(), _>(Error::permanent("unknown account")).context("cannot apply the credit")
             }
         })
     })
     .await;
     assert_eq!(calls, 1, "a refusal is not worth another try");
     assert_eq!(error.kind(), ErrorKind::Rejected, "{error:?}");
-    assert!(error.to_string().contains("cannot apply the credit"), "{error}");
+    assert!(
+        error.to_string().contains("cannot apply the credit"),
+        "{error}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -95,7 +102,13 @@ async fn a_handler_fn_infers_its_error_type() {
         }
         Ok(())
     });
-    handler.ready().await.unwrap().call(message(1)).await.unwrap();
+    handler
+        .ready()
+        .await
+        .unwrap()
+        .call(message(1))
+        .await
+        .unwrap();
     let error = handler.ready().await.unwrap().call(message(0)).await;
     assert_eq!(error.unwrap_err().kind(), ErrorKind::Rejected);
 }

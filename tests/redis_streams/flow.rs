@@ -11,8 +11,7 @@ use switchboard::testing::flow::{STORM_SLACK, Storm, requeue_storm};
 use switchboard::testing::proxy::FaultProxy;
 use switchboard::transport::redis_streams::{RedisStreamsConfig, RedisStreamsTransport};
 use switchboard::{
-    Delivery, Error, ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, Topology,
-    Transport,
+    ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, Topology, Transport,
 };
 
 use super::redis_specific::{raw, recv};
@@ -126,11 +125,7 @@ async fn a_slow_handler_keeps_its_entry_from_other_members() {
         format!("{slow_name}-1"),
         "still the slow member's"
     );
-    delivery
-        .ack()
-        .await
-        .map_err(|(error, _)| error)
-        .expect("ack");
+    delivery.ack().await.expect("ack");
     assert!(pending(&slow.stream_key(&topic), &group).await.is_empty());
     holder.shutdown().await.expect("shutdown");
     rival.shutdown().await.expect("shutdown");
@@ -197,7 +192,8 @@ async fn a_stalled_owner_cannot_settle_an_entry_taken_over() {
     let (error, _a_delivery) = a_delivery
         .ack()
         .await
-        .expect_err("A's late ack of an entry B holds must fail");
+        .expect_err("A's late ack of an entry B holds must fail")
+        .into_parts();
     assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
     // A's lease renewals after the stall must not take it back either.
     tokio::time::sleep(2 * claim_idle).await;
@@ -207,11 +203,7 @@ async fn a_stalled_owner_cannot_settle_an_entry_taken_over() {
         vec![(owners[0].0.clone(), format!("{b_name}-1"))],
         "B owns the entry"
     );
-    b_delivery
-        .ack()
-        .await
-        .map_err(|(error, _): (Error, Delivery)| error)
-        .expect("B's ack");
+    b_delivery.ack().await.expect("B's ack");
     assert!(pending(&stream, &group).await.is_empty());
     a_sub.shutdown().await.expect("shutdown A");
     b_sub.shutdown().await.expect("shutdown B");

@@ -189,11 +189,7 @@ async fn an_abandoned_group_stops_pinning_after_its_timeout() {
             .await
             .expect("a delivery in time")
             .expect("a delivery");
-        delivery
-            .ack()
-            .await
-            .map_err(|(error, _)| error)
-            .expect("ack");
+        delivery.ack().await.expect("ack");
     }
 
     // Fresh, the ghost's pending entries pin the trim.
@@ -306,7 +302,6 @@ async fn a_dead_letter_stream_at_its_bound_warns_and_keeps_the_newest() {
         delivery
             .dead_letter(DeadLetter::new("test: poison"))
             .await
-            .map_err(|(error, _)| error)
             .expect("dead-letter");
         assert_eq!(
             *warnings.0.lock().unwrap(),

@@ -80,7 +80,7 @@ const LAG_EVERY: Duration = Duration::from_secs(1);
 ///
 /// let delivery = subscription.recv().await.expect("a message");
 /// assert_eq!(delivery.body().as_ref(), b"AAPL 150.00");
-/// delivery.ack().await.map_err(|(error, _)| error)?;
+/// delivery.ack().await?;
 /// # Ok::<(), switchboard::Error>(())
 /// # }).unwrap();
 /// ```

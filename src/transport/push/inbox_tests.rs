@@ -37,7 +37,7 @@ async fn a_named_group_gets_the_message_and_the_others_do_not() {
     };
     let delivery = a.recv().await.unwrap();
     assert_eq!(delivery.attempt(), 3);
-    delivery.ack().await.map_err(|(error, _)| error).unwrap();
+    delivery.ack().await.unwrap();
     delivering.await.unwrap().unwrap();
     assert!(b.recv().now_or_never().is_none(), "group b was not asked");
 }
@@ -53,12 +53,8 @@ async fn every_group_must_ack_and_the_longest_nack_delay_wins() {
     };
     let from_a = a.recv().await.unwrap();
     let from_b = b.recv().await.unwrap();
-    from_a.ack().await.map_err(|(error, _)| error).unwrap();
-    from_b
-        .nack(Duration::from_millis(40))
-        .await
-        .map_err(|(error, _)| error)
-        .unwrap();
+    from_a.ack().await.unwrap();
+    from_b.nack(Duration::from_millis(40)).await.unwrap();
     let error = delivering.await.unwrap().unwrap_err();
     assert_eq!(error.requeue_after(), Some(Duration::from_millis(40)));
 }
@@ -86,7 +82,7 @@ async fn a_full_group_refuses_a_push_to_every_group_and_no_group_gets_it() {
     // Group a still has the first one, and room again once it is taken.
     let first = a.recv().await.unwrap();
     assert_eq!(first.body().as_ref(), b"first");
-    first.ack().await.map_err(|(error, _)| error).unwrap();
+    first.ack().await.unwrap();
     waiting.await.unwrap();
 }
 
@@ -99,9 +95,13 @@ async fn dead_letter_is_unsupported_and_leaves_the_delivery_to_settle() {
         tokio::spawn(async move { inbox.deliver("t", None, RawMessage::new("x"), 1).await })
     };
     let delivery = a.recv().await.unwrap();
-    let (error, delivery) = delivery.dead_letter("poison").await.unwrap_err();
+    let (error, delivery) = delivery
+        .dead_letter("poison")
+        .await
+        .unwrap_err()
+        .into_parts();
     assert_eq!(error.kind(), ErrorKind::Unsupported);
-    delivery.ack().await.map_err(|(error, _)| error).unwrap();
+    delivery.ack().await.unwrap();
     delivering.await.unwrap().unwrap();
 }
 
@@ -114,13 +114,7 @@ async fn a_rejection_is_answered_not_retryable_with_its_reason_and_wins_over_an_
         let inbox = inbox.clone();
         tokio::spawn(async move { inbox.deliver("t", None, RawMessage::new("x"), 1).await })
     };
-    a.recv()
-        .await
-        .unwrap()
-        .ack()
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
+    a.recv().await.unwrap().ack().await.unwrap();
     let letter = DeadLetter::new("gave up after 3 attempt(s)").with_last_error("db down");
     let settled = b
         .recv()
@@ -128,7 +122,6 @@ async fn a_rejection_is_answered_not_retryable_with_its_reason_and_wins_over_an_
         .unwrap()
         .settle(crate::Outcome::Reject(letter))
         .await
-        .map_err(|(e, _)| e)
         .unwrap();
     assert_eq!(
         settled,
@@ -158,7 +151,6 @@ async fn a_give_back_is_answered_retryable_naming_why() {
         .unwrap()
         .settle(crate::Outcome::GiveBack { reason })
         .await
-        .map_err(|(e, _)| e)
         .unwrap();
     assert_eq!(settled, crate::Settled::GivenBack);
     let error = delivering.await.unwrap().unwrap_err();

@@ -127,7 +127,7 @@ const NAME: &str = "redis-pubsub";
 ///
 /// let delivery = prices.recv().await.expect("a message");
 /// assert_eq!(delivery.body().as_ref(), b"AAPL 150.00");
-/// delivery.ack().await.map_err(|(error, _)| error)?;
+/// delivery.ack().await?;
 /// # Ok::<(), switchboard::Error>(())
 /// # }).unwrap();
 /// ```

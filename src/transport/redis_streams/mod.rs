@@ -223,7 +223,7 @@ impl GroupStart {
 ///
 /// let mut subscription = transport.subscribe("price.updated", SubscribeOptions::new("game")).await?;
 /// let delivery = subscription.recv().await.expect("a message");
-/// delivery.ack().await.map_err(|(error, _)| error)?;
+/// delivery.ack().await?;
 /// subscription.shutdown().await?;
 /// # Ok(())
 /// # }
