@@ -20,7 +20,7 @@
 //! command, with the ledger back up, so a redriven trade is handled. With
 //! `redis` or `amqp` it works on the broker's real dead-letter queue of
 //! `--topic` (with its namespace, e.g. `demo.trade.executed`) for `--group`.
-//! In code, `EventBus::dead_letters_of::<E>()` is the typed view (the demo
+//! In code, `EventBus::dead_letters::<E>()` is the typed view (the demo
 //! lists its letters through it).
 
 #[path = "common/mod.rs"]
@@ -206,7 +206,7 @@ async fn demo(
     let topic = TradeExecuted::TYPE;
     // Each alert comes once its letter is stored, so all three are listed
     // now: the typed view reads each trade back.
-    let letters = bus.dead_letters_of::<TradeExecuted>()?;
+    let letters = bus.dead_letters::<TradeExecuted>()?;
     assert_eq!(
         letters.list(100).await?.len(),
         3,

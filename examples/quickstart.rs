@@ -104,23 +104,23 @@ async fn main() -> Result<(), Error> {
         println!("{}", log.recv().await.expect("a handled event"));
     }
 
-    let dead_letters = trading.dead_letters()?;
-    let mut letters = dead_letters.list(TradeExecuted::TYPE, 10).await?;
+    let dead_letters = trading.dead_letters::<TradeExecuted>()?;
+    let mut letters = dead_letters.list(10).await?;
     // Game's handler settles order 2 before it pulls order 3, and order 3 is
     // in the log above, so the dead letter is there by now.
     let letter = letters.pop().expect("order 2 was dead-lettered");
     println!(
         "dead letter {} (group {}): {}; attempts {}; last error: {}",
-        letter.id,
-        letter.group,
-        letter.reason,
-        letter.attempts,
-        letter.last_error.as_deref().unwrap_or("-"),
+        letter.id(),
+        letter.group(),
+        letter.reason(),
+        letter.attempts(),
+        letter.last_error().unwrap_or("-"),
     );
 
     fixed.lock().unwrap().insert("2".into());
     let redriven = dead_letters
-        .redrive(TradeExecuted::TYPE, Redrive::One(letter.id))
+        .redrive(Redrive::One(letter.id().to_owned()))
         .await?;
     println!("redrove {redriven} dead letter(s) to their group");
     println!("{}", log.recv().await.expect("the redriven event"));

@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::transport::{DeadLetterQueue, DeadLettered, Redrive};
 
 /// The dead letters of `E`'s topic in the bus's namespace: list, inspect,
-/// read and redrive them; see [`EventBus::dead_letters_of`].
+/// read and redrive them; see [`EventBus::dead_letters`].
 ///
 /// The groups looked at are those of the topic the transport knows. Redis
 /// Streams and the in-memory transport keep one dead-letter queue per topic

@@ -245,8 +245,8 @@ impl EventBus {
     /// The transport's dead-letter queue, untyped and by full topic name:
     /// the bus's namespace is not applied (pass
     /// [`topic_of::<E>()`](Self::topic_of)). Prefer
-    /// [`dead_letters_of`](Self::dead_letters_of).
-    pub fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
+    /// [`dead_letters`](Self::dead_letters), typed and in the namespace.
+    pub fn dead_letter_queue(&self) -> Result<&dyn DeadLetterQueue, Error> {
         self.transport.dead_letters()
     }
 
@@ -285,7 +285,7 @@ impl EventBus {
     ///     .with_header("order-id", "A-17");
     /// bus.publish_envelope(&envelope).await?;
     ///
-    /// let letters = bus.dead_letters_of::<OrderPlaced>()?;
+    /// let letters = bus.dead_letters::<OrderPlaced>()?;
     /// assert_eq!(letters.topic(), "staging.order.placed");
     /// let letter = loop {
     ///     // The consume loop stores the letter on its own task.
@@ -303,7 +303,7 @@ impl EventBus {
     /// # Ok::<(), switchboard::Error>(())
     /// # }).unwrap();
     /// ```
-    pub fn dead_letters_of<E: Event>(&self) -> Result<DeadLetters<'_, E>, Error> {
+    pub fn dead_letters<E: Event>(&self) -> Result<DeadLetters<'_, E>, Error> {
         DeadLetters::new(self)
     }
 

@@ -36,7 +36,7 @@ impl DeadLetterAlert for ListsWhenAlerted {
         let letters = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
                 self.bus
-                    .dead_letters_of::<ConformanceEvent>()
+                    .dead_letters::<ConformanceEvent>()
                     .expect("a dead-letter queue is claimed")
                     .list(50)
                     .await
@@ -116,7 +116,7 @@ pub async fn typed_dead_letters_are_alerted_once_stored_and_redriven_by_key_or_i
     assert_eq!(alerts, ids.iter().copied().collect());
 
     let letters = bus
-        .dead_letters_of::<ConformanceEvent>()
+        .dead_letters::<ConformanceEvent>()
         .expect("a dead-letter queue is claimed");
     assert_eq!(letters.topic(), bus.topic_of::<ConformanceEvent>());
     assert_ne!(

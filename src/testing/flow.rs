@@ -256,7 +256,7 @@ pub async fn a_poison_message_is_dead_lettered_after_max_deliveries(transport: A
     let mut crashes = 0;
     let mut others = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + patience();
-    let dead_letters = bus.dead_letters().expect("a dead-letter queue");
+    let dead_letters = bus.dead_letter_queue().expect("a dead-letter queue");
     let poison_letter = loop {
         let handler = {
             let (crashing, handled_tx) = (crashing.clone(), handled_tx.clone());

@@ -133,7 +133,9 @@ async fn dead_letter_where(
     matches: impl Fn(&DeadLettered) -> bool,
     what: &str,
 ) -> DeadLettered {
-    let queue = bus.dead_letters().expect("a dead-letter queue is claimed");
+    let queue = bus
+        .dead_letter_queue()
+        .expect("a dead-letter queue is claimed");
     let deadline = tokio::time::Instant::now() + patience();
     loop {
         let letters = queue.list(topic, 50).await.expect("list dead letters");
@@ -224,7 +226,7 @@ pub async fn a_mixed_group_hands_each_version_to_a_member_that_reads_it(
     }
     if caps.dead_letter {
         let letters = bus
-            .dead_letters()
+            .dead_letter_queue()
             .expect("dead letters")
             .list(&topic, 10)
             .await

@@ -28,7 +28,7 @@
 //! breaker, a duplicate in progress) is not a dead letter and passes through
 //! untouched, for the loop to nack.
 //!
-//! [`EventBus::dead_letters_of`](crate::EventBus::dead_letters_of) is the
+//! [`EventBus::dead_letters`](crate::EventBus::dead_letters) is the
 //! typed manual retry of one event type, in the bus's namespace: list,
 //! inspect, read the payload, redrive by id, by a header value or all.
 //! [`DeadLetterAdmin`] is the untyped one, by topic name, on any transport
