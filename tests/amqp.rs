@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard::Transport;
-use switchboard::transport::amqp::{AmqpConfig, AmqpTransport, QueueType};
+use switchboard::transport::amqp::{AmqpConfig, AmqpTransport, QueueType, Unroutable};
 
 const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -310,6 +310,34 @@ async fn messages_are_persistent_with_plain_properties_and_unroutable_is_an_erro
         .await
         .expect_err("an unroutable batch is an error");
     assert_eq!(error.kind(), ErrorKind::NotFound, "{error}");
+}
+
+#[tokio::test]
+async fn a_publisher_that_chose_to_discard_unroutable_messages_needs_no_consumer_groups() {
+    let transport = connect(config(QueueType::Classic).with_unroutable(Unroutable::Discard)).await;
+    let topic = unique("nobody-listens-yet");
+    transport
+        .publish(&topic, RawMessage::new("{}"))
+        .await
+        .expect("discarded as configured");
+    transport
+        .publish_batch(&topic, vec![RawMessage::new("1"), RawMessage::new("2")])
+        .await
+        .expect("discarded as configured");
+
+    // Once a group exists, its messages are routed and kept as always.
+    let mut subscription = transport
+        .subscribe(&topic, SubscribeOptions::new("late"))
+        .await
+        .expect("subscribe");
+    transport
+        .publish(&topic, seq_message(7))
+        .await
+        .expect("routed");
+    let delivery = recv(&mut subscription, "the routed message").await;
+    assert_eq!(seq_of(&delivery), 7, "the discarded ones never arrive");
+    ack(delivery).await;
+    subscription.shutdown().await.expect("shutdown");
 }
 
 // ----------------------------------------------------- attempts and abandon

@@ -206,7 +206,6 @@ impl std::fmt::Debug for AuthService {
 impl AuthService {
     /// Starts Auth: HTTP on `http`, gRPC on any free port.
     pub async fn start(brokers: &Brokers, http: SocketAddr) -> Result<Self, Error> {
-        brokers.declare().await?;
         let (private_pem, public_key_pem) = key_pair()?;
         // Building a verifier installs jsonwebtoken's crypto provider, which
         // signing needs too; it also proves the pair is usable.

@@ -16,8 +16,6 @@ use switchboard::{
     Transport,
 };
 
-use super::domain;
-
 /// How long a broker may take to answer at start-up before we give up with
 /// a message saying what to check.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -126,20 +124,6 @@ impl Brokers {
     /// `source`'s bus for task-queue jobs.
     pub fn tasks(&self, source: &str) -> EventBus {
         self.bus(&self.tasks, source)
-    }
-
-    /// Declares the strategy §5.2 catalogue, the task queue and the broadcast
-    /// channel. Every service calls it at start-up: it is idempotent.
-    pub async fn declare(&self) -> Result<(), Error> {
-        self.events("declare")
-            .declare(&domain::event_topology())
-            .await?;
-        self.tasks("declare")
-            .declare(&domain::task_topology())
-            .await?;
-        self.broadcast("declare")
-            .declare(&domain::broadcast_topology())
-            .await
     }
 }
 

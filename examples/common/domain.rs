@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use switchboard::{Event, Topology};
+use switchboard::Event;
 
 /// Buy or sell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,27 +146,4 @@ pub mod groups {
     pub const TRADING: &str = "trading";
     pub const SETTLEMENT: &str = "settlement";
     pub const TICKER: &str = "ticker";
-}
-
-/// strategy §5.2, the event catalogue, as the topology every service declares at
-/// start-up (declaring is idempotent, so whichever starts first creates the
-/// groups and nothing published before a consumer starts is lost).
-pub fn event_topology() -> Topology {
-    use groups::*;
-    Topology::new()
-        .with_event::<TradeExecuted, _>([GAME, MARKET])
-        .with_event::<OrderCreated, _>([MARKET])
-        .with_event::<UserRegistered, _>([GAME])
-        .with_event::<PriceUpdated, _>([TRADING, GAME])
-        .with_event::<HoldingChanged, _>(std::iter::empty::<&str>())
-}
-
-/// The task queue: settlement jobs, worked by Trading's settlement worker.
-pub fn task_topology() -> Topology {
-    Topology::new().with_event::<SettlementRequested, _>([groups::SETTLEMENT])
-}
-
-/// The broadcast channel: ticks for whoever shows a live ticker.
-pub fn broadcast_topology() -> Topology {
-    Topology::new().with_event::<PriceTick, _>([groups::TICKER])
 }

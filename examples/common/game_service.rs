@@ -329,7 +329,6 @@ impl std::fmt::Debug for GameService {
 impl GameService {
     /// Starts Game.
     pub async fn start(brokers: &Brokers, config: GameConfig) -> Result<Self, Error> {
-        brokers.declare().await?;
         let verifier = Arc::new(TokenVerifier::ed25519_pem(
             config.auth_public_key_pem.as_bytes(),
             super::auth_service::ISSUER,

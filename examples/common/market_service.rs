@@ -203,7 +203,6 @@ impl MarketService {
     /// Starts Market: HTTP on `http`, gRPC and the history transfer on any
     /// free ports (announced by `GET /v1/endpoints`).
     pub async fn start(brokers: &Brokers, http: SocketAddr) -> Result<Self, Error> {
-        brokers.declare().await?;
         let now = Utc::now().timestamp_millis();
         let mut prices = HashMap::new();
         let mut history = HashMap::new();

@@ -215,7 +215,6 @@ impl std::fmt::Debug for TradingService {
 impl TradingService {
     /// Starts Trading.
     pub async fn start(brokers: &Brokers, config: TradingConfig) -> Result<Self, Error> {
-        brokers.declare().await?;
         let verifier = Arc::new(TokenVerifier::ed25519_pem(
             config.auth_public_key_pem.as_bytes(),
             super::auth_service::ISSUER,

@@ -45,21 +45,19 @@ use std::sync::Arc;
 
 use tokio::sync::{oneshot, watch};
 use tower::Service;
-use tracing::Instrument;
-use uuid::Uuid;
 
 use crate::codec::Codec;
-use crate::envelope::{Event, EventEnvelope};
+use crate::envelope::Event;
 use crate::error::Error;
-use crate::observe::metrics;
 use crate::topology::Topology;
-use crate::transport::{DeadLetterQueue, RawMessage, SubscribeOptions, Transport, header};
+use crate::transport::{DeadLetterQueue, SubscribeOptions, Transport};
 
 mod consume;
 mod dead_letters;
 mod handle;
 mod handler;
 mod message;
+mod publish;
 mod publish_retry;
 
 use consume::ConsumeLoop;
@@ -208,9 +206,15 @@ impl EventBus {
 
     /// The topic events of type `E` travel on.
     pub fn topic_of<E: Event>(&self) -> std::borrow::Cow<'static, str> {
+        self.topic_named(E::TYPE)
+    }
+
+    /// `topic` under the bus's namespace, as [`publish_to`](Self::publish_to)
+    /// and [`subscribe_to`](Self::subscribe_to) use it.
+    pub fn topic_named<'t>(&self, topic: &'t str) -> std::borrow::Cow<'t, str> {
         match &self.namespace {
-            None => std::borrow::Cow::Borrowed(E::TYPE),
-            Some(namespace) => std::borrow::Cow::Owned(format!("{namespace}.{}", E::TYPE)),
+            None => std::borrow::Cow::Borrowed(topic),
+            Some(namespace) => std::borrow::Cow::Owned(format!("{namespace}.{topic}")),
         }
     }
 
@@ -307,122 +311,6 @@ impl EventBus {
         DeadLetters::new(self)
     }
 
-    /// Publishes `payload` to the topic of [`E::TYPE`](Event::TYPE) in a fresh
-    /// envelope; returns its `event_id` once the transport accepted it.
-    /// Retryable failures are tried again until the
-    /// [publish deadline](Self::with_publish_deadline).
-    pub async fn publish<E: Event>(&self, payload: E) -> Result<Uuid, Error> {
-        let envelope = EventEnvelope::new(&*self.source, payload);
-        self.publish_envelope(&envelope).await?;
-        Ok(envelope.event_id())
-    }
-
-    /// Publishes an envelope built by the caller (to carry headers or keep
-    /// an id).
-    pub async fn publish_envelope<E: Event>(
-        &self,
-        envelope: &EventEnvelope<E>,
-    ) -> Result<(), Error> {
-        let topic = self.topic_of::<E>();
-        let span = tracing::info_span!(
-            "publish",
-            event_id = %envelope.event_id(),
-            event_type = E::TYPE,
-            topic = &*topic,
-            transport = self.transport.name(),
-        );
-        let started = std::time::Instant::now();
-        let result = async {
-            let message = self.traced_message(envelope)?;
-            self.retry
-                .run(&topic, || self.transport.publish(&topic, message.clone()))
-                .await
-        }
-        .instrument(span)
-        .await;
-        metrics::published(
-            self.transport.name(),
-            topic,
-            result.is_ok(),
-            started.elapsed(),
-        );
-        result
-    }
-
-    /// Publishes several payloads in as few round trips as the transport
-    /// allows; returns their ids in order. Retried as a whole within the
-    /// [publish deadline](Self::with_publish_deadline): after a failure that
-    /// may have taken effect, some of them may reach the broker twice.
-    pub async fn publish_batch<E: Event>(
-        &self,
-        payloads: impl IntoIterator<Item = E>,
-    ) -> Result<Vec<Uuid>, Error> {
-        let topic = self.topic_of::<E>();
-        let span = tracing::info_span!(
-            "publish_batch",
-            event_type = E::TYPE,
-            topic = &*topic,
-            count = tracing::field::Empty,
-            transport = self.transport.name(),
-        );
-        let mut ids = Vec::new();
-        let mut messages = Vec::new();
-        span.in_scope(|| {
-            for payload in payloads {
-                let envelope = EventEnvelope::new(&*self.source, payload);
-                ids.push(envelope.event_id());
-                messages.push(self.traced_message(&envelope)?);
-            }
-            Ok::<_, Error>(())
-        })?;
-        span.record("count", ids.len());
-        let started = std::time::Instant::now();
-        let result = self
-            .retry
-            .run(&topic, || {
-                self.transport.publish_batch(&topic, messages.clone())
-            })
-            .instrument(span)
-            .await;
-        metrics::published(
-            self.transport.name(),
-            topic,
-            result.is_ok(),
-            started.elapsed(),
-        );
-        result.map(|()| ids)
-    }
-
-    fn raw_message<T: serde::Serialize>(
-        &self,
-        envelope: &EventEnvelope<T>,
-        event_type: &'static str,
-    ) -> Result<RawMessage, Error> {
-        Ok(RawMessage::new(self.codec.encode(envelope)?)
-            .with_header(header::EVENT_ID, envelope.event_id().to_string())
-            .with_header(header::EVENT_TYPE, event_type))
-    }
-
-    /// Encodes `envelope`, with the current span's trace context added to
-    /// its headers when feature `otel` is on (see [`crate::observe::trace`]).
-    fn traced_message<E: Event>(&self, envelope: &EventEnvelope<E>) -> Result<RawMessage, Error> {
-        #[cfg(feature = "otel")]
-        if let Some(headers) = crate::observe::trace::with_current(envelope.headers()) {
-            // A view that borrows the payload: the caller keeps its envelope.
-            let traced = EventEnvelope::from_parts(
-                envelope.event_id(),
-                std::borrow::Cow::Borrowed(E::TYPE),
-                envelope.timestamp(),
-                envelope.source().to_owned(),
-                std::borrow::Cow::Owned(envelope.version().to_owned()),
-                envelope.payload(),
-                headers,
-            );
-            return self.raw_message(&traced, E::TYPE);
-        }
-        self.raw_message(envelope, E::TYPE)
-    }
-
     /// Subscribes `handler` to events of type `E` (topic
     /// [`E::TYPE`](Event::TYPE)) and runs the consume loop in a task.
     ///
@@ -440,15 +328,47 @@ impl EventBus {
         H::Error: Into<Error>,
         H::Future: Send + 'static,
     {
+        self.subscribe_on(self.topic_of::<E>(), options, handler)
+            .await
+    }
+
+    /// [`subscribe`](Self::subscribe) to events of type `E` published to
+    /// `topic` (under the bus's namespace) with
+    /// [`publish_to`](Self::publish_to).
+    pub async fn subscribe_to<E, H>(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        handler: H,
+    ) -> Result<ConsumerHandle, Error>
+    where
+        E: Event,
+        H: Service<Message<E>, Response = ()> + Send + 'static,
+        H::Error: Into<Error>,
+        H::Future: Send + 'static,
+    {
+        self.subscribe_on(self.topic_named(topic), options, handler)
+            .await
+    }
+
+    async fn subscribe_on<E, H>(
+        &self,
+        topic: std::borrow::Cow<'_, str>,
+        options: SubscribeOptions,
+        handler: H,
+    ) -> Result<ConsumerHandle, Error>
+    where
+        E: Event,
+        H: Service<Message<E>, Response = ()> + Send + 'static,
+        H::Error: Into<Error>,
+        H::Future: Send + 'static,
+    {
         let (concurrency, max_deliveries, give_back_limit) = (
             options.concurrency,
             options.max_deliveries,
             options.give_back_limit,
         );
-        let subscription = self
-            .transport
-            .subscribe(&self.topic_of::<E>(), options)
-            .await?;
+        let subscription = self.transport.subscribe(&topic, options).await?;
         let (topic, group) = (
             subscription.topic().to_owned(),
             subscription.group().to_owned(),

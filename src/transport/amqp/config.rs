@@ -21,6 +21,33 @@ pub enum QueueType {
     Quorum,
 }
 
+/// What a publish does when no queue is bound for its topic (the broker
+/// returns a mandatory message it cannot route).
+///
+/// RabbitMQ keeps a message only in a queue, and a group's queue exists
+/// once the group's consumer (or [`Transport::declare`] with its topology)
+/// has declared it. Publishing before that is the publisher's own
+/// decision: fail and say so, or go on as a broadcast with no listener
+/// would.
+///
+/// [`Transport::declare`]: crate::Transport::declare
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Unroutable {
+    /// The publish fails with a non-retryable [`ErrorKind::NotFound`]
+    /// naming the topic: nothing is dropped without the caller hearing of
+    /// it. The default.
+    #[default]
+    Fail,
+    /// The publish succeeds and the message is dropped, counted in
+    /// `switchboard_dropped_total{reason="unroutable"}` and logged at
+    /// DEBUG. For topics where an event nobody subscribed to yet is worth
+    /// nothing (notifications, cache invalidations), so publishers need not
+    /// know their consumers' groups. Dead letters and redrives always fail
+    /// when their queue is missing.
+    Discard,
+}
+
 /// How to reach RabbitMQ and how to lay out exchanges and queues.
 ///
 /// ```
@@ -97,6 +124,9 @@ pub struct AmqpConfig {
     /// the webpki roots: a private CA's certificate. Needs the `amqp-tls`
     /// feature, as any `amqps://` URI does (default `None`).
     pub tls_ca_pem: Option<String>,
+    /// What a publish to a topic with no bound queue does (default
+    /// [`Unroutable::Fail`]).
+    pub unroutable: Unroutable,
 }
 
 impl AmqpConfig {
@@ -116,6 +146,7 @@ impl AmqpConfig {
             content_type: "application/json".to_owned(),
             lag_every: Duration::from_secs(5),
             tls_ca_pem: None,
+            unroutable: Unroutable::Fail,
         }
     }
 
@@ -177,6 +208,20 @@ impl AmqpConfig {
     /// Sets [`tls_ca_pem`](Self::tls_ca_pem).
     pub fn with_tls_ca_pem(mut self, pem: impl Into<String>) -> Self {
         self.tls_ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Sets [`unroutable`](Self::unroutable).
+    ///
+    /// ```
+    /// use switchboard::transport::amqp::{AmqpConfig, Unroutable};
+    ///
+    /// let config = AmqpConfig::default().with_unroutable(Unroutable::Discard);
+    /// assert_eq!(config.unroutable, Unroutable::Discard);
+    /// assert_eq!(AmqpConfig::default().unroutable, Unroutable::Fail);
+    /// ```
+    pub fn with_unroutable(mut self, unroutable: Unroutable) -> Self {
+        self.unroutable = unroutable;
         self
     }
 
@@ -306,6 +351,7 @@ impl fmt::Debug for AmqpConfig {
             .field("content_type", &self.content_type)
             .field("lag_every", &self.lag_every)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<PEM>"))
+            .field("unroutable", &self.unroutable)
             .finish()
     }
 }

@@ -14,7 +14,9 @@
 //!   timestamp; the [`RawMessage`] headers travel as AMQP headers. Every
 //!   publish is *mandatory* and *confirmed*: [`Publisher::publish`] returns
 //!   `Ok` only after the broker's ack; a nack, or a `basic.return` because no
-//!   queue is bound for the topic, is an error. Each publish uses a channel
+//!   queue is bound for the topic, is an error — unless the publisher chose
+//!   [`Unroutable::Discard`] ([`AmqpConfig::unroutable`]), for topics where a
+//!   message nobody subscribed to yet is worth nothing. Each publish uses a channel
 //!   of its own from a pool, so a return can never be attributed to another
 //!   caller's message; up to [`AmqpConfig::publish_window`] publishes are in
 //!   flight at once, and [`Publisher::publish_batch`] keeps that many
@@ -145,7 +147,7 @@ mod properties;
 mod publisher;
 
 pub use acker::HOLD_LIMIT;
-pub use config::{AmqpConfig, QueueType};
+pub use config::{AmqpConfig, QueueType, Unroutable};
 pub use connection::ConnectionState;
 use connection::{Role, Supervisor};
 

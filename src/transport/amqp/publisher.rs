@@ -28,11 +28,13 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::time::Instant;
 
-use super::Shared;
+use super::config::Unroutable;
 use super::connection::Link;
 use super::error::{amqp_error, blocked_timeout, not_connected};
 use super::properties::publish_properties;
+use super::{NAME, Shared};
 use crate::error::{Effect, Error, ErrorKind};
+use crate::observe::metrics;
 use crate::transport::{RawMessage, validate_name};
 
 /// How often one publish is tried on connections that fail under it.
@@ -250,11 +252,15 @@ async fn publish_on_link(
     let mut pending: VecDeque<PublisherConfirm> =
         VecDeque::with_capacity(window.min(messages.len()));
     let start = done.load(Ordering::Relaxed);
+    // Only a topic's publish may go unrouted by choice: a dead letter or a
+    // redrive goes straight to a queue that must exist.
+    let discard = !exchange.is_empty() && shared.config.unroutable == Unroutable::Discard;
+    let check = |confirmation| check(confirmation, topic, discard);
     let sent = async {
         for (message, properties) in messages[start..].iter().zip(&properties[start..]) {
             if pending.len() >= window {
                 let confirm = pending.pop_front().expect("window is full");
-                check(confirm.await, topic)?;
+                check(confirm.await)?;
                 done.fetch_add(1, Ordering::Relaxed);
             }
             let confirm = channel
@@ -273,7 +279,7 @@ async fn publish_on_link(
             pending.push_back(confirm);
         }
         while let Some(confirm) = pending.pop_front() {
-            check(confirm.await, topic)?;
+            check(confirm.await)?;
             done.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -285,9 +291,22 @@ async fn publish_on_link(
     sent
 }
 
-fn check(confirmation: lapin::Result<Confirmation>, topic: &str) -> Result<(), Error> {
+fn check(
+    confirmation: lapin::Result<Confirmation>,
+    topic: &str,
+    discard_unroutable: bool,
+) -> Result<(), Error> {
     match confirmation.map_err(|error| amqp_error("publisher confirm", error))? {
         Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) if discard_unroutable => {
+            tracing::debug!(
+                topic,
+                reply = %returned.reply_text,
+                "amqp: no queue is bound for the topic; message discarded as configured"
+            );
+            metrics::dropped(NAME, topic.into(), "unroutable");
+            Ok(())
+        }
         Confirmation::Ack(Some(returned)) => Err(Error::new(
             ErrorKind::NotFound,
             format!(
