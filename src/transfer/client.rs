@@ -17,7 +17,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::body::{self, ByteStream, SendBody};
+use super::body::{self, ByteStream, TransferBody};
 use super::{FILES, validate_file_name};
 use crate::{BoxError, Error, ErrorKind};
 
@@ -31,13 +31,14 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Cloning is cheap and clones share the connection; transfers run
 /// concurrently as separate HTTP/2 streams. Errors say whether to retry: a
 /// lost connection is [`ErrorKind::Connection`], a `5xx`
-/// [`ErrorKind::Unavailable`], an unknown file [`ErrorKind::NotFound`], any
-/// other refusal [`ErrorKind::Rejected`].
+/// [`ErrorKind::Unavailable`], an unknown file [`ErrorKind::NotFound`], a
+/// `401` [`ErrorKind::Unauthorized`], any other refusal
+/// [`ErrorKind::Rejected`].
 ///
 /// [`TransferServer`]: super::TransferServer
 #[derive(Clone)]
 pub struct TransferClient {
-    sender: http2::SendRequest<SendBody>,
+    sender: http2::SendRequest<TransferBody>,
     base: String,
 }
 
@@ -208,7 +209,7 @@ impl TransferClient {
         &self,
         method: Method,
         name: &str,
-        body: SendBody,
+        body: TransferBody,
     ) -> Result<Response<Incoming>, Error> {
         validate_file_name(name)?;
         let uri: Uri = format!("{}{FILES}{name}", self.base)
@@ -233,6 +234,7 @@ impl TransferClient {
         let status = response.status();
         let kind = match status {
             StatusCode::NOT_FOUND => ErrorKind::NotFound,
+            StatusCode::UNAUTHORIZED => ErrorKind::Unauthorized,
             status if status.is_server_error() => ErrorKind::Unavailable,
             _ => ErrorKind::Rejected,
         };

@@ -5,10 +5,18 @@
 //! side ever needs the whole file in memory, and many transfers share one
 //! connection. This module is that path, on hyper directly:
 //!
-//! * [`TransferServer`] answers `PUT /files/{name}` (upload) and
+//! * [`TransferService`] answers `PUT /files/{name}` (upload) and
 //!   `GET /files/{name}` (download) from a [`FileStore`] — [`DirStore`] keeps
 //!   files in a directory, and any other store (object storage, a hash
-//!   checker) implements the trait.
+//!   checker) implements the trait. It is a tower `Service` over
+//!   `http::Request`s, so the crate's layers go in front of it like in front
+//!   of any HTTP service: [`AuthLayer`](crate::auth::AuthLayer) (only
+//!   callers with a valid token transfer), the trace-context layer
+//!   (`observe::trace::ExtractTraceContextLayer`, feature `otel`), metrics,
+//!   limits.
+//! * [`TransferServer`] accepts connections and serves that service, bare
+//!   ([`TransferServer::new`]) or wrapped in layers
+//!   ([`TransferServer::with_service`]).
 //! * [`TransferClient`] uploads any byte stream or file and downloads as a
 //!   stream ([`Download`]) or straight into a file.
 //!
@@ -66,13 +74,15 @@
 mod body;
 mod client;
 mod server;
+mod service;
 mod store;
 #[cfg(feature = "file-transfer-tls")]
 pub mod tls;
 
-pub use body::{ByteStream, CHUNK_SIZE, file_chunks};
+pub use body::{ByteStream, CHUNK_SIZE, TransferBody, file_chunks};
 pub use client::{Download, TransferClient};
 pub use server::TransferServer;
+pub use service::{ResponseFuture, TransferService};
 pub use store::{DirStore, FileStore};
 
 use crate::{Error, ErrorKind};
