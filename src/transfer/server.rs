@@ -59,22 +59,26 @@ use crate::{BoxError, Error, ErrorKind};
 /// let service = ServiceBuilder::new().layer(AuthLayer::new(verifier)).service(files);
 ///
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-/// let address = listener.local_addr()?;
+/// let url = format!("http://{}", listener.local_addr()?);
 /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 /// let server = tokio::spawn(
 ///     TransferServer::with_service(service).serve(listener, async { stopped.await.ok(); }),
 /// );
 ///
 /// // No token: `401`, before the store is touched.
-/// let client = TransferClient::connect(address).await?;
+/// let client = TransferClient::builder(&url).connect().await?;
 /// let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from("q3"))]);
 /// let refused = client.upload("report.csv", chunks).await.unwrap_err();
 /// assert_eq!(refused.kind(), ErrorKind::Unauthorized);
 /// assert!(refused.message().starts_with("401"));
 ///
-/// # let _ = (token, AUTHORIZATION);
+/// // With the bearer token: stored.
+/// let authorized = client.with_header(AUTHORIZATION, format!("Bearer {token}").parse()?);
+/// let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from("q3"))]);
+/// assert_eq!(authorized.upload("report.csv", chunks).await?, 2);
+///
 /// stop.send(()).ok();
-/// drop(client);
+/// client.close();
 /// server.await.unwrap()?;
 /// tokio::fs::remove_dir_all(&dir).await?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
