@@ -487,6 +487,37 @@ mod tls {
         assert_eq!(error.kind(), ErrorKind::Rejected, "wrong name: {error:?}");
     }
 
+    /// A listener that never accepts: the kernel completes the TCP
+    /// handshake, nobody answers the TLS one. Paused time runs the connect
+    /// timeout out at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_answers_is_a_connection_error_after_the_connect_timeout() {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(certified.cert.der().clone()).unwrap();
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TransferClient::builder(format!("https://{}", silent.local_addr().unwrap()))
+            .tls_config(client_config(roots).unwrap())
+            .tls_server_name("localhost")
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .build()
+            .unwrap();
+        assert_eq!(client.connect_timeout(), std::time::Duration::from_secs(3));
+        let error = client.download("a.bin").await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Connection, "{error:?}");
+        assert!(error.is_retryable());
+        assert!(error.message().contains("connect timeout"), "{error}");
+        drop(silent);
+    }
+
+    #[test]
+    fn https_without_a_tls_config_is_a_configuration_error() {
+        let error = TransferClient::builder("https://files.internal")
+            .build()
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config, "{error:?}");
+    }
+
     #[tokio::test]
     async fn a_config_without_h2_is_a_configuration_error() {
         let server = start_tls(Arc::new(HashingStore::default())).await;
@@ -595,3 +626,10 @@ mod small_chunks {
         assert!(uploads[0].1 == expected(), "the content differs");
     }
 }
+
+#[path = "transfer/reconnect.rs"]
+mod reconnect;
+
+#[cfg(feature = "auth")]
+#[path = "transfer/layers.rs"]
+mod layers;
