@@ -148,21 +148,36 @@ impl Connector {
 
     /// Sends `request` on the live connection. A connection found dead
     /// before the request left (the server restarted since the last call)
-    /// is replaced once and the request sent on the new one.
+    /// is replaced once and the request sent on the new one. A connection
+    /// that fails under a request that had left (the server went away
+    /// mid-call, or is draining after a GOAWAY) is forgotten too, so that a
+    /// retry dials a new one instead of failing on it again.
     pub(super) async fn send(
         &self,
         request: Request<TransferBody>,
     ) -> Result<Response<Incoming>, Error> {
         let (sender, generation) = self.sender().await?;
         let request = match try_send(sender, request).await {
-            Ok(answer) => return answer,
-            Err(unsent) => unsent,
+            Sent::Answered(response) => return Ok(response),
+            Sent::Lost { error, connection } => {
+                if connection {
+                    self.discard(generation);
+                }
+                return Err(error);
+            }
+            Sent::Unsent(request) => request,
         };
         self.discard(generation);
         let (sender, generation) = self.sender().await?;
         match try_send(sender, request).await {
-            Ok(answer) => answer,
-            Err(_) => {
+            Sent::Answered(response) => Ok(response),
+            Sent::Lost { error, connection } => {
+                if connection {
+                    self.discard(generation);
+                }
+                Err(error)
+            }
+            Sent::Unsent(_) => {
                 self.discard(generation);
                 Err(Error::new(
                     ErrorKind::Connection,
@@ -186,24 +201,38 @@ impl fmt::Debug for Connector {
     }
 }
 
-/// The answer, or the request back when the connection was already dead
-/// and nothing of it was sent.
+/// How one attempt to send a request went.
+enum Sent {
+    Answered(Response<Incoming>),
+    /// It went out and the answer was lost: the server may have stored it,
+    /// or not. `connection` is false when the request's own body failed
+    /// (the connection is fine then).
+    Lost {
+        error: Error,
+        connection: bool,
+    },
+    /// The connection was already dead and nothing of the request was sent.
+    Unsent(Request<TransferBody>),
+}
+
 async fn try_send(
     mut sender: http2::SendRequest<TransferBody>,
     request: Request<TransferBody>,
-) -> Result<Result<Response<Incoming>, Error>, Request<TransferBody>> {
+) -> Sent {
     if sender.ready().await.is_err() {
-        return Err(request);
+        return Sent::Unsent(request);
     }
     match sender.try_send_request(request).await {
-        Ok(response) => Ok(Ok(response)),
+        Ok(response) => Sent::Answered(response),
         Err(mut error) => match error.take_message() {
-            Some(request) => Err(request),
-            // It went out and the answer was lost: the server may have
-            // stored it, or not.
-            None => Ok(Err(
-                connection_error(error.into_error()).with_effect(Effect::Unknown)
-            )),
+            Some(request) => Sent::Unsent(request),
+            None => {
+                let error = error.into_error();
+                Sent::Lost {
+                    connection: !error.is_user(),
+                    error: connection_error(error).with_effect(Effect::Unknown),
+                }
+            }
         },
     }
 }
