@@ -125,8 +125,9 @@ where
     }
 
     /// Accepts connections on `listener` until `shutdown` completes, then
-    /// stops accepting, lets the transfers in flight finish (HTTP/2 GOAWAY)
-    /// and returns once every connection has closed.
+    /// stops accepting (and closes `listener`, so a new server may bind its
+    /// port), lets the transfers in flight finish (HTTP/2 GOAWAY) and
+    /// returns once every connection has closed.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -186,6 +187,9 @@ where
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
+        // The port is free as soon as accepting stops, not once the last
+        // transfer has drained: a new server can bind it meanwhile.
+        drop(listener);
         let _ = stop.send(true);
         while connections.join_next().await.is_some() {}
         Ok(())
