@@ -148,3 +148,11 @@ fn urls_other_than_http_or_https_to_a_host_are_configuration_errors() {
         ErrorKind::Config
     );
 }
+
+/// Clients and servers move between tasks and sit in shared state.
+const _: fn() = || {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    shareable::<TransferClient>();
+    shareable::<TransferServer>();
+    shareable::<switchboard::transfer::TransferService>();
+};
