@@ -18,14 +18,16 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use switchboard::Error;
-use switchboard::transfer::{ByteStream, DirStore, FileStore, TransferClient, TransferServer};
+use switchboard::transfer::{
+    ByteStream, DirStore, FileStore, TransferClient, TransferServer, TransferService,
+};
 
 /// Counts live heap bytes and remembers the peak.
 ///
@@ -182,7 +184,12 @@ async fn start_tls(
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone())?;
     let server = tokio::spawn(TransferServer::new(store).serve_tls(listener, config, stopped));
-    let client = TransferClient::connect_tls(address, "localhost", client_config(roots)?).await?;
+    // The certificate names `localhost`; the URL dials the address itself.
+    let client = TransferClient::builder(format!("https://{address}"))
+        .tls_config(client_config(roots)?)
+        .tls_server_name("localhost")
+        .connect()
+        .await?;
     Ok((server, client))
 }
 
@@ -223,8 +230,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (server, client) = if tls {
         start_tls(store, listener, stopped).await?
     } else {
-        let server = tokio::spawn(TransferServer::new(store).serve(listener, stopped));
-        (server, TransferClient::connect(address).await?)
+        // The routes are a tower service: layers (auth, trace context,
+        // metrics) would go around `TransferService` here.
+        let service = TransferService::new(store);
+        let server = tokio::spawn(TransferServer::with_service(service).serve(listener, stopped));
+        let client = TransferClient::builder(format!("http://{address}"))
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        (server, client)
     };
     println!(
         "moving {} MiB each way over {} on loopback ({}), tokio multi-thread runtime",
@@ -273,7 +287,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("SHA-256 matched on both ends, both ways");
 
     stop.send(()).ok();
-    drop(client);
+    client.close();
     server.await??;
     Ok(())
 }

@@ -375,6 +375,22 @@ mod tls {
         _stop: oneshot::Sender<()>,
     }
 
+    impl TlsServer {
+        /// A client of `https://127.0.0.1:{port}` that checks the
+        /// certificate for `server_name`.
+        async fn client(
+            &self,
+            config: Arc<rustls::ClientConfig>,
+            server_name: &str,
+        ) -> Result<TransferClient, Error> {
+            TransferClient::builder(format!("https://{}", self.address))
+                .tls_config(config)
+                .tls_server_name(server_name)
+                .connect()
+                .await
+        }
+    }
+
     async fn start_tls(store: Arc<dyn FileStore>) -> TlsServer {
         let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
@@ -403,13 +419,10 @@ mod tls {
     async fn both_ways_32_mib_over_tls_arrive_with_the_same_sha256() {
         let store = Arc::new(HashingStore::default());
         let server = start_tls(store.clone()).await;
-        let client = TransferClient::connect_tls(
-            server.address,
-            "localhost",
-            client_config(server.roots.clone()).unwrap(),
-        )
-        .await
-        .unwrap();
+        let client = server
+            .client(client_config(server.roots.clone()).unwrap(), "localhost")
+            .await
+            .unwrap();
 
         let (chunks, sent_digest) = generated(SIZE, 99);
         assert_eq!(client.upload("tls-up.bin", chunks).await.unwrap(), SIZE);
@@ -433,13 +446,10 @@ mod tls {
         };
         let store = Arc::new(TinyChunkStore::default());
         let server = start_tls(store.clone()).await;
-        let client = TransferClient::connect_tls(
-            server.address,
-            "localhost",
-            client_config(server.roots.clone()).unwrap(),
-        )
-        .await
-        .unwrap();
+        let client = server
+            .client(client_config(server.roots.clone()).unwrap(), "localhost")
+            .await
+            .unwrap();
 
         assert!(
             download_whole(&client).await == expected(),
@@ -460,24 +470,52 @@ mod tls {
         let mut wrong_roots = RootCertStore::empty();
         wrong_roots.add(stranger.cert.der().clone()).unwrap();
 
-        let error = TransferClient::connect_tls(
-            server.address,
-            "localhost",
-            client_config(wrong_roots).unwrap(),
-        )
-        .await
-        .unwrap_err();
+        let error = server
+            .client(client_config(wrong_roots).unwrap(), "localhost")
+            .await
+            .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Rejected, "{error:?}");
         assert!(!error.is_retryable());
 
-        let error = TransferClient::connect_tls(
-            server.address,
-            "files.example",
-            client_config(server.roots.clone()).unwrap(),
-        )
-        .await
-        .unwrap_err();
+        let error = server
+            .client(
+                client_config(server.roots.clone()).unwrap(),
+                "files.example",
+            )
+            .await
+            .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Rejected, "wrong name: {error:?}");
+    }
+
+    /// A listener that never accepts: the kernel completes the TCP
+    /// handshake, nobody answers the TLS one. Paused time runs the connect
+    /// timeout out at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_answers_is_a_connection_error_after_the_connect_timeout() {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(certified.cert.der().clone()).unwrap();
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TransferClient::builder(format!("https://{}", silent.local_addr().unwrap()))
+            .tls_config(client_config(roots).unwrap())
+            .tls_server_name("localhost")
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .build()
+            .unwrap();
+        assert_eq!(client.connect_timeout(), std::time::Duration::from_secs(3));
+        let error = client.download("a.bin").await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Connection, "{error:?}");
+        assert!(error.is_retryable());
+        assert!(error.message().contains("connect timeout"), "{error}");
+        drop(silent);
+    }
+
+    #[test]
+    fn https_without_a_tls_config_is_a_configuration_error() {
+        let error = TransferClient::builder("https://files.internal")
+            .build()
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config, "{error:?}");
     }
 
     #[tokio::test]
@@ -485,7 +523,8 @@ mod tls {
         let server = start_tls(Arc::new(HashingStore::default())).await;
         let mut config = (*client_config(server.roots.clone()).unwrap()).clone();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let error = TransferClient::connect_tls(server.address, "localhost", Arc::new(config))
+        let error = server
+            .client(Arc::new(config), "localhost")
             .await
             .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Config);
@@ -587,3 +626,10 @@ mod small_chunks {
         assert!(uploads[0].1 == expected(), "the content differs");
     }
 }
+
+#[path = "transfer/reconnect.rs"]
+mod reconnect;
+
+#[cfg(feature = "auth")]
+#[path = "transfer/layers.rs"]
+mod layers;

@@ -7,10 +7,9 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 use futures_util::{StreamExt, TryStreamExt};
-use http_body::Frame;
+use http_body::{Body, Frame};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyDataStream, BodyExt, Empty, Full, StreamBody};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -42,14 +41,18 @@ const MIN_FRAME: usize = 1024;
 /// [`FileStore`]: super::FileStore
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send + 'static>>;
 
-/// The body type both ends send: a boxed stream of data frames.
-pub(super) type SendBody = UnsyncBoxBody<Bytes, Error>;
+/// The body both ends send: a boxed stream of data frames. It is the
+/// response body of [`TransferService`](super::TransferService) and the
+/// request body a [`TransferClient`](super::TransferClient) hands to the
+/// layers it was built with. `Default` is an empty body, which is what
+/// [`Auth`](crate::auth::Auth) answers a refused request with.
+pub type TransferBody = UnsyncBoxBody<Bytes, Error>;
 
-pub(super) fn empty() -> SendBody {
+pub(super) fn empty() -> TransferBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-pub(super) fn full(bytes: impl Into<Bytes>) -> SendBody {
+pub(super) fn full(bytes: impl Into<Bytes>) -> TransferBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
@@ -58,7 +61,7 @@ pub(super) fn full(bytes: impl Into<Bytes>) -> SendBody {
 /// A body sending `chunks`, small ones merged into bigger frames (see
 /// [`Coalesce`]): one DATA frame per chunk would let a source of many small
 /// chunks exhaust the receiver's small-frame budget.
-pub(super) fn streaming<S, E>(chunks: S) -> SendBody
+pub(super) fn streaming<S, E>(chunks: S) -> TransferBody
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: Into<BoxError>,
@@ -157,9 +160,14 @@ where
 
 /// A received body as chunks, in the order and sizes the frames arrived.
 /// A body that breaks off midway ends with a [`ErrorKind::Connection`] error.
-pub(super) fn received(body: Incoming) -> ByteStream {
+pub(super) fn received<B>(body: B) -> ByteStream
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     BodyDataStream::new(body)
         .map_err(|error| {
+            let error = error.into();
             Error::new(
                 ErrorKind::Connection,
                 format!("the transfer broke off: {error}"),

@@ -4,20 +4,22 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::StreamExt;
 use http::header::CONTENT_LENGTH;
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tower::ServiceExt;
 
-use super::body::{self, ByteStream, SendBody};
+use super::body::{self, ByteStream, TransferBody};
+use super::builder::{BoxedExchange, TransferClientBuilder};
+use super::connection::Connector;
 use super::{FILES, validate_file_name};
 use crate::{BoxError, Error, ErrorKind};
 
@@ -28,111 +30,117 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Uploads to and downloads from a [`TransferServer`] over one HTTP/2
 /// connection, with adaptive flow control.
 ///
+/// Built from a URL ([`builder`](TransferClient::builder), or
+/// [`connect`](TransferClient::connect) for a plain `http://` address).
 /// Cloning is cheap and clones share the connection; transfers run
-/// concurrently as separate HTTP/2 streams. Errors say whether to retry: a
-/// lost connection is [`ErrorKind::Connection`], a `5xx`
-/// [`ErrorKind::Unavailable`], an unknown file [`ErrorKind::NotFound`], any
-/// other refusal [`ErrorKind::Rejected`].
+/// concurrently as separate HTTP/2 streams.
+///
+/// **Reconnecting.** The connection is dialled on the first call and again
+/// by the first call that finds it dead (the server restarted, the network
+/// dropped it), within the [connect
+/// timeout](TransferClientBuilder::connect_timeout); a request that had not
+/// left on the dead connection is sent on the new one. So after a server
+/// restart the next call succeeds, and a retry layer's attempts are not
+/// wasted on a connection that is gone.
+///
+/// **Errors say whether to retry:** no connection (refused, or none within
+/// the connect timeout) or a lost one is [`ErrorKind::Connection`]
+/// (retryable: the next call dials again), a `5xx`
+/// [`ErrorKind::Unavailable`], an unknown file [`ErrorKind::NotFound`], a
+/// `401` [`ErrorKind::Unauthorized`], any other refusal
+/// [`ErrorKind::Rejected`], and every call after
+/// [`close`](TransferClient::close) [`ErrorKind::Closed`] (not retryable).
+///
+/// **Headers.** [`TransferClientBuilder::header`] sets headers for every
+/// request (a bearer token), [`with_header`](TransferClient::with_header)
+/// for the calls of one clone (a token per user), and
+/// [`TransferClientBuilder::layer`] puts tower layers around each request
+/// (trace context, metrics).
 ///
 /// [`TransferServer`]: super::TransferServer
 #[derive(Clone)]
 pub struct TransferClient {
-    sender: http2::SendRequest<SendBody>,
-    base: String,
+    connector: Arc<Connector>,
+    exchange: BoxedExchange,
+    headers: HeaderMap,
 }
 
 impl TransferClient {
-    /// Connects to `address` with cleartext HTTP/2 (h2c, prior knowledge).
+    /// A builder for a client of the server at `url`: `http://host:port`
+    /// (cleartext HTTP/2 with prior knowledge, h2c), or `https://host:port`
+    /// with the `file-transfer-tls` feature and a
+    /// [`tls_config`](TransferClientBuilder::tls_config).
+    pub fn builder(url: impl Into<String>) -> TransferClientBuilder {
+        TransferClientBuilder::new(url)
+    }
+
+    /// Connects to `http://{address}` with the defaults: a shorthand for
+    /// `TransferClient::builder(format!("http://{address}")).connect()`.
     pub async fn connect(address: SocketAddr) -> Result<Self, Error> {
-        let stream = tokio::net::TcpStream::connect(address)
-            .await
-            .map_err(|error| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot connect to {address}: {error}"),
-                )
-                .with_source(error)
-            })?;
-        let _ = stream.set_nodelay(true);
-        Self::handshake(stream, format!("http://{address}")).await
+        Self::builder(format!("http://{address}")).connect().await
     }
 
-    /// Connects to `address` over TLS, checking the server's certificate for
-    /// `server_name`, and speaks HTTP/2 once ALPN has agreed on `h2`.
-    /// `config` must offer ALPN `h2`, as
-    /// [`tls::client_config`](super::tls::client_config) does.
-    #[cfg(feature = "file-transfer-tls")]
-    pub async fn connect_tls(
-        address: SocketAddr,
-        server_name: &str,
-        config: std::sync::Arc<rustls::ClientConfig>,
-    ) -> Result<Self, Error> {
-        super::tls::require_h2(&config.alpn_protocols)?;
-        let name =
-            rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|error| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("invalid server name {server_name:?}: {error}"),
-                )
-            })?;
-        let stream = tokio::net::TcpStream::connect(address)
-            .await
-            .map_err(|error| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot connect to {address}: {error}"),
-                )
-                .with_source(error)
-            })?;
-        let _ = stream.set_nodelay(true);
-        let stream = tokio_rustls::TlsConnector::from(config)
-            .connect(name, stream)
-            .await
-            .map_err(|error| {
-                // A certificate the client does not trust will not become
-                // trusted by trying again; a reset handshake might.
-                let kind = if error
-                    .get_ref()
-                    .is_some_and(|inner| inner.is::<rustls::Error>())
-                {
-                    ErrorKind::Rejected
-                } else {
-                    ErrorKind::Connection
-                };
-                Error::new(kind, format!("TLS handshake with {server_name}: {error}"))
-                    .with_source(error)
-            })?;
-        if stream.get_ref().1.alpn_protocol() != Some(super::tls::H2) {
-            return Err(Error::new(
-                ErrorKind::Rejected,
-                format!("{server_name} did not agree to HTTP/2 (ALPN h2)"),
-            ));
+    pub(super) fn from_parts(
+        connector: Arc<Connector>,
+        exchange: BoxedExchange,
+        headers: HeaderMap,
+    ) -> Self {
+        Self {
+            connector,
+            exchange,
+            headers,
         }
-        Self::handshake(stream, format!("https://{server_name}")).await
     }
 
-    /// Speaks HTTP/2 over an established byte stream (for example a TLS
-    /// stream that negotiated `h2`); `base` is the scheme and authority the
-    /// requests name, such as `https://files.internal`.
-    pub async fn handshake<I>(io: I, base: impl Into<String>) -> Result<Self, Error>
-    where
-        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(connection_error)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "transfer connection closed with an error");
-            }
-        });
-        Ok(Self {
-            sender,
-            base: base.into(),
-        })
+    pub(super) fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// The server's scheme, host and port, as requests name them.
+    pub fn url(&self) -> &str {
+        self.connector.base()
+    }
+
+    /// How long a call waits for a new connection.
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        self.connector.connect_timeout()
+    }
+
+    /// A clone that also sends `name: value` (replacing a header of that
+    /// name) with each of its requests; the connection is still shared.
+    ///
+    /// ```
+    /// use http::header::AUTHORIZATION;
+    /// use switchboard::transfer::TransferClient;
+    ///
+    /// let client = TransferClient::builder("http://127.0.0.1:9000").build()?;
+    /// let as_alice = client.with_header(AUTHORIZATION, http::HeaderValue::from_static("Bearer alice-token"));
+    /// assert_eq!(as_alice.headers()[AUTHORIZATION], "Bearer alice-token");
+    /// assert!(client.headers().is_empty());
+    /// # Ok::<(), switchboard::Error>(())
+    /// ```
+    pub fn with_header(&self, name: HeaderName, value: HeaderValue) -> Self {
+        let mut client = self.clone();
+        client.headers.insert(name, value);
+        client
+    }
+
+    /// The headers sent with each request of this clone.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// Closes the client and every clone of it: later calls fail with
+    /// [`ErrorKind::Closed`] (not retryable), transfers in flight finish,
+    /// and the connection closes after them.
+    pub fn close(&self) {
+        self.connector.close();
+    }
+
+    /// Whether [`close`](TransferClient::close) was called on this client or
+    /// a clone.
+    pub fn is_closed(&self) -> bool {
+        self.connector.is_closed()
     }
 
     /// Uploads `chunks` as `name` and returns the number of bytes the server
@@ -208,31 +216,32 @@ impl TransferClient {
         &self,
         method: Method,
         name: &str,
-        body: SendBody,
+        body: TransferBody,
     ) -> Result<Response<Incoming>, Error> {
         validate_file_name(name)?;
-        let uri: Uri = format!("{}{FILES}{name}", self.base)
+        let uri: Uri = format!("{}{FILES}{name}", self.url())
             .parse()
             .map_err(|error| {
                 Error::new(ErrorKind::Config, format!("bad server address: {error}"))
             })?;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(uri)
             .body(body)
             .map_err(|error| Error::new(ErrorKind::Config, error.to_string()))?;
-        let mut sender = self.sender.clone();
-        sender.ready().await.map_err(connection_error)?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(connection_error)?;
+        request.headers_mut().extend(
+            self.headers
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        let response = self.exchange.clone().oneshot(request).await?;
         if response.status() == StatusCode::OK {
             return Ok(response);
         }
         let status = response.status();
         let kind = match status {
             StatusCode::NOT_FOUND => ErrorKind::NotFound,
+            StatusCode::UNAUTHORIZED => ErrorKind::Unauthorized,
             status if status.is_server_error() => ErrorKind::Unavailable,
             _ => ErrorKind::Rejected,
         };
@@ -248,7 +257,8 @@ impl TransferClient {
 impl fmt::Debug for TransferClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TransferClient")
-            .field("base", &self.base)
+            .field("url", &self.url())
+            .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -296,12 +306,4 @@ async fn read_small(body: Incoming) -> Result<Bytes, Error> {
                 format!("reading the answer: {error}"),
             )
         })
-}
-
-fn connection_error(error: hyper::Error) -> Error {
-    Error::new(
-        ErrorKind::Connection,
-        format!("transfer connection: {error}"),
-    )
-    .with_source(error)
 }

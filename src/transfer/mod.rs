@@ -5,12 +5,34 @@
 //! side ever needs the whole file in memory, and many transfers share one
 //! connection. This module is that path, on hyper directly:
 //!
-//! * [`TransferServer`] answers `PUT /files/{name}` (upload) and
+//! * [`TransferService`] answers `PUT /files/{name}` (upload) and
 //!   `GET /files/{name}` (download) from a [`FileStore`] — [`DirStore`] keeps
 //!   files in a directory, and any other store (object storage, a hash
-//!   checker) implements the trait.
+//!   checker) implements the trait. It is a tower `Service` over
+//!   `http::Request`s, so the crate's layers go in front of it like in front
+//!   of any HTTP service: [`AuthLayer`](crate::auth::AuthLayer) (only
+//!   callers with a valid token transfer), the trace-context layer
+//!   (`observe::trace::ExtractTraceContextLayer`, feature `otel`), metrics,
+//!   limits.
+//! * [`TransferServer`] accepts connections and serves that service, bare
+//!   ([`TransferServer::new`]) or wrapped in layers
+//!   ([`TransferServer::with_service`]; an example with `AuthLayer` is
+//!   there).
 //! * [`TransferClient`] uploads any byte stream or file and downloads as a
-//!   stream ([`Download`]) or straight into a file.
+//!   stream ([`Download`]) or straight into a file. It is built from a URL
+//!   ([`TransferClient::builder`]), sends headers of your choice (a bearer
+//!   token for every request or per clone, [`TransferClient::with_header`])
+//!   and runs each request through the tower layers it was built with
+//!   ([`TransferClientBuilder::layer`]: trace context, metrics).
+//!
+//! **Reconnecting.** The client keeps one HTTP/2 connection and dials it
+//! again when a call finds it dead — after a server restart, the next call
+//! succeeds through the same client. Dialling is bounded by the connect
+//! timeout ([`DEFAULT_CONNECT_TIMEOUT`], 10 s, set with
+//! [`TransferClientBuilder::connect_timeout`]); a call that cannot connect
+//! fails with a retryable [`ErrorKind::Connection`], because the next call
+//! dials again, and every call after [`TransferClient::close`] fails with
+//! [`ErrorKind::Closed`], which is not retryable.
 //!
 //! Memory stays bounded because every stage pulls: the sender reads the next
 //! chunk (at most [`CHUNK_SIZE`] from a file) only after the previous one has
@@ -25,12 +47,17 @@
 //! bandwidth-delay product instead of the spec's 64 KiB default, so a fast
 //! link is not throttled by a window that is too small.
 //!
-//! [`TransferServer::serve`] and [`TransferClient::connect`] speak cleartext
-//! HTTP/2 with prior knowledge (h2c); with the `file-transfer-tls` feature,
-//! `TransferServer::serve_tls` and `TransferClient::connect_tls` speak it over
-//! TLS (rustls on aws-lc-rs, ALPN `h2`), configured by the `tls` module.
-//! [`TransferServer::serve_connection`] and [`TransferClient::handshake`]
-//! take any byte stream, for other setups.
+//! [`TransferServer::serve`] and an `http://` client speak cleartext HTTP/2
+//! with prior knowledge (h2c); with the `file-transfer-tls` feature,
+//! `TransferServer::serve_tls` and an `https://` client (with
+//! `TransferClientBuilder::tls_config`) speak it over TLS (rustls on
+//! aws-lc-rs, ALPN `h2`), configured by the `tls` module.
+//! [`TransferServer::serve_connection`] serves any byte stream, for other
+//! setups.
+//!
+//! Flow control and bounded memory hold through layers that pass the
+//! request body on as it is (as `AuthLayer` and the trace layers do): the
+//! body is still read only as the store pulls it.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -48,7 +75,7 @@
 //!         .serve(listener, async { stopped.await.ok(); }),
 //! );
 //!
-//! let client = TransferClient::connect(address).await?;
+//! let client = TransferClient::builder(format!("http://{address}")).connect().await?;
 //! let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from("hello, ")), Ok(Bytes::from("world"))]);
 //! assert_eq!(client.upload("greeting.txt", chunks).await?, 12);
 //!
@@ -56,7 +83,7 @@
 //! assert_eq!(received.concat(), b"hello, world");
 //!
 //! stop.send(()).ok();
-//! drop(client);
+//! client.close();
 //! server.await.unwrap()?;
 //! tokio::fs::remove_dir_all(&dir).await?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -64,15 +91,20 @@
 //! ```
 
 mod body;
+mod builder;
 mod client;
+mod connection;
 mod server;
+mod service;
 mod store;
 #[cfg(feature = "file-transfer-tls")]
 pub mod tls;
 
-pub use body::{ByteStream, CHUNK_SIZE, file_chunks};
+pub use body::{ByteStream, CHUNK_SIZE, TransferBody, file_chunks};
+pub use builder::{BoxedExchange, DEFAULT_CONNECT_TIMEOUT, TransferClientBuilder};
 pub use client::{Download, TransferClient};
 pub use server::TransferServer;
+pub use service::{ResponseFuture, TransferService};
 pub use store::{DirStore, FileStore};
 
 use crate::{Error, ErrorKind};

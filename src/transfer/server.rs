@@ -1,12 +1,12 @@
-//! The HTTP/2 side that serves a [`FileStore`].
+//! The HTTP/2 serving loop: accepts connections and serves a tower service
+//! (by default a [`TransferService`]) on each.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -14,8 +14,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tower::{Service, ServiceExt};
 
-use super::body::{self, SendBody};
+use super::{FileStore, TransferService};
 
 #[cfg(feature = "file-transfer-tls")]
 type Acceptor = tokio_rustls::TlsAcceptor;
@@ -23,39 +24,110 @@ type Acceptor = tokio_rustls::TlsAcceptor;
 #[cfg(not(feature = "file-transfer-tls"))]
 #[derive(Clone)]
 enum Acceptor {}
-use super::{FILES, FileStore, validate_file_name};
-use crate::{Error, ErrorKind};
+use crate::{BoxError, Error, ErrorKind};
 
-/// Serves `PUT /files/{name}` and `GET /files/{name}` from a [`FileStore`]
-/// over HTTP/2 with adaptive flow control.
+/// Accepts HTTP/2 connections and serves a tower [`Service`] on each, with
+/// adaptive flow control: by default a [`TransferService`] over a
+/// [`FileStore`] ([`new`](TransferServer::new)), or that service wrapped in
+/// any layers ([`with_service`](TransferServer::with_service)) — for example
+/// [`AuthLayer`](crate::auth::AuthLayer) so that only callers with a valid
+/// token can upload or download, the trace-context layer, or a metrics
+/// layer.
 ///
-/// | request | answer |
-/// |---|---|
-/// | `PUT /files/{name}` with the content as body | `200` and `{"bytes": n}` once the store has it all |
-/// | `GET /files/{name}` | `200` with the content streamed, `content-length` when known |
-/// | unknown name | `404` |
-/// | bad name | `400` |
-/// | store failure | `500` |
+/// ```
+/// # #[cfg(feature = "auth")]
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use http::header::AUTHORIZATION;
+/// use switchboard::auth::{AuthLayer, TokenVerifier};
+/// use switchboard::transfer::{DirStore, TransferClient, TransferServer, TransferService};
+/// use switchboard::ErrorKind;
+/// use tower::ServiceBuilder;
 ///
-/// Errors come back as `{"error": "..."}`. See the [module](super) docs for a
-/// complete round trip.
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # // The Auth service's key pair and one of its tokens, made here.
+/// # let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+/// # let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+/// # let token = jsonwebtoken::encode(
+/// #     &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+/// #     &serde_json::json!({ "sub": "reporter", "iss": "auth", "exp": now + 600 }),
+/// #     &jsonwebtoken::EncodingKey::from_ed_pem(key.serialize_pem().as_bytes())?,
+/// # )?;
+/// let verifier = Arc::new(TokenVerifier::ed25519_pem(key.public_key_pem().as_bytes(), "auth")?);
+/// let dir = std::env::temp_dir().join(format!("transfer-auth-doc-{}", uuid::Uuid::new_v4()));
+/// let files = TransferService::new(Arc::new(DirStore::new(&dir).await?));
+/// let service = ServiceBuilder::new().layer(AuthLayer::new(verifier)).service(files);
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let url = format!("http://{}", listener.local_addr()?);
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let server = tokio::spawn(
+///     TransferServer::with_service(service).serve(listener, async { stopped.await.ok(); }),
+/// );
+///
+/// // No token: `401`, before the store is touched.
+/// let client = TransferClient::builder(&url).connect().await?;
+/// let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from("q3"))]);
+/// let refused = client.upload("report.csv", chunks).await.unwrap_err();
+/// assert_eq!(refused.kind(), ErrorKind::Unauthorized);
+/// assert!(refused.message().starts_with("401"));
+///
+/// // With the bearer token: stored.
+/// let authorized = client.with_header(AUTHORIZATION, format!("Bearer {token}").parse()?);
+/// let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from("q3"))]);
+/// assert_eq!(authorized.upload("report.csv", chunks).await?, 2);
+///
+/// stop.send(()).ok();
+/// client.close();
+/// server.await.unwrap()?;
+/// tokio::fs::remove_dir_all(&dir).await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })
+/// # }
+/// # #[cfg(not(feature = "auth"))]
+/// # fn main() {}
+/// ```
 #[derive(Clone)]
-pub struct TransferServer {
-    store: Arc<dyn FileStore>,
+pub struct TransferServer<S = TransferService> {
+    service: S,
     builder: http2::Builder<TokioExecutor>,
 }
 
 impl TransferServer {
     /// A server for `store`, with adaptive flow control on.
     pub fn new(store: Arc<dyn FileStore>) -> Self {
+        Self::with_service(TransferService::new(store))
+    }
+}
+
+impl<S, B> TransferServer<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// A server for any tower service over `http::Request<Incoming>`,
+    /// typically a [`TransferService`] wrapped in layers; adaptive flow
+    /// control on. Each request gets its own clone of `service`, which is
+    /// asked to be ready before it is called.
+    pub fn with_service(service: S) -> Self {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new()).adaptive_window(true);
-        Self { store, builder }
+        Self { service, builder }
+    }
+
+    /// The service each request goes to.
+    pub fn service(&self) -> &S {
+        &self.service
     }
 
     /// Accepts connections on `listener` until `shutdown` completes, then
-    /// stops accepting, lets the transfers in flight finish (HTTP/2 GOAWAY)
-    /// and returns once every connection has closed.
+    /// stops accepting (and closes `listener`, so a new server may bind its
+    /// port), lets the transfers in flight finish (HTTP/2 GOAWAY) and
+    /// returns once every connection has closed.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -115,13 +187,18 @@ impl TransferServer {
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
+        // The port is free as soon as accepting stops, not once the last
+        // transfer has drained: a new server can bind it meanwhile.
+        drop(listener);
         let _ = stop.send(true);
         while connections.join_next().await.is_some() {}
         Ok(())
     }
 
+    // `self` by value here and below: a spawned connection owns its server,
+    // so the service need not be `Sync`.
     async fn serve_stream(
-        &self,
+        self,
         stream: tokio::net::TcpStream,
         tls: Option<Acceptor>,
         stop: impl Future<Output = ()>,
@@ -143,26 +220,30 @@ impl TransferServer {
 
     /// Serves one connection already accepted (for example a TLS stream)
     /// until the peer closes it.
-    pub async fn serve_connection<I>(&self, io: I) -> Result<(), Error>
+    pub fn serve_connection<I>(&self, io: I) -> impl Future<Output = Result<(), Error>> + Send
     where
         I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        self.serve_connection_until(io, std::future::pending())
-            .await
+        self.clone()
+            .serve_connection_until(io, std::future::pending())
     }
 
     async fn serve_connection_until<I>(
-        &self,
+        self,
         io: I,
         stop: impl Future<Output = ()>,
     ) -> Result<(), Error>
     where
         I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let store = self.store.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let store = store.clone();
-            async move { Ok::<_, Infallible>(handle(store.as_ref(), request).await) }
+        let service = self.service;
+        // tower's `poll_ready` before every `call`, in hyper's `&self` style.
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let mut service = service.clone();
+            async move {
+                service.ready().await?;
+                service.call(request).await
+            }
         });
         let connection = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection, stop);
@@ -183,63 +264,10 @@ impl TransferServer {
     }
 }
 
-impl fmt::Debug for TransferServer {
+impl<S: fmt::Debug> fmt::Debug for TransferServer<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TransferServer").finish_non_exhaustive()
+        f.debug_struct("TransferServer")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
     }
-}
-
-async fn handle(store: &dyn FileStore, request: Request<Incoming>) -> Response<SendBody> {
-    let Some(name) = request.uri().path().strip_prefix(FILES).map(str::to_owned) else {
-        return error_response(StatusCode::NOT_FOUND, "no such route; use /files/{name}");
-    };
-    if let Err(error) = validate_file_name(&name) {
-        return error_response(StatusCode::BAD_REQUEST, error.message());
-    }
-    let outcome = match *request.method() {
-        Method::PUT => {
-            let chunks = body::received(request.into_body());
-            store.put(&name, chunks).await.map(|bytes| {
-                let mut response = Response::new(body::full(
-                    serde_json::json!({ "bytes": bytes }).to_string(),
-                ));
-                response.headers_mut().insert(
-                    CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/json"),
-                );
-                response
-            })
-        }
-        Method::GET => store.get(&name).await.map(|(chunks, len)| {
-            let mut response = Response::new(body::streaming(chunks));
-            if let Some(len) = len {
-                response.headers_mut().insert(CONTENT_LENGTH, len.into());
-            }
-            response
-        }),
-        _ => return error_response(StatusCode::METHOD_NOT_ALLOWED, "use PUT or GET"),
-    };
-    outcome.unwrap_or_else(|error| {
-        let status = match error.kind() {
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::Rejected => StatusCode::BAD_REQUEST,
-            // The client went away mid-upload; it will not read this.
-            ErrorKind::Connection => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        tracing::debug!(%error, %name, "transfer failed");
-        error_response(status, error.message())
-    })
-}
-
-fn error_response(status: StatusCode, message: &str) -> Response<SendBody> {
-    let mut response = Response::new(body::full(
-        serde_json::json!({ "error": message }).to_string(),
-    ));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response
 }

@@ -25,10 +25,12 @@ pub fn server_config(
     crate::tls::server_config(cert_chain, key, &[H2])
 }
 
-/// A client config for [`TransferClient::connect_tls`] that trusts `roots`:
-/// aws-lc-rs, TLS 1.2 and 1.3, ALPN `h2`.
+/// A client config for an `https://` [`TransferClient`] (given to
+/// [`TransferClientBuilder::tls_config`]) that trusts `roots`: aws-lc-rs,
+/// TLS 1.2 and 1.3, ALPN `h2`.
 ///
-/// [`TransferClient::connect_tls`]: super::TransferClient::connect_tls
+/// [`TransferClient`]: super::TransferClient
+/// [`TransferClientBuilder::tls_config`]: super::TransferClientBuilder::tls_config
 pub fn client_config(roots: RootCertStore) -> Result<Arc<ClientConfig>, Error> {
     crate::tls::client_config(roots, &[H2])
 }
