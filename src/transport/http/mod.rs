@@ -2,9 +2,13 @@
 //! request/response as a tower service, the status ↔ [`Error`] mapping, and
 //! the webhook event-push transport.
 //!
-//! * [`JsonService`] posts a serializable request and decodes the JSON
-//!   answer, as a `tower::Service` whose error is this crate's [`Error`], so
-//!   the resilience layers wrap it and see whether to retry.
+//! * [`JsonService`] sends a serializable request — a body to one URL, or
+//!   a [`JsonRequest`] with its own method, path parameters and query — and
+//!   decodes the JSON answer (an empty one as `()`), as a `tower::Service`
+//!   whose error is this crate's [`Error`], so the resilience layers wrap it
+//!   and see whether to retry. It runs over `reqwest::Client` or any
+//!   `Service<reqwest::Request>` wrapping one (trace context, your layers);
+//!   [`error_from_reqwest`] is its mapping of reqwest's failures.
 //! * [`JsonBody`] is its server half, an axum extractor that refuses
 //!   malformed JSON with 400 and an oversize body with 413, and
 //!   [`ErrorResponse`] answers any [`Error`] with the matching status and a
@@ -65,7 +69,7 @@ mod server;
 #[cfg(feature = "http-tls")]
 mod tls;
 
-pub use client::{JsonService, ResponseFuture};
+pub use client::{JsonRequest, JsonService, ResponseFuture, error_from_reqwest};
 pub use push::{ATTEMPT, GROUP, HEADERS, HttpTransport, REFUSED, REFUSED_QUEUE_FULL};
 pub use server::{JsonBody, MaxBodyBytes};
 #[cfg(feature = "http-tls")]
