@@ -10,7 +10,8 @@
 //!   `Service<reqwest::Request>` wrapping one (trace context, your layers);
 //!   [`error_from_reqwest`] is its mapping of reqwest's failures.
 //! * [`JsonBody`] is its server half, an axum extractor that refuses
-//!   malformed JSON with 400 and an oversize body with 413, and
+//!   malformed JSON with 400 and an oversize body with 413;
+//!   [`JsonResponse`] answers a value as JSON with a status, and
 //!   [`ErrorResponse`] answers any [`Error`] with the matching status and a
 //!   JSON body (`{"error":{"kind":"rejected","message":"..."}}`).
 //! * [`HttpTransport`] pushes events as webhooks, `POST /events/{topic}`;
@@ -71,7 +72,7 @@ mod tls;
 
 pub use client::{JsonRequest, JsonService, ResponseFuture, error_from_reqwest};
 pub use push::{ATTEMPT, GROUP, HEADERS, HttpTransport, REFUSED, REFUSED_QUEUE_FULL};
-pub use server::{JsonBody, MaxBodyBytes};
+pub use server::{JsonBody, JsonResponse, MaxBodyBytes};
 #[cfg(feature = "http-tls")]
 pub use tls::{serve_tls, tls_client, tls_server_config};
 
