@@ -59,7 +59,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::error::{Effect, Error, ErrorKind};
 use crate::transport::push::RETRY_AFTER_MS;
@@ -162,30 +162,17 @@ pub fn status_from_error(error: &Error) -> StatusCode {
 
 /// A stable snake_case name for an error kind, as sent in JSON error bodies.
 pub fn kind_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Connection => "connection",
-        ErrorKind::Timeout => "timeout",
-        ErrorKind::Unavailable => "unavailable",
-        ErrorKind::Rejected => "rejected",
-        ErrorKind::Unauthorized => "unauthorized",
-        ErrorKind::Decode => "decode",
-        ErrorKind::Encode => "encode",
-        ErrorKind::Config => "config",
-        ErrorKind::NotFound => "not_found",
-        ErrorKind::BreakerOpen => "breaker_open",
-        ErrorKind::Unsupported => "unsupported",
-        ErrorKind::Closed => "closed",
-    }
+    crate::error::kind_name(kind)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct ErrorBody {
     error: ErrorDetail,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct ErrorDetail {
-    kind: String,
+    // The kind comes back from the status, which the table maps.
     message: String,
 }
 
@@ -239,14 +226,7 @@ impl From<Error> for ErrorResponse {
 
 impl IntoResponse for ErrorResponse {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                kind: kind_name(self.error.kind()).to_owned(),
-                message: self.error.message().to_owned(),
-            },
-        };
-        // Two strings always serialize.
-        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let json = crate::error::json_error_body(&self.error);
         let content_type = [(header::CONTENT_TYPE, "application/json")];
         let mut response = (self.status, content_type, json).into_response();
         if let Some(delay) = self.error.requeue_after().or(self.error.retry_after()) {
