@@ -5,11 +5,11 @@ use crate::error::{BoxError, Effect, Error, ErrorKind};
 
 /// Maps a reqwest failure — no answer, or a broken one — into an [`Error`]
 /// saying whether to retry and whether the request may have taken effect;
-/// see the [module table](super#statuses-and-errors). An answer that did
-/// arrive with an error status is [`error_from_response`](super::error_from_response)'s.
+/// see the [module table](crate::transport::http#statuses-and-errors). An answer that did
+/// arrive with an error status is [`error_from_response`](crate::transport::http::error_from_response)'s.
 ///
 /// Use it when you call reqwest yourself and want the same errors as
-/// [`JsonService`](super::JsonService):
+/// [`JsonService`](crate::transport::http::JsonService):
 ///
 /// ```
 /// use switchboard::ErrorKind;
@@ -57,7 +57,7 @@ pub fn error_from_reqwest(error: reqwest::Error) -> Error {
         .with_source(error)
 }
 
-/// The error of the service under a [`JsonService`](super::JsonService):
+/// The error of the service under a [`JsonService`](crate::transport::http::JsonService):
 /// reqwest's own is mapped as above, this crate's [`Error`] (from a layer
 /// of yours) is kept, anything else is a transient failure after which the
 /// request may have taken effect (nothing says it was not sent).

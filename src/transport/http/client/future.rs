@@ -14,7 +14,7 @@ use super::error::error_from_reqwest;
 use crate::error::{Error, ErrorKind};
 use crate::transport::http::error_from_response;
 
-/// The future of a [`JsonService`](super::JsonService) call.
+/// The future of a [`JsonService`](crate::transport::http::JsonService) call.
 pub struct ResponseFuture<Resp> {
     inner: BoxFuture<'static, Result<Resp, Error>>,
 }

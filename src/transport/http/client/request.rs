@@ -7,8 +7,8 @@ use reqwest::{Method, Url};
 
 use crate::error::{Error, ErrorKind};
 
-/// One call of a [`JsonService`](super::JsonService) made with
-/// [`JsonService::at`](super::JsonService::at): its method, a path below the
+/// One call of a [`JsonService`](crate::transport::http::JsonService) made with
+/// [`JsonService::at`](crate::transport::http::JsonService::at): its method, a path below the
 /// service's base URL with `{name}` parameters, query parameters, extra
 /// headers and an optional JSON body — what `http::Request` is to a raw
 /// HTTP service, for JSON.
