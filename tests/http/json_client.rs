@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use reqwest::header::HeaderValue;
 use serde::{Deserialize, Serialize};
-use switchboard::transport::http::{JsonRequest, JsonService};
+use switchboard::transport::http::{JsonRequest, JsonService, error_from_reqwest};
 use switchboard::{Effect, Error, ErrorKind};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -68,7 +68,14 @@ async fn api() -> String {
                     Json(seen("PUT", id, query, &headers, &body))
                 },
             )
-            .delete(|| async { StatusCode::NO_CONTENT }),
+            // 204 only for a DELETE that came without body or content type.
+            .delete(|headers: HeaderMap, body: Bytes| async move {
+                if headers.contains_key("content-type") || !body.is_empty() {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            }),
         )
         .route(
             "/hooks/echo",
@@ -87,7 +94,8 @@ async fn api() -> String {
             post(|| async { StatusCode::NO_CONTENT }),
         )
         .route("/hooks/empty", post(|| async { StatusCode::OK }))
-        .route("/hooks/text", post(|| async { "ok" }));
+        .route("/hooks/text", post(|| async { "ok" }))
+        .route("/slow", get(std::future::pending::<()>));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -291,4 +299,33 @@ async fn a_json_request_answer_over_the_limit_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Rejected, "{error}");
+}
+
+#[tokio::test]
+async fn reqwest_failures_map_to_kinds_and_effects_for_callers_of_reqwest() {
+    let url = api().await;
+    let client = reqwest::Client::new();
+    // The request was sent and no answer came: it may have been applied.
+    let slow = client
+        .get(format!("{url}/slow"))
+        .timeout(std::time::Duration::from_millis(100))
+        .send()
+        .await
+        .unwrap_err();
+    let error = error_from_reqwest(slow);
+    assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+    assert_eq!(error.effect(), Effect::Unknown);
+    assert!(error.is_retryable());
+
+    // Nothing listens any more: never sent.
+    let closed = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let refused = client.get(closed).send().await.unwrap_err();
+    let error = error_from_reqwest(refused);
+    assert_eq!(
+        (error.kind(), error.effect()),
+        (ErrorKind::Connection, Effect::NotApplied)
+    );
 }
