@@ -34,6 +34,8 @@ use crate::error::{Error, ErrorKind};
 /// assert_eq!(odd.url("http://files")?.path(), "/files/a%2Fb%20c");
 /// # Ok::<(), switchboard::Error>(())
 /// ```
+// Not `Serialize`, on purpose: `JsonService`'s body-only impl covers every
+// `Serialize` request, and this one's own impl may not overlap it.
 #[derive(Debug, Clone)]
 pub struct JsonRequest<B = ()> {
     method: Method,
