@@ -90,7 +90,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     budgets.check_now();
 
-    // 4. What a scrape of /metrics returns.
+    // 4. What a scrape of /metrics returns. A service serves it with
+    //    `switchboard::observe::metrics::router(move || prometheus.render())`
+    //    merged into its axum router (feature `http`).
     println!("{}", prometheus.render());
     Ok(())
 }

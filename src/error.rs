@@ -418,6 +418,49 @@ impl From<BoxError> for Error {
     }
 }
 
+/// A stable snake_case name for an error kind, as sent in JSON error bodies
+/// (`transport::http::kind_name`).
+pub(crate) const fn kind_name(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Connection => "connection",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::Unavailable => "unavailable",
+        ErrorKind::Rejected => "rejected",
+        ErrorKind::Unauthorized => "unauthorized",
+        ErrorKind::Decode => "decode",
+        ErrorKind::Encode => "encode",
+        ErrorKind::Config => "config",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::BreakerOpen => "breaker_open",
+        ErrorKind::Unsupported => "unsupported",
+        ErrorKind::Closed => "closed",
+    }
+}
+
+/// The JSON body every HTTP answer of an error carries — `ErrorResponse`'s
+/// and the auth layer's refusals alike:
+/// `{"error":{"kind":"<kind_name>","message":"..."}}`.
+#[cfg_attr(not(any(feature = "http", feature = "auth")), allow(dead_code))]
+pub(crate) fn json_error_body(error: &Error) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        error: Detail<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Detail<'a> {
+        kind: &'a str,
+        message: &'a str,
+    }
+    let body = Body {
+        error: Detail {
+            kind: kind_name(error.kind()),
+            message: error.message(),
+        },
+    };
+    // Two strings always serialize.
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,6 +89,7 @@ mod error;
 pub mod middleware;
 pub mod observe;
 mod outcome;
+pub mod reexports;
 #[cfg(feature = "test-util")]
 pub mod testing;
 #[cfg(feature = "tls")]

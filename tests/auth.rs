@@ -412,7 +412,15 @@ async fn the_layer_answers_401_without_calling_the_inner_service() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(response.headers()["www-authenticate"], challenge.as_str());
-        assert_eq!(response.body(), "");
+        // The same JSON error body as every other HTTP error of the crate.
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body: serde_json::Value = serde_json::from_str(response.body()).unwrap();
+        assert_eq!(body["error"]["kind"], "unauthorized");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            challenge == "Bearer" || challenge.contains(message),
+            "{message:?} is the reason in {challenge:?}"
+        );
     }
     assert_eq!(
         calls.load(Ordering::SeqCst),

@@ -427,6 +427,9 @@ mod json {
     }
 }
 
+#[path = "http/json_client.rs"]
+mod json_client;
+
 // ------------------------------------------- a full queue pushes back
 
 #[path = "common/refusals.rs"]

@@ -484,3 +484,55 @@ async fn a_redis_streams_subscription_reports_its_groups_lag() {
     held.ack().await.unwrap();
     subscription.shutdown().await.unwrap();
 }
+
+// ------------------------------------------------------ the /metrics route
+
+#[cfg(feature = "http")]
+mod scrape {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use switchboard::observe::metrics;
+
+    /// A scrape over a real connection returns what the exporter renders,
+    /// in the Prometheus text format, and only at `GET /metrics`.
+    #[tokio::test]
+    async fn the_metrics_route_serves_the_exporters_text() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let prometheus = recorder.handle();
+        ::metrics::with_local_recorder(&recorder, || {
+            metrics::describe();
+            ::metrics::counter!(metrics::DEAD_LETTERS_TOTAL, "topic" => "trades").increment(3);
+        });
+        let app = axum::Router::new()
+            .route("/health", axum::routing::get(|| async { "ok" }))
+            .merge(metrics::router(move || prometheus.render()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let client = reqwest::Client::new();
+        let response = client.get(format!("{url}/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"],
+            metrics::PROMETHEUS_CONTENT_TYPE
+        );
+        let text = response.text().await.unwrap();
+        assert!(
+            text.contains(r#"switchboard_dead_letters_total{topic="trades"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP switchboard_dead_letters_total"),
+            "{text}"
+        );
+
+        let post = client.post(format!("{url}/metrics")).send().await.unwrap();
+        assert_eq!(post.status(), 405, "a scrape is a GET");
+        let health = client.get(format!("{url}/health")).send().await.unwrap();
+        assert_eq!(
+            health.text().await.unwrap(),
+            "ok",
+            "the rest of the app is untouched"
+        );
+    }
+}

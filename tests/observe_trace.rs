@@ -331,3 +331,45 @@ async fn grpc_calls_carry_trace_context_in_metadata() {
         client_span.span_context.span_id()
     );
 }
+
+/// `JsonService` over a client under `InjectTraceContextLayer`: each call is
+/// an `http.client` span whose context the server receives as `traceparent`.
+#[tokio::test]
+async fn a_json_service_over_the_client_layer_sends_the_trace_context() {
+    use switchboard::transport::http::{JsonRequest, JsonService};
+
+    let tracing = Tracing::install();
+    let app = axum::Router::new().route(
+        "/orders/{id}",
+        axum::routing::get(|headers: axum::http::HeaderMap| async move {
+            let traceparent = headers
+                .get(TRACEPARENT)
+                .map(|value| value.to_str().unwrap().to_owned());
+            axum::Json(traceparent)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let traced = ServiceBuilder::new()
+        .layer(InjectTraceContextLayer::new())
+        .service(reqwest::Client::new());
+    let orders =
+        JsonService::<JsonRequest, Option<String>, _>::at(traced, format!("http://{address}"));
+    let seen = orders
+        .oneshot(JsonRequest::get("/orders/{id}").with_param("id", 7))
+        .await
+        .unwrap();
+    server.abort();
+
+    let client_span = tracing.span("http.client");
+    assert_eq!(
+        seen.expect("the request carried a traceparent"),
+        format!(
+            "00-{}-{}-01",
+            client_span.span_context.trace_id(),
+            client_span.span_context.span_id()
+        )
+    );
+}

@@ -13,8 +13,9 @@
 //! * [`AuthLayer`] / [`Auth`] / [`ResponseFuture`] — the tower layer. A
 //!   tonic server's requests are `http::Request`s too, so one layer serves
 //!   axum and tonic: on success the claims go into the request extensions, on
-//!   failure the inner service is not called and the caller gets `401` (or
-//!   `grpc-status: 16` UNAUTHENTICATED for gRPC).
+//!   failure the inner service is not called and the caller gets `401` with
+//!   the crate's JSON error body (or `grpc-status: 16` UNAUTHENTICATED for
+//!   gRPC); [`RefusalBody`] is what the response body must be.
 //! * [`AuthError`] — one variant per reason; it becomes an
 //!   [`Error`](crate::Error) of kind `Unauthorized`, not retryable.
 //!
@@ -38,6 +39,7 @@ use tower::Service;
 pub use error::AuthError;
 pub use future::ResponseFuture;
 pub use layer::AuthLayer;
+pub use refusal::RefusalBody;
 pub use verifier::{Claims, DEFAULT_LEEWAY, KeyAlgorithm, TokenVerifier};
 
 /// A service that only lets through requests with a valid bearer token; see
@@ -46,9 +48,11 @@ pub use verifier::{Claims, DEFAULT_LEEWAY, KeyAlgorithm, TokenVerifier};
 /// The inner service is never called for a refused request, though
 /// `poll_ready` has already asked it to be ready (the token is read in
 /// `call`); a service that reserves capacity in `poll_ready` holds it until
-/// its next call, as with tower-http's header validation. Refusals are
-/// answered with an empty body (`ResBody::default()`), so any response body
-/// with a `Default` works: axum's, tonic's, `String`, http-body-util's.
+/// its next call, as with tower-http's header validation. A plain HTTP
+/// refusal is a 401 with the JSON error body of `transport::http::ErrorResponse`
+/// (`{"error":{"kind":"unauthorized","message":"..."}}`); a gRPC one has an
+/// empty body. The response body is any [`RefusalBody`]: axum's, tonic's,
+/// `String`, http-body-util's `Full`.
 pub struct Auth<S, C = Claims> {
     inner: S,
     verifier: Arc<TokenVerifier>,
@@ -91,7 +95,7 @@ impl<S, C> Auth<S, C> {
 impl<S, C, ReqBody, ResBody> Service<Request<ReqBody>> for Auth<S, C>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Default,
+    ResBody: RefusalBody,
     C: DeserializeOwned + Clone + Send + Sync + 'static,
 {
     type Response = Response<ResBody>;

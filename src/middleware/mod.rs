@@ -31,7 +31,7 @@ mod stack;
 
 #[allow(deprecated)]
 pub use stack::Handler;
-pub use stack::{Client, Consumer, Resilience};
+pub use stack::{BoxClient, Client, Consumer, Resilience};
 
 #[cfg(test)]
 mod test_support;

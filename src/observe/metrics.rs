@@ -6,11 +6,21 @@
 //! recorder the application chose (Prometheus, StatsD, OpenTelemetry…),
 //! which keeps its own (usually sharded or atomic) storage — this crate adds
 //! no lock of its own.
+//!
+//! With feature `http`, [`handler`] and [`router`] serve the exporter's text
+//! at `/metrics` (the render function is the exporter's, such as
+//! `metrics-exporter-prometheus`'s `PrometheusHandle::render`).
 
 use std::borrow::Cow;
 use std::time::Duration;
 
 use crate::error::ErrorKind;
+
+#[cfg(feature = "http")]
+mod scrape;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub use scrape::{PROMETHEUS_CONTENT_TYPE, handler, router};
 
 /// Counter of publishes, labels `transport`, `topic`, `outcome` (`ok` / `error`).
 pub const PUBLISH_TOTAL: &str = "switchboard_publish_total";

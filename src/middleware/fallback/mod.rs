@@ -8,7 +8,8 @@
 //!
 //! * [`StaleCache`] remembers the last good answer per key and serves it,
 //!   marked [`Freshness::Stale`] with its age, when the call fails or the
-//!   breaker is open;
+//!   breaker is open — for up to [`StaleCache::DEFAULT_MAX_AGE`] (5
+//!   minutes) unless `with_max_age` says otherwise;
 //! * [`Gate`] switches a mode from a breaker's state: while the breaker is
 //!   not closed, calls classed as writes are refused with a clear error and
 //!   reads are served;

@@ -49,10 +49,18 @@ struct Entry<T> {
 /// Remembers the last good answer per key and serves it, marked stale, when
 /// the dependency is down; see the [module docs](super).
 ///
+/// An answer is served for at most [`DEFAULT_MAX_AGE`](StaleCache::DEFAULT_MAX_AGE)
+/// (5 minutes) after the dependency gave it, unless
+/// [`with_max_age`](Self::with_max_age) says otherwise: past it the
+/// dependency's error goes through, since an answer of any age is rarely
+/// better than none (a price from yesterday). `with_max_age(Duration::MAX)`
+/// serves answers of any age.
+///
 /// ```
 /// use std::sync::atomic::{AtomicBool, Ordering};
 /// use std::sync::Arc;
-/// use switchboard::middleware::fallback::StaleCacheLayer;
+/// use std::time::Duration;
+/// use switchboard::middleware::fallback::{StaleCache, StaleCacheLayer};
 /// use switchboard::Error;
 /// use tower::{service_fn, Layer, ServiceExt};
 ///
@@ -72,6 +80,8 @@ struct Entry<T> {
 /// let delayed = prices.oneshot("AAPL".into()).await?;
 /// assert!(delayed.is_stale());
 /// assert_eq!(delayed.value, 150.0);
+/// // For at most 5 minutes after the market gave it, unless set otherwise.
+/// assert_eq!(StaleCache::DEFAULT_MAX_AGE, Duration::from_secs(300));
 /// # Ok::<(), Error>(())
 /// # }).unwrap();
 /// ```
@@ -79,8 +89,11 @@ pub struct StaleCache<S, F, K, T> {
     inner: S,
     key: F,
     cache: Cache<K, Entry<T>>,
-    max_age: Option<Duration>,
+    max_age: Duration,
 }
+
+/// How long an answer is served by default ([`StaleCache::DEFAULT_MAX_AGE`]).
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(5 * 60);
 
 impl<S, F, K, T> StaleCache<S, F, K, T>
 where
@@ -93,17 +106,31 @@ where
             inner,
             key,
             cache: Cache::new(capacity),
-            max_age: None,
+            max_age: DEFAULT_MAX_AGE,
         }
     }
 }
 
+// On one concrete type, so `StaleCache::DEFAULT_MAX_AGE` needs no type
+// arguments: inference picks the one impl that has it.
+impl StaleCache<(), (), (), ()> {
+    /// The oldest answer served unless
+    /// [`with_max_age`](StaleCache::with_max_age) says otherwise: 5 minutes.
+    pub const DEFAULT_MAX_AGE: Duration = DEFAULT_MAX_AGE;
+}
+
 impl<S, F, K, T> StaleCache<S, F, K, T> {
-    /// Serves no answer older than `max_age`: past it the error goes
-    /// through.
+    /// Serves no answer older than `max_age` (default
+    /// [`StaleCache::DEFAULT_MAX_AGE`], 5 minutes): past it the error goes
+    /// through. `Duration::MAX` serves answers of any age.
     pub fn with_max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = Some(max_age);
+        self.max_age = max_age;
         self
+    }
+
+    /// The oldest answer served.
+    pub fn max_age(&self) -> Duration {
+        self.max_age
     }
 
     /// The wrapped service.
@@ -160,7 +187,7 @@ where
                 Err(error) => return Err(error),
             };
             match cache.get(&key) {
-                Some(entry) if max_age.is_none_or(|max| entry.at.elapsed() <= max) => {
+                Some(entry) if entry.at.elapsed() <= max_age => {
                     let age = entry.at.elapsed();
                     tracing::debug!(%error, age_ms = age.as_millis() as u64, "serving a stale answer");
                     Ok(Cached {
@@ -199,7 +226,7 @@ impl<S: fmt::Debug, F, K, T> fmt::Debug for StaleCache<S, F, K, T> {
 pub struct StaleCacheLayer<F, K, T> {
     key: F,
     cache: Cache<K, Entry<T>>,
-    max_age: Option<Duration>,
+    max_age: Duration,
 }
 
 impl<F, K, T> StaleCacheLayer<F, K, T>
@@ -221,13 +248,17 @@ where
         Self {
             key,
             cache: Cache::new(capacity),
-            max_age: None,
+            max_age: DEFAULT_MAX_AGE,
         }
     }
+}
 
-    /// Serves no answer older than `max_age`.
+impl<F, K, T> StaleCacheLayer<F, K, T> {
+    /// Serves no answer older than `max_age` (default
+    /// [`StaleCache::DEFAULT_MAX_AGE`], 5 minutes); `Duration::MAX` serves
+    /// answers of any age.
     pub fn with_max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = Some(max_age);
+        self.max_age = max_age;
         self
     }
 }

@@ -100,6 +100,83 @@ async fn stale_cache_serves_while_the_breaker_is_open_and_respects_a_max_age() {
     assert!(error.is_retryable() || error.kind() == ErrorKind::BreakerOpen);
 }
 
+/// Serves the last good answer up to `max_age` after it was given, and the
+/// dependency's error past it.
+async fn served_at<S>(
+    prices: &StaleCache<S, fn(&String) -> String, String, String>,
+    market: &Dependency,
+    age: Duration,
+) -> Result<Cached<String>, Error>
+where
+    S: Service<String, Response = String, Error = Error> + Clone,
+    S::Future: Send + 'static,
+{
+    market.fail_with(None);
+    prices.clone().oneshot("AAPL".into()).await.unwrap();
+    market.fail_with(Some(ErrorKind::Unavailable));
+    tokio::time::advance(age).await;
+    prices.clone().oneshot("AAPL".into()).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_cache_serves_answers_up_to_five_minutes_old_by_default() {
+    let market = Dependency::default();
+    let key: fn(&String) -> String = String::clone;
+    let prices = StaleCacheLayer::new(key).layer(market.service());
+    assert_eq!(StaleCache::DEFAULT_MAX_AGE, Duration::from_secs(300));
+    assert_eq!(prices.max_age(), Duration::from_secs(300));
+
+    let stale = served_at(&prices, &market, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        stale.freshness,
+        Freshness::Stale {
+            age: Duration::from_secs(300)
+        }
+    );
+    let error = served_at(&prices, &market, Duration::from_secs(301))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.kind(),
+        ErrorKind::Unavailable,
+        "older than 5 minutes: the error goes through"
+    );
+
+    // The service built without the layer has the same default.
+    let direct = StaleCache::new(market.service(), key, 10);
+    assert!(
+        served_at(&direct, &market, Duration::from_secs(301))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_cache_with_max_age_duration_max_serves_any_age() {
+    let market = Dependency::default();
+    let key: fn(&String) -> String = String::clone;
+    let prices = StaleCacheLayer::new(key)
+        .with_max_age(Duration::MAX)
+        .layer(market.service());
+    let year = Duration::from_secs(365 * 24 * 3600);
+    let stale = served_at(&prices, &market, year).await.unwrap();
+    assert_eq!(stale.freshness, Freshness::Stale { age: year });
+
+    let shorter = StaleCache::new(market.service(), key, 10).with_max_age(Duration::from_secs(10));
+    assert!(
+        served_at(&shorter, &market, Duration::from_secs(10))
+            .await
+            .is_ok()
+    );
+    assert!(
+        served_at(&shorter, &market, Duration::from_secs(11))
+            .await
+            .is_err()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn gate_refuses_writes_and_serves_reads_while_the_breaker_is_open() {
     let trading = Dependency::default();

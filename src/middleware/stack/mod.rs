@@ -27,6 +27,41 @@ use crate::error::{Error, ErrorKind};
 /// (axum's `State`, an `Arc`) and be cloned for each call.
 pub type Client<S, I = Uniform> = Retry<CircuitBreaker<Timeout<S>>, SameRequest, I>;
 
+/// Any client stack behind one nameable type: a [`Client`] (with a
+/// fallback around it, or layers of your own) boxed, so it can be a struct
+/// field or axum state without writing out its type — which closures make
+/// impossible. It stays `Clone + Send + Sync`; the box costs one allocation
+/// per call.
+///
+/// ```
+/// use switchboard::middleware::fallback::StaleCacheLayer;
+/// use switchboard::middleware::{BoxClient, Resilience};
+/// use switchboard::Error;
+/// use tower::{Layer, ServiceExt};
+///
+/// /// Held in the application's state: the type names what is sent and
+/// /// answered, not how the stack is built.
+/// #[derive(Clone)]
+/// struct Clients {
+///     prices: BoxClient<String, f64>,
+/// }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let resilience = Resilience::from_yaml("timeouts:\n  market: 50\n")?;
+/// let market = tower::service_fn(|_symbol: String| async { Ok::<_, Error>(150.0) });
+/// let client = resilience.client("market", market);
+/// // A closure-keyed cache around it, answering the value only.
+/// let cached = StaleCacheLayer::new(|symbol: &String| symbol.clone())
+///     .layer(client)
+///     .map_response(|cached| cached.value);
+/// let clients = Clients { prices: BoxClient::new(cached) };
+///
+/// assert_eq!(clients.prices.clone().oneshot("AAPL".into()).await?, 150.0);
+/// # Ok::<(), Error>(())
+/// # }).unwrap();
+/// ```
+pub type BoxClient<Req, Resp> = tower::util::BoxCloneSyncService<Req, Resp, Error>;
+
 /// A consumer stack: `dedupe ▸ dead_letter ▸ circuit_breaker ▸ retry ▸
 /// timeout ▸ handler`; see [`Resilience::consumer`].
 pub type Consumer<H> = Dedupe<DeadLettering<CircuitBreaker<Retry<Timeout<H>, CountAttempts>>>>;
@@ -452,8 +487,14 @@ const _: fn() = || {
     );
     shareable::<super::fallback::Gate<Client<Plain>, fn(&String) -> super::fallback::Access>>();
     shareable::<super::fallback::StaleCache<Client<Plain>, fn(&String) -> String, String, f64>>();
+    shareable::<BoxClient<String, f64>>();
     #[cfg(feature = "http")]
     shareable::<Client<crate::transport::http::JsonService<String, String>>>();
+    #[cfg(feature = "http")]
+    {
+        use crate::transport::http::{JsonRequest, JsonService};
+        shareable::<Client<JsonService<JsonRequest, String>>>();
+    }
     #[cfg(feature = "grpc")]
     {
         use crate::transport::grpc::{GrpcService, proto};

@@ -2,11 +2,16 @@
 //! request/response as a tower service, the status ↔ [`Error`] mapping, and
 //! the webhook event-push transport.
 //!
-//! * [`JsonService`] posts a serializable request and decodes the JSON
-//!   answer, as a `tower::Service` whose error is this crate's [`Error`], so
-//!   the resilience layers wrap it and see whether to retry.
+//! * [`JsonService`] sends a serializable request — a body to one URL, or
+//!   a [`JsonRequest`] with its own method, path parameters and query — and
+//!   decodes the JSON answer (an empty one as `()`), as a `tower::Service`
+//!   whose error is this crate's [`Error`], so the resilience layers wrap it
+//!   and see whether to retry. It runs over `reqwest::Client` or any
+//!   `Service<reqwest::Request>` wrapping one (trace context, your layers);
+//!   [`error_from_reqwest`] is its mapping of reqwest's failures.
 //! * [`JsonBody`] is its server half, an axum extractor that refuses
-//!   malformed JSON with 400 and an oversize body with 413, and
+//!   malformed JSON with 400 and an oversize body with 413;
+//!   [`JsonResponse`] answers a value as JSON with a status, and
 //!   [`ErrorResponse`] answers any [`Error`] with the matching status and a
 //!   JSON body (`{"error":{"kind":"rejected","message":"..."}}`).
 //! * [`HttpTransport`] pushes events as webhooks, `POST /events/{topic}`;
@@ -54,7 +59,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::error::{Effect, Error, ErrorKind};
 use crate::transport::push::RETRY_AFTER_MS;
@@ -65,9 +70,9 @@ mod server;
 #[cfg(feature = "http-tls")]
 mod tls;
 
-pub use client::{JsonService, ResponseFuture};
+pub use client::{JsonRequest, JsonService, ResponseFuture, error_from_reqwest};
 pub use push::{ATTEMPT, GROUP, HEADERS, HttpTransport, REFUSED, REFUSED_QUEUE_FULL};
-pub use server::{JsonBody, MaxBodyBytes};
+pub use server::{JsonBody, JsonResponse, MaxBodyBytes};
 #[cfg(feature = "http-tls")]
 pub use tls::{serve_tls, tls_client, tls_server_config};
 
@@ -157,30 +162,17 @@ pub fn status_from_error(error: &Error) -> StatusCode {
 
 /// A stable snake_case name for an error kind, as sent in JSON error bodies.
 pub fn kind_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Connection => "connection",
-        ErrorKind::Timeout => "timeout",
-        ErrorKind::Unavailable => "unavailable",
-        ErrorKind::Rejected => "rejected",
-        ErrorKind::Unauthorized => "unauthorized",
-        ErrorKind::Decode => "decode",
-        ErrorKind::Encode => "encode",
-        ErrorKind::Config => "config",
-        ErrorKind::NotFound => "not_found",
-        ErrorKind::BreakerOpen => "breaker_open",
-        ErrorKind::Unsupported => "unsupported",
-        ErrorKind::Closed => "closed",
-    }
+    crate::error::kind_name(kind)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct ErrorBody {
     error: ErrorDetail,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct ErrorDetail {
-    kind: String,
+    // The kind comes back from the status, which the table maps.
     message: String,
 }
 
@@ -234,14 +226,7 @@ impl From<Error> for ErrorResponse {
 
 impl IntoResponse for ErrorResponse {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                kind: kind_name(self.error.kind()).to_owned(),
-                message: self.error.message().to_owned(),
-            },
-        };
-        // Two strings always serialize.
-        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let json = crate::error::json_error_body(&self.error);
         let content_type = [(header::CONTENT_TYPE, "application/json")];
         let mut response = (self.status, content_type, json).into_response();
         if let Some(delay) = self.error.requeue_after().or(self.error.retry_after()) {

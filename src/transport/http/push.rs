@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use tokio::net::TcpListener;
 
-use super::client::from_reqwest;
+use super::client::error_from_reqwest;
 use super::server::read_body;
 use super::{ErrorResponse, error_from_response};
 use crate::envelope::Headers;
@@ -122,7 +122,7 @@ impl HttpTransport {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .build()
-            .map_err(from_reqwest)?;
+            .map_err(error_from_reqwest)?;
         Self::with_client(config, client)
     }
 
@@ -212,7 +212,7 @@ impl PushSender for HttpTransport {
         if let Some(group) = request.group {
             builder = builder.header(GROUP, group);
         }
-        let response = builder.send().await.map_err(from_reqwest)?;
+        let response = builder.send().await.map_err(error_from_reqwest)?;
         let status = response.status();
         if status.is_success() {
             return Ok(());

@@ -3,9 +3,11 @@
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::ErrorResponse;
@@ -68,6 +70,114 @@ where
     }
 }
 
+/// The answer half of [`JsonBody`]: `T` as a JSON body with a status (200
+/// unless set) and `Content-Type: application/json`, as an axum
+/// `IntoResponse`. The error half is [`ErrorResponse`]; a value that fails
+/// to serialize (a map with non-string keys) is answered as a 500
+/// [`ErrorResponse`] of kind `encode`.
+///
+/// ```
+/// use axum::http::StatusCode;
+/// use axum::response::IntoResponse;
+/// use axum::routing::post;
+/// use serde::{Deserialize, Serialize};
+/// use switchboard::Error;
+/// use switchboard::transport::http::{ErrorResponse, JsonBody, JsonResponse};
+///
+/// #[derive(Deserialize)]
+/// struct Order { quantity: u32 }
+/// #[derive(Serialize)]
+/// struct Placed { id: u64 }
+///
+/// async fn place(JsonBody(order): JsonBody<Order>) -> Result<JsonResponse<Placed>, ErrorResponse> {
+///     if order.quantity == 0 {
+///         return Err(Error::permanent("quantity must be positive").into());
+///     }
+///     Ok(JsonResponse::created(Placed { id: 7 }))
+/// }
+/// let app: axum::Router = axum::Router::new().route("/orders", post(place));
+/// # let _ = app;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let response = JsonResponse::created(Placed { id: 7 }).into_response();
+/// assert_eq!(response.status(), StatusCode::CREATED);
+/// assert_eq!(response.headers()["content-type"], "application/json");
+/// let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+/// assert_eq!(&body[..], br#"{"id":7}"#);
+/// # });
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonResponse<T> {
+    status: StatusCode,
+    body: T,
+}
+
+impl<T> JsonResponse<T> {
+    /// `body` with `status`.
+    pub fn new(status: StatusCode, body: T) -> Self {
+        Self { status, body }
+    }
+
+    /// `body` with `200 OK`.
+    pub fn ok(body: T) -> Self {
+        Self::new(StatusCode::OK, body)
+    }
+
+    /// `body` with `201 Created`.
+    pub fn created(body: T) -> Self {
+        Self::new(StatusCode::CREATED, body)
+    }
+
+    /// `body` with `202 Accepted`.
+    pub fn accepted(body: T) -> Self {
+        Self::new(StatusCode::ACCEPTED, body)
+    }
+
+    /// The status it is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The body.
+    pub fn body(&self) -> &T {
+        &self.body
+    }
+
+    /// Gives back the body.
+    pub fn into_body(self) -> T {
+        self.body
+    }
+}
+
+impl<T> From<T> for JsonResponse<T> {
+    fn from(body: T) -> Self {
+        Self::ok(body)
+    }
+}
+
+impl<T: Serialize> IntoResponse for JsonResponse<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_vec(&self.body) {
+            Ok(json) => {
+                let content_type = [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )];
+                (self.status, content_type, json).into_response()
+            }
+            Err(error) => ErrorResponse::from(
+                Error::new(
+                    ErrorKind::Encode,
+                    format!("the answer is not JSON: {error}"),
+                )
+                .with_source(error),
+            )
+            .with_status(StatusCode::INTERNAL_SERVER_ERROR)
+            .into_response(),
+        }
+    }
+}
+
 /// Reads a request body of at most `limit` bytes: 413 when it is larger
 /// (known from `Content-Length` before reading, or found while reading),
 /// 400 when the body breaks off.
@@ -98,4 +208,24 @@ fn too_large(limit: usize) -> ErrorResponse {
         format!("the request body is over the limit of {limit} bytes"),
     ))
     .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_answer_that_is_not_json_is_a_500_saying_so() {
+        // JSON object keys must be strings.
+        let body = BTreeMap::from([((1, 2), "x")]);
+        let response = JsonResponse::ok(body).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["kind"], "encode");
+    }
 }

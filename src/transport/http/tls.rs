@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use super::client::from_reqwest;
+use super::client::error_from_reqwest;
 use crate::error::{Error, ErrorKind};
 
 /// How long a client may take over the TLS handshake before its connection
@@ -51,7 +51,7 @@ pub fn tls_client(roots: RootCertStore) -> Result<reqwest::Client, Error> {
         .tcp_nodelay(true)
         .tls_backend_preconfigured(Arc::unwrap_or_clone(config))
         .build()
-        .map_err(from_reqwest)
+        .map_err(error_from_reqwest)
 }
 
 /// A server config for [`serve_tls`] from a certificate chain and its key:
