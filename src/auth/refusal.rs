@@ -75,6 +75,18 @@ impl RefusalBody for http_body_util::Full<bytes::Bytes> {
     }
 }
 
+/// The file-transfer server's body ([`TransferBody`](crate::transfer::TransferBody)),
+/// so `AuthLayer` can stand in front of it.
+#[cfg(any(feature = "http", feature = "file-transfer"))]
+impl<E> RefusalBody for http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, E> {
+    fn from_json(json: Vec<u8>) -> Self {
+        use http_body_util::BodyExt;
+        http_body_util::Full::new(bytes::Bytes::from(json))
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
+}
+
 #[cfg(feature = "grpc")]
 impl RefusalBody for tonic::body::Body {
     fn from_json(_json: Vec<u8>) -> Self {
