@@ -19,7 +19,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::codec::DecodeError;
-use crate::transport::DeadLetter;
+use crate::dead_letter::DeadLetter;
 
 /// A boxed error from a lower layer (a client library, a handler).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -84,6 +84,7 @@ mod bus;
 pub mod cloudevents;
 mod codec;
 pub mod config;
+mod dead_letter;
 mod envelope;
 mod error;
 pub mod middleware;

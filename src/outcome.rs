@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use crate::codec::DecodeError;
+use crate::dead_letter::DeadLetter;
 use crate::error::{Error, ErrorKind};
-use crate::transport::DeadLetter;
 
 /// What settling a message does: the one table.
 ///

@@ -51,130 +51,7 @@ impl RawMessage {
     }
 }
 
-/// Why and after how many attempts a message goes to the dead-letter queue.
-///
-/// ```
-/// use switchboard::DeadLetter;
-///
-/// let letter = DeadLetter::new("handler gave up")
-///     .with_attempts(3)
-///     .with_last_error("market: unavailable");
-/// assert_eq!(letter.reason(), "handler gave up");
-/// assert_eq!(letter.attempts(), Some(3));
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    reason: String,
-    attempts: Option<u32>,
-    last_error: Option<String>,
-    alert: PendingAlert,
-}
-
-/// The alert the dead-letter layer asks for, carried with the letter so the
-/// consume loop can raise it once the transport has accepted the letter —
-/// an alert raised earlier would send an operator to a queue that does not
-/// hold the message yet. Not part of a letter's identity: two letters with
-/// the same facts are equal whether or not one still has its alert.
-#[derive(Clone, Default)]
-pub(crate) struct PendingAlert(
-    Option<
-        Arc<(
-            Arc<dyn crate::middleware::dead_letter::DeadLetterAlert>,
-            crate::middleware::dead_letter::DeadLetterFacts,
-        )>,
-    >,
-);
-
-impl PendingAlert {
-    /// Tells the hook, once.
-    pub(crate) fn raise(self) {
-        if let Some(pending) = self.0 {
-            pending.0.alert(&pending.1);
-        }
-    }
-}
-
-impl PartialEq for PendingAlert {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for PendingAlert {}
-
-impl fmt::Debug for PendingAlert {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_some() { "pending" } else { "none" })
-    }
-}
-
-impl DeadLetter {
-    /// A dead letter with a reason; attempts default to the delivery's.
-    pub fn new(reason: impl Into<String>) -> Self {
-        Self {
-            reason: reason.into(),
-            attempts: None,
-            last_error: None,
-            alert: PendingAlert::default(),
-        }
-    }
-
-    /// Asks for `alert` to be told `facts` once the transport has accepted
-    /// this letter.
-    pub(crate) fn with_alert(
-        mut self,
-        alert: Arc<dyn crate::middleware::dead_letter::DeadLetterAlert>,
-        facts: crate::middleware::dead_letter::DeadLetterFacts,
-    ) -> Self {
-        self.alert = PendingAlert(Some(Arc::new((alert, facts))));
-        self
-    }
-
-    /// The alert to raise once the letter is stored, taken from the letter.
-    pub(crate) fn take_alert(&mut self) -> PendingAlert {
-        std::mem::take(&mut self.alert)
-    }
-
-    /// Sets how many times the message was tried in all.
-    pub fn with_attempts(mut self, attempts: u32) -> Self {
-        self.attempts = Some(attempts);
-        self
-    }
-
-    /// Records the last error the handler returned.
-    pub fn with_last_error(mut self, error: impl Into<String>) -> Self {
-        self.last_error = Some(error.into());
-        self
-    }
-
-    /// Why the message was given up on.
-    pub fn reason(&self) -> &str {
-        &self.reason
-    }
-
-    /// How many times it was tried, when known. [`Delivery::dead_letter`]
-    /// always fills it in before the transport sees it.
-    pub fn attempts(&self) -> Option<u32> {
-        self.attempts
-    }
-
-    /// The last error, when there was one.
-    pub fn last_error(&self) -> Option<&str> {
-        self.last_error.as_deref()
-    }
-}
-
-impl From<&str> for DeadLetter {
-    fn from(reason: &str) -> Self {
-        Self::new(reason)
-    }
-}
-
-impl From<String> for DeadLetter {
-    fn from(reason: String) -> Self {
-        Self::new(reason)
-    }
-}
+pub use crate::dead_letter::DeadLetter;
 
 /// The transport's side of a [`Delivery`]: how to settle it.
 ///
@@ -581,9 +458,10 @@ impl fmt::Debug for Delivery {
     }
 }
 
-pub use super::subscribe_options::{GiveBackLimit, SubscribeOptions, validate_name};
+pub use super::subscribe_options::{GiveBackLimit, SubscribeOptions};
 pub(crate) use super::subscription::Prefetch;
 pub use super::subscription::Subscription;
+pub use crate::topology::validate_name;
 
 #[cfg(test)]
 #[path = "delivery_tests.rs"]

@@ -8,6 +8,7 @@ use chrono::Utc;
 
 use super::delivery::Delivery;
 use crate::error::{Error, ErrorKind};
+use crate::topology::validate_name;
 
 /// How a subscriber takes part: its group, how many messages it handles at
 /// once, and how many it may hold unsettled.
@@ -196,26 +197,4 @@ impl SubscribeOptions {
         }
         Ok(())
     }
-}
-
-/// Checks a topic or group name: 1 to 255 bytes of ASCII letters, digits and
-/// `. _ - :`. Every transport can use such a name as a stream key, routing
-/// key, queue name or URL path segment without escaping.
-///
-/// ```
-/// use switchboard::validate_name;
-///
-/// assert!(validate_name("topic", "trade.executed").is_ok());
-/// assert!(validate_name("topic", "").is_err());
-/// assert!(validate_name("topic", "trade executed").is_err());
-/// ```
-pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':');
-    if name.is_empty() || name.len() > 255 || !name.bytes().all(allowed) {
-        return Err(Error::new(
-            ErrorKind::Rejected,
-            format!("invalid {what} name {name:?}: use 1 to 255 ASCII letters, digits or . _ - :"),
-        ));
-    }
-    Ok(())
 }
