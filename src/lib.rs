@@ -145,6 +145,14 @@ pub use envelope::{Event, EventEnvelope, Headers};
 pub use error::{BoxError, Effect, Error, ErrorKind};
 pub use outcome::Outcome;
 pub use topology::Topology;
+// Every transport type at the root, behind its feature; its config and
+// helpers stay in its module (`transport::amqp::AmqpConfig`, ...).
+#[cfg(feature = "amqp")]
+pub use transport::amqp::AmqpTransport;
+#[cfg(feature = "grpc")]
+pub use transport::grpc::GrpcTransport;
+#[cfg(feature = "http")]
+pub use transport::http::HttpTransport;
 pub use transport::memory::MemoryTransport;
 #[cfg(feature = "redis-pubsub")]
 pub use transport::redis_pubsub::RedisPubSubTransport;
