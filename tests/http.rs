@@ -16,13 +16,13 @@ async fn wired_to_itself() -> Arc<dyn Transport> {
         .expect("a free local port");
     let url = format!("http://{}", listener.local_addr().expect("local address"));
     let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(url)))
-        .with_retry(RetryConfig {
-            max_attempts: 5,
-            backoff_ms: 5,
-            backoff_multiplier: 2.0,
-            max_backoff_ms: 100,
-            ..RetryConfig::default()
-        });
+        .with_retry(
+            RetryConfig::default()
+                .with_max_attempts(5)
+                .with_backoff_ms(5)
+                .with_backoff_multiplier(2.0)
+                .with_max_backoff_ms(100),
+        );
     let transport = HttpTransport::new(config).expect("an HTTP transport");
     tokio::spawn(transport.serve(listener));
     Arc::new(transport)
@@ -68,13 +68,13 @@ mod receiver {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(&url)))
             .with_max_body_bytes(LIMIT)
-            .with_retry(switchboard::config::RetryConfig {
-                max_attempts: 2,
-                backoff_ms: 1,
-                backoff_multiplier: 1.0,
-                max_backoff_ms: 1,
-                ..switchboard::config::RetryConfig::default()
-            });
+            .with_retry(
+                switchboard::config::RetryConfig::default()
+                    .with_max_attempts(2)
+                    .with_backoff_ms(1)
+                    .with_backoff_multiplier(1.0)
+                    .with_max_backoff_ms(1),
+            );
         let transport = HttpTransport::new(config).unwrap();
         tokio::spawn(transport.serve(listener));
         (transport, url)
@@ -238,13 +238,13 @@ mod receiver {
         let url = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
         let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(url)))
-            .with_retry(switchboard::config::RetryConfig {
-                max_attempts: 2,
-                backoff_ms: 1,
-                backoff_multiplier: 1.0,
-                max_backoff_ms: 1,
-                ..switchboard::config::RetryConfig::default()
-            });
+            .with_retry(
+                switchboard::config::RetryConfig::default()
+                    .with_max_attempts(2)
+                    .with_backoff_ms(1)
+                    .with_backoff_multiplier(1.0)
+                    .with_max_backoff_ms(1),
+            );
         let transport = HttpTransport::new(config).unwrap();
         let error = transport
             .publish("t", RawMessage::new("x"))
@@ -460,13 +460,13 @@ mod full_queue {
         let config = PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(&url)))
             .with_queue_capacity(CAPACITY)
             .with_timeout(Duration::from_secs(10))
-            .with_retry(switchboard::config::RetryConfig {
-                max_attempts: 2,
-                backoff_ms: 1,
-                backoff_multiplier: 1.0,
-                max_backoff_ms: 1,
-                ..switchboard::config::RetryConfig::default()
-            });
+            .with_retry(
+                switchboard::config::RetryConfig::default()
+                    .with_max_attempts(2)
+                    .with_backoff_ms(1)
+                    .with_backoff_multiplier(1.0)
+                    .with_max_backoff_ms(1),
+            );
         let transport = HttpTransport::new(config).unwrap();
         tokio::spawn(transport.serve(listener));
 

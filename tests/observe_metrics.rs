@@ -283,10 +283,7 @@ async fn retries_are_counted_by_the_kind_that_caused_them() {
 #[tokio::test(start_paused = true)]
 async fn breaker_state_changes_are_counted_and_the_state_is_a_gauge() {
     let recorder = Recorder::install();
-    let config = CircuitBreakerConfig {
-        failure_threshold: 2,
-        ..CircuitBreakerConfig::default()
-    };
+    let config = CircuitBreakerConfig::default().with_failure_threshold(2);
     let mut market = ServiceBuilder::new()
         .layer(CircuitBreakerLayer::named("market", config))
         .service(service_fn(|fail: bool| async move {

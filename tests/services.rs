@@ -32,11 +32,10 @@ use tokio::sync::mpsc;
 const DEADLINE: Duration = Duration::from_secs(10);
 
 fn breaker() -> CircuitBreakerConfig {
-    CircuitBreakerConfig {
-        failure_threshold: 1,
-        timeout_ms: 2_000,
-        reset_timeout_ms: 1,
-    }
+    CircuitBreakerConfig::default()
+        .with_failure_threshold(1)
+        .with_timeout_ms(2_000)
+        .with_reset_timeout_ms(1)
 }
 
 fn resilience() -> Resilience {

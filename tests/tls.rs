@@ -90,13 +90,11 @@ async fn listener() -> (TcpListener, u16) {
 
 fn push_config(url: String) -> PushConfig {
     PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(url))).with_retry(
-        RetryConfig {
-            max_attempts: 3,
-            backoff_ms: 5,
-            backoff_multiplier: 2.0,
-            max_backoff_ms: 50,
-            ..RetryConfig::default()
-        },
+        RetryConfig::default()
+            .with_max_attempts(3)
+            .with_backoff_ms(5)
+            .with_backoff_multiplier(2.0)
+            .with_max_backoff_ms(50),
     )
 }
 

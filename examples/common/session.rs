@@ -151,13 +151,11 @@ impl std::fmt::Debug for Gateway {
 /// outlasts the services' publish deadline, so an order placed while a
 /// broker restarts waits for it instead of failing.
 pub fn gateway_resilience(breaker: CircuitBreakerConfig) -> Resilience {
-    Resilience::new(ResilienceConfig {
-        circuit_breaker: breaker,
-        retry: RetryConfig {
-            max_attempts: 1,
-            ..RetryConfig::default()
-        },
-    })
+    Resilience::new(
+        ResilienceConfig::default()
+            .with_circuit_breaker(breaker)
+            .with_retry(RetryConfig::default().with_max_attempts(1)),
+    )
     .with_timeout(brokers::PUBLISH_DEADLINE + Duration::from_secs(15))
 }
 

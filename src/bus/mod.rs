@@ -180,7 +180,7 @@ impl EventBus {
     /// use switchboard::config::RetryConfig;
     /// use switchboard::{EventBus, MemoryTransport};
     ///
-    /// let retry = RetryConfig { backoff_ms: 50, max_backoff_ms: 500, ..RetryConfig::default() };
+    /// let retry = RetryConfig::default().with_backoff_ms(50).with_max_backoff_ms(500);
     /// let bus = EventBus::new(Arc::new(MemoryTransport::new()), "orders")
     ///     .with_publish_backoff(&retry);
     /// assert_eq!(bus.publish_deadline(), EventBus::DEFAULT_PUBLISH_DEADLINE);

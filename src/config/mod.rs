@@ -43,6 +43,7 @@ use crate::{Error, ErrorKind};
 /// The YAML block is `circuit_breaker:`; see the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CircuitBreakerConfig {
     /// Consecutive failures that open the breaker. At least 1.
     pub failure_threshold: u32,
@@ -52,6 +53,34 @@ pub struct CircuitBreakerConfig {
     /// How long an open breaker fails calls without trying them before it
     /// lets a trial call through, in milliseconds. At least 1.
     pub reset_timeout_ms: u64,
+}
+
+impl CircuitBreakerConfig {
+    /// Sets [`failure_threshold`](Self::failure_threshold).
+    ///
+    /// The defaults with some settings changed, one `with_*` per field:
+    ///
+    /// ```
+    /// use switchboard::config::CircuitBreakerConfig;
+    ///
+    /// let config = CircuitBreakerConfig::default().with_failure_threshold(2).with_reset_timeout_ms(1_000);
+    /// assert_eq!(config.failure_threshold, 2);
+    /// assert_eq!(config.timeout_ms, CircuitBreakerConfig::default().timeout_ms);
+    /// ```
+    pub fn with_failure_threshold(mut self, failure_threshold: u32) -> Self {
+        self.failure_threshold = failure_threshold;
+        self
+    }
+    /// Sets [`timeout_ms`](Self::timeout_ms).
+    pub fn with_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.timeout_ms = timeout_ms;
+        self
+    }
+    /// Sets [`reset_timeout_ms`](Self::reset_timeout_ms).
+    pub fn with_reset_timeout_ms(mut self, reset_timeout_ms: u64) -> Self {
+        self.reset_timeout_ms = reset_timeout_ms;
+        self
+    }
 }
 
 impl Default for CircuitBreakerConfig {
@@ -136,6 +165,7 @@ impl CircuitBreakerConfig {
 /// The YAML block is `retry:`; see the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RetryConfig {
     /// The most times an operation is attempted, the first attempt included,
     /// so 1 means no retries. At least 1.
@@ -162,6 +192,58 @@ pub struct RetryConfig {
     /// How long a call counts towards the budget, in milliseconds. From
     /// 1000 to 60000.
     pub budget_window_ms: u64,
+}
+
+impl RetryConfig {
+    /// Sets [`max_attempts`](Self::max_attempts).
+    ///
+    /// The defaults with some settings changed, one `with_*` per field:
+    ///
+    /// ```
+    /// use switchboard::config::RetryConfig;
+    ///
+    /// let config = RetryConfig::default().with_max_attempts(5).with_backoff_ms(20).with_jitter(false);
+    /// assert_eq!((config.max_attempts, config.backoff_ms, config.jitter), (5, 20, false));
+    /// ```
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+    /// Sets [`backoff_ms`](Self::backoff_ms).
+    pub fn with_backoff_ms(mut self, backoff_ms: u64) -> Self {
+        self.backoff_ms = backoff_ms;
+        self
+    }
+    /// Sets [`backoff_multiplier`](Self::backoff_multiplier).
+    pub fn with_backoff_multiplier(mut self, backoff_multiplier: f64) -> Self {
+        self.backoff_multiplier = backoff_multiplier;
+        self
+    }
+    /// Sets [`max_backoff_ms`](Self::max_backoff_ms).
+    pub fn with_max_backoff_ms(mut self, max_backoff_ms: u64) -> Self {
+        self.max_backoff_ms = max_backoff_ms;
+        self
+    }
+    /// Sets [`jitter`](Self::jitter).
+    pub fn with_jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
+    }
+    /// Sets [`budget_percent`](Self::budget_percent).
+    pub fn with_budget_percent(mut self, budget_percent: f64) -> Self {
+        self.budget_percent = budget_percent;
+        self
+    }
+    /// Sets [`budget_min_per_second`](Self::budget_min_per_second).
+    pub fn with_budget_min_per_second(mut self, budget_min_per_second: u32) -> Self {
+        self.budget_min_per_second = budget_min_per_second;
+        self
+    }
+    /// Sets [`budget_window_ms`](Self::budget_window_ms).
+    pub fn with_budget_window_ms(mut self, budget_window_ms: u64) -> Self {
+        self.budget_window_ms = budget_window_ms;
+        self
+    }
 }
 
 impl Default for RetryConfig {
@@ -279,11 +361,34 @@ impl RetryConfig {
 /// afterwards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ResilienceConfig {
     /// The `circuit_breaker:` block.
     pub circuit_breaker: CircuitBreakerConfig,
     /// The `retry:` block.
     pub retry: RetryConfig,
+}
+
+impl ResilienceConfig {
+    /// Sets [`circuit_breaker`](Self::circuit_breaker).
+    ///
+    /// The defaults with a block replaced:
+    ///
+    /// ```
+    /// use switchboard::config::{ResilienceConfig, RetryConfig};
+    ///
+    /// let config = ResilienceConfig::default().with_retry(RetryConfig::default().with_max_attempts(1));
+    /// assert_eq!(config.retry.max_attempts, 1);
+    /// ```
+    pub fn with_circuit_breaker(mut self, circuit_breaker: CircuitBreakerConfig) -> Self {
+        self.circuit_breaker = circuit_breaker;
+        self
+    }
+    /// Sets [`retry`](Self::retry).
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
 }
 
 impl ResilienceConfig {

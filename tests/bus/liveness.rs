@@ -81,10 +81,7 @@ fn flaky_bus(fault: Fault, deadline: Duration) -> (EventBus, Arc<Flaky>) {
         fault,
         calls: AtomicU32::new(0),
     });
-    let retry = RetryConfig {
-        jitter: false,
-        ..RetryConfig::default()
-    };
+    let retry = RetryConfig::default().with_jitter(false);
     let bus = EventBus::new(flaky.clone(), "orders")
         .with_publish_deadline(deadline)
         .with_publish_backoff(&retry);

@@ -220,13 +220,9 @@ async fn a_dead_lettered_event_carries_its_facts_and_runs_when_redriven() {
 async fn dead_letters_are_listed_inspected_and_redriven_one_or_all() {
     let (bus, _transport) = bus("ledger").await;
     let (alerts, mut alert_rx) = mpsc::unbounded_channel();
-    let config = ResilienceConfig {
-        retry: RetryConfig {
-            max_attempts: 1,
-            ..RetryConfig::default()
-        },
-        circuit_breaker: CircuitBreakerConfig::default(),
-    };
+    let config = ResilienceConfig::default()
+        .with_retry(RetryConfig::default().with_max_attempts(1))
+        .with_circuit_breaker(CircuitBreakerConfig::default());
     let resilience = Resilience::new(config).with_alert(Arc::new(Forward(alerts)));
     let failing = Arc::new(Mutex::new(true));
     let (ran, mut ran_rx) = mpsc::unbounded_channel();

@@ -98,13 +98,7 @@ async fn each_path_has_its_own_timeout() {
 async fn one_breaker_and_retry_guard_an_rpc_client_and_a_consumer_of_the_same_dependency() {
     let market = Market::default();
     // Without jitter, so the attempts come at the times asserted below.
-    let config = ResilienceConfig {
-        retry: RetryConfig {
-            jitter: false,
-            ..RetryConfig::default()
-        },
-        ..ResilienceConfig::default()
-    };
+    let config = ResilienceConfig::default().with_retry(RetryConfig::default().with_jitter(false));
     let breaker = Resilience::new(config).breaker("market");
     let retry = RetryLayer::new(config.retry);
 

@@ -66,7 +66,7 @@
 //! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 //!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! let config = CircuitBreakerConfig { failure_threshold: 2, ..Default::default() };
+//! let config = CircuitBreakerConfig::default().with_failure_threshold(2);
 //! let breaker = CircuitBreakerLayer::named("market", config);
 //! let mut client = ServiceBuilder::new()
 //!     .layer(breaker.clone())

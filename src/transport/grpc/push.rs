@@ -73,7 +73,7 @@ type EndpointConfig = dyn Fn(Endpoint) -> Result<Endpoint, Error> + Send + Sync;
 /// let handler = tokio::spawn(async move {
 ///     let delivery = subscription.recv().await.expect("a message");
 ///     assert_eq!(delivery.body().as_ref(), b"AAPL 150.00");
-///     delivery.ack().await.map_err(|(error, _)| error)
+///     delivery.ack().await.map_err(switchboard::Error::from)
 /// });
 /// // Returns once the handler above has acked.
 /// transport.publish("price.updated", RawMessage::new("AAPL 150.00")).await?;

@@ -94,7 +94,7 @@ pub const REFUSED_QUEUE_FULL: &str = "queue-full";
 /// let handler = tokio::spawn(async move {
 ///     let delivery = subscription.recv().await.expect("a message");
 ///     assert_eq!(delivery.body().as_ref(), b"AAPL 150.00");
-///     delivery.ack().await.map_err(|(error, _)| error)
+///     delivery.ack().await.map_err(switchboard::Error::from)
 /// });
 /// // Returns once the handler above has acked.
 /// transport.publish("price.updated", RawMessage::new("AAPL 150.00")).await?;

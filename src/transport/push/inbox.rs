@@ -45,7 +45,7 @@ use crate::transport::{
 /// let mut subscription = inbox.subscribe("price.updated", SubscribeOptions::new("game"))?;
 /// let handler = tokio::spawn(async move {
 ///     let delivery = subscription.recv().await.expect("a message");
-///     delivery.ack().await.map_err(|(error, _)| error)
+///     delivery.ack().await.map_err(switchboard::Error::from)
 /// });
 /// // Resolves once the handler above has acked.
 /// inbox.deliver("price.updated", None, RawMessage::new("AAPL 150"), 1).await?;
