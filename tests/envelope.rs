@@ -372,3 +372,6 @@ fn an_encoded_trade_cannot_be_read_as_another_event_type() {
         }
     );
 }
+
+#[path = "envelope/wire.rs"]
+mod wire;

@@ -71,7 +71,7 @@ mod receiver {
     /// Sends request bytes exactly as given, so tests can send what no
     /// well-behaved client would.
     #[derive(Debug, Clone, Copy, Default)]
-    struct RawCodec;
+    pub(super) struct RawCodec;
 
     impl Codec for RawCodec {
         type Encode = Bytes;
@@ -105,7 +105,7 @@ mod receiver {
 
     /// A transport with a small body limit serving on a free port, and a
     /// channel to it.
-    async fn served() -> (GrpcTransport, Channel) {
+    pub(super) async fn served() -> (GrpcTransport, Channel) {
         served_with_max_backoff(1).await
     }
 
@@ -382,6 +382,9 @@ mod receiver {
 }
 
 // ------------------------------------------- a full queue pushes back
+
+#[path = "grpc/wire.rs"]
+mod wire;
 
 #[path = "common/refusals.rs"]
 mod refusals;

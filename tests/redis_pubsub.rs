@@ -650,5 +650,8 @@ mod flood {
     }
 }
 
+#[path = "redis_pubsub/wire.rs"]
+mod wire;
+
 #[path = "redis_pubsub/stall.rs"]
 mod stall;

@@ -635,5 +635,8 @@ async fn a_redrive_of_all_moves_only_what_the_queue_held() {
     redrive::redrive_all_moves_only_what_was_there(transport().await).await;
 }
 
+#[path = "redis_streams/wire.rs"]
+mod wire;
+
 #[path = "redis_streams/trim.rs"]
 mod trim;

@@ -1,0 +1,86 @@
+//! The Pub/Sub fixtures of `tests/fixtures/wire/v1`: a payload with headers
+//! (the `\0SB1` frame) and one without, `PUBLISH`ed raw and read by a
+//! subscription; and today's publisher must still send the same bytes.
+
+use serde_json::Value as Json;
+use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
+
+use super::{PATIENCE, URL, raw_connection, recv, transport, unique};
+
+const MESSAGE: &str = include_str!("../fixtures/wire/v1/message.json");
+const FRAMED: &[u8] = include_bytes!("../fixtures/wire/v1/redis_pubsub_frame_headers.bin");
+const PLAIN: &[u8] = include_bytes!("../fixtures/wire/v1/redis_pubsub_frame_plain.bin");
+
+fn fixture_message() -> RawMessage {
+    let message: Json = serde_json::from_str(MESSAGE).expect("message.json is JSON");
+    let mut raw = RawMessage::new(message["body"].as_str().expect("a body").to_owned());
+    for (name, value) in message["headers"].as_object().expect("headers") {
+        raw = raw.with_header(name, value.as_str().expect("string headers"));
+    }
+    raw
+}
+
+#[tokio::test]
+async fn the_v1_payloads_published_raw_are_read_by_a_subscription() {
+    let transport = transport().await;
+    let topic = unique("wire-in");
+    let mut subscription = transport
+        .subscribe(&topic, SubscribeOptions::new("game"))
+        .await
+        .expect("subscribe");
+    let mut raw = raw_connection().await;
+    for payload in [FRAMED, PLAIN] {
+        let receivers: i64 = redis::cmd("PUBLISH")
+            .arg(&topic)
+            .arg(payload)
+            .query_async(&mut raw)
+            .await
+            .expect("raw PUBLISH");
+        assert_eq!(receivers, 1);
+    }
+    let message = fixture_message();
+    let framed = recv(&mut subscription, "the framed fixture").await;
+    assert_eq!(framed.message(), &message);
+    framed.ack().await.expect("ack");
+    let plain = recv(&mut subscription, "the plain fixture").await;
+    assert_eq!(plain.message(), &RawMessage::new(message.body.clone()));
+    plain.ack().await.expect("ack");
+    subscription.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn todays_publisher_still_sends_the_v1_payloads() {
+    let transport = transport().await;
+    let topic = unique("wire-out");
+    let (pushes, mut pushed) = tokio::sync::mpsc::unbounded_channel();
+    let config = redis::AsyncConnectionConfig::new().set_push_sender(pushes);
+    let mut raw = redis::Client::open(format!("{URL}?protocol=resp3"))
+        .expect("redis url")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("raw RESP3 connection");
+    raw.subscribe(&topic).await.expect("raw SUBSCRIBE");
+
+    let message = fixture_message();
+    let plain = RawMessage::new(message.body.clone());
+    transport
+        .publish_batch(&topic, vec![message, plain])
+        .await
+        .expect("publish_batch");
+    let mut payloads = Vec::new();
+    while payloads.len() < 2 {
+        let push = tokio::time::timeout(PATIENCE, pushed.recv())
+            .await
+            .expect("a push in time")
+            .expect("a push");
+        if push.kind == redis::PushKind::Message {
+            let payload: Vec<u8> = redis::from_redis_value(push.data[1].clone()).expect("bytes");
+            payloads.push(payload);
+        }
+    }
+    assert_eq!(payloads[0], FRAMED, "today's writer changed the v1 frame");
+    assert_eq!(
+        payloads[1], PLAIN,
+        "today's writer changed the plain v1 payload"
+    );
+}
