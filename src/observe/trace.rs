@@ -25,6 +25,14 @@
 //! trace context is what the crate promises, whatever else the application
 //! propagates.
 //!
+//! **The crate's spans may be filtered out** (`warn,myapp=info` turns
+//! them off): injection then uses the caller's current context
+//! ([`current_trace_headers`]), and the server and consumer sides attach the
+//! remote context to the handler as an [`opentelemetry::Context`], so one
+//! trace id still flows. Their names, levels and targets are in the table
+//! under *Spans* in `docs/observability.md`; `examples/otel.rs` is a
+//! complete set-up.
+//!
 //! **Without the feature** the crate neither writes nor reads trace headers
 //! and the layers do not exist; a `traceparent` already in an envelope's
 //! headers travels like any other header, so a downstream service built
@@ -220,8 +228,6 @@ fn handler_context(
             if span.is_disabled() {
                 warned.call_once(|| {
                     tracing::warn!(
-                        span = name,
-                        target_to_enable = target,
                         "switchboard's `{name}` span (target `{target}`, level INFO) is filtered \
                          out: the handler's own spans and what it publishes still continue the \
                          caller's trace, but `tracing::Span::current()` in the handler carries \
