@@ -3,6 +3,8 @@
 //! RabbitMQ.
 
 mod common;
+#[path = "observe_trace/filtered.rs"]
+mod filtered;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,6 +97,11 @@ fn redis_url() -> String {
 }
 
 async fn recv(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+    recv_within(rx).await
+}
+
+/// The next thing a handler sent, within a deadline.
+async fn recv_within<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("the handler ran in time")

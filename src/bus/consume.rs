@@ -126,8 +126,10 @@ where
             group = &*group,
             attempt = delivery.attempt(),
         );
+        // With its `consume` span filtered out, the handler still runs in
+        // the publisher's context (attached as an OpenTelemetry context).
         #[cfg(feature = "otel")]
-        crate::observe::trace::continue_from_headers(&span, envelope.headers());
+        let context = crate::observe::trace::continue_from_headers(&span, envelope.headers());
         let (transport, started) = (self.transport, std::time::Instant::now());
         let labels = (topic.clone(), group.clone());
         let message = Message {
@@ -136,17 +138,25 @@ where
             group,
             attempt: delivery.attempt(),
         };
-        let call = span
-            .in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.call(message))));
+        let call = span.in_scope(|| {
+            #[cfg(feature = "otel")]
+            let _attached = context.clone().attach();
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.call(message)))
+        });
         let limit = self.give_back_limit;
-        let settling = async move {
-            let result = match call {
+        let handled = async move {
+            match call {
                 Ok(call) => match AssertUnwindSafe(call).catch_unwind().await {
                     Ok(result) => result.map_err(Into::into),
                     Err(_) => Err(Error::permanent("handler panicked")),
                 },
                 Err(_) => Err(Error::permanent("handler panicked")),
-            };
+            }
+        };
+        #[cfg(feature = "otel")]
+        let handled = opentelemetry::context::FutureExt::with_context(handled, context);
+        let settling = async move {
+            let result = handled.await;
             let label = settle(delivery, Outcome::of(&result), &limit).await;
             metrics::consumed(transport, labels.0, labels.1, label, started.elapsed());
         };

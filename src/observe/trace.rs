@@ -25,14 +25,24 @@
 //! trace context is what the crate promises, whatever else the application
 //! propagates.
 //!
+//! **The crate's spans may be filtered out** (`warn,myapp=info` turns
+//! them off): injection then uses the caller's current context
+//! ([`current_trace_headers`]), and the server and consumer sides attach the
+//! remote context to the handler as an [`opentelemetry::Context`], so one
+//! trace id still flows. Their names, levels and targets are in the table
+//! under *Spans* in `docs/observability.md`; `examples/otel.rs` is a
+//! complete set-up.
+//!
 //! **Without the feature** the crate neither writes nor reads trace headers
 //! and the layers do not exist; a `traceparent` already in an envelope's
 //! headers travels like any other header, so a downstream service built
 //! with `otel` still continues the trace of whoever set it.
 
+use std::sync::Once;
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderValue, Method};
+use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tower::{Layer, Service};
 use tracing::instrument::Instrumented;
@@ -48,11 +58,50 @@ pub const TRACESTATE: &str = "tracestate";
 
 /// The `traceparent` (and `tracestate`, when not empty) of `span`'s
 /// OpenTelemetry context; `None` when the span has no valid context (no
-/// OpenTelemetry layer in the subscriber, or a disabled span).
+/// OpenTelemetry layer in the subscriber, or a disabled span). The crate
+/// itself falls back to [`current_trace_headers`] when its own span is
+/// filtered out.
 pub fn trace_headers(span: &Span) -> Option<(String, Option<String>)> {
-    let context = span.context();
-    let span_ref = context.span();
-    let span_context = span_ref.span_context();
+    headers_of(&span.context().span().span_context().clone())
+}
+
+/// The `traceparent` (and `tracestate`) of the *current* context: the
+/// current `tracing` span's OpenTelemetry context, or else the attached
+/// [`opentelemetry::Context`] (what the crate attaches around a handler
+/// when its own `http.server` or `consume` span is filtered out); `None`
+/// when neither is valid.
+///
+/// ```
+/// use switchboard::observe::trace::current_trace_headers;
+///
+/// // No OpenTelemetry layer and no attached context: nothing to send.
+/// assert!(current_trace_headers().is_none());
+/// ```
+pub fn current_trace_headers() -> Option<(String, Option<String>)> {
+    headers_of(&current_span_context())
+}
+
+/// The current `tracing` span's span context if valid, else the attached
+/// OpenTelemetry context's.
+fn current_span_context() -> SpanContext {
+    let traced = Span::current().context().span().span_context().clone();
+    if traced.is_valid() {
+        return traced;
+    }
+    opentelemetry::Context::current()
+        .span()
+        .span_context()
+        .clone()
+}
+
+/// `span`'s own context if it has one (it is enabled and seen by an
+/// OpenTelemetry layer), else the current one: the crate's spans may be
+/// filtered out while the caller's are not.
+fn headers_of_span_or_current(span: &Span) -> Option<(String, Option<String>)> {
+    trace_headers(span).or_else(current_trace_headers)
+}
+
+fn headers_of(span_context: &SpanContext) -> Option<(String, Option<String>)> {
     if !span_context.is_valid() {
         return None;
     }
@@ -119,14 +168,14 @@ pub fn continue_trace(span: &Span, traceparent: Option<&str>, tracestate: Option
     span.set_parent(parent).is_ok()
 }
 
-/// The envelope headers with the current span's context added, or `None`
-/// when there is nothing to add (no valid context, or a `traceparent`
-/// already there).
+/// The envelope headers with the current context added (see
+/// [`current_trace_headers`]), or `None` when there is nothing to add (no
+/// valid context, or a `traceparent` already there).
 pub(crate) fn with_current(headers: &Headers) -> Option<Headers> {
     if headers.contains_key(TRACEPARENT) {
         return None;
     }
-    let (parent, state) = trace_headers(&Span::current())?;
+    let (parent, state) = current_trace_headers()?;
     let mut headers = headers.clone();
     headers.insert(TRACEPARENT.to_owned(), parent);
     if let Some(state) = state {
@@ -135,14 +184,66 @@ pub(crate) fn with_current(headers: &Headers) -> Option<Headers> {
     Some(headers)
 }
 
-/// Continues, in `span`, the trace whose context is in envelope headers.
-pub(crate) fn continue_from_headers(span: &Span, headers: &Headers) {
-    continue_trace(
+/// Continues, in the consumer's `span`, the trace whose context is in
+/// envelope headers; returns the OpenTelemetry context to attach around the
+/// handler (see [`handler_context`]).
+pub(crate) fn continue_from_headers(span: &Span, headers: &Headers) -> opentelemetry::Context {
+    let remote = headers
+        .get(TRACEPARENT)
+        .and_then(|parent| parse_traceparent(parent, headers.get(TRACESTATE).map(String::as_str)));
+    handler_context(
         span,
-        headers.get(TRACEPARENT).map(String::as_str),
-        headers.get(TRACESTATE).map(String::as_str),
-    );
+        remote,
+        &CONSUME_FILTERED,
+        "consume",
+        "switchboard::bus::consume",
+    )
 }
+
+/// Makes `span` (the crate's `consume` or `http.server` span) a child of
+/// `remote`, and returns the OpenTelemetry context the handler runs in:
+/// the span's own when it has one; when the span is filtered out, the
+/// remote context itself, so the handler's spans and what it publishes or
+/// calls still continue the caller's trace. The first time a remote
+/// context meets a filtered-out span, a warning says which target to
+/// enable for `tracing::Span::current()` in the handler to carry it too.
+fn handler_context(
+    span: &Span,
+    remote: Option<SpanContext>,
+    warned: &'static Once,
+    name: &'static str,
+    target: &'static str,
+) -> opentelemetry::Context {
+    if let Some(remote) = &remote {
+        let parent = opentelemetry::Context::new().with_remote_span_context(remote.clone());
+        // Fails only for a span no OpenTelemetry layer sees.
+        let _ = span.set_parent(parent);
+    }
+    let own = span.context();
+    if own.span().span_context().is_valid() {
+        return own;
+    }
+    match remote {
+        Some(remote) => {
+            if span.is_disabled() {
+                warned.call_once(|| {
+                    tracing::warn!(
+                        "switchboard's `{name}` span (target `{target}`, level INFO) is filtered \
+                         out: the handler's own spans and what it publishes still continue the \
+                         caller's trace, but `tracing::Span::current()` in the handler carries \
+                         no trace context; enable `{target}=info` (or `switchboard=info`) to \
+                         have the span (see docs/observability.md, \"Spans\")"
+                    );
+                });
+            }
+            opentelemetry::Context::current().with_remote_span_context(remote)
+        }
+        None => opentelemetry::Context::current(),
+    }
+}
+
+static CONSUME_FILTERED: Once = Once::new();
+static SERVER_FILTERED: Once = Once::new();
 
 /// A request whose headers trace context can be written to and read from.
 pub trait HttpRequest {
@@ -248,7 +349,7 @@ where
             http.method = %request.method(),
             url = %request.target(),
         );
-        if let Some((parent, state)) = trace_headers(&span) {
+        if let Some((parent, state)) = headers_of_span_or_current(&span) {
             let headers = request.headers_mut();
             if let Ok(value) = HeaderValue::from_str(&parent) {
                 headers.insert(TRACEPARENT, value);
@@ -333,7 +434,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Instrumented<S::Future>;
+    type Future = Instrumented<WithContext<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -352,9 +453,20 @@ where
                 .get(name)
                 .and_then(|value: &HeaderValue| value.to_str().ok())
         };
-        continue_trace(&span, header(TRACEPARENT), header(TRACESTATE));
-        let future = span.in_scope(|| self.inner.call(request));
-        future.instrument(span)
+        let remote =
+            header(TRACEPARENT).and_then(|parent| parse_traceparent(parent, header(TRACESTATE)));
+        let context = handler_context(
+            &span,
+            remote,
+            &SERVER_FILTERED,
+            "http.server",
+            "switchboard::observe::trace",
+        );
+        let future = span.in_scope(|| {
+            let _attached = context.clone().attach();
+            self.inner.call(request)
+        });
+        future.with_context(context).instrument(span)
     }
 }
 
