@@ -505,11 +505,25 @@ mod spans {
         }
     }
 
+    /// The recorder is the binary's global subscriber, not a scoped one:
+    /// tracing caches each callsite's interest process-wide, and a callsite
+    /// first hit on another test's thread while a scoped subscriber is being
+    /// set up can be cached as uninterested, losing the span here. Every
+    /// test's spans are recorded; this one looks for its own event id.
+    fn recorded() -> &'static Recorded {
+        static RECORDED: std::sync::OnceLock<Recorded> = std::sync::OnceLock::new();
+        RECORDED.get_or_init(|| {
+            let recorded = Recorded::default();
+            let subscriber = tracing_subscriber::registry().with(Recorder(recorded.clone()));
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in this binary");
+            recorded
+        })
+    }
+
     #[test]
     fn publish_and_consume_open_spans_naming_event_topic_and_group() {
-        let recorded = Recorded::default();
-        let subscriber = tracing_subscriber::registry().with(Recorder(recorded.clone()));
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let recorded = recorded();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -525,7 +539,7 @@ mod spans {
         let find = |name: &str| {
             spans
                 .iter()
-                .find(|(span, _)| span == name)
+                .find(|(span, fields)| span == name && fields.get("event_id") == Some(&event_id))
                 .map(|(_, fields)| fields.clone())
                 .unwrap_or_else(|| panic!("no {name} span in {spans:?}"))
         };

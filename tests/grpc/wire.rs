@@ -97,13 +97,13 @@ async fn todays_publisher_still_sends_the_v1_request_bytes() {
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
     tokio::spawn(server);
     let routes = PushRoutes::new().route(TOPIC, PushEndpoint::new(url).for_group(GROUP));
-    let config = PushConfig::new(routes).with_retry(switchboard::config::RetryConfig {
-        max_attempts: 2,
-        backoff_ms: 1,
-        backoff_multiplier: 1.0,
-        max_backoff_ms: 1,
-        ..switchboard::config::RetryConfig::default()
-    });
+    let config = PushConfig::new(routes).with_retry(
+        switchboard::config::RetryConfig::default()
+            .with_max_attempts(2)
+            .with_backoff_ms(1)
+            .with_backoff_multiplier(1.0)
+            .with_max_backoff_ms(1),
+    );
     let transport = GrpcTransport::new(config).expect("a gRPC transport");
     transport
         .publish(TOPIC, fixture_message())

@@ -104,13 +104,13 @@ async fn todays_publisher_still_sends_the_v1_push_request() {
         .with_state((seen, Arc::new(std::sync::atomic::AtomicUsize::new(0))));
     tokio::spawn(async move { axum::serve(listener, router).await });
     let routes = PushRoutes::new().route(TOPIC, PushEndpoint::new(url).for_group(GROUP));
-    let config = PushConfig::new(routes).with_retry(RetryConfig {
-        max_attempts: 2,
-        backoff_ms: 1,
-        backoff_multiplier: 1.0,
-        max_backoff_ms: 1,
-        ..RetryConfig::default()
-    });
+    let config = PushConfig::new(routes).with_retry(
+        RetryConfig::default()
+            .with_max_attempts(2)
+            .with_backoff_ms(1)
+            .with_backoff_multiplier(1.0)
+            .with_max_backoff_ms(1),
+    );
     let transport = HttpTransport::new(config).expect("an HTTP transport");
     transport
         .publish(TOPIC, fixture_message())
