@@ -917,3 +917,6 @@ async fn inspect_looks_at_the_first_thousand_dead_letters_and_says_so() {
     );
     subscription.shutdown().await.expect("shutdown");
 }
+
+#[path = "amqp/clean_exit.rs"]
+mod clean_exit;

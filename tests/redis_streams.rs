@@ -637,3 +637,6 @@ async fn a_redrive_of_all_moves_only_what_the_queue_held() {
 
 #[path = "redis_streams/trim.rs"]
 mod trim;
+
+#[path = "redis_streams/lifecycle.rs"]
+mod lifecycle;
