@@ -554,3 +554,6 @@ mod full_queue {
         handler.abort();
     }
 }
+
+#[path = "http/close.rs"]
+mod close;

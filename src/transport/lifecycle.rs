@@ -245,6 +245,15 @@ impl Lifecycle {
     }
 }
 
+impl fmt::Debug for Lifecycle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("closed", &self.is_closed())
+            .field("live", &*self.inner.live.borrow())
+            .finish()
+    }
+}
+
 /// Counts one live subscription until dropped.
 pub(crate) struct LiveGuard(Arc<watch::Sender<usize>>);
 
