@@ -137,7 +137,12 @@ impl Supervisor {
                 })?;
                 uri.query.heartbeat =
                     Some(config.heartbeat.as_secs().clamp(1, u16::MAX.into()) as u16);
-                uri.query.connection_timeout.get_or_insert(10_000);
+                let millis = config
+                    .connect_timeout
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX);
+                uri.query.connection_timeout.get_or_insert(millis);
                 let label = format!("{}:{}", uri.authority.host, uri.authority.port);
                 Ok(NodeUri { uri, label })
             })
@@ -534,7 +539,7 @@ async fn open(
     // lapin's connection_timeout bounds the TCP connect; a node that
     // accepts and then says nothing would hold the whole round without a
     // deadline over the handshake too.
-    let deadline = Duration::from_millis(target.uri.query.connection_timeout.unwrap_or(10_000));
+    let deadline = Duration::from_millis(target.uri.query.connection_timeout.unwrap_or(5_000));
     let connection = tokio::time::timeout(
         deadline,
         connect(
