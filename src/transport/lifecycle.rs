@@ -1,5 +1,5 @@
-//! Closing a transport and asking how it is: [`Transport::close`] and
-//! [`Transport::health`], and what each transport shares to keep them.
+//! Closing a transport and asking how it is: [`Transport::close`](super::Transport::close) and
+//! [`Transport::health`](super::Transport::health), and what each transport shares to keep them.
 //!
 //! # Closing
 //!

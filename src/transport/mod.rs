@@ -39,6 +39,12 @@
 //!   on it.
 //! * [`Transport::declare`] creates what a [`Topology`] names (stream groups,
 //!   queues) so nothing published before a subscriber's first start is lost.
+//! * [`Transport::close`] refuses new work with
+//!   [`ErrorKind::Closed`](crate::ErrorKind::Closed), ends every
+//!   subscription (its stream yields `None`) and waits for it, then closes
+//!   the connections, within [`CLOSE_TIMEOUT`]; [`Transport::health`] says
+//!   how the transport is in one [`TransportHealth`] for all. See
+//!   [`lifecycle`].
 //!
 //! The conformance suite in `switchboard::testing` (feature `test-util`)
 //! checks all of this against any transport.
