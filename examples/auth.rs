@@ -43,5 +43,6 @@ async fn run() -> Result<(), Failure> {
     );
     cli::until_stopped().await;
     auth.stop().await;
+    brokers.close().await?;
     Ok(())
 }

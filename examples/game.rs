@@ -70,5 +70,6 @@ async fn run() -> Result<(), Failure> {
     println!("game listening on http://{}", game.addr());
     cli::until_stopped().await;
     game.shutdown().await?;
+    brokers.close().await?;
     Ok(())
 }

@@ -44,5 +44,6 @@ async fn run() -> Result<(), Failure> {
     );
     cli::until_stopped().await;
     market.shutdown().await?;
+    brokers.close().await?;
     Ok(())
 }

@@ -62,5 +62,6 @@ async fn run() -> Result<(), Failure> {
     );
     cli::until_stopped().await;
     platform.shutdown().await?;
+    brokers.close().await?;
     Ok(())
 }

@@ -67,6 +67,7 @@ async fn run() -> Result<(), Failure> {
             let report = session::run(&gateway, orders).await?;
             platform.shutdown().await?;
             print_ticks(ticker, &ticks).await?;
+            brokers.close().await?;
             println!("done     {} orders for {}", report.orders, report.user_id);
             Ok(())
         }
@@ -99,6 +100,7 @@ async fn run() -> Result<(), Failure> {
             let report = session::run(&gateway, orders).await?;
             trading.shutdown().await?;
             print_ticks(ticker, &ticks).await?;
+            brokers.close().await?;
             println!("done     {} orders for {}", report.orders, report.user_id);
             Ok(())
         }

@@ -160,6 +160,6 @@ pub use transport::redis_pubsub::RedisPubSubTransport;
 pub use transport::redis_streams::RedisStreamsTransport;
 pub use transport::{
     Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
-    GiveBackLimit, Publisher, RawMessage, Redrive, SettleError, Settled, SubscribeOptions,
-    Subscriber, Subscription, Transport, header, validate_name,
+    GiveBackLimit, HealthState, Publisher, RawMessage, Redrive, SettleError, Settled,
+    SubscribeOptions, Subscriber, Subscription, Transport, TransportHealth, header, validate_name,
 };

@@ -920,3 +920,9 @@ async fn inspect_looks_at_the_first_thousand_dead_letters_and_says_so() {
 
 #[path = "amqp/wire.rs"]
 mod wire;
+
+#[path = "amqp/clean_exit.rs"]
+mod clean_exit;
+
+#[path = "amqp/connect_timeout.rs"]
+mod connect_timeout;

@@ -589,3 +589,6 @@ mod liveness;
 
 #[path = "bus/handlers.rs"]
 mod handlers;
+
+#[path = "bus/clean_exit.rs"]
+mod clean_exit;

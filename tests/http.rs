@@ -557,3 +557,6 @@ mod full_queue {
 
 #[path = "http/wire.rs"]
 mod wire;
+
+#[path = "http/close.rs"]
+mod close;

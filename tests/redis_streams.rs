@@ -640,3 +640,6 @@ mod wire;
 
 #[path = "redis_streams/trim.rs"]
 mod trim;
+
+#[path = "redis_streams/lifecycle.rs"]
+mod lifecycle;

@@ -301,7 +301,12 @@ fn io(error: std::io::Error) -> Error {
 
 fn router(state: Arc<AuthState>, addrs: AuthAddrs) -> Router {
     Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/health",
+            get(|State(state): State<Arc<AuthState>>| async move {
+                super::brokers::health_response(&[&state.bus])
+            }),
+        )
         .route(
             "/v1/endpoints",
             get(move || async move { Json(serde_json::json!({ "grpc": addrs.grpc.to_string() })) }),

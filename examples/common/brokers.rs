@@ -159,3 +159,44 @@ pub fn redact(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// The answer of a service's `GET /health`: each transport it uses, by
+/// [`EventBus::health`]; `503` unless every one is up or degraded.
+pub fn health_response(
+    buses: &[&EventBus],
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let healths: Vec<switchboard::TransportHealth> = buses.iter().map(|bus| bus.health()).collect();
+    let serving = healths.iter().all(|health| health.is_serving());
+    let transports: Vec<serde_json::Value> = healths
+        .iter()
+        .map(|health| {
+            serde_json::json!({
+                "transport": health.transport,
+                "serving": health.is_serving(),
+                "state": health.to_string(),
+            })
+        })
+        .collect();
+    let status = if serving {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({ "status": if serving { "ok" } else { "unavailable" }, "transports": transports });
+    (status, axum::Json(body))
+}
+
+impl Brokers {
+    /// Closes the three transports (each at most once, they may be the
+    /// same): consumers still running on them finish and stop. Call it
+    /// last, once every service of the process has shut down.
+    pub async fn close(&self) -> Result<(), Error> {
+        let mut result = Ok(());
+        for transport in [&self.events, &self.broadcast, &self.tasks] {
+            if let Err(error) = transport.close().await {
+                result = Err(error);
+            }
+        }
+        result
+    }
+}

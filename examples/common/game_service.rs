@@ -525,7 +525,12 @@ fn router(state: Arc<GameState>, verifier: Arc<TokenVerifier>) -> Router {
         )
         .route_layer(AuthLayer::new(verifier));
     Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/health",
+            get(|State(state): State<Arc<GameState>>| async move {
+                super::brokers::health_response(&[&state.events])
+            }),
+        )
         .route(
             "/v1/stats",
             get(|State(state): State<Arc<GameState>>| async move { Json(state.stats()) }),

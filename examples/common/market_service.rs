@@ -321,7 +321,12 @@ impl MarketService {
 
 fn router(state: Arc<MarketState>, addrs: MarketAddrs) -> Router {
     Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/health",
+            get(|State(state): State<Arc<MarketState>>| async move {
+                super::brokers::health_response(&[&state.events, &state.broadcast])
+            }),
+        )
         .route("/v1/endpoints", get(move || async move { Json(addrs) }))
         .route(
             "/v1/prices/quote",

@@ -356,7 +356,12 @@ fn router(state: Arc<TradingState>, verifier: Arc<TokenVerifier>) -> Router {
             )
             .route_layer(AuthLayer::new(verifier));
     Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/health",
+            get(|State(state): State<Arc<TradingState>>| async move {
+                super::brokers::health_response(&[&state.events, &state.tasks])
+            }),
+        )
         .route(
             "/v1/stats",
             get(

@@ -246,6 +246,66 @@ impl EventBus {
         }
     }
 
+    /// Closes the transport underneath (see [`Transport::close`]): later
+    /// publishes and subscribes fail with the non-retryable
+    /// [`ErrorKind::Closed`](crate::ErrorKind::Closed), every consumer of
+    /// this bus (and of any bus over the same transport) finishes what it
+    /// holds and stops, then the connections close — within
+    /// [`CLOSE_TIMEOUT`](crate::transport::CLOSE_TIMEOUT). Idempotent; call
+    /// it on shutdown.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use switchboard::{ErrorKind, EventBus, HealthState, MemoryTransport, Topology};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let bus = EventBus::new(Arc::new(MemoryTransport::new()), "orders");
+    /// assert!(bus.health().is_up());
+    /// bus.close().await?;
+    /// assert_eq!(bus.health().state, HealthState::Closed);
+    /// let topology = Topology::new().with_groups("order.placed", ["billing"]);
+    /// let refused = bus.declare(&topology).await.unwrap_err();
+    /// assert_eq!(refused.kind(), ErrorKind::Closed);
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn close(&self) -> Result<(), Error> {
+        self.transport.close().await
+    }
+
+    /// How the transport underneath is ([`Transport::health`]).
+    pub fn health(&self) -> crate::transport::TransportHealth {
+        self.transport.health()
+    }
+
+    /// Deletes everything the transport keeps under this bus's namespace:
+    /// its streams or queues and their dead letters
+    /// ([`Transport::purge_namespace`]); returns how many went. **For
+    /// tests and development** — it drops unread messages. A bus without a
+    /// namespace is refused with [`ErrorKind::Config`](crate::ErrorKind::Config)
+    /// rather than deleting everything.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use switchboard::{EventBus, MemoryTransport, Topology};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let bus = EventBus::new(Arc::new(MemoryTransport::new()), "tests").with_namespace("run-42");
+    /// bus.declare(&Topology::new().with_groups("order.placed", ["billing"])).await?;
+    /// assert_eq!(bus.purge_namespace().await?, 1);
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn purge_namespace(&self) -> Result<usize, Error> {
+        let Some(namespace) = &self.namespace else {
+            return Err(Error::new(
+                crate::ErrorKind::Config,
+                "purge_namespace: the bus has no namespace (see EventBus::with_namespace)",
+            ));
+        };
+        self.transport.purge_namespace(namespace).await
+    }
+
     /// The transport's dead-letter queue, untyped and by full topic name:
     /// the bus's namespace is not applied (pass
     /// [`topic_of::<E>()`](Self::topic_of)). Prefer

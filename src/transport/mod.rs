@@ -39,6 +39,12 @@
 //!   on it.
 //! * [`Transport::declare`] creates what a [`Topology`] names (stream groups,
 //!   queues) so nothing published before a subscriber's first start is lost.
+//! * [`Transport::close`] refuses new work with
+//!   [`ErrorKind::Closed`](crate::ErrorKind::Closed), ends every
+//!   subscription (its stream yields `None`) and waits for it, then closes
+//!   the connections, within [`CLOSE_TIMEOUT`]; [`Transport::health`] says
+//!   how the transport is in one [`TransportHealth`] for all. See
+//!   [`lifecycle`].
 //!
 //! The conformance suite in `switchboard::testing` (feature `test-util`)
 //! checks all of this against any transport.
@@ -58,6 +64,7 @@ pub(crate) mod delivery;
 pub mod grpc;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod lifecycle;
 pub mod memory;
 #[cfg(any(feature = "grpc", feature = "http"))]
 pub mod push;
@@ -76,6 +83,8 @@ pub use delivery::{
     Acker, DeadLetter, Delivery, GiveBackLimit, RawMessage, SettleError, Settled, SubscribeOptions,
     Subscription, validate_name,
 };
+pub(crate) use lifecycle::Lifecycle;
+pub use lifecycle::{CLOSE_TIMEOUT, HealthState, TransportHealth};
 
 /// Names of the headers this crate reads and writes on a [`RawMessage`].
 pub mod header {
@@ -167,6 +176,47 @@ pub trait Transport: Publisher + Subscriber {
     /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
     fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
         Err(Error::unsupported(self.name(), "keep dead letters"))
+    }
+
+    /// Closes the transport: refuses new work with
+    /// [`ErrorKind::Closed`](crate::ErrorKind::Closed), ends the
+    /// subscriptions it handed out and waits for them, stops its background
+    /// tasks and closes its connections cleanly — all within
+    /// [`CLOSE_TIMEOUT`]. Idempotent. See [closing](lifecycle#closing).
+    ///
+    /// The default does nothing, for transports that own nothing to close.
+    ///
+    /// ```
+    /// use switchboard::{ErrorKind, MemoryTransport, Publisher, RawMessage, Transport};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let transport = MemoryTransport::new();
+    /// transport.close().await?;
+    /// let refused = transport.publish("t", RawMessage::new("x")).await.unwrap_err();
+    /// assert_eq!(refused.kind(), ErrorKind::Closed);
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    async fn close(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// How the transport is now, in one shape for every transport (for a
+    /// `/health` endpoint). The default says up.
+    fn health(&self) -> TransportHealth {
+        TransportHealth::up(self.name())
+    }
+
+    /// Deletes everything the transport keeps under `namespace` — the
+    /// topics `<namespace>.*` and their dead letters, as an
+    /// [`EventBus::with_namespace`](crate::EventBus::with_namespace) bus
+    /// made them — and returns how many streams, queues or topics went.
+    ///
+    /// **For tests and development**: it removes messages no one has read.
+    /// The default is [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
+    async fn purge_namespace(&self, namespace: &str) -> Result<usize, Error> {
+        let _ = namespace;
+        Err(Error::unsupported(self.name(), "purge a namespace"))
     }
 }
 

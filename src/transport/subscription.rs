@@ -26,6 +26,14 @@ pub struct Subscription {
     drain: BoxFuture<'static, Result<(), Error>>,
 }
 
+/// What a [`Subscription`] is made of: topic, group, deliveries, drain.
+pub(crate) type SubscriptionParts = (
+    Arc<str>,
+    Arc<str>,
+    BoxStream<'static, Delivery>,
+    BoxFuture<'static, Result<(), Error>>,
+);
+
 impl Subscription {
     /// Used by transports: `deliveries` yields messages until it is dropped;
     /// `drain` runs after that and resolves once every delivery handed out has
@@ -43,6 +51,12 @@ impl Subscription {
             deliveries: Box::pin(deliveries),
             drain: Box::pin(drain),
         }
+    }
+
+    /// The parts [`new`](Self::new) took, for a wrapper (the transport's
+    /// close) to put together again.
+    pub(crate) fn into_parts(self) -> SubscriptionParts {
+        (self.topic, self.group, self.deliveries, self.drain)
     }
 
     /// The topic.

@@ -88,7 +88,7 @@ async fn a_blocked_node_fails_publishes_in_time_and_keeps_acking() {
     .await
     .expect("the state says blocked")
     .expect("state watch");
-    let health = transport.health();
+    let health = transport.connection_health();
     assert_eq!(health.consuming, ConnectionState::Connected, "{health:?}");
     assert!(health.blocked.is_some(), "{health:?}");
 

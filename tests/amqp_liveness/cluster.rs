@@ -99,7 +99,7 @@ async fn cluster_leader_killed_loses_no_confirmed_message() {
 
     load.confirmed_at_least(total / 3).await;
     let killed = tokio::task::block_in_place(|| leader(&nodes, &nodes[0], &queue));
-    let before = transport.health();
+    let before = transport.connection_health();
     let confirmed_at_kill = load.confirmed();
     tokio::task::block_in_place(|| nodes[killed].kill());
     load.fault_from_now();
@@ -107,7 +107,7 @@ async fn cluster_leader_killed_loses_no_confirmed_message() {
 
     // Both connections are on survivors, and the queue has a new leader.
     let survivor = (killed + 1) % nodes.len();
-    let after = transport.health();
+    let after = transport.connection_health();
     let dead = nodes[killed].label();
     for node in [&after.publishing_node, &after.consuming_node] {
         assert!(

@@ -88,5 +88,9 @@ async fn a_refused_declaration_fails_what_needed_it_and_no_reconnection() {
     let delivery = recv(&mut good, "the good group after the blip").await;
     assert_eq!(seq_of(&delivery), 7);
     delivery.ack().await.expect("ack");
-    assert!(transport.health().is_up(), "{:?}", transport.health());
+    assert!(
+        transport.connection_health().is_up(),
+        "{:?}",
+        transport.connection_health()
+    );
 }

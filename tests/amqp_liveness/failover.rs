@@ -55,7 +55,7 @@ async fn cutting_the_node_in_use_fails_over_to_the_next_and_the_consumer_resumes
         .await
         .expect("RabbitMQ on 127.0.0.1:5672 (guest/guest)");
     let (first_label, second_label) = (first.addr().to_string(), second.addr().to_string());
-    let health = transport.health();
+    let health = transport.connection_health();
     assert!(health.is_up(), "{health:?}");
     assert_eq!(
         health.publishing_node.as_deref(),
@@ -121,7 +121,7 @@ async fn cutting_the_node_in_use_fails_over_to_the_next_and_the_consumer_resumes
     .await
     .expect("consuming connection up")
     .expect("transport alive");
-    let health = transport.health();
+    let health = transport.connection_health();
     assert!(health.is_up(), "{health:?}");
     assert_eq!(
         health.publishing_node.as_deref(),
@@ -148,7 +148,7 @@ async fn a_first_node_that_is_down_is_skipped_at_connect() {
     let transport = AmqpTransport::connect(two_nodes(first_uri.clone(), second_uri))
         .await
         .expect("connects through the second node");
-    let health = transport.health();
+    let health = transport.connection_health();
     assert_eq!(
         health.publishing_node,
         Some(second.addr().to_string()),

@@ -84,8 +84,8 @@ pub struct AmqpConfig {
     /// The other nodes of the same cluster, tried after [`uri`](Self::uri)
     /// in this order (default none). Each connection goes to the first node
     /// that answers; when it is lost, reconnecting starts at the node after
-    /// the one lost and goes round the list, each try under the URI's
-    /// connection timeout (10 s unless the URI sets `connection_timeout`).
+    /// the one lost and goes round the list, each try under
+    /// [`connect_timeout`](Self::connect_timeout).
     pub nodes: Vec<String>,
     /// The topic exchange every message is published to (default
     /// `"switchboard"`). Queue names start with it.
@@ -111,6 +111,12 @@ pub struct AmqpConfig {
     pub publish_timeout: Duration,
     /// The AMQP heartbeat, so a dead peer is noticed (default 5 s).
     pub heartbeat: Duration,
+    /// How long connecting to one node may take, TCP, TLS and the AMQP
+    /// handshake together (default 5 s); a URI's own `connection_timeout`
+    /// query parameter (milliseconds) wins. `connect` tries each node once,
+    /// so a broker that is down fails it within this per node with a
+    /// retryable error.
+    pub connect_timeout: Duration,
     /// The first and the longest wait between reconnection attempts
     /// (default 100 ms and 5 s, doubling).
     pub reconnect_delay: (Duration, Duration),
@@ -142,6 +148,7 @@ impl AmqpConfig {
             publish_window: 256,
             publish_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             content_type: "application/json".to_owned(),
             lag_every: Duration::from_secs(5),
@@ -273,6 +280,20 @@ impl AmqpConfig {
         self
     }
 
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::transport::amqp::AmqpConfig;
+    ///
+    /// let config = AmqpConfig::default().with_connect_timeout(Duration::from_secs(2));
+    /// assert_eq!(config.connect_timeout, Duration::from_secs(2));
+    /// ```
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
     /// Sets [`reconnect_delay`](Self::reconnect_delay).
     pub fn with_reconnect_delay(mut self, first: Duration, longest: Duration) -> Self {
         self.reconnect_delay = (first, longest);
@@ -308,6 +329,9 @@ impl AmqpConfig {
         }
         if self.lag_every.is_zero() {
             return Err(config("amqp: lag_every must be above zero".into()));
+        }
+        if self.connect_timeout < Duration::from_millis(1) {
+            return Err(config("amqp: connect_timeout must be at least 1 ms".into()));
         }
         if self.heartbeat < Duration::from_secs(1) {
             return Err(config("amqp: heartbeat must be at least 1 s".into()));
@@ -347,6 +371,7 @@ impl fmt::Debug for AmqpConfig {
             .field("publish_window", &self.publish_window)
             .field("publish_timeout", &self.publish_timeout)
             .field("heartbeat", &self.heartbeat)
+            .field("connect_timeout", &self.connect_timeout)
             .field("reconnect_delay", &self.reconnect_delay)
             .field("content_type", &self.content_type)
             .field("lag_every", &self.lag_every)

@@ -137,7 +137,12 @@ impl Supervisor {
                 })?;
                 uri.query.heartbeat =
                     Some(config.heartbeat.as_secs().clamp(1, u16::MAX.into()) as u16);
-                uri.query.connection_timeout.get_or_insert(10_000);
+                let millis = config
+                    .connect_timeout
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX);
+                uri.query.connection_timeout.get_or_insert(millis);
                 let label = format!("{}:{}", uri.authority.host, uri.authority.port);
                 Ok(NodeUri { uri, label })
             })
@@ -198,6 +203,30 @@ impl Supervisor {
             Ok(Ok(link)) => Ok(link.clone().expect("waited for Some")),
             Ok(Err(_)) => Err(Error::closed("amqp transport")),
             Err(_) => Err(not_connected()),
+        }
+    }
+
+    /// Stops keeping the connection up and closes it with `200`, waiting
+    /// for the broker's answer until `deadline` (the socket is dropped
+    /// after it either way).
+    pub(crate) async fn close(&self, deadline: Instant) {
+        self.state.send_replace(ConnectionState::Closed);
+        self.blocked.send_replace(None);
+        let Some(link) = self.link.send_replace(None) else {
+            return;
+        };
+        let closing = link.connection.close(200, "closing".into());
+        match tokio::time::timeout_at(deadline, closing).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, role = self.role.name(), "amqp: closing the connection failed");
+            }
+            Err(_) => {
+                tracing::debug!(
+                    role = self.role.name(),
+                    "amqp: the broker did not answer the close in time"
+                );
+            }
         }
     }
 
@@ -287,6 +316,9 @@ async fn follow(shared: &Weak<Shared>, pick: Pick, connection: &Connection, even
         let Some(strong) = shared.upgrade() else {
             return;
         };
+        if strong.lifecycle.is_closed() {
+            return;
+        }
         let supervisor = pick(&strong);
         match event {
             // lapin reports a channel closed by the broker (a refused
@@ -319,9 +351,9 @@ async fn follow(shared: &Weak<Shared>, pick: Pick, connection: &Connection, even
 
 async fn supervise(shared: Weak<Shared>, pick: Pick, mut link: Link, mut events: Events) {
     loop {
-        let Some(mut lost) = shared
+        let Some((mut lost, closed)) = shared
             .upgrade()
-            .map(|shared| pick(&shared).lost.subscribe())
+            .map(|shared| (pick(&shared).lost.subscribe(), shared.lifecycle.closed()))
         else {
             return;
         };
@@ -332,11 +364,16 @@ async fn supervise(shared: Weak<Shared>, pick: Pick, mut link: Link, mut events:
                 return;
             },
             () = follow(&shared, pick, &link.connection, &mut events) => {}
+            // `close` closes the connection itself.
+            () = closed => return,
         }
         drop(lost);
         let Some(strong) = shared.upgrade() else {
             return;
         };
+        if strong.lifecycle.is_closed() {
+            return;
+        }
         let supervisor = pick(&strong);
         tracing::warn!(
             generation,
@@ -366,6 +403,10 @@ async fn supervise(shared: Weak<Shared>, pick: Pick, mut link: Link, mut events:
             let Some(strong) = shared.upgrade() else {
                 return;
             };
+            let closed = strong.lifecycle.closed();
+            if strong.lifecycle.is_closed() {
+                return;
+            }
             match open_any(&strong, pick(&strong), next).await {
                 Ok(link) => break link,
                 Err(error) => {
@@ -375,12 +416,22 @@ async fn supervise(shared: Weak<Shared>, pick: Pick, mut link: Link, mut events:
             }
             drop(strong);
             let delay = delays.next().unwrap_or(longest);
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = closed => return,
+            }
         };
         events = Box::pin(link.connection.events_listener());
         let Some(strong) = shared.upgrade() else {
             return;
         };
+        if strong.lifecycle.is_closed() {
+            // Closed while this connection was being made: nobody uses it.
+            let deadline = Instant::now() + CLOSE_TIMEOUT;
+            let closing = link.connection.close(200, "closing".into());
+            let _ = tokio::time::timeout_at(deadline, closing).await;
+            return;
+        }
         let supervisor = pick(&strong);
         install(supervisor, link.clone());
         tracing::info!(
@@ -488,7 +539,7 @@ async fn open(
     // lapin's connection_timeout bounds the TCP connect; a node that
     // accepts and then says nothing would hold the whole round without a
     // deadline over the handshake too.
-    let deadline = Duration::from_millis(target.uri.query.connection_timeout.unwrap_or(10_000));
+    let deadline = Duration::from_millis(target.uri.query.connection_timeout.unwrap_or(5_000));
     let connection = tokio::time::timeout(
         deadline,
         connect(

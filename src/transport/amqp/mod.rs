@@ -49,7 +49,7 @@
 //!   [`ErrorKind::Connection`] while reconnecting), so a consumer's dead
 //!   letter or republish holds its delivery and permit at most that long.
 //!   `connection_state` says [`ConnectionState::Blocked`] while the broker
-//!   blocks publishing; [`AmqpTransport::health`] gives both connections and
+//!   blocks publishing; [`AmqpTransport::connection_health`] gives both connections and
 //!   the broker's reason.
 //! * **Connection loss.** A supervisor task owns each connection: heartbeats
 //!   every few seconds notice a dead peer, and it reconnects with an
@@ -130,13 +130,14 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::{
-    Capabilities, DeadLetterQueue, DeliveryMode, Publisher, RawMessage, SubscribeOptions,
-    Subscriber, Subscription, Transport,
+    Capabilities, DeadLetterQueue, DeliveryMode, Lifecycle, Publisher, RawMessage,
+    SubscribeOptions, Subscriber, Subscription, Transport, TransportHealth,
 };
 use crate::error::{Error, ErrorKind};
 use crate::topology::Topology;
 
 mod acker;
+mod close;
 mod config;
 mod connection;
 mod consumer;
@@ -155,7 +156,7 @@ const NAME: &str = "amqp";
 
 pub(crate) const DLQ_SUFFIX: &str = ".dlq";
 
-/// What [`AmqpTransport::health`] reports.
+/// What [`AmqpTransport::connection_health`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AmqpHealth {
@@ -214,6 +215,9 @@ pub(crate) struct Shared {
     /// to look. A declaration the broker refused is not remembered.
     pub(crate) known: Mutex<BTreeMap<String, BTreeSet<String>>>,
     pub(crate) window: Arc<tokio::sync::Semaphore>,
+    /// Closing: refuses new work, ends the subscriptions, stops the
+    /// supervisors.
+    pub(crate) lifecycle: Lifecycle,
 }
 
 impl Shared {
@@ -259,6 +263,7 @@ impl AmqpTransport {
             consuming,
             known: Mutex::default(),
             window,
+            lifecycle: Lifecycle::new(NAME),
         });
         connection::start(&shared).await?;
         Ok(Self { shared })
@@ -284,14 +289,17 @@ impl AmqpTransport {
     /// # async fn run(transport: switchboard::transport::amqp::AmqpTransport) {
     /// use switchboard::transport::amqp::ConnectionState;
     ///
-    /// let health = transport.health();
+    /// let health = transport.connection_health();
     /// if health.publishing == ConnectionState::Blocked {
     ///     eprintln!("RabbitMQ blocks publishing: {:?}", health.blocked);
     /// }
     /// println!("publishing through {:?}", health.publishing_node);
     /// # }
     /// ```
-    pub fn health(&self) -> AmqpHealth {
+    ///
+    /// [`Transport::health`] sums it up in the shape every transport
+    /// shares.
+    pub fn connection_health(&self) -> AmqpHealth {
         AmqpHealth {
             publishing: *self.shared.supervisor.state().borrow(),
             consuming: *self.shared.consuming.state().borrow(),
@@ -310,10 +318,12 @@ impl AmqpTransport {
 #[async_trait]
 impl Publisher for AmqpTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        self.shared.lifecycle.check()?;
         publisher::publish(&self.shared, topic, message).await
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
+        self.shared.lifecycle.check()?;
         publisher::publish_batch(&self.shared, topic, messages).await
     }
 }
@@ -325,7 +335,9 @@ impl Subscriber for AmqpTransport {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
-        consumer::subscribe(&self.shared, topic, options).await
+        self.shared.lifecycle.check()?;
+        let subscription = consumer::subscribe(&self.shared, topic, options).await?;
+        Ok(self.shared.lifecycle.track(subscription))
     }
 }
 
@@ -349,6 +361,7 @@ impl Transport for AmqpTransport {
     }
 
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.shared.lifecycle.check()?;
         topology.validate()?;
         for (topic, group) in topology.subscriptions() {
             self.shared.config.queue_name(topic, group)?;
@@ -377,6 +390,32 @@ impl Transport for AmqpTransport {
     fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
         Ok(self)
     }
+
+    /// Ends the subscriptions (each cancels its consumer, waits for what it
+    /// handed out and closes its channel), stops both supervisors and
+    /// closes both connections with `connection.close(200)`.
+    async fn close(&self) -> Result<(), Error> {
+        let shared = self.shared.clone();
+        self.shared
+            .lifecycle
+            .close(|deadline| close::close_connections(shared, deadline))
+            .await
+    }
+
+    fn health(&self) -> TransportHealth {
+        if self.shared.lifecycle.is_closed() {
+            return TransportHealth::closed(NAME);
+        }
+        close::summarise(&self.connection_health())
+    }
+
+    /// Deletes the queues declared or subscribed under `<namespace>.` by
+    /// this transport, with their dead-letter queues (RabbitMQ cannot list
+    /// queues over AMQP, so queues only another process declared stay).
+    async fn purge_namespace(&self, namespace: &str) -> Result<usize, Error> {
+        self.shared.lifecycle.check()?;
+        close::purge_namespace(&self.shared, namespace).await
+    }
 }
 
 impl fmt::Debug for AmqpTransport {
@@ -384,7 +423,7 @@ impl fmt::Debug for AmqpTransport {
         f.debug_struct("AmqpTransport")
             .field("exchange", &self.shared.config.exchange)
             .field("queue_type", &self.shared.config.queue_type)
-            .field("health", &self.health())
+            .field("health", &self.connection_health())
             .finish_non_exhaustive()
     }
 }

@@ -30,8 +30,8 @@ use crate::transport::push::{
     self, Inbox, PushConfig, PushRequest, PushSender, QueueFull, SendError,
 };
 use crate::transport::{
-    Capabilities, DeliveryMode, Publisher, RawMessage, SubscribeOptions, Subscriber, Subscription,
-    Transport,
+    Capabilities, DeliveryMode, Lifecycle, Publisher, RawMessage, SubscribeOptions, Subscriber,
+    Subscription, Transport, TransportHealth,
 };
 
 const NAME: &str = "grpc";
@@ -91,6 +91,8 @@ struct Inner {
     endpoint_config: Option<Arc<EndpointConfig>>,
     clients: Mutex<HashMap<String, PushClient<Channel>>>,
     inbox: Inbox,
+    /// Closing: refuses new work, ends the subscriptions and `serve`.
+    lifecycle: Lifecycle,
 }
 
 impl GrpcTransport {
@@ -109,6 +111,7 @@ impl GrpcTransport {
                 endpoint_config: None,
                 clients: Mutex::default(),
                 inbox,
+                lifecycle: Lifecycle::new(NAME),
             }),
         })
     }
@@ -134,6 +137,7 @@ impl GrpcTransport {
             endpoint_config: Some(Arc::new(configure)),
             clients: Mutex::default(),
             inbox: self.inner.inbox.clone(),
+            lifecycle: self.inner.lifecycle.clone(),
         };
         Self {
             inner: Arc::new(inner),
@@ -197,10 +201,14 @@ impl GrpcTransport {
     /// HTTP/2) until the future is dropped or the listener fails.
     pub fn serve(&self, listener: TcpListener) -> impl Future<Output = Result<(), Error>> + use<> {
         let service = self.push_service();
+        let closed = self.inner.lifecycle.closed();
         async move {
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    closed,
+                )
                 .await
                 .map_err(|error| {
                     Error::new(ErrorKind::Connection, format!("gRPC push server: {error}"))
@@ -326,6 +334,7 @@ impl PushSender for GrpcTransport {
 #[async_trait]
 impl Publisher for GrpcTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         push::publish(self, &self.inner.config, topic, &message).await
     }
 }
@@ -337,7 +346,9 @@ impl Subscriber for GrpcTransport {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
-        self.inner.inbox.subscribe(topic, options)
+        self.inner.lifecycle.check()?;
+        let subscription = self.inner.inbox.subscribe(topic, options)?;
+        Ok(self.inner.lifecycle.track(subscription))
     }
 }
 
@@ -356,7 +367,22 @@ impl Transport for GrpcTransport {
 
     /// Checks the topology's names; a push transport has nothing to create.
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         topology.validate()
+    }
+
+    /// Ends the subscriptions and waits for them, and stops
+    /// [`serve`](Self::serve) gracefully (requests in flight finish).
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.lifecycle.close(|_| async {}).await
+    }
+
+    fn health(&self) -> TransportHealth {
+        if self.inner.lifecycle.is_closed() {
+            TransportHealth::closed(NAME)
+        } else {
+            TransportHealth::up(NAME)
+        }
     }
 }
 

@@ -27,8 +27,8 @@ use crate::transport::push::{
     self, Inbox, PushConfig, PushRequest, PushSender, QueueFull, SendError,
 };
 use crate::transport::{
-    Capabilities, DeliveryMode, Publisher, RawMessage, SubscribeOptions, Subscriber, Subscription,
-    Transport,
+    Capabilities, DeliveryMode, Lifecycle, Publisher, RawMessage, SubscribeOptions, Subscriber,
+    Subscription, Transport, TransportHealth,
 };
 
 const NAME: &str = "http";
@@ -112,6 +112,8 @@ struct Inner {
     config: PushConfig,
     client: reqwest::Client,
     inbox: Inbox,
+    /// Closing: refuses new work, ends the subscriptions and `serve`.
+    lifecycle: Lifecycle,
 }
 
 impl HttpTransport {
@@ -136,6 +138,7 @@ impl HttpTransport {
                 config,
                 client,
                 inbox,
+                lifecycle: Lifecycle::new(NAME),
             }),
         })
     }
@@ -161,8 +164,10 @@ impl HttpTransport {
     /// until the future is dropped or the listener fails.
     pub fn serve(&self, listener: TcpListener) -> impl Future<Output = Result<(), Error>> + use<> {
         let router = self.router();
+        let closed = self.inner.lifecycle.closed();
         async move {
-            axum::serve(listener, router).await.map_err(|error| {
+            let serving = axum::serve(listener, router).with_graceful_shutdown(closed);
+            serving.await.map_err(|error| {
                 Error::new(ErrorKind::Connection, format!("HTTP push server: {error}"))
                     .with_source(error)
             })
@@ -254,6 +259,7 @@ fn ascii_json(headers: &Headers) -> String {
 #[async_trait]
 impl Publisher for HttpTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         push::publish(self, &self.inner.config, topic, &message).await
     }
 }
@@ -265,7 +271,9 @@ impl Subscriber for HttpTransport {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
-        self.inner.inbox.subscribe(topic, options)
+        self.inner.lifecycle.check()?;
+        let subscription = self.inner.inbox.subscribe(topic, options)?;
+        Ok(self.inner.lifecycle.track(subscription))
     }
 }
 
@@ -284,7 +292,22 @@ impl Transport for HttpTransport {
 
     /// Checks the topology's names; a push transport has nothing to create.
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         topology.validate()
+    }
+
+    /// Ends the subscriptions and waits for them, and stops
+    /// [`serve`](Self::serve) gracefully (requests in flight finish).
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.lifecycle.close(|_| async {}).await
+    }
+
+    fn health(&self) -> TransportHealth {
+        if self.inner.lifecycle.is_closed() {
+            TransportHealth::closed(NAME)
+        } else {
+            TransportHealth::up(NAME)
+        }
     }
 }
 

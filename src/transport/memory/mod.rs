@@ -49,8 +49,8 @@ use super::delivery::Prefetch;
 
 use super::{
     Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
-    Publisher, RawMessage, SubscribeOptions, Subscriber, Subscription, Transport, header,
-    validate_name,
+    Lifecycle, Publisher, RawMessage, SubscribeOptions, Subscriber, Subscription, Transport,
+    TransportHealth, header, validate_name,
 };
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
@@ -89,10 +89,20 @@ pub struct MemoryTransport {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     next_id: AtomicU64,
+    lifecycle: Lifecycle,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            topics: RwLock::default(),
+            next_id: AtomicU64::new(0),
+            lifecycle: Lifecycle::new(NAME),
+        }
+    }
 }
 
 struct Topic {
@@ -390,11 +400,13 @@ impl GroupQueue {
 #[async_trait]
 impl Publisher for MemoryTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
         self.enqueue(&self.topic_or_create(topic), vec![message])
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
         if messages.is_empty() {
             return Ok(());
@@ -410,6 +422,7 @@ impl Subscriber for MemoryTransport {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
+        self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
         options.validate()?;
         let topic = self.topic_or_create(topic);
@@ -423,7 +436,8 @@ impl Subscriber for MemoryTransport {
         });
         // Draining means every permit is back: each delivery handed out holds one.
         let drain = async move { prefetch.drained().await };
-        Ok(Subscription::new(topic_name, group_name, deliveries, drain))
+        let subscription = Subscription::new(topic_name, group_name, deliveries, drain);
+        Ok(self.inner.lifecycle.track(subscription))
     }
 }
 
@@ -442,6 +456,7 @@ impl Transport for MemoryTransport {
     }
 
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         topology.validate()?;
         for topic in topology.topics() {
             let state = self.topic_or_create(topic);
@@ -454,6 +469,31 @@ impl Transport for MemoryTransport {
 
     fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
         Ok(self)
+    }
+
+    /// Ends the subscriptions and waits for them; the topics stay readable
+    /// through [`depth`](MemoryTransport::depth) and the dead letters.
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.lifecycle.close(|_| async {}).await
+    }
+
+    fn health(&self) -> TransportHealth {
+        if self.inner.lifecycle.is_closed() {
+            TransportHealth::closed(NAME)
+        } else {
+            TransportHealth::up(NAME)
+        }
+    }
+
+    /// Drops the topics `<namespace>.*` with their queues and dead letters
+    /// (subscriptions to them keep their own queue until they end).
+    async fn purge_namespace(&self, namespace: &str) -> Result<usize, Error> {
+        validate_name("namespace", namespace)?;
+        let prefix = format!("{namespace}.");
+        let mut topics = write(&self.inner.topics);
+        let before = topics.len();
+        topics.retain(|name, _| !name.starts_with(&prefix));
+        Ok(before - topics.len())
     }
 }
 

@@ -163,6 +163,7 @@ impl RedisPubSubTransport {
                 client,
                 publisher,
                 options,
+                lifecycle: crate::transport::Lifecycle::new(super::NAME),
             }),
         })
     }

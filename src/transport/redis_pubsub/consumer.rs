@@ -28,6 +28,7 @@ impl RedisPubSubTransport {
         channels: Channels,
         options: SubscribeOptions,
     ) -> Result<(Subscription, ConnectionStatus), Error> {
+        self.inner.lifecycle.check()?;
         channels.validate()?;
         options.validate()?;
         let client_name: Arc<str> = format!(

@@ -94,7 +94,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
-use super::{Capabilities, DeliveryMode, Transport};
+use super::{Capabilities, DeliveryMode, Lifecycle, Transport, TransportHealth};
 use crate::error::Error;
 use crate::topology::Topology;
 
@@ -140,6 +140,8 @@ struct Inner {
     client: redis::Client,
     publisher: ConnectionManager,
     options: RedisPubSubOptions,
+    /// Closing: refuses new work, ends the subscriptions.
+    lifecycle: Lifecycle,
 }
 
 #[async_trait]
@@ -157,7 +159,25 @@ impl Transport for RedisPubSubTransport {
     /// Checks the topology; Pub/Sub has nothing to create and keeps no
     /// message for a subscriber that has not started yet.
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         topology.validate()
+    }
+
+    /// Ends the subscriptions (each stops its listener and its connection)
+    /// and waits for them; the publishing connection goes with the last
+    /// clone of the transport.
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.lifecycle.close(|_| async {}).await
+    }
+
+    /// Up until closed; each subscription's own connection is in its
+    /// [`ConnectionStatus`] ([`RedisPubSubTransport::subscribe_to`]).
+    fn health(&self) -> TransportHealth {
+        if self.inner.lifecycle.is_closed() {
+            TransportHealth::closed(NAME)
+        } else {
+            TransportHealth::up(NAME)
+        }
     }
 }
 

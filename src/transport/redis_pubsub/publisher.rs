@@ -13,6 +13,7 @@ impl Publisher for RedisPubSubTransport {
     /// Returns once Redis accepted the PUBLISH — whether or not anyone was
     /// subscribed.
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
         let payload = encode_payload(&message)?;
         let mut connection = self.inner.publisher.clone();
@@ -27,6 +28,7 @@ impl Publisher for RedisPubSubTransport {
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
         if messages.is_empty() {
             return Ok(());

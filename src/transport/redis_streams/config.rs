@@ -87,6 +87,12 @@ pub struct RedisStreamsConfig {
     /// How long the shared command connection waits for a reply (default
     /// 5 s; redis-rs's own default is 500 ms).
     pub response_timeout: Duration,
+    /// How long `connect` may take, all attempts included (default 5 s): a
+    /// Redis that is down or unreachable fails `connect` within it with a
+    /// retryable [`ErrorKind::Connection`]. It also bounds each later
+    /// connection attempt (a reconnect, a subscription's reading
+    /// connection).
+    pub connect_timeout: Duration,
 }
 
 impl Default for RedisStreamsConfig {
@@ -107,6 +113,7 @@ impl Default for RedisStreamsConfig {
             key_prefix: String::new(),
             hash_tag: None,
             response_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -244,6 +251,20 @@ impl RedisStreamsConfig {
         self
     }
 
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::transport::redis_streams::RedisStreamsConfig;
+    ///
+    /// let config = RedisStreamsConfig::default().with_connect_timeout(Duration::from_secs(1));
+    /// assert_eq!(config.connect_timeout, Duration::from_secs(1));
+    /// ```
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
     pub(super) fn lease_interval(&self) -> Duration {
         self.lease_every
             .unwrap_or(self.claim_idle / 3)
@@ -275,6 +296,9 @@ impl RedisStreamsConfig {
                 "redis-streams: `lease_every` must be shorter than `claim_idle`, \
                  or other members take over entries this consumer still holds",
             );
+        }
+        if self.connect_timeout.is_zero() {
+            return invalid("redis-streams: `connect_timeout` must be above zero");
         }
         if self.lag_every.is_zero() {
             return invalid("redis-streams: `lag_every` must be above zero");

@@ -11,7 +11,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::{GroupStart, Inner, RedisStreamsConfig, RedisStreamsTransport};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::transport::redis_error::redis_error;
 
 /// A shared connection: one server or a cluster.
@@ -68,10 +68,12 @@ impl RedisStreamsTransport {
         let client = redis::Client::open(url).map_err(|error| redis_error("open", error))?;
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout))
-            .set_connection_timeout(Some(config.response_timeout));
-        let commands = client
-            .get_connection_manager_with_config(manager)
-            .await
+            .set_connection_timeout(Some(config.connect_timeout));
+        // redis-rs tries a refused connection again 6 times with backoff
+        // (about 11 s) before it says so: bound the whole of it.
+        let connecting = client.get_connection_manager_with_config(manager);
+        let commands = within_connect_timeout(config.connect_timeout, connecting)
+            .await?
             .map_err(|error| redis_error("connect", error))?;
         let hash_tag = config.hash_tag.unwrap_or(false);
         Ok(Self::finish(
@@ -95,12 +97,13 @@ impl RedisStreamsTransport {
         let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
         let client = ClusterClient::builder(nodes)
             .response_timeout(config.response_timeout)
+            .connection_timeout(config.connect_timeout)
             .build()
             .map_err(|error| redis_error("open cluster", error))?;
-        let commands = client
-            .get_async_connection()
-            .await
-            .map_err(|error| redis_error("connect to cluster", error))?;
+        let commands =
+            within_connect_timeout(config.connect_timeout, client.get_async_connection())
+                .await?
+                .map_err(|error| redis_error("connect to cluster", error))?;
         let hash_tag = config.hash_tag.unwrap_or(true);
         Ok(Self::finish(
             Conn::Cluster(commands),
@@ -127,6 +130,7 @@ impl RedisStreamsTransport {
                 persistent,
                 consumers: std::sync::Mutex::default(),
                 trimmers: super::trim::Trimmers::default(),
+                lifecycle: crate::transport::Lifecycle::new(super::NAME),
             }),
         }
     }
@@ -138,7 +142,7 @@ impl RedisStreamsTransport {
             Connector::Single(client) => {
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(timeout))
-                    .set_connection_timeout(Some(self.inner.config.response_timeout));
+                    .set_connection_timeout(Some(self.inner.config.connect_timeout));
                 client
                     .get_connection_manager_with_config(config)
                     .await
@@ -155,6 +159,26 @@ impl RedisStreamsTransport {
             }
         }
     }
+}
+
+/// `connecting`, failed with a retryable [`ErrorKind::Connection`] (nothing
+/// was sent) once `timeout` passes.
+async fn within_connect_timeout<T>(
+    timeout: Duration,
+    connecting: impl Future<Output = T>,
+) -> Result<T, Error> {
+    tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "redis-streams: cannot connect within the connect timeout ({:?}); \
+                     is Redis up and reachable?",
+                    timeout
+                ),
+            )
+        })
 }
 
 /// Reads `CONFIG GET append*`; any failure (a managed Redis that hides

@@ -46,6 +46,7 @@ impl Subscriber for RedisStreamsTransport {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
+        self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
         options.validate()?;
         let stream = self.stream_key(topic);
@@ -97,12 +98,9 @@ impl Subscriber for RedisStreamsTransport {
             // ...then every delivery handed out is settled or dropped.
             prefetch.drained().await
         };
-        Ok(Subscription::new(
-            group.topic.clone(),
-            group.group.clone(),
-            deliveries,
-            drain,
-        ))
+        let subscription =
+            Subscription::new(group.topic.clone(), group.group.clone(), deliveries, drain);
+        Ok(self.inner.lifecycle.track(subscription))
     }
 }
 

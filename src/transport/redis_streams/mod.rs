@@ -156,7 +156,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 
-use super::{Capabilities, DeadLetterQueue, DeliveryMode, Transport};
+use super::{Capabilities, DeadLetterQueue, DeliveryMode, Lifecycle, Transport, TransportHealth};
 use crate::error::Error;
 use crate::topology::Topology;
 
@@ -167,6 +167,7 @@ mod consumer;
 mod dlq;
 mod fields;
 mod lease;
+mod lifecycle;
 mod publisher;
 mod trim;
 
@@ -243,6 +244,8 @@ struct Inner {
     consumers: Mutex<HashMap<(String, String), u64>>,
     /// Scheduled trims per topic; dropping the transport stops them.
     trimmers: trim::Trimmers,
+    /// Closing: refuses new work, ends the subscriptions.
+    lifecycle: Lifecycle,
 }
 
 impl RedisStreamsTransport {
@@ -310,6 +313,7 @@ impl Transport for RedisStreamsTransport {
     }
 
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         topology.validate()?;
         for (topic, group) in topology.subscriptions() {
             self.ensure_group(&self.stream_key(topic), group).await?;
@@ -320,6 +324,27 @@ impl Transport for RedisStreamsTransport {
 
     fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
         Ok(self)
+    }
+
+    /// Ends the subscriptions (each unblocks its read and gives back what
+    /// it read ahead), waits for them, and stops the scheduled trims.
+    async fn close(&self) -> Result<(), Error> {
+        self.close_all().await
+    }
+
+    /// Up until closed: the command connection reconnects by itself, and a
+    /// failing command says so to its caller.
+    fn health(&self) -> TransportHealth {
+        if self.inner.lifecycle.is_closed() {
+            TransportHealth::closed(NAME)
+        } else {
+            TransportHealth::up(NAME)
+        }
+    }
+
+    /// [`RedisStreamsTransport::delete_namespace`].
+    async fn purge_namespace(&self, namespace: &str) -> Result<usize, Error> {
+        self.delete_namespace(namespace).await
     }
 }
 

@@ -27,6 +27,7 @@ impl RedisStreamsTransport {
 #[async_trait]
 impl Publisher for RedisStreamsTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
         self.ensure_trimmer(topic);
         let cmd = self.xadd(topic, &message);
@@ -38,6 +39,7 @@ impl Publisher for RedisStreamsTransport {
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
         if messages.is_empty() {
             return Ok(());

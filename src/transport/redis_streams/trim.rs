@@ -280,6 +280,29 @@ pub(super) struct Trimmers {
     running: Mutex<HashMap<String, Running>>,
 }
 
+impl Trimmers {
+    /// Stops every scheduled trim (the transport is closing).
+    pub(super) fn stop_all(&self) {
+        for (_, task) in lock(&self.running).drain().map(|(_, running)| running) {
+            if let Some(task) = task {
+                task.abort();
+            }
+        }
+    }
+
+    /// Stops and forgets the trims of the topics starting with `prefix`
+    /// (their streams were deleted).
+    pub(super) fn forget_prefix(&self, prefix: &str) {
+        lock(&self.running).retain(|topic, (_, task)| {
+            let keep = !topic.starts_with(prefix);
+            if let (false, Some(task)) = (keep, task) {
+                task.abort();
+            }
+            keep
+        });
+    }
+}
+
 impl Drop for Trimmers {
     fn drop(&mut self) {
         for (_, task) in lock(&self.running).values() {

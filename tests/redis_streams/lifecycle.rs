@@ -1,0 +1,88 @@
+//! Closing, connecting to a Redis that is down, and deleting a namespace.
+
+use std::time::Duration;
+
+use switchboard::transport::redis_streams::{RedisStreamsConfig, RedisStreamsTransport};
+use switchboard::{ErrorKind, EventBus, RawMessage, Topology};
+
+#[path = "../common/clean_exit.rs"]
+mod harness;
+
+#[test]
+fn a_closed_transport_exits_without_an_error_in_any_log() {
+    harness::assert_clean_exit(
+        "lifecycle::a_closed_transport_exits_without_an_error_in_any_log",
+        || async { harness::publish_consume_close(super::transport().await, 20).await },
+    );
+}
+
+/// A port nothing listens on: bound, read, let go.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn connecting_to_a_redis_that_is_down_fails_retryably_within_the_connect_timeout() {
+    let url = format!("redis://127.0.0.1:{}", closed_port());
+    let config = RedisStreamsConfig::default().with_connect_timeout(Duration::from_millis(500));
+    let connecting = RedisStreamsTransport::connect_with(&url, config);
+    // The bound is a guard against a hang; the transport's own timeout is
+    // what the assertion is about.
+    let error = tokio::time::timeout(Duration::from_secs(30), connecting)
+        .await
+        .expect("connect gives up by itself")
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    assert!(error.is_retryable());
+}
+
+#[test]
+fn the_connect_timeout_is_five_seconds_unless_set() {
+    assert_eq!(
+        RedisStreamsConfig::default().connect_timeout,
+        Duration::from_secs(5)
+    );
+}
+
+#[tokio::test]
+async fn a_zero_connect_timeout_is_refused() {
+    let config = RedisStreamsConfig::default().with_connect_timeout(Duration::ZERO);
+    let error = RedisStreamsTransport::connect_with(&super::redis_url(), config)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Config);
+}
+
+#[tokio::test]
+async fn purging_a_namespace_deletes_its_streams_and_dead_letters_only() {
+    let transport = super::transport().await;
+    let run = format!("run-{}", uuid::Uuid::new_v4().simple());
+    let other = format!("{run}x");
+    let bus = EventBus::new(transport.clone(), "tests").with_namespace(run.clone());
+    bus.declare(
+        &Topology::new()
+            .with_groups("a", ["g"])
+            .with_groups("b", ["g"]),
+    )
+    .await
+    .unwrap();
+    transport
+        .publish(&format!("{other}.a"), RawMessage::new("kept"))
+        .await
+        .unwrap();
+    // A dead letter under the namespace, as a consumer would leave it.
+    transport
+        .publish(&format!("{run}.a.dlq"), RawMessage::new("letter"))
+        .await
+        .unwrap();
+
+    assert_eq!(bus.purge_namespace().await.unwrap(), 3);
+    assert_eq!(bus.purge_namespace().await.unwrap(), 0, "nothing is left");
+    // A namespace that only starts the same is not touched.
+    assert_eq!(transport.purge_namespace(&other).await.unwrap(), 1);
+
+    let unnamespaced = EventBus::new(transport, "tests");
+    let error = unnamespaced.purge_namespace().await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Config);
+}
