@@ -246,22 +246,10 @@ pub(crate) fn dedupe_evicted(store: &'static str) {
     metrics::counter!(DEDUPE_EVICTIONS_TOTAL, "store" => store).increment(1);
 }
 
-/// The `outcome` / `kind` label of an error kind: one snake-case word.
+/// The `outcome` / `kind` label of an error kind: one snake-case word, the
+/// same as in JSON error bodies.
 pub(crate) fn kind_label(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Connection => "connection",
-        ErrorKind::Timeout => "timeout",
-        ErrorKind::Unavailable => "unavailable",
-        ErrorKind::Rejected => "rejected",
-        ErrorKind::Unauthorized => "unauthorized",
-        ErrorKind::Decode => "decode",
-        ErrorKind::Encode => "encode",
-        ErrorKind::Config => "config",
-        ErrorKind::NotFound => "not_found",
-        ErrorKind::BreakerOpen => "breaker_open",
-        ErrorKind::Unsupported => "unsupported",
-        ErrorKind::Closed => "closed",
-    }
+    crate::error::kind_name(kind)
 }
 
 /// Registers a description and unit for every metric above with the
