@@ -21,7 +21,7 @@ use redis::{RedisResult, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::acker::Group;
-use super::lock;
+use super::{lock, xinfo};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
 use crate::transport::redis_error::redis_error;
@@ -425,32 +425,12 @@ async fn sample_lag(group: &Group) {
 /// The `lag` of the group named `name` in one `XINFO GROUPS` entry (a map
 /// in RESP3, a flat list of pairs in RESP2).
 fn lag_of(info: &Value, name: &str) -> Option<u64> {
-    let pairs: Vec<(&Value, &Value)> = match info {
-        Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
-        Value::Array(items) => items
-            .chunks(2)
-            .filter_map(|p| Some((p.first()?, p.get(1)?)))
-            .collect(),
-        _ => return None,
-    };
-    let text = |value: &Value| match value {
-        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
-        Value::SimpleString(text) => Some(text.clone()),
-        _ => None,
-    };
-    let field = |key: &str| {
-        pairs
-            .iter()
-            .find(|(k, _)| text(k).as_deref() == Some(key))
-            .map(|(_, v)| *v)
-    };
-    if text(field("name")?)? != name {
+    let pairs = xinfo::pairs(info);
+    let field = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+    if xinfo::text(field("name")?)? != name {
         return None;
     }
-    match field("lag")? {
-        Value::Int(n) => u64::try_from(*n).ok(),
-        _ => None,
-    }
+    xinfo::int(field("lag")?)
 }
 
 #[cfg(test)]

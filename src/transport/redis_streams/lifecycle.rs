@@ -18,7 +18,7 @@ impl RedisStreamsTransport {
         let inner = self.inner.clone();
         self.inner
             .lifecycle
-            .close(|_| async move { inner.trimmers.stop_all() })
+            .close(|_| async move { inner.trimmers.forget_prefix("") })
             .await
     }
 

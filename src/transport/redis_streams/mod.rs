@@ -170,6 +170,7 @@ mod lease;
 mod lifecycle;
 mod publisher;
 mod trim;
+mod xinfo;
 
 pub use config::RedisStreamsConfig;
 use connection::{Conn, Connector, ensure_group};

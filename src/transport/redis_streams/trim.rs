@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::{Cmd, FromRedisValue, Value};
 
+use super::xinfo::{int, pairs, text};
 use super::{Conn, RedisStreamsTransport, lock};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
@@ -281,17 +282,8 @@ pub(super) struct Trimmers {
 }
 
 impl Trimmers {
-    /// Stops every scheduled trim (the transport is closing).
-    pub(super) fn stop_all(&self) {
-        for (_, task) in lock(&self.running).drain().map(|(_, running)| running) {
-            if let Some(task) = task {
-                task.abort();
-            }
-        }
-    }
-
     /// Stops and forgets the trims of the topics starting with `prefix`
-    /// (their streams were deleted).
+    /// (their streams were deleted; `""` when the transport closes).
     pub(super) fn forget_prefix(&self, prefix: &str) {
         lock(&self.running).retain(|topic, (_, task)| {
             let keep = !topic.starts_with(prefix);
@@ -305,11 +297,7 @@ impl Trimmers {
 
 impl Drop for Trimmers {
     fn drop(&mut self) {
-        for (_, task) in lock(&self.running).values() {
-            if let Some(task) = task {
-                task.abort();
-            }
-        }
+        self.forget_prefix("");
     }
 }
 
@@ -583,37 +571,6 @@ impl Trimmer {
                 // A consumer whose idle time is unknown counts as live.
                 .is_some_and(|idle| idle >= after_ms)
         }))
-    }
-}
-
-/// The field/value pairs of an `XINFO` entry (a map in RESP3, a flat list
-/// in RESP2).
-fn pairs(info: &Value) -> Vec<(String, &Value)> {
-    match info {
-        Value::Map(pairs) => pairs
-            .iter()
-            .filter_map(|(k, v)| Some((text(k)?, v)))
-            .collect(),
-        Value::Array(items) => items
-            .chunks(2)
-            .filter_map(|p| Some((text(p.first()?)?, p.get(1)?)))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn text(value: &Value) -> Option<String> {
-    match value {
-        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
-        Value::SimpleString(text) => Some(text.clone()),
-        _ => None,
-    }
-}
-
-fn int(value: &Value) -> Option<u64> {
-    match value {
-        Value::Int(n) => u64::try_from(*n).ok(),
-        _ => None,
     }
 }
 
