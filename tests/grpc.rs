@@ -512,3 +512,14 @@ mod full_queue {
         handler.abort();
     }
 }
+
+#[path = "common/push_connect.rs"]
+mod push_connect;
+
+#[tokio::test]
+async fn a_silent_receiver_fails_within_the_connect_timeout() {
+    push_connect::a_silent_receiver_fails_within_the_connect_timeout(|config| {
+        Arc::new(GrpcTransport::new(config).unwrap())
+    })
+    .await;
+}

@@ -560,3 +560,14 @@ mod wire;
 
 #[path = "http/close.rs"]
 mod close;
+
+#[path = "common/push_connect.rs"]
+mod push_connect;
+
+#[tokio::test]
+async fn a_silent_receiver_fails_within_the_connect_timeout() {
+    push_connect::a_silent_receiver_fails_within_the_connect_timeout(|config| {
+        Arc::new(HttpTransport::new(config).unwrap())
+    })
+    .await;
+}

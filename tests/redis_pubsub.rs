@@ -655,3 +655,6 @@ mod wire;
 
 #[path = "redis_pubsub/stall.rs"]
 mod stall;
+
+#[path = "redis_pubsub/lifecycle.rs"]
+mod lifecycle;

@@ -52,6 +52,20 @@ use crate::error::{Error, ErrorKind};
 /// assert!(BudgetConfig::from_yaml("budget: { trading_market: 20 }").is_err());
 /// # Ok::<(), switchboard::Error>(())
 /// ```
+///
+/// Or in code:
+///
+/// ```
+/// use std::time::Duration;
+/// use switchboard::observe::BudgetConfig;
+///
+/// let config = BudgetConfig::default()
+///     .with_budget("trading_market", Duration::from_millis(20))
+///     .with_check_interval(Duration::from_secs(30));
+/// assert_eq!(config.budget("trading_market"), Some(Duration::from_millis(20)));
+/// assert!(config.validate().is_ok());
+/// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
@@ -67,7 +81,30 @@ fn default_interval_ms() -> u64 {
     10_000
 }
 
+impl Default for BudgetConfig {
+    /// No budgets, checked every 10 s.
+    fn default() -> Self {
+        Self {
+            budgets: BTreeMap::new(),
+            check_interval_ms: default_interval_ms(),
+        }
+    }
+}
+
 impl BudgetConfig {
+    /// Adds (or replaces) the P99 budget of `path`, in whole milliseconds.
+    pub fn with_budget(mut self, path: impl Into<String>, p99: Duration) -> Self {
+        let ms = p99.as_millis().try_into().unwrap_or(u64::MAX);
+        self.budgets.insert(path.into(), ms);
+        self
+    }
+
+    /// Sets how often [`LatencyBudgets::spawn_checks`] checks.
+    pub fn with_check_interval(mut self, every: Duration) -> Self {
+        self.check_interval_ms = every.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+
     /// The four paths of strategy §3 with their P99 targets.
     pub fn spec() -> Self {
         let budgets = [

@@ -22,6 +22,7 @@ pub use super::flow::{
     a_poison_message_is_dead_lettered_after_max_deliveries,
     a_publish_nothing_would_receive_is_refused_or_kept, a_requeue_storm_holds_only_the_prefetch,
 };
+pub use super::lifecycle::close_ends_subscriptions_and_refuses_new_work;
 pub use super::outcomes::{
     a_handler_that_gives_up_is_never_a_silent_success,
     a_mixed_group_hands_each_version_to_a_member_that_reads_it,

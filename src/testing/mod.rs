@@ -41,6 +41,7 @@ mod claimed;
 pub mod conformance;
 mod dead_letters;
 pub mod flow;
+mod lifecycle;
 pub mod outcomes;
 pub mod proxy;
 
@@ -69,6 +70,7 @@ macro_rules! conformance_tests {
             a_mixed_group_hands_each_version_to_a_member_that_reads_it,
             what_no_member_can_read_is_dead_lettered_past_the_give_back_limit,
             typed_dead_letters_are_alerted_once_stored_and_redriven_by_key_or_id,
+            close_ends_subscriptions_and_refuses_new_work,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

@@ -68,13 +68,13 @@ pub mod lifecycle;
 pub mod memory;
 #[cfg(any(feature = "grpc", feature = "http"))]
 pub mod push;
-#[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
-pub(crate) mod redis_error;
 #[cfg(feature = "redis-pubsub")]
 pub mod redis_pubsub;
 #[cfg(feature = "redis-streams")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis-streams")))]
 pub mod redis_streams;
+#[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
+pub(crate) mod redis_support;
 mod settle_error;
 mod subscribe_options;
 mod subscription;

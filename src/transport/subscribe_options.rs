@@ -24,6 +24,7 @@ use crate::topology::validate_name;
 /// assert_eq!(guarded.give_back_limit.max_age, std::time::Duration::from_secs(600));
 /// assert!(SubscribeOptions::new("game").with_concurrency(0).validate().is_err());
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscribeOptions {
     /// The consumer group. With [`DeliveryMode::Competing`](crate::DeliveryMode)
@@ -74,6 +75,7 @@ pub struct SubscribeOptions {
 /// let strict = SubscribeOptions::new("game").with_give_back_limit(GiveBackLimit::default().with_max_times(0));
 /// assert_eq!(strict.give_back_limit.max_times, Some(0));
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GiveBackLimit {
     /// How long after its first give-back a message may still be given back
@@ -99,6 +101,12 @@ impl GiveBackLimit {
             max_age,
             max_times: None,
         }
+    }
+
+    /// Sets [`max_age`](Self::max_age).
+    pub const fn with_max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
     }
 
     /// Also dead-letters a message given back `times` times.

@@ -7,6 +7,8 @@ use switchboard::{ErrorKind, EventBus, RawMessage, Topology};
 
 #[path = "../common/clean_exit.rs"]
 mod harness;
+#[path = "../common/unanswered.rs"]
+mod unanswered;
 
 #[test]
 fn a_closed_transport_exits_without_an_error_in_any_log() {
@@ -35,6 +37,20 @@ async fn connecting_to_a_redis_that_is_down_fails_retryably_within_the_connect_t
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
     assert!(error.is_retryable());
+}
+
+#[tokio::test]
+async fn connecting_to_a_redis_that_never_answers_fails_within_the_connect_timeout() {
+    let silent = unanswered::Unanswered::new().await;
+    let config = RedisStreamsConfig::default().with_connect_timeout(Duration::from_millis(300));
+    let url = format!("redis://{}", silent.addr);
+    let connecting = RedisStreamsTransport::connect_with(&url, config);
+    let error = tokio::time::timeout(Duration::from_secs(20), connecting)
+        .await
+        .expect("connect gives up by itself")
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
+    assert!(error.message().contains("connect timeout"), "{error}");
 }
 
 #[test]

@@ -20,10 +20,8 @@ use super::{Forward, TradeExecuted, bus, spec};
 #[tokio::test]
 async fn the_same_envelope_delivered_three_times_at_once_takes_effect_once_and_all_are_acked() {
     let (bus, transport) = bus("ledger").await;
-    let resilience = Resilience::new(spec()).with_dedupe_ttls(DedupeTtls {
-        requeue: Duration::from_millis(5),
-        ..DedupeTtls::default()
-    });
+    let resilience = Resilience::new(spec())
+        .with_dedupe_ttls(DedupeTtls::default().with_requeue(Duration::from_millis(5)));
     let effects = Arc::new(AtomicU32::new(0));
     let entered = Arc::new(Notify::new());
     let finish = Arc::new(Notify::new());

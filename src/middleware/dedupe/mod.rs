@@ -107,6 +107,16 @@ use crate::bus::Message;
 use crate::error::{Error, ErrorKind};
 
 /// How long marks live and how soon an in-progress duplicate comes back.
+///
+/// ```
+/// use std::time::Duration;
+/// use switchboard::middleware::dedupe::DedupeTtls;
+///
+/// let ttls = DedupeTtls::default().with_done(Duration::from_secs(3600));
+/// assert_eq!(ttls.done, Duration::from_secs(3600));
+/// assert_eq!(ttls.requeue, Duration::from_secs(1));
+/// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupeTtls {
     /// How long an in-progress mark lives if its holder never finishes.
@@ -128,6 +138,26 @@ impl Default for DedupeTtls {
             done: Duration::from_secs(24 * 60 * 60),
             requeue: Duration::from_secs(1),
         }
+    }
+}
+
+impl DedupeTtls {
+    /// Sets [`in_progress`](Self::in_progress).
+    pub fn with_in_progress(mut self, ttl: Duration) -> Self {
+        self.in_progress = ttl;
+        self
+    }
+
+    /// Sets [`done`](Self::done).
+    pub fn with_done(mut self, ttl: Duration) -> Self {
+        self.done = ttl;
+        self
+    }
+
+    /// Sets [`requeue`](Self::requeue).
+    pub fn with_requeue(mut self, delay: Duration) -> Self {
+        self.requeue = delay;
+        self
     }
 }
 

@@ -31,7 +31,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::{DedupeStore, Mark};
 use crate::error::{Error, ErrorKind};
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::{
+    DEFAULT_CONNECT_TIMEOUT, connection_manager, open_client, redis_error,
+};
 
 /// The value of a done mark.
 const DONE: &str = "done";
@@ -123,25 +125,21 @@ impl RedisDedupeStore {
         }
     }
 
-    /// Connects to the Redis at `url` with a 5 s response timeout and makes
+    /// Connects to the Redis at `url` with a 5 s connect and response
+    /// timeout (a Redis that is down fails `connect` within 5 s) and makes
     /// a store with `prefix` (see [`new`](Self::new)). To tune the
     /// connection, build the [`ConnectionManager`] yourself and use `new`.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, Error> {
-        let client = redis::Client::open(url).map_err(|error| {
-            Error::new(ErrorKind::Config, format!("redis url {url:?}: {error}")).with_source(error)
-        })?;
+        let client = open_client(url)?;
         // Few connection retries per command: while Redis is away a dedupe
         // check fails fast with a retryable error (the consumer's retry and
         // requeue decide) instead of holding the handler for seconds.
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_max_delay(Duration::from_secs(1))
             .set_number_of_retries(2);
-        let connection = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(|error| redis_error("connect", error))?;
+        let connection =
+            connection_manager("dedupe", &client, config, DEFAULT_CONNECT_TIMEOUT).await?;
         Ok(Self::new(connection, prefix))
     }
 

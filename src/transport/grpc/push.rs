@@ -270,8 +270,9 @@ impl GrpcTransport {
         if let Some(client) = clients.get(url) {
             return Ok(client.clone());
         }
-        let mut endpoint =
-            Endpoint::from_shared(url.to_owned()).map_err(|error| bad_url(url, error))?;
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|error| bad_url(url, error))?
+            .connect_timeout(self.inner.config.connect_timeout());
         if let Some(configure) = &self.inner.endpoint_config {
             endpoint = configure(endpoint)?;
         }

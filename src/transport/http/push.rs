@@ -118,11 +118,12 @@ struct Inner {
 
 impl HttpTransport {
     /// A transport that publishes by `config` with a default
-    /// `reqwest::Client` and receives into its own inbox of
+    /// `reqwest::Client` (with [`PushConfig::connect_timeout`]) and receives into its own inbox of
     /// [`PushConfig::queue_capacity`].
     pub fn new(config: PushConfig) -> Result<Self, Error> {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
+            .connect_timeout(config.connect_timeout())
             .build()
             .map_err(error_from_reqwest)?;
         Self::with_client(config, client)

@@ -259,6 +259,7 @@ fn config(error: Error) -> Error {
 /// assert_eq!(config.routes.endpoints("trade.executed").len(), 1);
 /// # Ok::<(), switchboard::Error>(())
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PushConfig {
@@ -271,6 +272,14 @@ pub struct PushConfig {
     /// runs before it answers), in milliseconds. A receiver whose queue is
     /// full is asked again within this time, with the same attempt number.
     pub timeout_ms: u64,
+    /// How long opening a connection to a receiver may take, in
+    /// milliseconds (default 5 000). A receiver that is down or does not
+    /// accept fails the attempt with a retryable
+    /// [`ErrorKind::Connection`] within it, and the retry policy decides
+    /// what comes next. The HTTP transport applies it to the client it
+    /// builds; a client given to `HttpTransport::with_client` keeps its
+    /// own.
+    pub connect_timeout_ms: u64,
     /// The largest body sent or accepted, in bytes (default 1 MiB, like the
     /// codec). Larger messages are refused before they are sent.
     pub max_body_bytes: usize,
@@ -287,6 +296,7 @@ impl Default for PushConfig {
             routes: PushRoutes::default(),
             retry: RetryConfig::default(),
             timeout_ms: 30_000,
+            connect_timeout_ms: 5_000,
             max_body_bytes: crate::DEFAULT_MAX_SIZE,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
         }
@@ -311,6 +321,28 @@ impl PushConfig {
     /// Sets the per-attempt timeout.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout_ms = timeout.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Sets the connect timeout (see
+    /// [`connect_timeout_ms`](Self::connect_timeout_ms)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::transport::push::PushConfig;
+    ///
+    /// assert_eq!(PushConfig::default().connect_timeout(), Duration::from_secs(5));
+    /// let config = PushConfig::default().with_connect_timeout(Duration::from_millis(300));
+    /// assert_eq!(config.connect_timeout_ms, 300);
+    /// ```
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout_ms = timeout.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Replaces the routes.
+    pub fn with_routes(mut self, routes: PushRoutes) -> Self {
+        self.routes = routes;
         self
     }
 
@@ -341,6 +373,11 @@ impl PushConfig {
         Duration::from_millis(self.timeout_ms)
     }
 
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
     /// Parses and validates YAML; see the type's docs for the keys.
     pub fn from_yaml(text: &str) -> Result<Self, Error> {
         let config: Self = if text.trim().is_empty() {
@@ -357,10 +394,10 @@ impl PushConfig {
     pub fn validate(&self) -> Result<(), Error> {
         self.routes.validate()?;
         self.retry.validate()?;
-        if self.timeout_ms == 0 || self.max_body_bytes == 0 {
+        if self.timeout_ms == 0 || self.connect_timeout_ms == 0 || self.max_body_bytes == 0 {
             return Err(Error::new(
                 ErrorKind::Config,
-                "push config: timeout_ms and max_body_bytes must be at least 1",
+                "push config: timeout_ms, connect_timeout_ms and max_body_bytes must be at least 1",
             ));
         }
         inbox::validate_capacity(self.queue_capacity)
@@ -391,6 +428,8 @@ mod tests {
         assert!(error.message().contains("routs"), "{error}");
         let error = PushConfig::from_yaml("timeout_ms: 0").unwrap_err();
         assert!(error.message().contains("timeout_ms"), "{error}");
+        let error = PushConfig::from_yaml("connect_timeout_ms: 0").unwrap_err();
+        assert!(error.message().contains("connect_timeout_ms"), "{error}");
         let error = PushConfig::from_yaml("queue_capacity: 0").unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Config);
         assert!(error.message().contains("queue_capacity"), "{error}");

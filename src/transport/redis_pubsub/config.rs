@@ -33,6 +33,7 @@ pub enum DropPolicy {
 /// assert_eq!(options.inbox_capacity(), 256);
 /// assert_eq!(options.drop_policy(), DropPolicy::DropNewest);
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisPubSubOptions {
     pub(super) response_timeout: Duration,
@@ -50,7 +51,7 @@ impl Default for RedisPubSubOptions {
     fn default() -> Self {
         Self {
             response_timeout: Duration::from_secs(5),
-            connection_timeout: Duration::from_secs(5),
+            connection_timeout: crate::transport::redis_support::DEFAULT_CONNECT_TIMEOUT,
             reconnect_min_delay: Duration::from_millis(50),
             reconnect_max_delay: Duration::from_secs(5),
             client_name_prefix: "switchboard-pubsub".to_owned(),
@@ -70,7 +71,11 @@ impl RedisPubSubOptions {
         self
     }
 
-    /// How long opening a connection may take (default 5 s).
+    /// How long opening a connection may take (default 5 s): `connect`
+    /// to a Redis that is down or does not answer fails with a retryable
+    /// [`ErrorKind::Connection`](crate::ErrorKind::Connection) within it,
+    /// and a subscription's reconnection attempt gives up after it and
+    /// tries again. At least 1 ms.
     pub fn with_connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
         self

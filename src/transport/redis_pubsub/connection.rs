@@ -18,7 +18,7 @@ use super::frame::decode_payload;
 use super::inbox::{Inbox, Incoming};
 use super::{Channels, Inner, RedisPubSubOptions, RedisPubSubTransport};
 use crate::error::{Error, ErrorKind};
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::{connection_manager, redis_error, validate_connect_timeout};
 
 /// Where a subscription's connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,6 +134,7 @@ impl RedisPubSubTransport {
                 "redis pub/sub option `inbox_capacity` must be at least 1",
             ));
         }
+        validate_connect_timeout(super::NAME, options.connection_timeout)?;
         let info = url.into_connection_info().map_err(|error| {
             Error::new(ErrorKind::Config, format!("redis url {url:?}: {error}")).with_source(error)
         })?;
@@ -150,14 +151,11 @@ impl RedisPubSubTransport {
         // and the caller's retry policy decides what happens next.
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(options.response_timeout))
-            .set_connection_timeout(Some(options.connection_timeout))
             .set_min_delay(options.reconnect_min_delay)
             .set_max_delay(options.reconnect_max_delay)
             .set_number_of_retries(2);
-        let publisher = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(|error| redis_error("connect", error))?;
+        let publisher =
+            connection_manager(super::NAME, &client, config, options.connection_timeout).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,

@@ -14,7 +14,7 @@ use super::inbox::{Inbox, Incoming};
 use super::{Channels, ConnectionState, ConnectionStatus, NAME, RedisPubSubTransport};
 use crate::error::{Error, ErrorKind};
 use crate::transport::delivery::Prefetch;
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::redis_error;
 use crate::transport::{
     Acker, DeadLetter, Delivery, RawMessage, SubscribeOptions, Subscriber, Subscription,
 };
@@ -94,7 +94,8 @@ impl RedisPubSubTransport {
             })
         };
         let subscription = Subscription::new(subscription_name, group, deliveries, drain);
-        Ok((subscription, status))
+        // Ends with the transport's `close`, which waits for it.
+        Ok((self.inner.lifecycle.track(subscription), status))
     }
 
     /// Subscribes to every channel matching `pattern` (`PSUBSCRIBE`); each

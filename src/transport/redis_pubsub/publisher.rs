@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use super::RedisPubSubTransport;
 use super::frame::encode_payload;
 use crate::error::Error;
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::redis_error;
 use crate::transport::{Publisher, RawMessage, validate_name};
 
 #[async_trait]

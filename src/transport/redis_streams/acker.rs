@@ -22,7 +22,7 @@ use super::{Conn, FIELD_REDRIVE_GROUP, RedisStreamsTransport, lock};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
 use crate::transport::delay::DelayQueue;
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::redis_error;
 use crate::transport::{Acker, DeadLetter, RawMessage, header};
 
 /// What one subscription shares with its ackers and its keeper.

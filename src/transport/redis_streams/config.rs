@@ -113,7 +113,7 @@ impl Default for RedisStreamsConfig {
             key_prefix: String::new(),
             hash_tag: None,
             response_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: crate::transport::redis_support::DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }

@@ -11,8 +11,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::{GroupStart, Inner, RedisStreamsConfig, RedisStreamsTransport};
-use crate::error::{Error, ErrorKind};
-use crate::transport::redis_error::redis_error;
+use crate::error::Error;
+use crate::transport::redis_support::{
+    connection_manager, open_client, redis_error, within_connect_timeout,
+};
 
 /// A shared connection: one server or a cluster.
 #[derive(Clone)]
@@ -65,16 +67,11 @@ impl RedisStreamsTransport {
     /// Connects to one Redis server with `config`.
     pub async fn connect_with(url: &str, config: RedisStreamsConfig) -> Result<Self, Error> {
         config.validate()?;
-        let client = redis::Client::open(url).map_err(|error| redis_error("open", error))?;
-        let manager = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.response_timeout))
-            .set_connection_timeout(Some(config.connect_timeout));
-        // redis-rs tries a refused connection again 6 times with backoff
-        // (about 11 s) before it says so: bound the whole of it.
-        let connecting = client.get_connection_manager_with_config(manager);
-        let commands = within_connect_timeout(config.connect_timeout, connecting)
-            .await?
-            .map_err(|error| redis_error("connect", error))?;
+        let client = open_client(url)?;
+        let manager =
+            ConnectionManagerConfig::new().set_response_timeout(Some(config.response_timeout));
+        let commands =
+            connection_manager(super::NAME, &client, manager, config.connect_timeout).await?;
         let hash_tag = config.hash_tag.unwrap_or(false);
         Ok(Self::finish(
             Conn::Single(commands),
@@ -100,10 +97,13 @@ impl RedisStreamsTransport {
             .connection_timeout(config.connect_timeout)
             .build()
             .map_err(|error| redis_error("open cluster", error))?;
-        let commands =
-            within_connect_timeout(config.connect_timeout, client.get_async_connection())
-                .await?
-                .map_err(|error| redis_error("connect to cluster", error))?;
+        let commands = within_connect_timeout(
+            super::NAME,
+            config.connect_timeout,
+            client.get_async_connection(),
+        )
+        .await?
+        .map_err(|error| redis_error("connect to cluster", error))?;
         let hash_tag = config.hash_tag.unwrap_or(true);
         Ok(Self::finish(
             Conn::Cluster(commands),
@@ -159,26 +159,6 @@ impl RedisStreamsTransport {
             }
         }
     }
-}
-
-/// `connecting`, failed with a retryable [`ErrorKind::Connection`] (nothing
-/// was sent) once `timeout` passes.
-async fn within_connect_timeout<T>(
-    timeout: Duration,
-    connecting: impl Future<Output = T>,
-) -> Result<T, Error> {
-    tokio::time::timeout(timeout, connecting)
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Connection,
-                format!(
-                    "redis-streams: cannot connect within the connect timeout ({:?}); \
-                     is Redis up and reachable?",
-                    timeout
-                ),
-            )
-        })
 }
 
 /// Reads `CONFIG GET append*`; any failure (a managed Redis that hides

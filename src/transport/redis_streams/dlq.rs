@@ -8,7 +8,7 @@ use redis::streams::{StreamId, StreamRangeReply};
 use super::fields::{message_from_fields, value_text};
 use super::{FIELD_REDRIVE_GROUP, RedisStreamsTransport};
 use crate::error::{Error, ErrorKind};
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::redis_error;
 use crate::transport::{DeadLetterQueue, DeadLettered, Redrive, header, validate_name};
 
 // Fields of a dead-letter entry besides the message's own.

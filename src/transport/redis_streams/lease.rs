@@ -24,7 +24,7 @@ use super::acker::Group;
 use super::{lock, xinfo};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::redis_error;
 
 /// `KEYS[1]` stream; `ARGV` group, consumer, mode, idle ms, ids…
 ///

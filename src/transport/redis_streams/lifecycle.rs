@@ -5,7 +5,7 @@ use redis::{AsyncCommands, RedisResult};
 use super::connection::Conn;
 use super::{NAME, RedisStreamsTransport};
 use crate::error::Error;
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::redis_error;
 use crate::transport::validate_name;
 
 /// How many keys one `SCAN` step asks for, and one `DEL` deletes.

@@ -6,7 +6,7 @@ use redis::{Cmd, Value};
 use super::RedisStreamsTransport;
 use super::fields::append_message_fields;
 use crate::error::Error;
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::redis_error;
 use crate::transport::{Publisher, RawMessage, validate_name};
 
 impl RedisStreamsTransport {

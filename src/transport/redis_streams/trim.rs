@@ -12,7 +12,7 @@ use super::xinfo::{int, pairs, text};
 use super::{Conn, RedisStreamsTransport, lock};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
-use crate::transport::redis_error::redis_error;
+use crate::transport::redis_support::redis_error;
 use crate::transport::validate_name;
 
 /// How a topic's stream is kept from growing for ever. Set for every topic

@@ -1,0 +1,95 @@
+//! What every Redis user in the crate (both transports and the dedupe
+//! store) shares: how redis-rs errors map onto [`ErrorKind`], so a caller's
+//! retry decision does not depend on which of them failed, and how a
+//! connection is opened within a deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, RetryMethod};
+
+use crate::error::{Error, ErrorKind};
+
+/// The connect timeout every Redis user gets unless configured otherwise.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A redis-rs error as a crate error naming the `operation` that failed.
+pub(crate) fn redis_error(operation: &str, error: RedisError) -> Error {
+    let kind = if error.is_timeout() {
+        ErrorKind::Timeout
+    } else if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
+    {
+        ErrorKind::Connection
+    } else if error.kind() == redis::ErrorKind::AuthenticationFailed {
+        ErrorKind::Unauthorized
+    } else {
+        // redis-rs knows which server replies are worth another try
+        // (TRYAGAIN, MOVED, LOADING…) and which are the command's fault.
+        match error.retry_method() {
+            RetryMethod::NoRetry => ErrorKind::Rejected,
+            _ => ErrorKind::Unavailable,
+        }
+    };
+    Error::new(kind, format!("redis {operation}: {error}")).with_source(error)
+}
+
+/// A client for `url`; a URL redis-rs cannot read is a configuration error
+/// that names it.
+pub(crate) fn open_client(url: &str) -> Result<redis::Client, Error> {
+    redis::Client::open(url).map_err(|error| {
+        Error::new(ErrorKind::Config, format!("redis url {url:?}: {error}")).with_source(error)
+    })
+}
+
+/// Refuses a connect timeout under 1 ms, which no connection could meet.
+pub(crate) fn validate_connect_timeout(who: &str, timeout: Duration) -> Result<(), Error> {
+    if timeout < Duration::from_millis(1) {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("{who}: connect_timeout must be at least 1 ms"),
+        ));
+    }
+    Ok(())
+}
+
+/// `connecting`, failed with a retryable [`ErrorKind::Connection`] (nothing
+/// was sent) once `timeout` passes. `who` names the caller in the message.
+pub(crate) async fn within_connect_timeout<T>(
+    who: &str,
+    timeout: Duration,
+    connecting: impl Future<Output = T>,
+) -> Result<T, Error> {
+    tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "{who}: cannot connect within the connect timeout ({timeout:?}); \
+                     is Redis up and reachable?"
+                ),
+            )
+        })
+}
+
+/// A reconnecting command connection, opened within `connect_timeout`.
+///
+/// redis-rs tries a refused connection again six times with backoff (about
+/// 11 s) before it says so; the whole of it is bounded here, and each later
+/// reconnection attempt by `connect_timeout` as well.
+pub(crate) async fn connection_manager(
+    who: &str,
+    client: &redis::Client,
+    config: ConnectionManagerConfig,
+    connect_timeout: Duration,
+) -> Result<ConnectionManager, Error> {
+    let config = config.set_connection_timeout(Some(connect_timeout));
+    within_connect_timeout(
+        who,
+        connect_timeout,
+        client.get_connection_manager_with_config(config),
+    )
+    .await?
+    .map_err(|error| redis_error("connect", error))
+}
