@@ -14,7 +14,7 @@ use switchboard::config::RetryConfig;
 use switchboard::transport::grpc::GrpcTransport;
 use switchboard::transport::http::{self, HttpTransport, JsonBody, JsonService};
 use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
-use switchboard::{ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, tls};
+use switchboard::{ErrorKind, Publisher, RawMessage, SubscribeOptions, Subscriber, Transport, tls};
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tower::ServiceExt;
@@ -149,7 +149,7 @@ async fn grpc_push_over_tls_delivers_and_acks() {
         endpoint_configured.try_recv().is_ok(),
         "the earlier endpoint adjustment still applies under TLS"
     );
-    server.abort();
+    stops_on_close(&transport, server).await;
 }
 
 #[tokio::test]
@@ -163,7 +163,22 @@ async fn http_webhook_push_over_tls_delivers_and_acks() {
     .expect("an HTTP transport");
     let server = tokio::spawn(transport.serve_tls(listener, pki.http_server_config()));
     publish_and_receive(&transport).await;
-    server.abort();
+    stops_on_close(&transport, server).await;
+}
+
+/// `close()` ends `serve_tls` by itself (the publisher's pooled connection
+/// to it included), with `Ok`.
+async fn stops_on_close(
+    transport: &dyn Transport,
+    server: tokio::task::JoinHandle<Result<(), switchboard::Error>>,
+) {
+    transport.close().await.expect("close");
+    // A guard against a hang; the grace for busy connections is 10 s.
+    tokio::time::timeout(std::time::Duration::from_secs(30), server)
+        .await
+        .expect("serve_tls returns once the transport is closed")
+        .expect("the server task")
+        .expect("a graceful stop");
 }
 
 #[derive(Debug, Serialize, Deserialize)]

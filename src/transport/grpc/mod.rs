@@ -11,7 +11,7 @@
 //!   `UNAUTHENTICATED` and `PERMISSION_DENIED` are not.
 //! * [`GrpcTransport`] pushes events with the `switchboard.push.v1.Push`
 //!   service (`proto/switchboard/push/v1/push.proto`); see
-//!   [`push`](crate::transport::push) for what push guarantees.
+//!   [`push`] for what push guarantees.
 //!
 //! The protobuf code is generated ahead of time and checked in
 //! ([`proto`]), so building this crate runs no build script and needs no
@@ -26,16 +26,32 @@
 //! `tonic::transport::Server` and configure each client connection with
 //! [`GrpcTransport::with_endpoint_config`].
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 
-use tonic::{Code, Status};
+use async_trait::async_trait;
+use tonic::transport::{Channel, Endpoint};
 
-use crate::error::{Effect, Error, ErrorKind};
+use crate::error::Error;
+#[cfg(feature = "grpc-tls")]
+use crate::error::ErrorKind;
+use crate::topology::Topology;
+use crate::transport::push::{self, Inbox, PushConfig};
+use crate::transport::{
+    Capabilities, DeliveryMode, Lifecycle, Publisher, RawMessage, SubscribeOptions, Subscriber,
+    Subscription, Transport, TransportHealth,
+};
 
-mod push;
+mod consumer;
+mod error;
+mod publisher;
 mod service;
 
-pub use push::{GrpcTransport, PushReceiver, PushService};
+pub use consumer::{PushReceiver, PushService};
+pub use error::{error_from_status, status_from_error};
+use proto::push_client::PushClient;
+use publisher::bad_url;
 pub use service::{GrpcService, ResponseFuture, unary};
 
 /// The generated protobuf types, client and server of
@@ -54,247 +70,216 @@ pub mod proto {
 /// The metadata key gRPC uses for "retry after this many milliseconds".
 pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 
-/// Maps a gRPC status into an [`Error`] whose kind says whether to retry
-/// and whose [effect](Effect) says whether the call may have taken effect.
+const NAME: &str = "grpc";
+
+/// Room for the topic, group and headers around a body of the largest size.
+const ENVELOPE_SLACK: usize = 64 * 1024;
+
+type EndpointConfig = dyn Fn(Endpoint) -> Result<Endpoint, Error> + Send + Sync;
+
+/// Events pushed over gRPC: the publisher calls `switchboard.push.v1.Push/Deliver`
+/// on the endpoints [`PushConfig::routes`] names for the topic; the
+/// receiver ([`push_service`](Self::push_service), or [`serve`](Self::serve))
+/// answers once a subscriber's handler has acked.
 ///
-/// A `grpc-retry-pushback-ms` value becomes [`Error::retry_after`], which
-/// the retry layer caps at `max_backoff_ms`.
+/// The receiver keeps at most [`PushConfig::queue_capacity`] pushes per
+/// group waiting for a subscription; one more is answered at once with
+/// `RESOURCE_EXHAUSTED` and `grpc-retry-pushback-ms`
+/// ([`QUEUE_FULL_RETRY_AFTER`](push::QUEUE_FULL_RETRY_AFTER)), and the
+/// publisher sends it again after that, within the same attempt.
 ///
-/// | status | kind | retryable | effect |
-/// |---|---|---|---|
-/// | `UNAVAILABLE` from a TLS handshake rustls refused (feature `grpc-tls`) | [`Rejected`](ErrorKind::Rejected) | no | `NotApplied` |
-/// | `UNAVAILABLE` from a failed connect (the request was never sent) | [`Connection`](ErrorKind::Connection) | yes | `NotApplied` |
-/// | `RESOURCE_EXHAUSTED`, `ABORTED` (the server refused or rolled it back) | [`Unavailable`](ErrorKind::Unavailable) | yes | `NotApplied` |
-/// | `UNAVAILABLE` otherwise (a server draining, a connection lost mid-call) | [`Unavailable`](ErrorKind::Unavailable) | yes | `Unknown` |
-/// | `CANCELLED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` | [`Unavailable`](ErrorKind::Unavailable) | yes | `Unknown` |
-/// | `CANCELLED` from tonic's own request timeout | [`Timeout`](ErrorKind::Timeout) | yes | `Unknown` |
-/// | `DEADLINE_EXCEEDED` | [`Timeout`](ErrorKind::Timeout) | yes | `Unknown` |
-/// | `INVALID_ARGUMENT`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`, `ALREADY_EXISTS` | [`Rejected`](ErrorKind::Rejected) | no | `NotApplied` |
-/// | `NOT_FOUND` | [`NotFound`](ErrorKind::NotFound) | no | `NotApplied` |
-/// | `UNAUTHENTICATED`, `PERMISSION_DENIED` | [`Unauthorized`](ErrorKind::Unauthorized) | no | `NotApplied` |
-/// | `UNIMPLEMENTED` | [`Unsupported`](ErrorKind::Unsupported) | no | `NotApplied` |
-///
-/// gRPC says of `UNAVAILABLE` that retrying a call that is not idempotent
-/// is not always safe; only a failed connect proves the server never saw
-/// it.
+/// Not persistent, no dead-letter queue, no redelivery of what a receiver
+/// never got: see [`push`] for the exact guarantees.
 ///
 /// ```
-/// use switchboard::ErrorKind;
-/// use switchboard::transport::grpc::error_from_status;
+/// use switchboard::transport::grpc::GrpcTransport;
+/// use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
+/// use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
 ///
-/// let error = error_from_status(tonic::Status::unavailable("draining"));
-/// assert_eq!(error.kind(), ErrorKind::Unavailable);
-/// assert!(error.is_retryable());
-/// assert_eq!(error.message(), "gRPC UNAVAILABLE: draining");
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// let url = format!("http://{}", listener.local_addr().unwrap());
+/// let routes = PushRoutes::new().route("price.updated", PushEndpoint::new(url).for_group("game"));
+/// let transport = GrpcTransport::new(PushConfig::new(routes))?;
+/// tokio::spawn(transport.serve(listener));
+///
+/// let mut subscription = transport
+///     .subscribe("price.updated", SubscribeOptions::new("game"))
+///     .await?;
+/// let handler = tokio::spawn(async move {
+///     let delivery = subscription.recv().await.expect("a message");
+///     assert_eq!(delivery.body().as_ref(), b"AAPL 150.00");
+///     delivery.ack().await.map_err(switchboard::Error::from)
+/// });
+/// // Returns once the handler above has acked.
+/// transport.publish("price.updated", RawMessage::new("AAPL 150.00")).await?;
+/// handler.await.unwrap()?;
+/// # Ok::<(), switchboard::Error>(())
+/// # }).unwrap();
 /// ```
-pub fn error_from_status(status: Status) -> Error {
+#[derive(Clone)]
+pub struct GrpcTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: PushConfig,
+    endpoint_config: Option<Arc<EndpointConfig>>,
+    clients: Mutex<HashMap<String, PushClient<Channel>>>,
+    inbox: Inbox,
+    /// Closing: refuses new work, ends the subscriptions and `serve`.
+    lifecycle: Lifecycle,
+}
+
+impl GrpcTransport {
+    /// A transport that publishes by `config` and receives into its own
+    /// inbox of [`PushConfig::queue_capacity`]. Connections open on first
+    /// use.
+    pub fn new(config: PushConfig) -> Result<Self, Error> {
+        config.validate()?;
+        for url in config.routes.urls() {
+            Endpoint::from_shared(url.to_owned()).map_err(|error| bad_url(url, error))?;
+        }
+        let inbox = Inbox::with_capacity(NAME, config.queue_capacity)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                endpoint_config: None,
+                clients: Mutex::default(),
+                inbox,
+                lifecycle: Lifecycle::new(NAME),
+            }),
+        })
+    }
+
+    /// Adjusts every client connection before it opens: timeouts, keep-alive,
+    /// window sizes, `tls_config` (or use [`with_client_tls`](Self::with_client_tls)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::transport::grpc::GrpcTransport;
+    /// use switchboard::transport::push::PushConfig;
+    ///
+    /// let transport = GrpcTransport::new(PushConfig::default())?
+    ///     .with_endpoint_config(|endpoint| Ok(endpoint.keep_alive_while_idle(true)));
+    /// # Ok::<(), switchboard::Error>(())
+    /// ```
+    pub fn with_endpoint_config(
+        self,
+        configure: impl Fn(Endpoint) -> Result<Endpoint, Error> + Send + Sync + 'static,
+    ) -> Self {
+        let inner = Inner {
+            config: self.inner.config.clone(),
+            endpoint_config: Some(Arc::new(configure)),
+            clients: Mutex::default(),
+            inbox: self.inner.inbox.clone(),
+            lifecycle: self.inner.lifecycle.clone(),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Publishes over TLS to `https://` endpoints, verifying them with
+    /// `tls` (for example `ClientTlsConfig::new().ca_certificate(ca)` for a
+    /// private CA). An earlier [`with_endpoint_config`](Self::with_endpoint_config)
+    /// adjustment still applies; a later one replaces this, so call this last.
+    ///
+    /// tonic builds the rustls config from the process-default crypto
+    /// provider; this installs aws-lc-rs as that default unless one is
+    /// installed ([`tls::install_default_provider`](crate::tls::install_default_provider)).
+    ///
+    /// ```
+    /// use switchboard::transport::grpc::GrpcTransport;
+    /// use switchboard::transport::push::PushConfig;
+    /// use tonic::transport::ClientTlsConfig;
+    ///
+    /// let transport = GrpcTransport::new(PushConfig::default())?
+    ///     .with_client_tls(ClientTlsConfig::new().domain_name("events.internal"));
+    /// # Ok::<(), switchboard::Error>(())
+    /// ```
     #[cfg(feature = "grpc-tls")]
-    if status.code() == Code::Unavailable
-        && let Some(failure) = crate::tls::tls_failure(&status)
-    {
-        // An untrusted certificate stays untrusted: retrying cannot help.
-        return Error::new(
-            ErrorKind::Rejected,
-            format!("gRPC: the TLS handshake failed: {failure}"),
-        )
-        .with_source(status);
+    pub fn with_client_tls(self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        crate::tls::install_default_provider();
+        let earlier = self.inner.endpoint_config.clone();
+        self.with_endpoint_config(move |endpoint| {
+            let endpoint = match &earlier {
+                Some(configure) => configure(endpoint)?,
+                None => endpoint,
+            };
+            endpoint.tls_config(tls.clone()).map_err(|error| {
+                Error::new(ErrorKind::Config, format!("gRPC TLS config: {error}"))
+                    .with_source(error)
+            })
+        })
     }
-    use Effect::{NotApplied, Unknown};
-    let (kind, effect) = match status.code() {
-        // Tonic reports a failed connect as UNAVAILABLE and its own request
-        // timeout as CANCELLED; the cause it keeps says which it was.
-        Code::Unavailable if caused_by::<tonic::ConnectError>(&status) => {
-            (ErrorKind::Connection, NotApplied)
-        }
-        Code::Cancelled if caused_by::<tonic::TimeoutExpired>(&status) => {
-            (ErrorKind::Timeout, Unknown)
-        }
-        Code::Ok => (ErrorKind::Unavailable, Unknown), // never an error; defensive
-        Code::ResourceExhausted | Code::Aborted => (ErrorKind::Unavailable, NotApplied),
-        Code::Unavailable | Code::Cancelled | Code::Internal | Code::Unknown | Code::DataLoss => {
-            (ErrorKind::Unavailable, Unknown)
-        }
-        Code::DeadlineExceeded => (ErrorKind::Timeout, Unknown),
-        Code::InvalidArgument
-        | Code::FailedPrecondition
-        | Code::OutOfRange
-        | Code::AlreadyExists => (ErrorKind::Rejected, NotApplied),
-        Code::NotFound => (ErrorKind::NotFound, NotApplied),
-        Code::Unauthenticated | Code::PermissionDenied => (ErrorKind::Unauthorized, NotApplied),
-        Code::Unimplemented => (ErrorKind::Unsupported, NotApplied),
-    };
-    let pushback = status
-        .metadata()
-        .get(RETRY_PUSHBACK_MS)
-        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok())
-        .map(Duration::from_millis);
-    let mut error = Error::new(
-        kind,
-        format!("gRPC {}: {}", code_name(status.code()), status.message()),
-    )
-    .with_effect(effect);
-    if let Some(delay) = pushback {
-        error = error.with_retry_after(delay);
-    }
-    error.with_source(status)
-}
 
-/// Maps an [`Error`] into the gRPC status a server answers with; a
-/// [`requeue_after`](Error::requeue_after) delay (or, passing a peer's hint
-/// on, [`retry_after`](Error::retry_after)) is sent as
-/// `grpc-retry-pushback-ms`.
-///
-/// ```
-/// use switchboard::{Error, ErrorKind};
-/// use switchboard::transport::grpc::status_from_error;
-///
-/// let status = status_from_error(&Error::permanent("quantity must be positive"));
-/// assert_eq!(status.code(), tonic::Code::InvalidArgument);
-/// assert_eq!(status.message(), "quantity must be positive");
-/// ```
-pub fn status_from_error(error: &Error) -> Status {
-    let code = match error.kind() {
-        ErrorKind::Connection | ErrorKind::Unavailable | ErrorKind::Closed => Code::Unavailable,
-        ErrorKind::BreakerOpen => Code::Unavailable,
-        ErrorKind::Timeout => Code::DeadlineExceeded,
-        ErrorKind::Rejected | ErrorKind::Decode | ErrorKind::Encode => Code::InvalidArgument,
-        ErrorKind::Unauthorized => Code::Unauthenticated,
-        ErrorKind::Config => Code::FailedPrecondition,
-        ErrorKind::NotFound => Code::NotFound,
-        ErrorKind::Unsupported => Code::Unimplemented,
-    };
-    let mut status = Status::new(code, error.message().to_owned());
-    if let Some(delay) = error.requeue_after().or(error.retry_after()) {
-        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        status
-            .metadata_mut()
-            .insert(RETRY_PUSHBACK_MS, millis.into());
-    }
-    status
-}
-
-fn caused_by<E: std::error::Error + 'static>(status: &Status) -> bool {
-    let mut cause = std::error::Error::source(status);
-    while let Some(error) = cause {
-        if error.is::<E>() {
-            return true;
-        }
-        cause = error.source();
-    }
-    false
-}
-
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
+    /// The inbox the receiver delivers into and subscriptions read from.
+    pub fn inbox(&self) -> &Inbox {
+        &self.inner.inbox
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl fmt::Debug for GrpcTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcTransport")
+            .field("config", &self.inner.config)
+            .field("inbox", &self.inner.inbox)
+            .finish_non_exhaustive()
+    }
+}
 
-    #[test]
-    fn every_status_code_maps_to_the_documented_kind() {
-        use Effect::{NotApplied, Unknown};
-        use ErrorKind::*;
-        let table = [
-            (Code::Unavailable, Unavailable, true, Unknown),
-            (Code::DeadlineExceeded, Timeout, true, Unknown),
-            (Code::ResourceExhausted, Unavailable, true, NotApplied),
-            (Code::Aborted, Unavailable, true, NotApplied),
-            (Code::Cancelled, Unavailable, true, Unknown),
-            (Code::Internal, Unavailable, true, Unknown),
-            (Code::Unknown, Unavailable, true, Unknown),
-            (Code::DataLoss, Unavailable, true, Unknown),
-            (Code::InvalidArgument, Rejected, false, NotApplied),
-            (Code::FailedPrecondition, Rejected, false, NotApplied),
-            (Code::OutOfRange, Rejected, false, NotApplied),
-            (Code::AlreadyExists, Rejected, false, NotApplied),
-            (Code::NotFound, NotFound, false, NotApplied),
-            (Code::Unauthenticated, Unauthorized, false, NotApplied),
-            (Code::PermissionDenied, Unauthorized, false, NotApplied),
-            (Code::Unimplemented, Unsupported, false, NotApplied),
-        ];
-        for (code, kind, retryable, effect) in table {
-            let error = error_from_status(Status::new(code, "why"));
-            assert_eq!(error.kind(), kind, "{code:?}");
-            assert_eq!(error.is_retryable(), retryable, "{code:?}");
-            assert_eq!(error.effect(), effect, "{code:?}");
-            assert_eq!(
-                error.message(),
-                format!("gRPC {}: why", code_name(code)),
-                "{code:?}"
-            );
+#[async_trait]
+impl Publisher for GrpcTransport {
+    async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
+        push::publish(self, &self.inner.config, topic, &message).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for GrpcTransport {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        self.inner.lifecycle.check()?;
+        let subscription = self.inner.inbox.subscribe(topic, options)?;
+        Ok(self.inner.lifecycle.track(subscription))
+    }
+}
+
+#[async_trait]
+impl Transport for GrpcTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    /// Competing groups (by the route table), nack by the publisher's retry;
+    /// nothing persistent, no dead letters, no redelivery of what was never
+    /// received, no ordering promise across retries.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(DeliveryMode::Competing).with_nack(true)
+    }
+
+    /// Checks the topology's names; a push transport has nothing to create.
+    async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
+        topology.validate()
+    }
+
+    /// Ends the subscriptions and waits for them, and stops
+    /// [`serve`](Self::serve) gracefully (requests in flight finish).
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.lifecycle.close(|_| async {}).await
+    }
+
+    fn health(&self) -> TransportHealth {
+        if self.inner.lifecycle.is_closed() {
+            TransportHealth::closed(NAME)
+        } else {
+            TransportHealth::up(NAME)
         }
-    }
-
-    #[test]
-    fn errors_map_to_statuses_and_back_to_the_same_retryability() {
-        use ErrorKind::*;
-        let table = [
-            (Connection, Code::Unavailable),
-            (Timeout, Code::DeadlineExceeded),
-            (Unavailable, Code::Unavailable),
-            (Rejected, Code::InvalidArgument),
-            (Unauthorized, Code::Unauthenticated),
-            (Decode, Code::InvalidArgument),
-            (Encode, Code::InvalidArgument),
-            (Config, Code::FailedPrecondition),
-            (NotFound, Code::NotFound),
-            (BreakerOpen, Code::Unavailable),
-            (Unsupported, Code::Unimplemented),
-            (Closed, Code::Unavailable),
-        ];
-        for (kind, code) in table {
-            let status = status_from_error(&Error::new(kind, "why"));
-            assert_eq!(status.code(), code, "{kind:?}");
-            assert_eq!(status.message(), "why");
-            let back = error_from_status(status);
-            if kind != BreakerOpen && kind != Closed {
-                assert_eq!(back.is_retryable(), kind.is_retryable(), "{kind:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn connect_failures_and_client_timeouts_are_told_apart_by_their_cause() {
-        let refused = Status::from_error(Box::new(tonic::ConnectError("refused".into())));
-        assert_eq!(refused.code(), Code::Unavailable);
-        let refused = error_from_status(refused);
-        assert_eq!(refused.kind(), ErrorKind::Connection);
-        assert_eq!(refused.effect(), Effect::NotApplied, "never sent");
-        let timed_out = Status::from_error(Box::new(tonic::TimeoutExpired(())));
-        assert_eq!(timed_out.code(), Code::Cancelled);
-        let timed_out = error_from_status(timed_out);
-        assert_eq!(timed_out.kind(), ErrorKind::Timeout);
-        assert_eq!(timed_out.effect(), Effect::Unknown);
-    }
-
-    #[test]
-    fn a_requeue_delay_travels_as_retry_pushback() {
-        let error = Error::transient("nacked").with_requeue(Duration::from_millis(250));
-        let status = status_from_error(&error);
-        assert_eq!(status.metadata().get(RETRY_PUSHBACK_MS).unwrap(), "250");
-        let back = error_from_status(status);
-        // The peer's delay is a hint for a retry layer to cap, not a requeue.
-        assert_eq!(back.retry_after(), Some(Duration::from_millis(250)));
-        assert_eq!(back.requeue_after(), None);
     }
 }

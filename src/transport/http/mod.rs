@@ -15,32 +15,32 @@
 //!   [`ErrorResponse`] answers any [`Error`] with the matching status and a
 //!   JSON body (`{"error":{"kind":"rejected","message":"..."}}`).
 //! * [`HttpTransport`] pushes events as webhooks, `POST /events/{topic}`;
-//!   see [`push`](crate::transport::push) for what push guarantees and
+//!   see [`push`] for what push guarantees and
 //!   [`HttpTransport`] for the wire format.
 //!
 //! # Statuses and errors
 //!
 //! | status | kind | retryable | [effect](crate::Effect) |
 //! |---|---|---|---|
-//! | 503, 429 | [`Unavailable`](ErrorKind::Unavailable) | yes | `NotApplied` |
-//! | 408 | [`Timeout`](ErrorKind::Timeout) | yes | `NotApplied` |
-//! | other 5xx (500, 502, ...; but 501, 504) | [`Unavailable`](ErrorKind::Unavailable) | yes | `Unknown` |
-//! | 504 | [`Timeout`](ErrorKind::Timeout) | yes | `Unknown` |
-//! | 401, 403 | [`Unauthorized`](ErrorKind::Unauthorized) | no | `NotApplied` |
-//! | 404 | [`NotFound`](ErrorKind::NotFound) | no | `NotApplied` |
-//! | 501 | [`Unsupported`](ErrorKind::Unsupported) | no | `NotApplied` |
-//! | other 4xx (400, 413, 422, ...) | [`Rejected`](ErrorKind::Rejected) | no | `NotApplied` |
-//! | no answer: TLS handshake refused (untrusted certificate) | [`Rejected`](ErrorKind::Rejected) | no | `NotApplied` |
-//! | no answer: connect failure | [`Connection`](ErrorKind::Connection) | yes | `NotApplied` |
-//! | no answer: connect timeout | [`Timeout`](ErrorKind::Timeout) | yes | `NotApplied` |
-//! | no answer: the connection broke after the request was sent, or the body broke | [`Connection`](ErrorKind::Connection) | yes | `Unknown` |
-//! | no answer: timeout | [`Timeout`](ErrorKind::Timeout) | yes | `Unknown` |
+//! | 503, 429 | [`Unavailable`](crate::ErrorKind::Unavailable) | yes | `NotApplied` |
+//! | 408 | [`Timeout`](crate::ErrorKind::Timeout) | yes | `NotApplied` |
+//! | other 5xx (500, 502, ...; but 501, 504) | [`Unavailable`](crate::ErrorKind::Unavailable) | yes | `Unknown` |
+//! | 504 | [`Timeout`](crate::ErrorKind::Timeout) | yes | `Unknown` |
+//! | 401, 403 | [`Unauthorized`](crate::ErrorKind::Unauthorized) | no | `NotApplied` |
+//! | 404 | [`NotFound`](crate::ErrorKind::NotFound) | no | `NotApplied` |
+//! | 501 | [`Unsupported`](crate::ErrorKind::Unsupported) | no | `NotApplied` |
+//! | other 4xx (400, 413, 422, ...) | [`Rejected`](crate::ErrorKind::Rejected) | no | `NotApplied` |
+//! | no answer: TLS handshake refused (untrusted certificate) | [`Rejected`](crate::ErrorKind::Rejected) | no | `NotApplied` |
+//! | no answer: connect failure | [`Connection`](crate::ErrorKind::Connection) | yes | `NotApplied` |
+//! | no answer: connect timeout | [`Timeout`](crate::ErrorKind::Timeout) | yes | `NotApplied` |
+//! | no answer: the connection broke after the request was sent, or the body broke | [`Connection`](crate::ErrorKind::Connection) | yes | `Unknown` |
+//! | no answer: timeout | [`Timeout`](crate::ErrorKind::Timeout) | yes | `Unknown` |
 //!
 //! 408 and 429 are the two 4xx codes that say "try again" by definition;
 //! 501 is the 5xx that says "never". 503, 429 and 408 also say the server
 //! did not act on the request, so even a request that is not idempotent
 //! may be sent again; after any other 5xx or a lost answer it may have
-//! taken effect (see [`Effect`]). A
+//! taken effect (see [`Effect`](crate::Effect)). A
 //! `switchboard-retry-after-ms` or `Retry-After` (seconds) header becomes
 //! [`Error::retry_after`], which the retry layer caps at `max_backoff_ms`.
 //!
@@ -55,275 +55,202 @@
 //! own `reqwest::Client` and mount [`HttpTransport::router`] in your own
 //! server.
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use async_trait::async_trait;
 
-use crate::error::{Effect, Error, ErrorKind};
-use crate::transport::push::RETRY_AFTER_MS;
+use crate::error::Error;
+use crate::topology::Topology;
+use crate::transport::push::{self, Inbox, PushConfig};
+use crate::transport::{
+    Capabilities, DeliveryMode, Lifecycle, Publisher, RawMessage, SubscribeOptions, Subscriber,
+    Subscription, Transport, TransportHealth,
+};
 
 mod client;
-mod push;
+mod consumer;
+mod error;
+mod publisher;
 mod server;
 #[cfg(feature = "http-tls")]
 mod tls;
 
 pub use client::{JsonRequest, JsonService, ResponseFuture, error_from_reqwest};
-pub use push::{ATTEMPT, GROUP, HEADERS, HttpTransport, REFUSED, REFUSED_QUEUE_FULL};
+pub use error::{ErrorResponse, error_from_response, kind_name, status_from_error};
 pub use server::{JsonBody, JsonResponse, MaxBodyBytes};
 #[cfg(feature = "http-tls")]
-pub use tls::{serve_tls, tls_client, tls_server_config};
+pub use tls::{SHUTDOWN_GRACE, serve_tls, serve_tls_with_shutdown, tls_client, tls_server_config};
 
-/// Maps an HTTP error status (and its headers and body) into an [`Error`];
-/// see the [module docs](self) for the table. The message is the body's
-/// `error.message` when it is this crate's JSON error, else the body text.
+const NAME: &str = "http";
+
+/// The message's headers as a JSON object of strings, every non-ASCII
+/// character written as a `\u` escape so the value is a valid HTTP header
+/// whatever the headers hold.
+pub const HEADERS: &str = "switchboard-headers";
+/// The consumer group the message is for; absent means every group.
+pub const GROUP: &str = "switchboard-group";
+/// Which delivery of the message this is (1 the first time).
+pub const ATTEMPT: &str = "switchboard-attempt";
+/// On a 503: why the receiver did not take the message. `queue-full` (the
+/// only value) means the group's queue was full and no handler saw the
+/// message; the publisher sends it again after `Retry-After` without
+/// counting an attempt.
+pub const REFUSED: &str = "switchboard-refused";
+/// The value of [`REFUSED`] when the group's queue was full.
+pub const REFUSED_QUEUE_FULL: &str = "queue-full";
+
+/// Events pushed as webhooks.
+///
+/// # Wire format
+///
+/// `POST {endpoint}/events/{topic}` with
+///
+/// * the body: the message body, byte for byte
+///   (`content-type: application/octet-stream`);
+/// * `switchboard-headers`: the message headers as a JSON object, ASCII-only
+///   (`\uXXXX` escapes), so names keep their case and values keep spaces,
+///   quotes, `;:,=/` and any Unicode exactly;
+/// * `switchboard-group` (optional) and `switchboard-attempt`.
+///
+/// The receiver answers **204** once the handler acked; **503** with
+/// `Retry-After` and `switchboard-retry-after-ms` when it nacked, dropped
+/// the message, or no subscriber is there; **503** at once, with
+/// `Retry-After`, `switchboard-retry-after-ms` and `switchboard-refused:
+/// queue-full`, when the group already has
+/// [`PushConfig::queue_capacity`] pushes waiting (the publisher sends it
+/// again after [`QUEUE_FULL_RETRY_AFTER`](push::QUEUE_FULL_RETRY_AFTER),
+/// within the same attempt); **400** for a bad topic, group, attempt or
+/// header JSON; **413** for a body over [`PushConfig::max_body_bytes`].
+/// Error bodies are `{"error":{"kind":"...","message":"..."}}`.
+///
+/// Not persistent, no dead-letter queue, no redelivery of what a receiver
+/// never got: see [`push`].
 ///
 /// ```
-/// use switchboard::ErrorKind;
-/// use switchboard::transport::http::error_from_response;
+/// use switchboard::transport::http::HttpTransport;
+/// use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
+/// use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
 ///
-/// let body = br#"{"error":{"kind":"rejected","message":"quantity must be positive"}}"#;
-/// let error = error_from_response(axum::http::StatusCode::BAD_REQUEST, &Default::default(), body);
-/// assert_eq!(error.kind(), ErrorKind::Rejected);
-/// assert_eq!(error.message(), "HTTP 400: quantity must be positive");
-/// ```
-pub fn error_from_response(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Error {
-    let kind = kind_of_status(status);
-    let message = match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(parsed) => parsed.error.message,
-        Err(_) => String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned(),
-    };
-    let mut error = Error::new(
-        kind,
-        format!("HTTP {}: {}", status.as_u16(), message.trim()),
-    )
-    .with_effect(effect_of_status(status));
-    if let Some(delay) = retry_after(headers) {
-        error = error.with_retry_after(delay);
-    }
-    error
-}
-
-/// Whether the server may have acted on a request it answered with
-/// `status`: 503, 429, 408 and 501 say it did not; any other 5xx may come
-/// after the work was done.
-fn effect_of_status(status: StatusCode) -> Effect {
-    match status.as_u16() {
-        408 | 429 | 501 | 503 => Effect::NotApplied,
-        500..=599 => Effect::Unknown,
-        _ => Effect::NotApplied,
-    }
-}
-
-fn kind_of_status(status: StatusCode) -> ErrorKind {
-    match status.as_u16() {
-        401 | 403 => ErrorKind::Unauthorized,
-        404 => ErrorKind::NotFound,
-        408 | 504 => ErrorKind::Timeout,
-        429 => ErrorKind::Unavailable,
-        501 => ErrorKind::Unsupported,
-        500..=599 => ErrorKind::Unavailable,
-        _ => ErrorKind::Rejected,
-    }
-}
-
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
-    number(RETRY_AFTER_MS)
-        .map(Duration::from_millis)
-        .or_else(|| number(header::RETRY_AFTER.as_str()).map(Duration::from_secs))
-}
-
-/// The status a server answers an [`Error`] with.
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// let url = format!("http://{}", listener.local_addr().unwrap());
+/// let routes = PushRoutes::new().route("price.updated", PushEndpoint::new(url).for_group("game"));
+/// let transport = HttpTransport::new(PushConfig::new(routes))?;
+/// tokio::spawn(transport.serve(listener));
 ///
+/// let mut subscription = transport
+///     .subscribe("price.updated", SubscribeOptions::new("game"))
+///     .await?;
+/// let handler = tokio::spawn(async move {
+///     let delivery = subscription.recv().await.expect("a message");
+///     assert_eq!(delivery.body().as_ref(), b"AAPL 150.00");
+///     delivery.ack().await.map_err(switchboard::Error::from)
+/// });
+/// // Returns once the handler above has acked.
+/// transport.publish("price.updated", RawMessage::new("AAPL 150.00")).await?;
+/// handler.await.unwrap()?;
+/// # Ok::<(), switchboard::Error>(())
+/// # }).unwrap();
 /// ```
-/// use switchboard::{Error, ErrorKind};
-/// use switchboard::transport::http::status_from_error;
-///
-/// assert_eq!(status_from_error(&Error::permanent("bad")), axum::http::StatusCode::BAD_REQUEST);
-/// assert_eq!(status_from_error(&Error::transient("busy")), axum::http::StatusCode::SERVICE_UNAVAILABLE);
-/// ```
-pub fn status_from_error(error: &Error) -> StatusCode {
-    match error.kind() {
-        ErrorKind::Connection
-        | ErrorKind::Unavailable
-        | ErrorKind::Closed
-        | ErrorKind::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        ErrorKind::Rejected | ErrorKind::Decode | ErrorKind::Encode => StatusCode::BAD_REQUEST,
-        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorKind::Config => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
-    }
+#[derive(Clone, Debug)]
+pub struct HttpTransport {
+    inner: Arc<Inner>,
 }
 
-/// A stable snake_case name for an error kind, as sent in JSON error bodies.
-pub fn kind_name(kind: ErrorKind) -> &'static str {
-    crate::error::kind_name(kind)
-}
-
-#[derive(Debug, Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Debug, Deserialize)]
-struct ErrorDetail {
-    // The kind comes back from the status, which the table maps.
-    message: String,
-}
-
-/// Answers an [`Error`] with [`status_from_error`]'s status (or one set
-/// with [`with_status`](Self::with_status)), a JSON body
-/// `{"error":{"kind":"...","message":"..."}}`, and, for an error with
-/// [`requeue_after`](Error::requeue_after) (or, passing a peer's hint on,
-/// [`retry_after`](Error::retry_after)), `Retry-After` and
-/// `switchboard-retry-after-ms`.
-///
-/// ```
-/// use axum::response::IntoResponse;
-/// use switchboard::Error;
-/// use switchboard::transport::http::ErrorResponse;
-///
-/// let response = ErrorResponse::from(Error::permanent("bad quantity")).into_response();
-/// assert_eq!(response.status(), axum::http::StatusCode::BAD_REQUEST);
-/// ```
 #[derive(Debug)]
-pub struct ErrorResponse {
-    status: StatusCode,
-    error: Error,
+struct Inner {
+    config: PushConfig,
+    client: reqwest::Client,
+    inbox: Inbox,
+    /// Closing: refuses new work, ends the subscriptions and `serve`.
+    lifecycle: Lifecycle,
 }
 
-impl ErrorResponse {
-    /// Overrides the status (413 for an oversize body, say).
-    pub fn with_status(mut self, status: StatusCode) -> Self {
-        self.status = status;
-        self
+impl HttpTransport {
+    /// A transport that publishes by `config` with a default
+    /// `reqwest::Client` (with [`PushConfig::connect_timeout`]) and receives into its own inbox of
+    /// [`PushConfig::queue_capacity`].
+    pub fn new(config: PushConfig) -> Result<Self, Error> {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(config.connect_timeout())
+            .build()
+            .map_err(error_from_reqwest)?;
+        Self::with_client(config, client)
     }
 
-    /// The error.
-    pub fn error(&self) -> &Error {
-        &self.error
+    /// Like [`new`](Self::new) with your own client: proxies, pools,
+    /// timeouts, TLS roots (see `tls_client` with the `http-tls` feature).
+    pub fn with_client(config: PushConfig, client: reqwest::Client) -> Result<Self, Error> {
+        config.validate()?;
+        let inbox = Inbox::with_capacity(NAME, config.queue_capacity)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                inbox,
+                lifecycle: Lifecycle::new(NAME),
+            }),
+        })
     }
 
-    /// The status it is answered with.
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-}
-
-impl From<Error> for ErrorResponse {
-    fn from(error: Error) -> Self {
-        Self {
-            status: status_from_error(&error),
-            error,
-        }
-    }
-}
-
-impl IntoResponse for ErrorResponse {
-    fn into_response(self) -> Response {
-        let json = crate::error::json_error_body(&self.error);
-        let content_type = [(header::CONTENT_TYPE, "application/json")];
-        let mut response = (self.status, content_type, json).into_response();
-        if let Some(delay) = self.error.requeue_after().or(self.error.retry_after()) {
-            let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-            let seconds = millis.div_ceil(1000);
-            let headers = response.headers_mut();
-            headers.insert(RETRY_AFTER_MS, HeaderValue::from(millis));
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
+    /// The inbox the receiver delivers into and subscriptions read from.
+    pub fn inbox(&self) -> &Inbox {
+        &self.inner.inbox
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#[async_trait]
+impl Publisher for HttpTransport {
+    async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
+        push::publish(self, &self.inner.config, topic, &message).await
+    }
+}
 
-    #[test]
-    fn every_status_class_maps_to_the_documented_kind() {
-        use Effect::{NotApplied, Unknown};
-        use ErrorKind::*;
-        let table = [
-            (400, Rejected, false, NotApplied),
-            (401, Unauthorized, false, NotApplied),
-            (403, Unauthorized, false, NotApplied),
-            (404, NotFound, false, NotApplied),
-            (405, Rejected, false, NotApplied),
-            (408, Timeout, true, NotApplied),
-            (409, Rejected, false, NotApplied),
-            (413, Rejected, false, NotApplied),
-            (422, Rejected, false, NotApplied),
-            (429, Unavailable, true, NotApplied),
-            (500, Unavailable, true, Unknown),
-            (501, Unsupported, false, NotApplied),
-            (502, Unavailable, true, Unknown),
-            (503, Unavailable, true, NotApplied),
-            (504, Timeout, true, Unknown),
-            (599, Unavailable, true, Unknown),
-        ];
-        for (code, kind, retryable, effect) in table {
-            let status = StatusCode::from_u16(code).unwrap();
-            let error = error_from_response(status, &HeaderMap::new(), b"why");
-            assert_eq!(error.kind(), kind, "{code}");
-            assert_eq!(error.is_retryable(), retryable, "{code}");
-            assert_eq!(error.effect(), effect, "{code}");
-            assert_eq!(error.message(), format!("HTTP {code}: why"));
-        }
+#[async_trait]
+impl Subscriber for HttpTransport {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        self.inner.lifecycle.check()?;
+        let subscription = self.inner.inbox.subscribe(topic, options)?;
+        Ok(self.inner.lifecycle.track(subscription))
+    }
+}
+
+#[async_trait]
+impl Transport for HttpTransport {
+    fn name(&self) -> &'static str {
+        NAME
     }
 
-    #[test]
-    fn errors_answer_with_a_status_of_the_same_retryability() {
-        use ErrorKind::*;
-        for kind in [
-            Connection,
-            Timeout,
-            Unavailable,
-            Rejected,
-            Unauthorized,
-            Decode,
-            Encode,
-            NotFound,
-            Unsupported,
-        ] {
-            let status = status_from_error(&Error::new(kind, "why"));
-            let back = error_from_response(status, &HeaderMap::new(), b"");
-            assert_eq!(
-                back.is_retryable(),
-                kind.is_retryable(),
-                "{kind:?} → {status}"
-            );
-        }
+    /// Competing groups (by the route table), nack by the publisher's retry;
+    /// nothing persistent, no dead letters, no redelivery of what was never
+    /// received, no ordering promise across retries.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(DeliveryMode::Competing).with_nack(true)
     }
 
-    #[tokio::test]
-    async fn error_responses_carry_kind_message_and_retry_delay() {
-        let error = Error::transient("nacked").with_requeue(Duration::from_millis(1500));
-        let response = ErrorResponse::from(error).into_response();
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(response.headers()[RETRY_AFTER_MS], "1500");
-        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
-        let headers = response.headers().clone();
-        let body = axum::body::to_bytes(response.into_body(), 1024)
-            .await
-            .unwrap();
-        assert_eq!(
-            &body[..],
-            br#"{"error":{"kind":"unavailable","message":"nacked"}}"#
-        );
-        let back = error_from_response(StatusCode::SERVICE_UNAVAILABLE, &headers, &body);
-        assert_eq!(back.message(), "HTTP 503: nacked");
-        // The peer's delay is a hint for a retry layer to cap, not a requeue.
-        assert_eq!(back.retry_after(), Some(Duration::from_millis(1500)));
-        assert_eq!(back.requeue_after(), None);
+    /// Checks the topology's names; a push transport has nothing to create.
+    async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
+        topology.validate()
+    }
 
-        let mut seconds_only = HeaderMap::new();
-        seconds_only.insert(header::RETRY_AFTER, HeaderValue::from(3));
-        let back = error_from_response(StatusCode::TOO_MANY_REQUESTS, &seconds_only, b"");
-        assert_eq!(back.retry_after(), Some(Duration::from_secs(3)));
+    /// Ends the subscriptions and waits for them, and stops
+    /// [`serve`](Self::serve) gracefully (requests in flight finish).
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.lifecycle.close(|_| async {}).await
+    }
+
+    fn health(&self) -> TransportHealth {
+        if self.inner.lifecycle.is_closed() {
+            TransportHealth::closed(NAME)
+        } else {
+            TransportHealth::up(NAME)
+        }
     }
 }

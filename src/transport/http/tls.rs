@@ -18,6 +18,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -27,6 +28,10 @@ use crate::error::{Error, ErrorKind};
 /// How long a client may take over the TLS handshake before its connection
 /// is dropped, so half-open connections cannot pile up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`serve_tls_with_shutdown`] lets connections finish their
+/// requests after the shutdown signal before it closes them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The ALPN protocols the server offers and the client asks for. The client
 /// is built without reqwest's `http2` feature, so it speaks HTTP/1.1.
@@ -65,7 +70,8 @@ pub fn tls_server_config(
 
 /// Serves any axum `router` over TLS (HTTP/1.1 and HTTP/2, chosen by ALPN)
 /// on `listener`, until the future is dropped — which also closes every
-/// connection it accepted — or the listener fails.
+/// connection it accepted — or the listener fails. To stop gracefully on a
+/// signal, use [`serve_tls_with_shutdown`].
 ///
 /// A failed handshake (an untrusted client, a plain-HTTP request on the TLS
 /// port) ends that connection only.
@@ -74,14 +80,52 @@ pub fn serve_tls(
     router: Router,
     config: Arc<ServerConfig>,
 ) -> impl Future<Output = Result<(), Error>> {
+    serve_tls_with_shutdown(listener, router, config, std::future::pending())
+}
+
+/// [`serve_tls`] until `shutdown` resolves, then gracefully: it stops
+/// accepting, lets each connection finish the requests it is serving
+/// (idle keep-alive connections close at once), and returns `Ok` once they
+/// are done — or after [`SHUTDOWN_GRACE`], closing what is left.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+/// let config = switchboard::transport::http::tls_server_config(
+///     vec![key.cert.der().clone()],
+///     rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into()),
+/// )?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let serving = tokio::spawn(switchboard::transport::http::serve_tls_with_shutdown(
+///     listener,
+///     axum::Router::new(),
+///     config,
+///     async move { let _ = stopped.await; },
+/// ));
+/// stop.send(()).unwrap();
+/// serving.await.unwrap()?;
+/// # Ok::<(), switchboard::Error>(())
+/// # }).unwrap();
+/// ```
+pub fn serve_tls_with_shutdown(
+    listener: TcpListener,
+    router: Router,
+    config: Arc<ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = Result<(), Error>> {
     let acceptor = TlsAcceptor::from(config);
     async move {
+        // Dropping `stop` tells every connection to finish gracefully.
+        let (stop, stopping) = watch::channel(());
         let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 // Reap finished connections so the set does not grow.
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                () = &mut shutdown => break,
             };
             let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
@@ -98,6 +142,7 @@ pub fn serve_tls(
             let _ = stream.set_nodelay(true);
             let acceptor = acceptor.clone();
             let service = TowerToHyperService::new(router.clone());
+            let mut stopping = stopping.clone();
             connections.spawn(async move {
                 let stream =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -111,14 +156,34 @@ pub fn serve_tls(
                             return;
                         }
                     };
-                if let Err(error) = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await
-                {
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                let result = tokio::select! {
+                    result = connection.as_mut() => result,
+                    _ = stopping.changed() => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(error) = result {
                     tracing::debug!(%peer, %error, "HTTPS connection ended with an error");
                 }
             });
         }
+        drop(stop);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!(
+                left = connections.len(),
+                "HTTPS server: closing connections past the grace"
+            );
+        }
+        Ok(())
     }
 }
 

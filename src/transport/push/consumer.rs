@@ -572,5 +572,5 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-#[path = "inbox_tests.rs"]
+#[path = "consumer_tests.rs"]
 mod tests;

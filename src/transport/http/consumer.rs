@@ -1,0 +1,160 @@
+//! The receiving side: `POST /events/{topic}` delivering into the
+//! transport's inbox, and serving it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+#[cfg(feature = "http-tls")]
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use tokio::net::TcpListener;
+
+use super::server::read_body;
+use super::{ATTEMPT, ErrorResponse, GROUP, HEADERS, HttpTransport, REFUSED, REFUSED_QUEUE_FULL};
+use crate::envelope::Headers;
+use crate::error::{Error, ErrorKind};
+use crate::transport::RawMessage;
+use crate::transport::push::{Inbox, QueueFull};
+
+impl HttpTransport {
+    /// The receiving routes (`POST /events/{topic}`), to merge into your own
+    /// axum app.
+    pub fn router(&self) -> Router {
+        let receiver = Receiver {
+            inbox: self.inner.inbox.clone(),
+            max_body: self.inner.config.max_body_bytes,
+        };
+        Router::new()
+            .route("/events/{topic}", post(receive))
+            .with_state(receiver)
+    }
+
+    /// Serves [`router`](Self::router) on `listener` (HTTP/1.1 and h2c)
+    /// until the future is dropped or the listener fails.
+    pub fn serve(&self, listener: TcpListener) -> impl Future<Output = Result<(), Error>> + use<> {
+        let router = self.router();
+        let closed = self.inner.lifecycle.closed();
+        async move {
+            let serving = axum::serve(listener, router).with_graceful_shutdown(closed);
+            serving.await.map_err(|error| {
+                Error::new(ErrorKind::Connection, format!("HTTP push server: {error}"))
+                    .with_source(error)
+            })
+        }
+    }
+
+    /// Serves [`router`](Self::router) over TLS (HTTP/1.1 and HTTP/2 by
+    /// ALPN) on `listener`, with a config from
+    /// [`tls_server_config`](super::tls_server_config), until the transport
+    /// is closed (then gracefully, see
+    /// [`serve_tls_with_shutdown`](super::serve_tls_with_shutdown)).
+    #[cfg(feature = "http-tls")]
+    pub fn serve_tls(
+        &self,
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+    ) -> impl Future<Output = Result<(), Error>> + use<> {
+        super::serve_tls_with_shutdown(
+            listener,
+            self.router(),
+            config,
+            self.inner.lifecycle.closed(),
+        )
+    }
+
+    /// Binds `address` and [`serve`](Self::serve)s on it.
+    pub async fn serve_on(&self, address: SocketAddr) -> Result<(), Error> {
+        let listener = TcpListener::bind(address).await.map_err(|error| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot listen on {address}: {error}"),
+            )
+            .with_source(error)
+        })?;
+        self.serve(listener).await
+    }
+}
+
+#[derive(Clone)]
+struct Receiver {
+    inbox: Inbox,
+    max_body: usize,
+}
+
+async fn receive(
+    State(receiver): State<Receiver>,
+    topic: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    let topic = match topic {
+        Ok(Path(topic)) => topic,
+        Err(rejection) => {
+            return bad_request(format!("bad topic in the path: {rejection}")).into_response();
+        }
+    };
+    match deliver(&receiver, &topic, request).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(refusal) => {
+            let full = QueueFull::of(refusal.error()).is_some();
+            let mut response = refusal.into_response();
+            if full {
+                response
+                    .headers_mut()
+                    .insert(REFUSED, HeaderValue::from_static(REFUSED_QUEUE_FULL));
+            }
+            response
+        }
+    }
+}
+
+async fn deliver(receiver: &Receiver, topic: &str, request: Request) -> Result<(), ErrorResponse> {
+    let headers = parse_headers(request.headers())?;
+    let group = text_header(request.headers(), GROUP)?;
+    let attempt = match text_header(request.headers(), ATTEMPT)? {
+        None => 1,
+        Some(text) => text.parse::<u32>().map_err(|_| {
+            bad_request(format!(
+                "header {ATTEMPT} must be a whole number, got {text:?}"
+            ))
+        })?,
+    };
+    let body = read_body(request, receiver.max_body).await?;
+    let message = RawMessage { headers, body };
+    receiver
+        .inbox
+        .deliver(topic, group.as_deref(), message, attempt)
+        .await
+        .map_err(ErrorResponse::from)
+}
+
+fn parse_headers(headers: &HeaderMap) -> Result<Headers, ErrorResponse> {
+    let Some(text) = text_header(headers, HEADERS)? else {
+        return Ok(Headers::new());
+    };
+    serde_json::from_str(&text).map_err(|error| {
+        bad_request(format!(
+            "header {HEADERS} must be a JSON object of strings: {error}"
+        ))
+    })
+}
+
+fn text_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ErrorResponse> {
+    headers
+        .get(name)
+        .map(|value: &HeaderValue| {
+            value
+                .to_str()
+                .map(str::to_owned)
+                .map_err(|_| bad_request(format!("header {name} must be ASCII")))
+        })
+        .transpose()
+}
+
+fn bad_request(message: String) -> ErrorResponse {
+    ErrorResponse::from(Error::new(ErrorKind::Rejected, message))
+}
