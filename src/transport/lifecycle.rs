@@ -180,6 +180,16 @@ impl Lifecycle {
         *self.inner.closed.borrow()
     }
 
+    /// Up, or closed once closing started: the health of a transport that
+    /// knows nothing more about its connections.
+    pub(crate) fn health(&self) -> TransportHealth {
+        if self.is_closed() {
+            TransportHealth::closed(self.inner.name)
+        } else {
+            TransportHealth::up(self.inner.name)
+        }
+    }
+
     /// `Err(Closed)` once closing started: for publish, subscribe, declare.
     pub(crate) fn check(&self) -> Result<(), Error> {
         if self.is_closed() {

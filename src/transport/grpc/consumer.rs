@@ -19,7 +19,7 @@ use super::proto::{DeliverReply, DeliverRequest};
 use super::{ENVELOPE_SLACK, GrpcTransport, status_from_error};
 use crate::error::{Error, ErrorKind};
 use crate::transport::RawMessage;
-use crate::transport::push::{Inbox, QueueFull};
+use crate::transport::push::{self, Inbox, QueueFull};
 
 impl GrpcTransport {
     /// The receiving gRPC service, to add to a `tonic::transport::Server`
@@ -40,21 +40,7 @@ impl GrpcTransport {
     /// HTTP/2) until the transport is closed (requests in flight finish),
     /// the future is dropped or the listener fails.
     pub fn serve(&self, listener: TcpListener) -> impl Future<Output = Result<(), Error>> + use<> {
-        let service = self.push_service();
-        let closed = self.inner.lifecycle.closed();
-        async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
-                    closed,
-                )
-                .await
-                .map_err(|error| {
-                    Error::new(ErrorKind::Connection, format!("gRPC push server: {error}"))
-                        .with_source(error)
-                })
-        }
+        self.serve_with(tonic::transport::Server::builder(), listener)
     }
 
     /// Serves [`push_service`](Self::push_service) on `listener` over TLS
@@ -72,16 +58,31 @@ impl GrpcTransport {
         tls: tonic::transport::ServerTlsConfig,
     ) -> impl Future<Output = Result<(), Error>> + use<> {
         crate::tls::install_default_provider();
-        let service = self.push_service();
+        let serving = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .map(|server| self.serve_with(server, listener))
+            .map_err(|error| {
+                Error::new(ErrorKind::Config, format!("gRPC TLS config: {error}"))
+                    .with_source(error)
+            });
+        async move { serving?.await }
+    }
+
+    /// Binds `address` and [`serve`](Self::serve)s on it.
+    pub async fn serve_on(&self, address: SocketAddr) -> Result<(), Error> {
+        self.serve(push::listen(address).await?).await
+    }
+
+    /// `server` with the push service on `listener`, until closed.
+    fn serve_with(
+        &self,
+        mut server: tonic::transport::Server,
+        listener: TcpListener,
+    ) -> impl Future<Output = Result<(), Error>> + use<> {
+        let router = server.add_service(self.push_service());
         let closed = self.inner.lifecycle.closed();
         async move {
-            tonic::transport::Server::builder()
-                .tls_config(tls)
-                .map_err(|error| {
-                    Error::new(ErrorKind::Config, format!("gRPC TLS config: {error}"))
-                        .with_source(error)
-                })?
-                .add_service(service)
+            router
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener),
                     closed,
@@ -92,18 +93,6 @@ impl GrpcTransport {
                         .with_source(error)
                 })
         }
-    }
-
-    /// Binds `address` and [`serve`](Self::serve)s on it.
-    pub async fn serve_on(&self, address: SocketAddr) -> Result<(), Error> {
-        let listener = TcpListener::bind(address).await.map_err(|error| {
-            Error::new(
-                ErrorKind::Connection,
-                format!("cannot listen on {address}: {error}"),
-            )
-            .with_source(error)
-        })?;
-        self.serve(listener).await
     }
 }
 

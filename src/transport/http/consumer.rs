@@ -19,7 +19,7 @@ use super::{ATTEMPT, ErrorResponse, GROUP, HEADERS, HttpTransport, REFUSED, REFU
 use crate::envelope::Headers;
 use crate::error::{Error, ErrorKind};
 use crate::transport::RawMessage;
-use crate::transport::push::{Inbox, QueueFull};
+use crate::transport::push::{self, Inbox, QueueFull};
 
 impl HttpTransport {
     /// The receiving routes (`POST /events/{topic}`), to merge into your own
@@ -69,14 +69,7 @@ impl HttpTransport {
 
     /// Binds `address` and [`serve`](Self::serve)s on it.
     pub async fn serve_on(&self, address: SocketAddr) -> Result<(), Error> {
-        let listener = TcpListener::bind(address).await.map_err(|error| {
-            Error::new(
-                ErrorKind::Connection,
-                format!("cannot listen on {address}: {error}"),
-            )
-            .with_source(error)
-        })?;
-        self.serve(listener).await
+        self.serve(push::listen(address).await?).await
     }
 }
 

@@ -57,15 +57,9 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-
 use crate::error::Error;
-use crate::topology::Topology;
+use crate::transport::Lifecycle;
 use crate::transport::push::{self, Inbox, PushConfig};
-use crate::transport::{
-    Capabilities, DeliveryMode, Lifecycle, Publisher, RawMessage, SubscribeOptions, Subscriber,
-    Subscription, Transport, TransportHealth,
-};
 
 mod client;
 mod consumer;
@@ -200,57 +194,4 @@ impl HttpTransport {
     }
 }
 
-#[async_trait]
-impl Publisher for HttpTransport {
-    async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
-        self.inner.lifecycle.check()?;
-        push::publish(self, &self.inner.config, topic, &message).await
-    }
-}
-
-#[async_trait]
-impl Subscriber for HttpTransport {
-    async fn subscribe(
-        &self,
-        topic: &str,
-        options: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
-        self.inner.lifecycle.check()?;
-        let subscription = self.inner.inbox.subscribe(topic, options)?;
-        Ok(self.inner.lifecycle.track(subscription))
-    }
-}
-
-#[async_trait]
-impl Transport for HttpTransport {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    /// Competing groups (by the route table), nack by the publisher's retry;
-    /// nothing persistent, no dead letters, no redelivery of what was never
-    /// received, no ordering promise across retries.
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new(DeliveryMode::Competing).with_nack(true)
-    }
-
-    /// Checks the topology's names; a push transport has nothing to create.
-    async fn declare(&self, topology: &Topology) -> Result<(), Error> {
-        self.inner.lifecycle.check()?;
-        topology.validate()
-    }
-
-    /// Ends the subscriptions and waits for them, and stops
-    /// [`serve`](Self::serve) gracefully (requests in flight finish).
-    async fn close(&self) -> Result<(), Error> {
-        self.inner.lifecycle.close(|_| async {}).await
-    }
-
-    fn health(&self) -> TransportHealth {
-        if self.inner.lifecycle.is_closed() {
-            TransportHealth::closed(NAME)
-        } else {
-            TransportHealth::up(NAME)
-        }
-    }
-}
+push::push_transport_impls!(HttpTransport);

@@ -478,11 +478,7 @@ impl Transport for MemoryTransport {
     }
 
     fn health(&self) -> TransportHealth {
-        if self.inner.lifecycle.is_closed() {
-            TransportHealth::closed(NAME)
-        } else {
-            TransportHealth::up(NAME)
-        }
+        self.inner.lifecycle.health()
     }
 
     /// Drops the topics `<namespace>.*` with their queues and dead letters

@@ -82,6 +82,8 @@
 //! A receiver with no subscriber for the topic (or group) answers
 //! UNAVAILABLE: the subscriber may be starting, so the publisher retries.
 
+use crate::error::Error;
+
 mod config;
 mod consumer;
 mod publisher;
@@ -89,6 +91,89 @@ mod publisher;
 pub use config::{PushConfig, PushEndpoint, PushRoutes};
 pub use consumer::{Inbox, QUEUE_FULL_RETRY_AFTER, QueueFull};
 pub(crate) use publisher::{PushRequest, PushSender, SendError, publish};
+
+/// Binds `address` for a receiver to serve on; a taken or forbidden
+/// address is a [`Connection`](crate::ErrorKind::Connection) error naming it.
+pub(crate) async fn listen(
+    address: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| {
+            Error::new(
+                crate::ErrorKind::Connection,
+                format!("cannot listen on {address}: {error}"),
+            )
+            .with_source(error)
+        })
+}
+
+/// The `Publisher`, `Subscriber` and `Transport` impls of a push transport:
+/// publishing through [`publish`] with its [`PushSender`], subscribing to
+/// its [`Inbox`], and the [`Lifecycle`](crate::transport::Lifecycle) of its
+/// `inner`. One body serves the gRPC and the HTTP transport, which differ
+/// only in how a push is sent and received.
+macro_rules! push_transport_impls {
+    ($transport:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::transport::Publisher for $transport {
+            async fn publish(
+                &self,
+                topic: &str,
+                message: $crate::transport::RawMessage,
+            ) -> Result<(), $crate::Error> {
+                self.inner.lifecycle.check()?;
+                $crate::transport::push::publish(self, &self.inner.config, topic, &message).await
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::transport::Subscriber for $transport {
+            async fn subscribe(
+                &self,
+                topic: &str,
+                options: $crate::transport::SubscribeOptions,
+            ) -> Result<$crate::transport::Subscription, $crate::Error> {
+                self.inner.lifecycle.check()?;
+                let subscription = self.inner.inbox.subscribe(topic, options)?;
+                Ok(self.inner.lifecycle.track(subscription))
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::transport::Transport for $transport {
+            fn name(&self) -> &'static str {
+                NAME
+            }
+
+            /// Competing groups (by the route table), nack by the publisher's
+            /// retry; nothing persistent, no dead letters, no redelivery of
+            /// what was never received, no ordering promise across retries.
+            fn capabilities(&self) -> $crate::transport::Capabilities {
+                $crate::transport::Capabilities::new($crate::transport::DeliveryMode::Competing)
+                    .with_nack(true)
+            }
+
+            /// Checks the topology's names; a push transport has nothing to
+            /// create.
+            async fn declare(&self, topology: &$crate::Topology) -> Result<(), $crate::Error> {
+                self.inner.lifecycle.check()?;
+                topology.validate()
+            }
+
+            /// Ends the subscriptions and waits for them, and stops `serve`
+            /// and `serve_tls` gracefully (requests in flight finish).
+            async fn close(&self) -> Result<(), $crate::Error> {
+                self.inner.lifecycle.close(|_| async {}).await
+            }
+
+            fn health(&self) -> $crate::transport::TransportHealth {
+                self.inner.lifecycle.health()
+            }
+        }
+    };
+}
+pub(crate) use push_transport_impls;
 
 /// Header carrying how many milliseconds a publisher should wait before it
 /// sends a nacked message again (HTTP; gRPC uses `grpc-retry-pushback-ms`).

@@ -173,11 +173,7 @@ impl Transport for RedisPubSubTransport {
     /// Up until closed; each subscription's own connection is in its
     /// [`ConnectionStatus`] ([`RedisPubSubTransport::subscribe_to`]).
     fn health(&self) -> TransportHealth {
-        if self.inner.lifecycle.is_closed() {
-            TransportHealth::closed(NAME)
-        } else {
-            TransportHealth::up(NAME)
-        }
+        self.inner.lifecycle.health()
     }
 }
 

@@ -336,11 +336,7 @@ impl Transport for RedisStreamsTransport {
     /// Up until closed: the command connection reconnects by itself, and a
     /// failing command says so to its caller.
     fn health(&self) -> TransportHealth {
-        if self.inner.lifecycle.is_closed() {
-            TransportHealth::closed(NAME)
-        } else {
-            TransportHealth::up(NAME)
-        }
+        self.inner.lifecycle.health()
     }
 
     /// [`RedisStreamsTransport::delete_namespace`].
