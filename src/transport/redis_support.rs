@@ -4,12 +4,15 @@
 //! connection is opened within a deadline.
 
 use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RetryMethod};
 
 use crate::error::{Error, ErrorKind};
+use crate::transport::{Lifecycle, TransportHealth};
 
 /// The connect timeout every Redis user gets unless configured otherwise.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,4 +95,89 @@ pub(crate) async fn connection_manager(
     )
     .await?
     .map_err(|error| redis_error("connect", error))
+}
+
+/// What the last command on a transport's connections said about Redis:
+/// reachable, or not and why. A transport's `health()` reads it, so a
+/// readiness probe sees Redis go away without sending a command of its own.
+#[derive(Debug, Default)]
+pub(crate) struct LastOutcome {
+    /// The fast path: a success while up touches nothing else.
+    down: AtomicBool,
+    reason: Mutex<String>,
+}
+
+impl LastOutcome {
+    /// Notes `result`: a success is up, a connection failure or timeout is
+    /// down; any other error (a script's, a wrong type) says nothing about
+    /// the connection.
+    pub(crate) fn record<T>(&self, result: &redis::RedisResult<T>) {
+        match result {
+            Ok(_) => {
+                if self.down.load(Ordering::Relaxed) {
+                    self.down.store(false, Ordering::Relaxed);
+                }
+            }
+            Err(error)
+                if error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_timeout() =>
+            {
+                *self
+                    .reason
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = error.to_string();
+                self.down.store(true, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Closed, down with the last failure's reason, or up.
+    pub(crate) fn health(&self, lifecycle: &Lifecycle) -> TransportHealth {
+        let health = lifecycle.health();
+        if !health.is_up() || !self.down.load(Ordering::Relaxed) {
+            return health;
+        }
+        let reason = self
+            .reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        TransportHealth::down(
+            health.transport,
+            format!("the last command failed: {reason}"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_failure_is_down_until_a_command_succeeds() {
+        let lifecycle = Lifecycle::new("redis-test");
+        let outcome = LastOutcome::default();
+        assert!(outcome.health(&lifecycle).is_up());
+        let refused: redis::RedisResult<()> = Err(redis::RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        outcome.record(&refused);
+        let health = outcome.health(&lifecycle);
+        assert!(!health.is_serving(), "{health}");
+        assert!(health.reason().unwrap().contains("refused"), "{health}");
+        let script_error: redis::RedisResult<()> = Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "a wrong type",
+        )));
+        outcome.record(&script_error);
+        assert!(
+            !outcome.health(&lifecycle).is_serving(),
+            "says nothing of the link"
+        );
+        outcome.record(&Ok(()));
+        assert!(outcome.health(&lifecycle).is_up());
+    }
 }

@@ -102,3 +102,57 @@ async fn purging_a_namespace_deletes_its_streams_and_dead_letters_only() {
     let error = unnamespaced.purge_namespace().await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Config);
 }
+
+/// `health()` follows what the commands find: down (with the reason) once a
+/// publish cannot reach Redis, up again once one gets through.
+#[tokio::test]
+async fn health_is_down_while_redis_cannot_be_reached_and_up_once_it_can() {
+    use switchboard::testing::proxy::FaultProxy;
+    use switchboard::{HealthState, Publisher, Transport};
+
+    let target = super::redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = FaultProxy::start(target).await.unwrap();
+    let config = RedisStreamsConfig::default()
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_response_timeout(Duration::from_millis(500));
+    let transport =
+        RedisStreamsTransport::connect_with(&format!("redis://{}", proxy.addr()), config)
+            .await
+            .unwrap();
+    let topic = format!("health-{}", uuid::Uuid::new_v4().simple());
+    transport
+        .publish(&topic, RawMessage::new("a"))
+        .await
+        .unwrap();
+    assert!(transport.health().is_up(), "{}", transport.health());
+
+    proxy.cut();
+    let failed = transport.publish(&topic, RawMessage::new("b")).await;
+    assert!(failed.is_err(), "a publish through a cut proxy");
+    let health = transport.health();
+    assert!(matches!(health.state, HealthState::Down { .. }), "{health}");
+
+    proxy.restore();
+    // The connection comes back by itself; the first publish that gets
+    // through says so. Bounded: a guard against a hang, not a speed target.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while transport
+        .publish(&topic, RawMessage::new("c"))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis never came back"
+        );
+        // A poll interval on Redis coming back, not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(transport.health().is_up(), "{}", transport.health());
+    transport.close().await.unwrap();
+    assert_eq!(transport.health().state, HealthState::Closed);
+}

@@ -160,6 +160,7 @@ impl RedisPubSubTransport {
             inner: Arc::new(Inner {
                 client,
                 publisher,
+                seen: Default::default(),
                 options,
                 lifecycle: crate::transport::Lifecycle::new(super::NAME),
             }),

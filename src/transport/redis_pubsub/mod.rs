@@ -139,6 +139,8 @@ pub struct RedisPubSubTransport {
 struct Inner {
     client: redis::Client,
     publisher: ConnectionManager,
+    /// What the last publish said of Redis, for `health()`.
+    seen: crate::transport::redis_support::LastOutcome,
     options: RedisPubSubOptions,
     /// Closing: refuses new work, ends the subscriptions.
     lifecycle: Lifecycle,
@@ -170,10 +172,12 @@ impl Transport for RedisPubSubTransport {
         self.inner.lifecycle.close(|_| async {}).await
     }
 
-    /// Up until closed; each subscription's own connection is in its
-    /// [`ConnectionStatus`] ([`RedisPubSubTransport::subscribe_to`]).
+    /// Up, or down while the last publish failed to reach Redis (with its
+    /// error as the reason), closed once closed; each subscription's own
+    /// connection is in its [`ConnectionStatus`]
+    /// ([`RedisPubSubTransport::subscribe_to`]).
     fn health(&self) -> TransportHealth {
-        self.inner.lifecycle.health()
+        self.inner.seen.health(&self.inner.lifecycle)
     }
 }
 

@@ -17,12 +17,13 @@ impl Publisher for RedisPubSubTransport {
         validate_name("topic", topic)?;
         let payload = encode_payload(&message)?;
         let mut connection = self.inner.publisher.clone();
-        let receivers: i64 = redis::cmd("PUBLISH")
+        let published = redis::cmd("PUBLISH")
             .arg(topic)
             .arg(payload.as_ref())
             .query_async(&mut connection)
-            .await
-            .map_err(|error| redis_error("PUBLISH", error))?;
+            .await;
+        self.inner.seen.record(&published);
+        let receivers: i64 = published.map_err(|error| redis_error("PUBLISH", error))?;
         tracing::trace!(topic, receivers, "published");
         Ok(())
     }
@@ -43,9 +44,8 @@ impl Publisher for RedisPubSubTransport {
                 .ignore();
         }
         let mut connection = self.inner.publisher.clone();
-        pipeline
-            .query_async::<()>(&mut connection)
-            .await
-            .map_err(|error| redis_error("PUBLISH (pipelined)", error))
+        let published = pipeline.query_async::<()>(&mut connection).await;
+        self.inner.seen.record(&published);
+        published.map_err(|error| redis_error("PUBLISH (pipelined)", error))
     }
 }

@@ -13,22 +13,45 @@ use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use super::{GroupStart, Inner, RedisStreamsConfig, RedisStreamsTransport};
 use crate::error::Error;
 use crate::transport::redis_support::{
-    connection_manager, open_client, redis_error, within_connect_timeout,
+    LastOutcome, connection_manager, open_client, redis_error, within_connect_timeout,
 };
 
-/// A shared connection: one server or a cluster.
+/// A connection to one server or a cluster, noting what each command's
+/// outcome says of Redis's reachability in the transport's [`LastOutcome`].
 #[derive(Clone)]
-pub(super) enum Conn {
+pub(super) struct Conn {
+    pub(super) link: Link,
+    seen: Arc<LastOutcome>,
+}
+
+#[derive(Clone)]
+pub(super) enum Link {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
+impl Conn {
+    fn new(link: Link, seen: Arc<LastOutcome>) -> Self {
+        Self { link, seen }
+    }
+
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.link, Link::Cluster(_))
+    }
+}
+
 impl redis::aio::ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(conn) => conn.req_packed_command(cmd),
-            Self::Cluster(conn) => conn.req_packed_command(cmd),
-        }
+        let Self { link, seen } = self;
+        let reply = match link {
+            Link::Single(conn) => conn.req_packed_command(cmd),
+            Link::Cluster(conn) => conn.req_packed_command(cmd),
+        };
+        Box::pin(async move {
+            let reply = reply.await;
+            seen.record(&reply);
+            reply
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -37,16 +60,22 @@ impl redis::aio::ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
-        }
+        let Self { link, seen } = self;
+        let replies = match link {
+            Link::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        };
+        Box::pin(async move {
+            let replies = replies.await;
+            seen.record(&replies);
+            replies
+        })
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Self::Single(conn) => conn.get_db(),
-            Self::Cluster(conn) => conn.get_db(),
+        match &self.link {
+            Link::Single(conn) => conn.get_db(),
+            Link::Cluster(conn) => conn.get_db(),
         }
     }
 }
@@ -74,7 +103,7 @@ impl RedisStreamsTransport {
             connection_manager(super::NAME, &client, manager, config.connect_timeout).await?;
         let hash_tag = config.hash_tag.unwrap_or(false);
         Ok(Self::finish(
-            Conn::Single(commands),
+            Link::Single(commands),
             Connector::Single(client),
             config,
             hash_tag,
@@ -106,7 +135,7 @@ impl RedisStreamsTransport {
         .map_err(|error| redis_error("connect to cluster", error))?;
         let hash_tag = config.hash_tag.unwrap_or(true);
         Ok(Self::finish(
-            Conn::Cluster(commands),
+            Link::Cluster(commands),
             Connector::Cluster(Box::new(client)),
             config,
             hash_tag,
@@ -115,15 +144,18 @@ impl RedisStreamsTransport {
     }
 
     async fn finish(
-        commands: Conn,
+        commands: Link,
         connector: Connector,
         config: RedisStreamsConfig,
         hash_tag: bool,
     ) -> Self {
+        let seen = Arc::new(LastOutcome::default());
+        let commands = Conn::new(commands, seen.clone());
         let persistent = aof_enabled(commands.clone()).await;
         Self {
             inner: Arc::new(Inner {
                 commands,
+                seen,
                 connector,
                 config,
                 hash_tag,
@@ -146,7 +178,7 @@ impl RedisStreamsTransport {
                 client
                     .get_connection_manager_with_config(config)
                     .await
-                    .map(Conn::Single)
+                    .map(|link| Conn::new(Link::Single(link), self.inner.seen.clone()))
                     .map_err(|error| redis_error("connect for reading", error))
             }
             Connector::Cluster(client) => {
@@ -154,7 +186,7 @@ impl RedisStreamsTransport {
                 client
                     .get_async_connection_with_config(config)
                     .await
-                    .map(Conn::Cluster)
+                    .map(|link| Conn::new(Link::Cluster(link), self.inner.seen.clone()))
                     .map_err(|error| redis_error("connect to cluster for reading", error))
             }
         }

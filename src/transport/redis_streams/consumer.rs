@@ -461,7 +461,7 @@ impl Reader {
     }
 
     async fn refresh_client_id(&mut self) {
-        if matches!(self.blocking, Conn::Cluster(_)) {
+        if self.blocking.is_cluster() {
             return;
         }
         self.client_id = redis::cmd("CLIENT")

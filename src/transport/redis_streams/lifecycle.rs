@@ -2,7 +2,7 @@
 
 use redis::{AsyncCommands, RedisResult};
 
-use super::connection::Conn;
+use super::connection::Link;
 use super::{NAME, RedisStreamsTransport};
 use crate::error::Error;
 use crate::transport::redis_support::redis_error;
@@ -44,7 +44,7 @@ impl RedisStreamsTransport {
     pub async fn delete_namespace(&self, namespace: &str) -> Result<usize, Error> {
         validate_name("namespace", namespace)?;
         self.inner.lifecycle.check()?;
-        let Conn::Single(manager) = self.conn() else {
+        let Link::Single(manager) = self.conn().link else {
             return Err(Error::unsupported(NAME, "delete a namespace on a cluster"));
         };
         let pattern = format!("{}*", glob_escape(&self.stream_key_start(namespace)));

@@ -237,6 +237,8 @@ pub struct RedisStreamsTransport {
 
 struct Inner {
     commands: Conn,
+    /// What the last command said of Redis, for `health()`.
+    seen: Arc<crate::transport::redis_support::LastOutcome>,
     connector: Connector,
     config: RedisStreamsConfig,
     hash_tag: bool,
@@ -333,10 +335,12 @@ impl Transport for RedisStreamsTransport {
         self.close_all().await
     }
 
-    /// Up until closed: the command connection reconnects by itself, and a
-    /// failing command says so to its caller.
+    /// Up, or down while the last command (a publish, a read, an ack, a
+    /// lease renewal) failed to reach Redis, with its error as the reason;
+    /// closed once closed. The connections reconnect by themselves, and
+    /// the next command that gets through makes it up again.
     fn health(&self) -> TransportHealth {
-        self.inner.lifecycle.health()
+        self.inner.seen.health(&self.inner.lifecycle)
     }
 
     /// [`RedisStreamsTransport::delete_namespace`].
