@@ -8,29 +8,18 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use serde_json::Value as Json;
 use switchboard::transport::amqp::QueueType;
-use switchboard::{
-    DeadLetter, Publisher, RawMessage, SubscribeOptions, Subscriber, Topology, Transport,
-};
+use switchboard::{DeadLetter, Publisher, Topology, Transport};
 
-use super::{PATIENCE, config, connect, raw_channel};
+use super::{config, connect, raw_channel};
 
-const MESSAGE: &str = include_str!("../fixtures/wire/v1/message.json");
+#[path = "../common/wire.rs"]
+mod fixture;
+use fixture::{GROUP, TOPIC, fixture_message};
+
 const AMQP_MESSAGE: &str = include_str!("../fixtures/wire/v1/amqp_message.json");
 const DEAD_LETTER: &str = include_str!("../fixtures/wire/v1/amqp_dead_letter.json");
-// The names the fixtures carry; the random exchange keeps tests apart.
-const TOPIC: &str = "trade.executed";
-const GROUP: &str = "settlement";
 /// The one header whose value varies per write.
 const DLQ_TIME: &str = "x-sb-dlq-time";
-
-fn fixture_message() -> RawMessage {
-    let message: Json = serde_json::from_str(MESSAGE).expect("message.json is JSON");
-    let mut raw = RawMessage::new(message["body"].as_str().expect("a body").to_owned());
-    for (name, value) in message["headers"].as_object().expect("headers") {
-        raw = raw.with_header(name, value.as_str().expect("string headers"));
-    }
-    raw
-}
 
 /// The fixture's properties, every header an AMQP long string.
 fn fixture_properties(fixture: &Json) -> BasicProperties {
@@ -126,17 +115,7 @@ async fn the_v1_message_is_read_and_still_written_property_for_property() {
         .expect("raw publish")
         .await
         .expect("raw confirm");
-    let mut subscription = transport
-        .subscribe(TOPIC, SubscribeOptions::new(GROUP))
-        .await
-        .expect("subscribe");
-    let delivery = tokio::time::timeout(PATIENCE, subscription.recv())
-        .await
-        .expect("delivered in time")
-        .expect("a delivery");
-    assert_eq!(delivery.message(), &fixture_message());
-    delivery.ack().await.expect("ack");
-    subscription.shutdown().await.expect("shutdown");
+    fixture::reads_the_fixture_message(&transport).await;
 
     // Write: today's publisher sets the same properties and headers.
     transport
@@ -210,14 +189,7 @@ async fn the_v1_dead_letter_is_read_and_still_written_header_for_header() {
         .publish(TOPIC, fixture_message())
         .await
         .expect("publish");
-    let mut subscription = transport
-        .subscribe(TOPIC, SubscribeOptions::new(GROUP))
-        .await
-        .expect("subscribe");
-    let delivery = tokio::time::timeout(PATIENCE, subscription.recv())
-        .await
-        .expect("delivered in time")
-        .expect("a delivery");
+    let (delivery, subscription) = fixture::first_delivery(&transport).await;
     delivery
         .dead_letter(
             DeadLetter::new("payment declined")

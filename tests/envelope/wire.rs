@@ -7,24 +7,11 @@
 use serde_json::{Value, json};
 use switchboard::Codec;
 
-const ENVELOPE: &[u8] = include_bytes!("../fixtures/wire/v1/envelope.json");
-const MESSAGE: &str = include_str!("../fixtures/wire/v1/message.json");
+#[path = "../common/wire.rs"]
+mod fixture;
+use fixture::fixture_message;
 
-/// The message (headers and body) every transport fixture carries.
-fn fixture_message() -> switchboard::RawMessage {
-    let message: Value = serde_json::from_str(MESSAGE).expect("message.json is JSON");
-    let mut raw = switchboard::RawMessage::new(
-        message["body"]
-            .as_str()
-            .expect("a body")
-            .as_bytes()
-            .to_vec(),
-    );
-    for (name, value) in message["headers"].as_object().expect("headers") {
-        raw = raw.with_header(name, value.as_str().expect("string headers"));
-    }
-    raw
-}
+const ENVELOPE: &[u8] = include_bytes!("../fixtures/wire/v1/envelope.json");
 
 #[test]
 fn the_v1_envelope_decodes_and_encodes_to_the_same_bytes() {

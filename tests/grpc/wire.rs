@@ -7,28 +7,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use prost::Message as _;
-use serde_json::Value as Json;
 use switchboard::transport::grpc::{GrpcTransport, proto};
 use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
-use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
+use switchboard::{Publisher, SubscribeOptions, Subscriber};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::{Request, Response, Status};
 
 use super::receiver::{RawCodec, served};
 
-const MESSAGE: &str = include_str!("../fixtures/wire/v1/message.json");
-const REQUEST: &[u8] = include_bytes!("../fixtures/wire/v1/grpc_push_deliver_request.bin");
-const TOPIC: &str = "trade.executed";
-const GROUP: &str = "settlement";
+#[path = "../common/wire.rs"]
+mod fixture;
+use fixture::{GROUP, TOPIC, fixture_message};
 
-fn fixture_message() -> RawMessage {
-    let message: Json = serde_json::from_str(MESSAGE).expect("message.json is JSON");
-    let mut raw = RawMessage::new(message["body"].as_str().expect("a body").to_owned());
-    for (name, value) in message["headers"].as_object().expect("headers") {
-        raw = raw.with_header(name, value.as_str().expect("string headers"));
-    }
-    raw
-}
+const REQUEST: &[u8] = include_bytes!("../fixtures/wire/v1/grpc_push_deliver_request.bin");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_v1_request_bytes_are_read_by_the_receiver() {

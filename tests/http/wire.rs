@@ -12,22 +12,14 @@ use serde_json::Value as Json;
 use switchboard::config::RetryConfig;
 use switchboard::transport::http::HttpTransport;
 use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
-use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
+use switchboard::{Publisher, SubscribeOptions, Subscriber};
 use tokio::sync::mpsc;
 
-const MESSAGE: &str = include_str!("../fixtures/wire/v1/message.json");
-const REQUEST: &str = include_str!("../fixtures/wire/v1/http_push_request.json");
-const TOPIC: &str = "trade.executed";
-const GROUP: &str = "settlement";
+#[path = "../common/wire.rs"]
+mod fixture;
+use fixture::{GROUP, TOPIC, fixture_message};
 
-fn fixture_message() -> RawMessage {
-    let message: Json = serde_json::from_str(MESSAGE).expect("message.json is JSON");
-    let mut raw = RawMessage::new(message["body"].as_str().expect("a body").to_owned());
-    for (name, value) in message["headers"].as_object().expect("headers") {
-        raw = raw.with_header(name, value.as_str().expect("string headers"));
-    }
-    raw
-}
+const REQUEST: &str = include_str!("../fixtures/wire/v1/http_push_request.json");
 
 async fn listener() -> (tokio::net::TcpListener, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

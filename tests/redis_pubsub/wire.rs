@@ -2,23 +2,16 @@
 //! (the `\0SB1` frame) and one without, `PUBLISH`ed raw and read by a
 //! subscription; and today's publisher must still send the same bytes.
 
-use serde_json::Value as Json;
 use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
 
 use super::{PATIENCE, URL, raw_connection, recv, transport, unique};
 
-const MESSAGE: &str = include_str!("../fixtures/wire/v1/message.json");
+#[path = "../common/wire.rs"]
+mod fixture;
+use fixture::fixture_message;
+
 const FRAMED: &[u8] = include_bytes!("../fixtures/wire/v1/redis_pubsub_frame_headers.bin");
 const PLAIN: &[u8] = include_bytes!("../fixtures/wire/v1/redis_pubsub_frame_plain.bin");
-
-fn fixture_message() -> RawMessage {
-    let message: Json = serde_json::from_str(MESSAGE).expect("message.json is JSON");
-    let mut raw = RawMessage::new(message["body"].as_str().expect("a body").to_owned());
-    for (name, value) in message["headers"].as_object().expect("headers") {
-        raw = raw.with_header(name, value.as_str().expect("string headers"));
-    }
-    raw
-}
 
 #[tokio::test]
 async fn the_v1_payloads_published_raw_are_read_by_a_subscription() {

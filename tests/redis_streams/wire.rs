@@ -8,26 +8,14 @@ use redis::Value;
 use redis::aio::MultiplexedConnection;
 use serde_json::Value as Json;
 use switchboard::transport::redis_streams::{RedisStreamsConfig, RedisStreamsTransport};
-use switchboard::{
-    DeadLetter, Publisher, RawMessage, SubscribeOptions, Subscriber, Topology, Transport,
-};
+use switchboard::{DeadLetter, Publisher, Topology, Transport};
 
-const MESSAGE: &str = include_str!("../fixtures/wire/v1/message.json");
+#[path = "../common/wire.rs"]
+mod fixture;
+use fixture::{GROUP, TOPIC, fixture_message};
+
 const ENTRY: &str = include_str!("../fixtures/wire/v1/redis_streams_entry.json");
 const DEAD_LETTER: &str = include_str!("../fixtures/wire/v1/redis_streams_dead_letter.json");
-const PATIENCE: Duration = Duration::from_secs(30);
-// The names the fixtures carry; the random key prefix keeps tests apart.
-const TOPIC: &str = "trade.executed";
-const GROUP: &str = "settlement";
-
-fn fixture_message() -> RawMessage {
-    let message: Json = serde_json::from_str(MESSAGE).expect("message.json is JSON");
-    let mut raw = RawMessage::new(message["body"].as_str().expect("a body").to_owned());
-    for (name, value) in message["headers"].as_object().expect("headers") {
-        raw = raw.with_header(name, value.as_str().expect("string headers"));
-    }
-    raw
-}
 
 /// The `[field, value]` pairs of a fixture, in order.
 fn fixture_fields(fixture: &Json) -> Vec<(String, String)> {
@@ -121,17 +109,7 @@ async fn the_v1_entry_is_read_and_still_written_field_for_field() {
 
     // Read: the fixture's fields, written by a plain client.
     xadd(&mut conn, &key, &fields).await;
-    let mut subscription = transport
-        .subscribe(TOPIC, SubscribeOptions::new(GROUP))
-        .await
-        .expect("subscribe");
-    let delivery = tokio::time::timeout(PATIENCE, subscription.recv())
-        .await
-        .expect("delivered in time")
-        .expect("a delivery");
-    assert_eq!(delivery.message(), &fixture_message());
-    delivery.ack().await.expect("ack");
-    subscription.shutdown().await.expect("shutdown");
+    fixture::reads_the_fixture_message(&transport).await;
 
     // Write: today's publisher writes the same fields in the same order.
     transport
@@ -197,14 +175,7 @@ async fn the_v1_dead_letter_is_read_and_still_written_field_for_field() {
     let source_id = xrange(&mut conn, &transport.stream_key(TOPIC)).await[0]
         .0
         .clone();
-    let mut subscription = transport
-        .subscribe(TOPIC, SubscribeOptions::new(GROUP))
-        .await
-        .expect("subscribe");
-    let delivery = tokio::time::timeout(PATIENCE, subscription.recv())
-        .await
-        .expect("delivered in time")
-        .expect("a delivery");
+    let (delivery, subscription) = fixture::first_delivery(&transport).await;
     delivery
         .dead_letter(
             DeadLetter::new("payment declined")
