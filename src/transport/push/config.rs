@@ -18,6 +18,7 @@ use crate::error::{Error, ErrorKind};
 /// let game = PushEndpoint::new("http://game:50051").for_group("game");
 /// assert_eq!(game.group.as_deref(), Some("game"));
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushEndpoint {
@@ -60,6 +61,7 @@ impl PushEndpoint {
 /// assert_eq!(routes.endpoints("trade.executed").len(), 2);
 /// assert_eq!(routes.endpoints("price.updated")[0].url, "http://everything:8080");
 /// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PushRoutes {
