@@ -17,7 +17,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::envelope::{Event, EventEnvelope, Headers, is_supported, major_version};
+use crate::envelope::{
+    EnvelopePayload, Event, EventEnvelope, Headers, is_supported, major_version,
+};
 use crate::error::{Error, ErrorKind};
 
 /// The default size limit for one encoded envelope: 1 MiB.
@@ -197,17 +199,7 @@ impl Codec {
     pub fn decode<E: Event>(&self, bytes: &[u8]) -> Result<EventEnvelope<E>, DecodeError> {
         self.check_size(bytes)?;
         match serde_json::from_slice::<Wire<'_, E>>(bytes) {
-            Ok(wire) => {
-                check_type_and_version::<E>(&wire.event_type, &wire.version)?;
-                // Keep the minor version the producer sent; borrow the
-                // consumer's own text when it is the same.
-                let version = if wire.version == E::VERSION {
-                    Cow::Borrowed(E::VERSION)
-                } else {
-                    Cow::Owned(wire.version.to_string())
-                };
-                Ok(wire.into_envelope(Cow::Borrowed(E::TYPE), version))
-            }
+            Ok(wire) => wire.into_checked_envelope(),
             Err(error) => Err(diagnose(bytes, error, Some(check_typed::<E>))),
         }
     }
@@ -219,14 +211,7 @@ impl Codec {
     ) -> Result<EventEnvelope<serde_json::Value>, DecodeError> {
         self.check_size(bytes)?;
         match serde_json::from_slice::<Wire<'_, Value>>(bytes) {
-            Ok(wire) if major_version(&wire.version).is_none() => Err(DecodeError::BadVersion {
-                value: wire.version.into_owned(),
-            }),
-            Ok(wire) => {
-                let event_type = Cow::Owned(wire.event_type.to_string());
-                let version = Cow::Owned(wire.version.to_string());
-                Ok(wire.into_envelope(event_type, version))
-            }
+            Ok(wire) => wire.into_checked_envelope(),
             Err(error) => Err(diagnose(bytes, error, None)),
         }
     }
@@ -258,13 +243,11 @@ struct Wire<'a, T> {
     headers: Headers,
 }
 
-impl<T> Wire<'_, T> {
-    fn into_envelope(
-        self,
-        event_type: Cow<'static, str>,
-        version: Cow<'static, str>,
-    ) -> EventEnvelope<T> {
-        EventEnvelope::from_parts(
+impl<T: EnvelopePayload> Wire<'_, T> {
+    /// The envelope, once `T` accepted its event type and version.
+    fn into_checked_envelope(self) -> Result<EventEnvelope<T>, DecodeError> {
+        let (event_type, version) = T::accept(&self.event_type, &self.version)?;
+        Ok(EventEnvelope::from_parts(
             self.event_id,
             event_type,
             self.timestamp,
@@ -272,11 +255,24 @@ impl<T> Wire<'_, T> {
             version,
             self.payload,
             self.headers,
-        )
+        ))
     }
 }
 
-fn check_type_and_version<E: Event>(event_type: &str, version: &str) -> Result<(), DecodeError> {
+/// The same checks as [`Codec::decode`] and [`Codec::decode_value`], for
+/// any serde format; see [`EnvelopePayload`].
+impl<'de, T: EnvelopePayload> Deserialize<'de> for EventEnvelope<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Wire::<'de, T>::deserialize(deserializer)?
+            .into_checked_envelope()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+pub(crate) fn check_type_and_version<E: Event>(
+    event_type: &str,
+    version: &str,
+) -> Result<(), DecodeError> {
     if event_type != E::TYPE {
         return Err(DecodeError::TypeMismatch {
             expected: E::TYPE,

@@ -19,8 +19,13 @@
 //!
 //! Fields are private so that an envelope built for a payload type always
 //! carries that type's [`Event::TYPE`] and [`Event::VERSION`]: a publisher
-//! cannot send a `TradeExecuted` under another name. Bytes become an envelope
-//! only through [`Codec`](crate::Codec), which checks all of it.
+//! cannot send a `TradeExecuted` under another name. An envelope is read
+//! with [`Codec`](crate::Codec) (which adds the size limit and the
+//! field-by-field diagnosis) or with any serde deserializer — a file, an
+//! axum `Json` extractor, a database row — and both check the same things:
+//! the UUID, the RFC 3339 timestamp, the `MAJOR.MINOR` version, and for an
+//! [`Event`] payload that the document names [`Event::TYPE`] and a version
+//! of its major ([`EnvelopePayload`]).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -205,6 +210,86 @@ impl<T> EventEnvelope<T> {
     pub fn headers_mut(&mut self) -> &mut Headers {
         &mut self.headers
     }
+}
+
+/// A payload type an [`EventEnvelope`] deserializes with, and what it
+/// checks of the envelope's name and version: every [`Event`] (the
+/// document must name [`Event::TYPE`] and a version of the same major as
+/// [`Event::VERSION`]; the minor version sent is kept) and
+/// `serde_json::Value` (any event type, any `MAJOR.MINOR` version).
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// # struct UserRegistered { user_id: String }
+/// # impl switchboard::Event for UserRegistered {
+/// #     const TYPE: &'static str = "user.registered";
+/// #     const VERSION: &'static str = "1.0";
+/// # }
+/// use switchboard::EventEnvelope;
+///
+/// let document = r#"{"event_id":"6f1c0f4e-8a3b-4c1d-9e2f-0a1b2c3d4e5f",
+///     "event_type":"user.registered","timestamp":"2026-02-19T12:00:00Z",
+///     "source":"auth-service","version":"1.3","payload":{"user_id":"42"}}"#;
+/// let typed: EventEnvelope<UserRegistered> = serde_json::from_str(document)?;
+/// assert_eq!(typed.version(), "1.3");
+/// let any: EventEnvelope<serde_json::Value> = serde_json::from_str(document)?;
+/// assert_eq!(any.event_type(), "user.registered");
+///
+/// let other = document.replace("user.registered", "order.created");
+/// let refused = serde_json::from_str::<EventEnvelope<UserRegistered>>(&other).unwrap_err();
+/// assert!(refused.to_string().contains("order.created"), "{refused}");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+pub trait EnvelopePayload: DeserializeOwned + sealed::Sealed {
+    /// The envelope's event type and version to keep, or why a document
+    /// naming `event_type` at `version` is not an envelope of this payload.
+    #[doc(hidden)]
+    fn accept(
+        event_type: &str,
+        version: &str,
+    ) -> Result<(Cow<'static, str>, Cow<'static, str>), crate::DecodeError>;
+}
+
+impl<E: Event> EnvelopePayload for E {
+    fn accept(
+        event_type: &str,
+        version: &str,
+    ) -> Result<(Cow<'static, str>, Cow<'static, str>), crate::DecodeError> {
+        crate::codec::check_type_and_version::<E>(event_type, version)?;
+        // Keep the minor version the producer sent; borrow the consumer's
+        // own text when it is the same.
+        let version = if version == E::VERSION {
+            Cow::Borrowed(E::VERSION)
+        } else {
+            Cow::Owned(version.to_owned())
+        };
+        Ok((Cow::Borrowed(E::TYPE), version))
+    }
+}
+
+impl EnvelopePayload for serde_json::Value {
+    fn accept(
+        event_type: &str,
+        version: &str,
+    ) -> Result<(Cow<'static, str>, Cow<'static, str>), crate::DecodeError> {
+        if major_version(version).is_none() {
+            return Err(crate::DecodeError::BadVersion {
+                value: version.to_owned(),
+            });
+        }
+        Ok((
+            Cow::Owned(event_type.to_owned()),
+            Cow::Owned(version.to_owned()),
+        ))
+    }
+}
+
+mod sealed {
+    /// Only the crate's two kinds of payload check envelopes.
+    pub trait Sealed {}
+    impl<E: super::Event> Sealed for E {}
+    impl Sealed for serde_json::Value {}
 }
 
 /// The major part of a `"MAJOR.MINOR"` version, or `None` when the text is

@@ -141,7 +141,7 @@ pub use bus::{
     Message, handler_fn, handler_fn_boxed,
 };
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
-pub use envelope::{Event, EventEnvelope, Headers};
+pub use envelope::{EnvelopePayload, Event, EventEnvelope, Headers};
 pub use error::{BoxError, Effect, Error, ErrorKind};
 pub use outcome::Outcome;
 pub use topology::Topology;

@@ -375,3 +375,6 @@ fn an_encoded_trade_cannot_be_read_as_another_event_type() {
 
 #[path = "envelope/wire.rs"]
 mod wire;
+
+#[path = "envelope/serde.rs"]
+mod serde_symmetric;
