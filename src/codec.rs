@@ -21,6 +21,7 @@ use crate::envelope::{
     EnvelopePayload, Event, EventEnvelope, Headers, is_supported, major_version,
 };
 use crate::error::{Error, ErrorKind};
+use crate::upcast::Upcasters;
 
 /// The default size limit for one encoded envelope: 1 MiB.
 pub const DEFAULT_MAX_SIZE: usize = 1024 * 1024;
@@ -105,6 +106,19 @@ pub enum DecodeError {
         /// The deserializer's message.
         reason: String,
     },
+    /// An upcaster refused the payload it was given
+    /// ([`Upcasters`](crate::Upcasters)).
+    #[error("cannot upcast {event_type} {from_major}.x to {to_version}: {reason}")]
+    UpcastFailed {
+        /// The event type.
+        event_type: String,
+        /// The major version the failing step reads.
+        from_major: u64,
+        /// The version it writes.
+        to_version: String,
+        /// What the upcaster said.
+        reason: String,
+    },
     /// Anything else the parser refused (a duplicated field, for example).
     #[error("invalid envelope: {reason}")]
     Malformed {
@@ -135,15 +149,17 @@ pub enum DecodeError {
 /// assert!(matches!(tiny.decode::<UserRegistered>(&bytes), Err(DecodeError::TooLarge { .. })));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Codec {
     max_size: usize,
+    upcasters: Upcasters,
 }
 
 impl Default for Codec {
     fn default() -> Self {
         Self {
             max_size: DEFAULT_MAX_SIZE,
+            upcasters: Upcasters::new(),
         }
     }
 }
@@ -196,12 +212,48 @@ impl Codec {
     }
 
     /// Decodes an envelope of event type `E`, checking its type and version.
+    ///
+    /// An envelope of another major version is read through the codec's
+    /// [upcasters](Self::with_upcasters) when a chain of them leads to
+    /// `E`'s major; otherwise it is [`DecodeError::UnsupportedVersion`].
     pub fn decode<E: Event>(&self, bytes: &[u8]) -> Result<EventEnvelope<E>, DecodeError> {
         self.check_size(bytes)?;
-        match serde_json::from_slice::<Wire<'_, E>>(bytes) {
+        let decoded = match serde_json::from_slice::<Wire<'_, E>>(bytes) {
             Ok(wire) => wire.into_checked_envelope(),
             Err(error) => Err(diagnose(bytes, error, Some(check_typed::<E>))),
+        };
+        match decoded {
+            Err(DecodeError::UnsupportedVersion { .. }) if !self.upcasters.is_empty() => {
+                self.decode_upcast::<E>(bytes)
+            }
+            decoded => decoded,
         }
+    }
+
+    /// The cold path of an older major: read untyped, upcast, then type.
+    fn decode_upcast<E: Event>(&self, bytes: &[u8]) -> Result<EventEnvelope<E>, DecodeError> {
+        let envelope = self.decode_value(bytes)?;
+        let found = envelope.version().to_owned();
+        let target = major_version(E::VERSION).unwrap_or_default();
+        match self.upcasters.upcast(envelope, target)? {
+            Some(upcast) => upcast.into_typed::<E>(),
+            None => Err(DecodeError::UnsupportedVersion {
+                found,
+                supported: E::VERSION,
+            }),
+        }
+    }
+
+    /// Reads older major versions of events through `upcasters`; see
+    /// [`Upcasters`].
+    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
+    }
+
+    /// The upcasters [`decode`](Self::decode) uses.
+    pub fn upcasters(&self) -> &Upcasters {
+        &self.upcasters
     }
 
     /// Decodes an envelope of any event type, keeping the payload as JSON.

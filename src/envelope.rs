@@ -132,6 +132,40 @@ impl EventEnvelope<serde_json::Value> {
     }
 }
 
+impl EventEnvelope<serde_json::Value> {
+    /// The envelope with `upcast`'s payload at `version`; the rest kept.
+    pub(crate) fn upcast_payload(
+        mut self,
+        version: &str,
+        upcast: &(dyn Fn(serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync),
+    ) -> Result<Self, String> {
+        self.payload = upcast(self.payload)?;
+        self.version = Cow::Owned(version.to_owned());
+        Ok(self)
+    }
+
+    /// The typed envelope of this one's payload, once `E` accepts its
+    /// event type and version.
+    pub(crate) fn into_typed<E: Event>(self) -> Result<EventEnvelope<E>, crate::DecodeError> {
+        let (event_type, version) = E::accept(&self.event_type, &self.version)?;
+        let payload = serde_path_to_error::deserialize::<_, E>(self.payload).map_err(|error| {
+            crate::DecodeError::BadPayload {
+                event_type: E::TYPE,
+                reason: error.to_string(),
+            }
+        })?;
+        Ok(EventEnvelope::from_parts(
+            self.event_id,
+            event_type,
+            self.timestamp,
+            self.source,
+            version,
+            payload,
+            self.headers,
+        ))
+    }
+}
+
 impl<T> EventEnvelope<T> {
     pub(crate) fn from_parts(
         event_id: Uuid,

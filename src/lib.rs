@@ -99,6 +99,7 @@ mod topology;
 #[cfg(feature = "file-transfer")]
 pub mod transfer;
 pub mod transport;
+pub mod upcast;
 
 // The examples of the README and of the guides in docs/ compile and run as
 // doctests.
@@ -145,6 +146,7 @@ pub use envelope::{EnvelopePayload, Event, EventEnvelope, Headers};
 pub use error::{BoxError, Effect, Error, ErrorKind};
 pub use outcome::Outcome;
 pub use topology::Topology;
+pub use upcast::Upcasters;
 // Every transport type at the root, behind its feature; its config and
 // helpers stay in its module (`transport::amqp::AmqpConfig`, ...).
 #[cfg(feature = "amqp")]

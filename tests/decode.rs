@@ -446,7 +446,7 @@ fn a_document_over_a_configured_limit_is_too_large() {
         size: bytes.len(),
         limit: 100,
     };
-    assert_eq!(typed_error_with(codec, &bytes), expected, "typed");
+    assert_eq!(typed_error_with(codec.clone(), &bytes), expected, "typed");
     assert_eq!(untyped_error_with(codec, &bytes), expected, "untyped");
 }
 
@@ -459,7 +459,7 @@ fn the_size_limit_is_checked_before_parsing() {
         size: 101,
         limit: 100,
     };
-    assert_eq!(typed_error_with(codec, &bytes), expected);
+    assert_eq!(typed_error_with(codec.clone(), &bytes), expected);
     assert_eq!(untyped_error_with(codec, &bytes), expected);
 }
 

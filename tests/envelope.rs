@@ -378,3 +378,6 @@ mod wire;
 
 #[path = "envelope/serde.rs"]
 mod serde_symmetric;
+
+#[path = "envelope/upcast.rs"]
+mod upcast;

@@ -124,7 +124,7 @@ impl<'a, E: Event> DeadLetters<'a, E> {
     fn typed(&self, raw: DeadLettered) -> DeadLetterOf<E> {
         DeadLetterOf {
             raw,
-            codec: *self.bus.codec(),
+            codec: self.bus.codec().clone(),
             _event: PhantomData,
         }
     }
@@ -228,7 +228,7 @@ impl<E> Clone for DeadLetterOf<E> {
     fn clone(&self) -> Self {
         Self {
             raw: self.raw.clone(),
-            codec: self.codec,
+            codec: self.codec.clone(),
             _event: PhantomData,
         }
     }

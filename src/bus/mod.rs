@@ -224,6 +224,14 @@ impl EventBus {
         self
     }
 
+    /// Consumers of this bus read older major versions of their events
+    /// through `upcasters` (see [`Upcasters`](crate::Upcasters)); what no
+    /// chain of them reaches is given back to the group, as without them.
+    pub fn with_upcasters(mut self, upcasters: crate::Upcasters) -> Self {
+        self.codec = self.codec.with_upcasters(upcasters);
+        self
+    }
+
     /// The transport underneath.
     pub fn transport(&self) -> &Arc<dyn Transport> {
         &self.transport
@@ -440,7 +448,7 @@ impl EventBus {
             subscription,
             transport: self.transport.name(),
             handler,
-            codec: self.codec,
+            codec: self.codec.clone(),
             concurrency,
             max_deliveries,
             give_back_limit,
