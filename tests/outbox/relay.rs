@@ -282,3 +282,71 @@ async fn close_past_its_deadline_aborts_and_says_so() {
     );
     support::drop_pg_tables(&pool, &prefix).await;
 }
+
+#[tokio::test]
+async fn the_relay_records_sent_parked_pending_and_lag() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use switchboard::observe::metrics as names;
+
+    // Local to this thread: the current-thread runtime runs the relay's
+    // task here too.
+    let recorder: &'static DebuggingRecorder = Box::leak(Box::new(DebuggingRecorder::new()));
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(recorder);
+
+    let pool = support::pg().await;
+    let prefix = support::prefix();
+    let outbox = Outbox::new(&prefix, "test").unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let memory: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
+    let mut faulty = Faulty::over(memory.clone());
+    faulty.refuse = Some("poison");
+    enqueue(&outbox, &pool, "a", 1, "").await;
+    enqueue(&outbox, &pool, "b", 1, "poison").await;
+    enqueue(&outbox, &pool, "c", 1, "").await;
+    let relay = Relay::new(&outbox, pool.clone(), Arc::new(faulty))
+        .with_config(fast().with_stats_interval(Duration::from_millis(1)))
+        .spawn();
+    support::eventually("sent and parked", WITHIN, || async {
+        relay.stats().sent() == 2 && relay.stats().parked() == 1
+    })
+    .await;
+    relay.close(Duration::from_secs(5)).await.unwrap();
+
+    let table = outbox.outbox_table().to_owned();
+    let snapshot = snapshotter.snapshot().into_vec();
+    let find = |name: &str, topic: Option<&str>| {
+        snapshot
+            .iter()
+            .find(|(key, ..)| {
+                let key = key.key();
+                let label = |wanted: &str| {
+                    key.labels()
+                        .find(|label| label.key() == wanted)
+                        .map(|label| label.value().to_owned())
+                };
+                key.name() == name
+                    && label("outbox").as_deref() == Some(table.as_str())
+                    && (topic.is_none() || label("topic").as_deref() == topic)
+            })
+            .map(|(.., value)| value)
+            .unwrap_or_else(|| panic!("no {name} for {table}"))
+    };
+    assert_eq!(
+        find(names::OUTBOX_SENT_TOTAL, Some("outbox.step")),
+        &DebugValue::Counter(2)
+    );
+    assert_eq!(
+        find(names::OUTBOX_PARKED_TOTAL, Some("outbox.step")),
+        &DebugValue::Counter(1)
+    );
+    match find(names::OUTBOX_PENDING, None) {
+        DebugValue::Gauge(pending) => assert!((0.0..=3.0).contains(&pending.0)),
+        other => panic!("pending is {other:?}"),
+    }
+    match find(names::OUTBOX_LAG, None) {
+        DebugValue::Gauge(lag) => assert!(lag.0 >= 0.0 && lag.0 < 60.0, "{}", lag.0),
+        other => panic!("lag is {other:?}"),
+    }
+    support::drop_pg_tables(&pool, &prefix).await;
+}
