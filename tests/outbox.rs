@@ -12,6 +12,8 @@ mod ordering;
 mod redelivery;
 #[path = "outbox/relay.rs"]
 mod relay;
+#[path = "outbox/restart.rs"]
+mod restart;
 #[path = "outbox/support.rs"]
 mod support;
 #[path = "outbox/trace.rs"]

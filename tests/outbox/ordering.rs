@@ -152,3 +152,92 @@ async fn four_writers_two_relays_keep_each_keys_commit_order() {
     assert_eq!(sent_first + sent_second, committed as u64);
     support::drop_pg_tables(&pool, &prefix).await;
 }
+
+/// SQLite: one writer at a time and one relay; writers interleave all the
+/// same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_writers_and_one_relay_keep_each_keys_commit_order() {
+    let pool = support::sqlite().await;
+    let outbox = Outbox::new("", "test").unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE seqs (event_id TEXT PRIMARY KEY, key TEXT NOT NULL, \
+         seq INTEGER NOT NULL, UNIQUE (key, seq))",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let memory: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
+    let bus = EventBus::new(memory.clone(), "test");
+    bus.declare(&Topology::new().with_event::<Step, _>(["check"]))
+        .await
+        .unwrap();
+    let received = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = received.clone();
+    let consumer = bus
+        .subscribe(
+            SubscribeOptions::new("check").with_concurrency(1),
+            handler_fn(move |message: Message<Step>| {
+                log.lock().unwrap().push(message.event_id().to_string());
+                async { Ok(()) }
+            }),
+        )
+        .await
+        .unwrap();
+    let relay = Relay::new(&outbox, pool.clone(), memory)
+        .with_config(
+            RelayConfig::default()
+                .with_batch_size(1 + rand_below(8) as usize)
+                .with_poll_interval(Duration::from_millis(5)),
+        )
+        .spawn();
+    let writers = (0..3u64).map(|writer| {
+        let (pool, outbox) = (pool.clone(), outbox.clone());
+        tokio::spawn(async move {
+            for i in 0..20 {
+                let key = format!("key-{}", rand_below(5));
+                let mut tx = pool.begin().await.unwrap();
+                let event_id = outbox
+                    .enqueue_event_keyed(&mut tx, &key, step(&key, writer * 1000 + i))
+                    .await
+                    .unwrap();
+                sqlx::query(
+                    "INSERT INTO seqs (event_id, key, seq) \
+                     SELECT ?1, ?2, coalesce(max(seq), 0) + 1 FROM seqs WHERE key = ?2",
+                )
+                .bind(event_id.to_string())
+                .bind(&key)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(rand_below(6))).await;
+                tx.commit().await.unwrap();
+            }
+        })
+    });
+    for writer in futures_util::future::join_all(writers).await {
+        writer.unwrap();
+    }
+    support::eventually("every event arrives", WITHIN, || async {
+        received.lock().unwrap().len() >= 60
+    })
+    .await;
+    relay.close(Duration::from_secs(5)).await.unwrap();
+    consumer.shutdown().await.unwrap();
+    let numbers: HashMap<String, (String, i64)> =
+        sqlx::query_as::<_, (String, String, i64)>("SELECT event_id, key, seq FROM seqs")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(event_id, key, seq)| (event_id, (key, seq)))
+            .collect();
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 60, "none twice, none lost");
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for event_id in &received {
+        let (key, seq) = &numbers[event_id];
+        let previous = last.insert(key, *seq).unwrap_or(0);
+        assert_eq!(*seq, previous + 1, "{key}: {seq} after {previous}");
+    }
+}

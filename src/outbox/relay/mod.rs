@@ -179,12 +179,15 @@ impl<DB: OutboxDatabase> Relay<DB> {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
         let mut shutdown = std::pin::pin!(shutdown);
         let wake = Arc::new(Notify::new());
-        let listener = if self.config.listen {
+        // Aborted with the relay, even when the relay itself is aborted
+        // (a close past its deadline): it holds a connection of the pool.
+        let _listener = if self.config.listen {
             DB::listen(
                 &self.pool,
                 self.outbox.shared.tables.channel.clone(),
                 wake.clone(),
             )
+            .map(AbortOnDrop)
         } else {
             None
         };
@@ -234,9 +237,6 @@ impl<DB: OutboxDatabase> Relay<DB> {
                 () = tokio::time::sleep(pause) => {}
             }
         };
-        if let Some(listener) = listener {
-            listener.abort();
-        }
         lease.release().await;
         result
     }
@@ -252,6 +252,15 @@ impl<DB: OutboxDatabase> Relay<DB> {
 
     fn metric_label(&self) -> metrics::Label {
         metrics::Label::Owned(self.outbox.shared.tables.outbox.clone())
+    }
+}
+
+/// A task that ends when this is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
