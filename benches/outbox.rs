@@ -1,8 +1,10 @@
 //! The transactional outbox beside publishing directly, on the machine's
 //! PostgreSQL and Redis Streams:
 //!
-//! * `outbox_one_event`: one event from the writer's COMMIT until Redis
-//!   accepted it (relay woken by NOTIFY), beside one direct `publish`.
+//! * `outbox_one_event`: one event from the writer's BEGIN until Redis
+//!   accepted it and the relay deleted the row (relay woken by NOTIFY),
+//!   beside one direct `publish` and beside the writer's transaction alone
+//!   (an insert and its COMMIT, a WAL flush).
 //! * `outbox_relay_throughput`: a relay draining 500 committed rows in
 //!   batches of 100, beside 5 direct `publish_batch` calls of 100.
 //! * `outbox_writer_tx`: transactions per second of 4 concurrent writers,
@@ -191,6 +193,35 @@ fn one_event(c: &mut Criterion, setup: &Setup) {
             }
         });
     });
+    // What the writer's COMMIT alone costs here (a WAL flush): the floor
+    // under the outbox path.
+    let orders = format!("{}one_orders", setup.prefix);
+    setup.runtime.block_on(async {
+        let create = format!("CREATE TABLE {orders} (id BIGSERIAL PRIMARY KEY, body TEXT)");
+        sqlx::query(AssertSqlSafe(create))
+            .execute(&setup.pool)
+            .await
+            .expect("orders table");
+    });
+    group.bench_function("insert_and_commit_only", |b| {
+        b.to_async(&setup.runtime).iter_custom(|iters| {
+            let (pool, orders) = (&setup.pool, &orders);
+            async move {
+                let started = Instant::now();
+                for _ in 0..iters {
+                    let mut tx = pool.begin().await.expect("begin");
+                    sqlx::query(AssertSqlSafe(format!(
+                        "INSERT INTO {orders} (body) VALUES ('order')"
+                    )))
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert");
+                    tx.commit().await.expect("commit");
+                }
+                started.elapsed()
+            }
+        });
+    });
     group.bench_function("outbox_commit_to_redis", |b| {
         b.to_async(&setup.runtime).iter_custom(|iters| {
             let (pool, outbox, topic, relay) = (&setup.pool, &outbox, &topic, &relay);
@@ -213,6 +244,10 @@ fn one_event(c: &mut Criterion, setup: &Setup) {
         .block_on(relay.close(Duration::from_secs(10)))
         .expect("close");
     setup.clean(&outbox, &topic);
+    setup.runtime.block_on(async {
+        let drop = format!("DROP TABLE IF EXISTS {orders}");
+        let _ = sqlx::query(AssertSqlSafe(drop)).execute(&setup.pool).await;
+    });
 }
 
 const ROWS: u64 = 500;

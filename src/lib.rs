@@ -69,7 +69,7 @@
 //! | `http` | `transport::http`: JSON over reqwest as a tower service, axum extractors, webhook push |
 //! | `file-transfer` | [`transfer`]: streaming file upload and download over HTTP/2 in bounded memory |
 //! | `otel` | `observe::trace`: W3C trace context across transports and HTTP/gRPC calls through `tracing-opentelemetry` |
-//! | `outbox` | [`outbox`]: transactional outbox and inbox on sqlx (PostgreSQL, SQLite) — an event is sent if and only if its transaction committed, applied once |
+//! | `outbox` | `outbox`: transactional outbox and inbox on sqlx (PostgreSQL, SQLite) — an event is sent if and only if its transaction committed, applied once |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,

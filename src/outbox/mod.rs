@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | atomic with the business write | yes: the row is in the caller's transaction; rolled back → never sent | yes |
 //! | sent | at least once: a row is deleted only after the transport accepted it | at least once |
-//! | can duplicate | a relay that dies (or loses its database session) between the transport's accept and the delete; a batch retried after a partial accept | the same |
+//! | can duplicate | a relay that dies (or loses its database session) between the transport's accept and the delete; a batch retried after a partial accept; a database crash (the relay deletes with `synchronous_commit = off` unless [`synchronous_deletes`](RelayConfig::synchronous_deletes), so its last deletes before the crash are undone) | a relay that dies between accept and delete; a batch retried after a partial accept |
 //! | ordered | per ordering key (default: the topic), in commit order, across any number of relays | per key, one relay |
 //! | applied once (inbox) | the mark `(group, event_id)` commits with the effect | the same |
 //! | lost | never by the relay; a row the transport refuses for good is parked, not dropped | the same |

@@ -84,6 +84,10 @@ pub trait Backend: sqlx::Database {
         notify: bool,
     ) -> Result<i64, Error>;
 
+    /// Sets up the relay's own session once connected: whether its writes
+    /// wait for the WAL flush.
+    async fn relay_session(conn: &mut Self::Connection, synchronous: bool) -> Result<(), Error>;
+
     /// Up to `limit` sendable rows in `scope`, in id order. With
     /// `hold_parked`, rows whose key has a parked row are left out.
     async fn fetch(

@@ -107,6 +107,10 @@ impl Backend for Sqlite {
             .map_err(|e| from_sqlx("outbox enqueue", e))
     }
 
+    async fn relay_session(_conn: &mut SqliteConnection, _synchronous: bool) -> Result<(), Error> {
+        Ok(())
+    }
+
     async fn fetch(
         conn: &mut SqliteConnection,
         tables: &Tables,

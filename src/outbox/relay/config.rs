@@ -60,6 +60,12 @@ pub struct RelayConfig {
     pub stats_interval: Duration,
     /// What a refused row does to its key (default [`OnRefused::HoldKey`]).
     pub on_refused: OnRefused,
+    /// Let the relay's deletes wait for the WAL flush (PostgreSQL's
+    /// `synchronous_commit`). Default off: a delete lost to a database
+    /// crash only means a row sent again, which the inbox absorbs, and the
+    /// flush costs milliseconds per batch on a real disk. On keeps the
+    /// duplicates after a crash down to the batch in flight.
+    pub synchronous_deletes: bool,
 }
 
 impl Default for RelayConfig {
@@ -74,6 +80,7 @@ impl Default for RelayConfig {
             publish_timeout: Duration::from_secs(10),
             stats_interval: Duration::from_secs(10),
             on_refused: OnRefused::HoldKey,
+            synchronous_deletes: false,
         }
     }
 }
@@ -124,6 +131,12 @@ impl RelayConfig {
     /// Sets [`stats_interval`](Self::stats_interval).
     pub fn with_stats_interval(mut self, interval: Duration) -> Self {
         self.stats_interval = interval;
+        self
+    }
+
+    /// Sets [`synchronous_deletes`](Self::synchronous_deletes).
+    pub fn with_synchronous_deletes(mut self, yes: bool) -> Self {
+        self.synchronous_deletes = yes;
         self
     }
 

@@ -46,14 +46,16 @@ impl<DB: OutboxDatabase> Lease<DB> {
         tables: &Tables,
         partitions: u32,
         every: Duration,
+        synchronous: bool,
     ) -> Result<(&mut DB::Connection, &Scope), Error> {
         if self.conn.is_none() {
-            let conn = self
+            let mut conn = self
                 .pool
                 .acquire()
                 .await
                 .map_err(|e| from_sqlx("outbox relay connect", e))?
                 .detach();
+            DB::relay_session(&mut conn, synchronous).await?;
             self.conn = Some(conn);
             self.held.clear();
             self.next_rebalance = Instant::now();

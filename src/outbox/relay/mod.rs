@@ -308,7 +308,12 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
         let tables = &relay.outbox.shared.tables;
         let config = &relay.config;
         let (conn, scope) = match lease
-            .session(tables, config.partitions, config.rebalance_interval)
+            .session(
+                tables,
+                config.partitions,
+                config.rebalance_interval,
+                config.synchronous_deletes,
+            )
             .await
         {
             Ok(session) => session,
