@@ -176,6 +176,15 @@ fn one_event(c: &mut Criterion, setup: &Setup) {
             .with_listen(true)
             .with_poll_interval(Duration::from_secs(1)),
     );
+    // A second outbox whose relay waits for the WAL flush of its deletes.
+    let flushed = setup.outbox("flushed", true);
+    let synchronous = setup.relay(
+        &flushed,
+        RelayConfig::default()
+            .with_listen(true)
+            .with_poll_interval(Duration::from_secs(1))
+            .with_synchronous_deletes(true),
+    );
     let mut group = c.benchmark_group("outbox_one_event");
     group.bench_function("direct_publish", |b| {
         b.to_async(&setup.runtime).iter_custom(|iters| {
@@ -222,28 +231,40 @@ fn one_event(c: &mut Criterion, setup: &Setup) {
             }
         });
     });
-    group.bench_function("outbox_commit_to_redis", |b| {
-        b.to_async(&setup.runtime).iter_custom(|iters| {
-            let (pool, outbox, topic, relay) = (&setup.pool, &outbox, &topic, &relay);
-            async move {
-                let mut spent = Duration::ZERO;
-                for n in 0..iters {
-                    let before = relay.stats().sent();
-                    let started = Instant::now();
-                    enqueue_one(pool, outbox, topic, n).await;
-                    sent(relay, before + 1).await;
-                    spent += started.elapsed();
+    for (name, relay, outbox) in [
+        ("outbox_commit_to_redis", &relay, &outbox),
+        (
+            "outbox_commit_to_redis_synchronous_deletes",
+            &synchronous,
+            &flushed,
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.to_async(&setup.runtime).iter_custom(|iters| {
+                let (pool, topic) = (&setup.pool, &topic);
+                async move {
+                    let mut spent = Duration::ZERO;
+                    for n in 0..iters {
+                        let before = relay.stats().sent();
+                        let started = Instant::now();
+                        enqueue_one(pool, outbox, topic, n).await;
+                        sent(relay, before + 1).await;
+                        spent += started.elapsed();
+                    }
+                    spent
                 }
-                spent
-            }
+            });
         });
-    });
+    }
     group.finish();
-    setup
-        .runtime
-        .block_on(relay.close(Duration::from_secs(10)))
-        .expect("close");
+    for relay in [relay, synchronous] {
+        setup
+            .runtime
+            .block_on(relay.close(Duration::from_secs(10)))
+            .expect("close");
+    }
     setup.clean(&outbox, &topic);
+    setup.clean(&flushed, &topic);
     setup.runtime.block_on(async {
         let drop = format!("DROP TABLE IF EXISTS {orders}");
         let _ = sqlx::query(AssertSqlSafe(drop)).execute(&setup.pool).await;

@@ -148,6 +148,10 @@ pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
 pub use envelope::{Event, EventEnvelope, Headers};
 pub use error::{BoxError, Effect, Error, ErrorKind};
 pub use outcome::Outcome;
+// The outbox's main types at the root, behind its feature; its config and
+// parked-row types stay in `switchboard::outbox`.
+#[cfg(feature = "outbox")]
+pub use outbox::{Inbox, Outbox, Relay};
 pub use topology::Topology;
 // Every transport type at the root, behind its feature; its config and
 // helpers stay in its module (`transport::amqp::AmqpConfig`, ...).
