@@ -136,4 +136,18 @@ async fn sqlite_inbox_applies_each_event_once() {
     );
     tx.rollback().await.unwrap();
     assert_eq!(inbox.cleanup(Duration::ZERO).await.unwrap(), 1);
+
+    // The periodic cleanup removes marks past the retention by itself.
+    let mut tx = pool.begin().await.unwrap();
+    assert!(inbox.claim(&mut tx, "g", message.event_id()).await.unwrap());
+    tx.commit().await.unwrap();
+    let _cleanup = inbox.spawn_cleanup(Duration::from_millis(10), Duration::ZERO);
+    support::eventually("the periodic cleanup ran", support::WITHIN, || async {
+        let marks: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        marks == 0
+    })
+    .await;
 }
