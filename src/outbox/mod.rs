@@ -15,7 +15,7 @@
 //! | atomic with the business write | yes: the row is in the caller's transaction; rolled back → never sent | yes |
 //! | sent | at least once: a row is deleted only after the transport accepted it | at least once |
 //! | can duplicate | a relay that dies (or loses its database session) between the transport's accept and the delete; a batch retried after a partial accept; a database crash (the relay deletes with `synchronous_commit = off` unless [`synchronous_deletes`](RelayConfig::synchronous_deletes), so its last deletes before the crash are undone) | a relay that dies between accept and delete; a batch retried after a partial accept |
-//! | ordered | per ordering key (default: the topic), in commit order, across any number of relays | per key, one relay |
+//! | ordered | per ordering key (default: the topic), in commit order, across any number of relays | per key, in commit order; one relay sends at a time (a lease row) |
 //! | applied once (inbox) | the mark `(group, event_id)` commits with the effect | the same |
 //! | lost | never by the relay; a row the transport refuses for good is parked, not dropped | the same |
 //!
@@ -53,8 +53,13 @@
 //!   the partition over: the rows in flight then arrive twice, the late copy
 //!   after later rows — the inbox drops it as a duplicate.
 //!
-//! SQLite has one writer at a time, so ids follow commit order already; it
-//! has no advisory locks, so **run one relay** per SQLite database.
+//! SQLite has one writer at a time, so ids follow commit order already. It
+//! has no advisory locks, so **one relay sends at a time**: relays take a
+//! lease row (`<prefix>outbox_lease`) that the holder renews every
+//! `rebalance_interval` and gives back on close; the others stand by and
+//! take over when it is given back or has not been renewed for three
+//! intervals (at least 1 s). A holder stalled longer than that can overlap
+//! with its successor, as on PostgreSQL after a lost session.
 //!
 //! # The relay
 //!
@@ -126,6 +131,7 @@
 //! p_inbox  (consumer_group TEXT, event_id TEXT, handled_at TIMESTAMPTZ,
 //!           PRIMARY KEY (consumer_group, event_id))
 //!   + index p_inbox_handled_at (handled_at)
+//! p_outbox_lease (id = 1, holder TEXT, expires_at)   -- SQLite only: the relay's lease
 //! ```
 //!
 //! The prefix is a plain lower-case identifier (checked); a test or a

@@ -350,3 +350,58 @@ async fn the_relay_records_sent_parked_pending_and_lag() {
     }
     support::drop_pg_tables(&pool, &prefix).await;
 }
+
+#[tokio::test]
+async fn on_sqlite_one_relay_sends_and_another_takes_over_when_it_stops() {
+    let pool = support::sqlite().await;
+    let outbox = Outbox::new("", "test").unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let memory: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
+    let (consumer, mut seen) = consumer(memory.clone()).await;
+    let config = fast().with_rebalance_interval(Duration::from_millis(20));
+    let first = Relay::new(&outbox, pool.clone(), memory.clone())
+        .with_config(config.clone())
+        .spawn();
+    let second = Relay::new(&outbox, pool.clone(), memory)
+        .with_config(config)
+        .spawn();
+    let enqueue = |n: u64| {
+        let (pool, outbox) = (pool.clone(), outbox.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            outbox.enqueue_event(&mut tx, step("k", n)).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    for n in 1..=20 {
+        enqueue(n).await;
+    }
+    for n in 1..=20 {
+        assert_eq!(next(&mut seen).await.n, n);
+    }
+    support::eventually("drained", WITHIN, || async {
+        outbox.pending(&pool).await.unwrap().0 == 0
+    })
+    .await;
+    let (a, b) = (first.stats().sent(), second.stats().sent());
+    assert!(a == 0 || b == 0, "one relay at a time: {a} and {b}");
+    // The holder stops and gives its lease back; the other goes on.
+    let (holder, standby) = if a > 0 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    holder.close(Duration::from_secs(5)).await.unwrap();
+    for n in 21..=25 {
+        enqueue(n).await;
+    }
+    for n in 21..=25 {
+        assert_eq!(next(&mut seen).await.n, n);
+    }
+    support::eventually("the other relay sent them", WITHIN, || async {
+        standby.stats().sent() == 5
+    })
+    .await;
+    standby.close(Duration::from_secs(5)).await.unwrap();
+    consumer.shutdown().await.unwrap();
+}

@@ -38,6 +38,17 @@ pub struct StoredRow {
     pub body: Vec<u8>,
 }
 
+/// What a relay asks for when it rebalances.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseRequest<'a> {
+    /// The number of key partitions the relays share (PostgreSQL).
+    pub partitions: i64,
+    /// This relay's id.
+    pub relay: &'a str,
+    /// How long a lease lasts unless renewed (SQLite).
+    pub ttl: Duration,
+}
+
 /// Which rows a relay may send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
@@ -116,14 +127,23 @@ pub trait Backend: sqlx::Database {
         tables: &Tables,
     ) -> Result<(u64, Option<f64>), Error>;
 
-    /// Takes or gives back partition leases so each live relay holds its
-    /// share; returns the scope this relay may send.
+    /// Takes or gives back leases so each live relay holds its share
+    /// (PostgreSQL: key partitions; SQLite: the one relay's lease, held by
+    /// `relay` for `ttl` and renewed at each call); returns the scope this
+    /// relay may send.
     async fn rebalance(
         conn: &mut Self::Connection,
         tables: &Tables,
-        partitions: i64,
+        lease: &LeaseRequest<'_>,
         held: &mut Vec<i64>,
     ) -> Result<Scope, Error>;
+
+    /// Gives this relay's leases back before its session closes.
+    async fn release(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        relay: &str,
+    ) -> Result<(), Error>;
 
     /// Parked rows, oldest first.
     async fn list_parked(

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row};
 
-use super::{Backend, NewRow, ParkedRow, Scope, StoredRow};
+use super::{Backend, LeaseRequest, NewRow, ParkedRow, Scope, StoredRow};
 use crate::error::Error;
 use crate::outbox::error::from_sqlx;
 use crate::outbox::schema::Tables;
@@ -243,9 +243,10 @@ impl Backend for Postgres {
     async fn rebalance(
         conn: &mut PgConnection,
         tables: &Tables,
-        partitions: i64,
+        lease: &LeaseRequest<'_>,
         held: &mut Vec<i64>,
     ) -> Result<Scope, Error> {
+        let partitions = lease.partitions;
         let failed = |e| from_sqlx("outbox relay lease", e);
         // Membership: one lock per live relay session, keyed by its backend
         // pid, so relays can count each other without a table of their own.
@@ -319,6 +320,15 @@ impl Backend for Postgres {
             partitions,
             held: held.clone(),
         })
+    }
+
+    async fn release(
+        _conn: &mut PgConnection,
+        _tables: &Tables,
+        _relay: &str,
+    ) -> Result<(), Error> {
+        // Session locks: closing the session gives them back.
+        Ok(())
     }
 
     async fn list_parked(

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, Sqlite};
 
-use super::{Backend, NewRow, ParkedRow, Scope, StoredRow, now_micros, placeholders};
+use super::{Backend, LeaseRequest, NewRow, ParkedRow, Scope, StoredRow, now_micros, placeholders};
 use crate::error::Error;
 use crate::outbox::error::from_sqlx;
 use crate::outbox::schema::Tables;
@@ -16,6 +16,11 @@ use crate::outbox::schema::Tables;
 /// constants; every value is a bind parameter.
 fn sql(text: String) -> AssertSqlSafe<String> {
     AssertSqlSafe(text)
+}
+
+/// The table of the one relay's lease.
+fn lease_table(tables: &Tables) -> String {
+    format!("{}_lease", tables.outbox)
 }
 
 fn stored(row: SqliteRow) -> Result<StoredRow, sqlx::Error> {
@@ -64,6 +69,13 @@ impl Backend for Sqlite {
                 )"
             ),
             format!("CREATE INDEX IF NOT EXISTS {i}_handled_at ON {i} (handled_at)"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {o}_lease (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    holder TEXT NOT NULL,
+                    expires_at INTEGER NOT NULL
+                )"
+            ),
         ];
         let mut tx = pool
             .begin()
@@ -204,12 +216,59 @@ impl Backend for Sqlite {
     }
 
     async fn rebalance(
-        _conn: &mut SqliteConnection,
-        _tables: &Tables,
-        _partitions: i64,
+        conn: &mut SqliteConnection,
+        tables: &Tables,
+        lease: &LeaseRequest<'_>,
         _held: &mut Vec<i64>,
     ) -> Result<Scope, Error> {
-        Ok(Scope::All)
+        // One relay per database: the lease row names the holder until it
+        // expires; the holder renews it at every rebalance.
+        let now = now_micros();
+        let ttl = lease.ttl.as_micros().min(i64::MAX as u128 / 2) as i64;
+        let claim = format!(
+            "INSERT INTO {l} (id, holder, expires_at) VALUES (1, ?1, ?2 + ?3) \
+             ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, \
+             expires_at = excluded.expires_at \
+             WHERE {l}.holder = excluded.holder OR {l}.expires_at < ?2",
+            l = lease_table(tables)
+        );
+        sqlx::query(sql(claim))
+            .bind(lease.relay)
+            .bind(now)
+            .bind(ttl)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| from_sqlx("outbox relay lease", e))?;
+        let holder: Option<String> = sqlx::query_scalar(sql(format!(
+            "SELECT holder FROM {} WHERE id = 1",
+            lease_table(tables)
+        )))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| from_sqlx("outbox relay lease", e))?;
+        Ok(if holder.as_deref() == Some(lease.relay) {
+            Scope::All
+        } else {
+            // Another relay sends: stand by.
+            Scope::Partitions {
+                partitions: 1,
+                held: Vec::new(),
+            }
+        })
+    }
+
+    async fn release(
+        conn: &mut SqliteConnection,
+        tables: &Tables,
+        relay: &str,
+    ) -> Result<(), Error> {
+        let query = format!("DELETE FROM {} WHERE holder = ?", lease_table(tables));
+        sqlx::query(sql(query))
+            .bind(relay)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| from_sqlx("outbox relay lease", e))?;
+        Ok(())
     }
 
     async fn list_parked(

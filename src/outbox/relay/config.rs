@@ -49,6 +49,8 @@ pub struct RelayConfig {
     pub partitions: u32,
     /// How often a relay checks its share of partitions (default 5 s): how
     /// soon a new relay gets work and a dead one's partitions are taken over.
+    /// On SQLite, how often the sending relay renews its lease (it lapses
+    /// after three intervals, at least 1 s).
     pub rebalance_interval: Duration,
     /// First and longest wait between tries while the transport or the
     /// database is down (default 100 ms, 10 s; exponential with jitter).

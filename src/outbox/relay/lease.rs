@@ -13,12 +13,14 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::outbox::OutboxDatabase;
-use crate::outbox::backend::Scope;
+use crate::outbox::backend::{LeaseRequest, Scope};
 use crate::outbox::error::from_sqlx;
 use crate::outbox::schema::Tables;
 
 pub(super) struct Lease<DB: OutboxDatabase> {
     pool: sqlx::Pool<DB>,
+    /// This relay's id, the holder of the SQLite lease.
+    id: String,
     conn: Option<DB::Connection>,
     held: Vec<i64>,
     scope: Scope,
@@ -29,6 +31,7 @@ impl<DB: OutboxDatabase> Lease<DB> {
     pub(super) fn new(pool: sqlx::Pool<DB>) -> Self {
         Self {
             pool,
+            id: uuid::Uuid::new_v4().to_string(),
             conn: None,
             held: Vec::new(),
             scope: Scope::Partitions {
@@ -62,7 +65,14 @@ impl<DB: OutboxDatabase> Lease<DB> {
         }
         let conn = self.conn.as_mut().expect("connected above");
         if Instant::now() >= self.next_rebalance {
-            self.scope = DB::rebalance(conn, tables, i64::from(partitions), &mut self.held).await?;
+            let request = LeaseRequest {
+                partitions: i64::from(partitions),
+                relay: &self.id,
+                // Renewed every `every`: a holder that misses a few renewals
+                // (it died) leaves the lease to another relay.
+                ttl: (every * 3).max(Duration::from_secs(1)),
+            };
+            self.scope = DB::rebalance(conn, tables, &request, &mut self.held).await?;
             self.next_rebalance = Instant::now() + every;
         }
         Ok((conn, &self.scope))
@@ -76,9 +86,14 @@ impl<DB: OutboxDatabase> Lease<DB> {
     }
 
     /// Ends the session cleanly, giving every lease back.
-    pub(super) async fn release(&mut self) {
+    pub(super) async fn release(&mut self, tables: &Tables) {
         self.held.clear();
-        if let Some(conn) = self.conn.take() {
+        if let Some(mut conn) = self.conn.take() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                DB::release(&mut conn, tables, &self.id),
+            )
+            .await;
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.close()).await;
         }
     }

@@ -237,7 +237,7 @@ impl<DB: OutboxDatabase> Relay<DB> {
                 () = tokio::time::sleep(pause) => {}
             }
         };
-        lease.release().await;
+        lease.release(&self.outbox.shared.tables).await;
         result
     }
 
