@@ -59,7 +59,9 @@
 //! `rebalance_interval` and gives back on close; the others stand by and
 //! take over when it is given back or has not been renewed for three
 //! intervals (at least 1 s). A holder stalled longer than that can overlap
-//! with its successor, as on PostgreSQL after a lost session.
+//! with its successor, as on PostgreSQL after a lost session. Open the
+//! database in WAL journal mode (`SqliteJournalMode::Wal`) so the relay
+//! reads while a writer writes, with a `busy_timeout` for the writers.
 //!
 //! # The relay
 //!
