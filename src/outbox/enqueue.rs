@@ -71,6 +71,22 @@ impl<DB: OutboxDatabase> Outbox<DB> {
         DB::insert(&mut **tx, &self.shared.tables, row, self.shared.notify).await
     }
 
+    /// Takes `key`'s write lock now, until `tx` ends — the lock
+    /// [`enqueue_keyed`](Self::enqueue_keyed) takes anyway — so the
+    /// transaction can read per-key state (a sequence number, an aggregate's
+    /// version) in the order its events will be sent: two transactions of
+    /// one key pass this point one after the other, in commit order.
+    ///
+    /// On SQLite it takes the database's write lock (every key); call it
+    /// first in the transaction, before any read.
+    pub async fn lock_key(
+        &self,
+        tx: &mut sqlx::Transaction<'_, DB>,
+        key: &str,
+    ) -> Result<(), Error> {
+        DB::lock_key(&mut **tx, &self.shared.tables, key_hash(key)).await
+    }
+
     /// Writes `payload` in a fresh envelope (the outbox's source, a new
     /// `event_id`) for the topic of [`E::TYPE`](Event::TYPE) into `tx`;
     /// returns the `event_id`. The typed counterpart of

@@ -35,7 +35,9 @@
 //!   commit — enqueue last, just before committing. Keys whose hashes
 //!   collide (32 bits) serialise too, which costs time but never order. Two
 //!   transactions that enqueue two keys in opposite orders can deadlock;
-//!   PostgreSQL aborts one (`40P01`, retryable).
+//!   PostgreSQL aborts one (`40P01`, retryable). [`Outbox::lock_key`] takes
+//!   the same lock earlier, for a transaction that reads per-key state (a
+//!   sequence number, an aggregate's version) to put into the event.
 //! * Relays lease **key partitions**, never rows: `key_hash mod partitions`
 //!   ([`RelayConfig::partitions`], 32 by default, the same for every relay)
 //!   is locked with `pg_try_advisory_lock` on a session the relay holds for

@@ -18,8 +18,27 @@ const WRITERS: u64 = 4;
 const KEYS: u64 = 10;
 const PER_WRITER: u64 = 30;
 
+/// Where a writer's per-key sequence number comes from.
+#[derive(Clone, Copy, PartialEq)]
+enum Numbering {
+    /// Drawn after the enqueue, under the lock the enqueue took.
+    AfterEnqueue,
+    /// Drawn under `Outbox::lock_key` before the enqueue, and carried in
+    /// the payload.
+    InPayload,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_writers_two_relays_keep_each_keys_commit_order() {
+    writers_and_relays(Numbering::AfterEnqueue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_numbers_in_the_payload_arrive_in_order_per_key() {
+    writers_and_relays(Numbering::InPayload).await;
+}
+
+async fn writers_and_relays(numbering: Numbering) {
     let pool = support::pg().await;
     let prefix = support::prefix();
     let outbox = Outbox::new(&prefix, "test").unwrap();
@@ -43,12 +62,18 @@ async fn four_writers_two_relays_keep_each_keys_commit_order() {
         .await
         .unwrap();
     let received = Arc::new(Mutex::new(Vec::<String>::new()));
-    let log = received.clone();
+    let in_payload = Arc::new(Mutex::new(Vec::<(String, u64)>::new()));
+    let (log, payloads) = (received.clone(), in_payload.clone());
     let consumer = bus
         .subscribe(
             SubscribeOptions::new("check").with_concurrency(1),
             handler_fn(move |message: Message<Step>| {
                 log.lock().unwrap().push(message.event_id().to_string());
+                let payload = message.payload();
+                payloads
+                    .lock()
+                    .unwrap()
+                    .push((payload.key.clone(), payload.n));
                 async { Ok(()) }
             }),
         )
@@ -85,19 +110,46 @@ async fn four_writers_two_relays_keep_each_keys_commit_order() {
             for i in 0..PER_WRITER {
                 let key = format!("key-{}", rand_below(KEYS));
                 let mut tx = pool.begin().await.unwrap();
-                let event_id = outbox
-                    .enqueue_event_keyed(&mut tx, &key, step(&key, writer * 1000 + i))
-                    .await
-                    .unwrap();
-                sqlx::query(AssertSqlSafe(format!(
-                    "INSERT INTO {seqs} (event_id, key, seq) \
-                     SELECT $1, $2, coalesce(max(seq), 0) + 1 FROM {seqs} WHERE key = $2"
-                )))
-                .bind(event_id.to_string())
-                .bind(&key)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+                match numbering {
+                    Numbering::AfterEnqueue => {
+                        let event_id = outbox
+                            .enqueue_event_keyed(&mut tx, &key, step(&key, writer * 1000 + i))
+                            .await
+                            .unwrap();
+                        sqlx::query(AssertSqlSafe(format!(
+                            "INSERT INTO {seqs} (event_id, key, seq) \
+                             SELECT $1, $2, coalesce(max(seq), 0) + 1 FROM {seqs} WHERE key = $2"
+                        )))
+                        .bind(event_id.to_string())
+                        .bind(&key)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    }
+                    Numbering::InPayload => {
+                        outbox.lock_key(&mut tx, &key).await.unwrap();
+                        let seq: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                            "SELECT coalesce(max(seq), 0) + 1 FROM {seqs} WHERE key = $1"
+                        )))
+                        .bind(&key)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .unwrap();
+                        let event_id = outbox
+                            .enqueue_event_keyed(&mut tx, &key, step(&key, seq as u64))
+                            .await
+                            .unwrap();
+                        sqlx::query(AssertSqlSafe(format!(
+                            "INSERT INTO {seqs} (event_id, key, seq) VALUES ($1, $2, $3)"
+                        )))
+                        .bind(event_id.to_string())
+                        .bind(&key)
+                        .bind(seq)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    }
+                };
                 tokio::time::sleep(Duration::from_millis(rand_below(21))).await;
                 if rand_below(10) == 0 {
                     tx.rollback().await.unwrap();
@@ -144,6 +196,14 @@ async fn four_writers_two_relays_keep_each_keys_commit_order() {
             .unwrap_or_else(|| panic!("{event_id} was rolled back yet sent"));
         let previous = last.insert(key, *seq).unwrap_or(0);
         assert_eq!(*seq, previous + 1, "{key}: {seq} after {previous}");
+    }
+    if numbering == Numbering::InPayload {
+        // The consumer's own check, on what it received alone.
+        let mut last: HashMap<String, u64> = HashMap::new();
+        for (key, n) in in_payload.lock().unwrap().iter() {
+            let previous = last.insert(key.clone(), *n).unwrap_or(0);
+            assert_eq!(*n, previous + 1, "{key}: {n} after {previous}");
+        }
     }
     assert!(
         sent_first > 0 && sent_second > 0,

@@ -95,6 +95,13 @@ pub trait Backend: sqlx::Database {
         notify: bool,
     ) -> Result<i64, Error>;
 
+    /// Takes the key's write lock now, until the transaction ends.
+    async fn lock_key(
+        conn: &mut Self::Connection,
+        tables: &Tables,
+        key_hash: i64,
+    ) -> Result<(), Error>;
+
     /// Sets up the relay's own session once connected: whether its writes
     /// wait for the WAL flush.
     async fn relay_session(conn: &mut Self::Connection, synchronous: bool) -> Result<(), Error>;

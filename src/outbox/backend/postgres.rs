@@ -133,6 +133,21 @@ impl Backend for Postgres {
         Ok(id)
     }
 
+    async fn lock_key(
+        conn: &mut PgConnection,
+        tables: &Tables,
+        key_hash: i64,
+    ) -> Result<(), Error> {
+        // The lock enqueue takes (locks of one transaction stack).
+        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(tables.writer_class)
+            .bind(key_hash as i32)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| from_sqlx("outbox lock key", e))?;
+        Ok(())
+    }
+
     async fn relay_session(conn: &mut PgConnection, synchronous: bool) -> Result<(), Error> {
         if synchronous {
             return Ok(());

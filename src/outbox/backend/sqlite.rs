@@ -119,6 +119,21 @@ impl Backend for Sqlite {
             .map_err(|e| from_sqlx("outbox enqueue", e))
     }
 
+    async fn lock_key(
+        conn: &mut SqliteConnection,
+        tables: &Tables,
+        _key_hash: i64,
+    ) -> Result<(), Error> {
+        // A write that changes nothing still takes the database's write
+        // lock, which serialises every key at once.
+        let query = format!("UPDATE {} SET id = id WHERE 0", lease_table(tables));
+        sqlx::query(sql(query))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| from_sqlx("outbox lock key", e))?;
+        Ok(())
+    }
+
     async fn relay_session(_conn: &mut SqliteConnection, _synchronous: bool) -> Result<(), Error> {
         Ok(())
     }
