@@ -69,6 +69,7 @@
 //! | `http` | `transport::http`: JSON over reqwest as a tower service, axum extractors, webhook push |
 //! | `file-transfer` | [`transfer`]: streaming file upload and download over HTTP/2 in bounded memory |
 //! | `otel` | `observe::trace`: W3C trace context across transports and HTTP/gRPC calls through `tracing-opentelemetry` |
+//! | `outbox` | `outbox`: transactional outbox and inbox on sqlx (PostgreSQL, SQLite) — an event is sent if and only if its transaction committed, applied once |
 //! | `test-util` | `switchboard::testing`: the conformance suite any transport can run, and a fault-injecting TCP proxy |
 //!
 //! Without features the crate is the in-memory core: envelope, codec,
@@ -89,6 +90,9 @@ mod envelope;
 mod error;
 pub mod middleware;
 pub mod observe;
+#[cfg(feature = "outbox")]
+#[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
+pub mod outbox;
 mod outcome;
 pub mod reexports;
 #[cfg(feature = "test-util")]
@@ -145,6 +149,10 @@ pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
 pub use envelope::{EnvelopePayload, Event, EventEnvelope, Headers};
 pub use error::{BoxError, Effect, Error, ErrorKind};
 pub use outcome::Outcome;
+// The outbox's main types at the root, behind its feature; its config and
+// parked-row types stay in `switchboard::outbox`.
+#[cfg(feature = "outbox")]
+pub use outbox::{Inbox, Outbox, Relay};
 pub use topology::Topology;
 pub use upcast::Upcasters;
 // Every transport type at the root, behind its feature; its config and

@@ -96,6 +96,18 @@ pub const STREAM_GROUPS_DESTROYED_TOTAL: &str = "switchboard_stream_groups_destr
 /// its bound, labels `transport`, `topic`. Each one is a message lost.
 pub const DEAD_LETTERS_EVICTED_TOTAL: &str = "switchboard_dead_letters_evicted_total";
 
+/// Gauge of outbox rows waiting to be sent (parked rows not counted), label
+/// `outbox` (the table); sampled by each relay.
+pub const OUTBOX_PENDING: &str = "switchboard_outbox_pending";
+/// Gauge of the age in seconds of the oldest outbox row waiting: the
+/// relay's lag, label `outbox`; sampled by each relay.
+pub const OUTBOX_LAG: &str = "switchboard_outbox_lag_seconds";
+/// Counter of outbox rows the transport accepted, labels `outbox`, `topic`.
+pub const OUTBOX_SENT_TOTAL: &str = "switchboard_outbox_sent_total";
+/// Counter of outbox rows parked because the transport refused them for
+/// good, labels `outbox`, `topic`. Each one waits for an operator.
+pub const OUTBOX_PARKED_TOTAL: &str = "switchboard_outbox_parked_total";
+
 /// A label value: borrowed when static, shared otherwise.
 pub(crate) type Label = Cow<'static, str>;
 
@@ -242,6 +254,24 @@ pub(crate) fn dead_letter_evicted(transport: &'static str, topic: std::sync::Arc
         .increment(1);
 }
 
+#[cfg_attr(not(feature = "outbox"), allow(dead_code))]
+pub(crate) fn outbox_pending(outbox: Label, pending: u64, lag_seconds: f64) {
+    metrics::gauge!(OUTBOX_PENDING, "outbox" => outbox.clone()).set(pending as f64);
+    metrics::gauge!(OUTBOX_LAG, "outbox" => outbox).set(lag_seconds);
+}
+
+#[cfg_attr(not(feature = "outbox"), allow(dead_code))]
+pub(crate) fn outbox_sent(outbox: Label, topic: &str, count: u64) {
+    metrics::counter!(OUTBOX_SENT_TOTAL, "outbox" => outbox, "topic" => topic.to_owned())
+        .increment(count);
+}
+
+#[cfg_attr(not(feature = "outbox"), allow(dead_code))]
+pub(crate) fn outbox_parked(outbox: Label, topic: &str) {
+    metrics::counter!(OUTBOX_PARKED_TOTAL, "outbox" => outbox, "topic" => topic.to_owned())
+        .increment(1);
+}
+
 pub(crate) fn dedupe_evicted(store: &'static str) {
     metrics::counter!(DEDUPE_EVICTIONS_TOTAL, "store" => store).increment(1);
 }
@@ -344,6 +374,26 @@ pub fn describe() {
         CONSUMER_LAG,
         Unit::Count,
         "messages not yet delivered to a consumer group"
+    );
+    describe_gauge!(
+        OUTBOX_PENDING,
+        Unit::Count,
+        "outbox rows waiting to be sent (parked rows not counted)"
+    );
+    describe_gauge!(
+        OUTBOX_LAG,
+        Unit::Seconds,
+        "age of the oldest outbox row waiting to be sent"
+    );
+    describe_counter!(
+        OUTBOX_SENT_TOTAL,
+        Unit::Count,
+        "outbox rows the transport accepted"
+    );
+    describe_counter!(
+        OUTBOX_PARKED_TOTAL,
+        Unit::Count,
+        "outbox rows parked: the transport refused them for good"
     );
     describe_counter!(
         DEDUPE_EVICTIONS_TOTAL,

@@ -35,13 +35,17 @@
 //! | `switchboard_breaker_state` | gauge | `breaker` (0 closed, 1 half open, 2 open) | [`CircuitBreaker`](crate::middleware::circuit_breaker::CircuitBreaker) |
 //! | `switchboard_dead_letters_total` | counter | `transport`, `topic`, `group` | the consume loop |
 //! | `switchboard_dead_letter_depth` | gauge | `transport`, `topic` | [`DeadLetterAdmin`](crate::middleware::dead_letter::DeadLetterAdmin): `list` that saw the whole queue; `redrive_all` sets 0 |
-//! | `switchboard_dedupe_hits_total` | counter | `topic`, `group`, `state` (`done`/`in_progress`) | [`Dedupe`](crate::middleware::dedupe::Dedupe) |
+//! | `switchboard_dedupe_hits_total` | counter | `topic`, `group`, `state` (`done`/`in_progress`) | [`Dedupe`](crate::middleware::dedupe::Dedupe); the outbox's `Inbox` handler (`done`) |
 //! | `switchboard_latency_p99_seconds` | gauge | `path` | [`LatencyBudgets`] check |
 //! | `switchboard_budget_breaches_total` | counter | `path` | [`LatencyBudgets`] check |
 //! | `switchboard_dropped_total` | counter | `transport`, `topic`, `reason` (`inbox_full`) | Redis Pub/Sub's bounded inbox |
 //! | `switchboard_push_refused_total` | counter | `transport`, `topic` | gRPC / HTTP push receivers whose queue was full |
 //! | `switchboard_consumer_lag` | gauge | `transport`, `topic`, `group` | each subscription, on an interval (memory, Redis Streams, RabbitMQ) |
 //! | `switchboard_dedupe_evictions_total` | counter | `store` | [`MokaDedupeStore`](crate::middleware::dedupe::MokaDedupeStore) |
+//! | `switchboard_outbox_pending` | gauge | `outbox` (table) | the outbox relay, every `stats_interval`: rows waiting, parked ones not counted |
+//! | `switchboard_outbox_lag_seconds` | gauge | `outbox` | the outbox relay: age of the oldest row waiting |
+//! | `switchboard_outbox_sent_total` | counter | `outbox`, `topic` | the outbox relay: rows the transport accepted |
+//! | `switchboard_outbox_parked_total` | counter | `outbox`, `topic` | the outbox relay: rows refused for good and parked |
 //!
 //! Durations are recorded in seconds. `outcome` error kinds are
 //! `connection`, `timeout`, `unavailable`, `rejected`, `unauthorized`,
