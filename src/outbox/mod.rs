@@ -315,7 +315,7 @@ impl<DB: OutboxDatabase> Outbox<DB> {
             self.shared = Arc::new(Shared {
                 tables: old.tables.clone(),
                 source: old.source.clone(),
-                codec: old.codec,
+                codec: old.codec.clone(),
                 namespace: old.namespace.clone(),
                 notify: old.notify,
             });
