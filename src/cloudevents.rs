@@ -12,9 +12,17 @@
 //! | `timestamp` | `time` |
 //! | — | `datacontenttype` = `"application/json"` |
 //! | `payload` | `data` |
-//! | `version` | extension attribute `version` |
+//! | `version` | extension attribute `version`, and in `dataschema` = `urn:switchboard:event:{type}:{version}` |
 //! | a header whose name is a valid attribute name (`traceparent`) | that extension attribute |
 //! | other headers (`correlation-id`) | extension `sbheaders`: the headers as a JSON object in a string |
+//!
+//! **CloudEvents from other producers** carry no `version` extension. The
+//! version is then read from `dataschema` when its last segment (after the
+//! last `/` or `:`, a leading `v` and a trailing `.json` removed) is
+//! `MAJOR.MINOR` or `MAJOR` (`https://schemas.example.com/trade.executed/v2`
+//! is `2.0`), else it is the default given to
+//! [`from_structured_with`] / [`from_structured_value_with`]; with neither,
+//! the event is refused as [`CloudEventError::Missing`] `version`.
 //!
 //! CloudEvents identifies an event by `source` + `id`, and its `id` need not
 //! be a UUID. An incoming `id` that is not one becomes a name-based UUID (v5)
@@ -61,6 +69,10 @@ pub const ID_HEADER: &str = "ceid";
 /// The extension attribute carrying headers whose names are not valid
 /// CloudEvents attribute names.
 pub const HEADERS_EXTENSION: &str = "sbheaders";
+
+/// The `dataschema` written for an envelope: this prefix, the event type,
+/// `:`, the version.
+pub const DATASCHEMA_PREFIX: &str = "urn:switchboard:event:";
 
 /// The namespace of the name-based UUIDs given to CloudEvents whose `id` is
 /// not a UUID.
@@ -156,6 +168,15 @@ pub fn to_structured<T: Serialize>(envelope: &EventEnvelope<T>) -> Result<Value,
     );
     event.insert("datacontenttype".into(), "application/json".into());
     event.insert("version".into(), envelope.version().into());
+    event.insert(
+        "dataschema".into(),
+        format!(
+            "{DATASCHEMA_PREFIX}{}:{}",
+            envelope.event_type(),
+            envelope.version()
+        )
+        .into(),
+    );
     let mut others = Map::new();
     for (name, value) in headers {
         if is_extension_name(&name) && !event.contains_key(&name) {
@@ -176,16 +197,77 @@ pub fn to_structured<T: Serialize>(envelope: &EventEnvelope<T>) -> Result<Value,
 
 /// Reads a CloudEvents 1.0 structured-mode JSON document as an envelope of
 /// event type `E`, with the same checks as [`Codec::decode`].
+///
+/// The version is the `version` extension, else the one in `dataschema`
+/// (see the [module docs](self)); an event with neither is refused.
 pub fn from_structured<E: Event>(document: &Value) -> Result<EventEnvelope<E>, CloudEventError> {
-    let envelope = envelope_document(document)?;
+    from_structured_with::<E>(document, None)
+}
+
+/// [`from_structured`], taking `default_version` for an event that says
+/// its version neither in a `version` extension nor in `dataschema` — as
+/// CloudEvents from other producers do.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use serde_json::json;
+/// use switchboard::{cloudevents, Event};
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct PriceUpdated { symbol: String }
+/// impl Event for PriceUpdated {
+///     const TYPE: &'static str = "price.updated";
+///     const VERSION: &'static str = "1.0";
+/// }
+///
+/// // As another SDK writes it: no `version`, no `dataschema`.
+/// let foreign = json!({
+///     "specversion": "1.0", "id": "A234-1234-1234", "source": "/market",
+///     "type": "price.updated", "time": "2026-02-19T12:00:00Z",
+///     "datacontenttype": "application/json", "data": { "symbol": "AAPL" }
+/// });
+/// assert!(cloudevents::from_structured::<PriceUpdated>(&foreign).is_err());
+/// let read = cloudevents::from_structured_with::<PriceUpdated>(&foreign, Some("1.0"))?;
+/// assert_eq!(read.version(), "1.0");
+/// # Ok::<(), cloudevents::CloudEventError>(())
+/// ```
+pub fn from_structured_with<E: Event>(
+    document: &Value,
+    default_version: Option<&str>,
+) -> Result<EventEnvelope<E>, CloudEventError> {
+    let envelope = envelope_document(document, default_version)?;
     Ok(unlimited().decode::<E>(&envelope)?)
 }
 
 /// Reads a CloudEvents 1.0 structured-mode JSON document as an untyped
 /// envelope.
 pub fn from_structured_value(document: &Value) -> Result<EventEnvelope<Value>, CloudEventError> {
-    let envelope = envelope_document(document)?;
+    from_structured_value_with(document, None)
+}
+
+/// [`from_structured_value`] with a default version, as
+/// [`from_structured_with`].
+pub fn from_structured_value_with(
+    document: &Value,
+    default_version: Option<&str>,
+) -> Result<EventEnvelope<Value>, CloudEventError> {
+    let envelope = envelope_document(document, default_version)?;
     Ok(unlimited().decode_value(&envelope)?)
+}
+
+/// The version a `dataschema` URI names in its last segment: after the
+/// last `/` or `:`, without a leading `v` or a trailing `.json`, as
+/// `MAJOR.MINOR` or `MAJOR` (then `MAJOR.0`).
+fn version_in_dataschema(dataschema: &str) -> Option<String> {
+    let last = dataschema.rsplit(['/', ':']).next()?;
+    let last = last.strip_suffix(".json").unwrap_or(last);
+    let last = last.strip_prefix('v').unwrap_or(last);
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    match last.split_once('.') {
+        Some((major, minor)) if digits(major) && digits(minor) => Some(last.to_owned()),
+        None if digits(last) => Some(format!("{last}.0")),
+        _ => None,
+    }
 }
 
 /// The document was parsed already; its size is the caller's business.
@@ -194,7 +276,10 @@ fn unlimited() -> Codec {
 }
 
 /// Checks the CloudEvents attributes and rewrites the event as envelope JSON.
-fn envelope_document(document: &Value) -> Result<Vec<u8>, CloudEventError> {
+fn envelope_document(
+    document: &Value,
+    default_version: Option<&str>,
+) -> Result<Vec<u8>, CloudEventError> {
     let event = document.as_object().ok_or(CloudEventError::NotAnObject)?;
     let specversion = required(event, "specversion")?;
     if specversion != SPEC_VERSION {
@@ -211,7 +296,18 @@ fn envelope_document(document: &Value) -> Result<Vec<u8>, CloudEventError> {
             value: time.to_owned(),
         });
     }
-    let version = required(event, "version")?;
+    let version = match required(event, "version") {
+        Ok(version) => version.to_owned(),
+        Err(CloudEventError::Missing { .. }) => event
+            .get("dataschema")
+            .and_then(Value::as_str)
+            .and_then(version_in_dataschema)
+            .or_else(|| default_version.map(str::to_owned))
+            .ok_or(CloudEventError::Missing {
+                attribute: "version",
+            })?,
+        Err(other) => return Err(other),
+    };
     if let Some(content_type) = event.get("datacontenttype") {
         let content_type = content_type.as_str().unwrap_or_default();
         if !is_json_content_type(content_type) {
@@ -338,6 +434,24 @@ mod tests {
             assert!(!is_extension_name(bad), "{bad:?}");
         }
         assert!(!is_extension_name("abcdefghijklmnopqrstu"), "21 characters");
+    }
+
+    #[test]
+    fn a_version_is_read_from_the_last_segment_of_a_dataschema() {
+        for (schema, version) in [
+            ("urn:switchboard:event:trade.executed:1.3", Some("1.3")),
+            ("https://schemas.example.com/trade.executed/v2", Some("2.0")),
+            ("https://schemas.example.com/trade/2.1.json", Some("2.1")),
+            ("https://schemas.example.com/trade.json", None),
+            ("urn:x:latest", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                version_in_dataschema(schema).as_deref(),
+                version,
+                "{schema}"
+            );
+        }
     }
 
     #[test]

@@ -47,12 +47,16 @@ fn the_spec_event_has_every_required_attribute_and_the_mapped_optional_ones() {
         event["version"], "1.0",
         "the envelope version as an extension"
     );
+    assert_eq!(
+        event["dataschema"], "urn:switchboard:event:trade.executed:1.0",
+        "type and version as a URI for tools that do not read extensions"
+    );
     let spec: Value = serde_json::from_str(SPEC_DOCUMENT).unwrap();
     assert_eq!(event["data"], spec["payload"]);
     let attributes: Vec<&String> = event.as_object().unwrap().keys().collect();
     assert_eq!(
         attributes.len(),
-        8,
+        9,
         "nothing beyond the mapped attributes: {attributes:?}"
     );
 }
@@ -151,12 +155,76 @@ fn with_value(event: &Value, attribute: &str, value: Value) -> Value {
 
 #[test]
 fn each_missing_required_attribute_is_named() {
-    for attribute in ["specversion", "id", "source", "type", "time", "version"] {
+    for attribute in ["specversion", "id", "source", "type", "time"] {
         assert_eq!(
             cloudevents::from_structured::<TradeExecuted>(&without(attribute)).unwrap_err(),
             CloudEventError::Missing { attribute },
         );
     }
+    // The version may come from `dataschema`; with neither it is missing.
+    let mut neither = without("version");
+    neither.as_object_mut().unwrap().remove("dataschema");
+    assert_eq!(
+        cloudevents::from_structured::<TradeExecuted>(&neither).unwrap_err(),
+        CloudEventError::Missing {
+            attribute: "version"
+        },
+    );
+}
+
+/// The CloudEvents JSON format spec's own example as other SDKs write it:
+/// no `version` extension, no `dataschema`.
+fn foreign_event() -> Value {
+    json!({
+        "specversion": "1.0",
+        "type": "trade.executed",
+        "source": "/mycontext",
+        "id": "A234-1234-1234",
+        "time": "2018-04-05T17:31:00Z",
+        "comexampleextension1": "value",
+        "datacontenttype": "application/json",
+        "data": {
+            "order_id": "123", "user_id": "456", "symbol": "AAPL",
+            "quantity": 100, "price": 150.0
+        }
+    })
+}
+
+#[test]
+fn a_cloudevent_from_another_producer_is_read_with_a_configured_default_version() {
+    let foreign = foreign_event();
+    assert_eq!(
+        cloudevents::from_structured::<TradeExecuted>(&foreign).unwrap_err(),
+        CloudEventError::Missing {
+            attribute: "version"
+        },
+        "no version anywhere and no default"
+    );
+    let read = cloudevents::from_structured_with::<TradeExecuted>(&foreign, Some("1.0")).unwrap();
+    assert_eq!(read.version(), "1.0");
+    assert_eq!(read.payload().symbol, "AAPL");
+    assert_eq!(read.headers()["ceid"], "A234-1234-1234");
+    let untyped = cloudevents::from_structured_value_with(&foreign, Some("1.0")).unwrap();
+    assert_eq!(untyped.event_type(), "trade.executed");
+}
+
+#[test]
+fn a_dataschema_names_the_version_and_wins_over_the_default() {
+    let mut foreign = foreign_event();
+    foreign["dataschema"] = json!("https://schemas.example.com/trade.executed/v1.2.json");
+    let read = cloudevents::from_structured_with::<TradeExecuted>(&foreign, Some("1.0")).unwrap();
+    assert_eq!(read.version(), "1.2");
+    // A schema of another major is refused as any other major version is.
+    foreign["dataschema"] = json!("https://schemas.example.com/trade.executed/v2");
+    let error =
+        cloudevents::from_structured_with::<TradeExecuted>(&foreign, Some("1.0")).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            CloudEventError::Envelope(switchboard::DecodeError::UnsupportedVersion { .. })
+        ),
+        "{error}"
+    );
 }
 
 #[test]
