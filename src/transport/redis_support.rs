@@ -24,7 +24,10 @@ pub(crate) fn redis_error(operation: &str, error: RedisError) -> Error {
     } else if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
     {
         ErrorKind::Connection
-    } else if error.kind() == redis::ErrorKind::AuthenticationFailed {
+    } else if error.kind() == redis::ErrorKind::AuthenticationFailed
+        // An ACL user's wrong password is a server reply, not redis-rs' own kind.
+        || matches!(error.code(), Some("WRONGPASS" | "NOAUTH"))
+    {
         ErrorKind::Unauthorized
     } else {
         // redis-rs knows which server replies are worth another try
@@ -41,6 +44,9 @@ pub(crate) fn redis_error(operation: &str, error: RedisError) -> Error {
 /// that names it.
 pub(crate) fn open_client(url: &str) -> Result<redis::Client, Error> {
     redis::Client::open(url).map_err(|error| {
+        // redis-rs' own message never quotes the URL; the URL is quoted
+        // here without its password.
+        let url = crate::transport::redact::redact_url(url);
         Error::new(ErrorKind::Config, format!("redis url {url:?}: {error}")).with_source(error)
     })
 }

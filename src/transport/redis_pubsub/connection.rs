@@ -136,6 +136,7 @@ impl RedisPubSubTransport {
         }
         validate_connect_timeout(super::NAME, options.connection_timeout)?;
         let info = url.into_connection_info().map_err(|error| {
+            let url = crate::transport::redact::redact_url(url);
             Error::new(ErrorKind::Config, format!("redis url {url:?}: {error}")).with_source(error)
         })?;
         // RESP3: subscribed connections receive pushes and still answer
