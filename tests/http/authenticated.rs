@@ -16,7 +16,6 @@ use switchboard::transport::push::{PushConfig, PushEndpoint, PushRoutes};
 use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
 
 const KEY: &[u8] = b"a shared webhook key, 32 bytes.";
-const PATIENCE: Duration = Duration::from_secs(20);
 
 fn config(url: &str) -> PushConfig {
     PushConfig::new(PushRoutes::new().default_route(PushEndpoint::new(url))).with_retry(
@@ -186,6 +185,7 @@ mod layered {
 
     use super::*;
 
+    const PATIENCE: Duration = Duration::from_secs(20);
     const ED_PUBLIC: &[u8] = include_bytes!("../fixtures/auth/ed25519_public.pem");
 
     fn layer() -> AuthLayer {
