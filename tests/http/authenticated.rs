@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -184,6 +184,8 @@ mod layered {
     use switchboard::{ErrorKind, Transport};
 
     use super::*;
+
+    use std::time::Duration;
 
     const PATIENCE: Duration = Duration::from_secs(20);
     const ED_PUBLIC: &[u8] = include_bytes!("../fixtures/auth/ed25519_public.pem");
