@@ -154,6 +154,17 @@ async fn push_attempts(into: &mut Vec<String>) {
     }
 }
 
+fn webhook_key(into: &mut Vec<String>) {
+    let signing =
+        switchboard::transport::http::WebhookSigning::new(format!("{SECRET}-{SECRET}")).unwrap();
+    debug_of("webhook signing", &signing, into);
+    let transport = HttpTransport::new(PushConfig::default())
+        .unwrap()
+        .with_signing(signing)
+        .unwrap();
+    debug_of("signed transport", &transport, into);
+}
+
 fn token_attempts(into: &mut Vec<String>) {
     let verifier = TokenVerifier::ed25519_pem(ED_PUBLIC, "auth-service").unwrap();
     debug_of("verifier", &verifier, into);
@@ -186,6 +197,7 @@ fn no_password_or_token_in_any_log_error_or_debug() {
             amqp_attempts(&mut texts).await;
             push_attempts(&mut texts).await;
             token_attempts(&mut texts);
+            webhook_key(&mut texts);
             let leaks: Vec<&String> = texts.iter().filter(|t| t.contains(SECRET)).collect();
             assert!(leaks.is_empty(), "the password in: {leaks:#?}");
             // The attempts failed for the reasons given, so the search
