@@ -1031,3 +1031,28 @@ fn a_decode_error_quotes_at_most_quote_limit_characters_of_the_input() {
     let text = typed_error(&with_field("version", json!("v1"))).to_string();
     assert!(text.contains("\"v1\""), "{text}");
 }
+
+// ------------------------------------------- the fuzz corpus, replayed
+
+/// Every input `scripts/fuzz` saved (and the seeds) decodes or is refused
+/// without a panic, and a refusal quotes little of it: what the fuzz target
+/// checks, kept checked on every test run.
+#[test]
+fn every_saved_fuzz_input_is_decoded_or_refused_without_a_panic() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode");
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(&corpus).expect("the saved corpus") {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let codec = Codec::default();
+        if let Err(error) = codec.decode::<TradeExecuted>(&bytes) {
+            assert_is_permanent_decode_error(&error);
+            assert!(
+                error.to_string().chars().count() <= 4 * switchboard::QUOTE_LIMIT + 200,
+                "{error}"
+            );
+        }
+        let _ = codec.decode_value(&bytes);
+        replayed += 1;
+    }
+    assert!(replayed >= 17, "the seeds are there: {replayed}");
+}
