@@ -92,6 +92,11 @@ async fn redis_attempts(into: &mut Vec<String>) {
         into,
     );
     debug_of("streams config", &quick(), into);
+    debug_of(
+        "pubsub options",
+        &RedisPubSubOptions::default().with_tls_ca_pem("-----BEGIN CERTIFICATE-----"),
+        into,
+    );
 }
 
 async fn amqp_attempts(into: &mut Vec<String>) {
