@@ -153,6 +153,15 @@ impl FileStore for Hashing {
     }
 }
 
+/// The routes for any size given on the command line, replacing
+/// `big.bin` of an earlier run (the hashing store keeps no file, so every
+/// name "exists" to it).
+fn routes(store: Arc<dyn FileStore>) -> TransferService {
+    TransferService::new(store)
+        .with_max_upload(u64::MAX)
+        .with_overwrite(true)
+}
+
 fn report(what: &str, bytes: u64, started: Instant) {
     let seconds = started.elapsed().as_secs_f64();
     println!(
@@ -183,7 +192,9 @@ async fn start_tls(
     let config = server_config(vec![certified.cert.der().clone()], key)?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone())?;
-    let server = tokio::spawn(TransferServer::new(store).serve_tls(listener, config, stopped));
+    let server = tokio::spawn(
+        TransferServer::with_service(routes(store)).serve_tls(listener, config, stopped),
+    );
     // The certificate names `localhost`; the URL dials the address itself.
     let client = TransferClient::builder(format!("https://{address}"))
         .tls_config(client_config(roots)?)
@@ -232,7 +243,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         // The routes are a tower service: layers (auth, trace context,
         // metrics) would go around `TransferService` here.
-        let service = TransferService::new(store);
+        let service = routes(store);
         let server = tokio::spawn(TransferServer::with_service(service).serve(listener, stopped));
         let client = TransferClient::builder(format!("http://{address}"))
             .connect_timeout(Duration::from_secs(5))

@@ -26,6 +26,36 @@ use crate::upcast::Upcasters;
 /// The default size limit for one encoded envelope: 1 MiB.
 pub const DEFAULT_MAX_SIZE: usize = 1024 * 1024;
 
+/// The most characters of untrusted text a [`DecodeError`] quotes: a field's
+/// value, or the parser's message (which itself quotes the payload, as in
+/// `invalid type: string "…"`). Longer text is cut there and ends in `…`, so
+/// an error, a log line or a dead letter's reason never carries a whole
+/// payload (which may hold secrets) and stays small.
+///
+/// ```
+/// use switchboard::{Codec, DecodeError, QUOTE_LIMIT};
+/// # #[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// # struct Tick { n: u32 }
+/// # impl switchboard::Event for Tick { const TYPE: &'static str = "tick"; const VERSION: &'static str = "1.0"; }
+/// let long = "x".repeat(10_000);
+/// let bytes = format!(
+///     r#"{{"event_id":"{}","event_type":"tick","version":"1.0","timestamp":"2026-01-01T00:00:00Z","source":"s","payload":{{"n":"{long}"}}}}"#,
+///     uuid::Uuid::new_v4()
+/// );
+/// let error = Codec::default().decode::<Tick>(bytes.as_bytes()).unwrap_err();
+/// assert!(matches!(error, DecodeError::BadPayload { .. }), "{error}");
+/// assert!(error.to_string().len() < QUOTE_LIMIT + 100, "{error}");
+/// ```
+pub const QUOTE_LIMIT: usize = 120;
+
+/// `text` cut to [`QUOTE_LIMIT`] characters.
+pub(crate) fn quoted(text: &str) -> String {
+    match text.char_indices().nth(QUOTE_LIMIT) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}…", &text[..end]),
+    }
+}
+
 /// Why bytes are not an acceptable envelope.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -328,17 +358,17 @@ pub(crate) fn check_type_and_version<E: Event>(
     if event_type != E::TYPE {
         return Err(DecodeError::TypeMismatch {
             expected: E::TYPE,
-            found: event_type.to_owned(),
+            found: quoted(event_type),
         });
     }
     if major_version(version).is_none() {
         return Err(DecodeError::BadVersion {
-            value: version.to_owned(),
+            value: quoted(version),
         });
     }
     if !is_supported::<E>(version) {
         return Err(DecodeError::UnsupportedVersion {
-            found: version.to_owned(),
+            found: quoted(version),
             supported: E::VERSION,
         });
     }
@@ -352,7 +382,7 @@ fn check_typed<E: Event>(fields: &Fields<'_>) -> Result<(), DecodeError> {
     serde_path_to_error::deserialize::<_, E>(fields.payload).map_err(|error| {
         DecodeError::BadPayload {
             event_type: E::TYPE,
-            reason: error.to_string(),
+            reason: quoted(&error.to_string()),
         }
     })?;
     Ok(())
@@ -376,7 +406,7 @@ fn diagnose(bytes: &[u8], fast_error: serde_json::Error, typed: Option<TypedChec
         Ok(document) => document,
         Err(error) => {
             return DecodeError::NotJson {
-                reason: error.to_string(),
+                reason: quoted(&error.to_string()),
             };
         }
     };
@@ -397,21 +427,21 @@ fn diagnose(bytes: &[u8], fast_error: serde_json::Error, typed: Option<TypedChec
         let event_id = text("event_id")?;
         if Uuid::try_parse(event_id).is_err() {
             return Err(DecodeError::BadEventId {
-                value: event_id.to_owned(),
+                value: quoted(event_id),
             });
         }
         let event_type = text("event_type")?;
         let timestamp = text("timestamp")?;
         if DateTime::parse_from_rfc3339(timestamp).is_err() {
             return Err(DecodeError::BadTimestamp {
-                value: timestamp.to_owned(),
+                value: quoted(timestamp),
             });
         }
         text("source")?;
         let version = text("version")?;
         if major_version(version).is_none() {
             return Err(DecodeError::BadVersion {
-                value: version.to_owned(),
+                value: quoted(version),
             });
         }
         match object.get("headers") {
@@ -436,7 +466,7 @@ fn diagnose(bytes: &[u8], fast_error: serde_json::Error, typed: Option<TypedChec
     match fields.and_then(|fields| typed.map_or(Ok(()), |check| check(&fields))) {
         Err(specific) => specific,
         Ok(()) => DecodeError::Malformed {
-            reason: fast_error.to_string(),
+            reason: quoted(&fast_error.to_string()),
         },
     }
 }

@@ -4,6 +4,29 @@
 use std::fmt;
 use std::sync::Arc;
 
+/// The most characters of a dead letter's reason and last error; longer
+/// text is cut there and ends in `…`. Both travel as headers of the
+/// dead-lettered message (and into logs), where a handler's error text
+/// quoting a whole payload would leak it and grow every header.
+///
+/// ```
+/// use switchboard::{DeadLetter, DEAD_LETTER_TEXT_LIMIT};
+///
+/// let letter = DeadLetter::new("x".repeat(10_000)).with_last_error("y".repeat(10_000));
+/// assert_eq!(letter.reason().chars().count(), DEAD_LETTER_TEXT_LIMIT + 1);
+/// assert!(letter.reason().ends_with('…'));
+/// assert_eq!(letter.last_error().unwrap().chars().count(), DEAD_LETTER_TEXT_LIMIT + 1);
+/// ```
+pub const DEAD_LETTER_TEXT_LIMIT: usize = 512;
+
+/// `text` cut to [`DEAD_LETTER_TEXT_LIMIT`] characters.
+fn bounded(text: String) -> String {
+    match text.char_indices().nth(DEAD_LETTER_TEXT_LIMIT) {
+        None => text,
+        Some((end, _)) => format!("{}…", &text[..end]),
+    }
+}
+
 /// Why and after how many attempts a message goes to the dead-letter queue.
 ///
 /// ```
@@ -65,7 +88,7 @@ impl DeadLetter {
     /// A dead letter with a reason; attempts default to the delivery's.
     pub fn new(reason: impl Into<String>) -> Self {
         Self {
-            reason: reason.into(),
+            reason: bounded(reason.into()),
             attempts: None,
             last_error: None,
             alert: PendingAlert::default(),
@@ -96,7 +119,7 @@ impl DeadLetter {
 
     /// Records the last error the handler returned.
     pub fn with_last_error(mut self, error: impl Into<String>) -> Self {
-        self.last_error = Some(error.into());
+        self.last_error = Some(bounded(error.into()));
         self
     }
 

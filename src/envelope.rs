@@ -151,7 +151,7 @@ impl EventEnvelope<serde_json::Value> {
         let payload = serde_path_to_error::deserialize::<_, E>(self.payload).map_err(|error| {
             crate::DecodeError::BadPayload {
                 event_type: E::TYPE,
-                reason: error.to_string(),
+                reason: crate::codec::quoted(&error.to_string()),
             }
         })?;
         Ok(EventEnvelope::from_parts(
@@ -309,7 +309,7 @@ impl EnvelopePayload for serde_json::Value {
     ) -> Result<(Cow<'static, str>, Cow<'static, str>), crate::DecodeError> {
         if major_version(version).is_none() {
             return Err(crate::DecodeError::BadVersion {
-                value: version.to_owned(),
+                value: crate::codec::quoted(version),
             });
         }
         Ok((

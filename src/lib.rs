@@ -145,7 +145,8 @@ pub use bus::{
     BoxedHandlerFn, ConsumerHandle, ConsumerHealth, DeadLetterOf, DeadLetters, EventBus, HandlerFn,
     Message, handler_fn, handler_fn_boxed,
 };
-pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError};
+pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError, QUOTE_LIMIT};
+pub use dead_letter::DEAD_LETTER_TEXT_LIMIT;
 pub use envelope::{EnvelopePayload, Event, EventEnvelope, Headers};
 pub use error::{BoxError, Effect, Error, ErrorKind};
 pub use outcome::Outcome;

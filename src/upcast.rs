@@ -177,7 +177,8 @@ impl Upcasters {
                     event_type: event_type.clone(),
                     from_major: major,
                     to_version: step.to_version.clone(),
-                    reason,
+                    // It may quote the payload: cut like every decode error.
+                    reason: crate::codec::quoted(&reason),
                 })?;
         }
         Ok(Some(envelope))

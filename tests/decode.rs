@@ -995,3 +995,64 @@ proptest! {
         check_decoders(&bytes)?;
     }
 }
+
+// ------------------------------------------- quoted values are cut short
+
+/// A value of thousands of characters (a leaked secret, a hostile sender)
+/// is quoted up to `QUOTE_LIMIT` characters: its tail is in no message.
+#[test]
+fn a_decode_error_quotes_at_most_quote_limit_characters_of_the_input() {
+    use switchboard::QUOTE_LIMIT;
+    let long = format!("{}TAIL-SECRET", "x".repeat(5_000));
+    let bad_inputs = [
+        with_payload_field("quantity", json!(long)),
+        with_payload_field("symbol", json!({ long.clone(): 1 })),
+        with_field("event_id", json!(long)),
+        with_field("timestamp", json!(long)),
+        with_field("version", json!(long)),
+        with_field("event_type", json!(long)),
+        format!("{{\"event_id\": \"{long}").into_bytes(),
+    ];
+    for (n, bytes) in bad_inputs.iter().enumerate() {
+        // Payload and event type errors only a typed decode sees.
+        let mut errors = vec![typed_error(bytes)];
+        if ![0, 1, 5].contains(&n) {
+            errors.push(untyped_error(bytes));
+        }
+        for error in errors {
+            let text = error.to_string();
+            assert!(!text.contains("TAIL-SECRET"), "{text}");
+            assert!(!format!("{error:?}").contains("TAIL-SECRET"));
+            // The limit, the ellipsis and the message's own words.
+            assert!(text.chars().count() <= QUOTE_LIMIT + 120, "{text}");
+        }
+    }
+    // Short values are quoted whole, so the message still helps.
+    let text = typed_error(&with_field("version", json!("v1"))).to_string();
+    assert!(text.contains("\"v1\""), "{text}");
+}
+
+// ------------------------------------------- the fuzz corpus, replayed
+
+/// Every input `scripts/fuzz` saved (and the seeds) decodes or is refused
+/// without a panic, and a refusal quotes little of it: what the fuzz target
+/// checks, kept checked on every test run.
+#[test]
+fn every_saved_fuzz_input_is_decoded_or_refused_without_a_panic() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode");
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(&corpus).expect("the saved corpus") {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let codec = Codec::default();
+        if let Err(error) = codec.decode::<TradeExecuted>(&bytes) {
+            assert_is_permanent_decode_error(&error);
+            assert!(
+                error.to_string().chars().count() <= 4 * switchboard::QUOTE_LIMIT + 200,
+                "{error}"
+            );
+        }
+        let _ = codec.decode_value(&bytes);
+        replayed += 1;
+    }
+    assert!(replayed >= 17, "the seeds are there: {replayed}");
+}

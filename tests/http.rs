@@ -571,3 +571,6 @@ async fn a_silent_receiver_fails_within_the_connect_timeout() {
     })
     .await;
 }
+
+#[path = "http/authenticated.rs"]
+mod authenticated;

@@ -30,6 +30,11 @@ struct Pki {
 
 impl Pki {
     fn generate() -> Self {
+        Self::generate_for(&["localhost"])
+    }
+
+    /// A CA and a server certificate for `names` (DNS names or IPs).
+    fn generate_for(names: &[&str]) -> Self {
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         // A name of its own, so a stranger's CA is an unknown issuer.
@@ -45,7 +50,8 @@ impl Pki {
         let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key"))
             .expect("a self-signed CA");
         let key = KeyPair::generate().expect("server key");
-        let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let cert = CertificateParams::new(names)
             .expect("server params")
             .signed_by(&key, &ca)
             .expect("a server certificate signed by the CA");
@@ -322,3 +328,11 @@ async fn a_webhook_publisher_that_does_not_trust_the_ca_is_refused_and_told_not_
     assert!(!error.is_retryable());
     server.abort();
 }
+
+#[cfg(all(
+    feature = "redis-tls",
+    feature = "redis-streams",
+    feature = "redis-pubsub"
+))]
+#[path = "tls/redis.rs"]
+mod redis;

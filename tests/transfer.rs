@@ -633,3 +633,6 @@ mod reconnect;
 #[cfg(feature = "auth")]
 #[path = "transfer/layers.rs"]
 mod layers;
+
+#[path = "transfer/limits.rs"]
+mod limits;

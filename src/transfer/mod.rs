@@ -14,6 +14,11 @@
 //!   callers with a valid token transfer), the trace-context layer
 //!   (`observe::trace::ExtractTraceContextLayer`, feature `otel`), metrics,
 //!   limits.
+//!   What it refuses, by default: an upload over [`DEFAULT_MAX_UPLOAD`]
+//!   (`413`, [`TransferService::with_max_upload`]), an upload over an
+//!   existing name (`409`, [`TransferService::with_overwrite`]) and a name
+//!   [`validate_file_name`] refuses (`400`). Its error answers never carry
+//!   the store's message, which may name the server's paths.
 //! * [`TransferServer`] accepts connections and serves that service, bare
 //!   ([`TransferServer::new`]) or wrapped in layers
 //!   ([`TransferServer::with_service`]; an example with `AuthLayer` is
@@ -104,7 +109,7 @@ pub use body::{ByteStream, CHUNK_SIZE, TransferBody, file_chunks};
 pub use builder::{BoxedExchange, DEFAULT_CONNECT_TIMEOUT, TransferClientBuilder};
 pub use client::{Download, TransferClient};
 pub use server::TransferServer;
-pub use service::{ResponseFuture, TransferService};
+pub use service::{DEFAULT_MAX_UPLOAD, ResponseFuture, TransferService};
 pub use store::{DirStore, FileStore};
 
 use crate::{Error, ErrorKind};

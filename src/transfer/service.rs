@@ -7,6 +7,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -15,9 +16,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower::Service;
 
-use super::body::{self, TransferBody};
+use super::body::{self, ByteStream, TransferBody};
 use super::{FILES, FileStore, validate_file_name};
-use crate::{BoxError, ErrorKind};
+use crate::{BoxError, Error, ErrorKind};
 
 /// Answers `PUT /files/{name}` and `GET /files/{name}` from a
 /// [`FileStore`]: a tower [`Service`] over `http::Request`s, which
@@ -28,10 +29,14 @@ use crate::{BoxError, ErrorKind};
 /// | `PUT /files/{name}` with the content as body | `200` and `{"bytes": n}` once the store has it all |
 /// | `GET /files/{name}` | `200` with the content streamed, `content-length` when known |
 /// | unknown name | `404` |
-/// | bad name | `400` |
+/// | bad name (see [`validate_file_name`]) | `400` |
+/// | upload over [`with_max_upload`](Self::with_max_upload) | `413`, nothing stored |
+/// | upload of a name that exists, unless [`with_overwrite`](Self::with_overwrite) | `409`, the file unchanged |
 /// | store failure | `500` |
 ///
-/// Errors come back as `{"error": "..."}`. The request body is any
+/// Errors come back as `{"error": "..."}`, in words of the service's own:
+/// the store's message (which may name a path on the server) goes to the
+/// server's log at DEBUG, never to the caller. The request body is any
 /// [`Body`] of [`Bytes`] (hyper's `Incoming` when served by
 /// [`TransferServer`](super::TransferServer)); it is read as the store pulls
 /// it, so HTTP/2 flow control still paces the sender through any layer that
@@ -62,12 +67,57 @@ use crate::{BoxError, ErrorKind};
 #[derive(Clone)]
 pub struct TransferService {
     store: Arc<dyn FileStore>,
+    max_upload: u64,
+    overwrite: bool,
 }
 
+/// The largest upload a [`TransferService`] takes unless told otherwise:
+/// 1 GiB.
+pub const DEFAULT_MAX_UPLOAD: u64 = 1 << 30;
+
 impl TransferService {
-    /// The routes over `store`.
+    /// The routes over `store`: uploads of at most [`DEFAULT_MAX_UPLOAD`]
+    /// bytes, an existing file never replaced.
     pub fn new(store: Arc<dyn FileStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            max_upload: DEFAULT_MAX_UPLOAD,
+            overwrite: false,
+        }
+    }
+
+    /// Sets the largest upload in bytes. A larger one is answered `413`,
+    /// before its body is read when its `content-length` says so, and
+    /// otherwise as soon as the bytes received pass the limit; the store's
+    /// partial file is removed, so nothing is left of it.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use http_body_util::Full;
+    /// use switchboard::transfer::{DirStore, TransferService};
+    /// use tower::ServiceExt;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = std::env::temp_dir().join(format!("transfer-limit-doc-{}", uuid::Uuid::new_v4()));
+    /// let store = Arc::new(DirStore::new(&dir).await?);
+    /// let service = TransferService::new(store).with_max_upload(4);
+    /// let upload = http::Request::put("/files/big.bin").body(Full::new(bytes::Bytes::from("12345")))?;
+    /// assert_eq!(service.oneshot(upload).await?.status(), 413);
+    /// assert!(!dir.join("big.bin").exists());
+    /// tokio::fs::remove_dir_all(&dir).await?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn with_max_upload(mut self, bytes: u64) -> Self {
+        self.max_upload = bytes;
+        self
+    }
+
+    /// Lets an upload replace a file of the same name (default `false`: it
+    /// is answered `409` and the file stays as it was).
+    pub fn with_overwrite(mut self, overwrite: bool) -> Self {
+        self.overwrite = overwrite;
+        self
     }
 
     /// The store the routes read and write.
@@ -78,7 +128,10 @@ impl TransferService {
 
 impl fmt::Debug for TransferService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TransferService").finish_non_exhaustive()
+        f.debug_struct("TransferService")
+            .field("max_upload", &self.max_upload)
+            .field("overwrite", &self.overwrite)
+            .finish_non_exhaustive()
     }
 }
 
@@ -98,10 +151,8 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> ResponseFuture {
-        let store = self.store.clone();
-        ResponseFuture(Box::pin(async move {
-            Ok(handle(store.as_ref(), request).await)
-        }))
+        let service = self.clone();
+        ResponseFuture(Box::pin(async move { Ok(handle(&service, request).await) }))
     }
 }
 
@@ -125,7 +176,7 @@ impl fmt::Debug for ResponseFuture {
     }
 }
 
-async fn handle<B>(store: &dyn FileStore, request: Request<B>) -> Response<TransferBody>
+async fn handle<B>(service: &TransferService, request: Request<B>) -> Response<TransferBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -136,19 +187,34 @@ where
     if let Err(error) = validate_file_name(&name) {
         return error_response(StatusCode::BAD_REQUEST, error.message());
     }
+    let store = service.store.as_ref();
     let outcome = match *request.method() {
         Method::PUT => {
-            let chunks = body::received(request.into_body());
-            store.put(&name, chunks).await.map(|bytes| {
-                let mut response = Response::new(body::full(
+            let limit = service.max_upload;
+            if declared_length(&request).is_some_and(|length| length > limit) {
+                return too_large(limit);
+            }
+            let (chunks, over) = limited(body::received(request.into_body()), limit);
+            let stored = if service.overwrite {
+                store.put(&name, chunks).await.map(Some)
+            } else {
+                store.put_new(&name, chunks).await
+            };
+            if over.load(Ordering::Relaxed) {
+                return too_large(limit);
+            }
+            match stored {
+                Ok(None) => {
+                    return error_response(
+                        StatusCode::CONFLICT,
+                        &format!("a file named {name:?} exists; it is not replaced"),
+                    );
+                }
+                Ok(Some(bytes)) => Ok(json_response(
                     serde_json::json!({ "bytes": bytes }).to_string(),
-                ));
-                response.headers_mut().insert(
-                    CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/json"),
-                );
-                response
-            })
+                )),
+                Err(error) => Err(error),
+            }
         }
         Method::GET => store.get(&name).await.map(|(chunks, len)| {
             let mut response = Response::new(body::streaming(chunks));
@@ -160,26 +226,75 @@ where
         _ => return error_response(StatusCode::METHOD_NOT_ALLOWED, "use PUT or GET"),
     };
     outcome.unwrap_or_else(|error| {
-        let status = match error.kind() {
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::Rejected => StatusCode::BAD_REQUEST,
-            // The client went away mid-upload; it will not read this.
-            ErrorKind::Connection => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        // The store's own message stays in the server's log: it may name
+        // paths, hosts or buckets the caller has no business knowing.
         tracing::debug!(%error, %name, "transfer failed");
-        error_response(status, error.message())
+        let (status, public) = match error.kind() {
+            ErrorKind::NotFound => (StatusCode::NOT_FOUND, format!("no file named {name:?}")),
+            ErrorKind::Rejected => (StatusCode::BAD_REQUEST, "the store refused the file".into()),
+            // The client went away mid-upload; it will not read this.
+            ErrorKind::Connection => (StatusCode::BAD_REQUEST, "the transfer broke off".into()),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the store failed; see the server's log".into(),
+            ),
+        };
+        error_response(status, &public)
     })
 }
 
-fn error_response(status: StatusCode, message: &str) -> Response<TransferBody> {
-    let mut response = Response::new(body::full(
-        serde_json::json!({ "error": message }).to_string(),
-    ));
-    *response.status_mut() = status;
+/// The request's `content-length`, when it has a readable one.
+fn declared_length<B>(request: &Request<B>) -> Option<u64> {
+    request
+        .headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// `chunks` failing once more than `limit` bytes have passed, and the flag
+/// that says it did (the store sees only an error, and answers with it).
+fn limited(mut chunks: ByteStream, limit: u64) -> (ByteStream, Arc<AtomicBool>) {
+    let over = Arc::new(AtomicBool::new(false));
+    let flag = over.clone();
+    let mut seen = 0_u64;
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        let next = futures_util::ready!(chunks.as_mut().poll_next(cx));
+        if let Some(Ok(chunk)) = &next {
+            seen += chunk.len() as u64;
+            if seen > limit {
+                flag.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(Error::new(
+                    ErrorKind::Rejected,
+                    format!("the upload is over the {limit}-byte limit"),
+                ))));
+            }
+        }
+        Poll::Ready(next)
+    });
+    (Box::pin(stream), over)
+}
+
+fn too_large(limit: u64) -> Response<TransferBody> {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("the upload is over the {limit}-byte limit"),
+    )
+}
+
+fn json_response(text: String) -> Response<TransferBody> {
+    let mut response = Response::new(body::full(text));
     response.headers_mut().insert(
         CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    response
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response<TransferBody> {
+    let mut response = json_response(serde_json::json!({ "error": message }).to_string());
+    *response.status_mut() = status;
     response
 }

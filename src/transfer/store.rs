@@ -25,6 +25,23 @@ pub trait FileStore: Send + Sync + 'static {
     /// not after the loop.
     async fn put(&self, name: &str, chunks: ByteStream) -> Result<u64, Error>;
 
+    /// Like [`put`](Self::put), but only when no file `name` exists:
+    /// `Ok(None)` when one does, which is left as it was.
+    ///
+    /// The default asks [`get`](Self::get) first and then puts, so two
+    /// uploads of one new name at once may both succeed, the last one
+    /// winning; a store that can create a name atomically (as [`DirStore`]
+    /// does) overrides it.
+    async fn put_new(&self, name: &str, chunks: ByteStream) -> Result<Option<u64>, Error> {
+        match self.get(name).await {
+            Ok(_) => Ok(None),
+            Err(error) if error.kind() == ErrorKind::NotFound => {
+                self.put(name, chunks).await.map(Some)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
     /// The content of `name` and its length when known, or an error of kind
     /// [`ErrorKind::NotFound`].
     async fn get(&self, name: &str) -> Result<(ByteStream, Option<u64>), Error>;
@@ -67,8 +84,48 @@ impl DirStore {
 
 #[async_trait]
 impl FileStore for DirStore {
-    async fn put(&self, name: &str, mut chunks: ByteStream) -> Result<u64, Error> {
+    async fn put(&self, name: &str, chunks: ByteStream) -> Result<u64, Error> {
         let path = self.path(name)?;
+        let (partial, written) = self.write_partial(name, chunks).await?;
+        tokio::fs::rename(partial.path(), &path)
+            .await
+            .map_err(write_error)?;
+        partial.keep();
+        Ok(written)
+    }
+
+    /// Links the complete upload into place, which fails when the name
+    /// exists: no check-then-write race between two uploads.
+    async fn put_new(&self, name: &str, chunks: ByteStream) -> Result<Option<u64>, Error> {
+        let path = self.path(name)?;
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            // Refused before a byte is written.
+            return Ok(None);
+        }
+        let (partial, written) = self.write_partial(name, chunks).await?;
+        match tokio::fs::hard_link(partial.path(), &path).await {
+            // The partial's guard removes the other name.
+            Ok(()) => Ok(Some(written)),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+            Err(error) => Err(write_error(error)),
+        }
+    }
+
+    async fn get(&self, name: &str) -> Result<(ByteStream, Option<u64>), Error> {
+        let path = self.path(name)?;
+        let (file, len) = body::open(&path).await?;
+        Ok((body::file_chunks(file), Some(len)))
+    }
+}
+
+impl DirStore {
+    /// Writes `chunks` to a temporary file of the store, removed when the
+    /// returned guard drops unless kept.
+    async fn write_partial(
+        &self,
+        name: &str,
+        mut chunks: ByteStream,
+    ) -> Result<(Partial, u64), Error> {
         // A dot-name never collides with a stored file (names cannot start
         // with a dot), and the uuid keeps concurrent uploads apart.
         let partial_path = self
@@ -87,17 +144,7 @@ impl FileStore for DirStore {
         file.flush().await.map_err(write_error)?;
         file.sync_all().await.map_err(write_error)?;
         drop(file);
-        tokio::fs::rename(&partial_path, &path)
-            .await
-            .map_err(write_error)?;
-        partial.keep();
-        Ok(written)
-    }
-
-    async fn get(&self, name: &str) -> Result<(ByteStream, Option<u64>), Error> {
-        let path = self.path(name)?;
-        let (file, len) = body::open(&path).await?;
-        Ok((body::file_chunks(file), Some(len)))
+        Ok((partial, written))
     }
 }
 
@@ -110,6 +157,10 @@ impl FileStore for DirStore {
 struct Partial(Option<PathBuf>);
 
 impl Partial {
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("a partial not yet kept")
+    }
+
     fn keep(mut self) {
         self.0 = None;
     }

@@ -68,6 +68,14 @@ pub mod lifecycle;
 pub mod memory;
 #[cfg(any(feature = "grpc", feature = "http"))]
 pub mod push;
+#[cfg(any(
+    feature = "redis-streams",
+    feature = "redis-pubsub",
+    feature = "amqp",
+    feature = "grpc",
+    feature = "http"
+))]
+pub(crate) mod redact;
 #[cfg(feature = "redis-pubsub")]
 pub mod redis_pubsub;
 #[cfg(feature = "redis-streams")]

@@ -82,6 +82,7 @@ impl<S: Subscriber> Layer<S> for Capture {
 /// captures every event, then asserts that no ERROR (any target) and no
 /// switchboard WARN was logged — also while the runtime shut down, as at
 /// the end of a process. Call it from a plain `#[test]`.
+#[allow(dead_code)]
 pub fn assert_clean_exit<F, Fut>(test_name: &str, scenario: F)
 where
     F: FnOnce() -> Fut,
@@ -158,6 +159,7 @@ where
 
 /// Connects nothing itself: over `transport`, declares, consumes
 /// `count` ticks, closes, and checks what close promises.
+#[allow(dead_code)]
 pub async fn publish_consume_close(transport: Arc<dyn Transport>, count: u32) {
     let namespace = format!("clean-{}", uuid::Uuid::new_v4().simple());
     let bus = EventBus::new(transport.clone(), "clean-exit").with_namespace(namespace);

@@ -4,7 +4,7 @@
 //! produce the same bytes — a change of wire form is a new fixture version,
 //! never an edit (see `tests/fixtures/README.md`).
 
-use serde_json::{Value, json};
+use serde_json::json;
 use switchboard::Codec;
 
 #[path = "../common/wire.rs"]
@@ -68,7 +68,7 @@ fn the_v1_grpc_push_request_decodes_and_encodes_to_the_same_bytes() {
     const REQUEST: &[u8] = include_bytes!("../fixtures/wire/v1/grpc_push_deliver_request.bin");
     const EXPECTED: &str = include_str!("../fixtures/wire/v1/grpc_push_deliver_request.json");
 
-    let expected: Value = serde_json::from_str(EXPECTED).expect("JSON");
+    let expected: serde_json::Value = serde_json::from_str(EXPECTED).expect("JSON");
     let message = fixture_message();
     let request = DeliverRequest::decode(REQUEST).expect("v1 request decodes");
     assert_eq!(request.topic, expected["topic"]);

@@ -130,7 +130,19 @@ impl RedisDedupeStore {
     /// a store with `prefix` (see [`new`](Self::new)). To tune the
     /// connection, build the [`ConnectionManager`] yourself and use `new`.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, Error> {
-        let client = open_client(url)?;
+        Self::connect_with_tls_ca(url, None, prefix).await
+    }
+
+    /// Like [`connect`](Self::connect), trusting the CA `tls_ca_pem` (PEM)
+    /// for a `rediss://` URL instead of the system's roots (feature
+    /// `redis-tls`). A certificate it does not vouch for fails with
+    /// [`ErrorKind::Rejected`](crate::ErrorKind::Rejected), not retried.
+    pub async fn connect_with_tls_ca(
+        url: &str,
+        tls_ca_pem: Option<&[u8]>,
+        prefix: impl Into<String>,
+    ) -> Result<Self, Error> {
+        let client = open_client(url, tls_ca_pem)?;
         // Few connection retries per command: while Redis is away a dedupe
         // check fails fast with a retryable error (the consumer's retry and
         // requeue decide) instead of holding the handler for seconds.

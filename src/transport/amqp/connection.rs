@@ -99,6 +99,15 @@ struct NodeUri {
     label: String,
 }
 
+/// Only the label: lapin's `AMQPUri` derives `Debug` with the password.
+impl std::fmt::Debug for NodeUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeUri")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The nodes in the order one reconnection round tries them: all of them
 /// once, from `start` round the list.
 fn round(start: usize, nodes: usize) -> impl Iterator<Item = usize> {
@@ -129,10 +138,15 @@ impl Supervisor {
         let nodes = config
             .node_uris()
             .map(|text| {
-                let mut uri: AMQPUri = text.parse().map_err(|error| {
+                let mut uri: AMQPUri = text.parse().map_err(|error: String| {
                     Error::new(
                         ErrorKind::Config,
-                        format!("amqp: invalid uri {:?}: {error}", redact(text)),
+                        // lapin quotes a URL it cannot read whole.
+                        format!(
+                            "amqp: invalid uri {:?}: {}",
+                            redact(text),
+                            crate::transport::redact::redact_in(&error, text)
+                        ),
                     )
                 })?;
                 uri.query.heartbeat =

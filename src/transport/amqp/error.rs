@@ -56,13 +56,4 @@ pub(crate) fn amqp_error(what: &str, error: lapin::Error) -> Error {
 }
 
 /// The URI without its password, for error messages.
-pub(crate) fn redact(uri: &str) -> String {
-    match (uri.find("://"), uri.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &uri[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &uri[..scheme + 3], &uri[at..])
-        }
-        _ => uri.to_owned(),
-    }
-}
+pub(crate) use crate::transport::redact::redact_url as redact;

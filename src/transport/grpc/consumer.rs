@@ -17,6 +17,10 @@ use tower::Service;
 use super::proto::push_server::{Push, PushServer};
 use super::proto::{DeliverReply, DeliverRequest};
 use super::{ENVELOPE_SLACK, GrpcTransport, status_from_error};
+use tonic::service::Routes;
+use tower::Layer;
+
+use crate::BoxError;
 use crate::error::{Error, ErrorKind};
 use crate::transport::RawMessage;
 use crate::transport::push::{self, Inbox, QueueFull};
@@ -68,17 +72,66 @@ impl GrpcTransport {
         async move { serving?.await }
     }
 
+    /// Like [`serve`](Self::serve), with `layer` around every request
+    /// before the push service sees it: authentication
+    /// ([`AuthLayer`](crate::auth::AuthLayer), feature `auth`, or your
+    /// own), limits, tracing. A request the layer answers itself (a `401`
+    /// without a valid token) never reaches the inbox, so no handler runs.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "auth")]
+    /// # async fn run(transport: switchboard::transport::grpc::GrpcTransport, verifier: std::sync::Arc<switchboard::auth::TokenVerifier>) -> Result<(), switchboard::Error> {
+    /// let listener = tokio::net::TcpListener::bind("0.0.0.0:50051").await.unwrap();
+    /// transport.serve_with_layer(listener, switchboard::auth::AuthLayer::new(verifier)).await
+    /// # }
+    /// ```
+    pub fn serve_with_layer<L, ResBody>(
+        &self,
+        listener: TcpListener,
+        layer: L,
+    ) -> impl Future<Output = Result<(), Error>> + use<L, ResBody>
+    where
+        L: Layer<Routes> + Clone + Send + 'static,
+        L::Service: Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Response = tonic::codegen::http::Response<ResBody>,
+            > + Clone
+            + Send
+            + 'static,
+        <L::Service as Service<tonic::codegen::http::Request<tonic::body::Body>>>::Future: Send,
+        <L::Service as Service<tonic::codegen::http::Request<tonic::body::Body>>>::Error:
+            Into<BoxError> + Send,
+        ResBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        self.serve_with(tonic::transport::Server::builder().layer(layer), listener)
+    }
+
     /// Binds `address` and [`serve`](Self::serve)s on it.
     pub async fn serve_on(&self, address: SocketAddr) -> Result<(), Error> {
         self.serve(push::listen(address).await?).await
     }
 
     /// `server` with the push service on `listener`, until closed.
-    fn serve_with(
+    fn serve_with<L, ResBody>(
         &self,
-        mut server: tonic::transport::Server,
+        mut server: tonic::transport::Server<L>,
         listener: TcpListener,
-    ) -> impl Future<Output = Result<(), Error>> + use<> {
+    ) -> impl Future<Output = Result<(), Error>> + use<L, ResBody>
+    where
+        L: Layer<Routes> + Clone + Send + 'static,
+        L::Service: Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Response = tonic::codegen::http::Response<ResBody>,
+            > + Clone
+            + Send
+            + 'static,
+        <L::Service as Service<tonic::codegen::http::Request<tonic::body::Body>>>::Future: Send,
+        <L::Service as Service<tonic::codegen::http::Request<tonic::body::Body>>>::Error:
+            Into<BoxError> + Send,
+        ResBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
         let router = server.add_service(self.push_service());
         let closed = self.inner.lifecycle.closed();
         async move {

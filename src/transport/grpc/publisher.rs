@@ -2,6 +2,7 @@
 //! one `Push/Deliver` call per attempt (the retry loop is
 //! [`push::publish`](crate::transport::push)'s).
 
+use crate::transport::redact::{redact_in, redact_url};
 use std::sync::PoisonError;
 
 use async_trait::async_trait;
@@ -44,7 +45,11 @@ impl GrpcTransport {
 pub(super) fn bad_url(url: &str, error: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::new(
         ErrorKind::Config,
-        format!("push endpoint {url:?} is not a valid URI: {error}"),
+        format!(
+            "push endpoint {:?} is not a valid URI: {}",
+            redact_url(url),
+            redact_in(&error.to_string(), url)
+        ),
     )
     .with_source(error)
 }

@@ -11,8 +11,10 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{Route, post};
+use std::convert::Infallible;
 use tokio::net::TcpListener;
+use tower::{Layer, Service};
 
 use super::server::read_body;
 use super::{ATTEMPT, ErrorResponse, GROUP, HEADERS, HttpTransport, REFUSED, REFUSED_QUEUE_FULL};
@@ -28,6 +30,7 @@ impl HttpTransport {
         let receiver = Receiver {
             inbox: self.inner.inbox.clone(),
             max_body: self.inner.config.max_body_bytes,
+            signing: self.inner.signing.clone(),
         };
         Router::new()
             .route("/events/{topic}", post(receive))
@@ -37,7 +40,43 @@ impl HttpTransport {
     /// Serves [`router`](Self::router) on `listener` (HTTP/1.1 and h2c)
     /// until the future is dropped or the listener fails.
     pub fn serve(&self, listener: TcpListener) -> impl Future<Output = Result<(), Error>> + use<> {
-        let router = self.router();
+        self.serve_router(listener, self.router())
+    }
+
+    /// Like [`serve`](Self::serve), with `layer` around the push route:
+    /// authentication ([`AuthLayer`](crate::auth::AuthLayer), feature
+    /// `auth`, or your own), limits, tracing. A request the layer answers
+    /// itself (a `401` without a valid token) never reaches the inbox, so no
+    /// handler runs. For TLS, layer [`router`](Self::router) yourself and
+    /// pass it to `serve_tls_with_shutdown`.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "auth")]
+    /// # async fn run(transport: switchboard::transport::http::HttpTransport, verifier: std::sync::Arc<switchboard::auth::TokenVerifier>) -> Result<(), switchboard::Error> {
+    /// let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await.unwrap();
+    /// transport.serve_with_layer(listener, switchboard::auth::AuthLayer::new(verifier)).await
+    /// # }
+    /// ```
+    pub fn serve_with_layer<L>(
+        &self,
+        listener: TcpListener,
+        layer: L,
+    ) -> impl Future<Output = Result<(), Error>> + use<L>
+    where
+        L: Layer<Route> + Clone + Send + Sync + 'static,
+        L::Service: Service<Request> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request>>::Response: IntoResponse + 'static,
+        <L::Service as Service<Request>>::Error: Into<Infallible> + 'static,
+        <L::Service as Service<Request>>::Future: Send + 'static,
+    {
+        self.serve_router(listener, self.router().layer(layer))
+    }
+
+    fn serve_router(
+        &self,
+        listener: TcpListener,
+        router: Router,
+    ) -> impl Future<Output = Result<(), Error>> + use<> {
         let closed = self.inner.lifecycle.closed();
         async move {
             let serving = axum::serve(listener, router).with_graceful_shutdown(closed);
@@ -77,6 +116,7 @@ impl HttpTransport {
 struct Receiver {
     inbox: Inbox,
     max_body: usize,
+    signing: Option<super::WebhookSigning>,
 }
 
 async fn receive(
@@ -116,7 +156,14 @@ async fn deliver(receiver: &Receiver, topic: &str, request: Request) -> Result<(
             ))
         })?,
     };
+    let signature_headers = receiver.signing.as_ref().map(|_| request.headers().clone());
     let body = read_body(request, receiver.max_body).await?;
+    if let (Some(signing), Some(headers)) = (&receiver.signing, signature_headers) {
+        // Before the inbox: a refused push never reaches a handler.
+        signing
+            .verify(&headers, &body)
+            .map_err(ErrorResponse::from)?;
+    }
     let message = RawMessage { headers, body };
     receiver
         .inbox

@@ -66,12 +66,17 @@ mod consumer;
 mod error;
 mod publisher;
 mod server;
+mod signing;
 #[cfg(feature = "http-tls")]
 mod tls;
 
 pub use client::{JsonRequest, JsonService, ResponseFuture, error_from_reqwest};
 pub use error::{ErrorResponse, error_from_response, kind_name, status_from_error};
 pub use server::{JsonBody, JsonResponse, MaxBodyBytes};
+pub use signing::{
+    DEFAULT_REPLAY_WINDOW, DEFAULT_SEEN_IDS, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
+    WebhookSigning,
+};
 #[cfg(feature = "http-tls")]
 pub use tls::{SHUTDOWN_GRACE, serve_tls, serve_tls_with_shutdown, tls_client, tls_server_config};
 
@@ -156,6 +161,8 @@ struct Inner {
     config: PushConfig,
     client: reqwest::Client,
     inbox: Inbox,
+    /// Signs each push and checks each received one, when set.
+    signing: Option<WebhookSigning>,
     /// Closing: refuses new work, ends the subscriptions and `serve`.
     lifecycle: Lifecycle,
 }
@@ -183,9 +190,36 @@ impl HttpTransport {
                 config,
                 client,
                 inbox,
+                signing: None,
                 lifecycle: Lifecycle::new(NAME),
             }),
         })
+    }
+
+    /// Signs every push this transport sends and refuses every received
+    /// push that is not signed with the same key, too old or a replay
+    /// (`401`, the handler never runs); see [`WebhookSigning`]. Call it on
+    /// the new transport, before it is cloned or subscribed to: a
+    /// transport already shared is a [`ErrorKind::Config`](crate::ErrorKind::Config) error.
+    ///
+    /// ```
+    /// use switchboard::transport::http::{HttpTransport, WebhookSigning};
+    /// use switchboard::transport::push::PushConfig;
+    ///
+    /// let signing = WebhookSigning::new(std::env::var("WEBHOOK_KEY").unwrap_or("a test key of 16+ bytes".into()))?;
+    /// let transport = HttpTransport::new(PushConfig::default())?.with_signing(signing)?;
+    /// # let _ = transport;
+    /// # Ok::<(), switchboard::Error>(())
+    /// ```
+    pub fn with_signing(mut self, signing: WebhookSigning) -> Result<Self, Error> {
+        let inner = Arc::get_mut(&mut self.inner).ok_or_else(|| {
+            Error::new(
+                crate::ErrorKind::Config,
+                "http: with_signing on a transport already shared",
+            )
+        })?;
+        inner.signing = Some(signing);
+        Ok(self)
     }
 
     /// The inbox the receiver delivers into and subscriptions read from.

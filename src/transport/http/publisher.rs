@@ -30,6 +30,13 @@ impl PushSender for HttpTransport {
         if let Some(group) = request.group {
             builder = builder.header(GROUP, group);
         }
+        if let Some(signing) = &self.inner.signing {
+            // A new id and time on every attempt: the receiver refuses an
+            // id it has seen, so a retry must not look like a replay.
+            for (name, value) in signing.sign(&request.message.body) {
+                builder = builder.header(name, value);
+            }
+        }
         let response = builder.send().await.map_err(error_from_reqwest)?;
         let status = response.status();
         if status.is_success() {

@@ -19,7 +19,7 @@ use crate::error::{Error, ErrorKind};
 /// assert_eq!(game.group.as_deref(), Some("game"));
 /// ```
 #[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushEndpoint {
     /// The receiver's base URL, such as `http://game:50051`.
@@ -28,6 +28,16 @@ pub struct PushEndpoint {
     /// subscribed to the topic at that receiver.
     #[serde(default)]
     pub group: Option<String>,
+}
+
+/// Leaves a password in the URL's user-info out.
+impl std::fmt::Debug for PushEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushEndpoint")
+            .field("url", &crate::transport::redact::redact_url(&self.url))
+            .field("group", &self.group)
+            .finish()
+    }
 }
 
 impl PushEndpoint {

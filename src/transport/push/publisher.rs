@@ -10,6 +10,7 @@
 //! Nothing is queued here: each `publish` call waits for its own answers, so
 //! what is in flight is bounded by the callers.
 
+use crate::transport::redact::redact_url;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -129,7 +130,7 @@ async fn deliver_with_retry<S: PushSender>(
         // and `max_backoff_ms` bounds what a receiver can ask for.
         let asked = error.retry_after().unwrap_or_default();
         let wait = backoff.max(asked.min(Duration::from_millis(retry.max_backoff_ms)));
-        tracing::debug!(%error, attempt, ?wait, url = %endpoint.url, "push not accepted; trying again");
+        tracing::debug!(%error, attempt, ?wait, url = %redact_url(&endpoint.url), "push not accepted; trying again");
         tokio::time::sleep(wait).await;
         attempt += 1;
     }
@@ -155,7 +156,11 @@ async fn send_until_taken<S: PushSender>(
             Err(_) => {
                 return Err(Error::new(
                     ErrorKind::Timeout,
-                    format!("push to {url} got no answer within {:?}", config.timeout()),
+                    format!(
+                        "push to {} got no answer within {:?}",
+                        redact_url(url),
+                        config.timeout()
+                    ),
                 ));
             }
         };
@@ -167,7 +172,7 @@ async fn send_until_taken<S: PushSender>(
         if tokio::time::Instant::now() + wait >= deadline {
             return Err(refusal);
         }
-        tracing::debug!(error = %refusal, attempt = request.attempt, ?wait, %url, "push refused by a full receiver; sending again");
+        tracing::debug!(error = %refusal, attempt = request.attempt, ?wait, url = %redact_url(url), "push refused by a full receiver; sending again");
         tokio::time::sleep(wait).await;
     }
 }

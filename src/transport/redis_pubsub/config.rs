@@ -45,6 +45,7 @@ pub struct RedisPubSubOptions {
     pub(super) drop_policy: DropPolicy,
     pub(super) ping_interval: Duration,
     pub(super) ping_timeout: Duration,
+    pub(super) tls_ca_pem: Option<String>,
 }
 
 impl Default for RedisPubSubOptions {
@@ -59,11 +60,20 @@ impl Default for RedisPubSubOptions {
             drop_policy: DropPolicy::DropOldest,
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(2),
+            tls_ca_pem: None,
         }
     }
 }
 
 impl RedisPubSubOptions {
+    /// Trusts the CA `pem` for a `rediss://` URL instead of the system's
+    /// roots; needs the `redis-tls` feature. A certificate it does not
+    /// vouch for fails `connect` with `ErrorKind::Rejected`, not retried.
+    pub fn with_tls_ca_pem(mut self, pem: impl Into<String>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
+        self
+    }
+
     /// How long a command (PUBLISH, SUBSCRIBE) may wait for its reply
     /// (default 5 s).
     pub fn with_response_timeout(mut self, timeout: Duration) -> Self {

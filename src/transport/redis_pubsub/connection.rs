@@ -136,6 +136,7 @@ impl RedisPubSubTransport {
         }
         validate_connect_timeout(super::NAME, options.connection_timeout)?;
         let info = url.into_connection_info().map_err(|error| {
+            let url = crate::transport::redact::redact_url(url);
             Error::new(ErrorKind::Config, format!("redis url {url:?}: {error}")).with_source(error)
         })?;
         // RESP3: subscribed connections receive pushes and still answer
@@ -144,8 +145,11 @@ impl RedisPubSubTransport {
             .redis_settings()
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings))
-            .map_err(|error| redis_error("open client", error))?;
+        let client = crate::transport::redis_support::client_for(
+            info.set_redis_settings(settings),
+            options.tls_ca_pem.as_deref().map(str::as_bytes),
+        )
+        .map_err(|error| redis_error("open client", error))?;
         // Few connection retries per command: a publish while Redis is away
         // fails fast with a retryable error instead of hanging for seconds,
         // and the caller's retry policy decides what happens next.

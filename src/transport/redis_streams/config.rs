@@ -93,6 +93,11 @@ pub struct RedisStreamsConfig {
     /// connection attempt (a reconnect, a subscription's reading
     /// connection).
     pub connect_timeout: Duration,
+    /// The CA (PEM) trusted for a `rediss://` URL instead of the system's
+    /// roots (default `None`); needs the `redis-tls` feature, on the
+    /// crate's one crypto provider (aws-lc-rs). A certificate it does not
+    /// vouch for fails `connect` with [`ErrorKind::Rejected`], not retried.
+    pub tls_ca_pem: Option<String>,
 }
 
 impl Default for RedisStreamsConfig {
@@ -114,6 +119,7 @@ impl Default for RedisStreamsConfig {
             hash_tag: None,
             response_timeout: Duration::from_secs(5),
             connect_timeout: crate::transport::redis_support::DEFAULT_CONNECT_TIMEOUT,
+            tls_ca_pem: None,
         }
     }
 }
@@ -262,6 +268,19 @@ impl RedisStreamsConfig {
     /// ```
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`tls_ca_pem`](Self::tls_ca_pem).
+    ///
+    /// ```
+    /// use switchboard::transport::redis_streams::RedisStreamsConfig;
+    ///
+    /// let config = RedisStreamsConfig::default().with_tls_ca_pem("-----BEGIN CERTIFICATE-----");
+    /// assert!(config.tls_ca_pem.is_some());
+    /// ```
+    pub fn with_tls_ca_pem(mut self, pem: impl Into<String>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
         self
     }
 

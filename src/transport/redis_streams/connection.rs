@@ -81,6 +81,8 @@ impl redis::aio::ConnectionLike for Conn {
 }
 
 /// Makes the dedicated connections blocking reads use.
+// One per transport, so the size of a TLS-capable client is no concern.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Connector {
     Single(redis::Client),
     // Boxed: a cluster client is twice the size of a plain one.
@@ -96,7 +98,7 @@ impl RedisStreamsTransport {
     /// Connects to one Redis server with `config`.
     pub async fn connect_with(url: &str, config: RedisStreamsConfig) -> Result<Self, Error> {
         config.validate()?;
-        let client = open_client(url)?;
+        let client = open_client(url, config.tls_ca_pem.as_deref().map(str::as_bytes))?;
         let manager =
             ConnectionManagerConfig::new().set_response_timeout(Some(config.response_timeout));
         let commands =
@@ -121,9 +123,21 @@ impl RedisStreamsTransport {
     {
         config.validate()?;
         let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
-        let client = ClusterClient::builder(nodes)
+        let builder = ClusterClient::builder(nodes)
             .response_timeout(config.response_timeout)
-            .connection_timeout(config.connect_timeout)
+            .connection_timeout(config.connect_timeout);
+        #[cfg(feature = "redis-tls")]
+        let builder = {
+            crate::tls::install_default_provider();
+            match &config.tls_ca_pem {
+                Some(ca) => builder.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.as_bytes().to_vec()),
+                }),
+                None => builder,
+            }
+        };
+        let client = builder
             .build()
             .map_err(|error| redis_error("open cluster", error))?;
         let commands = within_connect_timeout(
