@@ -316,9 +316,10 @@ impl RedisStreamsConfig {
                  or other members take over entries this consumer still holds",
             );
         }
-        if self.connect_timeout.is_zero() {
-            return invalid("redis-streams: `connect_timeout` must be above zero");
-        }
+        crate::transport::redis_support::validate_connect_timeout(
+            "redis-streams",
+            self.connect_timeout,
+        )?;
         if self.lag_every.is_zero() {
             return invalid("redis-streams: `lag_every` must be above zero");
         }
