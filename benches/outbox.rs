@@ -6,7 +6,9 @@
 //!   beside one direct `publish` and beside the writer's transaction alone
 //!   (an insert and its COMMIT, a WAL flush).
 //! * `outbox_relay_throughput`: a relay draining 500 committed rows in
-//!   batches of 100, beside 5 direct `publish_batch` calls of 100.
+//!   batches of 100 (its start included), beside 5 direct `publish_batch`
+//!   calls of 100; and `relay_drain_steady`, 2 000 rows timed from the
+//!   first batch sent, so the relay's start is left out.
 //! * `outbox_writer_tx`: transactions per second of 4 concurrent writers,
 //!   each inserting a business row and enqueueing one event, with NOTIFY off
 //!   and on, beside the business insert alone.
@@ -338,9 +340,50 @@ fn relay_throughput(c: &mut Criterion, setup: &Setup) {
             }
         });
     });
+    // Steady state: the relay's start (its leases) left out — the clock
+    // starts once the first batch is sent, and counts the rows after it.
+    group.throughput(Throughput::Elements(STEADY_ROWS - BATCH as u64));
+    group.bench_function("relay_drain_steady", |b| {
+        b.to_async(&setup.runtime).iter_custom(|iters| {
+            let (pool, outbox, topic) = (&setup.pool, &outbox, &topic);
+            async move {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    for chunk in 0..STEADY_ROWS / BATCH as u64 {
+                        let mut tx = pool.begin().await.expect("begin");
+                        for n in 0..BATCH as u64 {
+                            let envelope =
+                                EventEnvelope::new("trading-service", trade(chunk * 1000 + n));
+                            outbox
+                                .enqueue(&mut tx, topic, &envelope)
+                                .await
+                                .expect("enqueue");
+                        }
+                        tx.commit().await.expect("commit");
+                    }
+                    let relay = Relay::new(
+                        outbox,
+                        pool.clone(),
+                        setup.transport.clone() as Arc<dyn Transport>,
+                    )
+                    .with_config(RelayConfig::default().with_batch_size(BATCH))
+                    .spawn();
+                    sent(&relay, BATCH as u64).await;
+                    let started = Instant::now();
+                    sent(&relay, STEADY_ROWS).await;
+                    spent += started.elapsed();
+                    relay.close(Duration::from_secs(10)).await.expect("close");
+                }
+                spent
+            }
+        });
+    });
     group.finish();
     setup.clean(&outbox, &topic);
 }
+
+/// Rows of the steady-state drain: the first batch starts the clock.
+const STEADY_ROWS: u64 = 2_000;
 
 const WRITERS: u64 = 4;
 
