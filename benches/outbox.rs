@@ -312,26 +312,9 @@ fn relay_throughput(c: &mut Criterion, setup: &Setup) {
                 let mut spent = Duration::ZERO;
                 for _ in 0..iters {
                     // Committed beforehand, in transactions of 100.
-                    for chunk in 0..ROWS / BATCH as u64 {
-                        let mut tx = pool.begin().await.expect("begin");
-                        for n in 0..BATCH as u64 {
-                            let envelope =
-                                EventEnvelope::new("trading-service", trade(chunk * 1000 + n));
-                            outbox
-                                .enqueue(&mut tx, topic, &envelope)
-                                .await
-                                .expect("enqueue");
-                        }
-                        tx.commit().await.expect("commit");
-                    }
+                    commit_rows(pool, outbox, topic, ROWS).await;
                     let started = Instant::now();
-                    let relay = Relay::new(
-                        outbox,
-                        pool.clone(),
-                        setup.transport.clone() as Arc<dyn Transport>,
-                    )
-                    .with_config(RelayConfig::default().with_batch_size(BATCH))
-                    .spawn();
+                    let relay = drain_relay(setup, outbox);
                     sent(&relay, ROWS).await;
                     spent += started.elapsed();
                     relay.close(Duration::from_secs(10)).await.expect("close");
@@ -349,25 +332,8 @@ fn relay_throughput(c: &mut Criterion, setup: &Setup) {
             async move {
                 let mut spent = Duration::ZERO;
                 for _ in 0..iters {
-                    for chunk in 0..STEADY_ROWS / BATCH as u64 {
-                        let mut tx = pool.begin().await.expect("begin");
-                        for n in 0..BATCH as u64 {
-                            let envelope =
-                                EventEnvelope::new("trading-service", trade(chunk * 1000 + n));
-                            outbox
-                                .enqueue(&mut tx, topic, &envelope)
-                                .await
-                                .expect("enqueue");
-                        }
-                        tx.commit().await.expect("commit");
-                    }
-                    let relay = Relay::new(
-                        outbox,
-                        pool.clone(),
-                        setup.transport.clone() as Arc<dyn Transport>,
-                    )
-                    .with_config(RelayConfig::default().with_batch_size(BATCH))
-                    .spawn();
+                    commit_rows(pool, outbox, topic, STEADY_ROWS).await;
+                    let relay = drain_relay(setup, outbox);
                     sent(&relay, BATCH as u64).await;
                     let started = Instant::now();
                     sent(&relay, STEADY_ROWS).await;
@@ -384,6 +350,32 @@ fn relay_throughput(c: &mut Criterion, setup: &Setup) {
 
 /// Rows of the steady-state drain: the first batch starts the clock.
 const STEADY_ROWS: u64 = 2_000;
+
+/// Commits `rows` events to `topic` beforehand, in transactions of `BATCH`.
+async fn commit_rows(pool: &PgPool, outbox: &Outbox<sqlx::Postgres>, topic: &str, rows: u64) {
+    for chunk in 0..rows / BATCH as u64 {
+        let mut tx = pool.begin().await.expect("begin");
+        for n in 0..BATCH as u64 {
+            let envelope = EventEnvelope::new("trading-service", trade(chunk * 1000 + n));
+            outbox
+                .enqueue(&mut tx, topic, &envelope)
+                .await
+                .expect("enqueue");
+        }
+        tx.commit().await.expect("commit");
+    }
+}
+
+/// A relay sending in batches of `BATCH` to the bench's Redis.
+fn drain_relay(setup: &Setup, outbox: &Outbox<sqlx::Postgres>) -> RelayHandle {
+    Relay::new(
+        outbox,
+        setup.pool.clone(),
+        setup.transport.clone() as Arc<dyn Transport>,
+    )
+    .with_config(RelayConfig::default().with_batch_size(BATCH))
+    .spawn()
+}
 
 const WRITERS: u64 = 4;
 
