@@ -1056,3 +1056,47 @@ fn every_saved_fuzz_input_is_decoded_or_refused_without_a_panic() {
     }
     assert!(replayed >= 17, "the seeds are there: {replayed}");
 }
+
+/// The other fuzz targets' saved corpora (`scripts/fuzz`), replayed with
+/// the very checks the targets run (`fuzz/checks.rs`).
+#[cfg(all(feature = "redis-pubsub", feature = "grpc"))]
+#[path = "../fuzz/checks.rs"]
+mod fuzz_checks;
+
+#[cfg(all(feature = "redis-pubsub", feature = "grpc"))]
+mod fuzz_corpora {
+    use super::fuzz_checks as checks;
+
+    /// Runs `check` on every saved input of `target`; at least its seeds.
+    fn replay(target: &str, check: fn(&[u8])) {
+        let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(&corpus).expect("the saved corpus") {
+            check(&std::fs::read(entry.unwrap().path()).unwrap());
+            replayed += 1;
+        }
+        assert!(replayed >= 2, "{target}: the seeds are there ({replayed})");
+    }
+
+    #[test]
+    fn cloudevents() {
+        replay("cloudevents", checks::cloudevents);
+    }
+
+    #[test]
+    fn pubsub_frames() {
+        replay("pubsub_frame", checks::pubsub_frame);
+    }
+
+    #[test]
+    fn push_requests() {
+        replay("push_request", checks::push_request);
+    }
+
+    #[test]
+    fn config_yaml() {
+        replay("config_yaml", checks::config_yaml);
+    }
+}
