@@ -13,9 +13,8 @@ pub fn cloudevents(bytes: &[u8]) {
 
 /// A Redis Pub/Sub payload, framed or plain, always becomes a message.
 pub fn pubsub_frame(bytes: &[u8]) {
-    let message = switchboard::transport::redis_pubsub::decode_payload(
-        bytes::Bytes::copy_from_slice(bytes),
-    );
+    let message =
+        switchboard::transport::redis_pubsub::decode_payload(bytes::Bytes::copy_from_slice(bytes));
     assert!(message.body.len() <= bytes.len());
 }
 
