@@ -146,7 +146,10 @@ impl TransferClientBuilder {
         let bad = |why: &str| {
             Error::new(
                 ErrorKind::Config,
-                format!("bad transfer URL {:?}: {why}", self.url),
+                format!(
+                    "bad transfer URL {:?}: {why}",
+                    crate::transport::redact::redact_url(&self.url)
+                ),
             )
         };
         let uri: Uri = self.url.parse().map_err(|error| bad(&format!("{error}")))?;
@@ -220,7 +223,7 @@ impl TransferClientBuilder {
 impl fmt::Debug for TransferClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TransferClientBuilder")
-            .field("url", &self.url)
+            .field("url", &crate::transport::redact::redact_url(&self.url))
             .field("connect_timeout", &self.connect_timeout)
             .finish_non_exhaustive()
     }

@@ -257,7 +257,7 @@ impl TransferClient {
 impl fmt::Debug for TransferClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TransferClient")
-            .field("url", &self.url())
+            .field("url", &crate::transport::redact::redact_url(self.url()))
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }

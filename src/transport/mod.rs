@@ -73,7 +73,8 @@ pub mod push;
     feature = "redis-pubsub",
     feature = "amqp",
     feature = "grpc",
-    feature = "http"
+    feature = "http",
+    feature = "file-transfer"
 ))]
 pub(crate) mod redact;
 #[cfg(feature = "redis-pubsub")]

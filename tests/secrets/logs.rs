@@ -159,6 +159,26 @@ async fn push_attempts(into: &mut Vec<String>) {
     }
 }
 
+/// The file-transfer client with a password in its URL: its builder, the
+/// client, and a download that cannot connect.
+async fn transfer_attempts(into: &mut Vec<String>) {
+    let url = format!("http://u:{SECRET}@127.0.0.1:1");
+    let builder = switchboard::transfer::TransferClient::builder(&url)
+        .connect_timeout(std::time::Duration::from_millis(300));
+    debug_of("transfer builder", &builder, into);
+    match builder.build() {
+        Ok(client) => {
+            debug_of("transfer client", &client, into);
+            failed(
+                "transfer download",
+                client.download("a.bin").await.map(drop),
+                into,
+            );
+        }
+        Err(error) => texts_of("transfer build", &error, into),
+    }
+}
+
 fn webhook_key(into: &mut Vec<String>) {
     let signing =
         switchboard::transport::http::WebhookSigning::new(format!("{SECRET}-{SECRET}")).unwrap();
@@ -201,6 +221,7 @@ fn no_password_or_token_in_any_log_error_or_debug() {
             redis_attempts(&mut texts).await;
             amqp_attempts(&mut texts).await;
             push_attempts(&mut texts).await;
+            transfer_attempts(&mut texts).await;
             token_attempts(&mut texts);
             webhook_key(&mut texts);
             let leaks: Vec<&String> = texts.iter().filter(|t| t.contains(SECRET)).collect();
