@@ -7,9 +7,7 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection};
 use switchboard::outbox::{Outbox, Relay, RelayConfig};
 use switchboard::testing::proxy::FaultProxy;
-use switchboard::{
-    EventBus, MemoryTransport, Message, SubscribeOptions, Topology, Transport, handler_fn,
-};
+use switchboard::{MemoryTransport, Transport};
 use tokio::sync::mpsc;
 
 use super::support::{self, Step, WITHIN, step};
@@ -18,34 +16,13 @@ fn fast() -> RelayConfig {
     RelayConfig::default().with_poll_interval(Duration::from_millis(10))
 }
 
-/// A bus over memory with a consumer that forwards each step's `n`.
 async fn consumer(
     transport: Arc<dyn Transport>,
 ) -> (switchboard::ConsumerHandle, mpsc::UnboundedReceiver<u64>) {
-    let bus = EventBus::new(transport, "test");
-    bus.declare(&Topology::new().with_event::<Step, _>(["seen"]))
-        .await
-        .unwrap();
-    let (seen, rx) = mpsc::unbounded_channel();
-    let handle = bus
-        .subscribe(
-            SubscribeOptions::new("seen"),
-            handler_fn(move |message: Message<Step>| {
-                seen.send(message.payload().n).ok();
-                async { Ok(()) }
-            }),
-        )
-        .await
-        .unwrap();
-    (handle, rx)
+    support::consumer(transport, |step: &Step| step.n).await
 }
 
-async fn next(rx: &mut mpsc::UnboundedReceiver<u64>) -> u64 {
-    tokio::time::timeout(WITHIN, rx.recv())
-        .await
-        .expect("delivered in time")
-        .expect("consumer alive")
-}
+use support::next;
 
 #[tokio::test]
 async fn postgres_rolled_back_or_killed_before_commit_is_never_sent() {

@@ -21,17 +21,7 @@ async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
 
 #[tokio::test]
 async fn postgres_inbox_applies_each_event_once_and_a_failure_leaves_nothing() {
-    let pool = support::pg().await;
-    let prefix = support::prefix();
-    let outbox = Outbox::new(&prefix, "test").unwrap();
-    outbox.migrate(&pool).await.unwrap();
-    let effects = format!("{prefix}effects");
-    sqlx::query(AssertSqlSafe(format!(
-        "CREATE TABLE {effects} (event_id TEXT NOT NULL, n BIGINT NOT NULL)"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
+    let (pool, prefix, outbox, effects) = support::pg_outbox_with_effects().await;
 
     let fail = Arc::new(AtomicBool::new(true));
     let runs = Arc::new(AtomicU32::new(0));

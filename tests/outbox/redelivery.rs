@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sqlx::AssertSqlSafe;
-use switchboard::outbox::{Outbox, Relay, RelayConfig};
+use switchboard::outbox::{Relay, RelayConfig};
 use switchboard::{
     Error, EventBus, MemoryTransport, Message, SubscribeOptions, Topology, Transport, handler_fn,
 };
@@ -16,17 +16,7 @@ use super::support::{self, Faulty, Step, WITHIN, step};
 
 #[tokio::test]
 async fn a_relay_killed_after_the_accept_sends_again_and_the_inbox_applies_once() {
-    let pool = support::pg().await;
-    let prefix = support::prefix();
-    let outbox = Outbox::new(&prefix, "test").unwrap();
-    outbox.migrate(&pool).await.unwrap();
-    let effects = format!("{prefix}effects");
-    sqlx::query(AssertSqlSafe(format!(
-        "CREATE TABLE {effects} (event_id TEXT NOT NULL, n BIGINT NOT NULL)"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
+    let (pool, prefix, outbox, effects) = support::pg_outbox_with_effects().await;
 
     let memory: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
     let bus = EventBus::new(memory.clone(), "test");

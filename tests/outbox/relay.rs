@@ -6,9 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchboard::outbox::{OnRefused, Outbox, ParkedAlert, ParkedEvent, Relay, RelayConfig};
-use switchboard::{
-    EventBus, MemoryTransport, Message, SubscribeOptions, Topology, Transport, handler_fn,
-};
+use switchboard::{MemoryTransport, Transport};
 use tokio::sync::mpsc;
 
 use super::support::{self, Faulty, Step, WITHIN, step};
@@ -22,30 +20,10 @@ fn fast() -> RelayConfig {
 async fn consumer(
     transport: Arc<dyn Transport>,
 ) -> (switchboard::ConsumerHandle, mpsc::UnboundedReceiver<Step>) {
-    let bus = EventBus::new(transport, "test");
-    bus.declare(&Topology::new().with_event::<Step, _>(["seen"]))
-        .await
-        .unwrap();
-    let (seen, rx) = mpsc::unbounded_channel();
-    let handle = bus
-        .subscribe(
-            SubscribeOptions::new("seen"),
-            handler_fn(move |message: Message<Step>| {
-                seen.send(message.payload().clone()).ok();
-                async { Ok(()) }
-            }),
-        )
-        .await
-        .unwrap();
-    (handle, rx)
+    support::consumer(transport, Step::clone).await
 }
 
-async fn next(rx: &mut mpsc::UnboundedReceiver<Step>) -> Step {
-    tokio::time::timeout(WITHIN, rx.recv())
-        .await
-        .expect("delivered in time")
-        .expect("consumer alive")
-}
+use support::next;
 
 async fn enqueue(
     outbox: &Outbox<sqlx::Postgres>,

@@ -182,3 +182,61 @@ impl Transport for Faulty {
 pub fn rand_below(bound: u64) -> u64 {
     (uuid::Uuid::new_v4().as_u128() as u64) % bound.max(1)
 }
+
+/// A bus over `transport` with a `seen` group whose handler forwards what
+/// `pick` takes of each step; the receiver gets them in handling order.
+pub async fn consumer<T: Send + 'static>(
+    transport: std::sync::Arc<dyn switchboard::Transport>,
+    pick: fn(&Step) -> T,
+) -> (
+    switchboard::ConsumerHandle,
+    tokio::sync::mpsc::UnboundedReceiver<T>,
+) {
+    use switchboard::{EventBus, Message, SubscribeOptions, Topology, handler_fn};
+    let bus = EventBus::new(transport, "test");
+    bus.declare(&Topology::new().with_event::<Step, _>(["seen"]))
+        .await
+        .unwrap();
+    let (seen, rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = bus
+        .subscribe(
+            SubscribeOptions::new("seen"),
+            handler_fn(move |message: Message<Step>| {
+                seen.send(pick(message.payload())).ok();
+                async { Ok(()) }
+            }),
+        )
+        .await
+        .unwrap();
+    (handle, rx)
+}
+
+/// The next thing the consumer forwarded, within [`WITHIN`].
+pub async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(WITHIN, rx.recv())
+        .await
+        .expect("delivered in time")
+        .expect("consumer alive")
+}
+
+/// A fresh outbox (random prefix, migrated) on the shared PostgreSQL and an
+/// empty `<prefix>effects (event_id, n)` table for a handler's effects.
+pub async fn pg_outbox_with_effects() -> (
+    PgPool,
+    String,
+    switchboard::outbox::Outbox<sqlx::Postgres>,
+    String,
+) {
+    let pool = pg().await;
+    let prefix = prefix();
+    let outbox = switchboard::outbox::Outbox::new(&prefix, "test").unwrap();
+    outbox.migrate(&pool).await.unwrap();
+    let effects = format!("{prefix}effects");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {effects} (event_id TEXT NOT NULL, n BIGINT NOT NULL)"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    (pool, prefix, outbox, effects)
+}
