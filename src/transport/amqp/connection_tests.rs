@@ -1,5 +1,6 @@
 //! Tests of the connection supervisor: node rotation and labels.
 
+use super::super::open::{after, round};
 use super::*;
 
 #[test]

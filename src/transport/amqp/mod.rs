@@ -144,6 +144,7 @@ mod consumer;
 mod declare;
 mod dlq;
 mod error;
+mod open;
 mod properties;
 mod publisher;
 
