@@ -72,6 +72,12 @@
 //! [`publish_batch`](crate::Publisher::publish_batch) — the stored envelope
 //! bytes as they are, so the `event_id` and the trace context written at
 //! enqueue reach the consumer — and deletes what the transport accepted.
+//! While a backlog drains, the database deletes the batch just accepted and
+//! reads the next one while the transport takes the current one; a batch
+//! is published only once the one before it was accepted, and the relay's
+//! database session reads in id order through the primary key (it never
+//! scans or sorts the pending rows, so a batch costs the same with 100 rows
+//! waiting or a million).
 //! A transport or database outage ends the round without deleting what was
 //! not accepted; the relay retries with exponential backoff (`backon`) and
 //! never gives up. It polls every [`poll_interval`](RelayConfig::poll_interval);

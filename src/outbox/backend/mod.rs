@@ -103,17 +103,20 @@ pub trait Backend: sqlx::Database {
     ) -> Result<(), Error>;
 
     /// Sets up the relay's own session once connected: whether its writes
-    /// wait for the WAL flush.
+    /// wait for the WAL flush, and (PostgreSQL) plans that read the table
+    /// in id order through its index, whatever its statistics say.
     async fn relay_session(conn: &mut Self::Connection, synchronous: bool) -> Result<(), Error>;
 
-    /// Up to `limit` sendable rows in `scope`, in id order. With
-    /// `hold_parked`, rows whose key has a parked row are left out.
+    /// Up to `limit` sendable rows in `scope` with an id above `after`, in
+    /// id order. With `hold_parked`, rows whose key has a parked row are
+    /// left out.
     async fn fetch(
         conn: &mut Self::Connection,
         tables: &Tables,
         scope: &Scope,
         limit: i64,
         hold_parked: bool,
+        after: i64,
     ) -> Result<Vec<StoredRow>, Error>;
 
     /// Removes sent rows.

@@ -144,6 +144,7 @@ impl Backend for Sqlite {
         _scope: &Scope,
         limit: i64,
         hold_parked: bool,
+        after: i64,
     ) -> Result<Vec<StoredRow>, Error> {
         let hold = if hold_parked {
             format!(
@@ -156,10 +157,11 @@ impl Backend for Sqlite {
         };
         let query = format!(
             "SELECT o.id, o.topic, o.ordering_key, o.headers, o.body FROM {o} o \
-             WHERE o.parked_at IS NULL {hold} ORDER BY o.id LIMIT ?",
+             WHERE o.id > ? AND o.parked_at IS NULL {hold} ORDER BY o.id LIMIT ?",
             o = tables.outbox
         );
         let rows = sqlx::query(sql(query))
+            .bind(after)
             .bind(limit)
             .fetch_all(&mut *conn)
             .await

@@ -66,7 +66,8 @@ pub struct RelayConfig {
     /// `synchronous_commit`). Default off: a delete lost to a database
     /// crash only means a row sent again, which the inbox absorbs, and the
     /// flush costs milliseconds per batch on a real disk. On keeps the
-    /// duplicates after a crash down to the batch in flight.
+    /// duplicates after a crash down to the two batches in flight (the one
+    /// being deleted while the next is published).
     pub synchronous_deletes: bool,
 }
 

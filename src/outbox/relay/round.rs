@@ -11,6 +11,7 @@ use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
 use crate::outbox::OutboxDatabase;
 use crate::outbox::backend::{Scope, StoredRow};
+use crate::outbox::error::from_sqlx;
 use crate::transport::RawMessage;
 
 /// How a round went.
@@ -35,6 +36,71 @@ fn refuses_row(error: &Error) -> bool {
         error.kind(),
         ErrorKind::Rejected | ErrorKind::Encode | ErrorKind::Decode | ErrorKind::NotFound
     )
+}
+
+/// Batches one round sends at most before it ends, so that shutdown,
+/// rebalancing and the pending gauge are looked at while a backlog drains.
+const BATCHES_PER_ROUND: usize = 16;
+
+/// What one publish of a batch did, by index in the batch.
+#[derive(Default)]
+struct Published {
+    /// Rows the transport accepted.
+    accepted: Vec<usize>,
+    /// Rows it refused for good, with its answer: to be parked.
+    refused: Vec<(usize, Error)>,
+    /// The failure that stopped the batch (the rest stays for later).
+    error: Option<Error>,
+}
+
+/// Rows accepted by the transport and not deleted yet, with the count per
+/// topic for the `sent` counter.
+#[derive(Default)]
+struct Accepted {
+    ids: Vec<i64>,
+    per_topic: Vec<(String, u64)>,
+}
+
+impl Accepted {
+    fn of(rows: &[StoredRow], indexes: &[usize]) -> Self {
+        let mut accepted = Self {
+            ids: Vec::with_capacity(indexes.len()),
+            per_topic: Vec::new(),
+        };
+        for &index in indexes {
+            let row = &rows[index];
+            accepted.ids.push(row.id);
+            match accepted
+                .per_topic
+                .iter_mut()
+                .find(|(topic, _)| *topic == row.topic)
+            {
+                Some((_, count)) => *count += 1,
+                None => accepted.per_topic.push((row.topic.clone(), 1)),
+            }
+        }
+        accepted
+    }
+
+    /// Deletes the rows and counts them as sent.
+    async fn delete<DB: OutboxDatabase>(
+        self,
+        conn: &mut DB::Connection,
+        relay: &Relay<DB>,
+    ) -> Result<(), Error> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        DB::delete(conn, &relay.outbox.shared.tables, &self.ids).await?;
+        relay
+            .stats
+            .sent
+            .fetch_add(self.ids.len() as u64, Ordering::Relaxed);
+        for (topic, count) in &self.per_topic {
+            metrics::outbox_sent(relay.metric_label(), topic, *count);
+        }
+        Ok(())
+    }
 }
 
 fn to_message(row: &StoredRow) -> Result<RawMessage, Error> {
@@ -90,57 +156,113 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
         result
     }
 
+    /// Drains the scope: publishes one batch while the database deletes
+    /// the batch before it and reads the batch after it, so a backlog moves
+    /// at the pace of the slower side rather than of both added up. A batch
+    /// is published only once the one before it was accepted (order per
+    /// key); what was accepted is deleted before the round ends, also when
+    /// it ends in an error.
     async fn send(&mut self, conn: &mut DB::Connection, scope: &Scope) -> Result<Round, Error> {
         let relay = self.relay;
         let tables = &relay.outbox.shared.tables;
         let config = &relay.config;
         if Instant::now() >= self.next_stats {
             self.next_stats = Instant::now() + config.stats_interval;
-            let (pending, lag) = DB::pending(conn, tables).await?;
-            metrics::outbox_pending(relay.metric_label(), pending, lag.unwrap_or(0.0));
+            self.report_pending().await?;
         }
         let hold = config.on_refused == OnRefused::HoldKey;
-        let rows = DB::fetch(conn, tables, scope, config.batch_size as i64, hold).await?;
-        let full = rows.len() >= config.batch_size;
-        let mut accepted: Vec<(i64, usize)> = Vec::with_capacity(rows.len());
+        let limit = config.batch_size;
+        let mut rows = DB::fetch(conn, tables, scope, limit as i64, hold, 0).await?;
         let mut held_keys: HashSet<String> = HashSet::new();
-        let outcome = self
-            .publish_runs(conn, &rows, &mut accepted, &mut held_keys)
-            .await;
-        // Whatever was accepted goes, even when a later run failed: those
-        // rows are not to be sent again.
-        if !accepted.is_empty() {
-            let ids: Vec<i64> = accepted.iter().map(|(id, _)| *id).collect();
-            DB::delete(conn, tables, &ids).await?;
-            relay
-                .stats
-                .sent
-                .fetch_add(ids.len() as u64, Ordering::Relaxed);
-            let mut counted: Vec<(&str, u64)> = Vec::new();
-            for (_, index) in &accepted {
-                let topic = rows[*index].topic.as_str();
-                match counted.iter_mut().find(|(seen, _)| *seen == topic) {
-                    Some((_, count)) => *count += 1,
-                    None => counted.push((topic, 1)),
+        let mut accepted = Accepted::default();
+        for _ in 0..BATCHES_PER_ROUND {
+            let full = rows.len() >= limit;
+            // Rows of one key are sent in id order, so a key's next row
+            // comes after this batch's last; a row of another key that
+            // commits below it is read at the next round.
+            let after = rows.last().map_or(0, |row| row.id);
+            let deleting = std::mem::take(&mut accepted);
+            let (published, read) = tokio::join!(self.publish_runs(&rows, &mut held_keys), async {
+                deleting.delete::<DB>(conn, relay).await?;
+                if full {
+                    DB::fetch(conn, tables, scope, limit as i64, hold, after).await
+                } else {
+                    Ok(Vec::new())
                 }
+            });
+            accepted = Accepted::of(&rows, &published.accepted);
+            let settled = self.settle(conn, &rows, published, read).await;
+            let next = match settled {
+                Ok(next) => next,
+                Err(error) => {
+                    // Accepted rows are not to be sent again; the session
+                    // may be gone, in which case they are (at least once).
+                    let _ = accepted.delete::<DB>(conn, relay).await;
+                    return Err(error);
+                }
+            };
+            if !full {
+                accepted.delete::<DB>(conn, relay).await?;
+                return Ok(Round::Partial);
             }
-            for (topic, count) in counted {
-                metrics::outbox_sent(relay.metric_label(), topic, count);
-            }
+            rows = next
+                .into_iter()
+                .filter(|row| !held_keys.contains(&row.key))
+                .collect();
         }
-        outcome?;
-        Ok(if full { Round::Full } else { Round::Partial })
+        accepted.delete::<DB>(conn, relay).await?;
+        Ok(Round::Full)
     }
 
-    /// Publishes `rows` in order, one `publish_batch` per run of rows with
-    /// the same topic; records accepted rows (id, index in `rows`).
-    async fn publish_runs(
+    /// Parks what the transport refused, then returns the batch read
+    /// meanwhile, or the first error of the publish or the database.
+    async fn settle(
         &mut self,
         conn: &mut DB::Connection,
         rows: &[StoredRow],
-        accepted: &mut Vec<(i64, usize)>,
-        held_keys: &mut HashSet<String>,
-    ) -> Result<(), Error> {
+        published: Published,
+        read: Result<Vec<StoredRow>, Error>,
+    ) -> Result<Vec<StoredRow>, Error> {
+        let next = read?;
+        for (index, error) in &published.refused {
+            self.park(conn, &rows[*index], error).await?;
+        }
+        match published.error {
+            Some(error) => Err(error),
+            None => Ok(next),
+        }
+    }
+
+    /// Sets the pending and lag gauges. Read through the pool: the count
+    /// scans the table, which the relay's own session plans by index.
+    async fn report_pending(&self) -> Result<(), Error> {
+        let relay = self.relay;
+        let mut conn = relay
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| from_sqlx("outbox pending", e))?;
+        let (pending, lag) = DB::pending(&mut conn, &relay.outbox.shared.tables).await?;
+        metrics::outbox_pending(relay.metric_label(), pending, lag.unwrap_or(0.0));
+        Ok(())
+    }
+
+    /// Publishes `rows` in order, one `publish_batch` per run of rows with
+    /// the same topic, skipping keys in `held_keys` (and adding the key of
+    /// a refused row when refusals hold their key). Stops at the first
+    /// error the transport may get over.
+    async fn publish_runs(&self, rows: &[StoredRow], held_keys: &mut HashSet<String>) -> Published {
+        let holds = self.relay.config.on_refused == OnRefused::HoldKey;
+        let mut published = Published::default();
+        let refuse = |published: &mut Published,
+                      held_keys: &mut HashSet<String>,
+                      index: usize,
+                      error: Error| {
+            if holds {
+                held_keys.insert(rows[index].key.clone());
+            }
+            published.refused.push((index, error));
+        };
         let mut start = 0;
         while start < rows.len() {
             let topic = &rows[start].topic;
@@ -155,7 +277,7 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
                 }
                 match to_message(row) {
                     Ok(message) => run.push((index, message)),
-                    Err(error) => self.park(conn, row, &error, held_keys).await?,
+                    Err(error) => refuse(&mut published, held_keys, index, error),
                 }
             }
             start = end;
@@ -164,28 +286,33 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
             }
             let messages = run.iter().map(|(_, message)| message.clone()).collect();
             match self.publish(topic, messages).await {
-                Ok(()) => accepted.extend(run.iter().map(|(index, _)| (rows[*index].id, *index))),
+                Ok(()) => published.accepted.extend(run.iter().map(|(index, _)| *index)),
                 Err(error) if refuses_row(&error) => {
                     // Which one? Send them one by one (a prefix may have been
                     // taken already: those go twice, as at-least-once allows).
                     for (index, message) in run {
-                        let row = &rows[index];
-                        if held_keys.contains(&row.key) {
+                        if held_keys.contains(&rows[index].key) {
                             continue;
                         }
                         match self.publish(topic, vec![message]).await {
-                            Ok(()) => accepted.push((row.id, index)),
+                            Ok(()) => published.accepted.push(index),
                             Err(error) if refuses_row(&error) => {
-                                self.park(conn, row, &error, held_keys).await?;
+                                refuse(&mut published, held_keys, index, error);
                             }
-                            Err(error) => return Err(error),
+                            Err(error) => {
+                                published.error = Some(error);
+                                return published;
+                            }
                         }
                     }
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    published.error = Some(error);
+                    return published;
+                }
             }
         }
-        Ok(())
+        published
     }
 
     async fn publish(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
@@ -220,15 +347,11 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
         conn: &mut DB::Connection,
         row: &StoredRow,
         error: &Error,
-        held_keys: &mut HashSet<String>,
     ) -> Result<(), Error> {
         let relay = self.relay;
         let reason = error.to_string();
         DB::park(conn, &relay.outbox.shared.tables, row.id, &reason).await?;
         let holds_key = relay.config.on_refused == OnRefused::HoldKey;
-        if holds_key {
-            held_keys.insert(row.key.clone());
-        }
         relay.stats.parked.fetch_add(1, Ordering::Relaxed);
         metrics::outbox_parked(relay.metric_label(), &row.topic);
         tracing::error!(
