@@ -534,7 +534,11 @@ mod tests {
             partitions: 32,
             held: (0..32).collect(),
         };
-        for (scope, hold) in [(&Scope::All, true), (&partitioned, true), (&partitioned, false)] {
+        for (scope, hold) in [
+            (&Scope::All, true),
+            (&partitioned, true),
+            (&partitioned, false),
+        ] {
             let explain = format!("EXPLAIN {}", fetch_sql(&tables, scope, hold));
             let query = sqlx::query_scalar::<_, String>(sql(explain))
                 .bind(100_i64)
@@ -548,7 +552,10 @@ mod tests {
                 plan.contains(&format!("Index Scan using {}_pkey", tables.outbox)),
                 "{plan}"
             );
-            assert!(!plan.contains("Seq Scan") && !plan.contains("Sort"), "{plan}");
+            assert!(
+                !plan.contains("Seq Scan") && !plan.contains("Sort"),
+                "{plan}"
+            );
         }
         conn.close().await.unwrap();
         let drop = format!("DROP TABLE {}, {}", tables.outbox, tables.inbox);

@@ -74,9 +74,45 @@ pub struct RelayStats {
     parked: AtomicU64,
     failures: AtomicU64,
     partitions: AtomicU64,
+    /// Woken whenever a count moves.
+    moved: Notify,
 }
 
 impl RelayStats {
+    fn add(&self, count: &AtomicU64, by: u64) {
+        count.fetch_add(by, Ordering::Relaxed);
+        self.moved.notify_waiters();
+    }
+
+    /// Waits until the relay has sent at least `count` rows in all, for at
+    /// most `within`: [`ErrorKind::Timeout`] past it (with the count
+    /// reached). Woken by the relay itself, not by polling, so a test or a
+    /// health check learns of the row the moment it is deleted.
+    pub async fn wait_for_sent(&self, count: u64, within: Duration) -> Result<(), Error> {
+        let reached = async {
+            loop {
+                let moved = self.moved.notified();
+                let mut moved = std::pin::pin!(moved);
+                // Registered before the count is read: a row sent in
+                // between still wakes this waiter.
+                moved.as_mut().enable();
+                if self.sent() >= count {
+                    return;
+                }
+                moved.await;
+            }
+        };
+        tokio::time::timeout(within, reached).await.map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "outbox relay sent {} of {count} rows within {within:?}",
+                    self.sent()
+                ),
+            )
+        })
+    }
+
     /// Rows the transport accepted (and the relay deleted or tried to).
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
@@ -215,7 +251,7 @@ impl<DB: OutboxDatabase> Relay<DB> {
                 }
                 Err(error) if error.kind() == ErrorKind::Closed => break Err(error),
                 Err(error) => {
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    self.stats.add(&self.stats.failures, 1);
                     let delay = worker.delays.next().unwrap_or(self.config.backoff.1);
                     tracing::warn!(
                         %error,

@@ -92,10 +92,7 @@ impl Accepted {
             return Ok(());
         }
         DB::delete(conn, &relay.outbox.shared.tables, &self.ids).await?;
-        relay
-            .stats
-            .sent
-            .fetch_add(self.ids.len() as u64, Ordering::Relaxed);
+        relay.stats.add(&relay.stats.sent, self.ids.len() as u64);
         for (topic, count) in &self.per_topic {
             metrics::outbox_sent(relay.metric_label(), topic, *count);
         }
@@ -286,7 +283,9 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
             }
             let messages = run.iter().map(|(_, message)| message.clone()).collect();
             match self.publish(topic, messages).await {
-                Ok(()) => published.accepted.extend(run.iter().map(|(index, _)| *index)),
+                Ok(()) => published
+                    .accepted
+                    .extend(run.iter().map(|(index, _)| *index)),
                 Err(error) if refuses_row(&error) => {
                     // Which one? Send them one by one (a prefix may have been
                     // taken already: those go twice, as at-least-once allows).
@@ -352,7 +351,7 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
         let reason = error.to_string();
         DB::park(conn, &relay.outbox.shared.tables, row.id, &reason).await?;
         let holds_key = relay.config.on_refused == OnRefused::HoldKey;
-        relay.stats.parked.fetch_add(1, Ordering::Relaxed);
+        relay.stats.add(&relay.stats.parked, 1);
         metrics::outbox_parked(relay.metric_label(), &row.topic);
         tracing::error!(
             id = row.id,
