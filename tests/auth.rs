@@ -1,5 +1,6 @@
-//! Local token verification: every refusal case, both algorithms, and the
-//! tower layer in front of HTTP and gRPC services. The tests sign their own
+//! Local token verification: every refusal case, both algorithms, the
+//! tower layer in front of HTTP and gRPC services, and key rotation by
+//! signed announcements (`auth/rotation.rs`). The tests sign their own
 //! tokens with the key pairs in tests/fixtures/auth.
 
 use std::convert::Infallible;
