@@ -128,6 +128,7 @@
 //! ```
 
 mod announcement;
+mod claims;
 mod error;
 mod follow;
 mod future;
@@ -146,11 +147,12 @@ use serde::de::DeserializeOwned;
 use tower::Service;
 
 pub use announcement::{AnnouncedKey, AnnouncementError, KeySigningKey, KeysRotated, TrustAnchor};
+pub use claims::Claims;
 pub use error::AuthError;
 pub use future::ResponseFuture;
 pub use layer::AuthLayer;
 pub use refusal::RefusalBody;
-pub use verifier::{Claims, DEFAULT_LEEWAY, KeyAlgorithm, TokenVerifier};
+pub use verifier::{DEFAULT_LEEWAY, KeyAlgorithm, TokenVerifier};
 
 /// A service that only lets through requests with a valid bearer token; see
 /// [`AuthLayer`].

@@ -6,7 +6,6 @@
 //! first and anything but the pinned algorithm is refused by name, before any
 //! signature is computed.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,8 +16,8 @@ use http::HeaderMap;
 use http::header::AUTHORIZATION;
 use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize};
 
 use super::AuthError;
 use super::announcement::{AnnouncementError, KeysRotated, TrustAnchor};
@@ -28,50 +27,6 @@ use crate::{Error, ErrorKind};
 /// The clock skew allowed on `exp` and `nbf` unless
 /// [`with_leeway`](TokenVerifier::with_leeway) says otherwise.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
-
-/// The claims of a token from Auth: the registered ones the verifier checks,
-/// and everything else (roles, scopes) in [`extra`](Claims::extra).
-///
-/// It is what [`AuthLayer`](super::AuthLayer) puts in the request extensions
-/// unless it is told to use another type.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Claims {
-    /// The subject: the user (or service) the token speaks for.
-    pub sub: String,
-    /// The issuer; always the trusted one once verified.
-    pub iss: String,
-    /// Expiry, seconds since the Unix epoch.
-    pub exp: u64,
-    /// Not before, seconds since the Unix epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<u64>,
-    /// Issued at, seconds since the Unix epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
-    /// The audiences; a single string in the token becomes one entry.
-    #[serde(
-        default,
-        deserialize_with = "one_or_many",
-        skip_serializing_if = "Vec::is_empty"
-    )]
-    pub aud: Vec<String>,
-    /// Every other claim, as JSON.
-    #[serde(flatten)]
-    pub extra: BTreeMap<String, serde_json::Value>,
-}
-
-fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(deserializer)? {
-        OneOrMany::One(one) => vec![one],
-        OneOrMany::Many(many) => many,
-    })
-}
 
 /// The issuer's signature algorithm, fixed when the verifier is built.
 #[non_exhaustive]
@@ -386,7 +341,7 @@ impl TokenVerifier {
         &self.issuer
     }
 
-    /// Verifies `token` and returns its claims as `C` (usually [`Claims`]).
+    /// Verifies `token` and returns its claims as `C` (usually [`Claims`](super::Claims)).
     pub fn verify<C: DeserializeOwned>(&self, token: &str) -> Result<C, AuthError> {
         if self.audience == AudiencePolicy::Unset {
             return Err(AuthError::AudienceNotConfigured);
