@@ -190,16 +190,24 @@ impl AuthKeys {
         Ok(Rotation { set, announcement })
     }
 
-    /// Makes a prepared rotation the key set (saved first when on disk).
-    pub fn install(&mut self, rotation: Rotation) -> Result<(), Error> {
-        let current = current_of(&rotation.set)?;
+    /// Writes a prepared rotation to the key directory (nothing in
+    /// memory), before it is announced: should the announcement or the
+    /// process fail next, the next start loads and announces this set, so
+    /// no key is ever announced that the file does not hold.
+    pub fn save(&self, rotation: &Rotation) -> Result<(), Error> {
         if let KeySource::Dir(dir) = &self.source {
             let json = serde_json::to_vec_pretty(&rotation.set)
                 .map_err(|error| Error::new(ErrorKind::Encode, error.to_string()))?;
             write_private(&dir.join(SIGNING_KEYS), &json)?;
         }
+        Ok(())
+    }
+
+    /// Makes a saved and announced rotation the key set in memory: its
+    /// newest key signs from now on.
+    pub fn install(&mut self, rotation: Rotation) -> Result<(), Error> {
+        self.current = current_of(&rotation.set)?;
         self.set = rotation.set;
-        self.current = current;
         Ok(())
     }
 }

@@ -223,10 +223,11 @@ impl AuthState {
 }
 
 impl AuthState {
-    /// Announces `rotation` on the bus and, once the bus has it, makes it
-    /// the key set: tokens are signed with a new key only after verifiers
-    /// can learn it.
+    /// Saves `rotation`, announces it on the bus and, once the bus has it,
+    /// makes it the key set: tokens are signed with a new key only after
+    /// verifiers can learn it.
     async fn announce(&self, rotation: super::auth_keys::Rotation) -> Result<(), Error> {
+        self.keys.lock().expect("keys lock").save(&rotation)?;
         let announcement = rotation.announcement.clone();
         self.bus.publish(announcement.clone()).await?;
         self.keys.lock().expect("keys lock").install(rotation)?;
