@@ -1,11 +1,13 @@
 //! Game on its own: holdings from `trade.executed`, players from
 //! `user.registered` (and Auth's gRPC lookup), `holding.changed` out, prices
 //! from Market's HTTP API, history from Market's HTTP/2 stream, tokens
-//! checked locally with Auth's public key.
+//! checked locally with Auth's keys, learnt from its signed announcements on
+//! the bus (the key-signing key is pinned with `--trust-anchor`).
 //!
 //! ```text
 //! cargo run --example game -- --port 7003 --auth 127.0.0.1:7001 \
-//!     --market 127.0.0.1:7002 --redis redis://127.0.0.1:6379
+//!     --market 127.0.0.1:7002 --redis redis://127.0.0.1:6379 \
+//!     --trust-anchor ./auth-keys/key-signing-key.pub.pem
 //! ```
 //!
 //! Prints `game listening on http://ADDR` once it serves; stops on Ctrl-C or
@@ -22,9 +24,11 @@ use common::market_service::MarketAddrs;
 use switchboard::middleware::Resilience;
 
 const USAGE: &str = "\
-cargo run --example game -- --auth ADDR --market ADDR --redis URL [--port N] [--namespace NAME]
+cargo run --example game -- --auth ADDR --market ADDR --redis URL --trust-anchor FILE [--port N] [--namespace NAME]
 
-  --auth ADDR         Auth's HTTP address (for its public key and gRPC endpoint)
+  --auth ADDR         Auth's HTTP address (for its gRPC endpoint)
+  --trust-anchor FILE Auth's key-signing key, public PEM (key-signing-key.pub.pem in
+                      Auth's --keys directory): Game trusts the key sets it signed
   --market ADDR       Market's HTTP address
   --port N            HTTP port (default: any free port)
   --redis URL         events (or REDIS_URL)
@@ -50,8 +54,8 @@ async fn run() -> Result<(), Failure> {
         ));
     };
     flags.require_redis("game")?;
+    let trust_anchor = flags.trust_anchor_pem("game")?;
     let brokers = flags.brokers().await?;
-    let public_key = cli::fetch_text("Auth", auth, "/v1/public-key").await?;
     let auth_endpoints: AuthEndpoints = cli::fetch_json("Auth", auth, "/v1/endpoints").await?;
     let market_endpoints: MarketAddrs = cli::fetch_json("Market", market, "/v1/endpoints").await?;
     let game = GameService::start(
@@ -61,7 +65,7 @@ async fn run() -> Result<(), Failure> {
             market_http: market_endpoints.http,
             market_transfer: market_endpoints.transfer,
             auth_grpc: auth_endpoints.grpc,
-            auth_public_key_pem: public_key,
+            auth_trust_anchor_pem: trust_anchor,
             resilience: Resilience::default(),
             alert: None,
         },

@@ -5,7 +5,8 @@
 //! REDIS_URL=redis://127.0.0.1:6379 AMQP_URL=amqp://guest:guest@127.0.0.1:5672 \
 //!     cargo run --example trading             # the same on Redis and RabbitMQ
 //! cargo run --example trading -- --auth 127.0.0.1:7001 --market 127.0.0.1:7002 \
-//!     --game 127.0.0.1:7003 --redis redis://127.0.0.1:6379   # against separate processes
+//!     --game 127.0.0.1:7003 --redis redis://127.0.0.1:6379 \
+//!     --trust-anchor ./auth-keys/key-signing-key.pub.pem       # against separate processes
 //! ```
 //!
 //! Without the others' addresses, Auth, Market and Game run in this process
@@ -38,7 +39,9 @@ cargo run --example trading [-- FLAGS]
   --namespace NAME    prefix of every topic, so runs sharing a broker never meet
   --auth ADDR --market ADDR --game ADDR
                       use these running services instead of embedding them
-                      (their HTTP addresses; needs --redis)
+                      (their HTTP addresses; needs --redis and --trust-anchor)
+  --trust-anchor FILE Auth's key-signing key, public PEM (key-signing-key.pub.pem in
+                      Auth's --keys directory): Trading trusts the key sets it signed
   --port N            Trading's own HTTP port (default: any free port)";
 
 #[tokio::main]
@@ -73,7 +76,7 @@ async fn run() -> Result<(), Failure> {
         }
         (Some(auth), Some(market), Some(game)) => {
             flags.require_redis("trading against separate services")?;
-            let public_key = cli::fetch_text("Auth", auth, "/v1/public-key").await?;
+            let trust_anchor = flags.trust_anchor_pem("trading")?;
             let endpoints: MarketAddrs = cli::fetch_json("Market", market, "/v1/endpoints").await?;
             cli::fetch_text("Game", game, "/health").await?;
             let trading = TradingService::start(
@@ -81,7 +84,7 @@ async fn run() -> Result<(), Failure> {
                 TradingConfig {
                     http: flags.listen(),
                     market_grpc: endpoints.grpc,
-                    auth_public_key_pem: public_key,
+                    auth_trust_anchor_pem: trust_anchor,
                     resilience,
                 },
             )

@@ -1,5 +1,6 @@
-//! Local token verification: every refusal case, both algorithms, and the
-//! tower layer in front of HTTP and gRPC services. The tests sign their own
+//! Local token verification: every refusal case, both algorithms, the
+//! tower layer in front of HTTP and gRPC services, and key rotation by
+//! signed announcements (`auth/rotation.rs`). The tests sign their own
 //! tokens with the key pairs in tests/fixtures/auth.
 
 use std::convert::Infallible;
@@ -25,12 +26,21 @@ const RSA_PRIVATE: &[u8] = include_bytes!("fixtures/auth/rsa_private.pem");
 
 const ISSUER: &str = "auth-service";
 
+#[path = "auth/rotation.rs"]
+mod rotation;
+
+/// A one-key verifier that opts out of the audience check (the audience
+/// tests opt back in).
 fn ed_verifier() -> TokenVerifier {
-    TokenVerifier::ed25519_pem(ED_PUBLIC, ISSUER).expect("valid Ed25519 key")
+    TokenVerifier::ed25519_pem(ED_PUBLIC, ISSUER)
+        .expect("valid Ed25519 key")
+        .with_any_audience()
 }
 
 fn rsa_verifier() -> TokenVerifier {
-    TokenVerifier::rs256_pem(RSA_PUBLIC, ISSUER).expect("valid RSA key")
+    TokenVerifier::rs256_pem(RSA_PUBLIC, ISSUER)
+        .expect("valid RSA key")
+        .with_any_audience()
 }
 
 fn now() -> u64 {
@@ -265,8 +275,28 @@ fn the_audience_is_checked_when_set() {
         verifier.verify::<Claims>(&for_anyone).unwrap_err(),
         AuthError::MissingClaim("aud".into())
     );
-    // Without an audience configured, `aud` is not looked at.
+    // With the explicit opt-out, `aud` is not looked at.
     assert!(ed_verifier().verify::<Claims>(&for_market).is_ok());
+}
+
+#[test]
+fn the_audience_is_required_unless_opted_out() {
+    let unset = TokenVerifier::ed25519_pem(ED_PUBLIC, ISSUER).unwrap();
+    for token in [
+        sign_ed(&good_claims()),
+        sign_ed(&with_claim(good_claims(), "aud", json!("game"))),
+    ] {
+        assert_eq!(
+            unset.verify::<Claims>(&token).unwrap_err(),
+            AuthError::AudienceNotConfigured
+        );
+    }
+    let error = Error::from(AuthError::AudienceNotConfigured);
+    assert_eq!(error.kind(), ErrorKind::Unauthorized);
+    assert!(error.message().contains("with_any_audience"));
+    // The opt-out after an audience drops the requirement again.
+    let any = unset.with_audience("game").with_any_audience();
+    assert!(any.verify::<Claims>(&sign_ed(&good_claims())).is_ok());
 }
 
 #[test]

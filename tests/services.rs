@@ -31,6 +31,9 @@ use tokio::sync::mpsc;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
+#[path = "services/auth_keys.rs"]
+mod auth_keys;
+
 fn breaker() -> CircuitBreakerConfig {
     CircuitBreakerConfig::default()
         .with_failure_threshold(1)

@@ -1,24 +1,34 @@
 //! Auth: registers users, publishes `user.registered`, issues tokens signed
-//! with its own Ed25519 private key, and answers user lookups over gRPC.
+//! with its own Ed25519 private key, rotates that key and announces its
+//! public keys on the bus, and answers user lookups over gRPC.
 //!
 //! strategy §2 row and column: nobody calls Auth synchronously except Game's
 //! user lookup (📞 Game → Auth); everyone else trusts its tokens by checking
-//! the signature locally with the public key (✉ Auth → Game), so Auth being
-//! down stops new logins but not existing sessions (§4.2).
+//! the signature locally with the public keys (✉ Auth → Game), so Auth being
+//! down stops new logins but not existing sessions (§4.2). The keys reach
+//! Trading and Game as `auth.keys_rotated` events signed by the key-signing
+//! key they pin (`switchboard::auth`, "Key rotation"): at Auth's start, and
+//! at every rotation ([`AuthService::rotate_keys`], or every
+//! `AuthConfig::rotate_every`).
 //!
-//! HTTP: `POST /v1/users`, `POST /v1/tokens`, `GET /v1/public-key`,
-//! `GET /health`. gRPC: `auth.v1.Users/GetUser`.
+//! Tokens name their key (`kid`) and their audiences: Trading and Game.
+//!
+//! HTTP: `POST /v1/users`, `POST /v1/tokens`, `GET /v1/public-key` (the
+//! current key), `GET /v1/keys` (the last announcement), `GET /health`.
+//! gRPC: `auth.v1.Users/GetUser`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use switchboard::auth::KeysRotated;
+
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, Header};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use switchboard::auth::TokenVerifier;
@@ -27,6 +37,7 @@ use switchboard::transport::http::{ErrorResponse, JsonBody};
 use switchboard::{Error, ErrorKind, EventBus};
 use tonic::{Request, Response, Status};
 
+use super::auth_keys::{AuthKeys, DEFAULT_KEY_OVERLAP, KeySource};
 use super::brokers::Brokers;
 use super::domain::UserRegistered;
 use super::net::{Server, bind, stop_all};
@@ -36,6 +47,37 @@ use super::proto::auth as pb;
 pub const ISSUER: &str = "auth-service";
 /// How long a token is good for.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// The `aud` Trading requires.
+pub const TRADING_AUDIENCE: &str = "trading-service";
+/// The `aud` Game requires.
+pub const GAME_AUDIENCE: &str = "game-service";
+/// The audiences of every token: one login serves both.
+const AUDIENCES: [&str; 2] = [TRADING_AUDIENCE, GAME_AUDIENCE];
+
+/// What Auth needs to start.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Where the HTTP API listens (gRPC on another free port).
+    pub http: SocketAddr,
+    /// Where its signing keys live.
+    pub keys: KeySource,
+    /// How long a rotated-out key keeps verifying.
+    pub overlap: Duration,
+    /// Rotate the signing key this often (`None`: only when asked).
+    pub rotate_every: Option<Duration>,
+}
+
+impl AuthConfig {
+    /// Keys in memory, rotated only when asked: the in-process platform.
+    pub fn in_memory(http: SocketAddr) -> Self {
+        Self {
+            http,
+            keys: KeySource::Memory,
+            overlap: DEFAULT_KEY_OVERLAP,
+            rotate_every: None,
+        }
+    }
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Credentials {
@@ -58,6 +100,7 @@ pub struct Token {
 struct TokenClaims<'a> {
     sub: &'a str,
     iss: &'a str,
+    aud: [&'a str; 2],
     iat: u64,
     exp: u64,
     name: &'a str,
@@ -74,8 +117,12 @@ struct AuthState {
     users: Mutex<HashMap<String, User>>,
     /// username → user id
     names: Mutex<HashMap<String, String>>,
-    signing_key: EncodingKey,
-    public_key_pem: String,
+    keys: Mutex<AuthKeys>,
+    /// The last announcement published, for `GET /v1/keys`.
+    announced: Mutex<Option<KeysRotated>>,
+    /// One rotation at a time: prepared, announced, installed.
+    rotating: tokio::sync::Mutex<()>,
+    overlap: Duration,
     bus: EventBus,
 }
 
@@ -146,13 +193,16 @@ impl AuthState {
         let claims = TokenClaims {
             sub: &user.user_id,
             iss: ISSUER,
+            aud: AUDIENCES,
             iat: now,
             exp: now + TOKEN_LIFETIME.as_secs(),
             name: &user.username,
         };
-        let token =
-            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.signing_key)
-                .map_err(|error| Error::new(ErrorKind::Encode, format!("signing: {error}")))?;
+        let key = self.keys.lock().expect("keys lock").current().clone();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(key.kid);
+        let token = jsonwebtoken::encode(&header, &claims, &key.encoding)
+            .map_err(|error| Error::new(ErrorKind::Encode, format!("signing: {error}")))?;
         Ok(Token {
             token,
             expires_in_s: TOKEN_LIFETIME.as_secs(),
@@ -172,12 +222,30 @@ impl AuthState {
     }
 }
 
-/// A new Ed25519 key pair: (private PKCS#8 PEM, public SPKI PEM). Auth makes
-/// one per start; a real deployment loads it from a secret store.
-fn key_pair() -> Result<(String, String), Error> {
-    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
-        .map_err(|error| Error::new(ErrorKind::Config, format!("key generation: {error}")))?;
-    Ok((pair.serialize_pem(), pair.public_key_pem()))
+impl AuthState {
+    /// Saves `rotation`, announces it on the bus and, once the bus has it,
+    /// makes it the key set: tokens are signed with a new key only after
+    /// verifiers can learn it.
+    async fn announce(&self, rotation: super::auth_keys::Rotation) -> Result<(), Error> {
+        self.keys.lock().expect("keys lock").save(&rotation)?;
+        let announcement = rotation.announcement.clone();
+        self.bus.publish(announcement.clone()).await?;
+        self.keys.lock().expect("keys lock").install(rotation)?;
+        *self.announced.lock().expect("announced lock") = Some(announcement);
+        Ok(())
+    }
+
+    async fn rotate(&self) -> Result<(), Error> {
+        let _one_at_a_time = self.rotating.lock().await;
+        let rotation = self
+            .keys
+            .lock()
+            .expect("keys lock")
+            .rotation(self.overlap)?;
+        self.announce(rotation).await?;
+        tracing::info!(kid = %self.keys.lock().expect("keys lock").current().kid, "signing key rotated");
+        Ok(())
+    }
 }
 
 /// Where Auth listens.
@@ -193,6 +261,15 @@ pub struct AuthService {
     http: Option<Server>,
     grpc: Option<Server>,
     addrs: AuthAddrs,
+    rotator: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for AuthService {
+    fn drop(&mut self) {
+        if let Some(rotator) = self.rotator.take() {
+            rotator.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for AuthService {
@@ -204,35 +281,85 @@ impl std::fmt::Debug for AuthService {
 }
 
 impl AuthService {
-    /// Starts Auth: HTTP on `http`, gRPC on any free port.
-    pub async fn start(brokers: &Brokers, http: SocketAddr) -> Result<Self, Error> {
-        let (private_pem, public_key_pem) = key_pair()?;
+    /// Starts Auth: loads (or, the first time, makes) its keys, announces
+    /// them on the bus, then serves HTTP on `config.http` and gRPC on any
+    /// free port.
+    pub async fn start(brokers: &Brokers, config: AuthConfig) -> Result<Self, Error> {
+        let keys = AuthKeys::load(config.keys.clone())?;
         // Building a verifier installs jsonwebtoken's crypto provider, which
-        // signing needs too; it also proves the pair is usable.
-        TokenVerifier::ed25519_pem(public_key_pem.as_bytes(), ISSUER)?;
-        let signing_key = EncodingKey::from_ed_pem(private_pem.as_bytes())
-            .map_err(|error| Error::new(ErrorKind::Config, format!("signing key: {error}")))?;
+        // signing needs too; it also proves the current key is usable.
+        TokenVerifier::ed25519_pem(keys.current().public_key_pem.as_bytes(), ISSUER)?;
+        let reannouncement = keys.reannouncement()?;
         let state = Arc::new(AuthState {
             users: Mutex::default(),
             names: Mutex::default(),
-            signing_key,
-            public_key_pem,
+            keys: Mutex::new(keys),
+            announced: Mutex::default(),
+            rotating: tokio::sync::Mutex::default(),
+            overlap: config.overlap,
             bus: brokers.events("auth-service"),
         });
+        // The bus holds the current key set before the first token is out.
+        state.announce(reannouncement).await?;
+        let http = config.http;
         let http_listener = bind(http).await?;
         let grpc_listener = bind(SocketAddr::new(http.ip(), 0)).await?;
         let addrs = AuthAddrs {
             http: http_listener.local_addr().map_err(io)?,
             grpc: grpc_listener.local_addr().map_err(io)?,
         };
+        let rotator = config.rotate_every.map(|every| {
+            let state = Arc::downgrade(&state);
+            tokio::spawn(async move {
+                let mut ticks =
+                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    ticks.tick().await;
+                    let Some(state) = state.upgrade() else { return };
+                    if let Err(error) = state.rotate().await {
+                        // The old key keeps signing; the next tick tries again.
+                        tracing::warn!(%error, "key rotation failed");
+                    }
+                }
+            })
+        });
         let mut service = Self {
             state,
             http: None,
             grpc: None,
             addrs,
+            rotator,
         };
         service.serve(http_listener, grpc_listener);
         Ok(service)
+    }
+
+    /// Rotates the signing key now: a new key signs from here on, the old
+    /// one verifies for the configured overlap, and the new key set is
+    /// announced on the bus before the new key signs anything.
+    pub async fn rotate_keys(&self) -> Result<(), Error> {
+        self.state.rotate().await
+    }
+
+    /// The `kid` tokens are signed with now.
+    pub fn current_kid(&self) -> String {
+        self.state
+            .keys
+            .lock()
+            .expect("keys lock")
+            .current()
+            .kid
+            .clone()
+    }
+
+    /// The key-signing key's public half (PEM), which Trading and Game pin.
+    pub fn trust_anchor_pem(&self) -> String {
+        self.state
+            .keys
+            .lock()
+            .expect("keys lock")
+            .trust_anchor_pem()
+            .to_owned()
     }
 
     fn serve(&mut self, http: tokio::net::TcpListener, grpc: tokio::net::TcpListener) {
@@ -275,9 +402,15 @@ impl AuthService {
         self.addrs
     }
 
-    /// The public key tokens are checked with.
-    pub fn public_key_pem(&self) -> &str {
-        &self.state.public_key_pem
+    /// The public key of the current signing key.
+    pub fn public_key_pem(&self) -> String {
+        self.state
+            .keys
+            .lock()
+            .expect("keys lock")
+            .current()
+            .public_key_pem
+            .clone()
     }
 
     /// Takes both servers down (the users stay in memory).
@@ -313,7 +446,21 @@ fn router(state: Arc<AuthState>, addrs: AuthAddrs) -> Router {
         )
         .route(
             "/v1/public-key",
-            get(|State(state): State<Arc<AuthState>>| async move { state.public_key_pem.clone() }),
+            get(|State(state): State<Arc<AuthState>>| async move {
+                state
+                    .keys
+                    .lock()
+                    .expect("keys lock")
+                    .current()
+                    .public_key_pem
+                    .clone()
+            }),
+        )
+        .route(
+            "/v1/keys",
+            get(|State(state): State<Arc<AuthState>>| async move {
+                Json(state.announced.lock().expect("announced lock").clone())
+            }),
         )
         .route(
             "/v1/users",

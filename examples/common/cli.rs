@@ -19,6 +19,12 @@ pub struct Flags {
     pub market: Option<SocketAddr>,
     pub game: Option<SocketAddr>,
     pub orders: Option<usize>,
+    /// Auth: the directory of its signing keys.
+    pub keys: Option<std::path::PathBuf>,
+    /// Auth: rotate the signing key this often.
+    pub rotate_every: Option<std::time::Duration>,
+    /// Trading and Game: the file of Auth's key-signing key (public PEM).
+    pub trust_anchor: Option<std::path::PathBuf>,
 }
 
 /// What went wrong, for a one-line message and an exit code.
@@ -99,6 +105,9 @@ impl Flags {
                 "--market",
                 "--game",
                 "--orders",
+                "--keys",
+                "--rotate-every",
+                "--trust-anchor",
             ];
             if !known.contains(&name.as_str()) {
                 return Err(Failure::Usage(format!("unknown argument {flag:?}")));
@@ -124,6 +133,18 @@ impl Flags {
                     flags.orders = Some(orders.ok_or_else(|| {
                         Failure::Usage(format!("--orders wants a positive number, got {value:?}"))
                     })?)
+                }
+                "--keys" => flags.keys = Some(value.into()),
+                "--trust-anchor" => flags.trust_anchor = Some(value.into()),
+                "--rotate-every" => {
+                    let seconds = value.parse().ok().filter(|seconds| *seconds > 0);
+                    flags.rotate_every = Some(std::time::Duration::from_secs(seconds.ok_or_else(
+                        || {
+                            Failure::Usage(format!(
+                                "--rotate-every wants a positive number of seconds, got {value:?}"
+                            ))
+                        },
+                    )?))
                 }
                 _ => unreachable!("checked against the known flags"),
             }
@@ -159,6 +180,21 @@ impl Flags {
             )));
         }
         Ok(())
+    }
+}
+
+impl Flags {
+    /// Auth's pinned key-signing key, read from `--trust-anchor`: Trading
+    /// and Game on their own need it to trust Auth's key announcements.
+    pub fn trust_anchor_pem(&self, program: &str) -> Result<String, Failure> {
+        let Some(path) = &self.trust_anchor else {
+            return Err(Failure::Usage(format!(
+                "{program} on its own needs --trust-anchor FILE: Auth's key-signing key \
+                 (the key-signing-key.pub.pem in Auth's --keys directory)"
+            )));
+        };
+        std::fs::read_to_string(path)
+            .map_err(|error| Failure::Usage(format!("--trust-anchor {}: {error}", path.display())))
     }
 }
 

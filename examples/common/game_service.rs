@@ -301,7 +301,9 @@ pub struct GameConfig {
     pub market_http: SocketAddr,
     pub market_transfer: SocketAddr,
     pub auth_grpc: SocketAddr,
-    pub auth_public_key_pem: String,
+    /// Auth's key-signing key (public PEM), pinned: Game learns Auth's
+    /// token keys from announcements it signed.
+    pub auth_trust_anchor_pem: String,
     pub resilience: Resilience,
     /// Told about every dead-lettered event (operations' pager).
     pub alert: Option<Arc<dyn DeadLetterAlert>>,
@@ -329,10 +331,13 @@ impl std::fmt::Debug for GameService {
 impl GameService {
     /// Starts Game.
     pub async fn start(brokers: &Brokers, config: GameConfig) -> Result<Self, Error> {
-        let verifier = Arc::new(TokenVerifier::ed25519_pem(
-            config.auth_public_key_pem.as_bytes(),
-            super::auth_service::ISSUER,
-        )?);
+        let (verifier, auth_keys) = super::auth_keys::follow_auth_keys(
+            brokers,
+            "game-service",
+            super::auth_service::GAME_AUDIENCE,
+            &config.auth_trust_anchor_pem,
+        )
+        .await?;
         let resilience = config.resilience.clone();
         let market_breaker = resilience.breaker("market");
         let quote = JsonService::<QuoteRequest, Quote>::post(
@@ -432,7 +437,7 @@ impl GameService {
             addr,
             market_breaker,
             auth_breaker,
-            consumers: vec![trades, users, prices],
+            consumers: vec![trades, users, prices, auth_keys],
         })
     }
 

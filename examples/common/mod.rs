@@ -9,6 +9,7 @@
 //! | `proto` | Market's and Auth's gRPC APIs, generated code checked in |
 //! | `brokers` | in-memory bus, or Redis Streams / Pub/Sub and RabbitMQ |
 //! | `auth_service`, `market_service`, `trading_service`, `game_service` | the services |
+//! | `auth_keys` | Auth's signing keys on disk, their rotation and signed announcement |
 //! | `session` | the gateway client (with strategy §4.2 degradation) and the scripted session |
 //! | `cli` | flags, and one-line errors instead of panics |
 //! | `net` | restartable servers, latency histograms |
@@ -16,6 +17,7 @@
 // Each example uses only part of this library.
 #![allow(dead_code)]
 
+pub mod auth_keys;
 pub mod auth_service;
 pub mod brokers;
 pub mod cli;

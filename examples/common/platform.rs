@@ -9,7 +9,7 @@ use switchboard::Error;
 use switchboard::middleware::Resilience;
 use switchboard::middleware::dead_letter::DeadLetterAlert;
 
-use super::auth_service::AuthService;
+use super::auth_service::{AuthConfig, AuthService};
 use super::brokers::Brokers;
 use super::game_service::{GameConfig, GameService};
 use super::market_service::MarketService;
@@ -36,7 +36,7 @@ impl Platform {
         resilience: &Resilience,
         alert: Option<Arc<dyn DeadLetterAlert>>,
     ) -> Result<Self, Error> {
-        let auth = AuthService::start(brokers, any_port()).await?;
+        let auth = AuthService::start(brokers, AuthConfig::in_memory(any_port())).await?;
         let market = MarketService::start(brokers, any_port()).await?;
         let game = GameService::start(
             brokers,
@@ -45,7 +45,7 @@ impl Platform {
                 market_http: market.addrs().http,
                 market_transfer: market.addrs().transfer,
                 auth_grpc: auth.addrs().grpc,
-                auth_public_key_pem: auth.public_key_pem().to_owned(),
+                auth_trust_anchor_pem: auth.trust_anchor_pem(),
                 resilience: resilience.clone(),
                 alert,
             },
@@ -56,7 +56,7 @@ impl Platform {
             TradingConfig {
                 http: any_port(),
                 market_grpc: market.addrs().grpc,
-                auth_public_key_pem: auth.public_key_pem().to_owned(),
+                auth_trust_anchor_pem: auth.trust_anchor_pem(),
                 resilience: resilience.clone(),
             },
         )

@@ -188,8 +188,9 @@ pub struct TradingConfig {
     pub http: SocketAddr,
     /// Market's gRPC address.
     pub market_grpc: SocketAddr,
-    /// Auth's public key (PEM), to check tokens locally.
-    pub auth_public_key_pem: String,
+    /// Auth's key-signing key (public PEM), pinned: Trading learns Auth's
+    /// token keys from announcements it signed, and checks tokens locally.
+    pub auth_trust_anchor_pem: String,
     /// The resilience settings (strategy §4.1 and §4.3 by default).
     pub resilience: Resilience,
 }
@@ -215,10 +216,13 @@ impl std::fmt::Debug for TradingService {
 impl TradingService {
     /// Starts Trading.
     pub async fn start(brokers: &Brokers, config: TradingConfig) -> Result<Self, Error> {
-        let verifier = Arc::new(TokenVerifier::ed25519_pem(
-            config.auth_public_key_pem.as_bytes(),
-            super::auth_service::ISSUER,
-        )?);
+        let (verifier, auth_keys) = super::auth_keys::follow_auth_keys(
+            brokers,
+            "trading-service",
+            super::auth_service::TRADING_AUDIENCE,
+            &config.auth_trust_anchor_pem,
+        )
+        .await?;
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://{}", config.market_grpc))
                 .map_err(|error| Error::new(ErrorKind::Config, format!("Market address: {error}")))?
@@ -288,7 +292,7 @@ impl TradingService {
             http: Some(http),
             addr,
             market_breaker,
-            consumers: vec![prices_consumer, settlement_worker],
+            consumers: vec![prices_consumer, settlement_worker, auth_keys],
         })
     }
 

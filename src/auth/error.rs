@@ -57,6 +57,30 @@ pub enum AuthError {
         /// The issuer this verifier trusts.
         expected: String,
     },
+    /// The verifier was given neither an audience
+    /// ([`with_audience`](super::TokenVerifier::with_audience)) nor the
+    /// explicit opt-out ([`with_any_audience`](super::TokenVerifier::with_any_audience)),
+    /// so it refuses every token rather than accept tokens meant for
+    /// another service. A configuration mistake: fix the verifier.
+    #[error(
+        "the verifier has no audience configured (set `with_audience`, or opt out with `with_any_audience`)"
+    )]
+    AudienceNotConfigured,
+    /// The token's `kid` names no key of the issuer's current key set (a
+    /// key never announced, or a token without `kid` where every key has
+    /// one).
+    #[error("{}", unknown_key(kid.as_deref()))]
+    UnknownKey {
+        /// The `kid` in the token's header, if any.
+        kid: Option<String>,
+    },
+    /// The token's key was rotated out and its overlap (the announced
+    /// `not_after`) has passed.
+    #[error("the token's key `{kid}` was rotated out and is no longer accepted")]
+    KeyRetired {
+        /// The retired key's id.
+        kid: String,
+    },
     /// `aud` does not name this service.
     #[error("the token is not meant for this audience")]
     WrongAudience,
@@ -69,6 +93,13 @@ pub enum AuthError {
     /// number, a missing `sub`, a field of the wrong type).
     #[error("the token's claims are invalid: {0}")]
     InvalidClaims(String),
+}
+
+fn unknown_key(kid: Option<&str>) -> String {
+    match kid {
+        Some(kid) => format!("the token's key `{kid}` is not in the issuer's key set"),
+        None => "the token names no key (`kid`) and every key of the issuer's set has one".into(),
+    }
 }
 
 impl From<AuthError> for Error {

@@ -16,7 +16,7 @@ use super::{Auth, Claims, TokenVerifier};
 /// use tower::ServiceBuilder;
 ///
 /// # let pem = b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAg3ve/6wyVumFUmirqzhJiySYX2y+VV27M1Vz7CIlmNg=\n-----END PUBLIC KEY-----\n";
-/// let verifier = Arc::new(TokenVerifier::ed25519_pem(pem, "auth")?);
+/// let verifier = Arc::new(TokenVerifier::ed25519_pem(pem, "auth")?.with_audience("orders"));
 /// let service = ServiceBuilder::new()
 ///     .layer(AuthLayer::new(verifier))
 ///     .service_fn(|request: http::Request<String>| async move {

@@ -6,9 +6,9 @@
 //! first and anything but the pinned algorithm is refused by name, before any
 //! signature is computed.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,59 +16,17 @@ use http::HeaderMap;
 use http::header::AUTHORIZATION;
 use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize};
 
 use super::AuthError;
+use super::announcement::{AnnouncementError, KeysRotated, TrustAnchor};
+use super::keys::{Clock, KeyRing, KeySet, VerificationKey};
 use crate::{Error, ErrorKind};
 
 /// The clock skew allowed on `exp` and `nbf` unless
 /// [`with_leeway`](TokenVerifier::with_leeway) says otherwise.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
-
-/// The claims of a token from Auth: the registered ones the verifier checks,
-/// and everything else (roles, scopes) in [`extra`](Claims::extra).
-///
-/// It is what [`AuthLayer`](super::AuthLayer) puts in the request extensions
-/// unless it is told to use another type.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Claims {
-    /// The subject: the user (or service) the token speaks for.
-    pub sub: String,
-    /// The issuer; always the trusted one once verified.
-    pub iss: String,
-    /// Expiry, seconds since the Unix epoch.
-    pub exp: u64,
-    /// Not before, seconds since the Unix epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<u64>,
-    /// Issued at, seconds since the Unix epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
-    /// The audiences; a single string in the token becomes one entry.
-    #[serde(
-        default,
-        deserialize_with = "one_or_many",
-        skip_serializing_if = "Vec::is_empty"
-    )]
-    pub aud: Vec<String>,
-    /// Every other claim, as JSON.
-    #[serde(flatten)]
-    pub extra: BTreeMap<String, serde_json::Value>,
-}
-
-fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(deserializer)? {
-        OneOrMany::One(one) => vec![one],
-        OneOrMany::Many(many) => many,
-    })
-}
 
 /// The issuer's signature algorithm, fixed when the verifier is built.
 #[non_exhaustive]
@@ -95,13 +53,54 @@ impl KeyAlgorithm {
             Self::Rs256 => Algorithm::RS256,
         }
     }
+
+    fn decoding_key(
+        self,
+        public_key_pem: &[u8],
+    ) -> Result<DecodingKey, jsonwebtoken::errors::Error> {
+        match self {
+            Self::EdDsa => DecodingKey::from_ed_pem(public_key_pem),
+            Self::Rs256 => DecodingKey::from_rsa_pem(public_key_pem),
+        }
+    }
 }
 
-/// Verifies Auth's tokens with the issuer's public key, without calling Auth.
+/// Which audiences a verifier accepts. Required unless opted out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AudiencePolicy {
+    /// Neither [`TokenVerifier::with_audience`] nor
+    /// [`TokenVerifier::with_any_audience`] was called: every token is
+    /// refused, so a forgotten audience fails closed.
+    Unset,
+    /// `aud` must name one of these.
+    Required,
+    /// `aud` is not looked at (explicit opt-out).
+    Any,
+}
+
+/// Verifies Auth's tokens with the issuer's public keys, without calling Auth.
 ///
 /// Built for one algorithm ([`KeyAlgorithm`]) and one issuer; checks the
-/// signature, `exp`, `nbf` (when present), `iss`, and `aud` when an audience
-/// is set. Cheap to clone behind an `Arc`, and safe to share.
+/// signature with the key the token's `kid` names, `exp`, `nbf` (when
+/// present), `iss`, and `aud`.
+///
+/// * **The audience is required.** Say which with
+///   [`with_audience`](Self::with_audience) (this service's name), or opt
+///   out explicitly with [`with_any_audience`](Self::with_any_audience); a
+///   verifier given neither refuses every token with
+///   [`AuthError::AudienceNotConfigured`].
+/// * **Keys come as a set, selected by `kid`.** The one-key constructors
+///   ([`ed25519_pem`](Self::ed25519_pem), [`rs256_pem`](Self::rs256_pem))
+///   make a set of one that answers whatever the `kid`.
+///   [`from_announcements`](Self::from_announcements) starts empty and
+///   learns the set from Auth's signed [`KeysRotated`] announcements
+///   ([`follow`](Self::follow) on the bus, or [`apply`](Self::apply)); an
+///   unknown `kid` is refused, and a rotated-out key is refused once its
+///   announced `not_after` has passed. See [the module docs](super#key-rotation).
+///
+/// Clones share the key set: an announcement applied through one is seen
+/// by all, so keep one behind an `Arc` for the [`AuthLayer`](super::AuthLayer)
+/// and the follower alike.
 ///
 /// ```
 /// use switchboard::auth::{AuthError, Claims, TokenVerifier};
@@ -122,20 +121,27 @@ impl KeyAlgorithm {
 /// )
 /// .unwrap();
 ///
-/// let verifier = TokenVerifier::ed25519_pem(PUBLIC.as_bytes(), "auth")?;
+/// let verifier = TokenVerifier::ed25519_pem(PUBLIC.as_bytes(), "auth")?.with_any_audience();
 /// let claims: Claims = verifier.verify(&token)?;
 /// assert_eq!(claims.sub, "user-42");
 ///
-/// let other = TokenVerifier::ed25519_pem(PUBLIC.as_bytes(), "someone-else")?;
+/// // No audience chosen: refused, whatever the token.
+/// let careless = TokenVerifier::ed25519_pem(PUBLIC.as_bytes(), "auth")?;
+/// assert_eq!(careless.verify::<Claims>(&token), Err(AuthError::AudienceNotConfigured));
+///
+/// let other = TokenVerifier::ed25519_pem(PUBLIC.as_bytes(), "someone-else")?.with_any_audience();
 /// assert!(matches!(other.verify::<Claims>(&token), Err(AuthError::WrongIssuer { .. })));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
 pub struct TokenVerifier {
     algorithm: KeyAlgorithm,
-    key: DecodingKey,
+    keys: Arc<KeyRing>,
     validation: Validation,
     issuer: String,
+    audience: AudiencePolicy,
+    anchor: Option<TrustAnchor>,
+    clock: Clock,
 }
 
 impl TokenVerifier {
@@ -147,7 +153,11 @@ impl TokenVerifier {
     pub fn ed25519_pem(public_key_pem: &[u8], issuer: impl Into<String>) -> Result<Self, Error> {
         let key =
             DecodingKey::from_ed_pem(public_key_pem).map_err(|e| invalid_key("Ed25519", e))?;
-        Ok(Self::new(KeyAlgorithm::EdDsa, key, issuer.into()))
+        Ok(Self::new(
+            KeyAlgorithm::EdDsa,
+            KeySet::one(key),
+            issuer.into(),
+        ))
     }
 
     /// A verifier for `RS256` tokens from `issuer`, with the issuer's RSA
@@ -156,10 +166,27 @@ impl TokenVerifier {
     /// Fails with [`ErrorKind::Config`] when the PEM is not an RSA public key.
     pub fn rs256_pem(public_key_pem: &[u8], issuer: impl Into<String>) -> Result<Self, Error> {
         let key = DecodingKey::from_rsa_pem(public_key_pem).map_err(|e| invalid_key("RSA", e))?;
-        Ok(Self::new(KeyAlgorithm::Rs256, key, issuer.into()))
+        Ok(Self::new(
+            KeyAlgorithm::Rs256,
+            KeySet::one(key),
+            issuer.into(),
+        ))
     }
 
-    fn new(algorithm: KeyAlgorithm, key: DecodingKey, issuer: String) -> Self {
+    /// A verifier of `algorithm` tokens from `issuer` whose keys come from
+    /// the issuer's [`KeysRotated`] announcements signed by `anchor` (the
+    /// pinned key-signing key). It starts with no key, refusing every
+    /// token, until [`follow`](Self::follow) or [`apply`](Self::apply)
+    /// gives it a key set.
+    pub fn from_announcements(
+        algorithm: KeyAlgorithm,
+        issuer: impl Into<String>,
+        anchor: TrustAnchor,
+    ) -> Self {
+        Self::new(algorithm, KeySet::default(), issuer.into()).with_trust_anchor(anchor)
+    }
+
+    fn new(algorithm: KeyAlgorithm, keys: KeySet, issuer: String) -> Self {
         install_crypto_provider();
         let mut validation = Validation::new(algorithm.jwt());
         validation.validate_exp = true;
@@ -170,19 +197,131 @@ impl TokenVerifier {
         validation.set_required_spec_claims(&["exp", "iss"]);
         Self {
             algorithm,
-            key,
+            keys: Arc::new(KeyRing::new(keys)),
             validation,
             issuer,
+            audience: AudiencePolicy::Unset,
+            anchor: None,
+            clock: Clock::system(),
         }
     }
 
-    /// Also requires `aud` to name `audience` (this service).
+    /// Requires `aud` to name `audience` (this service); a token without
+    /// `aud` is refused with [`AuthError::MissingClaim`].
     pub fn with_audience(mut self, audience: impl Into<String>) -> Self {
         self.validation.set_audience(&[audience.into()]);
         self.validation.validate_aud = true;
         self.validation
             .set_required_spec_claims(&["exp", "iss", "aud"]);
+        self.audience = AudiencePolicy::Required;
         self
+    }
+
+    /// Opts out of the audience check: `aud` is not looked at. Only for a
+    /// service that accepts every token of the issuer on purpose (the
+    /// issuer's tokens are then interchangeable between services).
+    pub fn with_any_audience(mut self) -> Self {
+        self.validation.aud = None;
+        self.validation.validate_aud = false;
+        self.validation.set_required_spec_claims(&["exp", "iss"]);
+        self.audience = AudiencePolicy::Any;
+        self
+    }
+
+    /// Pins the key-signing key whose signature a [`KeysRotated`]
+    /// announcement needs to be applied. Without one, every announcement
+    /// is refused with [`AnnouncementError::NoTrustAnchor`].
+    pub fn with_trust_anchor(mut self, anchor: TrustAnchor) -> Self {
+        self.anchor = Some(anchor);
+        self
+    }
+
+    /// Reads the time for key lifetimes (`not_after`) from `now` instead
+    /// of the system clock — for tests of rotation overlaps. Token `exp`
+    /// and `nbf` are still checked against the system clock.
+    pub fn with_clock(mut self, now: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        self.clock = Clock::custom(now);
+        self
+    }
+
+    /// Applies a key-set announcement: checks its signature with the pinned
+    /// key-signing key and its issuer, then replaces the key set with its
+    /// keys of this verifier's algorithm (others are skipped) — for every
+    /// clone of this verifier at once.
+    ///
+    /// Returns `Ok(false)`, changing nothing, when the announcement is not
+    /// newer (by `sequence`) than the one applied last: a replayed or
+    /// reordered announcement cannot bring a retired key back.
+    pub fn apply(&self, announcement: &KeysRotated) -> Result<bool, AnnouncementError> {
+        let anchor = self
+            .anchor
+            .as_ref()
+            .ok_or(AnnouncementError::NoTrustAnchor)?;
+        announcement.verify(anchor)?;
+        if announcement.issuer != self.issuer {
+            return Err(AnnouncementError::WrongIssuer {
+                expected: self.issuer.clone(),
+                found: announcement.issuer.clone(),
+            });
+        }
+        let mut keys = Vec::with_capacity(announcement.keys.len());
+        for announced in &announcement.keys {
+            if announced.algorithm != self.algorithm.as_str() {
+                tracing::debug!(kid = %announced.kid, algorithm = %announced.algorithm,
+                    "announced key of another algorithm skipped");
+                continue;
+            }
+            let key = self
+                .algorithm
+                .decoding_key(announced.public_key_pem.as_bytes())
+                .map_err(|error| AnnouncementError::InvalidKey {
+                    kid: announced.kid.clone(),
+                    reason: error.to_string(),
+                })?;
+            keys.push(VerificationKey {
+                kid: Some(announced.kid.clone()),
+                key,
+                not_after: announced.not_after,
+            });
+        }
+        if keys.is_empty() {
+            return Err(AnnouncementError::NoUsableKey {
+                algorithm: self.algorithm.as_str(),
+            });
+        }
+        let applied = self.keys.replace_if_newer(KeySet {
+            sequence: Some(announcement.sequence),
+            keys,
+        });
+        if applied {
+            tracing::info!(issuer = %self.issuer, sequence = announcement.sequence,
+                keys = ?self.key_ids(), "key set replaced");
+        }
+        Ok(applied)
+    }
+
+    /// The ids of the keys accepted now: announced keys whose `not_after`
+    /// has not passed (a key from a one-key constructor has no id).
+    pub fn key_ids(&self) -> Vec<String> {
+        let now = self.clock.unix_secs();
+        self.keys
+            .current()
+            .keys
+            .iter()
+            .filter(|key| key.not_after.is_none_or(|not_after| now < not_after))
+            .filter_map(|key| key.kid.clone())
+            .collect()
+    }
+
+    /// The `sequence` of the announcement the key set came from; `None`
+    /// before the first one.
+    pub fn key_set_sequence(&self) -> Option<u64> {
+        self.keys.current().sequence
+    }
+
+    /// The pinned key-signing key, if any.
+    pub fn trust_anchor(&self) -> Option<&TrustAnchor> {
+        self.anchor.as_ref()
     }
 
     /// The clock skew tolerated on `exp` and `nbf`
@@ -202,19 +341,35 @@ impl TokenVerifier {
         &self.issuer
     }
 
-    /// Verifies `token` and returns its claims as `C` (usually [`Claims`]).
+    /// Verifies `token` and returns its claims as `C` (usually [`Claims`](super::Claims)).
     pub fn verify<C: DeserializeOwned>(&self, token: &str) -> Result<C, AuthError> {
-        let found = header_algorithm(token)?;
-        if found != self.algorithm.as_str() {
+        if self.audience == AudiencePolicy::Unset {
+            return Err(AuthError::AudienceNotConfigured);
+        }
+        let header = read_header(token)?;
+        if header.alg != self.algorithm.as_str() {
             return Err(AuthError::AlgorithmNotAllowed {
-                found,
+                found: header.alg,
                 expected: self.algorithm.as_str(),
+            });
+        }
+        let keys = self.keys.current();
+        let key = keys
+            .find(header.kid.as_deref())
+            .ok_or_else(|| AuthError::UnknownKey {
+                kid: header.kid.clone(),
+            })?;
+        if let Some(not_after) = key.not_after
+            && self.clock.unix_secs() >= not_after
+        {
+            return Err(AuthError::KeyRetired {
+                kid: key.kid.clone().unwrap_or_default(),
             });
         }
         // Validation first, the claim type second: decoding straight into
         // `C` would report a missing `exp` as a shape error, not as the
         // missing claim it is.
-        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &self.validation)
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &self.validation)
             .map_err(|error| self.refusal(error))?
             .claims;
         serde_json::from_value(claims).map_err(|error| AuthError::InvalidClaims(error.to_string()))
@@ -259,22 +414,30 @@ impl TokenVerifier {
 
 impl fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys = self.keys.current();
         f.debug_struct("TokenVerifier")
             .field("algorithm", &self.algorithm)
             .field("issuer", &self.issuer)
-            .field("audience", &self.validation.aud)
+            .field("audience", &(&self.audience, &self.validation.aud))
             .field("leeway_secs", &self.validation.leeway)
+            .field("keys", &keys.keys.len())
+            .field("key_set_sequence", &keys.sequence)
+            .field("trust_anchor", &self.anchor.is_some())
             .finish_non_exhaustive()
     }
 }
 
-/// The `alg` of a token's header as written, so that a refused algorithm is
-/// named even when jsonwebtoken has no variant for it (`none`).
-fn header_algorithm(token: &str) -> Result<String, AuthError> {
-    #[derive(Deserialize)]
-    struct Header {
-        alg: String,
-    }
+/// The parts of a token's header the verifier reads itself.
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+}
+
+/// The `alg` and `kid` of a token's header as written, so that a refused
+/// algorithm is named even when jsonwebtoken has no variant for it (`none`).
+fn read_header(token: &str) -> Result<Header, AuthError> {
     let mut parts = token.split('.');
     let (Some(header), Some(_), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -286,9 +449,8 @@ fn header_algorithm(token: &str) -> Result<String, AuthError> {
     let header = URL_SAFE_NO_PAD
         .decode(header)
         .map_err(|e| AuthError::Malformed(format!("header is not base64url: {e}")))?;
-    let header: Header = serde_json::from_slice(&header)
-        .map_err(|e| AuthError::Malformed(format!("header is not a JOSE header: {e}")))?;
-    Ok(header.alg)
+    serde_json::from_slice(&header)
+        .map_err(|e| AuthError::Malformed(format!("header is not a JOSE header: {e}")))
 }
 
 fn invalid_key(what: &str, error: jsonwebtoken::errors::Error) -> Error {
@@ -304,7 +466,7 @@ fn invalid_key(what: &str, error: jsonwebtoken::errors::Error) -> Error {
 /// cannot infer one and panics on first use. This crate uses aws-lc-rs
 /// everywhere, so it installs that one explicitly. When the application has
 /// already installed a provider, that choice stands.
-fn install_crypto_provider() {
+pub(super) fn install_crypto_provider() {
     let _already_chosen = jsonwebtoken::crypto::CryptoProvider::install_default(
         &jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER,
     );

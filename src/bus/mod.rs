@@ -56,6 +56,7 @@ mod consume;
 mod dead_letters;
 mod handle;
 mod handler;
+mod latest;
 mod message;
 mod publish;
 mod publish_retry;

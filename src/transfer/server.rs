@@ -50,10 +50,12 @@ use crate::{BoxError, Error, ErrorKind};
 /// # let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
 /// # let token = jsonwebtoken::encode(
 /// #     &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
-/// #     &serde_json::json!({ "sub": "reporter", "iss": "auth", "exp": now + 600 }),
+/// #     &serde_json::json!({ "sub": "reporter", "iss": "auth", "aud": "files", "exp": now + 600 }),
 /// #     &jsonwebtoken::EncodingKey::from_ed_pem(key.serialize_pem().as_bytes())?,
 /// # )?;
-/// let verifier = Arc::new(TokenVerifier::ed25519_pem(key.public_key_pem().as_bytes(), "auth")?);
+/// let verifier = Arc::new(
+///     TokenVerifier::ed25519_pem(key.public_key_pem().as_bytes(), "auth")?.with_audience("files"),
+/// );
 /// let dir = std::env::temp_dir().join(format!("transfer-auth-doc-{}", uuid::Uuid::new_v4()));
 /// let files = TransferService::new(Arc::new(DirStore::new(&dir).await?));
 /// let service = ServiceBuilder::new().layer(AuthLayer::new(verifier)).service(files);

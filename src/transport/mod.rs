@@ -210,6 +210,36 @@ pub trait Transport: Publisher + Subscriber {
         Ok(())
     }
 
+    /// The newest message published to `topic` that the transport still
+    /// holds, read without a consumer group and without settling anything;
+    /// `None` when there is none.
+    ///
+    /// For state that is announced whole each time (a key set, a
+    /// configuration): a consumer that starts late reads the current value
+    /// at once instead of replaying a history that trimming may have cut.
+    /// The in-memory transport keeps the last message of each topic; Redis
+    /// Streams reads the stream's last entry (`XREVRANGE … COUNT`), skipping
+    /// redriven copies. The default is
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
+    ///
+    /// ```
+    /// use switchboard::{MemoryTransport, Publisher, RawMessage, Transport};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let transport = MemoryTransport::new();
+    /// assert!(transport.read_latest("config.changed").await?.is_none());
+    /// transport.publish("config.changed", RawMessage::new("v1")).await?;
+    /// transport.publish("config.changed", RawMessage::new("v2")).await?;
+    /// let latest = transport.read_latest("config.changed").await?.expect("kept");
+    /// assert_eq!(latest.body.as_ref(), b"v2");
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    async fn read_latest(&self, topic: &str) -> Result<Option<RawMessage>, Error> {
+        let _ = topic;
+        Err(Error::unsupported(self.name(), "read the latest message"))
+    }
+
     /// How the transport is now, in one shape for every transport (for a
     /// `/health` endpoint). The default says up.
     fn health(&self) -> TransportHealth {

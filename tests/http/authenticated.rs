@@ -193,7 +193,9 @@ mod layered {
 
     fn layer() -> AuthLayer {
         AuthLayer::new(Arc::new(
-            TokenVerifier::ed25519_pem(ED_PUBLIC, "auth-service").unwrap(),
+            TokenVerifier::ed25519_pem(ED_PUBLIC, "auth-service")
+                .unwrap()
+                .with_any_audience(),
         ))
     }
 

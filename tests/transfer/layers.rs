@@ -35,7 +35,11 @@ fn token() -> String {
 /// A `TransferService` over `store` behind `AuthLayer`, served on a free
 /// port; the client has no token.
 async fn start_with_auth(store: Arc<dyn FileStore>) -> Server {
-    let verifier = Arc::new(TokenVerifier::ed25519_pem(ED_PUBLIC, ISSUER).unwrap());
+    let verifier = Arc::new(
+        TokenVerifier::ed25519_pem(ED_PUBLIC, ISSUER)
+            .unwrap()
+            .with_any_audience(),
+    );
     let service = ServiceBuilder::new()
         .layer(AuthLayer::new(verifier))
         .service(TransferService::new(store));

@@ -111,6 +111,8 @@ struct Topic {
     /// Published while the topic had no group: for the first group it gets.
     unrouted: Mutex<VecDeque<Entry>>,
     dead_letters: Mutex<VecDeque<DeadLettered>>,
+    /// The newest message accepted, for [`Transport::read_latest`].
+    latest: Mutex<Option<RawMessage>>,
 }
 
 /// One group's queue: what the broker holds for the group. Its members
@@ -204,6 +206,7 @@ impl MemoryTransport {
                     groups: RwLock::default(),
                     unrouted: Mutex::default(),
                     dead_letters: Mutex::default(),
+                    latest: Mutex::default(),
                 })
             })
             .clone()
@@ -402,7 +405,11 @@ impl Publisher for MemoryTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
         self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
-        self.enqueue(&self.topic_or_create(topic), vec![message])
+        let topic = self.topic_or_create(topic);
+        let latest = message.clone();
+        self.enqueue(&topic, vec![message])?;
+        *lock(&topic.latest) = Some(latest);
+        Ok(())
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<RawMessage>) -> Result<(), Error> {
@@ -411,7 +418,11 @@ impl Publisher for MemoryTransport {
         if messages.is_empty() {
             return Ok(());
         }
-        self.enqueue(&self.topic_or_create(topic), messages)
+        let topic = self.topic_or_create(topic);
+        let latest = messages.last().cloned();
+        self.enqueue(&topic, messages)?;
+        *lock(&topic.latest) = latest;
+        Ok(())
     }
 }
 
@@ -469,6 +480,15 @@ impl Transport for MemoryTransport {
 
     fn dead_letters(&self) -> Result<&dyn DeadLetterQueue, Error> {
         Ok(self)
+    }
+
+    /// The last message published to the topic (each topic keeps one).
+    async fn read_latest(&self, topic: &str) -> Result<Option<RawMessage>, Error> {
+        self.inner.lifecycle.check()?;
+        validate_name("topic", topic)?;
+        Ok(self
+            .topic(topic)
+            .and_then(|topic| lock(&topic.latest).clone()))
     }
 
     /// Ends the subscriptions and waits for them; the topics stay readable

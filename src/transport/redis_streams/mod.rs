@@ -156,7 +156,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 
-use super::{Capabilities, DeadLetterQueue, DeliveryMode, Lifecycle, Transport, TransportHealth};
+use super::{
+    Capabilities, DeadLetterQueue, DeliveryMode, Lifecycle, RawMessage, Transport, TransportHealth,
+    validate_name,
+};
 use crate::error::Error;
 use crate::topology::Topology;
 
@@ -166,6 +169,7 @@ mod connection;
 mod consumer;
 mod dlq;
 mod fields;
+mod latest;
 mod lease;
 mod lifecycle;
 mod publisher;
@@ -341,6 +345,14 @@ impl Transport for RedisStreamsTransport {
     /// the next command that gets through makes it up again.
     fn health(&self) -> TransportHealth {
         self.inner.seen.health(&self.inner.lifecycle)
+    }
+
+    /// The stream's newest entry that is not a redriven copy (`XREVRANGE`
+    /// of the last few entries); no group reads or acknowledges it.
+    async fn read_latest(&self, topic: &str) -> Result<Option<RawMessage>, Error> {
+        self.inner.lifecycle.check()?;
+        validate_name("topic", topic)?;
+        latest::read_latest(self.conn(), &self.stream_key(topic)).await
     }
 
     /// [`RedisStreamsTransport::delete_namespace`].
