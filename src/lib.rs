@@ -141,6 +141,7 @@ mod guides {
     struct PerformanceGuide;
 }
 
+pub use bus::{BatchFn, BatchSlot, batch_fn};
 pub use bus::{
     BoxedHandlerFn, ConsumerHandle, ConsumerHealth, DeadLetterOf, DeadLetters, EventBus, HandlerFn,
     Message, handler_fn, handler_fn_boxed,
@@ -169,6 +170,7 @@ pub use transport::memory::MemoryTransport;
 pub use transport::redis_pubsub::RedisPubSubTransport;
 #[cfg(feature = "redis-streams")]
 pub use transport::redis_streams::RedisStreamsTransport;
+pub use transport::OrderingKey;
 pub use transport::{
     Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
     GiveBackLimit, HealthState, Publisher, RawMessage, Redrive, SettleError, Settled,

@@ -84,6 +84,7 @@ pub mod redis_pubsub;
 pub mod redis_streams;
 #[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
 pub(crate) mod redis_support;
+mod ordering_key;
 mod settle_error;
 mod subscribe_options;
 mod subscription;
@@ -94,6 +95,7 @@ pub use delivery::{
 };
 pub(crate) use lifecycle::Lifecycle;
 pub use lifecycle::{CLOSE_TIMEOUT, HealthState, TransportHealth};
+pub use ordering_key::OrderingKey;
 
 /// Names of the headers this crate reads and writes on a [`RawMessage`].
 pub mod header {
