@@ -228,7 +228,11 @@ fn ledgers(c: &mut Criterion) {
                 });
             });
             runtime.block_on(consumer.shutdown()).expect("shutdown");
-            for file in [path.clone(), path.with_extension("db-wal"), path.with_extension("db-shm")] {
+            for file in [
+                path.clone(),
+                path.with_extension("db-wal"),
+                path.with_extension("db-shm"),
+            ] {
                 let _ = std::fs::remove_file(file);
             }
         }

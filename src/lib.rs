@@ -159,6 +159,7 @@ pub use topology::Topology;
 pub use upcast::Upcasters;
 // Every transport type at the root, behind its feature; its config and
 // helpers stay in its module (`transport::amqp::AmqpConfig`, ...).
+pub use transport::OrderingKey;
 #[cfg(feature = "amqp")]
 pub use transport::amqp::AmqpTransport;
 #[cfg(feature = "grpc")]
@@ -170,7 +171,6 @@ pub use transport::memory::MemoryTransport;
 pub use transport::redis_pubsub::RedisPubSubTransport;
 #[cfg(feature = "redis-streams")]
 pub use transport::redis_streams::RedisStreamsTransport;
-pub use transport::OrderingKey;
 pub use transport::{
     Acker, Capabilities, DeadLetter, DeadLetterQueue, DeadLettered, Delivery, DeliveryMode,
     GiveBackLimit, HealthState, Publisher, RawMessage, Redrive, SettleError, Settled,

@@ -261,7 +261,11 @@ where
 /// Settles a delivery by `outcome` (see [`Outcome`]); a give-back past the
 /// subscription's limit is a rejection. A rejection's alert is raised once
 /// the transport has settled it. Returns the `outcome` metric label.
-pub(super) async fn settle(delivery: Delivery, outcome: Outcome, limit: &GiveBackLimit) -> &'static str {
+pub(super) async fn settle(
+    delivery: Delivery,
+    outcome: Outcome,
+    limit: &GiveBackLimit,
+) -> &'static str {
     let attempt = delivery.attempt();
     let mut outcome = match outcome {
         Outcome::GiveBack { reason } => match limit.exceeded(&delivery) {

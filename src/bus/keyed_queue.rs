@@ -64,7 +64,10 @@ impl<T> KeyedQueue<T> {
     pub(super) fn next_ready(&mut self) -> Option<(Arc<str>, T)> {
         let key = self.ready.pop_front()?;
         let state = self.keys.get_mut(&key).expect("a ready key is known");
-        let item = state.waiting.pop_front().expect("a ready key has a message");
+        let item = state
+            .waiting
+            .pop_front()
+            .expect("a ready key has a message");
         state.busy = true;
         self.waiting -= 1;
         Some((key, item))

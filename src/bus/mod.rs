@@ -63,8 +63,8 @@ mod ordered;
 mod publish;
 mod publish_retry;
 
-use consume::ConsumeLoop;
 pub use batch::{BatchFn, BatchSlot, batch_fn};
+use consume::ConsumeLoop;
 pub use dead_letters::{DeadLetterOf, DeadLetters};
 pub use handle::{ConsumerHandle, ConsumerHealth};
 pub use message::Message;

@@ -193,7 +193,10 @@ where
         let finishing = async move {
             let result = handled.await;
             let mut outcome = Outcome::of(&result);
-            let (topic, group) = (decoded.message.shared_topic(), decoded.message.shared_group());
+            let (topic, group) = (
+                decoded.message.shared_topic(),
+                decoded.message.shared_group(),
+            );
             if let (Outcome::Retry { after }, Some(key)) = (&outcome, &key) {
                 let since = since.unwrap_or_else(Instant::now);
                 if since.elapsed() < RETRY_HOLD_LIMIT {

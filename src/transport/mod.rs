@@ -66,6 +66,7 @@ pub mod grpc;
 pub mod http;
 pub mod lifecycle;
 pub mod memory;
+mod ordering_key;
 #[cfg(any(feature = "grpc", feature = "http"))]
 pub mod push;
 #[cfg(any(
@@ -84,7 +85,6 @@ pub mod redis_pubsub;
 pub mod redis_streams;
 #[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
 pub(crate) mod redis_support;
-mod ordering_key;
 mod settle_error;
 mod subscribe_options;
 mod subscription;

@@ -164,10 +164,9 @@ impl fmt::Debug for OrderingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.by {
             By::Header(name) => f.debug_tuple("OrderingKey::header").field(name).finish(),
-            By::Function { event_name, .. } => f
-                .debug_tuple("OrderingKey::of")
-                .field(event_name)
-                .finish(),
+            By::Function { event_name, .. } => {
+                f.debug_tuple("OrderingKey::of").field(event_name).finish()
+            }
         }
     }
 }

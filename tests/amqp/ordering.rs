@@ -105,8 +105,14 @@ async fn with_single_active_consumer_one_member_at_a_time_keeps_the_groups_order
             .with_concurrency(4)
             .with_ordering_key(by_key())
     };
-    let first = bus.subscribe(options(), member("first")).await.expect("first");
-    let second = bus.subscribe(options(), member("second")).await.expect("second");
+    let first = bus
+        .subscribe(options(), member("first"))
+        .await
+        .expect("first");
+    let second = bus
+        .subscribe(options(), member("second"))
+        .await
+        .expect("second");
     let round = |seqs: std::ops::Range<u32>| {
         seqs.flat_map(|seq| (0..10).map(move |key| keyed(&format!("k{key}"), seq)))
     };
@@ -114,7 +120,10 @@ async fn with_single_active_consumer_one_member_at_a_time_keeps_the_groups_order
     let mut got = Vec::new();
     receive(&mut handled, &mut got, 200).await;
     let active = got[0].0;
-    assert!(got.iter().all(|(name, _, _)| *name == active), "both members were fed");
+    assert!(
+        got.iter().all(|(name, _, _)| *name == active),
+        "both members were fed"
+    );
     // The active member goes; the other takes over.
     if active == "first" {
         first.shutdown().await.expect("shutdown");
@@ -136,7 +145,11 @@ async fn with_single_active_consumer_one_member_at_a_time_keeps_the_groups_order
 
 type Handled = (&'static str, String, u32);
 
-async fn receive(handled: &mut mpsc::UnboundedReceiver<Handled>, got: &mut Vec<Handled>, count: usize) {
+async fn receive(
+    handled: &mut mpsc::UnboundedReceiver<Handled>,
+    got: &mut Vec<Handled>,
+    count: usize,
+) {
     tokio::time::timeout(Duration::from_secs(30), async {
         for _ in 0..count {
             got.push(handled.recv().await.expect("running"));

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use switchboard::middleware::Resilience;
 use switchboard::{
-    Error, ErrorKind, EventBus, EventEnvelope, MemoryTransport, Message, SubscribeOptions,
-    batch_fn,
+    Error, ErrorKind, EventBus, EventEnvelope, MemoryTransport, Message, SubscribeOptions, batch_fn,
 };
 use tokio::sync::mpsc;
 
@@ -127,7 +126,13 @@ async fn a_partial_failure_retries_only_the_failures_through_the_stack() {
         assert_eq!(runs[&n], expected, "message {n}");
     }
     assert_eq!(letters.len(), 1);
-    assert!(letters[0].last_error.as_deref().unwrap_or("").contains("refused"));
+    assert!(
+        letters[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("refused")
+    );
 }
 
 /// The same event delivered twice (published twice) reaches a batch once:
@@ -164,7 +169,9 @@ async fn a_duplicate_is_acked_by_the_dedupe_layer_before_any_batch() {
     let envelope = EventEnvelope::new("test", Ping { n: 1 });
     bus.publish_envelope(&envelope).await.expect("publish");
     assert_eq!(dones.recv().await, Some(1));
-    bus.publish_envelope(&envelope).await.expect("publish again");
+    bus.publish_envelope(&envelope)
+        .await
+        .expect("publish again");
     bus.publish(Ping { n: 2 }).await.expect("publish");
     // Ping 2 comes through; the duplicate never does.
     let mut handled = 1;
@@ -269,7 +276,9 @@ async fn ordered_batches_hold_one_message_per_key_and_keep_each_keys_order() {
 #[tokio::test]
 async fn batch_options_that_cannot_work_are_refused() {
     let (bus, _) = memory_bus();
-    let handler = || batch_fn(|pings: Vec<Message<Ping>>| async move { pings.iter().map(|_| Ok(())).collect() });
+    let handler = || {
+        batch_fn(|pings: Vec<Message<Ping>>| async move { pings.iter().map(|_| Ok(())).collect() })
+    };
     let zero = bus
         .subscribe_batch(SubscribeOptions::new("g"), 0, Duration::ZERO, handler())
         .await

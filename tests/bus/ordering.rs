@@ -67,7 +67,8 @@ async fn a_retried_hot_key_cannot_starve_its_own_retry_of_the_prefetch() {
         .with_concurrency(4)
         .with_ordering_key(by_key());
     let consumer = bus.subscribe(options, handler).await.expect("subscribe");
-    let messages = (0..50).flat_map(|seq| [keyed("K", seq), keyed(&format!("other-{}", seq % 20), seq)]);
+    let messages =
+        (0..50).flat_map(|seq| [keyed("K", seq), keyed(&format!("other-{}", seq % 20), seq)]);
     bus.publish_batch(messages).await.expect("publish");
     let mut by_key: HashMap<String, Vec<(u32, u32)>> = HashMap::new();
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -83,7 +84,10 @@ async fn a_retried_hot_key_cannot_starve_its_own_retry_of_the_prefetch() {
     assert_eq!(k, (0..50).collect::<Vec<_>>());
     assert_eq!(by_key["K"][0], (0, 2), "K's first ran again, as attempt 2");
     for (key, seqs) in &by_key {
-        assert!(seqs.windows(2).all(|pair| pair[0].0 < pair[1].0), "{key}: {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|pair| pair[0].0 < pair[1].0),
+            "{key}: {seqs:?}"
+        );
     }
 }
 

@@ -106,5 +106,8 @@ pub async fn hundred_keys_keep_their_order(transport: Arc<dyn Transport>) {
     }
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak > 1, "handlers never ran side by side (peak {peak})");
-    assert!(peak <= 16, "more handlers at once than the concurrency: {peak}");
+    assert!(
+        peak <= 16,
+        "more handlers at once than the concurrency: {peak}"
+    );
 }

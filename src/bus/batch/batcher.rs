@@ -232,8 +232,7 @@ where
 /// kind, message, effect and the outcome's fields (the source chain stays
 /// with the original).
 fn copy(error: &Error) -> Error {
-    let mut copy =
-        Error::new(error.kind(), error.message().to_owned()).with_effect(error.effect());
+    let mut copy = Error::new(error.kind(), error.message().to_owned()).with_effect(error.effect());
     if let Some(after) = error.requeue_after() {
         copy = copy.with_requeue(after);
     }
