@@ -159,7 +159,6 @@ pub use topology::Topology;
 pub use upcast::Upcasters;
 // Every transport type at the root, behind its feature; its config and
 // helpers stay in its module (`transport::amqp::AmqpConfig`, ...).
-pub use transport::OrderingKey;
 #[cfg(feature = "amqp")]
 pub use transport::amqp::AmqpTransport;
 #[cfg(feature = "grpc")]
@@ -176,3 +175,6 @@ pub use transport::{
     GiveBackLimit, HealthState, Publisher, RawMessage, Redrive, SettleError, Settled,
     SubscribeOptions, Subscriber, Subscription, Transport, TransportHealth, header, validate_name,
 };
+
+// What a subscription orders its messages by (`SubscribeOptions::ordering_key`).
+pub use transport::OrderingKey;
