@@ -36,7 +36,7 @@ use crate::error::{Error, ErrorKind};
 /// |---|---|---|
 /// | memory | yes | no (competing members) |
 /// | Redis Streams | yes | no (competing members; `XAUTOCLAIM` hands a dead member's entries out after later ones) |
-/// | RabbitMQ | yes | no; **yes** with `AmqpConfig::single_active_consumer` (feature `amqp`): the broker feeds one member at a time and, when it goes, requeues what it held in place for the next |
+/// | RabbitMQ | yes | no; **yes** with `AmqpConfig::single_active_consumer` (feature `amqp`): the broker feeds one member at a time, and the next once it goes |
 /// | Redis Pub/Sub | yes | — (every subscriber gets every message; at most once) |
 /// | gRPC / HTTP push | as the receiver gets them | no (the publisher's retries can reorder) |
 ///
