@@ -1,7 +1,8 @@
 //! Per-key order on RabbitMQ: the shared 100 × 100 case, a hot key whose
 //! first message is retried while its later ones fill the prefetch, and
 //! single active consumer — order across the members of a group, and the
-//! refusal to change the setting of an existing queue.
+//! refusal to change the setting of an existing queue — and a batch
+//! consumer that leaves nothing unacknowledged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -188,4 +189,58 @@ async fn turning_single_active_consumer_on_for_an_existing_queue_is_refused() {
         .await
         .expect("the queue is unchanged");
     subscription.shutdown().await.expect("shutdown");
+}
+
+/// 500 messages to a batch consumer of at most 100 with prefetch 200: every
+/// one handled, batches larger than one, and the queue empty once the
+/// consumer's channel is closed (an unacknowledged message would be back).
+#[tokio::test]
+async fn a_batch_consumer_handles_everything_and_leaves_the_queue_empty() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    use switchboard::batch_fn;
+
+    let amqp = connect(config(QueueType::Classic)).await;
+    let transport: Arc<dyn Transport> = Arc::new(amqp.clone());
+    let bus = keyed_bus(transport, "batch").await;
+    let (sizes, mut batches) = mpsc::unbounded_channel();
+    let consumer = bus
+        .subscribe_batch(
+            SubscribeOptions::new("batch").with_prefetch(200),
+            100,
+            Duration::from_millis(20),
+            batch_fn(move |batch: Vec<Message<Keyed>>| {
+                sizes.send(batch.len()).ok();
+                async move { batch.iter().map(|_| Ok(())).collect() }
+            }),
+        )
+        .await
+        .expect("subscribe");
+    bus.publish_batch((0..500).map(|seq| keyed(&format!("k{}", seq % 10), seq)))
+        .await
+        .expect("publish");
+    let (mut handled, mut largest) = (0, 0);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while handled < 500 {
+            let size = batches.recv().await.expect("running");
+            largest = largest.max(size);
+            handled += size;
+        }
+    })
+    .await
+    .expect("all handled in time");
+    consumer.shutdown().await.expect("shutdown");
+    assert_eq!(handled, 500);
+    assert!(largest > 1, "no batch held more than one message");
+    let queue = super::config_name(&amqp, &bus.topic_of::<Keyed>(), "batch");
+    let (_connection, channel) = super::raw_channel().await;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+        .await
+        .expect("the queue exists");
+    assert_eq!(declared.message_count(), 0, "every message acknowledged");
 }
