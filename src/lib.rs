@@ -141,6 +141,7 @@ mod guides {
     struct PerformanceGuide;
 }
 
+pub use bus::{BatchFn, BatchSlot, batch_fn};
 pub use bus::{
     BoxedHandlerFn, ConsumerHandle, ConsumerHealth, DeadLetterOf, DeadLetters, EventBus, HandlerFn,
     Message, handler_fn, handler_fn_boxed,
@@ -174,3 +175,6 @@ pub use transport::{
     GiveBackLimit, HealthState, Publisher, RawMessage, Redrive, SettleError, Settled,
     SubscribeOptions, Subscriber, Subscription, Transport, TransportHealth, header, validate_name,
 };
+
+// What a subscription orders its messages by (`SubscribeOptions::ordering_key`).
+pub use transport::OrderingKey;

@@ -926,3 +926,9 @@ mod clean_exit;
 
 #[path = "amqp/connect_timeout.rs"]
 mod connect_timeout;
+
+#[path = "common/ordering.rs"]
+mod ordering_scenario;
+
+#[path = "amqp/ordering.rs"]
+mod ordering;

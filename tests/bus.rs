@@ -592,3 +592,12 @@ mod handlers;
 
 #[path = "bus/clean_exit.rs"]
 mod clean_exit;
+
+#[path = "common/ordering.rs"]
+mod ordering_scenario;
+
+#[path = "bus/ordering.rs"]
+mod ordering;
+
+#[path = "bus/batch.rs"]
+mod batch;

@@ -643,3 +643,9 @@ mod trim;
 
 #[path = "redis_streams/lifecycle.rs"]
 mod lifecycle;
+
+#[path = "common/ordering.rs"]
+mod ordering_scenario;
+
+#[path = "redis_streams/ordering.rs"]
+mod ordering;

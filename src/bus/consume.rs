@@ -19,9 +19,15 @@ use crate::envelope::{Event, EventEnvelope};
 use crate::error::Error;
 use crate::observe::metrics;
 use crate::outcome::Outcome;
-use crate::transport::{Delivery, GiveBackLimit, Settled, Subscription};
+use crate::transport::{Delivery, GiveBackLimit, OrderingKey, Settled, Subscription};
 
-type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(super) type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A delivery decoded for `E`, with the message its handler gets.
+pub(super) struct Decoded<E> {
+    pub(super) delivery: Delivery,
+    pub(super) message: Message<E>,
+}
 
 pub(super) struct ConsumeLoop<E, H> {
     pub(super) health: watch::Sender<ConsumerHealth>,
@@ -32,6 +38,8 @@ pub(super) struct ConsumeLoop<E, H> {
     pub(super) concurrency: usize,
     pub(super) max_deliveries: Option<u32>,
     pub(super) give_back_limit: GiveBackLimit,
+    /// Set: handled one message per key at a time (see `ordered`).
+    pub(super) ordering_key: Option<OrderingKey>,
     pub(super) _event: std::marker::PhantomData<fn() -> E>,
 }
 
@@ -42,7 +50,14 @@ where
     H::Error: Into<Error>,
     H::Future: Send + 'static,
 {
-    pub(super) async fn run(mut self, mut stopped: oneshot::Receiver<()>) -> Result<(), Error> {
+    pub(super) async fn run(mut self, stopped: oneshot::Receiver<()>) -> Result<(), Error> {
+        if let Some(key) = self.ordering_key.take() {
+            return self.run_ordered(key, stopped).await;
+        }
+        self.run_unordered(stopped).await
+    }
+
+    async fn run_unordered(mut self, mut stopped: oneshot::Receiver<()>) -> Result<(), Error> {
         let mut in_flight = FuturesUnordered::<Settling>::new();
         let mut ready = false;
         let mut outcome = Ok(());
@@ -52,29 +67,11 @@ where
                 biased;
                 _ = &mut stopped => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                readiness = poll_fn(|cx| {
-                    let polled = self.handler.poll_ready(cx);
-                    let now = if polled.is_pending() {
-                        ConsumerHealth::Paused
-                    } else {
-                        ConsumerHealth::Running
-                    };
-                    self.health.send_if_modified(|health| {
-                        std::mem::replace(health, now) != now
-                    });
-                    polled
-                }), if room && !ready => {
+                readiness = poll_fn(|cx| Self::poll_handler(&mut self.handler, &self.health, cx)), if room && !ready => {
                     match readiness {
                         Ok(()) => ready = true,
                         Err(error) => {
-                            let error = error.into();
-                            tracing::error!(
-                                topic = self.subscription.topic(),
-                                group = self.subscription.group(),
-                                %error,
-                                "handler failed for good; consumer stopping",
-                            );
-                            outcome = Err(error);
+                            outcome = Err(self.failed_for_good(error));
                             break;
                         }
                     }
@@ -98,9 +95,43 @@ where
     /// Decodes a delivery and starts handling it; returns the future that
     /// handles and settles it, and whether it used the handler's readiness.
     fn start(&mut self, delivery: Delivery) -> (Settling, bool) {
+        let decoded = match self.decode(delivery) {
+            Ok(decoded) => decoded,
+            Err(settling) => return (settling, false),
+        };
+        let (handled, span) = self.call(&decoded.message);
+        let (transport, started) = (self.transport, std::time::Instant::now());
+        let limit = self.give_back_limit;
+        let settling = async move {
+            let result = handled.await;
+            let Decoded { delivery, message } = decoded;
+            let label = settle(delivery, Outcome::of(&result), &limit).await;
+            metrics::consumed(
+                transport,
+                message.shared_topic(),
+                message.shared_group(),
+                label,
+                started.elapsed(),
+            );
+        };
+        (Box::pin(settling.instrument(span)), true)
+    }
+
+    /// The delivery with its message for the handler, or — when it must not
+    /// reach the handler (see [`refusal`](Self::refusal)) — the future that
+    /// settles it.
+    pub(super) fn decode(&self, delivery: Delivery) -> Result<Decoded<E>, Settling> {
         let (topic, group) = delivery.shared_names();
-        let envelope = match self.refusal(&delivery) {
-            Ok(envelope) => envelope,
+        match self.refusal(&delivery) {
+            Ok(envelope) => {
+                let message = Message {
+                    envelope: Arc::new(envelope),
+                    topic,
+                    group,
+                    attempt: delivery.attempt(),
+                };
+                Ok(Decoded { delivery, message })
+            }
             Err(outcome) => {
                 let span = tracing::info_span!(
                     "consume",
@@ -115,35 +146,39 @@ where
                     let label = settle(delivery, outcome, &limit).await;
                     metrics::consumed(transport, topic, group, label, started.elapsed());
                 };
-                return (Box::pin(settling.instrument(span)), false);
+                Err(Box::pin(settling.instrument(span)))
             }
-        };
+        }
+    }
+
+    /// Calls the handler with `message` (using its readiness); returns what
+    /// the handler's future resolves to — a panic is a permanent error —
+    /// and the message's `consume` span.
+    pub(super) fn call(
+        &mut self,
+        message: &Message<E>,
+    ) -> (
+        impl Future<Output = Result<(), Error>> + Send + 'static,
+        tracing::Span,
+    ) {
         let span = tracing::info_span!(
             "consume",
-            event_id = %envelope.event_id(),
+            event_id = %message.event_id(),
             event_type = E::TYPE,
-            topic = &*topic,
-            group = &*group,
-            attempt = delivery.attempt(),
+            topic = message.topic(),
+            group = message.group(),
+            attempt = message.attempt(),
         );
         // With its `consume` span filtered out, the handler still runs in
         // the publisher's context (attached as an OpenTelemetry context).
         #[cfg(feature = "otel")]
-        let context = crate::observe::trace::continue_from_headers(&span, envelope.headers());
-        let (transport, started) = (self.transport, std::time::Instant::now());
-        let labels = (topic.clone(), group.clone());
-        let message = Message {
-            envelope: Arc::new(envelope),
-            topic,
-            group,
-            attempt: delivery.attempt(),
-        };
+        let context =
+            crate::observe::trace::continue_from_headers(&span, message.envelope().headers());
         let call = span.in_scope(|| {
             #[cfg(feature = "otel")]
             let _attached = context.clone().attach();
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.call(message)))
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.call(message.clone())))
         });
-        let limit = self.give_back_limit;
         let handled = async move {
             match call {
                 Ok(call) => match AssertUnwindSafe(call).catch_unwind().await {
@@ -155,12 +190,37 @@ where
         };
         #[cfg(feature = "otel")]
         let handled = opentelemetry::context::FutureExt::with_context(handled, context);
-        let settling = async move {
-            let result = handled.await;
-            let label = settle(delivery, Outcome::of(&result), &limit).await;
-            metrics::consumed(transport, labels.0, labels.1, label, started.elapsed());
+        (handled, span)
+    }
+
+    /// Polls the handler's readiness and reports it as the consumer's
+    /// health (paused while the handler is not ready). Takes the two fields
+    /// rather than `self`, so the subscription can be polled beside it.
+    pub(super) fn poll_handler(
+        handler: &mut H,
+        health: &watch::Sender<ConsumerHealth>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), H::Error>> {
+        let polled = handler.poll_ready(cx);
+        let now = if polled.is_pending() {
+            ConsumerHealth::Paused
+        } else {
+            ConsumerHealth::Running
         };
-        (Box::pin(settling.instrument(span)), true)
+        health.send_if_modified(|health| std::mem::replace(health, now) != now);
+        polled
+    }
+
+    /// The error a handler that failed for good stops the consumer with.
+    pub(super) fn failed_for_good(&self, error: H::Error) -> Error {
+        let error = error.into();
+        tracing::error!(
+            topic = self.subscription.topic(),
+            group = self.subscription.group(),
+            %error,
+            "handler failed for good; consumer stopping",
+        );
+        error
     }
 
     /// The envelope of `E` in `delivery`, or the outcome of a delivery that
@@ -201,7 +261,11 @@ where
 /// Settles a delivery by `outcome` (see [`Outcome`]); a give-back past the
 /// subscription's limit is a rejection. A rejection's alert is raised once
 /// the transport has settled it. Returns the `outcome` metric label.
-async fn settle(delivery: Delivery, outcome: Outcome, limit: &GiveBackLimit) -> &'static str {
+pub(super) async fn settle(
+    delivery: Delivery,
+    outcome: Outcome,
+    limit: &GiveBackLimit,
+) -> &'static str {
     let attempt = delivery.attempt();
     let mut outcome = match outcome {
         Outcome::GiveBack { reason } => match limit.exceeded(&delivery) {

@@ -52,15 +52,19 @@ use crate::error::Error;
 use crate::topology::Topology;
 use crate::transport::{DeadLetterQueue, SubscribeOptions, Transport};
 
+mod batch;
 mod consume;
 mod dead_letters;
 mod handle;
 mod handler;
 mod latest;
+mod keyed_queue;
 mod message;
+mod ordered;
 mod publish;
 mod publish_retry;
 
+pub use batch::{BatchFn, BatchSlot, batch_fn};
 use consume::ConsumeLoop;
 pub use dead_letters::{DeadLetterOf, DeadLetters};
 pub use handle::{ConsumerHandle, ConsumerHealth};
@@ -437,6 +441,10 @@ impl EventBus {
             options.max_deliveries,
             options.give_back_limit,
         );
+        let ordering_key = options.ordering_key.clone();
+        if let Some(key) = &ordering_key {
+            key.check::<E>()?;
+        }
         let subscription = self.transport.subscribe(&topic, options).await?;
         let (topic, group) = (
             subscription.topic().to_owned(),
@@ -453,6 +461,7 @@ impl EventBus {
             concurrency,
             max_deliveries,
             give_back_limit,
+            ordering_key,
             _event: std::marker::PhantomData::<fn() -> E>,
         };
         let (ended, watch_ended) = watch::channel(false);

@@ -66,6 +66,7 @@ pub mod grpc;
 pub mod http;
 pub mod lifecycle;
 pub mod memory;
+mod ordering_key;
 #[cfg(any(feature = "grpc", feature = "http"))]
 pub mod push;
 #[cfg(any(
@@ -94,6 +95,7 @@ pub use delivery::{
 };
 pub(crate) use lifecycle::Lifecycle;
 pub use lifecycle::{CLOSE_TIMEOUT, HealthState, TransportHealth};
+pub use ordering_key::OrderingKey;
 
 /// Names of the headers this crate reads and writes on a [`RawMessage`].
 pub mod header {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::delivery::Delivery;
+use super::ordering_key::OrderingKey;
 use crate::error::{Error, ErrorKind};
 use crate::topology::validate_name;
 
@@ -49,6 +50,23 @@ pub struct SubscribeOptions {
     /// dead-letters it (default: for 10 minutes after its first give-back,
     /// however often). See [`GiveBackLimit`].
     pub give_back_limit: GiveBackLimit,
+    /// Handle messages of the same key one at a time, in order, and
+    /// different keys in parallel (default `None`: no order beyond
+    /// `concurrency = 1`). Used by the [`EventBus`](crate::EventBus)
+    /// consume loop; a raw [`Subscription`](crate::Subscription) hands
+    /// deliveries out as the transport reads them. See [`OrderingKey`].
+    ///
+    /// A message whose outcome is a retry after a delay (an open breaker,
+    /// a duplicate still in progress) is not nacked to the transport: the
+    /// subscription holds it, with its prefetch permit, through the delay
+    /// and hands it to the handler again before any later message of its
+    /// key, so held messages of a blocked key can never starve its own
+    /// redelivery of a permit. Past 10 minutes of such retries it is nacked
+    /// to the transport after all (a RabbitMQ consumer must not hold a
+    /// message for ever) and its key goes on, with a warning. On stop,
+    /// messages held for their key and never started go back to the
+    /// transport unhandled, as deliveries whose consumer went away.
+    pub ordering_key: Option<OrderingKey>,
 }
 
 /// When a message that members of a group keep giving back (none of them
@@ -151,6 +169,7 @@ impl SubscribeOptions {
             prefetch: 64,
             max_deliveries: None,
             give_back_limit: GiveBackLimit::default(),
+            ordering_key: None,
         }
     }
 
@@ -178,6 +197,14 @@ impl SubscribeOptions {
     /// to the group and is dead-lettered (see [`GiveBackLimit`]).
     pub fn with_give_back_limit(mut self, limit: GiveBackLimit) -> Self {
         self.give_back_limit = limit;
+        self
+    }
+
+    /// Orders messages by `key` within this subscription: the same key one
+    /// at a time in order, different keys in parallel up to
+    /// [`concurrency`](Self::concurrency) (see [`OrderingKey`]).
+    pub fn with_ordering_key(mut self, key: OrderingKey) -> Self {
+        self.ordering_key = Some(key);
         self
     }
 

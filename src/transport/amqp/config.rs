@@ -133,6 +133,20 @@ pub struct AmqpConfig {
     /// What a publish to a topic with no bound queue does (default
     /// [`Unroutable::Fail`]).
     pub unroutable: Unroutable,
+    /// Declare every group queue with `x-single-active-consumer` (default
+    /// `false`): the broker hands the queue's messages to one member of the
+    /// group at a time and fails over to the next when it goes, so order
+    /// per key (see [`OrderingKey`](crate::OrderingKey)) holds across the
+    /// members of a group, not only within one subscription — at the cost
+    /// of one member doing all the group's work.
+    ///
+    /// RabbitMQ cannot change the argument of an existing queue: declaring
+    /// a queue that exists with the other setting fails with
+    /// `PRECONDITION_FAILED` (the `subscribe` or `declare` that needed it
+    /// returns the broker's reason, and nothing is redeclared behind your
+    /// back). Turn it on for a new group name, or delete the queue first
+    /// (its messages go with it).
+    pub single_active_consumer: bool,
 }
 
 impl AmqpConfig {
@@ -154,6 +168,7 @@ impl AmqpConfig {
             lag_every: Duration::from_secs(5),
             tls_ca_pem: None,
             unroutable: Unroutable::Fail,
+            single_active_consumer: false,
         }
     }
 
@@ -229,6 +244,20 @@ impl AmqpConfig {
     /// ```
     pub fn with_unroutable(mut self, unroutable: Unroutable) -> Self {
         self.unroutable = unroutable;
+        self
+    }
+
+    /// Sets [`single_active_consumer`](Self::single_active_consumer).
+    ///
+    /// ```
+    /// use switchboard::transport::amqp::AmqpConfig;
+    ///
+    /// let config = AmqpConfig::default().with_single_active_consumer(true);
+    /// assert!(config.single_active_consumer);
+    /// assert!(!AmqpConfig::default().single_active_consumer);
+    /// ```
+    pub fn with_single_active_consumer(mut self, yes: bool) -> Self {
+        self.single_active_consumer = yes;
         self
     }
 
@@ -377,6 +406,7 @@ impl fmt::Debug for AmqpConfig {
             .field("lag_every", &self.lag_every)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<PEM>"))
             .field("unroutable", &self.unroutable)
+            .field("single_active_consumer", &self.single_active_consumer)
             .finish()
     }
 }

@@ -128,6 +128,10 @@ fn queue_arguments(config: &AmqpConfig, dead_letters_to: Option<&str>) -> FieldT
             AMQPValue::LongLongInt(expires.as_millis().clamp(1, i64::MAX as u128) as i64),
         );
     }
+    if config.single_active_consumer && dead_letters_to.is_some() {
+        // The group queue only: its dead letters are read by operators.
+        set("x-single-active-consumer", AMQPValue::Boolean(true));
+    }
     if config.queue_type == QueueType::Quorum {
         set("x-queue-type", long_string("quorum"));
         if let Some(dlq) = dead_letters_to {
@@ -167,5 +171,12 @@ mod tests {
         assert_eq!(inner["x-expires"], AMQPValue::LongLongInt(60_000));
         let classic = queue_arguments(&AmqpConfig::default(), Some("q.dlq"));
         assert!(classic.inner().is_empty());
+        let single = AmqpConfig::default().with_single_active_consumer(true);
+        let arguments = queue_arguments(&single, Some("q.dlq"));
+        assert_eq!(
+            arguments.inner()["x-single-active-consumer"],
+            AMQPValue::Boolean(true)
+        );
+        assert!(queue_arguments(&single, None).inner().is_empty());
     }
 }
