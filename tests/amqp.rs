@@ -926,3 +926,6 @@ mod clean_exit;
 
 #[path = "amqp/connect_timeout.rs"]
 mod connect_timeout;
+
+#[path = "amqp/schedule.rs"]
+mod schedule;

@@ -643,3 +643,6 @@ mod trim;
 
 #[path = "redis_streams/lifecycle.rs"]
 mod lifecycle;
+
+#[path = "redis_streams/schedule.rs"]
+mod schedule;

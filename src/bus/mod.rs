@@ -59,6 +59,7 @@ mod handler;
 mod message;
 mod publish;
 mod publish_retry;
+mod publish_scheduled;
 
 use consume::ConsumeLoop;
 pub use dead_letters::{DeadLetterOf, DeadLetters};
