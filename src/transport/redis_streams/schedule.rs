@@ -278,7 +278,8 @@ fn member_of(message: &RawMessage) -> Vec<u8> {
     append_message_fields(&mut fields, message);
     let mut member = Vec::with_capacity(message.body.len() + 128);
     push_netstring(&mut member, Uuid::new_v4().simple().to_string().as_bytes());
-    for arg in fields.args_iter() {
+    // The first argument is the command's name.
+    for arg in fields.args_iter().skip(1) {
         if let redis::Arg::Simple(bytes) = arg {
             push_netstring(&mut member, bytes);
         }
@@ -311,6 +312,7 @@ mod tests {
         let text = String::from_utf8(member).unwrap();
         // 32 hex digits of id, then `envelope`, the body, `h:note`, `x`.
         assert!(text.starts_with("32:"), "{text}");
+        assert_eq!(&text[35..], "8:envelope3:b:16:h:note1:x", "{text}");
         assert!(text.ends_with("8:envelope3:b:16:h:note1:x"), "{text}");
         assert_ne!(member_of(&message), member_of(&message), "ids differ");
     }
