@@ -2,13 +2,14 @@
 //! closing the transport and connecting again loses nothing.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 use std::sync::Arc;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use switchboard::testing::delayed::{schedule_tolerance, scheduled_messages_survive_a_restart};
-use switchboard::transport::amqp::{AmqpTransport, BUCKET_UNIT, QueueType};
+use switchboard::transport::amqp::{BUCKET_UNIT, QueueType};
 use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber, Topology, Transport};
 
 /// Close the transport (its mover and both connections) after scheduling,
@@ -93,5 +94,67 @@ async fn distinct_delays_share_a_few_buckets() {
         buckets.iter().all(|ttl| *ttl <= 1280),
         "only buckets up to the longest delay: {buckets:?}"
     );
+    transport.close().await.unwrap();
+}
+
+/// A nack whose delay outlives its subscription goes through the delay
+/// buckets back to its one group's queue — not early, one attempt more —
+/// while the topic's other group does not get it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_delay_outliving_its_subscription_returns_to_its_group_only() {
+    let transport = super::connect(super::config(QueueType::Quorum)).await;
+    let topic = super::unique("nack-later");
+    let (nacking, other) = (super::unique("g"), super::unique("g"));
+    transport
+        .declare(&Topology::new().with_groups(topic.clone(), [nacking.clone(), other.clone()]))
+        .await
+        .unwrap();
+    transport
+        .publish(&topic, RawMessage::new("first"))
+        .await
+        .unwrap();
+    let mut others = transport
+        .subscribe(&topic, SubscribeOptions::new(&other))
+        .await
+        .unwrap();
+    let original = super::recv(&mut others, "the other group's copy").await;
+    original.ack().await.unwrap();
+
+    let mut subscription = transport
+        .subscribe(&topic, SubscribeOptions::new(&nacking))
+        .await
+        .unwrap();
+    let delivery = super::recv(&mut subscription, "the first delivery").await;
+    assert_eq!(delivery.attempt(), 1);
+    let delay = Duration::from_millis(1_500);
+    let nacked_at = chrono::Utc::now();
+    delivery.nack(delay).await.unwrap();
+    subscription.shutdown().await.unwrap();
+
+    let mut again = transport
+        .subscribe(&topic, SubscribeOptions::new(&nacking))
+        .await
+        .unwrap();
+    let back = super::recv(&mut again, "the nacked message, after its delay").await;
+    let arrived = chrono::Utc::now();
+    assert_eq!(back.body().as_ref(), b"first");
+    assert!(
+        arrived >= nacked_at + chrono::Duration::from_std(delay).unwrap(),
+        "back {} ms early",
+        (nacked_at + chrono::Duration::from_std(delay).unwrap() - arrived).num_milliseconds()
+    );
+    assert_eq!(back.attempt(), 2, "one attempt more");
+    back.ack().await.unwrap();
+
+    // The other group's next message is a new one, not a copy of the nack.
+    transport
+        .publish(&topic, RawMessage::new("marker"))
+        .await
+        .unwrap();
+    let next = super::recv(&mut others, "the marker").await;
+    assert_eq!(next.body().as_ref(), b"marker");
+    next.ack().await.unwrap();
+    again.shutdown().await.unwrap();
+    others.shutdown().await.unwrap();
     transport.close().await.unwrap();
 }
