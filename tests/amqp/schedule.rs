@@ -2,8 +2,8 @@
 //! closing the transport and connecting again loses nothing.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
