@@ -190,6 +190,18 @@ pub trait Publisher: Send + Sync {
     }
 }
 
+/// `at` in Unix milliseconds, rounded up: what a broker keeps as a due time,
+/// so a message is never due early.
+#[cfg(any(feature = "redis-streams", feature = "amqp"))]
+pub(crate) fn due_millis(at: DateTime<Utc>) -> i64 {
+    let millis = at.timestamp_millis();
+    if at.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
+        millis
+    } else {
+        millis + 1
+    }
+}
+
 /// The time `delay` from now; a delay past what a date can hold is refused.
 pub(crate) fn due_after(delay: Duration) -> Result<DateTime<Utc>, Error> {
     chrono::Duration::from_std(delay)

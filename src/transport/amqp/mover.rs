@@ -50,16 +50,19 @@ pub(crate) async fn run(shared: Weak<Shared>) {
             }
         };
         after = link.generation;
-        if let Err(error) = consume(&shared, &link).await {
-            if let Some(strong) = shared.upgrade() {
-                strong.consuming.failed(&link, &error);
-                if error.kind() != ErrorKind::Connection {
-                    tracing::warn!(%error, "amqp: the mover of scheduled messages stopped; resuming on the next connection");
-                    // Not a lost connection: look again on this one later.
-                    after = link.generation - 1;
-                    tokio::time::sleep(PAUSE_AFTER_FAILURE).await;
-                }
-            }
+        let Err(error) = consume(&shared, &link).await else {
+            continue;
+        };
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        strong.consuming.failed(&link, &error);
+        if error.kind() != ErrorKind::Connection {
+            tracing::warn!(%error, "amqp: the mover of scheduled messages stopped; resuming on the next connection");
+            // Not a lost connection: look again on this one later.
+            after = link.generation - 1;
+            drop(strong);
+            tokio::time::sleep(PAUSE_AFTER_FAILURE).await;
         }
     }
 }

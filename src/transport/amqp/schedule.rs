@@ -42,7 +42,7 @@ use super::properties::{self, publish_properties};
 use super::publisher::publish_direct;
 use super::{AmqpConfig, Shared, lock};
 use crate::error::{Error, ErrorKind};
-use crate::transport::{RawMessage, validate_name};
+use crate::transport::{RawMessage, due_millis, validate_name};
 
 /// When the message is due: Unix milliseconds.
 pub(crate) const DUE_AT: &str = "x-sb-due-at";
@@ -126,16 +126,6 @@ pub(crate) fn bucket_for(left: Duration) -> Option<u32> {
 pub(crate) fn left_until(due_at_ms: i64) -> Duration {
     let now = Utc::now().timestamp_millis();
     Duration::from_millis(due_at_ms.saturating_sub(now).max(0) as u64)
-}
-
-/// `at` in Unix milliseconds, rounded up so it is never early.
-fn due_millis(at: DateTime<Utc>) -> i64 {
-    let millis = at.timestamp_millis();
-    if at.timestamp_subsec_nanos() % 1_000_000 == 0 {
-        millis
-    } else {
-        millis + 1
-    }
 }
 
 /// Schedules `message` for `topic` at `at`: into the bucket for the time

@@ -29,8 +29,8 @@ use super::connection::Conn;
 use super::fields::append_message_fields;
 use super::{RedisStreamsTransport, lock};
 use crate::error::Error;
-use crate::transport::RawMessage;
 use crate::transport::redis_support::redis_error;
+use crate::transport::{RawMessage, due_millis};
 
 /// Suffix of a topic's sorted set of scheduled messages.
 pub const SCHEDULED_SUFFIX: &str = "#scheduled";
@@ -258,16 +258,6 @@ fn stream_key(config: &RedisStreamsConfig, hash_tag: bool, topic: &str) -> Strin
         format!("{{{prefix}{topic}}}")
     } else {
         format!("{prefix}{topic}")
-    }
-}
-
-/// `at` in Unix milliseconds, rounded up: a member is never due early.
-fn due_millis(at: DateTime<Utc>) -> i64 {
-    let millis = at.timestamp_millis();
-    if at.timestamp_subsec_nanos() % 1_000_000 == 0 {
-        millis
-    } else {
-        millis + 1
     }
 }
 
