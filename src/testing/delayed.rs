@@ -1,5 +1,5 @@
-//! Scheduled delivery cases ([`Publisher::publish_at`] /
-//! [`Publisher::publish_after`]).
+//! Scheduled delivery cases ([`Publisher::publish_at`](crate::Publisher::publish_at) /
+//! [`Publisher::publish_after`](crate::Publisher::publish_after)).
 //!
 //! [`conformance_tests!`](crate::conformance_tests) runs
 //! [`scheduled_messages_arrive_not_before_their_time`] on every transport: a
