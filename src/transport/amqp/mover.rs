@@ -9,7 +9,7 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::TryStreamExt;
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -21,7 +21,7 @@ use super::{NAME, Shared};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
 
-/// Unacked messages a mover holds; it works through them one at a time.
+/// Unacked messages a mover holds, and sends on at once.
 const PREFETCH: u16 = 64;
 /// How long a mover waits before it hands back a message it could not send
 /// on (the broker then delivers it again), so a failure is not a busy loop.
@@ -68,7 +68,7 @@ pub(crate) async fn run(shared: Weak<Shared>) {
 }
 
 async fn consume(shared: &Weak<Shared>, link: &super::connection::Link) -> Result<(), Error> {
-    let (channel, mut deliveries) = {
+    let (channel, deliveries) = {
         let Some(strong) = shared.upgrade() else {
             return Ok(());
         };
@@ -96,29 +96,33 @@ async fn consume(shared: &Weak<Shared>, link: &super::connection::Link) -> Resul
         };
         strong.consuming.guard(link.generation, opened).await?
     };
-    while let Some(delivery) = deliveries.next().await {
-        let delivery = delivery.map_err(|error| amqp_error("receive from the due queue", error))?;
-        let Some(strong) = shared.upgrade() else {
-            return Ok(());
-        };
-        let sent = send_on(&strong, &delivery).await;
-        let settled = async {
-            match &sent {
-                Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
-                Err(error) => {
-                    tracing::warn!(%error, "amqp: cannot send a scheduled message on; the broker will hand it out again");
-                    tokio::time::sleep(PAUSE_AFTER_FAILURE).await;
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    };
-                    delivery.acker.nack(requeue).await
+    // Up to the prefetch at once: a burst of messages due together is sent
+    // on in parallel, not one confirm after another.
+    let moved = deliveries
+        .map_err(|error| amqp_error("receive from the due queue", error))
+        .try_for_each_concurrent(usize::from(PREFETCH), |delivery| async move {
+            // The transport is gone: stop, the broker takes the rest back.
+            let strong = shared.upgrade().ok_or_else(|| Error::closed("amqp transport"))?;
+            let sent = send_on(&strong, &delivery).await;
+            let settled = async {
+                match &sent {
+                    Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+                    Err(error) => {
+                        tracing::warn!(%error, "amqp: cannot send a scheduled message on; the broker will hand it out again");
+                        tokio::time::sleep(PAUSE_AFTER_FAILURE).await;
+                        let requeue = BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        };
+                        delivery.acker.nack(requeue).await
+                    }
                 }
-            }
-            .map_err(|error| amqp_error("settle a scheduled message", error))
-        };
-        strong.consuming.guard(link.generation, settled).await?;
-    }
+                .map_err(|error| amqp_error("settle a scheduled message", error))
+            };
+            strong.consuming.guard(link.generation, settled).await.map(drop)
+        })
+        .await;
+    moved?;
     drop(channel);
     Err(Error::new(
         ErrorKind::Connection,
