@@ -55,6 +55,9 @@ pub(crate) const SCHEDULED_QUEUE: &str = "x-sb-scheduled-queue";
 pub const BUCKET_UNIT: Duration = Duration::from_millis(10);
 /// The longest bucket is `BUCKET_UNIT × 2^TOP_LEVEL`.
 const TOP_LEVEL: u32 = 27;
+/// The first and the longest pause before a bucket's refused (nacked)
+/// publish is sent again.
+const NACKED_PAUSE: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
 /// What the broker adds when it dead-letters, dropped before the next hop
 /// (a message would otherwise carry one `x-death` entry per bucket).
 pub(crate) const BROKER_HEADERS: &[&str] = &[
@@ -162,15 +165,29 @@ pub(crate) async fn into_bucket(
 ) -> Result<(), Error> {
     ensure_bucket(shared, level).await?;
     let queue = shared.config.bucket_queue(level);
-    match publish_direct(shared, &queue, body, properties.clone()).await {
-        // Deleted behind our back (by hand, or an `x-expires`): declare
-        // it again and try once more.
-        Err(error) if error.kind() == ErrorKind::NotFound => {
-            lock(&shared.scheduled.declared).clear();
-            ensure_bucket(shared, level).await?;
-            publish_direct(shared, &queue, body, properties).await
+    let deadline = Instant::now() + shared.config.publish_timeout;
+    let mut pause = NACKED_PAUSE.0;
+    loop {
+        match publish_direct(shared, &queue, body, properties.clone()).await {
+            // Deleted behind our back (by hand, or an `x-expires`): declare
+            // it again and try once more.
+            Err(error) if error.kind() == ErrorKind::NotFound => {
+                lock(&shared.scheduled.declared).clear();
+                ensure_bucket(shared, level).await?;
+                return publish_direct(shared, &queue, body, properties).await;
+            }
+            // A quorum queue just declared can refuse (nack) publishes while
+            // it settles: the broker did not take the message, so sending it
+            // again is safe, within the publish timeout.
+            Err(error)
+                if error.kind() == ErrorKind::Unavailable && Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(%error, queue, "amqp: a delay bucket refused a message; sending it again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(NACKED_PAUSE.1);
+            }
+            other => return other,
         }
-        other => other,
     }
 }
 
