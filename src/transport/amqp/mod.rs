@@ -131,7 +131,9 @@
 //! expiry, a confirmed publish) plus at most 10 ms of rounding: 59–156 ms
 //! for delays up to 1.5 s here (`cargo test --all-features --test amqp
 //! scheduled_messages_arrive -- --nocapture` prints it; the conformance
-//! tolerance is 3 s). Buckets and the due queue
+//! tolerance is 3 s). Each hop of each message is one confirmed publish, so
+//! a burst of messages due together queues behind the movers (each sends up
+//! to 64 at once) and the broker: run more movers (services) for more. Buckets and the due queue
 //! are new names declared on first use: no existing queue gets an argument
 //! (RabbitMQ refuses a changed argument with `PRECONDITION_FAILED`). With
 //! [`AmqpConfig::queue_expires`] set, the due queue expires like the
