@@ -122,9 +122,13 @@
 //! hop per binary digit of the delay in 10 ms units (1.5 s: 4 hops; a day:
 //! at most 23), never a queue per distinct delay; several movers compete
 //! for the due queue without duplicating work; and everything waits in
-//! durable queues, so closing or restarting every service, or the broker,
-//! loses nothing (at least once: a mover that dies between the confirm and
-//! the ack leaves a copy to be sent again).
+//! durable queues, so closing or restarting every service loses nothing
+//! (at least once: a mover that dies between the confirm and the ack
+//! leaves a copy to be sent again; `cargo test --all-features --test amqp
+//! schedule` closes a transport after scheduling and connects a new one).
+//! A crash of the broker itself is not covered by a test yet: the buckets
+//! are durable quorum queues, but whether a recovered bucket expires what
+//! it held without a new publish is unproven.
 //!
 //! A scheduled message is never early by the movers' clocks (keep them in
 //! sync, as with NTP), and late by tens of milliseconds per hop (a bucket's
