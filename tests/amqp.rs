@@ -932,3 +932,6 @@ mod ordering_scenario;
 
 #[path = "amqp/ordering.rs"]
 mod ordering;
+
+#[path = "amqp/schedule.rs"]
+mod schedule;

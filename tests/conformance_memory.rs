@@ -89,3 +89,35 @@ mod redrive;
 async fn a_redrive_of_all_moves_only_what_the_queue_held() {
     redrive::redrive_all_moves_only_what_was_there(Arc::new(MemoryTransport::new())).await;
 }
+
+/// Scheduled messages are bounded: past `SCHEDULED_LIMIT` waiting, a
+/// `publish_at` is refused as retryable, and closing refuses it for good.
+#[tokio::test]
+async fn scheduled_messages_are_bounded_and_refused_once_closed() {
+    use switchboard::{ErrorKind, Publisher, RawMessage};
+
+    let transport = MemoryTransport::new();
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    for n in 0..MemoryTransport::SCHEDULED_LIMIT {
+        transport
+            .publish_at("reminder.due", RawMessage::new(n.to_string()), later)
+            .await
+            .expect("room for it");
+    }
+    let error = transport
+        .publish_at("reminder.due", RawMessage::new("one too many"), later)
+        .await
+        .expect_err("past the limit");
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    assert!(error.is_retryable());
+    transport.close().await.unwrap();
+    let error = transport
+        .publish_after(
+            "reminder.due",
+            RawMessage::new("after close"),
+            std::time::Duration::from_millis(1),
+        )
+        .await
+        .expect_err("closed");
+    assert_eq!(error.kind(), ErrorKind::Closed, "{error}");
+}

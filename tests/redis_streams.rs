@@ -649,3 +649,6 @@ mod ordering_scenario;
 
 #[path = "redis_streams/ordering.rs"]
 mod ordering;
+
+#[path = "redis_streams/schedule.rs"]
+mod schedule;

@@ -214,5 +214,11 @@ fn conformance_cases_pass_on_a_three_node_cluster() {
         factory,
         conformance::dead_letters_can_be_listed_inspected_and_redriven,
     );
+    // The sorted set of scheduled messages shares its stream's slot, so the
+    // mover's script runs on a cluster too.
+    run_case(
+        factory,
+        conformance::scheduled_messages_arrive_not_before_their_time,
+    );
     drop(cluster);
 }

@@ -63,6 +63,7 @@ mod message;
 mod ordered;
 mod publish;
 mod publish_retry;
+mod publish_scheduled;
 
 pub use batch::{BatchFn, BatchSlot, batch_fn};
 use consume::ConsumeLoop;

@@ -172,7 +172,10 @@ impl EventBus {
 
     /// Encodes `envelope`, with the current span's trace context added to
     /// its headers when feature `otel` is on (see [`crate::observe::trace`]).
-    fn traced_message<E: Event>(&self, envelope: &EventEnvelope<E>) -> Result<RawMessage, Error> {
+    pub(super) fn traced_message<E: Event>(
+        &self,
+        envelope: &EventEnvelope<E>,
+    ) -> Result<RawMessage, Error> {
         #[cfg(feature = "otel")]
         if let Some(headers) = crate::observe::trace::with_current(envelope.headers()) {
             // A view that borrows the payload: the caller keeps its envelope.

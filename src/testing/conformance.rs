@@ -18,6 +18,7 @@ pub use super::claimed::{
     shutdown_in_flight_then_new_subscriber_receives_everything,
 };
 pub use super::dead_letters::typed_dead_letters_are_alerted_once_stored_and_redriven_by_key_or_id;
+pub use super::delayed::scheduled_messages_arrive_not_before_their_time;
 pub use super::flow::{
     a_poison_message_is_dead_lettered_after_max_deliveries,
     a_publish_nothing_would_receive_is_refused_or_kept, a_requeue_storm_holds_only_the_prefetch,

@@ -40,6 +40,7 @@ use crate::transport::Transport;
 mod claimed;
 pub mod conformance;
 mod dead_letters;
+pub mod delayed;
 pub mod flow;
 mod lifecycle;
 pub mod outcomes;
@@ -71,6 +72,7 @@ macro_rules! conformance_tests {
             what_no_member_can_read_is_dead_lettered_past_the_give_back_limit,
             typed_dead_letters_are_alerted_once_stored_and_redriven_by_key_or_id,
             close_ends_subscriptions_and_refuses_new_work,
+            scheduled_messages_arrive_not_before_their_time,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

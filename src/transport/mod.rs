@@ -49,6 +49,8 @@
 //! The conformance suite in `switchboard::testing` (feature `test-util`)
 //! checks all of this against any transport.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
@@ -133,6 +135,86 @@ pub trait Publisher: Send + Sync {
         }
         Ok(())
     }
+
+    /// Publishes one message to be delivered at `at`, not before; returns
+    /// once the transport has taken it as far as its guarantee goes (a
+    /// persistent transport keeps it through a restart). Delivery is then
+    /// as for [`publish`](Self::publish): every group of the topic gets it.
+    /// A time already past delivers at once.
+    ///
+    /// Only transports with [`Capabilities::scheduled`] do this; the
+    /// default fails with
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported), never a
+    /// silent immediate publish. How late after `at` a message may arrive
+    /// is each transport's stated tolerance (see
+    /// [`Capabilities::scheduled`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::{MemoryTransport, Publisher, RawMessage, SubscribeOptions, Subscriber};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let transport = MemoryTransport::new();
+    /// let mut subscription = transport.subscribe("reminder.due", SubscribeOptions::new("mail")).await?;
+    /// let at = chrono::Utc::now() + Duration::from_millis(50);
+    /// transport.publish_at("reminder.due", RawMessage::new("pay the invoice"), at).await?;
+    /// let delivery = subscription.recv().await.expect("delivered at its time");
+    /// assert!(chrono::Utc::now() >= at);
+    /// delivery.ack().await?;
+    /// # Ok::<(), switchboard::Error>(())
+    /// # }).unwrap();
+    /// ```
+    async fn publish_at(
+        &self,
+        topic: &str,
+        message: RawMessage,
+        at: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        let _ = (topic, message, at);
+        Err(Error::new(
+            crate::error::ErrorKind::Unsupported,
+            "this transport cannot schedule a publish (publish_at / publish_after): \
+             its capabilities do not claim `scheduled`",
+        ))
+    }
+
+    /// [`publish_at`](Self::publish_at) `delay` from now (the caller's
+    /// clock). A delay too large for a date is refused with
+    /// [`ErrorKind::Rejected`](crate::ErrorKind::Rejected).
+    async fn publish_after(
+        &self,
+        topic: &str,
+        message: RawMessage,
+        delay: Duration,
+    ) -> Result<(), Error> {
+        let at = due_after(delay)?;
+        self.publish_at(topic, message, at).await
+    }
+}
+
+/// `at` in Unix milliseconds, rounded up: what a broker keeps as a due time,
+/// so a message is never due early.
+#[cfg(any(feature = "redis-streams", feature = "amqp"))]
+pub(crate) fn due_millis(at: DateTime<Utc>) -> i64 {
+    let millis = at.timestamp_millis();
+    if at.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
+        millis
+    } else {
+        millis + 1
+    }
+}
+
+/// The time `delay` from now; a delay past what a date can hold is refused.
+pub(crate) fn due_after(delay: Duration) -> Result<DateTime<Utc>, Error> {
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|delay| Utc::now().checked_add_signed(delay))
+        .ok_or_else(|| {
+            Error::new(
+                crate::error::ErrorKind::Rejected,
+                format!("a delay of {delay:?} is past any date this crate can schedule"),
+            )
+        })
 }
 
 /// Receives messages from a topic.
@@ -298,6 +380,14 @@ pub struct Capabilities {
     pub nack: bool,
     /// [`Delivery::dead_letter`] and [`Transport::dead_letters`] are supported.
     pub dead_letter: bool,
+    /// [`Publisher::publish_at`] and [`Publisher::publish_after`] are
+    /// supported: a message is delivered not before its time, and late by
+    /// at most the transport's stated tolerance (memory: a timer, a few
+    /// milliseconds; Redis Streams: the mover's tick; RabbitMQ: the delay
+    /// buckets' hops — see each transport's module docs). On a
+    /// [`persistent`](Self::persistent) transport a scheduled message
+    /// survives a restart.
+    pub scheduled: bool,
 }
 
 impl Capabilities {
@@ -310,6 +400,7 @@ impl Capabilities {
             redelivers_unacked: false,
             nack: false,
             dead_letter: false,
+            scheduled: false,
         }
     }
 
@@ -340,6 +431,12 @@ impl Capabilities {
     /// Sets [`dead_letter`](Self::dead_letter).
     pub const fn with_dead_letter(mut self, yes: bool) -> Self {
         self.dead_letter = yes;
+        self
+    }
+
+    /// Sets [`scheduled`](Self::scheduled).
+    pub const fn with_scheduled(mut self, yes: bool) -> Self {
+        self.scheduled = yes;
         self
     }
 }

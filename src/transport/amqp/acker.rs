@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::error::amqp_error;
 use super::properties::{self, ATTEMPTS, REDELIVERIES};
 use super::publisher::publish_direct;
+use super::schedule;
 use super::{DLQ_SUFFIX, QueueType, Shared};
 use crate::error::{Error, ErrorKind};
 use crate::transport::delay::DelayQueue;
@@ -165,6 +166,38 @@ impl Held {
         self.republish(body, self.attempt, self.delivery_count - 1)
             .await;
     }
+
+    /// The nack when the subscription stops with `left` of its delay still
+    /// to wait: through the delay buckets back to this group's queue only
+    /// (see [scheduled messages](super#scheduled-messages)), one attempt
+    /// more, then the original acked. Without a delay left, or if the
+    /// buckets cannot take it, the plain [`requeue`](Self::requeue).
+    pub(super) async fn requeue_after(&self, body: &Bytes, left: Duration) {
+        let Some(level) = schedule::bucket_for(left) else {
+            return self.requeue(body).await;
+        };
+        let due_at = chrono::Utc::now().timestamp_millis()
+            + i64::try_from(left.as_millis()).unwrap_or(i64::MAX / 2);
+        let headers = [
+            (ATTEMPTS, self.attempt.to_string()),
+            (REDELIVERIES, (self.delivery_count - 1).to_string()),
+            (schedule::DUE_AT, due_at.to_string()),
+            (schedule::SCHEDULED_QUEUE, self.queue.to_string()),
+        ];
+        let properties =
+            properties::with_headers(&self.properties, &headers, &[QUORUM_DELIVERY_COUNT]);
+        match schedule::into_bucket(&self.shared, level, body, properties).await {
+            Ok(()) => {
+                if let Err(error) = self.ack().await {
+                    tracing::warn!(%error, queue = &*self.queue, "amqp: cannot ack a nacked message sent to the delay buckets");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, queue = &*self.queue, "amqp: the delay buckets cannot take a nacked message; requeueing it at once");
+                self.requeue(body).await;
+            }
+        }
+    }
 }
 
 /// A nacked delivery waiting out its delay, with its permit.
@@ -178,6 +211,12 @@ impl Waiting {
     /// Back to the broker (see the module docs); frees the permit after.
     pub(super) async fn requeue(self) {
         self.held.requeue(&self.message.body).await;
+    }
+
+    /// Back to the broker with `left` of the delay still to wait, through
+    /// the delay buckets to this group's queue; frees the permit after.
+    pub(super) async fn requeue_after(self, left: Duration) {
+        self.held.requeue_after(&self.message.body, left).await;
     }
 }
 
@@ -230,7 +269,7 @@ impl Acker for AmqpAcker {
         };
         if let Err(waiting) = self.delays.push(delay, waiting) {
             // The subscription is stopping: back to the broker now.
-            waiting.requeue().await;
+            waiting.requeue_after(delay).await;
         }
         Ok(())
     }

@@ -445,8 +445,8 @@ impl Drop for ConsumerState {
         let drained = self.drained.take();
         let (guarded, queue) = (self.guarded, self.queue.clone());
         self.handle.spawn(async move {
-            for (waiting, _left) in waiting {
-                waiting.requeue().await;
+            for (waiting, left) in waiting {
+                waiting.requeue_after(left).await;
             }
             if let Some(Live {
                 link,

@@ -27,6 +27,11 @@
 //! as retryable. [`MemoryTransport::depth`] is a group's queue depth, also sampled
 //! into the `switchboard_consumer_lag` gauge.
 //!
+//! [`Publisher::publish_at`] keeps a message in one timer queue per
+//! transport until its time (at most
+//! [`MemoryTransport::SCHEDULED_LIMIT`]), then publishes it like any other;
+//! closing or dropping the transport drops what still waits.
+//!
 //! A message given back ([`Delivery::give_back`]) frees its permit at once
 //! and stays out of sight of the whole group for a pause — 10 ms, doubling
 //! with each give-back up to 1 s — then joins the back of the group's
@@ -58,6 +63,7 @@ use crate::topology::Topology;
 
 mod consumer;
 mod dlq;
+mod schedule;
 
 use consumer::Consumer;
 
@@ -93,6 +99,8 @@ struct Inner {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     next_id: AtomicU64,
     lifecycle: Lifecycle,
+    /// Messages published with `publish_at`, waiting for their time.
+    scheduled: schedule::Scheduled,
 }
 
 impl Default for Inner {
@@ -101,6 +109,7 @@ impl Default for Inner {
             topics: RwLock::default(),
             next_id: AtomicU64::new(0),
             lifecycle: Lifecycle::new(NAME),
+            scheduled: schedule::Scheduled::default(),
         }
     }
 }
@@ -424,6 +433,20 @@ impl Publisher for MemoryTransport {
         *lock(&topic.latest) = latest;
         Ok(())
     }
+
+    /// Kept in the transport's timer queue (at most
+    /// [`SCHEDULED_LIMIT`](MemoryTransport::SCHEDULED_LIMIT)) and published
+    /// by one task when due: a few milliseconds late at most, never early.
+    async fn publish_at(
+        &self,
+        topic: &str,
+        message: RawMessage,
+        at: chrono::DateTime<Utc>,
+    ) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
+        validate_name("topic", topic)?;
+        self.schedule(topic, message, at)
+    }
 }
 
 #[async_trait]
@@ -464,6 +487,7 @@ impl Transport for MemoryTransport {
             .with_redelivers_unacked(true)
             .with_nack(true)
             .with_dead_letter(true)
+            .with_scheduled(true)
     }
 
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
@@ -494,6 +518,7 @@ impl Transport for MemoryTransport {
     /// Ends the subscriptions and waits for them; the topics stay readable
     /// through [`depth`](MemoryTransport::depth) and the dead letters.
     async fn close(&self) -> Result<(), Error> {
+        self.inner.scheduled.stop();
         self.inner.lifecycle.close(|_| async {}).await
     }
 

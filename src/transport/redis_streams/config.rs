@@ -47,6 +47,15 @@ pub struct RedisStreamsConfig {
     /// The most entries one read asks for (default 128); fewer when the
     /// subscription's prefetch has less room.
     pub batch: usize,
+    /// How often this transport's mover looks for scheduled messages that
+    /// are due ([`publish_at`](crate::Publisher::publish_at)) and moves them
+    /// into their streams (default 100 ms): the most a scheduled message is
+    /// late, besides the round trip.
+    pub schedule_tick: Duration,
+    /// The most scheduled messages one mover script moves per topic
+    /// (default 100, its `LIMIT`); a full batch is followed at once by the
+    /// next, so the cost of one call stays bounded while a backlog drains.
+    pub schedule_batch: usize,
     /// `MAXLEN ~ n` on every `XADD` (default `None`: no trimming). Trimming
     /// can drop entries no group has acknowledged yet. The same as
     /// [`TrimPolicy::MaxLen`] for every topic; not together with a
@@ -109,6 +118,8 @@ impl Default for RedisStreamsConfig {
             claim_every: None,
             block: Duration::from_secs(5),
             batch: 128,
+            schedule_tick: Duration::from_millis(100),
+            schedule_batch: 100,
             max_len: None,
             trim: TrimPolicy::None,
             topic_trim: BTreeMap::new(),
@@ -146,6 +157,18 @@ impl RedisStreamsConfig {
     /// Sets [`claim_every`](Self::claim_every).
     pub fn with_claim_every(mut self, every: Duration) -> Self {
         self.claim_every = Some(every);
+        self
+    }
+
+    /// Sets [`schedule_tick`](Self::schedule_tick).
+    pub fn with_schedule_tick(mut self, tick: Duration) -> Self {
+        self.schedule_tick = tick;
+        self
+    }
+
+    /// Sets [`schedule_batch`](Self::schedule_batch).
+    pub fn with_schedule_batch(mut self, batch: usize) -> Self {
+        self.schedule_batch = batch;
         self
     }
 
@@ -320,6 +343,11 @@ impl RedisStreamsConfig {
             "redis-streams",
             self.connect_timeout,
         )?;
+        if self.schedule_tick.is_zero() || self.schedule_batch == 0 {
+            return invalid(
+                "redis-streams: `schedule_tick` and `schedule_batch` must be above zero",
+            );
+        }
         if self.lag_every.is_zero() {
             return invalid("redis-streams: `lag_every` must be above zero");
         }

@@ -166,7 +166,7 @@ impl RedisStreamsTransport {
         let seen = Arc::new(LastOutcome::default());
         let commands = Conn::new(commands, seen.clone());
         let persistent = aof_enabled(commands.clone()).await;
-        Self {
+        let transport = Self {
             inner: Arc::new(Inner {
                 commands,
                 seen,
@@ -176,9 +176,12 @@ impl RedisStreamsTransport {
                 persistent,
                 consumers: std::sync::Mutex::default(),
                 trimmers: super::trim::Trimmers::default(),
+                mover: super::schedule::Mover::default(),
                 lifecycle: crate::transport::Lifecycle::new(super::NAME),
             }),
-        }
+        };
+        transport.start_mover();
+        transport
     }
 
     pub(super) async fn blocking_connection(&self) -> Result<Conn, Error> {

@@ -13,12 +13,15 @@ const SCAN_BATCH: usize = 500;
 
 impl RedisStreamsTransport {
     /// Ends the subscriptions (waiting for them), then stops the scheduled
-    /// trims. The connections go with the last clone of the transport.
+    /// trims and the mover of scheduled messages. The connections go with the last clone of the transport.
     pub(super) async fn close_all(&self) -> Result<(), Error> {
         let inner = self.inner.clone();
         self.inner
             .lifecycle
-            .close(|_| async move { inner.trimmers.forget_prefix("") })
+            .close(|_| async move {
+                inner.trimmers.forget_prefix("");
+                inner.mover.stop();
+            })
             .await
     }
 

@@ -55,4 +55,19 @@ impl Publisher for RedisStreamsTransport {
             .map_err(|error| redis_error("pipelined XADD", error))?;
         Ok(())
     }
+
+    /// Into the topic's sorted set of scheduled messages; this or any
+    /// other transport's mover `XADD`s it when due (see
+    /// [scheduled messages](super#scheduled-messages)).
+    async fn publish_at(
+        &self,
+        topic: &str,
+        message: RawMessage,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), Error> {
+        self.inner.lifecycle.check()?;
+        validate_name("topic", topic)?;
+        self.ensure_trimmer(topic);
+        self.schedule(topic, &message, at).await
+    }
 }
