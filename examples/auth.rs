@@ -17,12 +17,14 @@ use common::auth_service::AuthService;
 use common::cli::{self, Failure, Flags};
 
 const USAGE: &str = "\
-cargo run --example auth -- --redis URL [--port N] [--namespace NAME]
+cargo run --example auth -- --redis URL [--port N] [--namespace NAME] [--database URL]
 
   --port N            HTTP port (default: any free port); gRPC on another free port,
                       announced by GET /v1/endpoints
   --redis URL         where user.registered goes (or REDIS_URL)
-  --namespace NAME    prefix of every topic (the same for all four services)";
+  --namespace NAME    prefix of every topic and table (the same for all four services)
+  --database URL      where users are kept (or DATABASE_URL): postgres://…; default an
+                      embedded SQLite file in a temporary directory";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -35,14 +37,16 @@ async fn run() -> Result<(), Failure> {
     };
     flags.require_redis("auth")?;
     let brokers = flags.brokers().await?;
-    let mut auth = AuthService::start(&brokers, flags.listen()).await?;
+    let database = flags.database().await?;
+    let auth = AuthService::start(&brokers, &database, flags.listen()).await?;
     println!(
         "auth listening on http://{} (gRPC {})",
         auth.addrs().http,
         auth.addrs().grpc
     );
     cli::until_stopped().await;
-    auth.stop().await;
+    auth.shutdown().await?;
     brokers.close().await?;
+    database.close().await;
     Ok(())
 }

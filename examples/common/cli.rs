@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use switchboard::Error;
 
 use super::brokers::Brokers;
+use super::database::Database;
 
 /// Parsed flags. Every example accepts the same set and says which it needs.
 #[derive(Debug, Default, Clone)]
@@ -19,6 +20,12 @@ pub struct Flags {
     pub market: Option<SocketAddr>,
     pub game: Option<SocketAddr>,
     pub orders: Option<usize>,
+    /// Where state is kept (`--database` or `DATABASE_URL`); none: an
+    /// embedded SQLite file in a temporary directory.
+    pub database: Option<String>,
+    /// This process's Redis Streams consumer name (`--consumer`), kept
+    /// across restarts.
+    pub consumer: Option<String>,
 }
 
 /// What went wrong, for a one-line message and an exit code.
@@ -78,6 +85,9 @@ impl Flags {
                 .ok()
                 .filter(|url| !url.is_empty()),
             amqp: std::env::var("AMQP_URL").ok().filter(|url| !url.is_empty()),
+            database: std::env::var("DATABASE_URL")
+                .ok()
+                .filter(|url| !url.is_empty()),
             ..Flags::default()
         };
         let mut args = args.into_iter();
@@ -99,6 +109,8 @@ impl Flags {
                 "--market",
                 "--game",
                 "--orders",
+                "--database",
+                "--consumer",
             ];
             if !known.contains(&name.as_str()) {
                 return Err(Failure::Usage(format!("unknown argument {flag:?}")));
@@ -116,6 +128,8 @@ impl Flags {
                 "--redis" => flags.redis = Some(value),
                 "--amqp" => flags.amqp = Some(value),
                 "--namespace" => flags.namespace = Some(value),
+                "--database" => flags.database = Some(value),
+                "--consumer" => flags.consumer = Some(value),
                 "--auth" => flags.auth = Some(address("--auth", &value)?),
                 "--market" => flags.market = Some(address("--market", &value)?),
                 "--game" => flags.game = Some(address("--game", &value)?),
@@ -141,12 +155,18 @@ impl Flags {
         if self.redis.is_none() && self.amqp.is_none() {
             return Ok(Brokers::memory());
         }
-        Brokers::connect(
+        Brokers::connect_as(
             self.redis.as_deref(),
             self.amqp.as_deref(),
             self.namespace.clone(),
+            self.consumer.as_deref(),
         )
         .await
+    }
+
+    /// The database the flags name: an embedded SQLite file when none.
+    pub async fn database(&self) -> Result<Database, Error> {
+        Database::open(self.database.as_deref()).await
     }
 
     /// A standalone service shares events with the others only through a

@@ -310,9 +310,14 @@ impl Gateway {
         .await
     }
 
-    /// Trading's figures; waits until `settled_at_least` orders are settled.
-    pub async fn trading_stats(&self, settled_at_least: usize) -> Result<TradingStats, Error> {
-        let path = format!("/v1/stats?settled_at_least={settled_at_least}");
+    /// Trading's figures for `user_id`'s orders; waits until
+    /// `settled_at_least` of them are settled.
+    pub async fn trading_stats(
+        &self,
+        user_id: &str,
+        settled_at_least: usize,
+    ) -> Result<TradingStats, Error> {
+        let path = format!("/v1/stats?settled_at_least={settled_at_least}&user={user_id}");
         Self::send(&self.trading, Call::read(path, None)).await
     }
 
@@ -503,7 +508,7 @@ pub async fn run(gateway: &Gateway, orders: usize) -> Result<Report, Error> {
             .last_price
             .map_or_else(|| "-".into(), |price| price.to_string())
     );
-    let trading = gateway.trading_stats(orders).await?;
+    let trading = gateway.trading_stats(&user_id, orders).await?;
     println!(
         "trading  {} of {} settlement jobs done by the worker on the task queue; {} price.updated seen so far",
         trading.settled, trading.orders, trading.price_updates_seen
