@@ -655,3 +655,29 @@ async fn an_unreachable_broker_is_one_line_that_says_what_to_do() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_bad_database_url_is_one_line_that_says_what_to_do() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    for url in [
+        format!("postgres://postgres:s3cret@127.0.0.1:{port}/test"),
+        "mysql://root:s3cret@127.0.0.1/test".to_owned(),
+    ] {
+        let error = Database::open(Some(&url))
+            .await
+            .expect_err("no database there");
+        let message = error.to_string();
+        assert_eq!(error.kind(), ErrorKind::Connection, "{message}");
+        assert!(message.contains("cannot open the database"), "{message}");
+        assert!(message.contains("fix DATABASE_URL"), "{message}");
+        assert!(message.contains("unset it"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+        assert!(
+            !message.contains("s3cret"),
+            "the password is not shown: {message}"
+        );
+    }
+}

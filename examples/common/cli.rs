@@ -153,7 +153,10 @@ impl Flags {
     /// The brokers the flags name: memory when none.
     pub async fn brokers(&self) -> Result<Brokers, Error> {
         if self.redis.is_none() && self.amqp.is_none() {
-            return Ok(Brokers::memory());
+            // The namespace still prefixes the database tables.
+            let mut brokers = Brokers::memory();
+            brokers.namespace = self.namespace.clone();
+            return Ok(brokers);
         }
         Brokers::connect_as(
             self.redis.as_deref(),

@@ -43,8 +43,8 @@ pub enum Db<P, S> {
 macro_rules! on_db {
     ($db:expr, $part:ident => $body:expr) => {
         match $db {
-            $crate::common::database::Db::Postgres($part) => $body,
-            $crate::common::database::Db::Sqlite($part) => $body,
+            super::database::Db::Postgres($part) => $body,
+            super::database::Db::Sqlite($part) => $body,
         }
     };
 }
