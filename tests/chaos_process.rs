@@ -1,6 +1,6 @@
-//! Fault proofs on whole processes, run by `scripts/chaos` (ignored by a
-//! plain `cargo test`: each one starts processes and takes seconds to
-//! minutes).
+//! Fault proofs on whole processes, run by `scripts/chaos` and (the
+//! services' ones, short) `scripts/smoke-services` (ignored by a plain
+//! `cargo test`: each one starts processes and takes seconds to minutes).
 //!
 //! * `process_kill::`: a consumer *process* (`examples/chaos_consumer.rs`)
 //!   on Redis Streams and the Redis dedupe store, SIGKILLed mid-batch and
@@ -8,16 +8,24 @@
 //!   duplicates come only from the crash window (effect applied, *done* mark
 //!   not yet written), are counted and reported, and are never more than was
 //!   in flight at the kill.
-//! * `broker_restart::`: the trading example's session against a private
-//!   Redis (AOF, `appendfsync always`) and, separately, a private RabbitMQ
-//!   node, the broker SIGKILLed mid-session and restarted on the same data
-//!   directory: the session completes.
+//! * `broker_restart::`: the trading example's session (the four services
+//!   in its process, their state in PostgreSQL) against a private Redis
+//!   (AOF, `appendfsync always`) and, separately, a private RabbitMQ node,
+//!   the broker SIGKILLed mid-session and restarted on the same data
+//!   directory: Trading keeps accepting orders meanwhile (the outbox holds
+//!   their events and jobs), the session completes, and the tables show
+//!   every committed order applied once by Game and settled.
+//! * `service_crash::` (`chaos_process/services.rs`): Auth, Market and Game
+//!   as processes of their own, Trading SIGKILLed mid-session (and a new
+//!   session started), or Game SIGKILLed halfway through a backlog (and
+//!   started again under its consumer name): the same check of the tables.
 //!
 //! Every broker faulted here is private (a free port, a temporary directory,
 //! a node name of its own) and killed by its own pid, also when a test
 //! panics. The shared Redis on 127.0.0.1:6379 only carries the consumer
 //! proof's stream (random names per run) and the events of the RabbitMQ
-//! run; the shared RabbitMQ only the settlement jobs of the Redis run.
+//! and service runs; the shared RabbitMQ only the settlement jobs of the
+//! Redis and service runs.
 //!
 //! ```text
 //! cargo build --all-features --examples
@@ -25,7 +33,8 @@
 //! ```
 //! Figures: `SWITCHBOARD_CHAOS_EVENTS` (events of the consumer proof,
 //! default 2 000), `SWITCHBOARD_CHAOS_ORDERS` (orders of a session, default
-//! 600).
+//! 600). The services' database: `DATABASE_URL` (default the local
+//! PostgreSQL, database `test`); each run's tables are dropped at its end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
