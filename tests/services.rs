@@ -656,6 +656,47 @@ async fn an_unreachable_broker_is_one_line_that_says_what_to_do() {
     }
 }
 
+/// The four services stopped and started again on the same database: the
+/// orders, the holdings and the users are still there, and the token Auth
+/// signed before the restart still works (its key pair is stored too).
+#[tokio::test]
+async fn the_services_state_survives_their_restart() {
+    let world = world().await;
+    for quantity in [dec!(4), dec!(1.5)] {
+        world
+            .gateway
+            .place_order(&world.token, buy("MSFT", quantity))
+            .await
+            .expect("order");
+    }
+    world.platform.game.wait_for_trades(&world.user_id, 2).await;
+    world.platform.shutdown().await.expect("shutdown");
+
+    let platform = Platform::start(&world.brokers, &world.database, &resilience(), None)
+        .await
+        .expect("the four services start again");
+    let gateway = Gateway::new(platform.addresses(), &gateway_resilience(breaker()));
+    let orders = gateway
+        .orders(&world.token)
+        .await
+        .expect("the orders, same token");
+    assert_eq!(orders.len(), 2, "{orders:?}");
+    let portfolio = gateway
+        .holdings(&world.token, &world.user_id, Some(2))
+        .await
+        .expect("the holdings");
+    assert_eq!(portfolio.trades_applied, 2);
+    assert_eq!(portfolio.positions[0].quantity, dec!(5.5));
+    assert!(portfolio.username.is_some(), "{portfolio:?}");
+    let settled = gateway
+        .trading_stats(&world.user_id, 2)
+        .await
+        .expect("Trading's figures");
+    assert_eq!((settled.orders, settled.settled), (2, 2));
+    platform.shutdown().await.expect("shutdown");
+    world.database.close().await;
+}
+
 #[tokio::test]
 async fn a_bad_database_url_is_one_line_that_says_what_to_do() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
