@@ -334,7 +334,8 @@ impl GameService {
         );
         let key: fn(&QuoteRequest) -> String = |request| request.symbol.clone();
         // Quotes and user lookups are reads: safe to send again after a
-        // timeout. The ledger's handlers below are not marked so.
+        // timeout. So are the ledger's handlers below: the inbox makes a
+        // trade's second run a no-op.
         let reads = resilience.clone().idempotent();
         let quotes = StaleCache::new(
             reads.client_with_breaker(&market_breaker, quote),
@@ -364,7 +365,11 @@ impl GameService {
             events: brokers.events("game-service"),
             latency: Latencies::default(),
         });
-        let mut handlers = resilience.clone();
+        // A timed-out attempt at a trade rolled back, or committed with its
+        // inbox mark: either way another attempt is safe, so a slow
+        // database (or a process paused past the timeout) costs a retry,
+        // not a dead letter.
+        let mut handlers = resilience.clone().idempotent();
         if let Some(alert) = config.alert.clone() {
             handlers = handlers.with_alert(alert);
         }

@@ -150,6 +150,41 @@ pub async fn clean_up(redis: &mut MultiplexedConnection, pool: &sqlx::PgPool, na
     ledger::drop_tables(pool, namespace).await;
 }
 
+/// Waits for `session` to end (at most `patience`).
+async fn ends(session: &mut Guarded, patience: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(status) = session.exited() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session did not end within {patience:?}:\n{}",
+            session.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What went to `stream`'s dead-letter stream, for a failure's message.
+async fn dead_letters(redis: &mut MultiplexedConnection, stream: &str) -> String {
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(format!("{stream}.dlq"))
+        .arg("-")
+        .arg("+")
+        .query_async(redis)
+        .await
+        .unwrap_or_default();
+    let mut text = format!("{} dead letters on {stream}.dlq", entries.len());
+    for (id, fields) in entries.iter().take(5) {
+        text.push_str(&format!(
+            "\n  {id}: {:?}",
+            fields.iter().filter(|f| f.len() < 300).collect::<Vec<_>>()
+        ));
+    }
+    text
+}
+
 mod service_crash {
     use super::super::broker_restart::completes;
     use super::*;
@@ -308,8 +343,17 @@ mod service_crash {
         cluster.start_game(game_port).await;
         let back_after = started.elapsed() - killed_after;
 
-        completes(&mut session, Duration::from_secs(300)).await;
+        let ended = ends(&mut session, Duration::from_secs(300)).await;
         let (ledger, caught_up) = Ledger::settle(&pool, &namespace, Duration::from_secs(60)).await;
+        if !ended.success() || !ledger.complete() {
+            panic!(
+                "Game SIGKILLed and restarted: {}\n{}\nsession:\n{}\nrestarted Game:\n{}",
+                ledger.figures(),
+                dead_letters(&mut redis, &stream).await,
+                session.output(),
+                cluster.game.0.output()
+            );
+        }
         ledger.assert_exactly_once("Game SIGKILLed and restarted");
         assert_eq!(ledger.orders, orders);
         assert!(
