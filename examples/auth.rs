@@ -22,7 +22,7 @@ use common::auth_service::{AuthConfig, AuthService};
 use common::cli::{self, Failure, Flags};
 
 const USAGE: &str = "\
-cargo run --example auth -- --redis URL --keys DIR [--port N] [--namespace NAME] [--rotate-every SECS]
+cargo run --example auth -- --redis URL --keys DIR [--port N] [--namespace NAME] [--rotate-every SECS] [--database URL]
 
   --port N            HTTP port (default: any free port); gRPC on another free port,
                       announced by GET /v1/endpoints
@@ -31,7 +31,9 @@ cargo run --example auth -- --redis URL --keys DIR [--port N] [--namespace NAME]
                       DIR/key-signing-key.pub.pem is what Trading and Game pin
   --rotate-every SECS rotate the signing key this often (default: never); the old key
                       keeps verifying for 30 minutes
-  --namespace NAME    prefix of every topic (the same for all four services)";
+  --namespace NAME    prefix of every topic and table (the same for all four services)
+  --database URL      where users are kept (or DATABASE_URL): postgres://…; default an
+                      embedded SQLite file in a temporary directory";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -49,20 +51,22 @@ async fn run() -> Result<(), Failure> {
         ));
     };
     let brokers = flags.brokers().await?;
+    let database = flags.database().await?;
     let config = AuthConfig {
         http: flags.listen(),
         keys: KeySource::Dir(keys),
         overlap: DEFAULT_KEY_OVERLAP,
         rotate_every: flags.rotate_every,
     };
-    let mut auth = AuthService::start(&brokers, config).await?;
+    let auth = AuthService::start(&brokers, &database, config).await?;
     println!(
         "auth listening on http://{} (gRPC {})",
         auth.addrs().http,
         auth.addrs().grpc
     );
     cli::until_stopped().await;
-    auth.stop().await;
+    auth.shutdown().await?;
     brokers.close().await?;
+    database.close().await;
     Ok(())
 }

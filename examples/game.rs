@@ -24,7 +24,7 @@ use common::market_service::MarketAddrs;
 use switchboard::middleware::Resilience;
 
 const USAGE: &str = "\
-cargo run --example game -- --auth ADDR --market ADDR --redis URL --trust-anchor FILE [--port N] [--namespace NAME]
+cargo run --example game -- --auth ADDR --market ADDR --redis URL --trust-anchor FILE [--port N] [--namespace NAME] [--database URL]
 
   --auth ADDR         Auth's HTTP address (for its gRPC endpoint)
   --trust-anchor FILE Auth's key-signing key, public PEM (key-signing-key.pub.pem in
@@ -32,7 +32,11 @@ cargo run --example game -- --auth ADDR --market ADDR --redis URL --trust-anchor
   --market ADDR       Market's HTTP address
   --port N            HTTP port (default: any free port)
   --redis URL         events (or REDIS_URL)
-  --namespace NAME    prefix of every topic (the same for all four services)";
+  --namespace NAME    prefix of every topic and table (the same for all four services)
+  --database URL      where holdings are kept (or DATABASE_URL): postgres://…; default an
+                      embedded SQLite file in a temporary directory
+  --consumer NAME     this process's Redis Streams consumer name, kept across restarts
+                      (a restart takes up its unfinished events at once)";
 
 #[derive(serde::Deserialize)]
 struct AuthEndpoints {
@@ -56,10 +60,12 @@ async fn run() -> Result<(), Failure> {
     flags.require_redis("game")?;
     let trust_anchor = flags.trust_anchor_pem("game")?;
     let brokers = flags.brokers().await?;
+    let database = flags.database().await?;
     let auth_endpoints: AuthEndpoints = cli::fetch_json("Auth", auth, "/v1/endpoints").await?;
     let market_endpoints: MarketAddrs = cli::fetch_json("Market", market, "/v1/endpoints").await?;
     let game = GameService::start(
         &brokers,
+        &database,
         GameConfig {
             http: flags.listen(),
             market_http: market_endpoints.http,
@@ -75,5 +81,6 @@ async fn run() -> Result<(), Failure> {
     cli::until_stopped().await;
     game.shutdown().await?;
     brokers.close().await?;
+    database.close().await;
     Ok(())
 }

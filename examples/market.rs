@@ -18,12 +18,15 @@ use common::cli::{self, Failure, Flags};
 use common::market_service::MarketService;
 
 const USAGE: &str = "\
-cargo run --example market -- --redis URL [--port N] [--namespace NAME]
+cargo run --example market -- --redis URL [--port N] [--namespace NAME] [--database URL]
 
   --port N            HTTP port (default: any free port); gRPC and the HTTP/2 history
                       stream on other free ports, announced by GET /v1/endpoints
   --redis URL         events and ticks (or REDIS_URL)
-  --namespace NAME    prefix of every topic (the same for all four services)";
+  --namespace NAME    prefix of every topic and table (the same for all four services)
+  --database URL      where prices are kept (or DATABASE_URL): postgres://…; default an
+                      embedded SQLite file in a temporary directory
+  --consumer NAME     this process's Redis Streams consumer name, kept across restarts";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -36,7 +39,8 @@ async fn run() -> Result<(), Failure> {
     };
     flags.require_redis("market")?;
     let brokers = flags.brokers().await?;
-    let market = MarketService::start(&brokers, flags.listen()).await?;
+    let database = flags.database().await?;
+    let market = MarketService::start(&brokers, &database, flags.listen()).await?;
     let addrs = market.addrs();
     println!(
         "market listening on http://{} (gRPC {}, history over HTTP/2 {})",
@@ -45,5 +49,6 @@ async fn run() -> Result<(), Failure> {
     cli::until_stopped().await;
     market.shutdown().await?;
     brokers.close().await?;
+    database.close().await;
     Ok(())
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! REDIS_URL=redis://127.0.0.1:6379 AMQP_URL=amqp://guest:guest@127.0.0.1:5672 \
-//!     cargo run --example platform
+//!     DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo run --example platform
 //! ```
 //!
 //! Prints each service's address; `cargo run --example trading -- --auth ..
@@ -20,11 +20,13 @@ use common::platform::Platform;
 use switchboard::middleware::Resilience;
 
 const USAGE: &str = "\
-cargo run --example platform -- [--redis URL] [--amqp URL] [--namespace NAME]
+cargo run --example platform -- [--redis URL] [--amqp URL] [--namespace NAME] [--database URL]
 
   --redis URL         events and ticks (or REDIS_URL); required
   --amqp URL          settlement jobs (or AMQP_URL); required
-  --namespace NAME    prefix of every topic";
+  --namespace NAME    prefix of every topic and table
+  --database URL      where the services keep their state (or DATABASE_URL): postgres://…;
+                      default an embedded SQLite file in a temporary directory";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -44,7 +46,9 @@ async fn run() -> Result<(), Failure> {
     }
     let brokers = flags.brokers().await?;
     println!("brokers  {}", brokers.description);
-    let platform = Platform::start(&brokers, &Resilience::default(), None).await?;
+    let database = flags.database().await?;
+    println!("database {}", database.description);
+    let platform = Platform::start(&brokers, &database, &Resilience::default(), None).await?;
     let addresses = platform.addresses();
     println!("auth     listening on http://{}", addresses.auth);
     println!("market   listening on http://{}", addresses.market);
@@ -63,5 +67,6 @@ async fn run() -> Result<(), Failure> {
     cli::until_stopped().await;
     platform.shutdown().await?;
     brokers.close().await?;
+    database.close().await;
     Ok(())
 }

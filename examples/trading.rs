@@ -1,7 +1,7 @@
 //! Start here: the strategy's four services running a scripted session.
 //!
 //! ```text
-//! cargo run --example trading                 # no broker needed
+//! cargo run --example trading                 # no broker, no database server needed
 //! REDIS_URL=redis://127.0.0.1:6379 AMQP_URL=amqp://guest:guest@127.0.0.1:5672 \
 //!     cargo run --example trading             # the same on Redis and RabbitMQ
 //! cargo run --example trading -- --auth 127.0.0.1:7001 --market 127.0.0.1:7002 \
@@ -17,6 +17,11 @@
 //! trade.executed; Game applies the trades to the user's holdings; the
 //! settlement jobs go through the task queue. At the end, each strategy §3
 //! path's P50 / P99 beside its target.
+//!
+//! Each service keeps its state in a database — an embedded SQLite file in
+//! a temporary directory by default, PostgreSQL when `DATABASE_URL` (or
+//! `--database`) names one — and sends its events through a transactional
+//! outbox, so a broker outage delays events and never loses them.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -36,13 +41,18 @@ cargo run --example trading [-- FLAGS]
   --orders N          orders to place (default 200)
   --redis URL         events on Redis Streams, ticks on Redis Pub/Sub (or REDIS_URL)
   --amqp URL          settlement jobs on RabbitMQ (or AMQP_URL)
-  --namespace NAME    prefix of every topic, so runs sharing a broker never meet
+  --namespace NAME    prefix of every topic and table, so runs sharing a broker or a
+                      database never meet
+  --database URL      where the services keep their state (or DATABASE_URL):
+                      postgres://USER@HOST:PORT/DB; default an embedded SQLite file in a
+                      temporary directory, removed at the end
   --auth ADDR --market ADDR --game ADDR
                       use these running services instead of embedding them
                       (their HTTP addresses; needs --redis and --trust-anchor)
   --trust-anchor FILE Auth's key-signing key, public PEM (key-signing-key.pub.pem in
                       Auth's --keys directory): Trading trusts the key sets it signed
-  --port N            Trading's own HTTP port (default: any free port)";
+  --port N            Trading's own HTTP port (default: any free port)
+  --consumer NAME     this process's Redis Streams consumer name, kept across restarts";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -57,10 +67,12 @@ async fn run() -> Result<(), Failure> {
     let resilience = Resilience::default();
     let brokers = flags.brokers().await?;
     println!("brokers  {}", brokers.description);
+    let database = flags.database().await?;
+    println!("database {}", database.description);
     let (ticker, ticks) = session::listen_to_ticks(&brokers).await?;
     match (flags.auth, flags.market, flags.game) {
         (None, None, None) => {
-            let platform = Platform::start(&brokers, &resilience, None).await?;
+            let platform = Platform::start(&brokers, &database, &resilience, None).await?;
             let addresses = platform.addresses();
             println!(
                 "started  Auth {}, Market {}, Game {}, Trading {} in this process",
@@ -71,6 +83,7 @@ async fn run() -> Result<(), Failure> {
             platform.shutdown().await?;
             print_ticks(ticker, &ticks).await?;
             brokers.close().await?;
+            database.close().await;
             println!("done     {} orders for {}", report.orders, report.user_id);
             Ok(())
         }
@@ -81,6 +94,7 @@ async fn run() -> Result<(), Failure> {
             cli::fetch_text("Game", game, "/health").await?;
             let trading = TradingService::start(
                 &brokers,
+                &database,
                 TradingConfig {
                     http: flags.listen(),
                     market_grpc: endpoints.grpc,
@@ -104,6 +118,7 @@ async fn run() -> Result<(), Failure> {
             trading.shutdown().await?;
             print_ticks(ticker, &ticks).await?;
             brokers.close().await?;
+            database.close().await;
             println!("done     {} orders for {}", report.orders, report.user_id);
             Ok(())
         }

@@ -1,6 +1,6 @@
-//! Fault proofs on whole processes, run by `scripts/chaos` (ignored by a
-//! plain `cargo test`: each one starts processes and takes seconds to
-//! minutes).
+//! Fault proofs on whole processes, run by `scripts/chaos` and (the
+//! services' ones, short) `scripts/smoke-services` (ignored by a plain
+//! `cargo test`: each one starts processes and takes seconds to minutes).
 //!
 //! * `process_kill::`: a consumer *process* (`examples/chaos_consumer.rs`)
 //!   on Redis Streams and the Redis dedupe store, SIGKILLed mid-batch and
@@ -8,16 +8,24 @@
 //!   duplicates come only from the crash window (effect applied, *done* mark
 //!   not yet written), are counted and reported, and are never more than was
 //!   in flight at the kill.
-//! * `broker_restart::`: the trading example's session against a private
-//!   Redis (AOF, `appendfsync always`) and, separately, a private RabbitMQ
-//!   node, the broker SIGKILLed mid-session and restarted on the same data
-//!   directory: the session completes.
+//! * `broker_restart::`: the trading example's session (the four services
+//!   in its process, their state in PostgreSQL) against a private Redis
+//!   (AOF, `appendfsync always`) and, separately, a private RabbitMQ node,
+//!   the broker SIGKILLed mid-session and restarted on the same data
+//!   directory: Trading keeps accepting orders meanwhile (the outbox holds
+//!   their events and jobs), the session completes, and the tables show
+//!   every committed order applied once by Game and settled.
+//! * `service_crash::` (`chaos_process/services.rs`): Auth, Market and Game
+//!   as processes of their own, Trading SIGKILLed mid-session (and a new
+//!   session started), or Game SIGKILLed halfway through a backlog (and
+//!   started again under its consumer name): the same check of the tables.
 //!
 //! Every broker faulted here is private (a free port, a temporary directory,
 //! a node name of its own) and killed by its own pid, also when a test
 //! panics. The shared Redis on 127.0.0.1:6379 only carries the consumer
 //! proof's stream (random names per run) and the events of the RabbitMQ
-//! run; the shared RabbitMQ only the settlement jobs of the Redis run.
+//! and service runs; the shared RabbitMQ only the settlement jobs of the
+//! Redis and service runs.
 //!
 //! ```text
 //! cargo build --all-features --examples
@@ -25,7 +33,8 @@
 //! ```
 //! Figures: `SWITCHBOARD_CHAOS_EVENTS` (events of the consumer proof,
 //! default 2 000), `SWITCHBOARD_CHAOS_ORDERS` (orders of a session, default
-//! 600).
+//! 600). The services' database: `DATABASE_URL` (default the local
+//! PostgreSQL, database `test`); each run's tables are dropped at its end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -43,6 +52,11 @@ use uuid::Uuid;
 
 #[path = "common/rabbit_node.rs"]
 mod rabbit_node;
+
+#[path = "chaos_process/ledger.rs"]
+mod ledger;
+#[path = "chaos_process/services.rs"]
+mod services;
 
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 const SHARED_AMQP: &str = "amqp://guest:guest@127.0.0.1:5672";
@@ -127,6 +141,15 @@ impl Guarded {
             child: Some(child),
             name,
             output,
+        }
+    }
+
+    /// A placeholder for a process not started yet.
+    fn idle(name: &'static str) -> Self {
+        Self {
+            child: None,
+            name,
+            output: Arc::default(),
         }
     }
 
@@ -459,7 +482,9 @@ mod process_kill {
 }
 
 mod broker_restart {
+    use super::ledger::{self, Ledger};
     use super::rabbit_node::Node;
+    use super::services;
     use super::*;
 
     /// A private `redis-server` with AOF and `appendfsync always`.
@@ -548,6 +573,8 @@ mod broker_restart {
             .unwrap_or(0)
     }
 
+    /// The trading example's session with the four services in its
+    /// process, their state in PostgreSQL under `namespace`.
     fn session(redis: &str, amqp: &str, namespace: &str, orders: u64) -> Guarded {
         let mut command = Command::new(example("trading"));
         command.args([
@@ -559,12 +586,17 @@ mod broker_restart {
             namespace,
             "--orders",
             &orders.to_string(),
+            "--database",
+            &ledger::database_url(),
         ]);
         Guarded::spawn("trading", command)
     }
 
     /// Waits for the session's end and asserts it completed.
-    async fn completes(session: &mut Guarded, patience: Duration) -> std::process::ExitStatus {
+    pub(crate) async fn completes(
+        session: &mut Guarded,
+        patience: Duration,
+    ) -> std::process::ExitStatus {
         let deadline = Instant::now() + patience;
         loop {
             if let Some(status) = session.exited() {
@@ -584,24 +616,24 @@ mod broker_restart {
         }
     }
 
-    /// Polls the trade stream until `kill_at` trades are in it.
-    async fn until_trades(
+    /// Polls Trading's orders table until `kill_at` orders are committed.
+    async fn until_orders(
         session: &mut Guarded,
-        redis: &mut MultiplexedConnection,
+        pool: &sqlx::PgPool,
         namespace: &str,
         kill_at: u64,
     ) {
         let deadline = Instant::now() + Duration::from_secs(180);
-        while trades(redis, namespace).await < kill_at {
+        while ledger::orders(pool, namespace).await < kill_at {
             if let Some(status) = session.exited() {
                 panic!(
-                    "the session ended ({status}) before {kill_at} trades:\n{}",
+                    "the session ended ({status}) before {kill_at} orders:\n{}",
                     session.output()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "{kill_at} trades not placed in 180 s"
+                "{kill_at} orders not placed in 180 s"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -616,43 +648,58 @@ mod broker_restart {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a fault proof: scripts/chaos runs it"]
+    #[ignore = "a fault proof: scripts/smoke-services and scripts/chaos run it"]
     async fn the_session_completes_across_a_redis_kill_and_restart() {
         let orders = env_number("SWITCHBOARD_CHAOS_ORDERS", 600);
         let down = Duration::from_secs(2);
         let mut redis = PrivateRedis::start().await;
-        let namespace = format!("chaos-{}", Uuid::new_v4().simple());
+        let namespace = ledger::namespace();
+        let pool = ledger::connect().await;
         let started = Instant::now();
         let mut trading = session(&redis.url(), SHARED_AMQP, &namespace, orders);
-        let mut watch = connection(&redis.url()).await;
         let kill_at = orders / 3;
-        until_trades(&mut trading, &mut watch, &namespace, kill_at).await;
+        until_orders(&mut trading, &pool, &namespace, kill_at).await;
         redis.kill();
         let killed_after = started.elapsed();
+        let at_kill = ledger::orders(&pool, &namespace).await;
         // The outage itself, as users saw it: Redis back 2 s after the kill.
         tokio::time::sleep(down).await;
+        let accepted_while_down = ledger::orders(&pool, &namespace).await - at_kill;
         redis.spawn().await;
         eprintln!(
-            "redis SIGKILLed after {kill_at} trades ({:.1} s in), answering again {:.1} s in",
+            "redis SIGKILLed after {at_kill} orders ({:.1} s in), answering again {:.1} s in",
             killed_after.as_secs_f64(),
             started.elapsed().as_secs_f64()
         );
         completes(&mut trading, Duration::from_secs(300)).await;
+        let session_took = started.elapsed();
+        let (ledger, caught_up) = Ledger::settle(&pool, &namespace, Duration::from_secs(60)).await;
+        ledger.assert_exactly_once("Redis SIGKILLed and restarted");
+        assert_eq!(ledger.orders, orders);
+        assert!(
+            accepted_while_down > 0,
+            "Trading accepted no order while Redis was down"
+        );
         let mut after = connection(&redis.url()).await;
         let kept = trades(&mut after, &namespace).await;
         println!(
-            "redis restart: {orders} orders, SIGKILL after {kill_at} trades ({:.1} s in), down {:.0} s; \
-             session completed in {:.1} s; {kept} trades in the restarted stream; gateway {}",
+            "redis restart: {orders} orders, SIGKILL after {at_kill} committed ({:.1} s in), down {:.0} s, \
+             {accepted_while_down} orders accepted while it was down (their events held in the outbox); \
+             session completed in {:.1} s; {}, all {:.1} s after the session; {kept} trades in the \
+             restarted stream; gateway {}",
             killed_after.as_secs_f64(),
             down.as_secs_f64(),
-            started.elapsed().as_secs_f64(),
+            session_took.as_secs_f64(),
+            ledger.figures(),
+            caught_up.as_secs_f64(),
             gateway_p99(&trading.output())
         );
         assert!(kept >= orders, "{kept} trades kept of {orders} placed");
+        ledger::drop_tables(&pool, &namespace).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a fault proof: scripts/chaos runs it"]
+    #[ignore = "a fault proof: scripts/smoke-services and scripts/chaos run it"]
     async fn the_session_completes_across_a_rabbitmq_kill_and_restart() {
         let orders = env_number("SWITCHBOARD_CHAOS_ORDERS", 600);
         // Extra seconds down before the restart; the node itself takes about
@@ -662,43 +709,50 @@ mod broker_restart {
         let rabbit = tokio::task::spawn_blocking(Node::start)
             .await
             .expect("start a private RabbitMQ node");
-        let namespace = format!("chaos-{}", Uuid::new_v4().simple());
+        let namespace = ledger::namespace();
+        let pool = ledger::connect().await;
         let started = Instant::now();
         let mut trading = session(SHARED_REDIS, &rabbit.uri(), &namespace, orders);
-        let mut watch = connection(SHARED_REDIS).await;
         let kill_at = orders / 3;
-        until_trades(&mut trading, &mut watch, &namespace, kill_at).await;
+        until_orders(&mut trading, &pool, &namespace, kill_at).await;
         // The session runs in processes of their own: blocking this test's
         // thread while the node dies and starts again holds nothing up.
         rabbit.kill();
         let killed_after = started.elapsed();
+        let at_kill = ledger::orders(&pool, &namespace).await;
         // The outage itself (0 s by default: the node's start is the outage).
         tokio::time::sleep(down).await;
-        rabbit.launch();
+        let rabbit = tokio::task::spawn_blocking(move || {
+            rabbit.launch();
+            rabbit
+        })
+        .await
+        .expect("restart the private node");
         let back_after = started.elapsed() - killed_after;
+        let accepted_while_down = ledger::orders(&pool, &namespace).await - at_kill;
         eprintln!(
-            "rabbitmq SIGKILLed after {kill_at} trades ({:.1} s in), answering again {:.1} s in",
+            "rabbitmq SIGKILLed after {at_kill} orders ({:.1} s in), answering again {:.1} s in",
             killed_after.as_secs_f64(),
             started.elapsed().as_secs_f64()
         );
         completes(&mut trading, Duration::from_secs(300)).await;
+        let session_took = started.elapsed();
+        let (ledger, caught_up) = Ledger::settle(&pool, &namespace, Duration::from_secs(60)).await;
+        ledger.assert_exactly_once("RabbitMQ SIGKILLed and restarted");
+        assert_eq!(ledger.orders, orders);
         println!(
-            "rabbitmq restart: {orders} orders, SIGKILL after {kill_at} trades ({:.1} s in), node back \
-             {:.1} s after the kill; session completed in {:.1} s; gateway {}",
+            "rabbitmq restart: {orders} orders, SIGKILL after {at_kill} committed ({:.1} s in), node back \
+             {:.1} s after the kill, {accepted_while_down} orders accepted meanwhile (their jobs held in \
+             the outbox); session completed in {:.1} s; {}, all {:.1} s after the session; gateway {}",
             killed_after.as_secs_f64(),
             back_after.as_secs_f64(),
-            started.elapsed().as_secs_f64(),
+            session_took.as_secs_f64(),
+            ledger.figures(),
+            caught_up.as_secs_f64(),
             gateway_p99(&trading.output())
         );
-        // The run's streams on the shared Redis.
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{namespace}.*"))
-            .query_async(&mut watch)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: redis::RedisResult<i64> =
-                redis::cmd("DEL").arg(&keys).query_async(&mut watch).await;
-        }
+        drop(rabbit);
+        let mut watch = connection(SHARED_REDIS).await;
+        services::clean_up(&mut watch, &pool, &namespace).await;
     }
 }

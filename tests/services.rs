@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::brokers::Brokers;
+use common::database::Database;
 use common::domain::{Side, TradeExecuted};
 use common::platform::Platform;
 use common::session::{Gateway, gateway_resilience};
@@ -66,6 +67,7 @@ impl DeadLetterAlert for Pager {
 
 struct World {
     brokers: Brokers,
+    database: Database,
     platform: Platform,
     gateway: Gateway,
     alerts: mpsc::UnboundedReceiver<DeadLetterFacts>,
@@ -75,10 +77,17 @@ struct World {
 
 async fn world() -> World {
     let brokers = Brokers::memory();
+    // A SQLite file of its own in a temporary directory, removed by close().
+    let database = Database::open(None).await.expect("an embedded database");
     let (pager, alerts) = mpsc::unbounded_channel();
-    let platform = Platform::start(&brokers, &resilience(), Some(Arc::new(Pager(pager))))
-        .await
-        .expect("the four services start");
+    let platform = Platform::start(
+        &brokers,
+        &database,
+        &resilience(),
+        Some(Arc::new(Pager(pager))),
+    )
+    .await
+    .expect("the four services start");
     let gateway = Gateway::new(platform.addresses(), &gateway_resilience(breaker()));
     let username = format!("bob-{}", uuid::Uuid::new_v4().simple());
     let user_id = gateway
@@ -91,11 +100,20 @@ async fn world() -> World {
         .expect("login");
     World {
         brokers,
+        database,
         platform,
         gateway,
         alerts,
         token,
         user_id,
+    }
+}
+
+impl World {
+    /// Shuts the services down and removes their database.
+    async fn finish(self) {
+        self.platform.shutdown().await.expect("shutdown");
+        self.database.close().await;
     }
 }
 
@@ -141,12 +159,22 @@ async fn market_down_serves_the_last_price_flagged_delayed_with_its_age() {
         .await
         .expect("order with Market up");
     world.platform.game.wait_for_trades(&world.user_id, 1).await;
-    let fresh = world.platform.game.portfolio(&world.user_id).await;
+    let fresh = world
+        .platform
+        .game
+        .portfolio(&world.user_id)
+        .await
+        .expect("the holdings");
     assert!(!fresh.positions[0].price_delayed, "{fresh:?}");
     let fresh_price = fresh.positions[0].price.expect("a price");
 
     world.platform.market.stop().await;
-    let delayed = world.platform.game.portfolio(&world.user_id).await;
+    let delayed = world
+        .platform
+        .game
+        .portfolio(&world.user_id)
+        .await
+        .expect("the holdings");
     until_state(world.platform.game.market_breaker(), BreakerState::Open).await;
     let position = &delayed.positions[0];
     assert!(position.price_delayed, "{delayed:?}");
@@ -166,7 +194,7 @@ async fn market_down_serves_the_last_price_flagged_delayed_with_its_age() {
     world.platform.market.restart().await.expect("Market back");
     let game = &world.platform.game;
     until_closed(game.market_breaker(), || game.portfolio(&world.user_id)).await;
-    let again = game.portfolio(&world.user_id).await;
+    let again = game.portfolio(&world.user_id).await.expect("the holdings");
     assert!(!again.positions[0].price_delayed, "{again:?}");
     assert_eq!(again.positions[0].price_age_ms, None);
     let trading = &world.platform.trading;
@@ -183,7 +211,7 @@ async fn market_down_serves_the_last_price_flagged_delayed_with_its_age() {
     })
     .await;
     assert!(receipt.price > dec!(0));
-    world.platform.shutdown().await.expect("shutdown");
+    world.finish().await;
 }
 
 #[tokio::test]
@@ -252,7 +280,7 @@ async fn auth_down_refuses_new_logins_and_keeps_existing_sessions() {
         .login(&username, "a long password")
         .await
         .expect("login after recovery");
-    world.platform.shutdown().await.expect("shutdown");
+    world.finish().await;
 }
 
 #[tokio::test]
@@ -308,7 +336,7 @@ async fn trading_down_is_read_only_mode() {
         .place_order(&world.token, buy("MSFT", dec!(1)))
         .await
         .expect("orders accepted again");
-    world.platform.shutdown().await.expect("shutdown");
+    world.finish().await;
 }
 
 #[tokio::test]
@@ -356,7 +384,7 @@ async fn game_down_returns_the_last_holdings_snapshot_marked_basic() {
         .expect("fresh holdings");
     assert!(!fresh.basic);
     assert_eq!(fresh.positions[0].quantity, dec!(8));
-    world.platform.shutdown().await.expect("shutdown");
+    world.finish().await;
 }
 
 fn trade(user_id: &str, quantity: rust_decimal::Decimal) -> TradeExecuted {
@@ -390,10 +418,15 @@ async fn a_duplicated_trade_changes_holdings_once() {
     )
     .await
     .expect("two trades applied");
-    let portfolio = world.platform.game.portfolio(&world.user_id).await;
+    let portfolio = world
+        .platform
+        .game
+        .portfolio(&world.user_id)
+        .await
+        .expect("the holdings");
     assert_eq!(portfolio.trades_applied, 2);
     assert_eq!(portfolio.positions[0].quantity, dec!(5.25));
-    world.platform.shutdown().await.expect("shutdown");
+    world.finish().await;
 }
 
 #[tokio::test]
@@ -442,7 +475,12 @@ async fn a_poison_trade_is_dead_lettered_with_an_alert_and_redriven_once_fixed()
     tokio::time::timeout(DEADLINE, world.platform.game.wait_for_trades(&ghost, 1))
         .await
         .expect("the redriven trade is applied");
-    let portfolio = world.platform.game.portfolio(&ghost).await;
+    let portfolio = world
+        .platform
+        .game
+        .portfolio(&ghost)
+        .await
+        .expect("the holdings");
     assert_eq!(portfolio.positions[0].quantity, dec!(3));
     assert_eq!(portfolio.username.as_deref(), Some("restored"));
     assert!(
@@ -452,7 +490,7 @@ async fn a_poison_trade_is_dead_lettered_with_an_alert_and_redriven_once_fixed()
             .expect("list")
             .is_empty()
     );
-    world.platform.shutdown().await.expect("shutdown");
+    world.finish().await;
 }
 
 /// The operator's commands of `examples/dlq.rs` on a broker's real
@@ -616,6 +654,73 @@ async fn an_unreachable_broker_is_one_line_that_says_what_to_do() {
         assert!(!message.contains('\n'), "{message}");
         assert!(
             !message.contains("guest:guest"),
+            "the password is not shown: {message}"
+        );
+    }
+}
+
+/// The four services stopped and started again on the same database: the
+/// orders, the holdings and the users are still there, and the token Auth
+/// signed before the restart still works (its key pair is stored too).
+#[tokio::test]
+async fn the_services_state_survives_their_restart() {
+    let world = world().await;
+    for quantity in [dec!(4), dec!(1.5)] {
+        world
+            .gateway
+            .place_order(&world.token, buy("MSFT", quantity))
+            .await
+            .expect("order");
+    }
+    world.platform.game.wait_for_trades(&world.user_id, 2).await;
+    world.platform.shutdown().await.expect("shutdown");
+
+    let platform = Platform::start(&world.brokers, &world.database, &resilience(), None)
+        .await
+        .expect("the four services start again");
+    let gateway = Gateway::new(platform.addresses(), &gateway_resilience(breaker()));
+    let orders = gateway
+        .orders(&world.token)
+        .await
+        .expect("the orders, same token");
+    assert_eq!(orders.len(), 2, "{orders:?}");
+    let portfolio = gateway
+        .holdings(&world.token, &world.user_id, Some(2))
+        .await
+        .expect("the holdings");
+    assert_eq!(portfolio.trades_applied, 2);
+    assert_eq!(portfolio.positions[0].quantity, dec!(5.5));
+    assert!(portfolio.username.is_some(), "{portfolio:?}");
+    let settled = gateway
+        .trading_stats(&world.user_id, 2)
+        .await
+        .expect("Trading's figures");
+    assert_eq!((settled.orders, settled.settled), (2, 2));
+    platform.shutdown().await.expect("shutdown");
+    world.database.close().await;
+}
+
+#[tokio::test]
+async fn a_bad_database_url_is_one_line_that_says_what_to_do() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    for url in [
+        format!("postgres://postgres:s3cret@127.0.0.1:{port}/test"),
+        "mysql://root:s3cret@127.0.0.1/test".to_owned(),
+    ] {
+        let error = Database::open(Some(&url))
+            .await
+            .expect_err("no database there");
+        let message = error.to_string();
+        assert_eq!(error.kind(), ErrorKind::Connection, "{message}");
+        assert!(message.contains("cannot open the database"), "{message}");
+        assert!(message.contains("fix DATABASE_URL"), "{message}");
+        assert!(message.contains("unset it"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+        assert!(
+            !message.contains("s3cret"),
             "the password is not shown: {message}"
         );
     }

@@ -17,7 +17,6 @@
 //! current key), `GET /v1/keys` (the last announcement), `GET /health`.
 //! gRPC: `auth.v1.Users/GetUser`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,13 +31,16 @@ use jsonwebtoken::{Algorithm, Header};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use switchboard::auth::TokenVerifier;
+use switchboard::outbox::RelayHandle;
 use switchboard::transport::grpc::status_from_error;
 use switchboard::transport::http::{ErrorResponse, JsonBody};
 use switchboard::{Error, ErrorKind, EventBus};
 use tonic::{Request, Response, Status};
 
 use super::auth_keys::{AuthKeys, DEFAULT_KEY_OVERLAP, KeySource};
+use super::auth_store::{AuthStore, User};
 use super::brokers::Brokers;
+use super::database::{Database, close_relays, spawn_relays};
 use super::domain::UserRegistered;
 use super::net::{Server, bind, stop_all};
 use super::proto::auth as pb;
@@ -106,17 +108,8 @@ struct TokenClaims<'a> {
     name: &'a str,
 }
 
-struct User {
-    user_id: String,
-    username: String,
-    password_sha256: [u8; 32],
-    registered_unix_ms: i64,
-}
-
 struct AuthState {
-    users: Mutex<HashMap<String, User>>,
-    /// username → user id
-    names: Mutex<HashMap<String, String>>,
+    store: AuthStore,
     keys: Mutex<AuthKeys>,
     /// The last announcement published, for `GET /v1/keys`.
     announced: Mutex<Option<KeysRotated>>,
@@ -126,14 +119,15 @@ struct AuthState {
     bus: EventBus,
 }
 
-fn password_hash(user_id: &str, password: &str) -> [u8; 32] {
+fn password_hash(user_id: &str, password: &str) -> String {
     // Salted with the user id; a real Auth uses argon2. Enough for the demo.
-    Sha256::new()
+    let digest: [u8; 32] = Sha256::new()
         .chain_update(user_id.as_bytes())
         .chain_update([0])
         .chain_update(password.as_bytes())
         .finalize()
-        .into()
+        .into();
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 impl AuthState {
@@ -146,47 +140,31 @@ impl AuthState {
         }
         let user_id = uuid::Uuid::new_v4().to_string();
         let now = Utc::now();
-        {
-            let mut names = self.names.lock().expect("names lock");
-            if names.contains_key(&credentials.username) {
-                return Err(Error::new(
-                    ErrorKind::Rejected,
-                    format!("{} is taken", credentials.username),
-                ));
-            }
-            names.insert(credentials.username.clone(), user_id.clone());
-            self.users.lock().expect("users lock").insert(
-                user_id.clone(),
-                User {
-                    user_id: user_id.clone(),
-                    username: credentials.username.clone(),
-                    password_sha256: password_hash(&user_id, &credentials.password),
-                    registered_unix_ms: now.timestamp_millis(),
-                },
-            );
-        }
-        self.bus
-            .publish(UserRegistered {
-                user_id: user_id.clone(),
-                username: credentials.username,
-                registered_at: now,
-            })
-            .await?;
+        let user = User {
+            password_sha256: password_hash(&user_id, &credentials.password),
+            user_id: user_id.clone(),
+            username: credentials.username.clone(),
+            registered_unix_ms: now.timestamp_millis(),
+        };
+        // The user and user.registered commit together (a taken name
+        // refuses both).
+        let event = UserRegistered {
+            user_id: user_id.clone(),
+            username: credentials.username,
+            registered_at: now,
+        };
+        self.store.register(&user, event, false).await?;
         Ok(Registered { user_id })
     }
 
-    fn issue(&self, credentials: &Credentials) -> Result<Token, Error> {
+    async fn issue(&self, credentials: &Credentials) -> Result<Token, Error> {
         let refused = || Error::new(ErrorKind::Unauthorized, "wrong username or password");
-        let user_id = self
-            .names
-            .lock()
-            .expect("names lock")
-            .get(&credentials.username)
-            .cloned()
+        let user = self
+            .store
+            .by_name(&credentials.username)
+            .await?
             .ok_or_else(refused)?;
-        let users = self.users.lock().expect("users lock");
-        let user = users.get(&user_id).ok_or_else(refused)?;
-        if user.password_sha256 != password_hash(&user_id, &credentials.password) {
+        if user.password_sha256 != password_hash(&user.user_id, &credentials.password) {
             return Err(refused());
         }
         let now = jsonwebtoken::get_current_timestamp();
@@ -209,14 +187,15 @@ impl AuthState {
         })
     }
 
-    fn lookup(&self, user_id: &str) -> Result<pb::User, Error> {
-        let users = self.users.lock().expect("users lock");
-        let user = users
-            .get(user_id)
+    async fn lookup(&self, user_id: &str) -> Result<pb::User, Error> {
+        let user = self
+            .store
+            .by_id(user_id)
+            .await?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no user {user_id}")))?;
         Ok(pb::User {
-            user_id: user.user_id.clone(),
-            username: user.username.clone(),
+            user_id: user.user_id,
+            username: user.username,
             registered_unix_ms: user.registered_unix_ms,
         })
     }
@@ -262,6 +241,7 @@ pub struct AuthService {
     grpc: Option<Server>,
     addrs: AuthAddrs,
     rotator: Option<tokio::task::JoinHandle<()>>,
+    relays: Vec<RelayHandle>,
 }
 
 impl Drop for AuthService {
@@ -281,18 +261,23 @@ impl std::fmt::Debug for AuthService {
 }
 
 impl AuthService {
-    /// Starts Auth: loads (or, the first time, makes) its keys, announces
-    /// them on the bus, then serves HTTP on `config.http` and gRPC on any
-    /// free port.
-    pub async fn start(brokers: &Brokers, config: AuthConfig) -> Result<Self, Error> {
+    /// Starts Auth on `database` (its tables created if missing): loads
+    /// (or, the first time, makes) its keys, announces them on the bus, then
+    /// serves HTTP on `config.http` and gRPC on any free port, and relays
+    /// its `user.registered` events.
+    pub async fn start(
+        brokers: &Brokers,
+        database: &Database,
+        config: AuthConfig,
+    ) -> Result<Self, Error> {
         let keys = AuthKeys::load(config.keys.clone())?;
+        let store = AuthStore::open(database, brokers).await?;
         // Building a verifier installs jsonwebtoken's crypto provider, which
         // signing needs too; it also proves the current key is usable.
         TokenVerifier::ed25519_pem(keys.current().public_key_pem.as_bytes(), ISSUER)?;
         let reannouncement = keys.reannouncement()?;
         let state = Arc::new(AuthState {
-            users: Mutex::default(),
-            names: Mutex::default(),
+            store: store.clone(),
             keys: Mutex::new(keys),
             announced: Mutex::default(),
             rotating: tokio::sync::Mutex::default(),
@@ -329,6 +314,7 @@ impl AuthService {
             grpc: None,
             addrs,
             rotator,
+            relays: spawn_relays(store.store(), brokers.events.clone(), None),
         };
         service.serve(http_listener, grpc_listener);
         Ok(service)
@@ -372,29 +358,19 @@ impl AuthService {
     /// backup) and publishes `user.registered` for it.
     pub async fn restore_user(&self, user_id: &str, username: &str) -> Result<(), Error> {
         let now = Utc::now();
-        self.state
-            .names
-            .lock()
-            .expect("names lock")
-            .insert(username.to_owned(), user_id.to_owned());
-        self.state.users.lock().expect("users lock").insert(
-            user_id.to_owned(),
-            User {
-                user_id: user_id.to_owned(),
-                username: username.to_owned(),
-                password_sha256: [0; 32],
-                registered_unix_ms: now.timestamp_millis(),
-            },
-        );
-        self.state
-            .bus
-            .publish(UserRegistered {
-                user_id: user_id.to_owned(),
-                username: username.to_owned(),
-                registered_at: now,
-            })
-            .await?;
-        Ok(())
+        let user = User {
+            user_id: user_id.to_owned(),
+            username: username.to_owned(),
+            // No password matches: the user must reset it.
+            password_sha256: String::new(),
+            registered_unix_ms: now.timestamp_millis(),
+        };
+        let event = UserRegistered {
+            user_id: user_id.to_owned(),
+            username: username.to_owned(),
+            registered_at: now,
+        };
+        self.state.store.register(&user, event, true).await
     }
 
     /// Where it listens.
@@ -413,7 +389,8 @@ impl AuthService {
             .clone()
     }
 
-    /// Takes both servers down (the users stay in memory).
+    /// Takes both servers down (the users stay in the database, the relay
+    /// keeps sending).
     pub async fn stop(&mut self) {
         stop_all(self.http.take().into_iter().chain(self.grpc.take())).await;
     }
@@ -425,6 +402,12 @@ impl AuthService {
         let grpc = bind(self.addrs.grpc).await?;
         self.serve(http, grpc);
         Ok(())
+    }
+
+    /// Stops the servers and the relay.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        self.stop().await;
+        close_relays(&mut self.relays).await
     }
 }
 
@@ -482,6 +465,7 @@ fn router(state: Arc<AuthState>, addrs: AuthAddrs) -> Router {
                  JsonBody(credentials): JsonBody<Credentials>| async move {
                     state
                         .issue(&credentials)
+                        .await
                         .map(Json)
                         .map_err(ErrorResponse::from)
                 },
@@ -500,6 +484,7 @@ impl pb::users_server::Users for UsersGrpc {
     ) -> Result<Response<pb::User>, Status> {
         self.0
             .lookup(&request.into_inner().user_id)
+            .await
             .map(Response::new)
             .map_err(|error| status_from_error(&error))
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard::transport::amqp::{AmqpConfig, AmqpTransport};
+use switchboard::transport::redis_streams::RedisStreamsConfig;
 use switchboard::{
     Error, ErrorKind, EventBus, MemoryTransport, RedisPubSubTransport, RedisStreamsTransport,
     Transport,
@@ -75,10 +76,32 @@ impl Brokers {
         amqp: Option<&str>,
         namespace: Option<String>,
     ) -> Result<Self, Error> {
+        Self::connect_as(redis, amqp, namespace, None).await
+    }
+
+    /// [`connect`](Self::connect), reading Redis Streams as `consumer` (a
+    /// name kept across restarts: a restarted service takes up the entries
+    /// its previous run was handling at once, instead of after they idle for
+    /// `claim_idle`); a new name per process when `None`.
+    pub async fn connect_as(
+        redis: Option<&str>,
+        amqp: Option<&str>,
+        namespace: Option<String>,
+        consumer: Option<&str>,
+    ) -> Result<Self, Error> {
         let mut brokers = Self::memory();
         let mut parts = Vec::new();
         if let Some(url) = redis {
-            let streams = within(url, "Redis", RedisStreamsTransport::connect(url)).await?;
+            let mut config = RedisStreamsConfig::default();
+            if let Some(consumer) = consumer {
+                config = config.with_consumer_name(consumer);
+            }
+            let streams = within(
+                url,
+                "Redis",
+                RedisStreamsTransport::connect_with(url, config),
+            )
+            .await?;
             let pubsub = within(url, "Redis", RedisPubSubTransport::connect(url)).await?;
             brokers.events = Arc::new(streams);
             brokers.broadcast = Arc::new(pubsub);

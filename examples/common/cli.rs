@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use switchboard::Error;
 
 use super::brokers::Brokers;
+use super::database::Database;
 
 /// Parsed flags. Every example accepts the same set and says which it needs.
 #[derive(Debug, Default, Clone)]
@@ -25,6 +26,13 @@ pub struct Flags {
     pub rotate_every: Option<std::time::Duration>,
     /// Trading and Game: the file of Auth's key-signing key (public PEM).
     pub trust_anchor: Option<std::path::PathBuf>,
+
+    /// Where state is kept (`--database` or `DATABASE_URL`); none: an
+    /// embedded SQLite file in a temporary directory.
+    pub database: Option<String>,
+    /// This process's Redis Streams consumer name (`--consumer`), kept
+    /// across restarts.
+    pub consumer: Option<String>,
 }
 
 /// What went wrong, for a one-line message and an exit code.
@@ -84,6 +92,9 @@ impl Flags {
                 .ok()
                 .filter(|url| !url.is_empty()),
             amqp: std::env::var("AMQP_URL").ok().filter(|url| !url.is_empty()),
+            database: std::env::var("DATABASE_URL")
+                .ok()
+                .filter(|url| !url.is_empty()),
             ..Flags::default()
         };
         let mut args = args.into_iter();
@@ -108,6 +119,9 @@ impl Flags {
                 "--keys",
                 "--rotate-every",
                 "--trust-anchor",
+
+                "--database",
+                "--consumer",
             ];
             if !known.contains(&name.as_str()) {
                 return Err(Failure::Usage(format!("unknown argument {flag:?}")));
@@ -125,6 +139,8 @@ impl Flags {
                 "--redis" => flags.redis = Some(value),
                 "--amqp" => flags.amqp = Some(value),
                 "--namespace" => flags.namespace = Some(value),
+                "--database" => flags.database = Some(value),
+                "--consumer" => flags.consumer = Some(value),
                 "--auth" => flags.auth = Some(address("--auth", &value)?),
                 "--market" => flags.market = Some(address("--market", &value)?),
                 "--game" => flags.game = Some(address("--game", &value)?),
@@ -160,14 +176,23 @@ impl Flags {
     /// The brokers the flags name: memory when none.
     pub async fn brokers(&self) -> Result<Brokers, Error> {
         if self.redis.is_none() && self.amqp.is_none() {
-            return Ok(Brokers::memory());
+            // The namespace still prefixes the database tables.
+            let mut brokers = Brokers::memory();
+            brokers.namespace = self.namespace.clone();
+            return Ok(brokers);
         }
-        Brokers::connect(
+        Brokers::connect_as(
             self.redis.as_deref(),
             self.amqp.as_deref(),
             self.namespace.clone(),
+            self.consumer.as_deref(),
         )
         .await
+    }
+
+    /// The database the flags name: an embedded SQLite file when none.
+    pub async fn database(&self) -> Result<Database, Error> {
+        Database::open(self.database.as_deref()).await
     }
 
     /// A standalone service shares events with the others only through a

@@ -8,10 +8,15 @@
 //! (token verification, no call). §5.2: consumes user.registered,
 //! trade.executed and price.updated; publishes holding.changed.
 //!
+//! The ledger — players, holdings, every trade applied — is in the
+//! database (`game_store`): a trade is applied through the inbox, its mark
+//! and its effect in one transaction, so a trade delivered twice or
+//! redelivered after a crash is applied once.
+//!
 //! Degradation (§4.2): Market down → the last price, flagged delayed with
 //! its age (`StaleCache`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +33,7 @@ use switchboard::middleware::Resilience;
 use switchboard::middleware::circuit_breaker::CircuitBreakerLayer;
 use switchboard::middleware::dead_letter::DeadLetterAlert;
 use switchboard::middleware::fallback::{Freshness, StaleCache};
+use switchboard::outbox::RelayHandle;
 use switchboard::transfer::TransferClient;
 use switchboard::transport::grpc::unary;
 use switchboard::transport::http::{ErrorResponse, JsonService};
@@ -39,7 +45,9 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use super::brokers::Brokers;
-use super::domain::{HoldingChanged, PriceUpdated, TradeExecuted, UserRegistered, groups};
+use super::database::{Database, close_relays, spawn_relays};
+use super::domain::{PriceUpdated, TradeExecuted, UserRegistered, groups};
+use super::game_store::{GameStore, TradeHandler};
 use super::market_service::{Quote, QuoteRequest};
 use super::net::{Latencies, PathStats, Server, bind, shut_down, stop_all};
 use super::proto::auth as pb;
@@ -104,17 +112,10 @@ struct WaitQuery {
     trades_at_least: Option<u64>,
 }
 
+/// What Game counts in memory (figures, not state: the ledger is in the
+/// database, `game_store`).
 #[derive(Default)]
-struct Ledger {
-    players: HashMap<String, String>,
-    /// Every trade.executed applied, by event id: a redelivery (the
-    /// holding.changed publish failed after the trade was applied, or the
-    /// ack was lost to a broker restart) must not apply it again. Kept under
-    /// the same lock as the holdings, so applying and remembering are one step.
-    applied: HashSet<uuid::Uuid>,
-    holdings: HashMap<String, BTreeMap<String, Decimal>>,
-    trades_applied: HashMap<String, u64>,
-    total_trades: u64,
+struct Counters {
     price_updates: u64,
     auth_lookups: u64,
 }
@@ -128,7 +129,10 @@ type Quotes = StaleCache<
 type Users = BoxCloneSyncService<pb::GetUserRequest, pb::User, Error>;
 
 struct GameState {
-    ledger: Mutex<Ledger>,
+    store: GameStore,
+    trades: TradeHandler,
+    counters: Mutex<Counters>,
+    /// Bumped after every trade applied: wakes holdings waiters.
     changed: watch::Sender<u64>,
     quotes: Quotes,
     users: Users,
@@ -138,19 +142,14 @@ struct GameState {
 }
 
 impl GameState {
-    async fn on_trade(&self, message: &Message<TradeExecuted>) -> Result<(), Error> {
+    async fn on_trade(&self, message: Message<TradeExecuted>) -> Result<(), Error> {
         let trade = message.payload();
-        let known = self
-            .ledger
-            .lock()
-            .expect("ledger lock")
-            .players
-            .contains_key(&trade.user_id);
-        if !known {
+        if self.store.player(&trade.user_id).await?.is_none() {
             // trade.executed and user.registered travel on different
-            // streams, so a trade can come first: ask Auth. A user Auth has
-            // never heard of is a poison event (NotFound is not retryable),
-            // and goes to the dead-letter queue.
+            // streams, so a trade can come first: ask Auth (outside the
+            // ledger's transaction: no lock held over a call). A user Auth
+            // has never heard of is a poison event (NotFound is not
+            // retryable), and goes to the dead-letter queue.
             let user = self
                 .users
                 .clone()
@@ -168,60 +167,45 @@ impl GameState {
                         error
                     }
                 })?;
-            let mut ledger = self.ledger.lock().expect("ledger lock");
-            ledger.auth_lookups += 1;
-            ledger.players.insert(user.user_id, user.username);
+            self.counters.lock().expect("counters lock").auth_lookups += 1;
+            self.store.add_player(&user.user_id, &user.username).await?;
         }
-        let change = trade.side.signed(trade.quantity);
-        let quantity = {
-            let mut ledger = self.ledger.lock().expect("ledger lock");
-            let first = ledger.applied.insert(message.event_id());
-            let position = ledger
-                .holdings
-                .entry(trade.user_id.clone())
-                .or_default()
-                .entry(trade.symbol.clone())
-                .or_default();
-            if first {
-                *position += change;
-            }
-            let quantity = *position;
-            if first {
-                *ledger
-                    .trades_applied
-                    .entry(trade.user_id.clone())
-                    .or_default() += 1;
-                ledger.total_trades += 1;
-            }
-            quantity
-        };
-        self.changed.send_modify(|version| *version += 1);
         let sent = message.envelope().timestamp();
+        // Mark, holding, trade line and holding.changed in one transaction;
+        // a duplicate finds its mark and changes nothing.
+        self.trades.clone().oneshot(message).await?;
+        self.changed.send_modify(|version| *version += 1);
         let took = (Utc::now() - sent).to_std().unwrap_or_default();
         self.latency.record(PATH_TRADING_GAME, took);
-        self.events
-            .publish(HoldingChanged {
-                user_id: trade.user_id.clone(),
-                symbol: trade.symbol.clone(),
-                quantity,
-                change,
-                caused_by: message.event_id().to_string(),
-            })
-            .await?;
         Ok(())
     }
 
-    async fn portfolio(&self, user_id: &str) -> Portfolio {
-        let (username, trades_applied, holdings) = {
-            let ledger = self.ledger.lock().expect("ledger lock");
-            (
-                ledger.players.get(user_id).cloned(),
-                ledger.trades_applied.get(user_id).copied().unwrap_or(0),
-                ledger.holdings.get(user_id).cloned().unwrap_or_default(),
-            )
-        };
+    /// Waits (at most `patience`) until `user_id` has at least `trades`
+    /// trades applied.
+    async fn wait_for_trades(
+        &self,
+        user_id: &str,
+        trades: u64,
+        patience: Duration,
+    ) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut changed = self.changed.subscribe();
+        loop {
+            changed.mark_unchanged();
+            if self.store.trades_applied(Some(user_id)).await? >= trades {
+                return Ok(());
+            }
+            let wake = tokio::time::timeout(Duration::from_millis(100), changed.changed());
+            if tokio::time::timeout_at(deadline, wake).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn portfolio(&self, user_id: &str) -> Result<Portfolio, Error> {
+        let holdings = self.store.holdings(user_id).await?;
         let mut positions = Vec::new();
-        for (symbol, quantity) in holdings {
+        for (symbol, quantity) in holdings.positions {
             let started = Instant::now();
             let quote = self
                 .quotes
@@ -251,13 +235,13 @@ impl GameState {
                 value: price.map(|price| price * quantity),
             });
         }
-        Portfolio {
+        Ok(Portfolio {
             user_id: user_id.to_owned(),
-            username,
-            trades_applied,
+            username: holdings.username,
+            trades_applied: holdings.trades_applied,
             positions,
             basic: false,
-        }
+        })
     }
 
     async fn chart(&self, symbol: &str) -> Result<Chart, Error> {
@@ -282,15 +266,17 @@ impl GameState {
         })
     }
 
-    fn stats(&self) -> GameStats {
-        let ledger = self.ledger.lock().expect("ledger lock");
-        GameStats {
-            players: ledger.players.len(),
-            auth_lookups: ledger.auth_lookups,
-            trades_applied: ledger.total_trades,
-            price_updates_seen: ledger.price_updates,
+    async fn stats(&self) -> Result<GameStats, Error> {
+        let players = self.store.players().await? as usize;
+        let trades_applied = self.store.trades_applied(None).await?;
+        let counters = self.counters.lock().expect("counters lock");
+        Ok(GameStats {
+            players,
+            auth_lookups: counters.auth_lookups,
+            trades_applied,
+            price_updates_seen: counters.price_updates,
             latency: self.latency.snapshot(),
-        }
+        })
     }
 }
 
@@ -318,6 +304,7 @@ pub struct GameService {
     market_breaker: CircuitBreakerLayer,
     auth_breaker: CircuitBreakerLayer,
     consumers: Vec<ConsumerHandle>,
+    relays: Vec<RelayHandle>,
 }
 
 impl std::fmt::Debug for GameService {
@@ -329,8 +316,14 @@ impl std::fmt::Debug for GameService {
 }
 
 impl GameService {
-    /// Starts Game.
-    pub async fn start(brokers: &Brokers, config: GameConfig) -> Result<Self, Error> {
+    /// Starts Game on `database` (its tables created if missing), with the
+    /// relay of its `holding.changed` events.
+    pub async fn start(
+        brokers: &Brokers,
+        database: &Database,
+        config: GameConfig,
+    ) -> Result<Self, Error> {
+        let store = GameStore::open(database, brokers).await?;
         let (verifier, auth_keys) = super::auth_keys::follow_auth_keys(
             brokers,
             "game-service",
@@ -346,7 +339,8 @@ impl GameService {
         );
         let key: fn(&QuoteRequest) -> String = |request| request.symbol.clone();
         // Quotes and user lookups are reads: safe to send again after a
-        // timeout. The ledger's handlers below are not marked so.
+        // timeout. So are the ledger's handlers below: the inbox makes a
+        // trade's second run a no-op.
         let reads = resilience.clone().idempotent();
         let quotes = StaleCache::new(
             reads.client_with_breaker(&market_breaker, quote),
@@ -366,7 +360,9 @@ impl GameService {
         let users = BoxCloneSyncService::new(reads.client_with_breaker(&auth_breaker, get_user));
         let (changed, _) = watch::channel(0);
         let state = Arc::new(GameState {
-            ledger: Mutex::default(),
+            trades: store.trade_handler(),
+            store: store.clone(),
+            counters: Mutex::default(),
             changed,
             quotes,
             users,
@@ -374,7 +370,11 @@ impl GameService {
             events: brokers.events("game-service"),
             latency: Latencies::default(),
         });
-        let mut handlers = resilience.clone();
+        // A timed-out attempt at a trade rolled back, or committed with its
+        // inbox mark: either way another attempt is safe, so a slow
+        // database (or a process paused past the timeout) costs a retry,
+        // not a dead letter.
+        let mut handlers = resilience.clone().idempotent();
         if let Some(alert) = config.alert.clone() {
             handlers = handlers.with_alert(alert);
         }
@@ -387,7 +387,7 @@ impl GameService {
                     "ledger",
                     handler_fn(move |message: Message<TradeExecuted>| {
                         let state = state.clone();
-                        async move { state.on_trade(&message).await }
+                        async move { state.on_trade(message).await }
                     }),
                 ),
             )
@@ -401,14 +401,12 @@ impl GameService {
                 handlers.path("ledger").consumer(
                     "players",
                     handler_fn(move |message: Message<UserRegistered>| {
-                        let user = message.payload();
-                        state
-                            .ledger
-                            .lock()
-                            .expect("ledger lock")
-                            .players
-                            .insert(user.user_id.clone(), user.username.clone());
-                        async { Ok::<_, Error>(()) }
+                        // Recorded by its key: a second time changes nothing.
+                        let state = state.clone();
+                        async move {
+                            let user = message.payload();
+                            state.store.add_player(&user.user_id, &user.username).await
+                        }
                     }),
                 ),
             )
@@ -419,7 +417,7 @@ impl GameService {
             bus.subscribe(
                 SubscribeOptions::new(groups::GAME),
                 handler_fn(move |_: Message<PriceUpdated>| {
-                    state.ledger.lock().expect("ledger lock").price_updates += 1;
+                    state.counters.lock().expect("counters lock").price_updates += 1;
                     async { Ok::<_, Error>(()) }
                 }),
             )
@@ -430,6 +428,7 @@ impl GameService {
             .local_addr()
             .map_err(|error| Error::new(ErrorKind::Connection, error.to_string()))?;
         let http = Server::http(listener, router(state.clone(), verifier.clone()));
+        let relays = spawn_relays(store.store(), brokers.events.clone(), None);
         Ok(Self {
             state,
             verifier,
@@ -438,6 +437,7 @@ impl GameService {
             market_breaker,
             auth_breaker,
             consumers: vec![trades, users, prices, auth_keys],
+            relays,
         })
     }
 
@@ -457,19 +457,16 @@ impl GameService {
     }
 
     /// A player's holdings, valued (what `GET /v1/holdings/{user}` answers).
-    pub async fn portfolio(&self, user_id: &str) -> Portfolio {
+    pub async fn portfolio(&self, user_id: &str) -> Result<Portfolio, Error> {
         self.state.portfolio(user_id).await
     }
 
-    /// Waits until `user_id` has at least `trades` trades applied.
+    /// Waits until `user_id` has at least `trades` trades applied (for at
+    /// most a minute).
     pub async fn wait_for_trades(&self, user_id: &str, trades: u64) {
-        let mut changed = self.state.changed.subscribe();
-        let state = self.state.clone();
-        let _ = changed
-            .wait_for(|_| {
-                let ledger = state.ledger.lock().expect("ledger lock");
-                ledger.trades_applied.get(user_id).copied().unwrap_or(0) >= trades
-            })
+        let _ = self
+            .state
+            .wait_for_trades(user_id, trades, Duration::from_secs(60))
             .await;
     }
 
@@ -489,10 +486,12 @@ impl GameService {
         Ok(())
     }
 
-    /// Stops the server and drains the consumers.
+    /// Stops the server, drains the consumers and stops the relay.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         self.stop().await;
-        shut_down(&mut self.consumers).await
+        let consumers = shut_down(&mut self.consumers).await;
+        close_relays(&mut self.relays).await?;
+        consumers
     }
 }
 
@@ -505,14 +504,16 @@ fn router(state: Arc<GameState>, verifier: Arc<TokenVerifier>) -> Router {
                  Path(user_id): Path<String>,
                  Query(wait): Query<WaitQuery>| async move {
                     if let Some(at_least) = wait.trades_at_least {
-                        let mut changed = state.changed.subscribe();
-                        let reached = changed.wait_for(|_| {
-                            let ledger = state.ledger.lock().expect("ledger lock");
-                            ledger.trades_applied.get(&user_id).copied().unwrap_or(0) >= at_least
-                        });
-                        let _ = tokio::time::timeout(Duration::from_secs(10), reached).await;
+                        state
+                            .wait_for_trades(&user_id, at_least, Duration::from_secs(10))
+                            .await
+                            .map_err(ErrorResponse::from)?;
                     }
-                    Json(state.portfolio(&user_id).await)
+                    state
+                        .portfolio(&user_id)
+                        .await
+                        .map(Json)
+                        .map_err(ErrorResponse::from)
                 },
             ),
         )
@@ -538,7 +539,9 @@ fn router(state: Arc<GameState>, verifier: Arc<TokenVerifier>) -> Router {
         )
         .route(
             "/v1/stats",
-            get(|State(state): State<Arc<GameState>>| async move { Json(state.stats()) }),
+            get(|State(state): State<Arc<GameState>>| async move {
+                state.stats().await.map(Json).map_err(ErrorResponse::from)
+            }),
         )
         .merge(authenticated)
         .with_state(state)

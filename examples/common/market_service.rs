@@ -7,13 +7,17 @@
 //! nobody. §5.2: consumes trade.executed and order.created, publishes
 //! price.updated.
 //!
+//! Prices and their history are in the database (`market_store`): a trade
+//! moves its price through the inbox, with `price.updated` in the same
+//! transaction (outbox).
+//!
 //! The price model is deliberately simple: each trade moves its symbol's
 //! price by one tick in the trade's direction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use axum::extract::{Path, State};
@@ -24,6 +28,7 @@ use chrono::Utc;
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde::{Deserialize, Serialize};
+use switchboard::outbox::RelayHandle;
 use switchboard::transfer::{ByteStream, FileStore, TransferServer};
 use switchboard::transport::grpc::status_from_error;
 use switchboard::transport::http::{ErrorResponse, JsonBody};
@@ -31,9 +36,12 @@ use switchboard::{
     ConsumerHandle, Error, ErrorKind, EventBus, Message, SubscribeOptions, handler_fn,
 };
 use tonic::{Request, Response, Status};
+use tower::ServiceExt;
 
 use super::brokers::Brokers;
-use super::domain::{OrderCreated, PriceTick, PriceUpdated, Side, TradeExecuted, groups};
+use super::database::{Database, close_relays, spawn_relays};
+use super::domain::{OrderCreated, PriceTick, TradeExecuted, groups};
+use super::market_store::{MarketStore, TradeHandler};
 use super::net::{Server, bind, shut_down, stop_all};
 use super::proto::market as pb;
 
@@ -71,79 +79,61 @@ pub struct MarketStats {
 }
 
 struct MarketState {
-    prices: Mutex<HashMap<String, Quote>>,
-    /// symbol → (unix ms, price), oldest first.
-    history: Mutex<HashMap<String, Vec<(i64, Decimal)>>>,
+    store: MarketStore,
+    trades: TradeHandler,
     orders_seen: AtomicU64,
     trades_seen: AtomicU64,
-    events: EventBus,
     broadcast: EventBus,
+    /// For `/health`: where the relay sends price.updated.
+    events: EventBus,
 }
 
 impl MarketState {
-    fn quote(&self, symbol: &str) -> Result<Quote, Error> {
-        self.prices
-            .lock()
-            .expect("prices lock")
-            .get(symbol)
-            .cloned()
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("Market does not quote {symbol}"),
-                )
-            })
+    async fn quote(&self, symbol: &str) -> Result<Quote, Error> {
+        match self.store.quote(symbol).await? {
+            Some((price, as_of_unix_ms)) => Ok(Quote {
+                symbol: symbol.to_owned(),
+                price,
+                as_of_unix_ms,
+            }),
+            None => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("Market does not quote {symbol}"),
+            )),
+        }
     }
 
-    async fn on_trade(&self, trade: &TradeExecuted) -> Result<(), Error> {
+    async fn on_trade(&self, message: Message<TradeExecuted>) -> Result<(), Error> {
         self.trades_seen.fetch_add(1, Ordering::SeqCst);
-        let now = Utc::now().timestamp_millis();
-        let (previous, price) = {
-            let mut prices = self.prices.lock().expect("prices lock");
-            let Some(quote) = prices.get_mut(&trade.symbol) else {
-                // A symbol Market does not quote can never be priced: retrying
-                // will not help, so it goes to the dead-letter queue.
-                return Err(Error::permanent(format!("unknown symbol {}", trade.symbol)));
-            };
-            let previous = quote.price;
-            quote.price = match trade.side {
-                Side::Buy => previous + TICK,
-                Side::Sell => (previous - TICK).max(TICK),
-            };
-            quote.as_of_unix_ms = now;
-            (previous, quote.price)
-        };
-        self.history
-            .lock()
-            .expect("history lock")
-            .entry(trade.symbol.clone())
-            .or_default()
-            .push((now, price));
-        let symbol = trade.symbol.clone();
-        self.events
-            .publish(PriceUpdated {
-                symbol: symbol.clone(),
-                price,
-                previous,
-            })
-            .await?;
+        let symbol = message.payload().symbol.clone();
+        // The price, its history line and price.updated commit with the
+        // inbox mark: a trade delivered twice moves the price once.
+        self.trades.clone().oneshot(message).await?;
         // A tick nobody hears is not an error: broadcast is at most once.
-        if let Err(error) = self.broadcast.publish(PriceTick { symbol, price }).await {
-            tracing::debug!(%error, "tick not broadcast");
+        if let Ok(quote) = self.quote(&symbol).await {
+            let tick = PriceTick {
+                symbol,
+                price: quote.price,
+            };
+            if let Err(error) = self.broadcast.publish(tick).await {
+                tracing::debug!(%error, "tick not broadcast");
+            }
         }
         Ok(())
     }
 
-    fn history_csv(&self, symbol: &str) -> Option<Vec<Bytes>> {
-        let history = self.history.lock().expect("history lock");
-        let points = history.get(symbol)?;
+    async fn history_csv(&self, symbol: &str) -> Result<Option<Vec<Bytes>>, Error> {
+        let points = self.store.history(symbol).await?;
+        if points.is_empty() {
+            return Ok(None);
+        }
         let mut lines = vec![Bytes::from_static(b"unix_ms,price\n")];
         lines.extend(
             points
                 .iter()
                 .map(|(at, price)| Bytes::from(format!("{at},{price}\n"))),
         );
-        Some(lines)
+        Ok(Some(lines))
     }
 }
 
@@ -164,7 +154,7 @@ impl FileStore for HistoryFiles {
     async fn get(&self, name: &str) -> Result<(ByteStream, Option<u64>), Error> {
         let not_found = || Error::new(ErrorKind::NotFound, format!("no price history {name}"));
         let symbol = name.strip_suffix(".csv").ok_or_else(not_found)?;
-        let lines = self.0.history_csv(symbol).ok_or_else(not_found)?;
+        let lines = self.0.history_csv(symbol).await?.ok_or_else(not_found)?;
         let length = lines.iter().map(|line| line.len() as u64).sum();
         let chunks: Vec<Bytes> = lines
             .chunks(64)
@@ -188,6 +178,7 @@ pub struct MarketService {
     state: Arc<MarketState>,
     servers: Vec<Server>,
     consumers: Vec<ConsumerHandle>,
+    relays: Vec<RelayHandle>,
     addrs: MarketAddrs,
 }
 
@@ -200,24 +191,25 @@ impl std::fmt::Debug for MarketService {
 }
 
 impl MarketService {
-    /// Starts Market: HTTP on `http`, gRPC and the history transfer on any
-    /// free ports (announced by `GET /v1/endpoints`).
-    pub async fn start(brokers: &Brokers, http: SocketAddr) -> Result<Self, Error> {
-        let now = Utc::now().timestamp_millis();
-        let mut prices = HashMap::new();
-        let mut history = HashMap::new();
-        for (symbol, price) in opening_prices() {
-            let quote = Quote {
-                symbol: symbol.to_owned(),
-                price,
-                as_of_unix_ms: now,
-            };
-            prices.insert(symbol.to_owned(), quote);
-            history.insert(symbol.to_owned(), vec![(now, price)]);
-        }
+    /// Starts Market on `database` (its tables created if missing, opening
+    /// prices for symbols it never quoted): HTTP on `http`, gRPC and the
+    /// history transfer on any free ports (announced by `GET
+    /// /v1/endpoints`), the relay of its `price.updated` events.
+    pub async fn start(
+        brokers: &Brokers,
+        database: &Database,
+        http: SocketAddr,
+    ) -> Result<Self, Error> {
+        let store = MarketStore::open(
+            database,
+            brokers,
+            &opening_prices(),
+            Utc::now().timestamp_millis(),
+        )
+        .await?;
         let state = Arc::new(MarketState {
-            prices: Mutex::new(prices),
-            history: Mutex::new(history),
+            trades: store.trade_handler(TICK),
+            store: store.clone(),
             orders_seen: AtomicU64::new(0),
             trades_seen: AtomicU64::new(0),
             events: brokers.events("market-service"),
@@ -233,7 +225,7 @@ impl MarketService {
                         SubscribeOptions::new(groups::MARKET),
                         handler_fn(move |message: Message<TradeExecuted>| {
                             let state = state.clone();
-                            async move { state.on_trade(message.payload()).await }
+                            async move { state.on_trade(message).await }
                         }),
                     )
                     .await?
@@ -270,6 +262,7 @@ impl MarketService {
             state,
             servers: Vec::new(),
             consumers,
+            relays: spawn_relays(store.store(), brokers.events.clone(), None),
             addrs,
         };
         service.serve(http_listener, grpc_listener, transfer_listener);
@@ -312,10 +305,12 @@ impl MarketService {
         Ok(())
     }
 
-    /// Stops servers and drains consumers.
+    /// Stops servers, drains consumers and stops the relay.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         self.stop().await;
-        shut_down(&mut self.consumers).await
+        let consumers = shut_down(&mut self.consumers).await;
+        close_relays(&mut self.relays).await?;
+        consumers
     }
 }
 
@@ -335,6 +330,7 @@ fn router(state: Arc<MarketState>, addrs: MarketAddrs) -> Router {
                  JsonBody(request): JsonBody<QuoteRequest>| async move {
                     state
                         .quote(&request.symbol)
+                        .await
                         .map(Json)
                         .map_err(ErrorResponse::from)
                 },
@@ -343,17 +339,30 @@ fn router(state: Arc<MarketState>, addrs: MarketAddrs) -> Router {
         .route(
             "/v1/prices",
             get(|State(state): State<Arc<MarketState>>| async move {
-                let prices = state.prices.lock().expect("prices lock");
-                let all: BTreeMap<String, Quote> =
-                    prices.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                Json(all)
+                let prices = state.store.all().await.map_err(ErrorResponse::from)?;
+                let all: BTreeMap<String, Quote> = prices
+                    .into_iter()
+                    .map(|(symbol, price, as_of_unix_ms)| {
+                        let quote = Quote {
+                            symbol: symbol.clone(),
+                            price,
+                            as_of_unix_ms,
+                        };
+                        (symbol, quote)
+                    })
+                    .collect();
+                Ok::<_, ErrorResponse>(Json(all))
             }),
         )
         .route(
             "/v1/prices/{symbol}",
             get(
                 |State(state): State<Arc<MarketState>>, Path(symbol): Path<String>| async move {
-                    state.quote(&symbol).map(Json).map_err(ErrorResponse::from)
+                    state
+                        .quote(&symbol)
+                        .await
+                        .map(Json)
+                        .map_err(ErrorResponse::from)
                 },
             ),
         )
@@ -380,6 +389,7 @@ impl pb::prices_server::Prices for PricesGrpc {
         let quote = self
             .0
             .quote(&request.into_inner().symbol)
+            .await
             .map_err(|error| status_from_error(&error))?;
         Ok(Response::new(pb::Price {
             symbol: quote.symbol,

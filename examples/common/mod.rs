@@ -8,6 +8,8 @@
 //! | `domain` | strategy §5.2 events (decimal prices and quantities), topology |
 //! | `proto` | Market's and Auth's gRPC APIs, generated code checked in |
 //! | `brokers` | in-memory bus, or Redis Streams / Pub/Sub and RabbitMQ |
+//! | `database` | PostgreSQL (`DATABASE_URL`) or an embedded SQLite file; outbox relays |
+//! | `auth_store`, `market_store`, `trading_store`, `game_store` | each service's tables |
 //! | `auth_service`, `market_service`, `trading_service`, `game_service` | the services |
 //! | `auth_keys` | Auth's signing keys on disk, their rotation and signed announcement |
 //! | `session` | the gateway client (with strategy §4.2 degradation) and the scripted session |
@@ -19,16 +21,21 @@
 
 pub mod auth_keys;
 pub mod auth_service;
+pub mod auth_store;
 pub mod brokers;
 pub mod cli;
+pub mod database;
 pub mod domain;
 pub mod game_service;
+pub mod game_store;
 pub mod market_service;
+pub mod market_store;
 pub mod net;
 pub mod operator;
 pub mod platform;
 pub mod session;
 pub mod trading_service;
+pub mod trading_store;
 
 /// The services' gRPC APIs, generated from `examples/common/proto/*.proto`
 /// and checked in (`tests/proto_codegen.rs` regenerates and compares).

@@ -11,6 +11,7 @@ use switchboard::middleware::dead_letter::DeadLetterAlert;
 
 use super::auth_service::{AuthConfig, AuthService};
 use super::brokers::Brokers;
+use super::database::Database;
 use super::game_service::{GameConfig, GameService};
 use super::market_service::MarketService;
 use super::session::Addresses;
@@ -30,16 +31,20 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// Starts Auth, Market, Game and Trading on free loopback ports.
+    /// Starts Auth, Market, Game and Trading on free loopback ports, each
+    /// with its tables in `database`.
     pub async fn start(
         brokers: &Brokers,
+        database: &Database,
         resilience: &Resilience,
         alert: Option<Arc<dyn DeadLetterAlert>>,
     ) -> Result<Self, Error> {
-        let auth = AuthService::start(brokers, AuthConfig::in_memory(any_port())).await?;
-        let market = MarketService::start(brokers, any_port()).await?;
+        let auth =
+            AuthService::start(brokers, database, AuthConfig::in_memory(any_port())).await?;
+        let market = MarketService::start(brokers, database, any_port()).await?;
         let game = GameService::start(
             brokers,
+            database,
             GameConfig {
                 http: any_port(),
                 market_http: market.addrs().http,
@@ -53,6 +58,7 @@ impl Platform {
         .await?;
         let trading = TradingService::start(
             brokers,
+            database,
             TradingConfig {
                 http: any_port(),
                 market_grpc: market.addrs().grpc,
@@ -80,10 +86,10 @@ impl Platform {
     }
 
     /// Stops everything, draining the consumers.
-    pub async fn shutdown(mut self) -> Result<(), Error> {
-        self.auth.stop().await;
+    pub async fn shutdown(self) -> Result<(), Error> {
         self.trading.shutdown().await?;
         self.game.shutdown().await?;
-        self.market.shutdown().await
+        self.market.shutdown().await?;
+        self.auth.shutdown().await
     }
 }

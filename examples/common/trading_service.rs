@@ -7,6 +7,10 @@
 //! strategy §2: 📞 Trading → Market (gRPC), 📢 Trading → Game (events on Redis
 //! Streams). §5.2: publishes trade.executed and order.created, consumes
 //! price.updated.
+//!
+//! Orders live in the database (`trading_store`): an order, its two events
+//! and its settlement job commit in one transaction, and the relays send
+//! them once committed — a broker outage delays them, never loses them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use switchboard::auth::{AuthLayer, Claims, TokenVerifier};
 use switchboard::middleware::Resilience;
 use switchboard::middleware::circuit_breaker::CircuitBreakerLayer;
+use switchboard::outbox::RelayHandle;
 use switchboard::transport::grpc::unary;
 use switchboard::transport::http::{ErrorResponse, JsonBody};
 use switchboard::{
@@ -31,9 +36,11 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use super::brokers::Brokers;
-use super::domain::{OrderCreated, PriceUpdated, SettlementRequested, Side, TradeExecuted, groups};
+use super::database::{Database, close_relays, spawn_relays};
+use super::domain::{PriceUpdated, SettlementRequested, Side, groups};
 use super::net::{Latencies, PathStats, Server, bind, shut_down, stop_all};
 use super::proto::market as pb;
+use super::trading_store::TradingStore;
 
 /// strategy §3's name for the path this service times.
 pub const PATH_TRADING_MARKET: &str = "Trading → Market (gRPC)";
@@ -70,18 +77,22 @@ pub struct TradingStats {
 struct WaitQuery {
     /// Answer once at least this many orders are settled (or after 10 s).
     settled_at_least: Option<usize>,
+    /// Count only this user's orders.
+    user: Option<String>,
 }
 
 type PriceClient = BoxCloneSyncService<pb::GetPriceRequest, pb::Price, Error>;
 
 struct TradingState {
-    orders: Mutex<Vec<(String, OrderReceipt)>>,
-    settled: watch::Sender<usize>,
+    store: TradingStore,
+    /// Bumped whenever an order is settled: wakes `GET /v1/stats` waiters.
+    settled: watch::Sender<u64>,
     price_updates: Mutex<(u64, HashMap<String, Decimal>)>,
     market: PriceClient,
+    latency: Latencies,
+    /// For `/health`.
     events: EventBus,
     tasks: EventBus,
-    latency: Latencies,
 }
 
 impl TradingState {
@@ -114,70 +125,51 @@ impl TradingState {
                 format!("Market sent a bad price: {error}"),
             )
         })?;
-        self.events
-            .publish(OrderCreated {
-                order_id: order_id.clone(),
-                user_id: user_id.to_owned(),
-                symbol: order.symbol.clone(),
-                side: order.side,
-                quantity: order.quantity,
-            })
-            .await?;
-        // The demo fills at once at Market's price.
-        self.events
-            .publish(TradeExecuted {
-                order_id: order_id.clone(),
-                user_id: user_id.to_owned(),
-                symbol: order.symbol.clone(),
-                side: order.side,
-                quantity: order.quantity,
-                price,
-            })
-            .await?;
+        // The demo fills at once at Market's price. The order, its
+        // order.created and trade.executed and its settlement job commit
+        // together; the relays send them once committed, however long a
+        // broker is away.
         let receipt = OrderReceipt {
-            order_id: order_id.clone(),
-            symbol: order.symbol.clone(),
+            order_id,
+            symbol: order.symbol,
             side: order.side,
             quantity: order.quantity,
             price,
             settled: false,
         };
-        self.orders
-            .lock()
-            .expect("orders lock")
-            .push((user_id.to_owned(), receipt.clone()));
-        self.tasks
-            .publish(SettlementRequested {
-                order_id,
-                user_id: user_id.to_owned(),
-                symbol: order.symbol,
-                side: order.side,
-                quantity: order.quantity,
-                price,
-                amount: order.quantity * price,
-            })
+        self.store
+            .place(user_id, &receipt, chrono::Utc::now().timestamp_millis())
             .await?;
         Ok(receipt)
     }
 
-    fn settle(&self, job: &SettlementRequested) {
-        let mut orders = self.orders.lock().expect("orders lock");
-        if let Some((_, receipt)) = orders
-            .iter_mut()
-            .find(|(_, receipt)| receipt.order_id == job.order_id && !receipt.settled)
-        {
-            receipt.settled = true;
-            self.settled.send_modify(|settled| *settled += 1);
+    /// Waits (at most 10 s) until at least `at_least` orders (of `user`, or
+    /// of everyone) are settled.
+    async fn wait_settled(&self, user: Option<&str>, at_least: usize) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut settled = self.settled.subscribe();
+        loop {
+            settled.mark_unchanged();
+            if self.store.counts(user).await?.1 >= at_least {
+                return Ok(());
+            }
+            // Settled by another process (a restarted Trading's worker) or
+            // missed: look again at least every 100 ms.
+            let wake = tokio::time::timeout(Duration::from_millis(100), settled.changed());
+            if tokio::time::timeout_at(deadline, wake).await.is_err() {
+                return Ok(());
+            }
         }
     }
 
-    fn stats(&self) -> TradingStats {
-        TradingStats {
-            orders: self.orders.lock().expect("orders lock").len(),
-            settled: *self.settled.borrow(),
+    async fn stats(&self, user: Option<&str>) -> Result<TradingStats, Error> {
+        let (orders, settled) = self.store.counts(user).await?;
+        Ok(TradingStats {
+            orders,
+            settled,
             price_updates_seen: self.price_updates.lock().expect("prices lock").0,
             latency: self.latency.snapshot(),
-        }
+        })
     }
 }
 
@@ -203,6 +195,7 @@ pub struct TradingService {
     addr: SocketAddr,
     market_breaker: CircuitBreakerLayer,
     consumers: Vec<ConsumerHandle>,
+    relays: Vec<RelayHandle>,
 }
 
 impl std::fmt::Debug for TradingService {
@@ -214,8 +207,15 @@ impl std::fmt::Debug for TradingService {
 }
 
 impl TradingService {
-    /// Starts Trading.
-    pub async fn start(brokers: &Brokers, config: TradingConfig) -> Result<Self, Error> {
+    /// Starts Trading on `database` (its tables created if missing); the
+    /// relays start after the subscriptions, so the settlement queue exists
+    /// before the first job is sent, and send what a previous run left.
+    pub async fn start(
+        brokers: &Brokers,
+        database: &Database,
+        config: TradingConfig,
+    ) -> Result<Self, Error> {
+        let store = TradingStore::open(database, brokers).await?;
         let (verifier, auth_keys) = super::auth_keys::follow_auth_keys(
             brokers,
             "trading-service",
@@ -244,7 +244,7 @@ impl TradingService {
         );
         let (settled, _) = watch::channel(0);
         let state = Arc::new(TradingState {
-            orders: Mutex::default(),
+            store: store.clone(),
             settled,
             price_updates: Mutex::default(),
             market,
@@ -270,17 +270,27 @@ impl TradingService {
         };
         let settlement_worker = {
             let state = state.clone();
+            let settle = store.settle_handler();
             brokers
                 .tasks("settlement-worker")
                 .subscribe(
                     SubscribeOptions::new(groups::SETTLEMENT),
                     handler_fn(move |message: Message<SettlementRequested>| {
-                        state.settle(message.payload());
-                        async { Ok::<_, Error>(()) }
+                        let (state, settle) = (state.clone(), settle.clone());
+                        async move {
+                            settle.oneshot(message).await?;
+                            state.settled.send_modify(|settled| *settled += 1);
+                            Ok::<_, Error>(())
+                        }
                     }),
                 )
                 .await?
         };
+        let relays = spawn_relays(
+            store.store(),
+            brokers.events.clone(),
+            Some(brokers.tasks.clone()),
+        );
         let listener = bind(config.http).await?;
         let addr = listener
             .local_addr()
@@ -293,6 +303,7 @@ impl TradingService {
             addr,
             market_breaker,
             consumers: vec![prices_consumer, settlement_worker, auth_keys],
+            relays,
         })
     }
 
@@ -322,10 +333,12 @@ impl TradingService {
         Ok(())
     }
 
-    /// Stops the server and drains the consumers.
+    /// Stops the server, drains the consumers and stops the relays.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         self.stop().await;
-        shut_down(&mut self.consumers).await
+        let consumers = shut_down(&mut self.consumers).await;
+        close_relays(&mut self.relays).await?;
+        consumers
     }
 }
 
@@ -348,13 +361,12 @@ fn router(state: Arc<TradingState>, verifier: Arc<TokenVerifier>) -> Router {
                 .get(
                     |State(state): State<Arc<TradingState>>,
                      Extension(claims): Extension<Claims>| async move {
-                        let orders = state.orders.lock().expect("orders lock");
-                        let mine: Vec<OrderReceipt> = orders
-                            .iter()
-                            .filter(|(user, _)| *user == claims.sub)
-                            .map(|(_, receipt)| receipt.clone())
-                            .collect();
-                        Json(mine)
+                        state
+                            .store
+                            .orders_of(&claims.sub)
+                            .await
+                            .map(Json)
+                            .map_err(ErrorResponse::from)
                     },
                 ),
             )
@@ -370,12 +382,18 @@ fn router(state: Arc<TradingState>, verifier: Arc<TokenVerifier>) -> Router {
             "/v1/stats",
             get(
                 |State(state): State<Arc<TradingState>>, Query(wait): Query<WaitQuery>| async move {
+                    let user = wait.user.as_deref();
                     if let Some(at_least) = wait.settled_at_least {
-                        let mut settled = state.settled.subscribe();
-                        let reached = settled.wait_for(|settled| *settled >= at_least);
-                        let _ = tokio::time::timeout(Duration::from_secs(10), reached).await;
+                        state
+                            .wait_settled(user, at_least)
+                            .await
+                            .map_err(ErrorResponse::from)?;
                     }
-                    Json(state.stats())
+                    state
+                        .stats(user)
+                        .await
+                        .map(Json)
+                        .map_err(ErrorResponse::from)
                 },
             ),
         )

@@ -12,6 +12,7 @@ use super::common::auth_service::{
     AuthConfig, AuthService, Credentials, GAME_AUDIENCE, Registered, Token,
 };
 use super::common::brokers::Brokers;
+use super::common::database::Database;
 use super::{DEADLINE, buy, world};
 
 fn kid_of(token: &str) -> String {
@@ -103,8 +104,9 @@ async fn post<T: serde::de::DeserializeOwned>(
 
 /// Registers a user on `auth` and logs in.
 async fn login(auth: &AuthService) -> String {
+    // A new user each time: the users outlive Auth's restarts.
     let credentials = Credentials {
-        username: "dave".into(),
+        username: format!("dave-{}", uuid::Uuid::new_v4().simple()),
         password: "a long password".into(),
     };
     let _: Registered = post(auth.addrs().http, "/v1/users", &credentials).await;
@@ -120,7 +122,10 @@ async fn auths_signing_key_survives_its_restart() {
         ..AuthConfig::in_memory(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
     };
     let brokers = Brokers::memory();
-    let mut auth = AuthService::start(&brokers, config.clone()).await.unwrap();
+    let database = Database::open(None).await.unwrap();
+    let mut auth = AuthService::start(&brokers, &database, config.clone())
+        .await
+        .unwrap();
     let anchor = std::fs::read_to_string(dir.join(TRUST_ANCHOR_FILE)).unwrap();
     assert_eq!(anchor, auth.trust_anchor_pem());
     let (verifier, follower) = follow_auth_keys(&brokers, "game-service", GAME_AUDIENCE, &anchor)
@@ -133,7 +138,9 @@ async fn auths_signing_key_survives_its_restart() {
     // A new Auth from the same directory: the same keys, not fresh ones.
     auth.stop().await;
     drop(auth);
-    let mut auth = AuthService::start(&brokers, config.clone()).await.unwrap();
+    let mut auth = AuthService::start(&brokers, &database, config.clone())
+        .await
+        .unwrap();
     assert_eq!(auth.current_kid(), first_kid);
     assert_eq!(auth.trust_anchor_pem(), anchor);
     let after = login(&auth).await;
@@ -156,7 +163,9 @@ async fn auths_signing_key_survives_its_restart() {
     assert_ne!(rotated_kid, first_kid);
     auth.stop().await;
     drop(auth);
-    let mut auth = AuthService::start(&brokers, config).await.unwrap();
+    let mut auth = AuthService::start(&brokers, &database, config)
+        .await
+        .unwrap();
     assert_eq!(auth.current_kid(), rotated_kid);
     let (late, late_follower) = follow_auth_keys(&brokers, "game-service", GAME_AUDIENCE, &anchor)
         .await
@@ -168,5 +177,6 @@ async fn auths_signing_key_survives_its_restart() {
     auth.stop().await;
     follower.shutdown().await.unwrap();
     late_follower.shutdown().await.unwrap();
+    database.close().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
