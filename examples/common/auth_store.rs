@@ -13,13 +13,11 @@ use super::brokers::Brokers;
 use super::database::{Database, Store, db_error, is_unique_violation, on_db, open_store};
 use super::domain::UserRegistered;
 
-const DDL: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS {p}users (
+const DDL: &[&str] = &["CREATE TABLE IF NOT EXISTS {p}users (
         user_id TEXT PRIMARY KEY,
         username TEXT NOT NULL UNIQUE,
         password_sha256 TEXT NOT NULL,
-        registered_unix_ms BIGINT NOT NULL)",
-];
+        registered_unix_ms BIGINT NOT NULL)"];
 
 struct Sql {
     insert: String,

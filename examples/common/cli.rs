@@ -119,7 +119,6 @@ impl Flags {
                 "--keys",
                 "--rotate-every",
                 "--trust-anchor",
-
                 "--database",
                 "--consumer",
             ];

@@ -39,8 +39,7 @@ impl Platform {
         resilience: &Resilience,
         alert: Option<Arc<dyn DeadLetterAlert>>,
     ) -> Result<Self, Error> {
-        let auth =
-            AuthService::start(brokers, database, AuthConfig::in_memory(any_port())).await?;
+        let auth = AuthService::start(brokers, database, AuthConfig::in_memory(any_port())).await?;
         let market = MarketService::start(brokers, database, any_port()).await?;
         let game = GameService::start(
             brokers,
