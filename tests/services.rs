@@ -661,7 +661,8 @@ async fn an_unreachable_broker_is_one_line_that_says_what_to_do() {
 
 /// The four services stopped and started again on the same database: the
 /// orders, the holdings and the users are still there, and the token Auth
-/// signed before the restart still works (its key pair is stored too).
+/// signed before the restart still works (its keys are kept beside the
+/// embedded database).
 #[tokio::test]
 async fn the_services_state_survives_their_restart() {
     let world = world().await;

@@ -61,6 +61,17 @@ pub struct Database {
     scratch: Option<Arc<PathBuf>>,
 }
 
+impl Database {
+    /// Where the in-process platform's Auth keeps its signing keys beside
+    /// an embedded database (its temporary directory), so a token outlives
+    /// the platform's restart on it; `None` on PostgreSQL, where the
+    /// platform keeps them in memory (the separate Auth process has
+    /// `--keys`).
+    pub fn auth_keys_dir(&self) -> Option<PathBuf> {
+        self.scratch.as_ref().map(|dir| dir.join("auth-keys"))
+    }
+}
+
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Database")

@@ -9,6 +9,7 @@ use switchboard::Error;
 use switchboard::middleware::Resilience;
 use switchboard::middleware::dead_letter::DeadLetterAlert;
 
+use super::auth_keys::KeySource;
 use super::auth_service::{AuthConfig, AuthService};
 use super::brokers::Brokers;
 use super::database::Database;
@@ -39,7 +40,11 @@ impl Platform {
         resilience: &Resilience,
         alert: Option<Arc<dyn DeadLetterAlert>>,
     ) -> Result<Self, Error> {
-        let auth = AuthService::start(brokers, database, AuthConfig::in_memory(any_port())).await?;
+        let mut auth_config = AuthConfig::in_memory(any_port());
+        if let Some(dir) = database.auth_keys_dir() {
+            auth_config.keys = KeySource::Dir(dir);
+        }
+        let auth = AuthService::start(brokers, database, auth_config).await?;
         let market = MarketService::start(brokers, database, any_port()).await?;
         let game = GameService::start(
             brokers,
