@@ -258,7 +258,7 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
                 .collect();
         }
         accepted
-            .delete::<DB>(deleter.as_deref_mut().unwrap_or(conn), relay)
+            .delete::<DB>(deleter.unwrap_or(conn), relay)
             .await?;
         Ok(Round::Full)
     }
