@@ -73,7 +73,9 @@
 //! bytes as they are, so the `event_id` and the trace context written at
 //! enqueue reach the consumer — and deletes what the transport accepted.
 //! While a backlog drains, the database deletes the batch just accepted and
-//! reads the next one while the transport takes the current one; a batch
+//! reads the next one while the transport takes the current one (on
+//! PostgreSQL on two sessions of the relay's own, taken from the pool and
+//! kept: size the pool for them, plus one with `listen`); a batch
 //! is published only once the one before it was accepted, and the relay's
 //! database session reads in id order through the primary key (it never
 //! scans or sorts the pending rows, so a batch costs the same with 100 rows

@@ -35,7 +35,8 @@ pub struct StoredRow {
     pub topic: String,
     pub key: String,
     pub headers: String,
-    pub body: Vec<u8>,
+    /// Shared with the message that carries it, not copied.
+    pub body: bytes::Bytes,
 }
 
 /// What a relay asks for when it rebalances.
@@ -82,6 +83,11 @@ pub struct ParkedRow {
 pub trait Backend: sqlx::Database {
     /// For logs and errors.
     const NAME: &'static str;
+
+    /// Whether the relay deletes sent rows on a second session, while its
+    /// first reads the next batch (PostgreSQL); SQLite has one writer and
+    /// does both on one.
+    const SEPARATE_DELETES: bool;
 
     /// Creates the tables and indexes if missing; safe to run concurrently.
     async fn migrate(pool: &sqlx::Pool<Self>, tables: &Tables) -> Result<(), Error>;

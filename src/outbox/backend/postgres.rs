@@ -24,7 +24,7 @@ fn stored(row: PgRow) -> Result<StoredRow, sqlx::Error> {
         topic: row.try_get(1)?,
         key: row.try_get(2)?,
         headers: row.try_get(3)?,
-        body: row.try_get(4)?,
+        body: bytes::Bytes::from(row.try_get::<Vec<u8>, _>(4)?),
     })
 }
 
@@ -61,6 +61,7 @@ fn fetch_sql(tables: &Tables, scope: &Scope, hold_parked: bool) -> String {
 #[async_trait]
 impl Backend for Postgres {
     const NAME: &'static str = "postgres";
+    const SEPARATE_DELETES: bool = true;
 
     async fn migrate(pool: &sqlx::Pool<Self>, tables: &Tables) -> Result<(), Error> {
         let (o, i) = (&tables.outbox, &tables.inbox);

@@ -29,13 +29,14 @@ fn stored(row: SqliteRow) -> Result<StoredRow, sqlx::Error> {
         topic: row.try_get(1)?,
         key: row.try_get(2)?,
         headers: row.try_get(3)?,
-        body: row.try_get(4)?,
+        body: bytes::Bytes::from(row.try_get::<Vec<u8>, _>(4)?),
     })
 }
 
 #[async_trait]
 impl Backend for Sqlite {
     const NAME: &'static str = "sqlite";
+    const SEPARATE_DELETES: bool = false;
 
     async fn migrate(pool: &sqlx::Pool<Self>, tables: &Tables) -> Result<(), Error> {
         let (o, i) = (&tables.outbox, &tables.inbox);

@@ -17,11 +17,24 @@ use crate::outbox::backend::{LeaseRequest, Scope};
 use crate::outbox::error::from_sqlx;
 use crate::outbox::schema::Tables;
 
+/// What a round works with.
+pub(super) struct Session<'l, DB: OutboxDatabase> {
+    /// Holds the leases; reads (and, without a deleter, deletes).
+    pub(super) conn: &'l mut DB::Connection,
+    /// Deletes sent rows while `conn` reads.
+    pub(super) deleter: Option<&'l mut DB::Connection>,
+    /// What this relay may send.
+    pub(super) scope: &'l Scope,
+}
+
 pub(super) struct Lease<DB: OutboxDatabase> {
     pool: sqlx::Pool<DB>,
     /// This relay's id, the holder of the SQLite lease.
     id: String,
     conn: Option<DB::Connection>,
+    /// The second session that deletes sent rows (PostgreSQL), so a delete
+    /// and the next read run at once.
+    deleter: Option<DB::Connection>,
     held: Vec<i64>,
     scope: Scope,
     next_rebalance: Instant,
@@ -33,6 +46,7 @@ impl<DB: OutboxDatabase> Lease<DB> {
             pool,
             id: uuid::Uuid::new_v4().to_string(),
             conn: None,
+            deleter: None,
             held: Vec::new(),
             scope: Scope::Partitions {
                 partitions: 1,
@@ -42,23 +56,22 @@ impl<DB: OutboxDatabase> Lease<DB> {
         }
     }
 
-    /// The relay's connection and what it may send now, connecting and
-    /// rebalancing first when due.
+    /// The relay's connection, its deleting one if any, and what it may
+    /// send now, connecting and rebalancing first when due.
     pub(super) async fn session(
         &mut self,
         tables: &Tables,
         partitions: u32,
         every: Duration,
         synchronous: bool,
-    ) -> Result<(&mut DB::Connection, &Scope), Error> {
+    ) -> Result<Session<'_, DB>, Error> {
         if self.conn.is_none() {
-            let mut conn = self
-                .pool
-                .acquire()
-                .await
-                .map_err(|e| from_sqlx("outbox relay connect", e))?
-                .detach();
-            DB::relay_session(&mut conn, synchronous).await?;
+            let conn = Self::connect(&self.pool, synchronous).await?;
+            self.deleter = if DB::SEPARATE_DELETES {
+                Some(Self::connect(&self.pool, synchronous).await?)
+            } else {
+                None
+            };
             self.conn = Some(conn);
             self.held.clear();
             self.next_rebalance = Instant::now();
@@ -75,19 +88,39 @@ impl<DB: OutboxDatabase> Lease<DB> {
             self.scope = DB::rebalance(conn, tables, &request, &mut self.held).await?;
             self.next_rebalance = Instant::now() + every;
         }
-        Ok((conn, &self.scope))
+        Ok(Session {
+            conn,
+            deleter: self.deleter.as_mut(),
+            scope: &self.scope,
+        })
+    }
+
+    /// A session of its own, out of the pool: its locks and settings must
+    /// not pass to the pool's next borrower.
+    async fn connect(pool: &sqlx::Pool<DB>, synchronous: bool) -> Result<DB::Connection, Error> {
+        let mut conn = pool
+            .acquire()
+            .await
+            .map_err(|e| from_sqlx("outbox relay connect", e))?
+            .detach();
+        DB::relay_session(&mut conn, synchronous).await?;
+        Ok(conn)
     }
 
     /// Forgets the connection after an error: dropping it ends the session
     /// and with it every lease, which other relays then take over.
     pub(super) fn lost(&mut self) {
         self.conn = None;
+        self.deleter = None;
         self.held.clear();
     }
 
     /// Ends the session cleanly, giving every lease back.
     pub(super) async fn release(&mut self, tables: &Tables) {
         self.held.clear();
+        if let Some(deleter) = self.deleter.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), deleter.close()).await;
+        }
         if let Some(mut conn) = self.conn.take() {
             let _ = tokio::time::timeout(
                 Duration::from_secs(5),

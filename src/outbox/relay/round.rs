@@ -53,6 +53,32 @@ struct Published {
     error: Option<Error>,
 }
 
+/// The relay's read of its scope.
+#[derive(Clone, Copy)]
+struct Read<'s> {
+    scope: &'s Scope,
+    limit: i64,
+    hold: bool,
+}
+
+impl Read<'_> {
+    /// The batch after id `after`; none when there is no `after`.
+    async fn after<DB: OutboxDatabase>(
+        self,
+        conn: &mut DB::Connection,
+        relay: &Relay<DB>,
+        after: Option<i64>,
+    ) -> Result<Vec<StoredRow>, Error> {
+        match after {
+            Some(after) => {
+                let tables = &relay.outbox.shared.tables;
+                DB::fetch(conn, tables, self.scope, self.limit, self.hold, after).await
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
 /// Rows accepted by the transport and not deleted yet, with the count per
 /// topic for the `sent` counter.
 #[derive(Default)]
@@ -119,7 +145,7 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
         let relay = self.relay;
         let tables = &relay.outbox.shared.tables;
         let config = &relay.config;
-        let (conn, scope) = match lease
+        let session = match lease
             .session(
                 tables,
                 config.partitions,
@@ -134,7 +160,7 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
                 return Err(error);
             }
         };
-        let scope = scope.clone();
+        let scope = session.scope.clone();
         let held = match &scope {
             Scope::All => 0,
             Scope::Partitions { held, .. } => held.len() as u64,
@@ -144,7 +170,7 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
             // Every partition is another relay's: stand by.
             return Ok(Round::Partial);
         }
-        let result = self.send(conn, &scope).await;
+        let result = self.send(session.conn, session.deleter, &scope).await;
         if result.is_err() {
             // The error may have been the session's: start a fresh one (its
             // leases go with the old one).
@@ -159,9 +185,13 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
     /// is published only once the one before it was accepted (order per
     /// key); what was accepted is deleted before the round ends, also when
     /// it ends in an error.
-    async fn send(&mut self, conn: &mut DB::Connection, scope: &Scope) -> Result<Round, Error> {
+    async fn send(
+        &mut self,
+        conn: &mut DB::Connection,
+        mut deleter: Option<&mut DB::Connection>,
+        scope: &Scope,
+    ) -> Result<Round, Error> {
         let relay = self.relay;
-        let tables = &relay.outbox.shared.tables;
         let config = &relay.config;
         if Instant::now() >= self.next_stats {
             self.next_stats = Instant::now() + config.stats_interval;
@@ -169,7 +199,12 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
         }
         let hold = config.on_refused == OnRefused::HoldKey;
         let limit = config.batch_size;
-        let mut rows = DB::fetch(conn, tables, scope, limit as i64, hold, 0).await?;
+        let read = Read {
+            scope,
+            limit: limit as i64,
+            hold,
+        };
+        let mut rows = read.after::<DB>(conn, relay, Some(0)).await?;
         let mut held_keys: HashSet<String> = HashSet::new();
         let mut accepted = Accepted::default();
         for _ in 0..BATCHES_PER_ROUND {
@@ -179,14 +214,25 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
             // commits below it is read at the next round.
             let after = rows.last().map_or(0, |row| row.id);
             let deleting = std::mem::take(&mut accepted);
-            let (published, read) = tokio::join!(self.publish_runs(&rows, &mut held_keys), async {
-                deleting.delete::<DB>(conn, relay).await?;
-                if full {
-                    DB::fetch(conn, tables, scope, limit as i64, hold, after).await
-                } else {
-                    Ok(Vec::new())
+            // The next batch only after a full one: a partial one was all.
+            let next = full.then_some(after);
+            let database = async {
+                match deleter.as_deref_mut() {
+                    Some(deleter) => {
+                        let (deleted, read) = tokio::join!(
+                            deleting.delete::<DB>(deleter, relay),
+                            read.after::<DB>(&mut *conn, relay, next)
+                        );
+                        deleted.and(read)
+                    }
+                    None => {
+                        deleting.delete::<DB>(&mut *conn, relay).await?;
+                        read.after::<DB>(&mut *conn, relay, next).await
+                    }
                 }
-            });
+            };
+            let (published, read) =
+                tokio::join!(self.publish_runs(&rows, &mut held_keys), database);
             accepted = Accepted::of(&rows, &published.accepted);
             let settled = self.settle(conn, &rows, published, read).await;
             let next = match settled {
@@ -194,12 +240,16 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
                 Err(error) => {
                     // Accepted rows are not to be sent again; the session
                     // may be gone, in which case they are (at least once).
-                    let _ = accepted.delete::<DB>(conn, relay).await;
+                    let _ = accepted
+                        .delete::<DB>(deleter.as_deref_mut().unwrap_or(conn), relay)
+                        .await;
                     return Err(error);
                 }
             };
             if !full {
-                accepted.delete::<DB>(conn, relay).await?;
+                accepted
+                    .delete::<DB>(deleter.as_deref_mut().unwrap_or(conn), relay)
+                    .await?;
                 return Ok(Round::Partial);
             }
             rows = next
@@ -207,7 +257,9 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
                 .filter(|row| !held_keys.contains(&row.key))
                 .collect();
         }
-        accepted.delete::<DB>(conn, relay).await?;
+        accepted
+            .delete::<DB>(deleter.unwrap_or(conn), relay)
+            .await?;
         Ok(Round::Full)
     }
 
@@ -267,13 +319,19 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
                 .iter()
                 .position(|row| &row.topic != topic)
                 .map_or(rows.len(), |offset| start + offset);
+            // Indexes and messages apart: the messages go to the transport
+            // whole, and the rare one-by-one retry below builds its own.
             let mut run = Vec::with_capacity(end - start);
+            let mut messages = Vec::with_capacity(end - start);
             for (index, row) in rows.iter().enumerate().take(end).skip(start) {
                 if held_keys.contains(&row.key) {
                     continue;
                 }
                 match to_message(row) {
-                    Ok(message) => run.push((index, message)),
+                    Ok(message) => {
+                        run.push(index);
+                        messages.push(message);
+                    }
                     Err(error) => refuse(&mut published, held_keys, index, error),
                 }
             }
@@ -281,18 +339,22 @@ impl<DB: OutboxDatabase> Worker<'_, DB> {
             if run.is_empty() {
                 continue;
             }
-            let messages = run.iter().map(|(_, message)| message.clone()).collect();
             match self.publish(topic, messages).await {
-                Ok(()) => published
-                    .accepted
-                    .extend(run.iter().map(|(index, _)| *index)),
+                Ok(()) => published.accepted.extend(run),
                 Err(error) if refuses_row(&error) => {
                     // Which one? Send them one by one (a prefix may have been
                     // taken already: those go twice, as at-least-once allows).
-                    for (index, message) in run {
+                    for index in run {
                         if held_keys.contains(&rows[index].key) {
                             continue;
                         }
+                        let message = match to_message(&rows[index]) {
+                            Ok(message) => message,
+                            Err(error) => {
+                                refuse(&mut published, held_keys, index, error);
+                                continue;
+                            }
+                        };
                         match self.publish(topic, vec![message]).await {
                             Ok(()) => published.accepted.push(index),
                             Err(error) if refuses_row(&error) => {
