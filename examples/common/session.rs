@@ -456,9 +456,19 @@ pub async fn run(gateway: &Gateway, orders: usize) -> Result<Report, Error> {
     // again until CATCH_UP is over.
     let deadline = Instant::now() + CATCH_UP;
     let portfolio = loop {
-        let portfolio = gateway
+        let portfolio = match gateway
             .holdings(&token, &user_id, Some(orders as u64))
-            .await?;
+            .await
+        {
+            Ok(portfolio) => portfolio,
+            // Game restarting (its answer cut, nothing kept to fall back
+            // on yet): ask again until CATCH_UP is over.
+            Err(error) if error.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         if portfolio.trades_applied >= orders as u64 || Instant::now() >= deadline {
             break portfolio;
         }
