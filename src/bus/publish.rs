@@ -61,7 +61,8 @@ impl EventBus {
     pub async fn publish_to<E: Event>(&self, topic: &str, payload: E) -> Result<Uuid, Error> {
         let envelope = EventEnvelope::new(&*self.source, payload);
         let topic = self.topic_named(topic).into_owned();
-        self.publish_envelope_on(topic.into(), &envelope).await?;
+        self.publish_envelope_on(topic.into(), &envelope, None)
+            .await?;
         Ok(envelope.event_id())
     }
 
@@ -73,7 +74,7 @@ impl EventBus {
         envelope: &EventEnvelope<E>,
     ) -> Result<(), Error> {
         let topic = self.topic_named(topic).into_owned();
-        self.publish_envelope_on(topic.into(), envelope).await
+        self.publish_envelope_on(topic.into(), envelope, None).await
     }
 
     /// Publishes an envelope built by the caller (to carry headers or keep
@@ -82,27 +83,44 @@ impl EventBus {
         &self,
         envelope: &EventEnvelope<E>,
     ) -> Result<(), Error> {
-        self.publish_envelope_on(self.topic_of::<E>(), envelope)
+        self.publish_envelope_on(self.topic_of::<E>(), envelope, None)
             .await
     }
 
-    async fn publish_envelope_on<E: Event>(
+    /// Publishes `envelope` on `topic` now, or for delivery at `at`
+    /// ([`publish_at`](Self::publish_at)): one span, the retries until the
+    /// deadline, and the `published` metric, for both.
+    pub(super) async fn publish_envelope_on<E: Event>(
         &self,
         topic: Cow<'static, str>,
         envelope: &EventEnvelope<E>,
+        at: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<(), Error> {
-        let span = tracing::info_span!(
-            "publish",
-            event_id = %envelope.event_id(),
-            event_type = E::TYPE,
-            topic = &*topic,
-            transport = self.transport.name(),
-        );
+        let span = match at {
+            None => tracing::info_span!(
+                "publish",
+                event_id = %envelope.event_id(),
+                event_type = E::TYPE,
+                topic = &*topic,
+                transport = self.transport.name(),
+            ),
+            Some(at) => tracing::info_span!(
+                "publish_at",
+                event_id = %envelope.event_id(),
+                event_type = E::TYPE,
+                topic = &*topic,
+                at = %at,
+                transport = self.transport.name(),
+            ),
+        };
         let started = std::time::Instant::now();
         let result = async {
             let message = self.traced_message(envelope)?;
             self.retry
-                .run(&topic, || self.transport.publish(&topic, message.clone()))
+                .run(&topic, || match at {
+                    None => self.transport.publish(&topic, message.clone()),
+                    Some(at) => self.transport.publish_at(&topic, message.clone(), at),
+                })
                 .await
         }
         .instrument(span)

@@ -3,13 +3,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tracing::Instrument;
 use uuid::Uuid;
 
 use super::EventBus;
 use crate::envelope::{Event, EventEnvelope};
 use crate::error::Error;
-use crate::observe::metrics;
 use crate::transport::due_after;
 
 impl EventBus {
@@ -95,32 +93,8 @@ impl EventBus {
     /// ```
     pub async fn publish_at<E: Event>(&self, at: DateTime<Utc>, payload: E) -> Result<Uuid, Error> {
         let envelope = EventEnvelope::new(&*self.source, payload);
-        let topic = self.topic_of::<E>();
-        let span = tracing::info_span!(
-            "publish_at",
-            event_id = %envelope.event_id(),
-            event_type = E::TYPE,
-            topic = &*topic,
-            at = %at,
-            transport = self.transport.name(),
-        );
-        let started = std::time::Instant::now();
-        let result = async {
-            let message = self.traced_message(&envelope)?;
-            self.retry
-                .run(&topic, || {
-                    self.transport.publish_at(&topic, message.clone(), at)
-                })
-                .await
-        }
-        .instrument(span)
-        .await;
-        metrics::published(
-            self.transport.name(),
-            topic,
-            result.is_ok(),
-            started.elapsed(),
-        );
-        result.map(|()| envelope.event_id())
+        self.publish_envelope_on(self.topic_of::<E>(), &envelope, Some(at))
+            .await?;
+        Ok(envelope.event_id())
     }
 }
