@@ -361,7 +361,7 @@ impl LatencyBudgets {
                 p99,
                 budget: *budget,
             };
-            names::budget_checked(path, p99, report.breached());
+            names::budget_checked(path, p99, *budget, report.breached());
             if report.breached() {
                 tracing::warn!(
                     path = &**path,

@@ -327,7 +327,13 @@ impl Shared {
             BreakerState::HalfOpen => ("half_open", 1.0),
             BreakerState::Open => ("open", 2.0),
         };
-        crate::observe::metrics::breaker_changed(&self.name, label, level);
+        crate::observe::metrics::breaker_changed(
+            &self.name,
+            label,
+            level,
+            from == BreakerState::Closed,
+            Duration::from_millis(self.config.reset_timeout_ms),
+        );
         self.state_tx.send_replace(to);
     }
 }
