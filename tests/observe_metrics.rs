@@ -239,7 +239,10 @@ async fn calls_are_counted_and_timed_per_path_transport_and_outcome() {
     let p99 = seen.gauge(LATENCY_P99, &[("path", "trading_market")]);
     assert!(p99 < 0.05, "{p99}");
     // Beside it, the budget the alert rules compare it with.
-    let budget = BudgetConfig::spec().budget("trading_market").unwrap().as_secs_f64();
+    let budget = BudgetConfig::spec()
+        .budget("trading_market")
+        .unwrap()
+        .as_secs_f64();
     assert_eq!(
         seen.gauge(LATENCY_BUDGET, &[("path", "trading_market")]),
         budget

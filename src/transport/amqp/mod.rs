@@ -187,6 +187,7 @@ use super::{
 use crate::error::{Error, ErrorKind};
 use crate::topology::Topology;
 
+mod ack_batch;
 mod acker;
 mod close;
 mod config;
