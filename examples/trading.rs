@@ -52,7 +52,9 @@ cargo run --example trading [-- FLAGS]
   --trust-anchor FILE Auth's key-signing key, public PEM (key-signing-key.pub.pem in
                       Auth's --keys directory): Trading trusts the key sets it signed
   --port N            Trading's own HTTP port (default: any free port)
-  --consumer NAME     this process's Redis Streams consumer name, kept across restarts";
+  --consumer NAME     this process's Redis Streams consumer name, kept across restarts
+  --console           after the session, keep running and print each service's operator
+                      console URL (actions need the printed token, or CONSOLE_TOKEN)";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -80,6 +82,10 @@ async fn run() -> Result<(), Failure> {
             );
             let gateway = Gateway::new(addresses, &gateway_resilience(Default::default()));
             let report = session::run(&gateway, orders).await?;
+            if flags.console {
+                print_consoles(&platform);
+                cli::until_stopped().await;
+            }
             platform.shutdown().await?;
             print_ticks(ticker, &ticks).await?;
             brokers.close().await?;
@@ -115,6 +121,15 @@ async fn run() -> Result<(), Failure> {
             );
             let gateway = Gateway::new(addresses, &gateway_resilience(Default::default()));
             let report = session::run(&gateway, orders).await?;
+            if flags.console {
+                println!(
+                    "console  Trading {} (operator token {})",
+                    trading.console_url(),
+                    trading.console_token()
+                );
+                println!("         running until Ctrl-C");
+                cli::until_stopped().await;
+            }
             trading.shutdown().await?;
             print_ticks(ticker, &ticks).await?;
             brokers.close().await?;
@@ -126,6 +141,35 @@ async fn run() -> Result<(), Failure> {
             "give all of --auth, --market and --game (to use running services) or none (to embed them)".into(),
         )),
     }
+}
+
+/// Each service's console URL and operator token.
+fn print_consoles(platform: &Platform) {
+    for (name, url, token) in [
+        (
+            "Auth",
+            platform.auth.console_url(),
+            platform.auth.console_token(),
+        ),
+        (
+            "Market",
+            platform.market.console_url(),
+            platform.market.console_token(),
+        ),
+        (
+            "Game",
+            platform.game.console_url(),
+            platform.game.console_token(),
+        ),
+        (
+            "Trading",
+            platform.trading.console_url(),
+            platform.trading.console_token(),
+        ),
+    ] {
+        println!("console  {name:<8}{url}  (operator token {token})");
+    }
+    println!("         running until Ctrl-C");
 }
 
 async fn print_ticks(
