@@ -83,7 +83,8 @@ async fn run() -> Result<(), Failure> {
             let gateway = Gateway::new(addresses, &gateway_resilience(Default::default()));
             let report = session::run(&gateway, orders).await?;
             if flags.console {
-                print_consoles(&platform);
+                platform.print_consoles();
+                println!("         running until Ctrl-C");
                 cli::until_stopped().await;
             }
             platform.shutdown().await?;
@@ -141,35 +142,6 @@ async fn run() -> Result<(), Failure> {
             "give all of --auth, --market and --game (to use running services) or none (to embed them)".into(),
         )),
     }
-}
-
-/// Each service's console URL and operator token.
-fn print_consoles(platform: &Platform) {
-    for (name, url, token) in [
-        (
-            "Auth",
-            platform.auth.console_url(),
-            platform.auth.console_token(),
-        ),
-        (
-            "Market",
-            platform.market.console_url(),
-            platform.market.console_token(),
-        ),
-        (
-            "Game",
-            platform.game.console_url(),
-            platform.game.console_token(),
-        ),
-        (
-            "Trading",
-            platform.trading.console_url(),
-            platform.trading.console_token(),
-        ),
-    ] {
-        println!("console  {name:<8}{url}  (operator token {token})");
-    }
-    println!("         running until Ctrl-C");
 }
 
 async fn print_ticks(

@@ -36,10 +36,17 @@ pub fn operator_token() -> Arc<str> {
         .into()
 }
 
-/// The strategy §3 budgets, checked every 5 s so the console's charts
-/// move within a demo.
-pub fn budgets() -> (LatencyBudgets, BudgetChecks) {
-    let config = BudgetConfig::spec().with_check_interval(Duration::from_secs(5));
+/// The strategy §3 budgets of `paths` (the ones the service times),
+/// checked every 5 s so the console's charts move within a demo.
+pub fn budgets(paths: &[&str]) -> (LatencyBudgets, BudgetChecks) {
+    let spec = BudgetConfig::spec();
+    let config = paths
+        .iter()
+        .filter_map(|path| Some((*path, spec.budget(path)?)))
+        .fold(BudgetConfig::default(), |config, (path, budget)| {
+            config.with_budget(path, budget)
+        })
+        .with_check_interval(Duration::from_secs(5));
     let budgets = LatencyBudgets::new(&config);
     let checks = budgets.spawn_checks();
     (budgets, checks)

@@ -363,7 +363,7 @@ impl GameService {
         );
         let users = BoxCloneSyncService::new(reads.client_with_breaker(&auth_breaker, get_user));
         let (changed, _) = watch::channel(0);
-        let (budgets, budget_checks) = super::console::budgets();
+        let (budgets, budget_checks) = super::console::budgets(&["trading_game", "game_market"]);
         let state = Arc::new(GameState {
             trades: store.trade_handler(),
             store: store.clone(),

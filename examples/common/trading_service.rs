@@ -247,7 +247,7 @@ impl TradingService {
                 .client_with_breaker(&market_breaker, get_price),
         );
         let (settled, _) = watch::channel(0);
-        let (budgets, budget_checks) = super::console::budgets();
+        let (budgets, budget_checks) = super::console::budgets(&["trading_market"]);
         let state = Arc::new(TradingState {
             store: store.clone(),
             settled,

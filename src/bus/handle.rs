@@ -24,7 +24,8 @@ pub struct ConsumerHandle {
     pub(super) failure: Arc<OnceLock<Error>>,
     /// What the loop counts as it goes.
     pub(super) counters: Arc<Counters>,
-    pub(super) transport: &'static str,
+    /// The transport consumed from, to ask for the group's lag.
+    pub(super) transport: Arc<dyn crate::transport::Transport>,
 }
 
 /// Where a consumer stands, as [`ConsumerHandle::health`] reports it.
@@ -91,7 +92,7 @@ impl ConsumerHandle {
         ConsumerMonitor {
             topic: self.topic.clone(),
             group: self.group.clone(),
-            transport: self.transport,
+            transport: self.transport.clone(),
             health: self.health.clone(),
             failure: self.failure.clone(),
             counters: self.counters.clone(),

@@ -489,7 +489,7 @@ impl EventBus {
             ended: watch_ended,
             failure,
             counters,
-            transport: self.transport.name(),
+            transport: self.transport.clone(),
         })
     }
 }

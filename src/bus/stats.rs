@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use super::ConsumerHealth;
 use crate::error::Error;
+use crate::transport::Transport;
 
 /// The most characters of a last error kept; handlers' errors may quote
 /// whole payloads.
@@ -147,6 +148,7 @@ pub struct ConsumerStats {
 /// let monitor = consumer.monitor();
 /// assert_eq!((monitor.topic(), monitor.group()), ("tick", "ui"));
 /// assert_eq!(monitor.health(), ConsumerHealth::Running);
+/// assert_eq!(monitor.lag().await?, Some(0));
 /// consumer.shutdown().await?;
 /// assert_eq!(monitor.health(), ConsumerHealth::Stopped);
 /// # Ok::<(), switchboard::Error>(())
@@ -156,7 +158,7 @@ pub struct ConsumerStats {
 pub struct ConsumerMonitor {
     pub(super) topic: String,
     pub(super) group: String,
-    pub(super) transport: &'static str,
+    pub(super) transport: Arc<dyn Transport>,
     pub(super) health: watch::Receiver<ConsumerHealth>,
     pub(super) failure: Arc<OnceLock<Error>>,
     pub(super) counters: Arc<Counters>,
@@ -175,7 +177,15 @@ impl ConsumerMonitor {
 
     /// The transport's [`name`](crate::Transport::name).
     pub fn transport(&self) -> &'static str {
-        self.transport
+        self.transport.name()
+    }
+
+    /// How many messages the group has not been handed yet, when the
+    /// transport can tell ([`Transport::group_lag`]): Redis Streams (7+)
+    /// and the in-memory transport do; `None` otherwise. One query to the
+    /// broker: call it under a timeout from a status page.
+    pub async fn lag(&self) -> Result<Option<u64>, Error> {
+        self.transport.group_lag(&self.topic, &self.group).await
     }
 
     /// Running, paused or stopped (as

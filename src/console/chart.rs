@@ -50,12 +50,20 @@ pub(super) fn budget_chart(budget: &BudgetView) -> String {
         svg,
         r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" class="frame"/><line x1="0" x2="{WIDTH}" y1="{target:.1}" y2="{target:.1}" class="target"/>"#
     );
-    if count > 0 {
+    if let Some(last) = budget.samples.last() {
         let _ = write!(
             svg,
             r#"<polyline class="p50" points="{}"/><polyline class="p99" points="{}"/>"#,
             line(|sample| sample.p50_ms),
             line(|sample| sample.p99_ms),
+        );
+        // The latest check as dots: a line of one sample would not show.
+        let _ = write!(
+            svg,
+            r#"<circle class="p50" cx="{x:.1}" cy="{p50:.1}" r="2.5"/><circle class="p99" cx="{x:.1}" cy="{p99:.1}" r="2.5"/>"#,
+            x = x(count - 1),
+            p50 = y(last.p50_ms),
+            p99 = y(last.p99_ms),
         );
     }
     svg.push_str("</svg>");

@@ -133,7 +133,7 @@ pub(super) fn fragment(base: &str, overview: &Overview) -> String {
     }
     html.push_str("</table></section>");
 
-    html.push_str(r#"<section id="budgets"><h2>Latency budgets</h2>"#);
+    html.push_str(r#"<section id="budgets"><h2>Latency budgets <small class="legend"><span class="p50">— P50</span> <span class="p99">— P99</span> <span class="target">- - P99 budget</span></small></h2>"#);
     if overview.budgets.is_empty() {
         html.push_str(r#"<p class="empty">No latency budgets configured.</p>"#);
     }

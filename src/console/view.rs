@@ -43,13 +43,13 @@ pub(super) struct ConsumerView {
     pub(super) topic: String,
     pub(super) group: String,
     pub(super) transport: &'static str,
-    /// `running`, `paused` (its handler is not ready: a breaker is open) or
-    /// `dead` (the loop ended; `error` says why when it ended on one).
+    /// `running`, `paused` (its handler is not ready: a breaker is open),
+    /// `dead` (the loop ended on `error`) or `stopped` (shut down).
     pub(super) state: &'static str,
     pub(super) error: Option<String>,
     pub(super) in_flight: u64,
-    /// The group's lag, when the transport can tell; none of the
-    /// transports reports it to the consume loop yet.
+    /// The group's lag, when the transport can tell (Redis Streams 7+,
+    /// memory) and answered in time.
     pub(super) lag: Option<u64>,
     pub(super) handled: u64,
     pub(super) failed: u64,
@@ -160,7 +160,7 @@ impl Sources {
             actions_enabled: !self.read_only && self.operators.configured(),
             generated_at: Utc::now(),
             transports: self.transports(),
-            consumers: self.consumers(),
+            consumers: self.consumers().await,
             breakers: self.breakers(),
             budgets: self.budgets(),
             dead_letters: self.all_dead_letters().await,
@@ -189,15 +189,24 @@ impl Sources {
             .collect()
     }
 
-    fn consumers(&self) -> Vec<ConsumerView> {
+    /// Every consumer, their lags asked at once, each under the time limit.
+    async fn consumers(&self) -> Vec<ConsumerView> {
+        let lags = futures_util::future::join_all(
+            self.consumers
+                .iter()
+                .map(|consumer| bounded(self.limits.timeout, consumer.lag())),
+        )
+        .await;
         self.consumers
             .iter()
-            .map(|consumer| {
+            .zip(lags)
+            .map(|(consumer, lag)| {
                 let stats = consumer.stats();
                 let state = match consumer.health() {
                     ConsumerHealth::Running => "running",
                     ConsumerHealth::Paused => "paused",
-                    _ => "dead",
+                    _ if consumer.failure().is_some() => "dead",
+                    _ => "stopped",
                 };
                 ConsumerView {
                     topic: consumer.topic().to_owned(),
@@ -206,7 +215,7 @@ impl Sources {
                     state,
                     error: consumer.failure().map(ToString::to_string),
                     in_flight: stats.in_flight,
-                    lag: None,
+                    lag: lag.ok().flatten(),
                     handled: stats.handled,
                     failed: stats.failed,
                     last_error_at: stats.last_error.as_ref().map(|error| error.at),

@@ -100,6 +100,25 @@ async fn bad_input_gets_a_clear_4xx_and_actions_need_the_token_from_the_same_ori
     assert_eq!(inspected["id"], event_id.to_string());
     assert_eq!(inspected["envelope"]["payload"]["quantity"], "1");
 
+    let overview: serde_json::Value = get("/api/overview".into())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ledger = overview["consumers"]
+        .as_array()
+        .expect("consumers")
+        .iter()
+        .find(|consumer| consumer["topic"] == topic)
+        .expect("the ledger's consumer");
+    assert_eq!(ledger["state"], "running");
+    assert_eq!(
+        ledger["lag"], 0,
+        "the memory transport tells the lag: {ledger}"
+    );
+    assert!(ledger["failed"].as_u64() >= Some(1), "{ledger}");
+
     let redrive = format!("{console}/api/dead-letters/{topic}/{event_id}/redrive");
     let token = world.platform.game.console_token().to_owned();
     let (status, error) = status_and_error(http.post(&redrive).send().await.unwrap()).await;
