@@ -75,7 +75,7 @@ impl OutboxSource {
             match bounded(limit, pending()).await {
                 Ok((count, age)) => {
                     view.pending = Some(count);
-                    view.lag_ms = Some(age.unwrap_or_default().as_millis());
+                    view.lag_ms = age.map(|age| age.as_millis());
                 }
                 Err(error) => view.error = Some(error),
             }

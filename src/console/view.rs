@@ -112,6 +112,7 @@ pub(super) struct OutboxView {
     pub(super) parked: u64,
     pub(super) failures: u64,
     pub(super) pending: Option<u64>,
+    /// The age of the oldest pending row; none when nothing waits.
     pub(super) lag_ms: Option<u128>,
     pub(super) error: Option<String>,
 }

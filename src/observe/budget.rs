@@ -477,40 +477,5 @@ impl Drop for BudgetChecks {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_value_lands_in_a_bucket_whose_bound_is_within_an_eighth() {
-        let mut previous = 0;
-        for micros in (0..100_000).chain([1 << 30, 1 << 38, u64::MAX]) {
-            let index = AtomicHistogram::index(micros);
-            assert!(index >= previous || micros > 100_000, "{micros}");
-            previous = index;
-            let bound = AtomicHistogram::upper_bound(index);
-            if index < BUCKETS - 1 {
-                assert!(bound >= micros, "{micros} ≤ {bound}");
-                assert!(bound - micros <= micros / 8 + 1, "{micros} vs {bound}");
-            }
-        }
-    }
-
-    #[test]
-    fn the_p99_is_the_bucket_of_the_99th_percentile() {
-        let histogram = AtomicHistogram::new();
-        for _ in 0..990 {
-            histogram.record(1_000);
-        }
-        for _ in 0..10 {
-            histogram.record(50_000);
-        }
-        let (count, p99) = histogram.take_p99();
-        assert_eq!(count, 1000);
-        assert!(p99 >= Duration::from_millis(1) && p99 < Duration::from_micros(1_130));
-        histogram.record(50_000);
-        histogram.record(50_000);
-        let (_, p99) = histogram.take_p99();
-        assert!(p99 >= Duration::from_millis(50), "{p99:?}");
-        assert_eq!(histogram.take_p99().0, 0);
-    }
-}
+#[path = "budget_tests.rs"]
+mod tests;
