@@ -146,6 +146,30 @@ async fn the_console_shows_a_breaker_and_redrives_a_dead_letter_in_a_browser() {
         .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console.png"));
     std::fs::write(&shot, &png).unwrap_or_else(|error| panic!("{}: {error}", shot.display()));
 
+    // Inspecting it shows the envelope: the trade for the unknown user.
+    browser
+        .click(&format!("{letter_row} a"), PAGE_DEADLINE)
+        .await;
+    browser
+        .wait_for(
+            "the inspected envelope",
+            PAGE_DEADLINE,
+            &format!(
+                r#"const envelope = document.getElementById('envelope');
+                   return envelope && envelope.textContent.includes('{ghost}');"#
+            ),
+        )
+        .await;
+    no_errors(&browser, "inspecting the dead letter").await;
+    browser.goto(&world.platform.game.console_url()).await;
+    browser
+        .wait_for(
+            "the dead letter again",
+            PAGE_DEADLINE,
+            &format!("return document.querySelector('{letter_row}') !== null;"),
+        )
+        .await;
+
     // The cause is fixed; the operator redrives it from the page.
     world
         .platform

@@ -45,6 +45,12 @@ pub struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // The driver leads a process group of its own with the Chromium it
+        // started: ending the group ends both, even after a failed test
+        // that never closed the session.
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", self.driver.id())])
+            .status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -62,7 +68,10 @@ impl Browser {
     /// page's console log.
     pub async fn start(chromium: &str, chromedriver: &str, deadline: Duration) -> Self {
         let port = free_port();
-        let driver = Command::new(chromedriver)
+        let mut driver = Command::new(chromedriver);
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut driver, 0);
+        let driver = driver
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
