@@ -37,8 +37,10 @@
 //!
 //! The console shares the service's runtime, so it never waits long on
 //! anyone: each read of a broker or a database runs under a time limit
-//! (2 s, actions 10 s) and lists stop at a limit (50 letters a topic);
-//! a slow source shows as "no answer", and the rest of the page renders.
+//! (2 s, actions 10 s), lists stop at a limit (50 letters a topic), and at
+//! most four reads run at once however many browsers look (past that a
+//! request waits up to the read limit, then gets 503); a slow source shows
+//! as "no answer", and the rest of the page renders.
 //! Unknown topics and ids are 404, malformed ones 400.
 //!
 //! ```
@@ -155,7 +157,14 @@ struct Sources {
     operators: auth::Operators,
     read_only: bool,
     limits: Limits,
+    /// Reads of brokers and databases in flight at once, across every
+    /// browser and script looking: past it a request waits (within the
+    /// read time limit), then is refused with 503.
+    reads: tokio::sync::Semaphore,
 }
+
+/// How many console reads run at once.
+const CONCURRENT_READS: usize = 4;
 
 /// A service's operator console; see the [module docs](self).
 #[derive(Clone)]
@@ -180,6 +189,7 @@ impl Console {
                 operators: auth::Operators::default(),
                 read_only: false,
                 limits: Limits::default(),
+                reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
             },
         }
     }

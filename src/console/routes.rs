@@ -175,6 +175,20 @@ impl Sources {
     }
 }
 
+impl Sources {
+    /// A turn among the console's concurrent reads, or a 503 when none
+    /// frees up within the read time limit.
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
+        match tokio::time::timeout(self.limits.timeout, self.reads.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the console is busy answering other requests; try again",
+            )),
+        }
+    }
+}
+
 fn timed_out(limit: std::time::Duration) -> Refusal {
     Refusal::new(
         StatusCode::GATEWAY_TIMEOUT,
@@ -190,6 +204,10 @@ async fn page_route(
     OriginalUri(original): OriginalUri,
     uri: Uri,
 ) -> Response {
+    let _turn = match sources.turn().await {
+        Ok(turn) => turn,
+        Err(refusal) => return refusal.into_response(),
+    };
     let overview = sources.overview().await;
     html(page::page(&base(&original, &uri), &overview))
 }
@@ -199,6 +217,10 @@ async fn fragment_route(
     OriginalUri(original): OriginalUri,
     uri: Uri,
 ) -> Response {
+    let _turn = match sources.turn().await {
+        Ok(turn) => turn,
+        Err(refusal) => return refusal.into_response(),
+    };
     let overview = sources.overview().await;
     html(page::fragment(
         &page::escape(&base(&original, &uri)),
@@ -212,6 +234,10 @@ async fn letter_route(
     uri: Uri,
     Path((topic, id)): Path<(String, String)>,
 ) -> Response {
+    let _turn = match sources.turn().await {
+        Ok(turn) => turn,
+        Err(refusal) => return refusal.into_response(),
+    };
     match sources.detail(&topic, &id).await {
         Ok(detail) => html(page::letter_page(
             &base(&original, &uri),
@@ -223,10 +249,18 @@ async fn letter_route(
 }
 
 async fn overview_api(State(sources): Shared) -> Response {
+    let _turn = match sources.turn().await {
+        Ok(turn) => turn,
+        Err(refusal) => return refusal.into_response(),
+    };
     json(StatusCode::OK, &sources.overview().await)
 }
 
 async fn list_api(State(sources): Shared, Path(topic): Path<String>, uri: Uri) -> Response {
+    let _turn = match sources.turn().await {
+        Ok(turn) => turn,
+        Err(refusal) => return refusal.into_response(),
+    };
     if let Err(refusal) = sources.check_names(&topic, None) {
         return refusal.into_response();
     }
@@ -245,6 +279,10 @@ async fn inspect_api(
     State(sources): Shared,
     Path((topic, id)): Path<(String, String)>,
 ) -> Response {
+    let _turn = match sources.turn().await {
+        Ok(turn) => turn,
+        Err(refusal) => return refusal.into_response(),
+    };
     match sources.detail(&topic, &id).await {
         Ok(detail) => json(StatusCode::OK, &detail),
         Err(refusal) => refusal.into_response(),
@@ -345,6 +383,28 @@ fn list_limit(query: Option<&str>, most: usize) -> Result<usize, Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn past_its_concurrent_reads_the_console_answers_busy() {
+        use tower::ServiceExt;
+        let console = super::super::Console::builder("game").build();
+        let sources = console.sources.clone();
+        let held = sources
+            .reads
+            .acquire_many(super::super::CONCURRENT_READS as u32)
+            .await
+            .unwrap();
+        let request = || {
+            axum::http::Request::get("/api/overview")
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        let busy = console.router().oneshot(request()).await.unwrap();
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        drop(held);
+        let answered = console.router().oneshot(request()).await.unwrap();
+        assert_eq!(answered.status(), StatusCode::OK);
+    }
 
     #[test]
     fn the_base_is_the_mount_point() {
