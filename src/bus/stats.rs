@@ -181,8 +181,8 @@ impl ConsumerMonitor {
     }
 
     /// How many messages the group has not been handed yet, when the
-    /// transport can tell ([`Transport::group_lag`]): Redis Streams (7+)
-    /// and the in-memory transport do; `None` otherwise. One query to the
+    /// transport can tell ([`Transport::group_lag`]): Redis Streams (7+),
+    /// RabbitMQ and the in-memory transport do; `None` otherwise. One query to the
     /// broker: call it under a timeout from a status page.
     pub async fn lag(&self) -> Result<Option<u64>, Error> {
         self.transport.group_lag(&self.topic, &self.group).await

@@ -49,7 +49,7 @@ pub(super) struct ConsumerView {
     pub(super) error: Option<String>,
     pub(super) in_flight: u64,
     /// The group's lag, when the transport can tell (Redis Streams 7+,
-    /// memory) and answered in time.
+    /// RabbitMQ, memory) and answered in time.
     pub(super) lag: Option<u64>,
     pub(super) handled: u64,
     pub(super) failed: u64,
