@@ -16,7 +16,7 @@ use crate::transport::Transport;
 /// whole payloads.
 const LAST_ERROR_LIMIT: usize = 512;
 
-/// The counters one consume loop updates: a few relaxed atomic adds per
+/// The counters one consume loop updates: a few atomic adds per
 /// message, and a lock taken only when a handler fails.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -32,15 +32,16 @@ impl Counters {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The handler's call ended with `result`.
+    /// The handler's call ended with `result`. The last error is kept
+    /// before the counts move, and the counts before `in_flight` drops
+    /// (release, read with acquire), so whoever sees a failure counted
+    /// finds its error, and whoever sees nothing in flight sees the counts.
     pub(crate) fn finished(&self, result: &Result<(), Error>) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(()) => {
-                self.handled.fetch_add(1, Ordering::Relaxed);
+                self.handled.fetch_add(1, Ordering::Release);
             }
             Err(error) => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
                 let message: String = error.to_string().chars().take(LAST_ERROR_LIMIT).collect();
                 *self
                     .last_error
@@ -49,15 +50,17 @@ impl Counters {
                     message,
                     at: Utc::now(),
                 });
+                self.failed.fetch_add(1, Ordering::Release);
             }
         }
+        self.in_flight.fetch_sub(1, Ordering::Release);
     }
 
     pub(super) fn snapshot(&self) -> ConsumerStats {
         ConsumerStats {
-            in_flight: self.in_flight.load(Ordering::Relaxed),
-            handled: self.handled.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Acquire),
+            handled: self.handled.load(Ordering::Acquire),
+            failed: self.failed.load(Ordering::Acquire),
             last_error: self
                 .last_error
                 .lock()

@@ -55,7 +55,8 @@ async fn in_flight_handled_failed_and_the_last_error_are_counted() {
     assert_eq!((monitor.stats().handled, monitor.stats().failed), (0, 0));
 
     gate.add_permits(3);
-    until("all three finished", || {
+    until("all three finished", || monitor.stats().in_flight == 0).await;
+    until("all three counted", || {
         let stats = monitor.stats();
         stats.handled + stats.failed == 3
     })
