@@ -110,6 +110,8 @@ mod inspect;
 mod outbox;
 mod page;
 mod routes;
+#[cfg(test)]
+mod stall_tests;
 mod view;
 
 use std::collections::BTreeMap;
