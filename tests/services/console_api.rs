@@ -170,6 +170,19 @@ async fn bad_input_gets_a_clear_4xx_and_actions_need_the_token_from_the_same_ori
     world.finish().await;
 }
 
+#[test]
+fn the_console_flag_keeps_the_platform_running() {
+    use super::common::cli::Flags;
+    let args = ["--console", "--orders", "3"].map(str::to_owned);
+    let flags = Flags::parse(args, "usage")
+        .expect("valid flags")
+        .expect("not --help");
+    assert!(flags.console);
+    assert_eq!(flags.orders, Some(3));
+    let none = Flags::parse(Vec::new(), "usage").unwrap().unwrap();
+    assert!(!none.console);
+}
+
 #[tokio::test]
 async fn a_read_only_console_shows_no_actions_and_refuses_them() {
     let transport = Arc::new(MemoryTransport::new());
