@@ -601,3 +601,6 @@ mod ordering;
 
 #[path = "bus/batch.rs"]
 mod batch;
+
+#[path = "bus/stats.rs"]
+mod stats;

@@ -64,6 +64,7 @@ mod ordered;
 mod publish;
 mod publish_retry;
 mod publish_scheduled;
+mod stats;
 
 pub use batch::{BatchFn, BatchSlot, batch_fn};
 use consume::ConsumeLoop;
@@ -71,6 +72,7 @@ pub use dead_letters::{DeadLetterOf, DeadLetters};
 pub use handle::{ConsumerHandle, ConsumerHealth};
 pub use message::Message;
 use publish_retry::PublishRetry;
+pub use stats::{ConsumerMonitor, ConsumerStats, LastError};
 
 pub use handler::{BoxedHandlerFn, HandlerFn, handler_fn, handler_fn_boxed};
 
@@ -453,8 +455,10 @@ impl EventBus {
         );
         let (stop, stopped) = oneshot::channel();
         let (health, watched) = watch::channel(ConsumerHealth::Running);
+        let counters = Arc::new(stats::Counters::default());
         let consume = ConsumeLoop {
             health,
+            counters: counters.clone(),
             subscription,
             transport: self.transport.name(),
             handler,
@@ -492,6 +496,8 @@ impl EventBus {
             health: watched,
             ended: watch_ended,
             failure,
+            counters,
+            transport: self.transport.clone(),
         })
     }
 }

@@ -196,6 +196,7 @@ mod consumer;
 mod declare;
 mod dlq;
 mod error;
+mod lag;
 mod mover;
 mod open;
 mod properties;
@@ -476,6 +477,11 @@ impl Transport for AmqpTransport {
             .lifecycle
             .close(|deadline| close::close_connections(shared, deadline))
             .await
+    }
+
+    /// The ready messages in the group's queue (a passive declare).
+    async fn group_lag(&self, topic: &str, group: &str) -> Result<Option<u64>, Error> {
+        lag::group_lag(&self.shared, topic, group).await
     }
 
     fn health(&self) -> TransportHealth {
