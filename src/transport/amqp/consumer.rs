@@ -23,9 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::Channel;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
@@ -421,21 +419,7 @@ fn spawn_lag_sampler(
             let Some(link) = links.borrow().clone() else {
                 continue;
             };
-            let sample = async {
-                let channel = link.connection.create_channel().await?;
-                let declared = channel
-                    .queue_declare(
-                        queue.as_ref().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await;
-                let _ = channel.close(200, "lag sampled".into()).await;
-                declared.map(|queue| queue.message_count())
-            };
+            let sample = super::lag::queue_depth(&link, &queue);
             // A sample that cannot finish within the interval is skipped.
             if let Ok(Ok(depth)) = tokio::time::timeout(every, sample).await {
                 metrics::consumer_lag(NAME, topic.clone(), group.clone(), u64::from(depth));

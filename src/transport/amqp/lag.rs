@@ -6,6 +6,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
 use super::Shared;
+use super::connection::Link;
 use super::error::amqp_error;
 use crate::error::Error;
 use crate::transport::validate_name;
@@ -22,14 +23,20 @@ pub(super) async fn group_lag(
     let queue = shared.config.queue_name(topic, group)?;
     let deadline = tokio::time::Instant::now() + shared.config.publish_timeout;
     let link = shared.supervisor.wait_link(deadline).await?;
-    let channel = link
-        .connection
-        .create_channel()
+    let depth = queue_depth(&link, &queue)
         .await
-        .map_err(|error| amqp_error("open a channel to read the queue depth", error))?;
+        .map_err(|error| amqp_error("read the queue depth", error))?;
+    Ok(Some(u64::from(depth)))
+}
+
+/// The ready messages of `queue`, by a passive declare on a channel of its
+/// own on `link` (a failed passive declare closes its channel). Shared by
+/// [`group_lag`] and the subscriptions' lag sampler.
+pub(super) async fn queue_depth(link: &Link, queue: &str) -> Result<u32, lapin::Error> {
+    let channel = link.connection.create_channel().await?;
     let declared = channel
         .queue_declare(
-            queue.as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
@@ -38,6 +45,5 @@ pub(super) async fn group_lag(
         )
         .await;
     let _ = channel.close(200, "queue depth read".into()).await;
-    let queue = declared.map_err(|error| amqp_error("read the queue depth", error))?;
-    Ok(Some(u64::from(queue.message_count())))
+    declared.map(|queue| queue.message_count())
 }
