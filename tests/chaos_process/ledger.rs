@@ -201,6 +201,27 @@ pub async fn orders(pool: &PgPool, namespace: &str) -> u64 {
         .map_or(0, |count| count as u64)
 }
 
+/// Orders committed once every transaction still writing to the orders
+/// table has ended: a SIGKILLed Trading may have sent a `COMMIT` the
+/// server finishes after the process is gone. A `SHARE` lock waits for
+/// every writer (a commit in flight lands, a dead client's transaction is
+/// rolled back), then the count is read under it.
+pub async fn orders_settled(pool: &PgPool, namespace: &str) -> u64 {
+    let mut tx = pool.begin().await.expect("a transaction");
+    let table = format!("{namespace}_trading_orders");
+    sqlx::query(AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE")))
+        .execute(&mut *tx)
+        .await
+        .unwrap_or_else(|error| panic!("lock {table}: {error}"));
+    let count =
+        sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&mut *tx)
+            .await
+            .expect("count the orders");
+    tx.commit().await.expect("end the lock");
+    count as u64
+}
+
 /// Trades Game has applied so far (0 before its tables exist).
 pub async fn applied(pool: &PgPool, namespace: &str) -> u64 {
     let sql = format!("SELECT count(*) FROM {namespace}_game_trades");

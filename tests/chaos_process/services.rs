@@ -226,7 +226,7 @@ mod service_crash {
         .await;
         first.kill();
         let killed_after = started.elapsed();
-        let committed_at_kill = ledger::orders(&pool, &namespace).await;
+        let committed_at_kill = ledger::orders_settled(&pool, &namespace).await;
         let relayed_at_kill =
             stream_length(&mut redis, &format!("{namespace}.trade.executed")).await;
 
