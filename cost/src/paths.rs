@@ -75,9 +75,7 @@ impl Path {
         match self {
             Path::Memory => "memory bus: publish → handler (raw: tokio mpsc)",
             Path::StreamsPublish => "Redis Streams: publish, XADD awaited",
-            Path::StreamsConsume => {
-                "Redis Streams: consume from a filled stream, COUNT 128, ack"
-            }
+            Path::StreamsConsume => "Redis Streams: consume from a filled stream, COUNT 128, ack",
             Path::PubsubPublish => "Redis Pub/Sub: publish, PUBLISH awaited",
             Path::PubsubConsume => "Redis Pub/Sub: receive a broadcast",
             Path::AmqpPublish => "RabbitMQ: persistent publish, confirm awaited",
@@ -175,7 +173,9 @@ pub async fn measure(path: Path, side: Side, n: u64, name: &str) -> Counted {
         (Path::StreamsPublish, Side::Switchboard) => {
             let bus = streams_bus(name).await;
             for i in 0..n {
-                bus.publish(TradeExecuted::numbered(i)).await.expect("publish");
+                bus.publish(TradeExecuted::numbered(i))
+                    .await
+                    .expect("publish");
             }
         }
         (Path::StreamsPublish, Side::Raw) => {
@@ -217,7 +217,9 @@ pub async fn measure(path: Path, side: Side, n: u64, name: &str) -> Counted {
         (Path::PubsubPublish, Side::Switchboard) => {
             let bus = pubsub_bus(name, RedisPubSubOptions::default()).await;
             for i in 0..n {
-                bus.publish(TradeExecuted::numbered(i)).await.expect("publish");
+                bus.publish(TradeExecuted::numbered(i))
+                    .await
+                    .expect("publish");
             }
         }
         (Path::PubsubPublish, Side::Raw) => {
@@ -251,7 +253,9 @@ pub async fn measure(path: Path, side: Side, n: u64, name: &str) -> Counted {
         (Path::AmqpPublish, Side::Switchboard) => {
             let bus = amqp_bus(name).await;
             for i in 0..n {
-                bus.publish(TradeExecuted::numbered(i)).await.expect("publish");
+                bus.publish(TradeExecuted::numbered(i))
+                    .await
+                    .expect("publish");
             }
         }
         (Path::AmqpPublish, Side::Raw) => {
@@ -317,7 +321,9 @@ pub async fn feed(path: Path, side: Side, n: u64, name: &str) {
         (Path::PubsubConsume, Side::Switchboard) => {
             let bus = pubsub_bus(name, RedisPubSubOptions::default()).await;
             for i in 0..n {
-                bus.publish(TradeExecuted::numbered(i)).await.expect("publish");
+                bus.publish(TradeExecuted::numbered(i))
+                    .await
+                    .expect("publish");
             }
         }
         (Path::PubsubConsume, Side::Raw) => {
@@ -446,7 +452,9 @@ async fn memory_switchboard(n: u64) {
         .await
         .expect("subscribe");
     for i in 0..n {
-        bus.publish(TradeExecuted::numbered(i)).await.expect("publish");
+        bus.publish(TradeExecuted::numbered(i))
+            .await
+            .expect("publish");
     }
     done.notified().await;
     consumer.shutdown().await.expect("shutdown");
@@ -534,7 +542,12 @@ async fn streams_consume_raw(conn: MultiplexedConnection, key: &str, n: u64) {
         let read = read.query_async::<redis::streams::StreamReadReply>(&mut reader);
         let ack = xack(conn.clone(), key, std::mem::take(&mut to_ack));
         let (reply, ()) = tokio::join!(read, ack);
-        for entry in reply.expect("XREADGROUP").keys.into_iter().flat_map(|key| key.ids) {
+        for entry in reply
+            .expect("XREADGROUP")
+            .keys
+            .into_iter()
+            .flat_map(|key| key.ids)
+        {
             let Some(redis::Value::BulkString(body)) = entry.map.get("envelope") else {
                 panic!("no envelope field");
             };

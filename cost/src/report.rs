@@ -99,7 +99,9 @@ pub fn run(args: &[String]) {
     if callgrind {
         let found = Command::new("valgrind").arg("--version").output();
         if !found.is_ok_and(|output| output.status.success()) {
-            eprintln!("valgrind is not installed: the instruction counts need it (apt-get install valgrind)");
+            eprintln!(
+                "valgrind is not installed: the instruction counts need it (apt-get install valgrind)"
+            );
             std::process::exit(1);
         }
     }
@@ -134,7 +136,8 @@ pub fn run(args: &[String]) {
                 "  {:<24} {:<11} instructions {:>9} allocations {:>6.1} bytes {:>8.0}",
                 path.name(),
                 side.name(),
-                cost.instructions.map_or("-".to_owned(), |i| format!("{i:.0}")),
+                cost.instructions
+                    .map_or("-".to_owned(), |i| format!("{i:.0}")),
                 cost.allocations,
                 cost.bytes
             );
@@ -194,7 +197,14 @@ pub fn run(args: &[String]) {
 }
 
 /// Runs one measured process and returns its totals.
-fn measure(exe: &FsPath, scratch: &FsPath, callgrind: bool, path: Path, side: Side, n: u64) -> Totals {
+fn measure(
+    exe: &FsPath,
+    scratch: &FsPath,
+    callgrind: bool,
+    path: Path,
+    side: Side,
+    n: u64,
+) -> Totals {
     let name = format!("sb-cost-{}-{}", path.name(), uuid::Uuid::new_v4().simple());
     let out_file = scratch.join(format!("{name}.callgrind"));
     let mut command = if callgrind {
@@ -223,7 +233,11 @@ fn measure(exe: &FsPath, scratch: &FsPath, callgrind: bool, path: Path, side: Si
         if started.elapsed() > RUN_DEADLINE {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{} {} with {n} messages took over {RUN_DEADLINE:?}", path.name(), side.name());
+            panic!(
+                "{} {} with {n} messages took over {RUN_DEADLINE:?}",
+                path.name(),
+                side.name()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -247,7 +261,10 @@ fn measure(exe: &FsPath, scratch: &FsPath, callgrind: bool, path: Path, side: Si
         let text = std::fs::read_to_string(&out_file).expect("callgrind output");
         let _ = std::fs::remove_file(&out_file);
         text.lines()
-            .find_map(|line| line.strip_prefix("summary:").or_else(|| line.strip_prefix("totals:")))
+            .find_map(|line| {
+                line.strip_prefix("summary:")
+                    .or_else(|| line.strip_prefix("totals:"))
+            })
             .and_then(|total| total.split_whitespace().next()?.parse().ok())
             .expect("a callgrind total")
     });
@@ -261,8 +278,11 @@ fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_owned()))
+            info.lines().find_map(|line| {
+                line.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, m)| m.trim().to_owned())
+            })
         })
         .unwrap_or_else(|| "unknown".to_owned());
     let version = |program: &str, arg: &str| {
@@ -327,7 +347,11 @@ fn markdown(report: &Value) -> String {
             if s[field].is_null() && r[field].is_null() {
                 "–".to_owned()
             } else {
-                format!("{} / {}", number(&s[field], digits), number(&r[field], digits))
+                format!(
+                    "{} / {}",
+                    number(&s[field], digits),
+                    number(&r[field], digits)
+                )
             }
         };
         let mark = |met: &Value| match met.as_bool() {
@@ -374,7 +398,8 @@ pub fn compare(args: &[String]) {
     {
         for side in ["switchboard", "raw"] {
             for field in ["instructions", "allocations", "bytes"] {
-                let (Some(x), Some(y)) = (pa[side][field].as_f64(), pb[side][field].as_f64()) else {
+                let (Some(x), Some(y)) = (pa[side][field].as_f64(), pb[side][field].as_f64())
+                else {
                     continue;
                 };
                 let difference = (x - y).abs() / x.abs().max(y.abs()).max(1e-9);
