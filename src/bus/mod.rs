@@ -453,10 +453,16 @@ impl EventBus {
         );
         let (stop, stopped) = oneshot::channel();
         let (health, watched) = watch::channel(ConsumerHealth::Running);
+        let metrics = Arc::new(crate::observe::metrics::ConsumeMetrics::new(
+            self.transport.name(),
+            subscription.topic().into(),
+            subscription.group().into(),
+        ));
         let consume = ConsumeLoop {
             health,
             subscription,
             transport: self.transport.name(),
+            metrics,
             handler,
             codec: self.codec.clone(),
             concurrency,
