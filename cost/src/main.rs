@@ -9,9 +9,11 @@
 //! switchboard-cost feed PATH SIDE N NAME      (its feeder)
 //! switchboard-cost compare A.json B.json      (largest difference of two reports)
 //! switchboard-cost rate [--n N]               (default-settings Redis consumer rate)
+//! switchboard-cost dedupe [--n N]             (in-process dedupe store per message)
 //! ```
 
 mod count;
+mod dedupe;
 mod event;
 mod paths;
 mod rate;
@@ -39,6 +41,7 @@ fn main() {
         Some("report") => report::run(&args[1..]),
         Some("compare") => report::compare(&args[1..]),
         Some("rate") => runtime.block_on(rate::run(&args[1..])),
+        Some("dedupe") => runtime.block_on(dedupe::run(&args[1..])),
         _ => {
             eprintln!("usage: switchboard-cost report|measure|feed|compare|rate …");
             std::process::exit(2);
