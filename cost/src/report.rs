@@ -334,7 +334,7 @@ fn markdown(report: &Value) -> String {
         out.push_str(&format!("- note: {note}\n"));
     }
     out.push_str(
-        "\n| path | instructions / msg: switchboard / raw (ratio) | allocations / msg: switchboard / raw (+) | bytes / msg: switchboard / raw | reads / msg | commands / msg |\n|---|---|---|---|---|---|\n",
+        "\n| path | instructions / msg: switchboard / raw (ratio) | allocations / msg: switchboard / raw (+) | bytes / msg: switchboard / raw | reads / msg | Redis commands / msg (those a script runs included) |\n|---|---|---|---|---|---|\n",
     );
     let number = |value: &Value, digits: usize| {
         value
