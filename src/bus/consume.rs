@@ -23,10 +23,11 @@ use crate::transport::{Delivery, GiveBackLimit, OrderingKey, Settled, Subscripti
 
 pub(super) type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// How many settles may be on their way beyond the handlers running: a
-/// second line behind the prefetch, for a transport whose deliveries hold
-/// no prefetch permit while they settle.
-const SETTLES_IN_FLIGHT: usize = 1024;
+/// How many settles may be on their way beyond the handlers running. A few
+/// are enough for acks to go out in batches (a Redis Streams subscription
+/// sends what is waiting in one script); more would only hold more
+/// transport work at once (lapin, for one, runs each ack as a task).
+const SETTLES_IN_FLIGHT: usize = 8;
 
 /// A delivery decoded for `E`, with the message its handler gets.
 pub(super) struct Decoded<E> {
