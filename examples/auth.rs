@@ -64,6 +64,11 @@ async fn run() -> Result<(), Failure> {
         auth.addrs().http,
         auth.addrs().grpc
     );
+    println!(
+        "auth console {} (operator token {})",
+        auth.console_url(),
+        auth.console_token()
+    );
     cli::until_stopped().await;
     auth.shutdown().await?;
     brokers.close().await?;

@@ -78,6 +78,11 @@ async fn run() -> Result<(), Failure> {
     )
     .await?;
     println!("game listening on http://{}", game.addr());
+    println!(
+        "game console {} (operator token {})",
+        game.console_url(),
+        game.console_token()
+    );
     cli::until_stopped().await;
     game.shutdown().await?;
     brokers.close().await?;

@@ -46,6 +46,11 @@ async fn run() -> Result<(), Failure> {
         "market listening on http://{} (gRPC {}, history over HTTP/2 {})",
         addrs.http, addrs.grpc, addrs.transfer
     );
+    println!(
+        "market console {} (operator token {})",
+        market.console_url(),
+        market.console_token()
+    );
     cli::until_stopped().await;
     market.shutdown().await?;
     brokers.close().await?;

@@ -54,6 +54,7 @@ async fn run() -> Result<(), Failure> {
     println!("market   listening on http://{}", addresses.market);
     println!("game     listening on http://{}", addresses.game);
     println!("trading  listening on http://{}", addresses.trading);
+    platform.print_consoles();
     let namespace = flags
         .namespace
         .as_ref()

@@ -52,7 +52,9 @@ cargo run --example trading [-- FLAGS]
   --trust-anchor FILE Auth's key-signing key, public PEM (key-signing-key.pub.pem in
                       Auth's --keys directory): Trading trusts the key sets it signed
   --port N            Trading's own HTTP port (default: any free port)
-  --consumer NAME     this process's Redis Streams consumer name, kept across restarts";
+  --consumer NAME     this process's Redis Streams consumer name, kept across restarts
+  --console           after the session, keep running and print each service's operator
+                      console URL (actions need the printed token, or CONSOLE_TOKEN)";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -80,6 +82,11 @@ async fn run() -> Result<(), Failure> {
             );
             let gateway = Gateway::new(addresses, &gateway_resilience(Default::default()));
             let report = session::run(&gateway, orders).await?;
+            if flags.console {
+                platform.print_consoles();
+                println!("         running until Ctrl-C");
+                cli::until_stopped().await;
+            }
             platform.shutdown().await?;
             print_ticks(ticker, &ticks).await?;
             brokers.close().await?;
@@ -115,6 +122,15 @@ async fn run() -> Result<(), Failure> {
             );
             let gateway = Gateway::new(addresses, &gateway_resilience(Default::default()));
             let report = session::run(&gateway, orders).await?;
+            if flags.console {
+                println!(
+                    "console  Trading {} (operator token {})",
+                    trading.console_url(),
+                    trading.console_token()
+                );
+                println!("         running until Ctrl-C");
+                cli::until_stopped().await;
+            }
             trading.shutdown().await?;
             print_ticks(ticker, &ticks).await?;
             brokers.close().await?;

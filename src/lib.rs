@@ -85,6 +85,9 @@ mod bus;
 pub mod cloudevents;
 mod codec;
 pub mod config;
+#[cfg(feature = "console")]
+#[cfg_attr(docsrs, doc(cfg(feature = "console")))]
+pub mod console;
 mod dead_letter;
 mod envelope;
 mod error;
@@ -139,12 +142,16 @@ mod guides {
 
     #[doc = include_str!("../docs/performance.md")]
     struct PerformanceGuide;
+
+    #[cfg(feature = "console")]
+    #[doc = include_str!("../docs/console.md")]
+    struct ConsoleGuide;
 }
 
 pub use bus::{BatchFn, BatchSlot, batch_fn};
 pub use bus::{
-    BoxedHandlerFn, ConsumerHandle, ConsumerHealth, DeadLetterOf, DeadLetters, EventBus, HandlerFn,
-    Message, handler_fn, handler_fn_boxed,
+    BoxedHandlerFn, ConsumerHandle, ConsumerHealth, ConsumerMonitor, ConsumerStats, DeadLetterOf,
+    DeadLetters, EventBus, HandlerFn, LastError, Message, handler_fn, handler_fn_boxed,
 };
 pub use codec::{Codec, DEFAULT_MAX_SIZE, DecodeError, QUOTE_LIMIT};
 pub use dead_letter::DEAD_LETTER_TEXT_LIMIT;

@@ -921,6 +921,9 @@ async fn inspect_looks_at_the_first_thousand_dead_letters_and_says_so() {
 #[path = "amqp/wire.rs"]
 mod wire;
 
+#[path = "amqp/lag.rs"]
+mod lag;
+
 #[path = "amqp/clean_exit.rs"]
 mod clean_exit;
 

@@ -29,6 +29,10 @@ const ISSUER: &str = "auth-service";
 #[path = "auth/rotation.rs"]
 mod rotation;
 
+#[cfg(feature = "console")]
+#[path = "auth/console.rs"]
+mod console;
+
 /// A one-key verifier that opts out of the audience check (the audience
 /// tests opt back in).
 fn ed_verifier() -> TokenVerifier {

@@ -602,5 +602,8 @@ mod ordering;
 #[path = "bus/batch.rs"]
 mod batch;
 
+#[path = "bus/stats.rs"]
+mod stats;
+
 #[path = "bus/ack_in_flight.rs"]
 mod ack_in_flight;

@@ -561,6 +561,9 @@ mod wire;
 #[path = "http/close.rs"]
 mod close;
 
+#[path = "http/dead_letter_webhook.rs"]
+mod dead_letter_webhook;
+
 #[path = "common/push_connect.rs"]
 mod push_connect;
 

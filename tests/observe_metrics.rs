@@ -235,10 +235,18 @@ async fn calls_are_counted_and_timed_per_path_transport_and_outcome() {
     let reports = budgets.check_now();
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].count, 3);
-    let p99 = recorder
-        .take()
-        .gauge(LATENCY_P99, &[("path", "trading_market")]);
+    let seen = recorder.take();
+    let p99 = seen.gauge(LATENCY_P99, &[("path", "trading_market")]);
     assert!(p99 < 0.05, "{p99}");
+    // Beside it, the budget the alert rules compare it with.
+    let budget = BudgetConfig::spec()
+        .budget("trading_market")
+        .unwrap()
+        .as_secs_f64();
+    assert_eq!(
+        seen.gauge(LATENCY_BUDGET, &[("path", "trading_market")]),
+        budget
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -299,6 +307,20 @@ async fn breaker_state_changes_are_counted_and_the_state_is_a_gauge() {
     let breaker = ("breaker", "market");
     let seen = recorder.take();
     assert_eq!(seen.gauge(BREAKER_STATE, &[breaker]), 2.0);
+    // What the "open too long" alert compares: since when, and the timeout.
+    let opened = seen.gauge(BREAKER_OPEN_SINCE, &[breaker]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&opened),
+        "{opened} vs {now}"
+    );
+    assert_eq!(
+        seen.gauge(BREAKER_RESET_TIMEOUT, &[breaker]),
+        config.reset_timeout_ms as f64 / 1e3
+    );
     assert_eq!(
         seen.counter(BREAKER_TRANSITIONS_TOTAL, &[breaker, ("to", "open")]),
         1
@@ -315,6 +337,7 @@ async fn breaker_state_changes_are_counted_and_the_state_is_a_gauge() {
         1
     );
     assert_eq!(seen.gauge(BREAKER_STATE, &[breaker]), 0.0);
+    assert_eq!(seen.gauge(BREAKER_OPEN_SINCE, &[breaker]), 0.0);
 }
 
 #[tokio::test]
@@ -533,3 +556,6 @@ mod scrape {
         );
     }
 }
+
+#[path = "observe_metrics/alerting.rs"]
+mod alerting;

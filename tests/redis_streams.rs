@@ -638,6 +638,9 @@ async fn a_redrive_of_all_moves_only_what_the_queue_held() {
 #[path = "redis_streams/wire.rs"]
 mod wire;
 
+#[path = "redis_streams/lag.rs"]
+mod lag;
+
 #[path = "redis_streams/trim.rs"]
 mod trim;
 

@@ -34,6 +34,12 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 #[path = "services/auth_keys.rs"]
 mod auth_keys;
+#[path = "services/browser.rs"]
+mod browser;
+#[path = "services/console_api.rs"]
+mod console_api;
+#[path = "services/webdriver.rs"]
+mod webdriver;
 
 fn breaker() -> CircuitBreakerConfig {
     CircuitBreakerConfig::default()

@@ -40,7 +40,8 @@ use tonic::{Request, Response, Status};
 use super::auth_keys::{AuthKeys, DEFAULT_KEY_OVERLAP, KeySource};
 use super::auth_store::{AuthStore, User};
 use super::brokers::Brokers;
-use super::database::{Database, close_relays, spawn_relays};
+use super::console::ServiceConsole;
+use super::database::{Database, close_relays, outbox_sources, spawn_relays};
 use super::domain::UserRegistered;
 use super::net::{Server, bind, stop_all};
 use super::proto::auth as pb;
@@ -242,6 +243,7 @@ pub struct AuthService {
     addrs: AuthAddrs,
     rotator: Option<tokio::task::JoinHandle<()>>,
     relays: Vec<RelayHandle>,
+    console: ServiceConsole,
 }
 
 impl Drop for AuthService {
@@ -308,13 +310,24 @@ impl AuthService {
                 }
             })
         });
+        let relays = spawn_relays(store.store(), brokers.events.clone(), None);
+        let console = super::console::service_console(
+            "auth-service",
+            brokers,
+            &[],
+            &[],
+            None,
+            &[],
+            outbox_sources(store.store(), &relays),
+        );
         let mut service = Self {
             state,
             http: None,
             grpc: None,
             addrs,
             rotator,
-            relays: spawn_relays(store.store(), brokers.events.clone(), None),
+            relays,
+            console,
         };
         service.serve(http_listener, grpc_listener);
         Ok(service)
@@ -325,6 +338,16 @@ impl AuthService {
     /// announced on the bus before the new key signs anything.
     pub async fn rotate_keys(&self) -> Result<(), Error> {
         self.state.rotate().await
+    }
+
+    /// The operator console's URL.
+    pub fn console_url(&self) -> String {
+        format!("http://{}{}", self.addrs.http, super::console::MOUNT)
+    }
+
+    /// The token the console's actions need.
+    pub fn console_token(&self) -> &str {
+        &self.console.token
     }
 
     /// The `kid` tokens are signed with now.
@@ -349,7 +372,9 @@ impl AuthService {
     }
 
     fn serve(&mut self, http: tokio::net::TcpListener, grpc: tokio::net::TcpListener) {
-        self.http = Some(Server::http(http, router(self.state.clone(), self.addrs)));
+        let router = router(self.state.clone(), self.addrs)
+            .nest(super::console::MOUNT, self.console.console.router());
+        self.http = Some(Server::http(http, router));
         let users = pb::users_server::UsersServer::new(UsersGrpc(self.state.clone()));
         self.grpc = Some(Server::grpc(grpc, tonic::service::Routes::new(users)));
     }

@@ -33,6 +33,9 @@ pub struct Flags {
     /// This process's Redis Streams consumer name (`--consumer`), kept
     /// across restarts.
     pub consumer: Option<String>,
+    /// `--console`: keep running after the scripted session, with each
+    /// service's operator console.
+    pub console: bool,
 }
 
 /// What went wrong, for a one-line message and an exit code.
@@ -102,6 +105,10 @@ impl Flags {
             if flag == "--help" || flag == "-h" {
                 println!("{usage}");
                 return Ok(None);
+            }
+            if flag == "--console" {
+                flags.console = true;
+                continue;
             }
             let (name, inline) = match flag.split_once('=') {
                 Some((name, value)) => (name.to_owned(), Some(value.to_owned())),

@@ -408,3 +408,29 @@ pub fn db_error(what: &str, error: sqlx::Error) -> Error {
 pub fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(database) if database.is_unique_violation())
 }
+
+/// What the operator console shows of `relays` (from [`spawn_relays`] on
+/// `store`): each relay's counts, and its outbox's pending rows and lag.
+pub fn outbox_sources(
+    store: &Store,
+    relays: &[RelayHandle],
+) -> Vec<switchboard::console::OutboxSource> {
+    fn sources<DB: OutboxDatabase>(
+        tables: &Tables<DB>,
+        relays: &[RelayHandle],
+    ) -> Vec<switchboard::console::OutboxSource> {
+        let outboxes = [("events", &tables.events), ("tasks", &tables.jobs)];
+        relays
+            .iter()
+            .zip(outboxes)
+            .map(|(relay, (name, outbox))| {
+                switchboard::console::OutboxSource::new(name, relay.shared_stats())
+                    .with_pending(outbox.clone(), tables.pool.clone())
+            })
+            .collect()
+    }
+    match store {
+        Db::Postgres(tables) => sources(tables, relays),
+        Db::Sqlite(tables) => sources(tables, relays),
+    }
+}

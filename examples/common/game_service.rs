@@ -33,6 +33,7 @@ use switchboard::middleware::Resilience;
 use switchboard::middleware::circuit_breaker::CircuitBreakerLayer;
 use switchboard::middleware::dead_letter::DeadLetterAlert;
 use switchboard::middleware::fallback::{Freshness, StaleCache};
+use switchboard::observe::BudgetChecks;
 use switchboard::outbox::RelayHandle;
 use switchboard::transfer::TransferClient;
 use switchboard::transport::grpc::unary;
@@ -45,7 +46,8 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use super::brokers::Brokers;
-use super::database::{Database, close_relays, spawn_relays};
+use super::console::ServiceConsole;
+use super::database::{Database, close_relays, outbox_sources, spawn_relays};
 use super::domain::{PriceUpdated, TradeExecuted, UserRegistered, groups};
 use super::game_store::{GameStore, TradeHandler};
 use super::market_service::{Quote, QuoteRequest};
@@ -305,6 +307,8 @@ pub struct GameService {
     auth_breaker: CircuitBreakerLayer,
     consumers: Vec<ConsumerHandle>,
     relays: Vec<RelayHandle>,
+    console: ServiceConsole,
+    _budget_checks: BudgetChecks,
 }
 
 impl std::fmt::Debug for GameService {
@@ -359,6 +363,7 @@ impl GameService {
         );
         let users = BoxCloneSyncService::new(reads.client_with_breaker(&auth_breaker, get_user));
         let (changed, _) = watch::channel(0);
+        let (budgets, budget_checks) = super::console::budgets(&["trading_game", "game_market"]);
         let state = Arc::new(GameState {
             trades: store.trade_handler(),
             store: store.clone(),
@@ -368,7 +373,7 @@ impl GameService {
             users,
             market_transfer: config.market_transfer,
             events: brokers.events("game-service"),
-            latency: Latencies::default(),
+            latency: Latencies::with_budgets(budgets.clone()),
         });
         // A timed-out attempt at a trade rolled back, or committed with its
         // inbox mark: either way another attempt is safe, so a slow
@@ -427,8 +432,18 @@ impl GameService {
         let addr = listener
             .local_addr()
             .map_err(|error| Error::new(ErrorKind::Connection, error.to_string()))?;
-        let http = Server::http(listener, router(state.clone(), verifier.clone()));
         let relays = spawn_relays(store.store(), brokers.events.clone(), None);
+        let console = super::console::service_console(
+            "game-service",
+            brokers,
+            &[&trades, &users, &prices, &auth_keys],
+            &[&market_breaker, &auth_breaker],
+            Some(&budgets),
+            &[(&brokers.events, &[&trades, &users, &prices])],
+            outbox_sources(store.store(), &relays),
+        );
+        let consumers = vec![trades, users, prices, auth_keys];
+        let http = Server::http(listener, router(state.clone(), verifier.clone(), &console));
         Ok(Self {
             state,
             verifier,
@@ -436,14 +451,26 @@ impl GameService {
             addr,
             market_breaker,
             auth_breaker,
-            consumers: vec![trades, users, prices, auth_keys],
+            consumers,
             relays,
+            console,
+            _budget_checks: budget_checks,
         })
     }
 
     /// Where Game's HTTP API listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The operator console's URL.
+    pub fn console_url(&self) -> String {
+        format!("http://{}{}", self.addr, super::console::MOUNT)
+    }
+
+    /// The token the console's actions need.
+    pub fn console_token(&self) -> &str {
+        &self.console.token
     }
 
     /// The breaker on the Game → Market path.
@@ -481,7 +508,7 @@ impl GameService {
         let listener = bind(self.addr).await?;
         self.http = Some(Server::http(
             listener,
-            router(self.state.clone(), self.verifier.clone()),
+            router(self.state.clone(), self.verifier.clone(), &self.console),
         ));
         Ok(())
     }
@@ -495,7 +522,7 @@ impl GameService {
     }
 }
 
-fn router(state: Arc<GameState>, verifier: Arc<TokenVerifier>) -> Router {
+fn router(state: Arc<GameState>, verifier: Arc<TokenVerifier>, console: &ServiceConsole) -> Router {
     let authenticated = Router::new()
         .route(
             "/v1/holdings/{user_id}",
@@ -545,4 +572,5 @@ fn router(state: Arc<GameState>, verifier: Arc<TokenVerifier>) -> Router {
         )
         .merge(authenticated)
         .with_state(state)
+        .nest(super::console::MOUNT, console.console.router())
 }

@@ -39,7 +39,8 @@ use tonic::{Request, Response, Status};
 use tower::ServiceExt;
 
 use super::brokers::Brokers;
-use super::database::{Database, close_relays, spawn_relays};
+use super::console::ServiceConsole;
+use super::database::{Database, close_relays, outbox_sources, spawn_relays};
 use super::domain::{OrderCreated, PriceTick, TradeExecuted, groups};
 use super::market_store::{MarketStore, TradeHandler};
 use super::net::{Server, bind, shut_down, stop_all};
@@ -180,6 +181,7 @@ pub struct MarketService {
     consumers: Vec<ConsumerHandle>,
     relays: Vec<RelayHandle>,
     addrs: MarketAddrs,
+    console: ServiceConsole,
 }
 
 impl std::fmt::Debug for MarketService {
@@ -258,12 +260,23 @@ impl MarketService {
             grpc: local(&grpc_listener)?,
             transfer: local(&transfer_listener)?,
         };
+        let relays = spawn_relays(store.store(), brokers.events.clone(), None);
+        let console = super::console::service_console(
+            "market-service",
+            brokers,
+            &consumers.iter().collect::<Vec<_>>(),
+            &[],
+            None,
+            &[(&brokers.events, &consumers.iter().collect::<Vec<_>>())],
+            outbox_sources(store.store(), &relays),
+        );
         let mut service = Self {
             state,
             servers: Vec::new(),
             consumers,
-            relays: spawn_relays(store.store(), brokers.events.clone(), None),
+            relays,
             addrs,
+            console,
         };
         service.serve(http_listener, grpc_listener, transfer_listener);
         Ok(service)
@@ -278,7 +291,11 @@ impl MarketService {
         let prices = pb::prices_server::PricesServer::new(PricesGrpc(self.state.clone()));
         let files = TransferServer::new(Arc::new(HistoryFiles(self.state.clone())));
         self.servers = vec![
-            Server::http(http, router(self.state.clone(), self.addrs)),
+            Server::http(
+                http,
+                router(self.state.clone(), self.addrs)
+                    .nest(super::console::MOUNT, self.console.console.router()),
+            ),
             Server::grpc(grpc, tonic::service::Routes::new(prices)),
             Server::transfer(transfer, files),
         ];
@@ -287,6 +304,16 @@ impl MarketService {
     /// Where it listens.
     pub fn addrs(&self) -> MarketAddrs {
         self.addrs
+    }
+
+    /// The operator console's URL.
+    pub fn console_url(&self) -> String {
+        format!("http://{}{}", self.addrs.http, super::console::MOUNT)
+    }
+
+    /// The token the console's actions need.
+    pub fn console_token(&self) -> &str {
+        &self.console.token
     }
 
     /// Takes every server down (consumers keep running: Market being

@@ -15,6 +15,7 @@
 //! | `session` | the gateway client (with strategy §4.2 degradation) and the scripted session |
 //! | `cli` | flags, and one-line errors instead of panics |
 //! | `net` | restartable servers, latency histograms |
+//! | `console` | each service's operator console under `/console` |
 
 // Each example uses only part of this library.
 #![allow(dead_code)]
@@ -24,6 +25,7 @@ pub mod auth_service;
 pub mod auth_store;
 pub mod brokers;
 pub mod cli;
+pub mod console;
 pub mod database;
 pub mod domain;
 pub mod game_service;

@@ -153,11 +153,39 @@ pub struct PathStats {
 #[derive(Debug, Clone, Default)]
 pub struct Latencies {
     paths: Arc<Mutex<BTreeMap<String, Histogram<u64>>>>,
+    /// The same latencies by strategy §3 budget name, for the console's
+    /// charts.
+    budgets: Option<switchboard::observe::LatencyBudgets>,
+}
+
+/// The budget name (`BudgetConfig::spec`) of a path label.
+fn budget_name(path: &str) -> Option<&'static str> {
+    Some(match path {
+        super::session::PATH_GATEWAY => "gateway_service",
+        super::trading_service::PATH_TRADING_MARKET => "trading_market",
+        super::game_service::PATH_TRADING_GAME => "trading_game",
+        super::game_service::PATH_GAME_MARKET => "game_market",
+        _ => return None,
+    })
 }
 
 impl Latencies {
+    /// Also records into `budgets`, by budget name.
+    pub fn with_budgets(budgets: switchboard::observe::LatencyBudgets) -> Self {
+        Self {
+            budgets: Some(budgets),
+            ..Self::default()
+        }
+    }
+
     /// Records one call on `path`.
     pub fn record(&self, path: &str, took: Duration) {
+        if let Some(recorder) = budget_name(path)
+            .zip(self.budgets.as_ref())
+            .and_then(|(name, budgets)| budgets.recorder(name))
+        {
+            recorder.record(took);
+        }
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
         let mut paths = self.paths.lock().expect("latency lock");
         let histogram = paths.entry(path.to_owned()).or_insert_with(|| {

@@ -89,6 +89,26 @@ impl Platform {
         }
     }
 
+    /// Prints each service's operator console URL and token.
+    pub fn print_consoles(&self) {
+        for (name, url, token) in [
+            ("auth", self.auth.console_url(), self.auth.console_token()),
+            (
+                "market",
+                self.market.console_url(),
+                self.market.console_token(),
+            ),
+            ("game", self.game.console_url(), self.game.console_token()),
+            (
+                "trading",
+                self.trading.console_url(),
+                self.trading.console_token(),
+            ),
+        ] {
+            println!("console  {name:<8}{url}  (operator token {token})");
+        }
+    }
+
     /// Stops everything, draining the consumers.
     pub async fn shutdown(self) -> Result<(), Error> {
         self.trading.shutdown().await?;

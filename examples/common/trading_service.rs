@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use switchboard::auth::{AuthLayer, Claims, TokenVerifier};
 use switchboard::middleware::Resilience;
 use switchboard::middleware::circuit_breaker::CircuitBreakerLayer;
+use switchboard::observe::BudgetChecks;
 use switchboard::outbox::RelayHandle;
 use switchboard::transport::grpc::unary;
 use switchboard::transport::http::{ErrorResponse, JsonBody};
@@ -36,7 +37,8 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use super::brokers::Brokers;
-use super::database::{Database, close_relays, spawn_relays};
+use super::console::ServiceConsole;
+use super::database::{Database, close_relays, outbox_sources, spawn_relays};
 use super::domain::{PriceUpdated, SettlementRequested, Side, groups};
 use super::net::{Latencies, PathStats, Server, bind, shut_down, stop_all};
 use super::proto::market as pb;
@@ -196,6 +198,8 @@ pub struct TradingService {
     market_breaker: CircuitBreakerLayer,
     consumers: Vec<ConsumerHandle>,
     relays: Vec<RelayHandle>,
+    console: ServiceConsole,
+    _budget_checks: BudgetChecks,
 }
 
 impl std::fmt::Debug for TradingService {
@@ -243,6 +247,7 @@ impl TradingService {
                 .client_with_breaker(&market_breaker, get_price),
         );
         let (settled, _) = watch::channel(0);
+        let (budgets, budget_checks) = super::console::budgets(&["trading_market"]);
         let state = Arc::new(TradingState {
             store: store.clone(),
             settled,
@@ -250,7 +255,7 @@ impl TradingService {
             market,
             events: brokers.events("trading-service"),
             tasks: brokers.tasks("trading-service"),
-            latency: Latencies::default(),
+            latency: Latencies::with_budgets(budgets.clone()),
         });
         let prices_consumer = {
             let state = state.clone();
@@ -295,7 +300,19 @@ impl TradingService {
         let addr = listener
             .local_addr()
             .map_err(|error| Error::new(ErrorKind::Connection, error.to_string()))?;
-        let http = Server::http(listener, router(state.clone(), verifier.clone()));
+        let console = super::console::service_console(
+            "trading-service",
+            brokers,
+            &[&prices_consumer, &settlement_worker, &auth_keys],
+            &[&market_breaker],
+            Some(&budgets),
+            &[
+                (&brokers.events, &[&prices_consumer]),
+                (&brokers.tasks, &[&settlement_worker]),
+            ],
+            outbox_sources(store.store(), &relays),
+        );
+        let http = Server::http(listener, router(state.clone(), verifier.clone(), &console));
         Ok(Self {
             state,
             verifier,
@@ -304,12 +321,24 @@ impl TradingService {
             market_breaker,
             consumers: vec![prices_consumer, settlement_worker, auth_keys],
             relays,
+            console,
+            _budget_checks: budget_checks,
         })
     }
 
     /// Where the gateway API listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The operator console's URL.
+    pub fn console_url(&self) -> String {
+        format!("http://{}{}", self.addr, super::console::MOUNT)
+    }
+
+    /// The token the console's actions need.
+    pub fn console_token(&self) -> &str {
+        &self.console.token
     }
 
     /// The breaker on the Trading → Market path.
@@ -328,7 +357,7 @@ impl TradingService {
         let listener = bind(self.addr).await?;
         self.http = Some(Server::http(
             listener,
-            router(self.state.clone(), self.verifier.clone()),
+            router(self.state.clone(), self.verifier.clone(), &self.console),
         ));
         Ok(())
     }
@@ -342,7 +371,11 @@ impl TradingService {
     }
 }
 
-fn router(state: Arc<TradingState>, verifier: Arc<TokenVerifier>) -> Router {
+fn router(
+    state: Arc<TradingState>,
+    verifier: Arc<TokenVerifier>,
+    console: &ServiceConsole,
+) -> Router {
     let authenticated =
         Router::new()
             .route(
@@ -399,4 +432,5 @@ fn router(state: Arc<TradingState>, verifier: Arc<TokenVerifier>) -> Router {
         )
         .merge(authenticated)
         .with_state(state)
+        .nest(super::console::MOUNT, console.console.router())
 }

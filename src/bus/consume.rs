@@ -37,6 +37,8 @@ pub(super) struct Decoded<E> {
 
 pub(super) struct ConsumeLoop<E, H> {
     pub(super) health: watch::Sender<ConsumerHealth>,
+    /// In flight, handled, failed, last error: for status pages.
+    pub(super) counters: Arc<super::stats::Counters>,
     pub(super) subscription: Subscription,
     pub(super) transport: &'static str,
     /// The subscription's consume metrics, shared by its settling futures.
@@ -206,14 +208,18 @@ where
             let _attached = context.clone().attach();
             std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.call(message.clone())))
         });
+        let counters = self.counters.clone();
+        counters.started();
         let handled = async move {
-            match call {
+            let result = match call {
                 Ok(call) => match AssertUnwindSafe(call).catch_unwind().await {
                     Ok(result) => result.map_err(Into::into),
                     Err(_) => Err(Error::permanent("handler panicked")),
                 },
                 Err(_) => Err(Error::permanent("handler panicked")),
-            }
+            };
+            counters.finished(&result);
+            result
         };
         #[cfg(feature = "otel")]
         let handled = opentelemetry::context::FutureExt::with_context(handled, context);

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::stats::{ConsumerMonitor, ConsumerStats, Counters};
 use crate::error::{Error, ErrorKind};
 
 /// A running consumer. Dropping it stops the consumer in the background.
@@ -21,6 +22,10 @@ pub struct ConsumerHandle {
     pub(super) ended: watch::Receiver<bool>,
     /// Why the loop ended, when it ended on an error.
     pub(super) failure: Arc<OnceLock<Error>>,
+    /// What the loop counts as it goes.
+    pub(super) counters: Arc<Counters>,
+    /// The transport consumed from, to ask for the group's lag.
+    pub(super) transport: Arc<dyn crate::transport::Transport>,
 }
 
 /// Where a consumer stands, as [`ConsumerHandle::health`] reports it.
@@ -73,6 +78,25 @@ impl ConsumerHandle {
             return ConsumerHealth::Stopped;
         }
         *self.health.borrow()
+    }
+
+    /// In flight, handled and failed counts and the last error, since the
+    /// consumer started (see [`ConsumerStats`]).
+    pub fn stats(&self) -> ConsumerStats {
+        self.counters.snapshot()
+    }
+
+    /// A cloneable read-only view of this consumer, for status pages (see
+    /// [`ConsumerMonitor`]).
+    pub fn monitor(&self) -> ConsumerMonitor {
+        ConsumerMonitor {
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            transport: self.transport.clone(),
+            health: self.health.clone(),
+            failure: self.failure.clone(),
+            counters: self.counters.clone(),
+        }
     }
 
     /// The consumer's health as a watch, to follow its changes

@@ -64,6 +64,7 @@ mod ordered;
 mod publish;
 mod publish_retry;
 mod publish_scheduled;
+mod stats;
 
 pub use batch::{BatchFn, BatchSlot, batch_fn};
 use consume::ConsumeLoop;
@@ -71,6 +72,7 @@ pub use dead_letters::{DeadLetterOf, DeadLetters};
 pub use handle::{ConsumerHandle, ConsumerHealth};
 pub use message::Message;
 use publish_retry::PublishRetry;
+pub use stats::{ConsumerMonitor, ConsumerStats, LastError};
 
 pub use handler::{BoxedHandlerFn, HandlerFn, handler_fn, handler_fn_boxed};
 
@@ -458,8 +460,10 @@ impl EventBus {
             subscription.topic().into(),
             subscription.group().into(),
         ));
+        let counters = Arc::new(stats::Counters::default());
         let consume = ConsumeLoop {
             health,
+            counters: counters.clone(),
             subscription,
             transport: self.transport.name(),
             metrics,
@@ -474,10 +478,18 @@ impl EventBus {
         let (ended, watch_ended) = watch::channel(false);
         let failure = Arc::new(std::sync::OnceLock::new());
         let failed = failure.clone();
+        let gauge = ConsumerGauge {
+            transport: self.transport.name(),
+            topic: topic.clone(),
+            group: group.clone(),
+        };
+        let reported = watched.clone();
         let task = tokio::spawn(async move {
+            let (result, ()) = tokio::join!(consume.run(stopped), gauge.follow(reported));
+            gauge.ended(result.is_ok());
             // The failure is kept before the end is announced, so whoever
             // wakes on `closed()` finds it.
-            if let Err(error) = consume.run(stopped).await {
+            if let Err(error) = result {
                 let _ = failed.set(error);
             }
             ended.send_replace(true);
@@ -490,7 +502,42 @@ impl EventBus {
             health: watched,
             ended: watch_ended,
             failure,
+            counters,
+            transport: self.transport.clone(),
         })
+    }
+}
+
+/// Reports a consumer's health as the `switchboard_consumer_state` gauge,
+/// from a watch of it beside the consume loop, so the loop itself does no
+/// work for it.
+struct ConsumerGauge {
+    transport: &'static str,
+    topic: String,
+    group: String,
+}
+
+impl ConsumerGauge {
+    /// Sets the gauge at every change of health until the loop ends.
+    async fn follow(&self, mut health: watch::Receiver<ConsumerHealth>) {
+        loop {
+            let now = *health.borrow_and_update();
+            crate::observe::metrics::consumer_state(
+                self.transport,
+                &self.topic,
+                &self.group,
+                Some(now),
+            );
+            if health.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The loop has ended: stopped, or failed (on an error).
+    fn ended(&self, ok: bool) {
+        let state = ok.then_some(ConsumerHealth::Stopped);
+        crate::observe::metrics::consumer_state(self.transport, &self.topic, &self.group, state);
     }
 }
 

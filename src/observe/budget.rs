@@ -25,6 +25,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tokio::task::JoinHandle;
 
+use super::budget_history::{BudgetSample, History, PathHistory};
 use super::metrics as names;
 use crate::error::{Error, ErrorKind};
 
@@ -208,8 +209,9 @@ impl AtomicHistogram {
         self.buckets[Self::index(micros)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Empties the histogram; returns the count and P99 of what it held.
-    fn take_p99(&self) -> (u64, Duration) {
+    /// Empties the histogram; returns the count, P50 and P99 of what it
+    /// held.
+    fn take_quantiles(&self) -> (u64, Duration, Duration) {
         let counts: Vec<u64> = self
             .buckets
             .iter()
@@ -217,18 +219,28 @@ impl AtomicHistogram {
             .collect();
         let total: u64 = counts.iter().sum();
         if total == 0 {
-            return (0, Duration::ZERO);
+            return (0, Duration::ZERO, Duration::ZERO);
         }
-        // The smallest value with at least 99 % of the samples at or below it.
-        let rank = total - total / 100;
-        let mut seen = 0;
-        for (index, count) in counts.iter().enumerate() {
-            seen += count;
-            if seen >= rank {
-                return (total, Duration::from_micros(Self::upper_bound(index)));
+        // The smallest value with at least 50 % / 99 % of the samples at or
+        // below it.
+        let at_rank = |rank: u64| {
+            let mut seen = 0;
+            for (index, count) in counts.iter().enumerate() {
+                seen += count;
+                if seen >= rank {
+                    return Duration::from_micros(Self::upper_bound(index));
+                }
             }
-        }
-        (total, Duration::from_micros(Self::upper_bound(BUCKETS - 1)))
+            Duration::from_micros(Self::upper_bound(BUCKETS - 1))
+        };
+        let median = at_rank(total.div_ceil(2));
+        (total, median, at_rank(total - total / 100))
+    }
+
+    #[cfg(test)]
+    fn take_p99(&self) -> (u64, Duration) {
+        let (count, _, p99) = self.take_quantiles();
+        (count, p99)
     }
 }
 
@@ -315,7 +327,7 @@ impl BudgetReport {
 /// ```
 #[derive(Clone)]
 pub struct LatencyBudgets {
-    paths: Arc<BTreeMap<Arc<str>, (Duration, LatencyRecorder)>>,
+    paths: Arc<BTreeMap<Arc<str>, (Duration, LatencyRecorder, History)>>,
     interval: Duration,
 }
 
@@ -331,7 +343,10 @@ impl LatencyBudgets {
                     path: path.clone(),
                     histogram: Arc::new(AtomicHistogram::new()),
                 };
-                (path, (Duration::from_millis(*ms), recorder))
+                (
+                    path,
+                    (Duration::from_millis(*ms), recorder, History::default()),
+                )
             })
             .collect();
         Self {
@@ -343,25 +358,33 @@ impl LatencyBudgets {
     /// The recorder of `path`, or `None` when the configuration gives it no
     /// budget.
     pub fn recorder(&self, path: &str) -> Option<LatencyRecorder> {
-        self.paths.get(path).map(|(_, recorder)| recorder.clone())
+        self.paths
+            .get(path)
+            .map(|(_, recorder, _)| recorder.clone())
     }
 
     /// Checks every path now (see the [type docs](Self)); returns a report
     /// per path that recorded anything since the previous check.
     pub fn check_now(&self) -> Vec<BudgetReport> {
         let mut reports = Vec::new();
-        for (path, (budget, recorder)) in self.paths.iter() {
-            let (count, p99) = recorder.histogram.take_p99();
+        for (path, (budget, recorder, history)) in self.paths.iter() {
+            let (count, p50, p99) = recorder.histogram.take_quantiles();
             if count == 0 {
                 continue;
             }
+            history.push(BudgetSample {
+                at: Utc::now(),
+                count,
+                p50,
+                p99,
+            });
             let report = BudgetReport {
                 path: path.to_string(),
                 count,
                 p99,
                 budget: *budget,
             };
-            names::budget_checked(path, p99, report.breached());
+            names::budget_checked(path, p99, *budget, report.breached());
             if report.breached() {
                 tracing::warn!(
                     path = &**path,
@@ -374,6 +397,35 @@ impl LatencyBudgets {
             reports.push(report);
         }
         reports
+    }
+
+    /// Every path's budget and its last [`HISTORY_LEN`](super::HISTORY_LEN) checks that saw any
+    /// latency, oldest first — P50 and P99 over the last minutes, for a
+    /// status page (the operator console draws them).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::observe::{BudgetConfig, LatencyBudgets};
+    ///
+    /// let budgets = LatencyBudgets::new(&BudgetConfig::default()
+    ///     .with_budget("trading_market", Duration::from_millis(20)));
+    /// let market = budgets.recorder("trading_market").expect("configured");
+    /// market.record(Duration::from_millis(3));
+    /// budgets.check_now();
+    /// budgets.check_now(); // nothing recorded: no sample
+    /// let history = budgets.history();
+    /// assert_eq!(history[0].samples.len(), 1);
+    /// assert!(history[0].samples[0].p99 >= Duration::from_millis(3));
+    /// ```
+    pub fn history(&self) -> Vec<PathHistory> {
+        self.paths
+            .iter()
+            .map(|(path, (budget, _, history))| PathHistory {
+                path: path.to_string(),
+                budget: *budget,
+                samples: history.samples(),
+            })
+            .collect()
     }
 
     /// Runs [`check_now`](Self::check_now) every `check_interval_ms` in a
@@ -403,7 +455,7 @@ impl fmt::Debug for LatencyBudgets {
                 &self
                     .paths
                     .iter()
-                    .map(|(p, (b, _))| (p, b))
+                    .map(|(p, (b, _, _))| (p, b))
                     .collect::<Vec<_>>(),
             )
             .field("interval", &self.interval)
@@ -425,40 +477,5 @@ impl Drop for BudgetChecks {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_value_lands_in_a_bucket_whose_bound_is_within_an_eighth() {
-        let mut previous = 0;
-        for micros in (0..100_000).chain([1 << 30, 1 << 38, u64::MAX]) {
-            let index = AtomicHistogram::index(micros);
-            assert!(index >= previous || micros > 100_000, "{micros}");
-            previous = index;
-            let bound = AtomicHistogram::upper_bound(index);
-            if index < BUCKETS - 1 {
-                assert!(bound >= micros, "{micros} ≤ {bound}");
-                assert!(bound - micros <= micros / 8 + 1, "{micros} vs {bound}");
-            }
-        }
-    }
-
-    #[test]
-    fn the_p99_is_the_bucket_of_the_99th_percentile() {
-        let histogram = AtomicHistogram::new();
-        for _ in 0..990 {
-            histogram.record(1_000);
-        }
-        for _ in 0..10 {
-            histogram.record(50_000);
-        }
-        let (count, p99) = histogram.take_p99();
-        assert_eq!(count, 1000);
-        assert!(p99 >= Duration::from_millis(1) && p99 < Duration::from_micros(1_130));
-        histogram.record(50_000);
-        histogram.record(50_000);
-        let (_, p99) = histogram.take_p99();
-        assert!(p99 >= Duration::from_millis(50), "{p99:?}");
-        assert_eq!(histogram.take_p99().0, 0);
-    }
-}
+#[path = "budget_tests.rs"]
+mod tests;

@@ -107,6 +107,23 @@ pub const OUTBOX_SENT_TOTAL: &str = "switchboard_outbox_sent_total";
 /// Counter of outbox rows parked because the transport refused them for
 /// good, labels `outbox`, `topic`. Each one waits for an operator.
 pub const OUTBOX_PARKED_TOTAL: &str = "switchboard_outbox_parked_total";
+/// Gauge of when a circuit breaker last left the closed state, as Unix
+/// seconds, label `breaker`; 0 while it is closed. A half-open trial that
+/// fails does not move it, so `time() - this` is how long the dependency
+/// has been shut out.
+pub const BREAKER_OPEN_SINCE: &str = "switchboard_breaker_open_since_seconds";
+/// Gauge of a circuit breaker's reset timeout in seconds, label `breaker`;
+/// set with every state change. An alert compares how long the breaker has
+/// been open with it (`docs/alerts/`).
+pub const BREAKER_RESET_TIMEOUT: &str = "switchboard_breaker_reset_timeout_seconds";
+/// Gauge of a path's P99 budget in seconds, label `path`; set with
+/// [`LATENCY_P99`] at every budget check.
+pub const LATENCY_BUDGET: &str = "switchboard_latency_budget_seconds";
+/// Gauge of where a consumer stands, labels `transport`, `topic`, `group`:
+/// 0 running, 1 paused (its handler is not ready, such as an open breaker),
+/// 2 stopped (shut down or its subscription ended), 3 failed (the handler
+/// failed for good: the consumer is dead until restarted).
+pub const CONSUMER_STATE: &str = "switchboard_consumer_state";
 
 /// A label value: borrowed when static, shared otherwise.
 pub(crate) type Label = Cow<'static, str>;
@@ -249,10 +266,33 @@ pub(crate) fn retry_refused(reason: &'static str) {
     metrics::counter!(RETRIES_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
-pub(crate) fn breaker_changed(breaker: &str, to: &'static str, level: f64) {
-    metrics::counter!(BREAKER_TRANSITIONS_TOTAL, "breaker" => breaker.to_owned(), "to" => to)
+/// A breaker's state change: `left_closed` when it went from closed to open
+/// (the moment [`BREAKER_OPEN_SINCE`] records).
+pub(crate) fn breaker_changed(
+    breaker: &str,
+    to: &'static str,
+    level: f64,
+    left_closed: bool,
+    reset_timeout: Duration,
+) {
+    let name = Label::Owned(breaker.to_owned());
+    metrics::counter!(BREAKER_TRANSITIONS_TOTAL, "breaker" => name.clone(), "to" => to)
         .increment(1);
-    metrics::gauge!(BREAKER_STATE, "breaker" => breaker.to_owned()).set(level);
+    metrics::gauge!(BREAKER_STATE, "breaker" => name.clone()).set(level);
+    metrics::gauge!(BREAKER_RESET_TIMEOUT, "breaker" => name.clone())
+        .set(reset_timeout.as_secs_f64());
+    let since = metrics::gauge!(BREAKER_OPEN_SINCE, "breaker" => name);
+    if to == "closed" {
+        since.set(0.0);
+    } else if left_closed {
+        since.set(unix_seconds_now());
+    }
+}
+
+fn unix_seconds_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
 }
 
 pub(crate) fn dead_letter_depth(transport: &'static str, topic: &str, depth: usize) {
@@ -269,8 +309,9 @@ pub(crate) fn dedupe_hit(
         .increment(1);
 }
 
-pub(crate) fn budget_checked(path: &str, p99: Duration, breached: bool) {
+pub(crate) fn budget_checked(path: &str, p99: Duration, budget: Duration, breached: bool) {
     metrics::gauge!(LATENCY_P99, "path" => path.to_owned()).set(p99.as_secs_f64());
+    metrics::gauge!(LATENCY_BUDGET, "path" => path.to_owned()).set(budget.as_secs_f64());
     if breached {
         metrics::counter!(BUDGET_BREACHES_TOTAL, "path" => path.to_owned()).increment(1);
     }
@@ -345,6 +386,30 @@ pub(crate) fn outbox_sent(outbox: Label, topic: &str, count: u64) {
 pub(crate) fn outbox_parked(outbox: Label, topic: &str) {
     metrics::counter!(OUTBOX_PARKED_TOTAL, "outbox" => outbox, "topic" => topic.to_owned())
         .increment(1);
+}
+
+/// The value [`CONSUMER_STATE`] gives a consumer's health, or 3 for a
+/// consumer whose handler failed for good.
+pub(crate) fn consumer_state(
+    transport: &'static str,
+    topic: &str,
+    group: &str,
+    state: Option<crate::bus::ConsumerHealth>,
+) {
+    use crate::bus::ConsumerHealth;
+    let level = match state {
+        Some(ConsumerHealth::Running) => 0.0,
+        Some(ConsumerHealth::Paused) => 1.0,
+        Some(ConsumerHealth::Stopped) => 2.0,
+        None => 3.0,
+    };
+    metrics::gauge!(
+        CONSUMER_STATE,
+        "transport" => transport,
+        "topic" => topic.to_owned(),
+        "group" => group.to_owned(),
+    )
+    .set(level);
 }
 
 pub(crate) fn dedupe_evicted(store: &'static str) {
@@ -474,5 +539,20 @@ pub fn describe() {
         DEDUPE_EVICTIONS_TOTAL,
         Unit::Count,
         "dedupe marks evicted for room before their TTL"
+    );
+    describe_gauge!(
+        BREAKER_OPEN_SINCE,
+        Unit::Seconds,
+        "when a circuit breaker last left closed (Unix time; 0 while closed)"
+    );
+    describe_gauge!(
+        BREAKER_RESET_TIMEOUT,
+        Unit::Seconds,
+        "a circuit breaker's reset timeout"
+    );
+    describe_gauge!(LATENCY_BUDGET, Unit::Seconds, "a path's P99 budget");
+    describe_gauge!(
+        CONSUMER_STATE,
+        "a consumer's state: 0 running, 1 paused, 2 stopped, 3 failed"
     );
 }

@@ -53,6 +53,7 @@
 //! `unsupported`, `closed`.
 
 mod budget;
+mod budget_history;
 mod call;
 pub mod metrics;
 #[cfg(feature = "otel")]
@@ -60,4 +61,5 @@ pub mod metrics;
 pub mod trace;
 
 pub use budget::{BudgetChecks, BudgetConfig, BudgetReport, LatencyBudgets, LatencyRecorder};
+pub use budget_history::{BudgetSample, HISTORY_LEN, PathHistory};
 pub use call::{CallMetrics, CallMetricsLayer, ResponseFuture};

@@ -324,6 +324,13 @@ pub trait Transport: Publisher + Subscriber {
         Err(Error::unsupported(self.name(), "read the latest message"))
     }
 
+    /// How many messages `group` of `topic` has not been handed yet (its
+    /// lag), when the transport can tell; `None` otherwise (the default).
+    async fn group_lag(&self, topic: &str, group: &str) -> Result<Option<u64>, Error> {
+        let _ = (topic, group);
+        Ok(None)
+    }
+
     /// How the transport is now, in one shape for every transport (for a
     /// `/health` endpoint). The default says up.
     fn health(&self) -> TransportHealth {

@@ -60,8 +60,9 @@ impl EventBus {
     /// Underneath, the transports read and settle in bulk: Redis Streams reads
     /// with `XREADGROUP … COUNT` (up to `RedisStreamsConfig::batch` entries a
     /// round trip) and acknowledges with one `XACK` of every id
-    /// settled meanwhile; RabbitMQ pushes up to the prefetch ahead and its acks
-    /// need no answer, so they are pipelined on the channel; memory is in
+    /// settled meanwhile; RabbitMQ pushes up to the prefetch ahead, and the
+    /// acks asked for while one is on its way go out together, the run at the
+    /// head of the channel as one `basic.ack` with `multiple`; memory is in
     /// process. The prefetch must hold a whole batch (`prefetch >= max_messages`);
     /// a per-message timeout in the stack must allow for `max_wait` and the
     /// batch's run.

@@ -59,6 +59,22 @@ impl CircuitBreakerLayer {
         self.shared.state()
     }
 
+    /// The state with when it last changed, the consecutive failures and
+    /// how often it opened — for status pages.
+    ///
+    /// ```
+    /// use switchboard::config::CircuitBreakerConfig;
+    /// use switchboard::middleware::circuit_breaker::{BreakerState, CircuitBreakerLayer};
+    ///
+    /// let layer = CircuitBreakerLayer::named("market", CircuitBreakerConfig::default());
+    /// let snapshot = layer.snapshot();
+    /// assert_eq!((snapshot.name.as_str(), snapshot.state), ("market", BreakerState::Closed));
+    /// assert_eq!(snapshot.opened_total, 0);
+    /// ```
+    pub fn snapshot(&self) -> super::BreakerSnapshot {
+        self.shared.snapshot()
+    }
+
     /// A receiver that sees every change of the breaker's state.
     pub fn watch(&self) -> watch::Receiver<BreakerState> {
         self.shared.watch()

@@ -98,7 +98,7 @@ use tower::Service;
 
 pub use self::future::ResponseFuture;
 pub use self::layer::CircuitBreakerLayer;
-pub use self::state::BreakerState;
+pub use self::state::{BreakerSnapshot, BreakerState};
 use self::state::{Readiness, Shared};
 use crate::config::CircuitBreakerConfig;
 use crate::error::Error;

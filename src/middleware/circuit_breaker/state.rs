@@ -118,6 +118,32 @@ struct Machine {
     failures: u32,
     opened_at: Instant,
     probe_in_flight: bool,
+    /// Wall-clock time of the last change of state, for status pages.
+    changed_at: chrono::DateTime<chrono::Utc>,
+    /// How many times it has opened since it was made.
+    opened_total: u64,
+}
+
+/// A circuit breaker's state with when it last changed and its counts, as
+/// [`CircuitBreakerLayer::snapshot`](super::CircuitBreakerLayer::snapshot)
+/// reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BreakerSnapshot {
+    /// The breaker's name.
+    pub name: String,
+    /// Closed, open or half-open.
+    pub state: BreakerState,
+    /// When it last changed state (when it was made, if it never has).
+    pub changed_at: chrono::DateTime<chrono::Utc>,
+    /// Consecutive infrastructure failures counted while closed.
+    pub consecutive_failures: u32,
+    /// The failures that open it.
+    pub failure_threshold: u32,
+    /// How many times it has opened.
+    pub opened_total: u64,
+    /// How long it stays open before a trial call.
+    pub reset_timeout: Duration,
 }
 
 pub(super) struct Shared {
@@ -138,6 +164,8 @@ impl Shared {
                 failures: 0,
                 opened_at: Instant::now(),
                 probe_in_flight: false,
+                changed_at: chrono::Utc::now(),
+                opened_total: 0,
             }),
             state_tx: watch::Sender::new(BreakerState::Closed),
         }
@@ -157,6 +185,19 @@ impl Shared {
 
     pub(super) fn state(&self) -> BreakerState {
         self.lock().state
+    }
+
+    pub(super) fn snapshot(&self) -> BreakerSnapshot {
+        let machine = self.lock();
+        BreakerSnapshot {
+            name: self.name.clone(),
+            state: machine.state,
+            changed_at: machine.changed_at,
+            consecutive_failures: machine.failures,
+            failure_threshold: self.config.failure_threshold,
+            opened_total: machine.opened_total,
+            reset_timeout: self.config.reset_timeout(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Machine> {
@@ -297,6 +338,7 @@ impl Shared {
     fn open(&self, machine: &mut Machine) {
         machine.opened_at = Instant::now();
         machine.failures = 0;
+        machine.opened_total += 1;
         self.transition(machine, BreakerState::Open);
     }
 
@@ -304,6 +346,7 @@ impl Shared {
         let from = machine.state;
         machine.state = to;
         machine.epoch += 1;
+        machine.changed_at = chrono::Utc::now();
         match to {
             BreakerState::Open => tracing::warn!(
                 breaker = %self.name,
@@ -327,7 +370,13 @@ impl Shared {
             BreakerState::HalfOpen => ("half_open", 1.0),
             BreakerState::Open => ("open", 2.0),
         };
-        crate::observe::metrics::breaker_changed(&self.name, label, level);
+        crate::observe::metrics::breaker_changed(
+            &self.name,
+            label,
+            level,
+            from == BreakerState::Closed,
+            Duration::from_millis(self.config.reset_timeout_ms),
+        );
         self.state_tx.send_replace(to);
     }
 }

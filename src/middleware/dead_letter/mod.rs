@@ -33,12 +33,16 @@
 //! inspect, read the payload, redrive by id, by a header value or all.
 //! [`DeadLetterAdmin`] is the untyped one, by topic name, on any transport
 //! that keeps dead letters. `examples/dlq.rs` is an
-//! operator CLI over it.
+//! operator CLI over it. [`WebhookAlert`] (feature `http`) posts every
+//! dead letter to a webhook or to Alertmanager; `docs/alerts/` has
+//! Prometheus rules over the crate's metrics.
 
 mod admin;
 mod alert;
 mod future;
 mod layer;
+#[cfg(feature = "http")]
+mod webhook;
 
 use std::fmt;
 use std::sync::Arc;
@@ -51,6 +55,9 @@ pub use self::admin::DeadLetterAdmin;
 pub use self::alert::{DeadLetterAlert, DeadLetterFacts, LogOnly};
 pub use self::future::ResponseFuture;
 pub use self::layer::DeadLetteringLayer;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub use self::webhook::{DEAD_LETTER_ALERT_NAME, MAX_ALERTS_PER_POST, WebhookAlert, WebhookFormat};
 use crate::bus::Message;
 use crate::error::Error;
 use crate::transport::DeadLetter;

@@ -306,6 +306,12 @@ impl RelayHandle {
         &self.stats
     }
 
+    /// The counts of the running relay, shared (for a status page that
+    /// outlives this borrow, such as the operator console).
+    pub fn shared_stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
     /// Whether the relay has stopped (closed, or the transport was closed).
     pub fn is_finished(&self) -> bool {
         self.task.as_ref().is_none_or(JoinHandle::is_finished)

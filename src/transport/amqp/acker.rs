@@ -9,11 +9,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use lapin::options::BasicRejectOptions;
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::ack_batch::AckBatch;
 use super::error::amqp_error;
 use super::properties::{self, ATTEMPTS, REDELIVERIES};
 use super::publisher::publish_direct;
@@ -75,6 +76,9 @@ pub(super) struct Held {
     pub(super) rehanded: bool,
     /// When the broker handed it out (the hold limit counts from here).
     pub(super) received_at: Instant,
+    /// Its delivery tag, and the acks of its channel it is acked with.
+    pub(super) tag: u64,
+    pub(super) acks: Arc<AckBatch>,
 }
 
 impl Held {
@@ -90,16 +94,14 @@ impl Held {
             .consuming
             .guard(self.generation, rejected)
             .await?;
+        self.acks.settled(self.tag);
         sent.then_some(()).ok_or_else(channel_gone)
     }
 
+    /// Acks it, together with the other acks of its channel asked for
+    /// meanwhile (see [`AckBatch`]).
     pub(super) async fn ack(&self) -> Result<(), Error> {
-        let acked = async {
-            self.acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(|error| amqp_error("ack", error))
-        };
+        let acked = self.acks.ack(self.tag, self.acker.clone());
         let sent = self.shared.consuming.guard(self.generation, acked).await?;
         sent.then_some(()).ok_or_else(channel_gone)
     }

@@ -23,15 +23,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::Channel;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::ack_batch::AckBatch;
 use super::acker::{AmqpAcker, Held, Waiting, counts_of};
 use super::connection::{Link, RETRY_PAUSE};
 use super::declare::declare_queue;
@@ -107,6 +106,8 @@ struct Live {
     link: Link,
     channel: Channel,
     consumer: lapin::Consumer,
+    /// The channel's acks, sent together.
+    acks: Arc<AckBatch>,
 }
 
 struct ConsumerState {
@@ -164,6 +165,7 @@ impl ConsumerState {
             link,
             channel,
             consumer,
+            acks: Arc::default(),
         });
         Ok(())
     }
@@ -288,11 +290,14 @@ impl ConsumerState {
     }
 
     fn held(&self, delivery: &lapin::message::Delivery, acker: lapin::Acker) -> Held {
-        let generation = self.live.as_ref().map_or(0, |live| live.link.generation);
+        let (generation, acks) = self.live.as_ref().map_or_else(
+            || (0, Arc::default()),
+            |live| (live.link.generation, live.acks.clone()),
+        );
         held_of(
             &self.shared,
             &self.queue,
-            generation,
+            (generation, acks),
             self.guarded,
             delivery,
             acker,
@@ -339,16 +344,22 @@ impl ConsumerState {
     }
 }
 
+/// The delivery as held until settled, registered with its channel's acks
+/// (`channel`: the connection's generation and the acks).
 fn held_of(
     shared: &Arc<Shared>,
     queue: &Arc<str>,
-    generation: u64,
+    channel: (u64, Arc<AckBatch>),
     guarded: bool,
     delivery: &lapin::message::Delivery,
     acker: lapin::Acker,
 ) -> Held {
+    let (generation, acks) = channel;
     let (attempt, delivery_count) = counts_of(delivery, shared.config.queue_type, guarded);
+    acks.delivered(delivery.delivery_tag);
     Held {
+        tag: delivery.delivery_tag,
+        acks,
         shared: shared.clone(),
         acker,
         queue: queue.clone(),
@@ -367,7 +378,7 @@ fn held_of(
 async fn hand_back_unhandled(
     shared: &Arc<Shared>,
     queue: &Arc<str>,
-    generation: u64,
+    channel: (u64, Arc<AckBatch>),
     mut consumer: lapin::Consumer,
 ) {
     // After the cancel, the deliveries already sent are in the consumer's
@@ -378,7 +389,7 @@ async fn hand_back_unhandled(
         let held = held_of(
             shared,
             queue,
-            generation,
+            channel.clone(),
             true,
             &delivery,
             delivery.acker.clone(),
@@ -408,21 +419,7 @@ fn spawn_lag_sampler(
             let Some(link) = links.borrow().clone() else {
                 continue;
             };
-            let sample = async {
-                let channel = link.connection.create_channel().await?;
-                let declared = channel
-                    .queue_declare(
-                        queue.as_ref().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await;
-                let _ = channel.close(200, "lag sampled".into()).await;
-                declared.map(|queue| queue.message_count())
-            };
+            let sample = super::lag::queue_depth(&link, &queue);
             // A sample that cannot finish within the interval is skipped.
             if let Ok(Ok(depth)) = tokio::time::timeout(every, sample).await {
                 metrics::consumer_lag(NAME, topic.clone(), group.clone(), u64::from(depth));
@@ -452,6 +449,7 @@ impl Drop for ConsumerState {
                 link,
                 channel,
                 consumer,
+                acks,
             }) = live
             {
                 let generation = link.generation;
@@ -469,7 +467,7 @@ impl Drop for ConsumerState {
                 };
                 let _ = shared.consuming.guard(generation, cancel).await;
                 if guarded {
-                    hand_back_unhandled(&shared, &queue, generation, consumer).await;
+                    hand_back_unhandled(&shared, &queue, (generation, acks), consumer).await;
                 } else {
                     drop(consumer);
                 }

@@ -126,9 +126,14 @@
 //! (at least once: a mover that dies between the confirm and the ack
 //! leaves a copy to be sent again; `cargo test --all-features --test amqp
 //! schedule` closes a transport after scheduling and connects a new one).
-//! A crash of the broker itself is not covered by a test yet: the buckets
-//! are durable quorum queues, but whether a recovered bucket expires what
-//! it held without a new publish is unproven.
+//! A crash of the broker itself is **not** covered: on RabbitMQ 3.10.8, a
+//! single node SIGKILLed while 30 messages waited in the buckets delivered,
+//! after its restart, the ones that came due during the outage but in most
+//! runs none of those due later, although the movers sent each on in time
+//! without an error. Plain publishes at the same moments after a restart
+//! all arrive; the cause is not found. The reproducer is
+//! `cargo test --all-features --test amqp_liveness -- --ignored
+//! scheduled_messages_survive_a_killed_node`.
 //!
 //! A scheduled message is never early by the movers' clocks (keep them in
 //! sync, as with NTP), and late by tens of milliseconds per hop (a bucket's
@@ -183,6 +188,7 @@ use super::{
 use crate::error::{Error, ErrorKind};
 use crate::topology::Topology;
 
+mod ack_batch;
 mod acker;
 mod close;
 mod config;
@@ -191,6 +197,7 @@ mod consumer;
 mod declare;
 mod dlq;
 mod error;
+mod lag;
 mod mover;
 mod open;
 mod properties;
@@ -471,6 +478,11 @@ impl Transport for AmqpTransport {
             .lifecycle
             .close(|deadline| close::close_connections(shared, deadline))
             .await
+    }
+
+    /// The ready messages in the group's queue (a passive declare).
+    async fn group_lag(&self, topic: &str, group: &str) -> Result<Option<u64>, Error> {
+        lag::group_lag(&self.shared, topic, group).await
     }
 
     fn health(&self) -> TransportHealth {

@@ -526,6 +526,11 @@ impl Transport for MemoryTransport {
         self.inner.lifecycle.health()
     }
 
+    /// The group's [`depth`](MemoryTransport::depth).
+    async fn group_lag(&self, topic: &str, group: &str) -> Result<Option<u64>, Error> {
+        Ok(Some(self.depth(topic, group) as u64))
+    }
+
     /// Drops the topics `<namespace>.*` with their queues and dead letters
     /// (subscriptions to them keep their own queue until they end).
     async fn purge_namespace(&self, namespace: &str) -> Result<usize, Error> {

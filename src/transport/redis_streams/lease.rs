@@ -422,6 +422,21 @@ async fn sample_lag(group: &Group) {
     }
 }
 
+/// The `lag` of `group` on `stream`, asked once (`XINFO GROUPS`).
+pub(super) async fn group_lag(
+    mut conn: super::connection::Conn,
+    stream: &str,
+    group: &str,
+) -> Result<Option<u64>, crate::Error> {
+    let groups: Vec<Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await
+        .map_err(|error| crate::transport::redis_support::redis_error("XINFO GROUPS", error))?;
+    Ok(groups.iter().find_map(|info| lag_of(info, group)))
+}
+
 /// The `lag` of the group named `name` in one `XINFO GROUPS` entry (a map
 /// in RESP3, a flat list of pairs in RESP2).
 fn lag_of(info: &Value, name: &str) -> Option<u64> {

@@ -372,6 +372,14 @@ impl Transport for RedisStreamsTransport {
         self.inner.seen.health(&self.inner.lifecycle)
     }
 
+    /// The group's `lag` from `XINFO GROUPS` (Redis 7; `None` from older
+    /// servers, or when Redis cannot tell after a deletion).
+    async fn group_lag(&self, topic: &str, group: &str) -> Result<Option<u64>, Error> {
+        self.inner.lifecycle.check()?;
+        validate_name("topic", topic)?;
+        lease::group_lag(self.conn(), &self.stream_key(topic), group).await
+    }
+
     /// The stream's newest entry that is not a redriven copy (`XREVRANGE`
     /// of the last few entries); no group reads or acknowledges it.
     async fn read_latest(&self, topic: &str) -> Result<Option<RawMessage>, Error> {
