@@ -104,7 +104,7 @@ async fn a_failing_handler_dead_letters_with_reason_attempts_and_error_and_the_n
     let poison = bus.publish(Ping { n: 1 }).await.unwrap();
     bus.publish(Ping { n: 2 }).await.unwrap();
     assert_eq!(inbox.recv().await, Some((1, 1)));
-    // Concurrency 1: the second message is pulled only after the first was settled.
+    // Concurrency 1: the second message is pulled only after the first was handled.
     assert_eq!(inbox.recv().await, Some((2, 1)));
 
     let letters = dead_letters(&transport).await;
@@ -604,3 +604,6 @@ mod batch;
 
 #[path = "bus/stats.rs"]
 mod stats;
+
+#[path = "bus/ack_in_flight.rs"]
+mod ack_in_flight;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tower::Service;
 use tracing::Instrument;
 
@@ -23,6 +23,12 @@ use crate::transport::{Delivery, GiveBackLimit, OrderingKey, Settled, Subscripti
 
 pub(super) type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// How many settles may be on their way beyond the handlers running. A few
+/// are enough for acks to go out in batches (a Redis Streams subscription
+/// sends what is waiting in one script); more would only hold more
+/// transport work at once (lapin, for one, runs each ack as a task).
+const SETTLES_IN_FLIGHT: usize = 8;
+
 /// A delivery decoded for `E`, with the message its handler gets.
 pub(super) struct Decoded<E> {
     pub(super) delivery: Delivery,
@@ -35,6 +41,8 @@ pub(super) struct ConsumeLoop<E, H> {
     pub(super) counters: Arc<super::stats::Counters>,
     pub(super) subscription: Subscription,
     pub(super) transport: &'static str,
+    /// The subscription's consume metrics, shared by its settling futures.
+    pub(super) metrics: Arc<metrics::ConsumeMetrics>,
     pub(super) handler: H,
     pub(super) codec: Codec,
     pub(super) concurrency: usize,
@@ -59,17 +67,34 @@ where
         self.run_unordered(stopped).await
     }
 
+    /// Handlers run at most `concurrency` at a time, each holding a permit
+    /// of `handlers` from before its delivery is taken until the handler's
+    /// future resolves. The settle that follows (an XACK, a basic.ack) runs
+    /// on without the permit, so with `concurrency` 1 the next message is
+    /// handed out while the previous ack is on its way: handlers still run
+    /// one at a time and in order, and a delivery whose ack has not landed
+    /// is still unsettled — dropped by a crash, the broker delivers it
+    /// again. Settles in flight are bounded by the prefetch (a delivery
+    /// holds its prefetch permit until settled) and by
+    /// [`SETTLES_IN_FLIGHT`].
     async fn run_unordered(mut self, mut stopped: oneshot::Receiver<()>) -> Result<(), Error> {
         let mut in_flight = FuturesUnordered::<Settling>::new();
+        let handlers = Arc::new(Semaphore::new(self.concurrency.min(Semaphore::MAX_PERMITS)));
+        let mut permit: Option<OwnedSemaphorePermit> = None;
+        let most_in_flight = self.concurrency.saturating_add(SETTLES_IN_FLIGHT);
         let mut ready = false;
         let mut outcome = Ok(());
         loop {
-            let room = in_flight.len() < self.concurrency;
+            let room = in_flight.len() < most_in_flight;
+            let may_take = room && permit.is_some();
             tokio::select! {
                 biased;
                 _ = &mut stopped => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                readiness = poll_fn(|cx| Self::poll_handler(&mut self.handler, &self.health, cx)), if room && !ready => {
+                acquired = handlers.clone().acquire_owned(), if permit.is_none() => {
+                    permit = acquired.ok();
+                }
+                readiness = poll_fn(|cx| Self::poll_handler(&mut self.handler, &self.health, cx)), if may_take && !ready => {
                     match readiness {
                         Ok(()) => ready = true,
                         Err(error) => {
@@ -78,9 +103,10 @@ where
                         }
                     }
                 }
-                delivery = self.subscription.recv(), if room && ready => match delivery {
+                delivery = self.subscription.recv(), if may_take && ready => match delivery {
                     Some(delivery) => {
-                        let (settling, used_readiness) = self.start(delivery);
+                        let handler_permit = permit.take();
+                        let (settling, used_readiness) = self.start(delivery, handler_permit);
                         ready &= !used_readiness;
                         in_flight.push(settling);
                     }
@@ -96,25 +122,26 @@ where
 
     /// Decodes a delivery and starts handling it; returns the future that
     /// handles and settles it, and whether it used the handler's readiness.
-    fn start(&mut self, delivery: Delivery) -> (Settling, bool) {
+    /// `handler_permit` is given up as soon as the handler's future has
+    /// resolved (or at once for a delivery that reaches no handler).
+    fn start(
+        &mut self,
+        delivery: Delivery,
+        handler_permit: Option<OwnedSemaphorePermit>,
+    ) -> (Settling, bool) {
         let decoded = match self.decode(delivery) {
             Ok(decoded) => decoded,
             Err(settling) => return (settling, false),
         };
         let (handled, span) = self.call(&decoded.message);
-        let (transport, started) = (self.transport, std::time::Instant::now());
+        let (recorder, started) = (self.metrics.clone(), std::time::Instant::now());
         let limit = self.give_back_limit;
         let settling = async move {
             let result = handled.await;
+            drop(handler_permit);
             let Decoded { delivery, message } = decoded;
             let label = settle(delivery, Outcome::of(&result), &limit).await;
-            metrics::consumed(
-                transport,
-                message.shared_topic(),
-                message.shared_group(),
-                label,
-                started.elapsed(),
-            );
+            recorder.record(&message.topic, label, started.elapsed());
         };
         (Box::pin(settling.instrument(span)), true)
     }

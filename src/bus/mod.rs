@@ -455,12 +455,18 @@ impl EventBus {
         );
         let (stop, stopped) = oneshot::channel();
         let (health, watched) = watch::channel(ConsumerHealth::Running);
+        let metrics = Arc::new(crate::observe::metrics::ConsumeMetrics::new(
+            self.transport.name(),
+            subscription.topic().into(),
+            subscription.group().into(),
+        ));
         let counters = Arc::new(stats::Counters::default());
         let consume = ConsumeLoop {
             health,
             counters: counters.clone(),
             subscription,
             transport: self.transport.name(),
+            metrics,
             handler,
             codec: self.codec.clone(),
             concurrency,

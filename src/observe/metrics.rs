@@ -173,6 +173,81 @@ pub(crate) fn consumed(
     }
 }
 
+/// The outcomes [`ConsumeMetrics`] keeps handles for: every `outcome`
+/// label of [`CONSUME_TOTAL`].
+const CONSUME_OUTCOMES: [&str; 7] = [
+    "ack",
+    "nack",
+    "give_back",
+    "dead_letter",
+    "rejected",
+    "dropped",
+    "unsettled",
+];
+
+/// The consume metrics of one subscription: each outcome's counter and
+/// histogram are looked up in the recorder the first time that outcome
+/// happens and kept, so a message costs two atomic updates rather than two
+/// label sets built and registered. Only on first use: a series shows up
+/// once it has something to count, as with [`consumed`].
+pub(crate) struct ConsumeMetrics {
+    transport: &'static str,
+    topic: std::sync::Arc<str>,
+    group: std::sync::Arc<str>,
+    handles: [std::sync::OnceLock<(metrics::Counter, metrics::Histogram)>; 7],
+}
+
+impl ConsumeMetrics {
+    pub(crate) fn new(
+        transport: &'static str,
+        topic: std::sync::Arc<str>,
+        group: std::sync::Arc<str>,
+    ) -> Self {
+        Self {
+            transport,
+            topic,
+            group,
+            handles: Default::default(),
+        }
+    }
+
+    /// Records one consumed delivery of `topic` (a pattern subscription's
+    /// deliveries have topics of their own: those go the long way).
+    pub(crate) fn record(
+        &self,
+        topic: &std::sync::Arc<str>,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        let index = CONSUME_OUTCOMES.iter().position(|known| *known == outcome);
+        let ours = std::sync::Arc::ptr_eq(topic, &self.topic) || **topic == *self.topic;
+        let (Some(index), true, false) = (index, ours, outcome == "dead_letter") else {
+            consumed(
+                self.transport,
+                topic.clone(),
+                self.group.clone(),
+                outcome,
+                elapsed,
+            );
+            return;
+        };
+        let (counter, histogram) = self.handles[index].get_or_init(|| {
+            let labels = [
+                ("transport", Label::Borrowed(self.transport)),
+                ("topic", Label::Owned(self.topic.to_string())),
+                ("group", Label::Owned(self.group.to_string())),
+                ("outcome", Label::Borrowed(CONSUME_OUTCOMES[index])),
+            ];
+            (
+                metrics::counter!(CONSUME_TOTAL, &labels),
+                metrics::histogram!(CONSUME_DURATION, &labels),
+            )
+        });
+        counter.increment(1);
+        histogram.record(elapsed);
+    }
+}
+
 pub(crate) fn called(path: &Label, transport: &Label, outcome: &'static str, elapsed: Duration) {
     let labels = [
         ("path", path.clone()),

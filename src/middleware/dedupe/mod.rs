@@ -37,7 +37,7 @@
 //! complete or release the new holder's mark.
 //!
 //! The in-process [`MokaDedupeStore`] never refuses a new mark: when full it
-//! evicts the least recently used marks, even before their TTL, and counts
+//! evicts the marks written longest ago, even before their TTL, and counts
 //! each such eviction ([`MokaDedupeStore::evictions`] and the
 //! `switchboard_dedupe_evictions_total` metric). A duplicate of an evicted
 //! event runs again, so its capacity must cover every event handled within

@@ -1,37 +1,42 @@
-//! The in-process dedupe store, on a moka cache.
+//! The in-process dedupe store: sharded hash maps of marks, each mark with
+//! its own expiry, the oldest written evicted first when full.
+//!
+//! It was a moka cache; a first delivery (two writes) cost 8–16 µs there,
+//! most of it in the cache's concurrent-map and housekeeping machinery
+//! (epoch-based reclamation, a waiter map per `and_compute_with`, rehashing).
+//! A mutex per shard around a plain `HashMap` does the same checks in a
+//! fraction of that; the type keeps its name.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::Arc;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use moka::Expiry;
-use moka::notification::RemovalCause;
-use moka::ops::compute::Op;
-use moka::policy::EvictionPolicy;
-use moka::sync::Cache;
 
 use super::store::{DedupeStore, Mark};
 use crate::error::Error;
 
-/// Dedupe marks in a moka cache: fast, bounded, and local to the process.
+/// Dedupe marks in process memory: fast, bounded, and local to the process.
 ///
 /// Right for a consumer that runs as one replica, or whose transport never
 /// hands the same message to two replicas at once; replicas that must see
 /// each other's marks need a shared store (Redis). Each mark expires after
 /// its own TTL.
 ///
-/// A new mark is always stored. When the cache is full, room is made by
-/// evicting the least recently used marks, even if their TTL has not run
-/// out: a duplicate of an evicted event is no longer caught and runs again.
-/// Size the store to hold every event handled within the redelivery window
-/// (the done TTL, or at least as far back as a broker or an operator may
-/// redeliver). Such evictions are counted, by [`evictions`](Self::evictions)
-/// and the `switchboard_dedupe_evictions_total` metric (label
-/// `store="moka"`); a count that keeps growing means the capacity is too
-/// small. The count is updated as moka does its housekeeping, which runs
-/// along with the cache's reads and writes.
+/// A new mark is always stored. When the store is full, room is made by
+/// evicting the marks written longest ago (a mark is written when it is
+/// taken and again when it is done), even if their TTL has not run out: a
+/// duplicate of an evicted event is no longer caught and runs again. Size
+/// the store to hold every event handled within the redelivery window (the
+/// done TTL, or at least as far back as a broker or an operator may
+/// redeliver). Such evictions are counted, by
+/// [`evictions`](Self::evictions) and the
+/// `switchboard_dedupe_evictions_total` metric (label `store="moka"`, the
+/// store's name); a count that keeps growing means the capacity is too
+/// small. Expired marks are dropped as newer ones are written.
 ///
 /// ```
 /// use std::time::Duration;
@@ -49,34 +54,118 @@ use crate::error::Error;
 /// ```
 #[derive(Clone)]
 pub struct MokaDedupeStore {
-    marks: Cache<String, Entry>,
+    shards: Arc<[Mutex<Shard>]>,
+    /// The marks one shard holds at most.
+    per_shard: usize,
+    hasher: RandomState,
     /// Marks evicted for room before their TTL ran out; shared by clones.
     evictions: Arc<AtomicU64>,
 }
 
-#[derive(Clone)]
-struct Entry {
-    /// The holder's fencing token while in progress; `None` once done.
-    token: Option<Arc<str>>,
-    ttl: Duration,
+/// One shard: the marks, and the order they were written in.
+#[derive(Default)]
+struct Shard {
+    marks: HashMap<Arc<str>, Slot>,
+    /// Every write, oldest first, with the stamp it gave its mark and when
+    /// that write expires; an entry whose mark was written again since
+    /// (another stamp) or removed is skipped when it comes up.
+    written: VecDeque<Written>,
+    next_stamp: u64,
 }
 
-/// Each mark lives for the TTL it was written with.
-struct OwnTtl;
+struct Written {
+    key: Arc<str>,
+    stamp: u64,
+    expires: Instant,
+}
 
-impl Expiry<String, Entry> for OwnTtl {
-    fn expire_after_create(&self, _: &String, entry: &Entry, _: Instant) -> Option<Duration> {
-        Some(entry.ttl)
+struct Slot {
+    /// The same allocation as the map's key, for `written`.
+    key: Arc<str>,
+    /// The holder's fencing token while in progress; `None` once done.
+    token: Option<Arc<str>>,
+    expires: Instant,
+    stamp: u64,
+}
+
+impl Slot {
+    fn live(&self, now: Instant) -> bool {
+        self.expires > now
     }
 
-    fn expire_after_update(
-        &self,
-        _: &String,
-        entry: &Entry,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.ttl)
+    fn held_by(&self, token: &str, now: Instant) -> bool {
+        self.live(now) && self.token.as_deref() == Some(token)
+    }
+}
+
+/// Marks per shard below which a store has a single shard (so a small
+/// store evicts in exactly the order marks were written).
+const MARKS_PER_SHARD: u64 = 4096;
+/// Shards of a large store: enough that consumers on many threads seldom
+/// wait for each other.
+const MOST_SHARDS: u64 = 16;
+
+impl Shard {
+    fn stamp(&mut self) -> u64 {
+        self.next_stamp += 1;
+        self.next_stamp
+    }
+
+    /// Stores a new mark of `key` (which has none, or an expired one).
+    fn insert(&mut self, key: &str, token: Arc<str>, expires: Instant) {
+        let key: Arc<str> = Arc::from(key);
+        let stamp = self.stamp();
+        self.written.push_back(Written {
+            key: key.clone(),
+            stamp,
+            expires,
+        });
+        let slot = Slot {
+            key: key.clone(),
+            token: Some(token),
+            expires,
+            stamp,
+        };
+        self.marks.insert(key, slot);
+    }
+
+    /// Writes `key`'s existing mark again: the given token, a new expiry.
+    fn rewrite(&mut self, key: &str, token: Option<Arc<str>>, expires: Instant) {
+        let stamp = self.stamp();
+        let Some(slot) = self.marks.get_mut(key) else {
+            return;
+        };
+        (slot.token, slot.expires, slot.stamp) = (token, expires, stamp);
+        let key = slot.key.clone();
+        self.written.push_back(Written {
+            key,
+            stamp,
+            expires,
+        });
+    }
+
+    /// Makes room: writes expired by now go first (their marks with them,
+    /// unless written again since), then, past `capacity`, the marks
+    /// written longest ago (counted as evictions).
+    fn trim(&mut self, now: Instant, capacity: usize, evictions: &AtomicU64) {
+        while let Some(oldest) = self.written.front() {
+            let expired = oldest.expires <= now;
+            if !expired && self.marks.len() <= capacity {
+                break;
+            }
+            let current = self
+                .marks
+                .get(&oldest.key)
+                .is_some_and(|slot| slot.stamp == oldest.stamp);
+            if current {
+                self.marks.remove(&oldest.key);
+                if !expired {
+                    evictions.fetch_add(1, Ordering::Relaxed);
+                    crate::observe::metrics::dedupe_evicted("moka");
+                }
+            }
+            self.written.pop_front();
+        }
     }
 }
 
@@ -90,27 +179,17 @@ impl MokaDedupeStore {
         Self::with_capacity(Self::DEFAULT_CAPACITY)
     }
 
-    /// A store holding up to `capacity` marks; the least recently used are
-    /// evicted to make room for new ones.
+    /// A store holding up to `capacity` marks; those written longest ago
+    /// are evicted to make room for new ones.
     pub fn with_capacity(capacity: u64) -> Self {
-        let evictions = Arc::new(AtomicU64::new(0));
-        let counter = evictions.clone();
-        let marks = Cache::builder()
-            .max_capacity(capacity)
-            // TinyLFU, moka's default, may refuse a new entry when the cache
-            // is full; a refused mark would let its duplicates through.
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(OwnTtl)
-            .eviction_listener(move |_, _, cause| {
-                // Expired marks are removed with `Expired`; `Size` is a mark
-                // pushed out before its TTL ran out.
-                if cause == RemovalCause::Size {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    crate::observe::metrics::dedupe_evicted("moka");
-                }
-            })
-            .build();
-        Self { marks, evictions }
+        let capacity = capacity.max(1);
+        let shards = (capacity / MARKS_PER_SHARD).clamp(1, MOST_SHARDS);
+        Self {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            per_shard: capacity.div_ceil(shards) as usize,
+            hasher: RandomState::new(),
+            evictions: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// How many marks this store (and its clones) evicted to make room
@@ -120,16 +199,41 @@ impl MokaDedupeStore {
         self.evictions.load(Ordering::Relaxed)
     }
 
-    /// Runs `decide` on the current mark of `key` atomically.
-    fn compute<T>(&self, key: &str, decide: impl FnOnce(Option<&Entry>) -> (Op<Entry>, T)) -> T {
-        let mut answer = None;
-        self.marks.entry_by_ref(key).and_compute_with(|current| {
-            let (op, value) = decide(current.as_ref().map(|entry| entry.value()));
-            answer = Some(value);
-            op
-        });
-        answer.expect("moka runs the compute closure exactly once")
+    /// The marks held now (expired ones not yet dropped included).
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| lock(shard).marks.len())
+            .sum()
     }
+
+    /// Whether a live mark of `key` is held.
+    #[cfg(test)]
+    fn holds(&self, key: &str) -> bool {
+        let now = Instant::now();
+        self.shard(key)
+            .marks
+            .get(key)
+            .is_some_and(|slot| slot.live(now))
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        let index = self.hasher.hash_one(key) as usize % self.shards.len();
+        lock(&self.shards[index])
+    }
+
+    /// When a mark written now with `ttl` expires.
+    fn expiry(now: Instant, ttl: Duration) -> Instant {
+        // A TTL past what `Instant` can hold: a year is as good as never.
+        now.checked_add(ttl)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+    }
+}
+
+/// A poisoned shard still holds consistent marks: every change to it is
+/// one `HashMap` or `VecDeque` call.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Default for MokaDedupeStore {
@@ -138,74 +242,70 @@ impl Default for MokaDedupeStore {
     }
 }
 
-fn held_by(entry: Option<&Entry>, token: &str) -> bool {
-    entry.and_then(|entry| entry.token.as_deref()) == Some(token)
-}
-
 #[async_trait]
 impl DedupeStore for MokaDedupeStore {
     async fn try_begin(&self, key: &str, token: &str, ttl: Duration) -> Result<Mark, Error> {
-        // A mark that exists is only read: duplicates are the common case
-        // worth making cheap, and reading needs no entry lock.
-        if let Some(entry) = self.marks.get(key) {
-            return Ok(if entry.token.is_some() {
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        if let Some(slot) = shard.marks.get(key).filter(|slot| slot.live(now)) {
+            return Ok(if slot.token.is_some() {
                 Mark::InProgress
             } else {
                 Mark::Done
             });
         }
-        Ok(self.compute(key, |current| match current {
-            None => {
-                let entry = Entry {
-                    token: Some(token.into()),
-                    ttl,
-                };
-                (Op::Put(entry), Mark::Acquired)
-            }
-            Some(entry) if entry.token.is_some() => (Op::Nop, Mark::InProgress),
-            Some(_) => (Op::Nop, Mark::Done),
-        }))
+        shard.insert(key, token.into(), Self::expiry(now, ttl));
+        shard.trim(now, self.per_shard, &self.evictions);
+        Ok(Mark::Acquired)
     }
 
     async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
-        Ok(self.compute(key, |current| match current {
-            // Written again with the new TTL: moka restarts its expiry.
-            Some(entry) if held_by(Some(entry), token) => (
-                Op::Put(Entry {
-                    token: entry.token.clone(),
-                    ttl,
-                }),
-                true,
-            ),
-            _ => (Op::Nop, false),
-        }))
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let Some(slot) = shard.marks.get(key).filter(|slot| slot.held_by(token, now)) else {
+            return Ok(false);
+        };
+        let token = slot.token.clone();
+        shard.rewrite(key, token, Self::expiry(now, ttl));
+        shard.trim(now, self.per_shard, &self.evictions);
+        Ok(true)
     }
 
     async fn complete(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
-        Ok(self.compute(key, |current| {
-            if held_by(current, token) {
-                (Op::Put(Entry { token: None, ttl }), true)
-            } else {
-                (Op::Nop, false)
-            }
-        }))
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        if !shard
+            .marks
+            .get(key)
+            .is_some_and(|slot| slot.held_by(token, now))
+        {
+            return Ok(false);
+        }
+        shard.rewrite(key, None, Self::expiry(now, ttl));
+        shard.trim(now, self.per_shard, &self.evictions);
+        Ok(true)
     }
 
     async fn release(&self, key: &str, token: &str) -> Result<bool, Error> {
-        Ok(self.compute(key, |current| {
-            if held_by(current, token) {
-                (Op::Remove, true)
-            } else {
-                (Op::Nop, false)
-            }
-        }))
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        if !shard
+            .marks
+            .get(key)
+            .is_some_and(|slot| slot.held_by(token, now))
+        {
+            return Ok(false);
+        }
+        // Its entries in `written` are skipped when they come up.
+        shard.marks.remove(key);
+        Ok(true)
     }
 }
 
 impl fmt::Debug for MokaDedupeStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MokaDedupeStore")
-            .field("marks", &self.marks.entry_count())
+            .field("marks", &self.len())
             .field("evictions", &self.evictions())
             .finish()
     }
@@ -259,7 +359,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_in_progress_mark_expires_after_its_ttl() {
-        // moka keeps its own clock, so this waits in real time, bounded.
+        // The store keeps std's clock, so this waits in real time, bounded.
         let store = MokaDedupeStore::new();
         let ttl = Duration::from_millis(50);
         assert_eq!(
@@ -285,7 +385,7 @@ mod tests {
     }
 
     #[test]
-    fn at_capacity_the_least_recent_marks_make_room_and_are_counted() {
+    fn at_capacity_the_marks_written_longest_ago_make_room_and_are_counted() {
         use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
         const CAPACITY: u64 = 64;
@@ -305,18 +405,18 @@ mod tests {
                     );
                     assert!(store.complete(key, "a", MINUTE).await.unwrap());
                 }
-                store.marks.run_pending_tasks();
             });
         });
 
         let (older, recent) = keys.split_at(CAPACITY as usize);
-        for key in older {
-            assert!(!store.marks.contains_key(key), "{key} was kept");
-        }
+        assert_eq!(store.len(), CAPACITY as usize);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         runtime.block_on(async {
+            for key in older {
+                assert!(!store.holds(key), "{key} was kept");
+            }
             for key in recent {
                 assert_eq!(
                     store.try_begin(key, "b", MINUTE).await.unwrap(),
@@ -369,7 +469,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_extended_mark_outlives_its_first_ttl() {
-        // moka keeps its own clock, so this waits in real time, briefly.
+        // The store keeps std's clock, so this waits in real time, briefly.
         let store = MokaDedupeStore::new();
         let short = Duration::from_millis(100);
         store.try_begin("k", "a", short).await.unwrap();

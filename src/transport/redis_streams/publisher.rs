@@ -14,7 +14,12 @@ impl RedisStreamsTransport {
     /// (or the older [`max_len`](super::RedisStreamsConfig::max_len)) says so.
     pub(super) fn xadd(&self, topic: &str, message: &RawMessage) -> Cmd {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.stream_key(topic));
+        if self.inner.config.key_prefix.is_empty() && !self.inner.hash_tag {
+            // The key is the topic itself: no string to build per publish.
+            cmd.arg(topic);
+        } else {
+            cmd.arg(self.stream_key(topic));
+        }
         if let Some(max_len) = self.inner.config.xadd_max_len(topic) {
             cmd.arg("MAXLEN").arg("~").arg(max_len);
         }
