@@ -1,6 +1,6 @@
 //! What the resilience layers cost on the happy path: breaker + retry +
 //! timeout over a no-op service beside the bare service, and a dedupe check
-//! on the moka store — all in one run, on a `current_thread` runtime (the
+//! on the in-process store — all in one run, on a `current_thread` runtime (the
 //! layers add no task hops, so the runtime flavour hardly matters here).
 //!
 //! `cargo bench --bench resilience`
@@ -13,7 +13,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use switchboard::Error;
 use switchboard::config::ResilienceConfig;
 use switchboard::middleware::Resilience;
-use switchboard::middleware::dedupe::{DedupeStore, MokaDedupeStore};
+use switchboard::middleware::dedupe::{DedupeStore, MemoryDedupeStore};
 use tower::{Service, ServiceExt, service_fn};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -58,13 +58,13 @@ fn stack_overhead(c: &mut Criterion) {
 
 fn dedupe_check(c: &mut Criterion) {
     let rt = runtime();
-    let store = Arc::new(MokaDedupeStore::new());
+    let store = Arc::new(MemoryDedupeStore::new());
     let ttl = Duration::from_secs(60);
     rt.block_on(async {
         store.try_begin("g:done", "t", ttl).await.unwrap();
         store.complete("g:done", "t", ttl).await.unwrap();
     });
-    let mut group = c.benchmark_group("dedupe (moka)");
+    let mut group = c.benchmark_group("dedupe (in process)");
     group.bench_function("check a duplicate (done mark)", |b| {
         b.to_async(&rt).iter(|| async {
             black_box(store.try_begin("g:done", "t2", ttl).await.unwrap());

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use switchboard::middleware::dedupe::{DedupeStore, MokaDedupeStore};
+use switchboard::middleware::dedupe::{DedupeStore, MemoryDedupeStore};
 
 pub async fn run(args: &[String]) {
     let n: u64 = args
@@ -13,7 +13,7 @@ pub async fn run(args: &[String]) {
         .and_then(|at| args.get(at + 1)?.parse().ok())
         .unwrap_or(200_000);
     let ttl = Duration::from_secs(60);
-    let store = MokaDedupeStore::new();
+    let store = MemoryDedupeStore::new();
     let keys: Vec<String> = (0..n).map(|i| format!("g:{i}")).collect();
     let started = Instant::now();
     for key in &keys {

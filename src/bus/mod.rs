@@ -484,9 +484,20 @@ impl EventBus {
             group: group.clone(),
         };
         let reported = watched.clone();
+        // The gauge follows the health from a task of its own, so the
+        // consume loop's task does no work for it; once the loop has ended
+        // and announced it (its failure kept first), the gauge says how.
+        tokio::spawn({
+            let (mut ended, failure) = (watch_ended.clone(), failure.clone());
+            async move {
+                gauge.follow(reported).await;
+                if ended.wait_for(|ended| *ended).await.is_ok() {
+                    gauge.ended(failure.get().is_none());
+                }
+            }
+        });
         let task = tokio::spawn(async move {
-            let (result, ()) = tokio::join!(consume.run(stopped), gauge.follow(reported));
-            gauge.ended(result.is_ok());
+            let result = consume.run(stopped).await;
             // The failure is kept before the end is announced, so whoever
             // wakes on `closed()` finds it.
             if let Err(error) = result {

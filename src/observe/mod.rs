@@ -41,7 +41,7 @@
 //! | `switchboard_dropped_total` | counter | `transport`, `topic`, `reason` (`inbox_full`) | Redis Pub/Sub's bounded inbox |
 //! | `switchboard_push_refused_total` | counter | `transport`, `topic` | gRPC / HTTP push receivers whose queue was full |
 //! | `switchboard_consumer_lag` | gauge | `transport`, `topic`, `group` | each subscription, on an interval (memory, Redis Streams, RabbitMQ) |
-//! | `switchboard_dedupe_evictions_total` | counter | `store` | [`MokaDedupeStore`](crate::middleware::dedupe::MokaDedupeStore) |
+//! | `switchboard_dedupe_evictions_total` | counter | `store` | [`MemoryDedupeStore`](crate::middleware::dedupe::MemoryDedupeStore) |
 //! | `switchboard_outbox_pending` | gauge | `outbox` (table) | the outbox relay, every `stats_interval`: rows waiting, parked ones not counted |
 //! | `switchboard_outbox_lag_seconds` | gauge | `outbox` | the outbox relay: age of the oldest row waiting |
 //! | `switchboard_outbox_sent_total` | counter | `outbox`, `topic` | the outbox relay: rows the transport accepted |

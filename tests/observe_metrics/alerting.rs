@@ -53,10 +53,7 @@ async fn a_consumer_reports_running_then_stopped_or_failed() {
     }
     assert_eq!(seen.gauge(CONSUMER_STATE, &labels("ledger")), 0.0);
     consumer.shutdown().await.unwrap();
-    assert_eq!(
-        recorder.take().gauge(CONSUMER_STATE, &labels("ledger")),
-        2.0
-    );
+    until_state(&recorder, &labels("ledger"), 2.0).await;
 
     let dead = bus
         .subscribe(SubscribeOptions::new("broken"), Broken)
@@ -64,10 +61,32 @@ async fn a_consumer_reports_running_then_stopped_or_failed() {
         .unwrap();
     let error = dead.closed().await.expect("the consumer died").to_string();
     assert!(error.to_string().contains("the ledger is gone"), "{error}");
-    assert_eq!(
-        recorder.take().gauge(CONSUMER_STATE, &labels("broken")),
-        3.0
-    );
+    until_state(&recorder, &labels("broken"), 3.0).await;
+}
+
+/// Waits (under a deadline) until the consumer-state gauge of `labels`
+/// reads `expected`: a task of its own sets it.
+async fn until_state(recorder: &Recorder, labels: &[(&str, &str)], expected: f64) {
+    let wanted = super::labels(labels);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = recorder.take();
+        let found = seen
+            .0
+            .iter()
+            .find(|(name, found, _)| name == CONSUMER_STATE && *found == wanted)
+            .map(|(.., value)| value.clone());
+        if let Some(DebugValue::Gauge(value)) = &found
+            && value.0 == expected
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumer state is {found:?}, not {expected}"
+        );
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Every `switchboard_…` name in the rules is a metric of the crate, so a

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tower::Layer;
 
-use super::{Dedupe, DedupeStore, DedupeTtls, MokaDedupeStore};
+use super::{Dedupe, DedupeStore, DedupeTtls, MemoryDedupeStore};
 
 /// Wraps handlers in [`Dedupe`], all sharing one store.
 #[derive(Clone)]
@@ -22,9 +22,9 @@ impl DedupeLayer {
         }
     }
 
-    /// Marks kept in a new in-process [`MokaDedupeStore`].
+    /// Marks kept in a new in-process [`MemoryDedupeStore`].
     pub fn in_memory() -> Self {
-        Self::new(Arc::new(MokaDedupeStore::new()))
+        Self::new(Arc::new(MemoryDedupeStore::new()))
     }
 
     /// Sets all three durations.

@@ -36,9 +36,9 @@
 //! sure a holder whose mark expired and was taken over cannot extend,
 //! complete or release the new holder's mark.
 //!
-//! The in-process [`MokaDedupeStore`] never refuses a new mark: when full it
+//! The in-process [`MemoryDedupeStore`] never refuses a new mark: when full it
 //! evicts the marks written longest ago, even before their TTL, and counts
-//! each such eviction ([`MokaDedupeStore::evictions`] and the
+//! each such eviction ([`MemoryDedupeStore::evictions`] and the
 //! `switchboard_dedupe_evictions_total` metric). A duplicate of an evicted
 //! event runs again, so its capacity must cover every event handled within
 //! the redelivery window.
@@ -81,7 +81,7 @@
 
 mod future;
 mod layer;
-mod moka;
+mod memory;
 #[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
 mod redis;
 mod store;
@@ -98,7 +98,14 @@ use uuid::Uuid;
 
 pub use self::future::ResponseFuture;
 pub use self::layer::DedupeLayer;
-pub use self::moka::MokaDedupeStore;
+pub use self::memory::MemoryDedupeStore;
+
+/// The in-process store's former name, from when it was a moka cache.
+#[deprecated(
+    since = "0.1.0",
+    note = "renamed `MemoryDedupeStore`: it is no longer a moka cache"
+)]
+pub type MokaDedupeStore = MemoryDedupeStore;
 #[cfg(any(feature = "redis-streams", feature = "redis-pubsub"))]
 pub use self::redis::RedisDedupeStore;
 pub use store::{DedupeStore, Mark};

@@ -1,4 +1,4 @@
-//! Where dedupe marks live: in process (`MokaDedupeStore`) or shared by a service's
+//! Where dedupe marks live: in process (`MemoryDedupeStore`) or shared by a service's
 //! replicas (Redis).
 
 use std::time::Duration;

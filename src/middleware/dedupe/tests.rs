@@ -104,7 +104,7 @@ async fn a_delivery_finding_its_event_in_progress_is_requeued_without_running() 
 
 #[tokio::test]
 async fn a_handler_dropped_mid_way_releases_its_mark() {
-    let store = Arc::new(MokaDedupeStore::new());
+    let store = Arc::new(MemoryDedupeStore::new());
     let entered = Arc::new(Notify::new());
     let handler = DedupeLayer::new(store.clone()).layer(service_fn({
         let entered = entered.clone();
@@ -232,7 +232,7 @@ async fn a_failing_store_requeues_instead_of_dead_lettering() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
-/// Marks that expire by tokio's clock (moka keeps its own), so a paused
+/// Marks that expire by tokio's clock (the in-process store keeps std's), so a paused
 /// clock can run a handler past the in-progress TTL without waiting.
 #[derive(Default)]
 struct Clocked {

@@ -11,7 +11,7 @@ use tower::ServiceBuilder;
 
 use super::circuit_breaker::{CircuitBreaker, CircuitBreakerLayer, WhenOpen};
 use super::dead_letter::{DeadLetterAlert, DeadLettering, DeadLetteringLayer};
-use super::dedupe::{Dedupe, DedupeLayer, DedupeStore, DedupeTtls, MokaDedupeStore};
+use super::dedupe::{Dedupe, DedupeLayer, DedupeStore, DedupeTtls, MemoryDedupeStore};
 use super::retry::{CountAttempts, Retry, RetryLayer, SameRequest, Uniform};
 use super::timeout::{Timeout, TimeoutLayer};
 use crate::config::{CircuitBreakerConfig, ResilienceConfig, RetryConfig};
@@ -184,7 +184,7 @@ impl Resilience {
             timeouts: Arc::default(),
             config,
             idempotent: false,
-            dedupe_store: Arc::new(MokaDedupeStore::new()),
+            dedupe_store: Arc::new(MemoryDedupeStore::new()),
             dedupe_ttls: None,
             dead_letter: DeadLetteringLayer::log_only(),
         }

@@ -472,7 +472,7 @@ impl Transport for AmqpTransport {
     /// channel), stops both supervisors and
     /// closes both connections with `connection.close(200)`.
     async fn close(&self) -> Result<(), Error> {
-        self.shared.scheduled.stop();
+        self.shared.scheduled.stop_and_close().await;
         let shared = self.shared.clone();
         self.shared
             .lifecycle

@@ -78,6 +78,7 @@ async fn consume(shared: &Weak<Shared>, link: &super::connection::Link) -> Resul
                 .create_channel()
                 .await
                 .map_err(|error| amqp_error("open the mover's channel", error))?;
+            *super::lock(&strong.scheduled.mover_channel) = Some(channel.clone());
             channel
                 .basic_qos(PREFETCH, BasicQosOptions::default())
                 .await

@@ -76,6 +76,11 @@ pub(crate) const BROKER_HEADERS: &[&str] = &[
 pub(crate) struct Scheduled {
     declared: Mutex<HashSet<(u64, u32)>>,
     pub(super) mover: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The mover's channel, kept here too so that closing the transport
+    /// closes it politely before the connection: dropped by the aborted
+    /// task alone, lapin would close it on its own while the connection
+    /// closes, and log that as a connection error.
+    pub(super) mover_channel: Mutex<Option<lapin::Channel>>,
 }
 
 impl Scheduled {
@@ -83,6 +88,15 @@ impl Scheduled {
     pub(crate) fn stop(&self) {
         if let Some(task) = lock(&self.mover).take() {
             task.abort();
+        }
+    }
+
+    /// Stops the mover and closes its channel, within [`CLOSE_TIMEOUT`].
+    pub(crate) async fn stop_and_close(&self) {
+        self.stop();
+        let channel = lock(&self.mover_channel).take();
+        if let Some(channel) = channel.filter(|channel| channel.status().connected()) {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "closing".into())).await;
         }
     }
 }

@@ -1,11 +1,11 @@
 //! The in-process dedupe store: sharded hash maps of marks, each mark with
 //! its own expiry, the oldest written evicted first when full.
 //!
-//! It was a moka cache; a first delivery (two writes) cost 8–16 µs there,
-//! most of it in the cache's concurrent-map and housekeeping machinery
-//! (epoch-based reclamation, a waiter map per `and_compute_with`, rehashing).
-//! A mutex per shard around a plain `HashMap` does the same checks in a
-//! fraction of that; the type keeps its name.
+//! It was a moka cache (`MokaDedupeStore`); a first delivery (two writes)
+//! cost 8–16 µs there, most of it in the cache's concurrent-map and
+//! housekeeping machinery (epoch-based reclamation, a waiter map per
+//! `and_compute_with`, rehashing). A mutex per shard around a plain
+//! `HashMap` does the same checks in a fraction of that.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -34,16 +34,16 @@ use crate::error::Error;
 /// done TTL, or at least as far back as a broker or an operator may
 /// redeliver). Such evictions are counted, by
 /// [`evictions`](Self::evictions) and the
-/// `switchboard_dedupe_evictions_total` metric (label `store="moka"`, the
+/// `switchboard_dedupe_evictions_total` metric (label `store="memory"`, the
 /// store's name); a count that keeps growing means the capacity is too
 /// small. Expired marks are dropped as newer ones are written.
 ///
 /// ```
 /// use std::time::Duration;
-/// use switchboard::middleware::dedupe::{DedupeStore, Mark, MokaDedupeStore};
+/// use switchboard::middleware::dedupe::{DedupeStore, Mark, MemoryDedupeStore};
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// let store = MokaDedupeStore::new();
+/// let store = MemoryDedupeStore::new();
 /// let ttl = Duration::from_secs(60);
 /// assert_eq!(store.try_begin("g:1", "token-a", ttl).await?, Mark::Acquired);
 /// assert_eq!(store.try_begin("g:1", "token-b", ttl).await?, Mark::InProgress);
@@ -53,7 +53,7 @@ use crate::error::Error;
 /// # }).unwrap();
 /// ```
 #[derive(Clone)]
-pub struct MokaDedupeStore {
+pub struct MemoryDedupeStore {
     shards: Arc<[Mutex<Shard>]>,
     /// The marks one shard holds at most.
     per_shard: usize,
@@ -161,7 +161,7 @@ impl Shard {
                 self.marks.remove(&oldest.key);
                 if !expired {
                     evictions.fetch_add(1, Ordering::Relaxed);
-                    crate::observe::metrics::dedupe_evicted("moka");
+                    crate::observe::metrics::dedupe_evicted("memory");
                 }
             }
             self.written.pop_front();
@@ -169,7 +169,7 @@ impl Shard {
     }
 }
 
-impl MokaDedupeStore {
+impl MemoryDedupeStore {
     /// The marks a store holds by default.
     pub const DEFAULT_CAPACITY: u64 = 1_000_000;
 
@@ -236,14 +236,14 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Default for MokaDedupeStore {
+impl Default for MemoryDedupeStore {
     fn default() -> Self {
         Self::new()
     }
 }
 
 #[async_trait]
-impl DedupeStore for MokaDedupeStore {
+impl DedupeStore for MemoryDedupeStore {
     async fn try_begin(&self, key: &str, token: &str, ttl: Duration) -> Result<Mark, Error> {
         let now = Instant::now();
         let mut shard = self.shard(key);
@@ -302,9 +302,9 @@ impl DedupeStore for MokaDedupeStore {
     }
 }
 
-impl fmt::Debug for MokaDedupeStore {
+impl fmt::Debug for MemoryDedupeStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MokaDedupeStore")
+        f.debug_struct("MemoryDedupeStore")
             .field("marks", &self.len())
             .field("evictions", &self.evictions())
             .finish()
@@ -319,7 +319,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_token_holding_the_mark_can_complete_or_release_it() {
-        let store = MokaDedupeStore::new();
+        let store = MemoryDedupeStore::new();
         assert_eq!(
             store.try_begin("k", "a", MINUTE).await.unwrap(),
             Mark::Acquired
@@ -346,7 +346,7 @@ mod tests {
 
     #[tokio::test]
     async fn keys_are_independent() {
-        let store = MokaDedupeStore::new();
+        let store = MemoryDedupeStore::new();
         assert_eq!(
             store.try_begin("g1:e", "a", MINUTE).await.unwrap(),
             Mark::Acquired
@@ -360,7 +360,7 @@ mod tests {
     #[tokio::test]
     async fn an_in_progress_mark_expires_after_its_ttl() {
         // The store keeps std's clock, so this waits in real time, bounded.
-        let store = MokaDedupeStore::new();
+        let store = MemoryDedupeStore::new();
         let ttl = Duration::from_millis(50);
         assert_eq!(
             store.try_begin("k", "dead", ttl).await.unwrap(),
@@ -391,7 +391,7 @@ mod tests {
         const CAPACITY: u64 = 64;
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
-        let store = MokaDedupeStore::with_capacity(CAPACITY);
+        let store = MemoryDedupeStore::with_capacity(CAPACITY);
         let keys: Vec<String> = (0..2 * CAPACITY).map(|n| format!("g:{n}")).collect();
         metrics::with_local_recorder(&recorder, || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -440,7 +440,7 @@ mod tests {
                     && key
                         .key()
                         .labels()
-                        .any(|label| label.key() == "store" && label.value() == "moka")
+                        .any(|label| label.key() == "store" && label.value() == "memory")
             })
             .map(|(.., value)| value)
             .collect();
@@ -449,7 +449,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_holder_extends_its_mark() {
-        let store = MokaDedupeStore::new();
+        let store = MemoryDedupeStore::new();
         assert!(!store.extend("k", "a", MINUTE).await.unwrap(), "no mark");
         store.try_begin("k", "a", MINUTE).await.unwrap();
         assert!(!store.extend("k", "b", MINUTE).await.unwrap());
@@ -470,7 +470,7 @@ mod tests {
     #[tokio::test]
     async fn an_extended_mark_outlives_its_first_ttl() {
         // The store keeps std's clock, so this waits in real time, briefly.
-        let store = MokaDedupeStore::new();
+        let store = MemoryDedupeStore::new();
         let short = Duration::from_millis(100);
         store.try_begin("k", "a", short).await.unwrap();
         assert!(store.extend("k", "a", MINUTE).await.unwrap());
