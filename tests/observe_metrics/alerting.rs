@@ -75,7 +75,7 @@ async fn until_state(recorder: &Recorder, labels: &[(&str, &str)], expected: f64
             .0
             .iter()
             .find(|(name, found, _)| name == CONSUMER_STATE && *found == wanted)
-            .map(|(.., value)| value.clone());
+            .map(|(.., value)| value);
         if let Some(DebugValue::Gauge(value)) = &found
             && value.0 == expected
         {
