@@ -232,6 +232,8 @@ impl Poster {
             WebhookFormat::AlertmanagerApi => Value::Array(batch.iter().map(alert_of).collect()),
         }
         .to_string();
+        // Shared by every attempt, not copied for each.
+        let body = bytes::Bytes::from(body);
         let mut pauses = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(5))
