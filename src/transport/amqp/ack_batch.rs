@@ -99,6 +99,30 @@ impl AckBatch {
     /// Acks `tag` (with `acker`, or within a `multiple` ack of a later
     /// tag); `Ok(false)` when the channel had closed.
     pub(super) async fn ack(&self, tag: u64, acker: lapin::Acker) -> Result<bool, Error> {
+        // Nothing on its way and nothing waiting (one ack at a time): send
+        // at once, without a waiter, then whatever was asked meanwhile.
+        let alone = {
+            let mut state = self.lock();
+            let alone = !state.sending && state.asked.is_empty();
+            if alone {
+                state.sending = true;
+                state.unsettled.remove(&tag);
+            }
+            alone
+        };
+        if alone {
+            let sent = {
+                let mut stop = StopSending {
+                    batch: self,
+                    finished: false,
+                };
+                let sent = send(&acker, BasicAckOptions::default()).await;
+                stop.finished = true;
+                sent
+            };
+            self.send_all().await;
+            return sent.map_err(|(kind, text)| Error::new(kind, text));
+        }
         let (done, sent) = oneshot::channel();
         let send_now = {
             let mut state = self.lock();
