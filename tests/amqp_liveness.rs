@@ -3,9 +3,9 @@
 //! other (both on the shared broker, through `FaultProxy`s), and, on a
 //! private node of this binary's own, a node killed with SIGKILL while
 //! publishers and a consumer run, and a node whose memory alarm blocks
-//! publishing (a node killed while scheduled messages wait in its delay
-//! buckets is `#[ignore]`d: see `amqp_liveness/scheduled.rs`). The two
-//! node proofs run at full size in `scripts/chaos` and
+//! publishing, and a node killed while scheduled messages wait in its delay
+//! buckets (`amqp_liveness/scheduled.rs`). The node proofs run at full
+//! size in `scripts/chaos` and
 //! at CI's size through `scripts/chaos --short`; `scripts/test`'s main run
 //! skips them (`--skip a_killed_node --skip a_blocked_node`). The cluster
 //! proof (three private nodes of its own, the quorum queue leader's node

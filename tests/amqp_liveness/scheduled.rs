@@ -5,13 +5,13 @@
 //! the schedule tolerance of their time (plus one publish timeout and the
 //! mover's pause, for a bucket still recovering).
 //!
-//! Ignored: it does not hold on RabbitMQ 3.10.8, cause not found. In most
-//! runs the messages due during the outage arrive and none of the later
-//! ones, although the mover sends each on in time through the topic
-//! exchange without an error, and the group's queue (classic or quorum)
-//! then holds nothing; plain publishes at the same moments after a restart
-//! all arrive. Run it with
-//! `-- --ignored scheduled_messages_survive_a_killed_node`.
+//! The buckets are declared first (`declare_delay_buckets`), as a service
+//! does at start-up, and the test waits until the node has written their
+//! names to disk: RabbitMQ keeps a new quorum queue's name in a write cache
+//! for up to about 3 s, and a queue whose name was still there at the kill
+//! comes back empty and leaderless (see the transport's docs). The second
+//! proof makes such a bucket on purpose and checks that scheduling goes on
+//! through the shorter ones.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -39,7 +39,6 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 const RECOVERY: Duration = Duration::from_secs(PUBLISH_TIMEOUT.as_secs() + 1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "on RabbitMQ 3.10.8 the messages due after its restart are lost, cause not found; see the module docs"]
 async fn scheduled_messages_survive_a_killed_node() {
     init_tracing();
     let node = node().await;
@@ -53,6 +52,13 @@ async fn scheduled_messages_survive_a_killed_node() {
         .declare(&Topology::new().with_groups(topic.clone(), ["g"]))
         .await
         .expect("declare");
+    transport
+        .declare_delay_buckets(Duration::from_secs(30))
+        .await
+        .expect("declare the delay buckets");
+    let node_ref: &super::Node = &node;
+    let buckets = bucket_queues(&transport, 30);
+    tokio::task::block_in_place(|| node_ref.wait_until_registered_on_disk(&buckets));
 
     let now = Utc::now();
     let mut due = BTreeMap::new();
@@ -66,7 +72,6 @@ async fn scheduled_messages_survive_a_killed_node() {
     }
 
     let killed_at = Instant::now();
-    let node_ref: &super::Node = &node;
     tokio::task::block_in_place(|| {
         node_ref.kill();
         node_ref.launch();
@@ -124,6 +129,90 @@ async fn scheduled_messages_survive_a_killed_node() {
         down_for.as_secs_f64(),
         latest.num_milliseconds()
     );
+    subscription.shutdown().await.expect("shutdown");
+    transport.close().await.expect("close");
+}
+
+/// The due queue and the buckets up to `seconds` of delay.
+fn bucket_queues(transport: &AmqpTransport, seconds: u64) -> Vec<String> {
+    let config = transport.config();
+    let mut queues = vec![config.due_queue()];
+    let mut ttl = 10;
+    while ttl <= seconds * 1_000 {
+        queues.push(format!("{}.delay.{ttl}ms", config.exchange));
+        ttl *= 2;
+    }
+    queues
+}
+
+/// A bucket the crash left without a leader confirms nothing: scheduling
+/// passes it over (after one publish timeout) for the shorter buckets, and
+/// the message still arrives, not early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_broken_by_a_killed_node_is_passed_over() {
+    init_tracing();
+    let node = node().await;
+    let publish_timeout = Duration::from_secs(2);
+    let transport = AmqpTransport::connect(
+        config(node.uri(), publish_timeout).with_queue_type(QueueType::Classic),
+    )
+    .await
+    .expect("the private node");
+    let topic = unique("scheduled-broken");
+    transport
+        .declare(&Topology::new().with_groups(topic.clone(), ["g"]))
+        .await
+        .expect("declare");
+    // Into the 5120 ms bucket, new, and the node killed at once: the
+    // bucket's name is not on disk yet, so it comes back broken.
+    let delay = chrono::Duration::milliseconds(8_000);
+    transport
+        .publish_at(&topic, RawMessage::new("lost"), Utc::now() + delay)
+        .await
+        .expect("publish_at before the kill");
+    let broken = vec![format!("{}.delay.5120ms", transport.config().exchange)];
+    let node_ref: &super::Node = &node;
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            node_ref.unregistered_on_disk(&broken),
+            vec![&broken[0]],
+            "the bucket's name reached the disk before the kill: the broken bucket cannot be made"
+        );
+        node_ref.kill();
+        node_ref.launch();
+    });
+
+    let mut subscription = transport
+        .subscribe(&topic, SubscribeOptions::new("g"))
+        .await
+        .expect("subscribe after the restart");
+    let due = Utc::now() + delay;
+    transport
+        .publish_at(&topic, RawMessage::new("after"), due)
+        .await
+        .expect("publish_at passes the broken bucket over");
+    let tolerance =
+        chrono::Duration::from_std(schedule_tolerance() + publish_timeout).expect("small");
+    loop {
+        let delivery = tokio::time::timeout(AFTER_RESTART, subscription.recv())
+            .await
+            .expect("the message scheduled after the restart arrives")
+            .expect("the subscription goes on");
+        let at = Utc::now();
+        let body = delivery.body().to_vec();
+        delivery.ack().await.expect("ack");
+        // The message in the broken bucket is the broker's loss (see the
+        // transport's docs); should it come back after all, it is skipped.
+        if body == b"after" {
+            assert!(at >= due, "{} ms early", (due - at).num_milliseconds());
+            assert!(
+                at - due <= tolerance,
+                "{} ms late",
+                (at - due).num_milliseconds()
+            );
+            break;
+        }
+    }
     subscription.shutdown().await.expect("shutdown");
     transport.close().await.expect("close");
 }

@@ -162,6 +162,43 @@ impl Node {
         }
     }
 
+    /// Waits (at most `START_PATIENCE`) until every one of these quorum
+    /// `queues` has its name in the node's Ra name table on disk. RabbitMQ
+    /// 3.10 writes a new queue's entry from a cache up to about 3 s later; a
+    /// node killed before that restarts the queue as a new, empty member
+    /// that never elects a leader.
+    pub fn wait_until_registered_on_disk(&self, queues: &[String]) {
+        let deadline = Instant::now() + START_PATIENCE;
+        loop {
+            let missing = self.unregistered_on_disk(queues);
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node's Ra name table does not name {missing:?} after {START_PATIENCE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Which of these quorum `queues` the node's Ra name table on disk does
+    /// not name yet.
+    pub fn unregistered_on_disk<'q>(&self, queues: &'q [String]) -> Vec<&'q String> {
+        let table = self
+            .dir
+            .join("mnesia")
+            .join(&self.name)
+            .join("quorum")
+            .join(&self.name)
+            .join("names.dets");
+        let written = std::fs::read(table).unwrap_or_default();
+        queues
+            .iter()
+            .filter(|queue| !contains(&written, queue.as_bytes()))
+            .collect()
+    }
+
     /// Joins this node to `first`'s cluster (they share the rabbitmq
     /// user's Erlang cookie): its app stopped, joined, started again.
     pub fn join(&self, first: &Node) {
@@ -234,4 +271,10 @@ impl Drop for Node {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }

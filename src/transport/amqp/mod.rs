@@ -126,14 +126,24 @@
 //! (at least once: a mover that dies between the confirm and the ack
 //! leaves a copy to be sent again; `cargo test --all-features --test amqp
 //! schedule` closes a transport after scheduling and connects a new one).
-//! A crash of the broker itself is **not** covered: on RabbitMQ 3.10.8, a
-//! single node SIGKILLed while 30 messages waited in the buckets delivered,
-//! after its restart, the ones that came due during the outage but in most
-//! runs none of those due later, although the movers sent each on in time
-//! without an error. Plain publishes at the same moments after a restart
-//! all arrive; the cause is not found. The reproducer is
-//! `cargo test --all-features --test amqp_liveness -- --ignored
-//! scheduled_messages_survive_a_killed_node`.
+//!
+//! A crash of the broker (its process killed, the node restarted on its
+//! data) loses nothing either, **provided the buckets existed a few seconds
+//! before it**: declare them at start-up with
+//! [`AmqpTransport::declare_delay_buckets`]. Why: RabbitMQ (seen on
+//! 3.10.8) keeps a new quorum queue's name in a disk-table write cache for
+//! up to about 3 s; a node killed within that window comes back with the
+//! queue's member unregistered, and restarts it as a new, empty member that
+//! never elects a leader — its messages are gone and it confirms no publish
+//! again (`rabbitmq-queues quorum_status` shows a follower at term 0). A
+//! bucket first declared just before the crash, by a scheduled publish,
+//! loses what it held; one declared earlier keeps everything. The same
+//! holds for any quorum queue, the groups' own with [`QueueType::Quorum`]:
+//! declare at start-up, and delete and declare again a queue left in that
+//! state. `cargo test --all-features --test amqp_liveness
+//! scheduled_messages_survive_a_killed_node` declares the buckets, kills a
+//! private node with SIGKILL while 30 scheduled messages wait, and gets
+//! every one after the restart, none early (it runs in `scripts/chaos`).
 //!
 //! A scheduled message is never early by the movers' clocks (keep them in
 //! sync, as with NTP), and late by tens of milliseconds per hop (a bucket's
@@ -374,6 +384,30 @@ impl AmqpTransport {
     /// The configuration.
     pub fn config(&self) -> &AmqpConfig {
         &self.shared.config
+    }
+
+    /// Declares, ahead of any scheduled publish, the due queue and every
+    /// delay bucket a delay of up to `longest` passes through (13 buckets for
+    /// a minute, 24 for a day, 28 at most),
+    /// so that no bucket is new while messages wait in it. Call it at
+    /// start-up, next to [`Transport::declare`], in services that schedule
+    /// (see [scheduled messages](self#scheduled-messages) for why a bucket
+    /// created moments before a broker crash loses what it holds); without
+    /// it each bucket is declared on first use. Each bucket is a quorum
+    /// queue, declared once per connection; declaring one that exists with
+    /// the same arguments changes nothing.
+    ///
+    /// ```no_run
+    /// # async fn run(transport: switchboard::transport::amqp::AmqpTransport) -> Result<(), switchboard::Error> {
+    /// use std::time::Duration;
+    ///
+    /// // Orders may be scheduled up to a week ahead.
+    /// transport.declare_delay_buckets(Duration::from_secs(7 * 86_400)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn declare_delay_buckets(&self, longest: std::time::Duration) -> Result<(), Error> {
+        self.shared.lifecycle.check()?;
+        schedule::declare_buckets(&self.shared, longest).await
     }
 }
 

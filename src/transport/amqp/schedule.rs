@@ -24,7 +24,7 @@
 //! routing key). Like every `x-sb-` header, they are not handed to
 //! consumers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
@@ -58,6 +58,9 @@ const TOP_LEVEL: u32 = 27;
 /// The first and the longest pause before a bucket's refused (nacked)
 /// publish is sent again.
 const NACKED_PAUSE: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
+/// How long a delay bucket that confirmed nothing is passed over before it
+/// is tried again (see [`into_bucket`]).
+pub(crate) const SILENT_BUCKET_RECHECK: Duration = Duration::from_secs(5 * 60);
 /// What the broker adds when it dead-letters, dropped before the next hop
 /// (a message would otherwise carry one `x-death` entry per bucket).
 pub(crate) const BROKER_HEADERS: &[&str] = &[
@@ -75,6 +78,9 @@ pub(crate) const BROKER_HEADERS: &[&str] = &[
 #[derive(Default)]
 pub(crate) struct Scheduled {
     declared: Mutex<HashSet<(u64, u32)>>,
+    /// Buckets that confirmed nothing, per publishing connection, and since
+    /// when (see [`into_bucket`]).
+    passed_over: Mutex<HashMap<(u64, u32), Instant>>,
     pub(super) mover: Mutex<Option<tokio::task::AbortHandle>>,
     /// The mover's channel, kept here too so that closing the transport
     /// closes it politely before the connection: dropped by the aborted
@@ -84,6 +90,18 @@ pub(crate) struct Scheduled {
 }
 
 impl Scheduled {
+    /// Whether the bucket of `level` is passed over on connection
+    /// `generation`.
+    fn passes_over(&self, generation: u64, level: u32) -> bool {
+        let mut passed_over = lock(&self.passed_over);
+        passed_over.retain(|_, since| since.elapsed() < SILENT_BUCKET_RECHECK);
+        passed_over.contains_key(&(generation, level))
+    }
+
+    fn pass_over(&self, generation: u64, level: u32) {
+        lock(&self.passed_over).insert((generation, level), Instant::now());
+    }
+
     /// Stops the mover (on close; dropping the transport stops it too).
     pub(crate) fn stop(&self) {
         if let Some(task) = lock(&self.mover).take() {
@@ -170,14 +188,52 @@ pub(crate) async fn publish_at(
 }
 
 /// Publishes a message (confirmed) into the bucket of `level`, declaring
-/// the bucket and the due queue first on this connection.
+/// the bucket and the due queue first on this connection. A bucket that
+/// confirms nothing within the publish timeout while the broker does not
+/// block publishing is passed over on this connection for
+/// [`SILENT_BUCKET_RECHECK`], and the message goes into the next shorter
+/// bucket (one hop more, never early): such a bucket can be a quorum queue
+/// that a broker crash left without a leader (see the
+/// [transport's docs](super#scheduled-messages)), and would otherwise hold
+/// up every message that needs it for ever.
 pub(crate) async fn into_bucket(
+    shared: &Shared,
+    mut level: u32,
+    body: &Bytes,
+    properties: BasicProperties,
+) -> Result<(), Error> {
+    loop {
+        let generation = ensure_bucket(shared, level).await?;
+        if level > 0 && shared.scheduled.passes_over(generation, level) {
+            level -= 1;
+            continue;
+        }
+        match publish_into(shared, level, body, properties.clone()).await {
+            Err(error)
+                if error.kind() == ErrorKind::Timeout
+                    && level > 0
+                    && shared.supervisor.blocked().is_none() =>
+            {
+                tracing::warn!(
+                    %error,
+                    queue = shared.config.bucket_queue(level),
+                    "amqp: a delay bucket confirms nothing; using shorter buckets on this connection \
+                     (a quorum queue without a leader after a broker crash? delete it, and it is declared again)"
+                );
+                shared.scheduled.pass_over(generation, level);
+                level -= 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn publish_into(
     shared: &Shared,
     level: u32,
     body: &Bytes,
     properties: BasicProperties,
 ) -> Result<(), Error> {
-    ensure_bucket(shared, level).await?;
     let queue = shared.config.bucket_queue(level);
     let deadline = Instant::now() + shared.config.publish_timeout;
     let mut pause = NACKED_PAUSE.0;
@@ -205,11 +261,22 @@ pub(crate) async fn into_bucket(
     }
 }
 
-async fn ensure_bucket(shared: &Shared, level: u32) -> Result<(), Error> {
+/// Declares the due queue and every bucket up to the one of `longest`.
+pub(crate) async fn declare_buckets(shared: &Shared, longest: Duration) -> Result<(), Error> {
+    let top = bucket_for(longest).unwrap_or(0);
+    for level in 0..=top {
+        ensure_bucket(shared, level).await?;
+    }
+    Ok(())
+}
+
+/// Declares the bucket of `level` on the publishing connection unless done
+/// already; the connection's generation.
+async fn ensure_bucket(shared: &Shared, level: u32) -> Result<u64, Error> {
     let deadline = Instant::now() + shared.config.publish_timeout;
     let link = shared.supervisor.wait_link(deadline).await?;
     if lock(&shared.scheduled.declared).contains(&(link.generation, level)) {
-        return Ok(());
+        return Ok(link.generation);
     }
     let declared = declare_bucket(&shared.config, &link, level);
     let guarded = shared.supervisor.guard(link.generation, declared);
@@ -223,7 +290,7 @@ async fn ensure_bucket(shared: &Shared, level: u32) -> Result<(), Error> {
         })
         .inspect_err(|error| shared.supervisor.failed(&link, error))?;
     lock(&shared.scheduled.declared).insert((link.generation, level));
-    Ok(())
+    Ok(link.generation)
 }
 
 async fn declare_bucket(config: &AmqpConfig, link: &Link, level: u32) -> Result<(), Error> {
@@ -318,6 +385,17 @@ mod tests {
         assert_eq!(bucket_for(Duration::from_millis(10)), Some(0));
         assert_eq!(bucket_for(Duration::from_millis(19)), Some(1), "20 ms");
         assert_eq!(bucket_for(Duration::from_millis(1_500)), Some(7), "1280 ms");
+        // `declare_delay_buckets`: levels 0 to these, as its docs count them.
+        assert_eq!(
+            bucket_for(Duration::from_secs(60)),
+            Some(12),
+            "13 for a minute"
+        );
+        assert_eq!(
+            bucket_for(Duration::from_secs(86_400)),
+            Some(23),
+            "24 for a day"
+        );
         assert_eq!(
             bucket_for(Duration::from_secs(365 * 86_400)),
             Some(TOP_LEVEL),
