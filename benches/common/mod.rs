@@ -98,16 +98,16 @@ impl Path {
     }
 }
 
-fn redis_url() -> String {
+pub fn redis_url() -> String {
     std::env::var("SWITCHBOARD_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-fn amqp_url() -> String {
+pub fn amqp_url() -> String {
     std::env::var("SWITCHBOARD_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-fn unique(what: &str) -> String {
+pub fn unique(what: &str) -> String {
     format!("sb-bench-{what}-{}", uuid::Uuid::new_v4().simple())
 }
 
@@ -130,7 +130,7 @@ impl Event for TradeExecuted {
 }
 
 impl TradeExecuted {
-    fn numbered(n: u64) -> Self {
+    pub fn numbered(n: u64) -> Self {
         Self {
             order_id: n.to_string(),
             user_id: "456".into(),
@@ -157,7 +157,7 @@ pub struct RawEnvelope<T> {
     payload: T,
 }
 
-fn raw_encode(n: u64) -> Vec<u8> {
+pub fn raw_encode(n: u64) -> Vec<u8> {
     serde_json::to_vec(&RawEnvelope {
         event_id: uuid::Uuid::new_v4(),
         event_type: "trade.executed".into(),
@@ -169,7 +169,7 @@ fn raw_encode(n: u64) -> Vec<u8> {
     .expect("JSON")
 }
 
-fn raw_decode(bytes: &[u8]) -> u64 {
+pub fn raw_decode(bytes: &[u8]) -> u64 {
     serde_json::from_slice::<RawEnvelope<TradeExecuted>>(bytes)
         .expect("a raw envelope")
         .payload
