@@ -60,6 +60,18 @@ fn the_v1_pubsub_payloads_decode_and_encode_to_the_same_bytes() {
     assert_eq!(encode_payload(&plain).expect("encode").as_ref(), PLAIN);
 }
 
+#[cfg(feature = "redis-pubsub")]
+#[test]
+fn the_version_2_pubsub_frame_decodes_and_encodes_to_the_same_bytes() {
+    use switchboard::transport::redis_pubsub::{FrameVersion, decode_payload, encode_payload_with};
+    const FRAMED: &[u8] = include_bytes!("../fixtures/wire/v1/redis_pubsub_frame_v2_headers.bin");
+
+    let message = fixture_message();
+    assert_eq!(decode_payload(FRAMED.into()), message);
+    let encoded = encode_payload_with(&message, FrameVersion::V2).expect("encode");
+    assert_eq!(encoded.as_ref(), FRAMED);
+}
+
 #[cfg(feature = "grpc")]
 #[test]
 fn the_v1_grpc_push_request_decodes_and_encodes_to_the_same_bytes() {

@@ -77,3 +77,67 @@ async fn todays_publisher_still_sends_the_v1_payloads() {
         "today's writer changed the plain v1 payload"
     );
 }
+
+/// A writer switched to version 2 frames reaches a subscriber with the
+/// default settings (which writes version 1) with every header, and sends
+/// the fixture's bytes; the default writer still sends version 1.
+#[tokio::test]
+async fn a_version_2_writer_reaches_a_default_reader() {
+    use switchboard::RedisPubSubTransport;
+    use switchboard::transport::redis_pubsub::{FRAME_MAGIC, FrameVersion, RedisPubSubOptions};
+    const FRAMED_V2: &[u8] =
+        include_bytes!("../fixtures/wire/v1/redis_pubsub_frame_v2_headers.bin");
+
+    let reader = transport().await;
+    let writer = RedisPubSubTransport::connect_with(
+        URL,
+        RedisPubSubOptions::default().with_frame_version(FrameVersion::V2),
+    )
+    .await
+    .expect("Redis");
+    let topic = unique("wire-v2");
+    let mut subscription = reader
+        .subscribe(&topic, SubscribeOptions::new("game"))
+        .await
+        .expect("subscribe");
+    let (pushes, mut pushed) = tokio::sync::mpsc::unbounded_channel();
+    let config = redis::AsyncConnectionConfig::new().set_push_sender(pushes);
+    let mut raw = redis::Client::open(format!("{URL}?protocol=resp3"))
+        .expect("redis url")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("raw RESP3 connection");
+    raw.subscribe(&topic).await.expect("raw SUBSCRIBE");
+
+    let message = fixture_message();
+    writer
+        .publish(&topic, message.clone())
+        .await
+        .expect("publish version 2");
+    reader
+        .publish(&topic, message.clone())
+        .await
+        .expect("publish version 1");
+    for what in ["the version 2 frame", "the version 1 frame"] {
+        let delivery = recv(&mut subscription, what).await;
+        assert_eq!(delivery.message(), &message, "{what}");
+        delivery.ack().await.expect("ack");
+    }
+    let mut payloads = Vec::new();
+    while payloads.len() < 2 {
+        let push = tokio::time::timeout(PATIENCE, pushed.recv())
+            .await
+            .expect("a push in time")
+            .expect("a push");
+        if push.kind == redis::PushKind::Message {
+            let payload: Vec<u8> = redis::from_redis_value(push.data[1].clone()).expect("bytes");
+            payloads.push(payload);
+        }
+    }
+    assert_eq!(payloads[0], FRAMED_V2);
+    assert!(
+        payloads[1].starts_with(FRAME_MAGIC),
+        "the default writes version 1"
+    );
+    subscription.shutdown().await.expect("shutdown");
+}

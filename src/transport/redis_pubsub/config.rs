@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::frame::FrameVersion;
 use crate::error::{Error, ErrorKind};
 use crate::transport::validate_name;
 
@@ -46,6 +47,7 @@ pub struct RedisPubSubOptions {
     pub(super) ping_interval: Duration,
     pub(super) ping_timeout: Duration,
     pub(super) tls_ca_pem: Option<String>,
+    pub(super) frame_version: FrameVersion,
 }
 
 impl Default for RedisPubSubOptions {
@@ -61,6 +63,7 @@ impl Default for RedisPubSubOptions {
             ping_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(2),
             tls_ca_pem: None,
+            frame_version: FrameVersion::V1,
         }
     }
 }
@@ -122,6 +125,27 @@ impl RedisPubSubOptions {
     pub fn with_drop_policy(mut self, policy: DropPolicy) -> Self {
         self.drop_policy = policy;
         self
+    }
+
+    /// The frame this transport writes for a message with headers (default
+    /// [`FrameVersion::V1`]); it reads both. Switch to `V2` once every
+    /// subscriber runs this release or later (see
+    /// [Wire format](super#wire-format)).
+    ///
+    /// ```
+    /// use switchboard::transport::redis_pubsub::{FrameVersion, RedisPubSubOptions};
+    ///
+    /// let options = RedisPubSubOptions::default().with_frame_version(FrameVersion::V2);
+    /// assert_eq!(options.frame_version(), FrameVersion::V2);
+    /// ```
+    pub fn with_frame_version(mut self, version: FrameVersion) -> Self {
+        self.frame_version = version;
+        self
+    }
+
+    /// The frame this transport writes for a message with headers.
+    pub fn frame_version(&self) -> FrameVersion {
+        self.frame_version
     }
 
     /// How often a subscription that heard nothing since the last check

@@ -46,17 +46,28 @@
 //!
 //! A message without headers is published as its body alone, so any Redis
 //! client sees exactly the bytes (a strategy §5.1 JSON envelope, for the typed
-//! bus). A message with headers is framed:
+//! bus). A message with headers is framed, in one of two versions:
 //!
 //! ```text
-//! \0 S B 1 | header length: u32, big-endian | headers: JSON object of strings | body
+//! \0 S B 1 | header length: u32 | headers: JSON object of strings | body
+//! \0 S B 2 | count: u16 | (name length: u16 | name | value length: u32 | value) × count | body
 //! ```
 //!
+//! (lengths big-endian, names and values UTF-8). Version 2 spares the JSON
+//! encoding and decoding of the headers of every message. Readers take both;
+//! writers write [`FrameVersion::V1`] unless
+//! [`RedisPubSubOptions::with_frame_version`] says `V2`. In a rolling
+//! deploy, switch writers to `V2` only once every subscriber runs a release
+//! that reads it (this one or later): an older reader would take a
+//! version 2 frame whole as the body. The next release writes `V2` by
+//! default.
+//!
 //! A NUL byte never starts a JSON document, so on receipt a payload that
-//! starts with [`FRAME_MAGIC`] is unframed and anything else — for example a
+//! starts with a frame's magic is unframed and anything else — for example a
 //! strategy §5.1 envelope published with `redis-cli PUBLISH` — is taken whole as
-//! the body, with no headers. [`encode_payload`] and [`decode_payload`] are
-//! the two directions.
+//! the body, with no headers (a headerless body that starts with `\0SB` is
+//! framed, so it is never mistaken for a frame). [`encode_payload_with`] and
+//! [`decode_payload`] are the two directions.
 //!
 //! # Back-pressure
 //!
@@ -107,7 +118,9 @@ mod publisher;
 
 pub use config::{Channels, DropPolicy, RedisPubSubOptions};
 pub use connection::{ConnectionState, ConnectionStatus};
-pub use frame::{FRAME_MAGIC, decode_payload, encode_payload};
+pub use frame::{
+    FRAME_MAGIC, FRAME_MAGIC_V2, FrameVersion, decode_payload, encode_payload, encode_payload_with,
+};
 
 const NAME: &str = "redis-pubsub";
 

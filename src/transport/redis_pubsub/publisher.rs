@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 
 use super::RedisPubSubTransport;
-use super::frame::encode_payload;
+use super::frame::encode_payload_with;
 use crate::error::Error;
 use crate::transport::redis_support::redis_error;
 use crate::transport::{Publisher, RawMessage, validate_name};
@@ -15,7 +15,7 @@ impl Publisher for RedisPubSubTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
         self.inner.lifecycle.check()?;
         validate_name("topic", topic)?;
-        let payload = encode_payload(&message)?;
+        let payload = encode_payload_with(&message, self.inner.options.frame_version)?;
         let mut connection = self.inner.publisher.clone();
         let published = redis::cmd("PUBLISH")
             .arg(topic)
@@ -36,7 +36,7 @@ impl Publisher for RedisPubSubTransport {
         }
         let mut pipeline = redis::pipe();
         for message in &messages {
-            let payload = encode_payload(message)?;
+            let payload = encode_payload_with(message, self.inner.options.frame_version)?;
             pipeline
                 .cmd("PUBLISH")
                 .arg(topic)
