@@ -29,13 +29,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TradeExecuted, amqp_url, raw_decode, raw_encode, redis_url, unique};
+use common::{
+    TradeExecuted, amqp_url, declare_raw_queue, raw_decode, raw_encode, redis_url, unique,
+};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 use switchboard::transport::amqp::{AmqpConfig, AmqpTransport};
 use switchboard::transport::redis_streams::{RedisStreamsConfig, RedisStreamsTransport};
@@ -288,22 +290,7 @@ async fn raw_amqp(events: usize) -> Sample {
         .await
         .expect("confirm_select");
     let queue = unique("saturation-raw");
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        ShortString::from("x-expires"),
-        AMQPValue::LongLongInt(60_000),
-    );
-    publisher
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await
-        .expect("queue_declare");
+    declare_raw_queue(&publisher, &queue).await;
     let consuming = connection.create_channel().await.expect("channel");
     consuming
         .basic_qos(PREFETCH as u16, BasicQosOptions::default())

@@ -43,6 +43,45 @@ async fn transport() -> RedisPubSubTransport {
         .expect("Redis on 127.0.0.1:6379")
 }
 
+/// A plain RESP3 connection subscribed by hand, standing in for another
+/// program's subscriber: it sees the exact bytes published.
+struct RawSubscriber {
+    _connection: redis::aio::MultiplexedConnection,
+    pushed: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+}
+
+impl RawSubscriber {
+    async fn subscribe(topic: &str) -> Self {
+        let (pushes, pushed) = tokio::sync::mpsc::unbounded_channel();
+        let config = redis::AsyncConnectionConfig::new().set_push_sender(pushes);
+        let mut connection = redis::Client::open(format!("{URL}?protocol=resp3"))
+            .expect("redis url")
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .expect("raw RESP3 connection");
+        connection.subscribe(topic).await.expect("raw SUBSCRIBE");
+        Self {
+            _connection: connection,
+            pushed,
+        }
+    }
+
+    /// The next `count` messages' payloads.
+    async fn payloads(&mut self, count: usize) -> Vec<Vec<u8>> {
+        let mut payloads = Vec::new();
+        while payloads.len() < count {
+            let push = tokio::time::timeout(PATIENCE, self.pushed.recv())
+                .await
+                .expect("a push in time")
+                .expect("a push");
+            if push.kind == redis::PushKind::Message {
+                payloads.push(redis::from_redis_value(push.data[1].clone()).expect("bytes"));
+            }
+        }
+        payloads
+    }
+}
+
 /// A plain connection, standing in for another program or `redis-cli`.
 async fn raw_connection() -> redis::aio::MultiplexedConnection {
     redis::Client::open(URL)
@@ -223,14 +262,7 @@ async fn a_plain_subscriber_reads_the_documented_frame() {
     let topic = unique("frame");
     // A plain RESP3 connection subscribed by hand, standing in for another
     // program's subscriber.
-    let (pushes, mut pushed) = tokio::sync::mpsc::unbounded_channel();
-    let config = redis::AsyncConnectionConfig::new().set_push_sender(pushes);
-    let mut raw = redis::Client::open(format!("{URL}?protocol=resp3"))
-        .expect("redis url")
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .expect("raw RESP3 connection");
-    raw.subscribe(&topic).await.expect("raw SUBSCRIBE");
+    let mut raw = RawSubscriber::subscribe(&topic).await;
 
     let headered = RawMessage::new(r#"{"a":1}"#).with_header("correlation-id", "req-7");
     let plain = RawMessage::new(r#"{"b":2}"#);
@@ -239,17 +271,7 @@ async fn a_plain_subscriber_reads_the_documented_frame() {
         .await
         .expect("publish_batch");
 
-    let mut payloads = Vec::new();
-    while payloads.len() < 2 {
-        let push = tokio::time::timeout(PATIENCE, pushed.recv())
-            .await
-            .expect("a push in time")
-            .expect("a push");
-        if push.kind == redis::PushKind::Message {
-            let payload: Vec<u8> = redis::from_redis_value(push.data[1].clone()).expect("bytes");
-            payloads.push(payload);
-        }
-    }
+    let payloads = raw.payloads(2).await;
     assert!(payloads[0].starts_with(FRAME_MAGIC), "headers are framed");
     let length = u32::from_be_bytes(payloads[0][4..8].try_into().unwrap()) as usize;
     assert_eq!(

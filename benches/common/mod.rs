@@ -672,6 +672,27 @@ async fn redis_pubsub() -> Path {
 
 // ---- RabbitMQ -----------------------------------------------------------
 
+/// A durable queue that expires a minute after its last use, as a raw
+/// lapin service declares its own.
+pub async fn declare_raw_queue(channel: &lapin::Channel, queue: &str) {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        ShortString::from("x-expires"),
+        AMQPValue::LongLongInt(60_000),
+    );
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("queue_declare");
+}
+
 async fn amqp() -> Path {
     let exchange = unique("amqp");
     let config = AmqpConfig::new(amqp_url())
@@ -714,22 +735,7 @@ async fn amqp() -> Path {
         .await
         .expect("exchange_declare");
     let queue = format!("{raw_exchange}.game");
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        ShortString::from("x-expires"),
-        AMQPValue::LongLongInt(60_000),
-    );
-    publisher
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await
-        .expect("queue_declare");
+    declare_raw_queue(&publisher, &queue).await;
     publisher
         .queue_bind(
             queue.as_str().into(),

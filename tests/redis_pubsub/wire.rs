@@ -4,7 +4,7 @@
 
 use switchboard::{Publisher, RawMessage, SubscribeOptions, Subscriber};
 
-use super::{PATIENCE, URL, raw_connection, recv, transport, unique};
+use super::{RawSubscriber, URL, raw_connection, recv, transport, unique};
 
 #[path = "../common/wire.rs"]
 mod fixture;
@@ -45,14 +45,7 @@ async fn the_v1_payloads_published_raw_are_read_by_a_subscription() {
 async fn todays_publisher_still_sends_the_v1_payloads() {
     let transport = transport().await;
     let topic = unique("wire-out");
-    let (pushes, mut pushed) = tokio::sync::mpsc::unbounded_channel();
-    let config = redis::AsyncConnectionConfig::new().set_push_sender(pushes);
-    let mut raw = redis::Client::open(format!("{URL}?protocol=resp3"))
-        .expect("redis url")
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .expect("raw RESP3 connection");
-    raw.subscribe(&topic).await.expect("raw SUBSCRIBE");
+    let mut raw = RawSubscriber::subscribe(&topic).await;
 
     let message = fixture_message();
     let plain = RawMessage::new(message.body.clone());
@@ -60,17 +53,7 @@ async fn todays_publisher_still_sends_the_v1_payloads() {
         .publish_batch(&topic, vec![message, plain])
         .await
         .expect("publish_batch");
-    let mut payloads = Vec::new();
-    while payloads.len() < 2 {
-        let push = tokio::time::timeout(PATIENCE, pushed.recv())
-            .await
-            .expect("a push in time")
-            .expect("a push");
-        if push.kind == redis::PushKind::Message {
-            let payload: Vec<u8> = redis::from_redis_value(push.data[1].clone()).expect("bytes");
-            payloads.push(payload);
-        }
-    }
+    let payloads = raw.payloads(2).await;
     assert_eq!(payloads[0], FRAMED, "today's writer changed the v1 frame");
     assert_eq!(
         payloads[1], PLAIN,
@@ -100,14 +83,7 @@ async fn a_version_2_writer_reaches_a_default_reader() {
         .subscribe(&topic, SubscribeOptions::new("game"))
         .await
         .expect("subscribe");
-    let (pushes, mut pushed) = tokio::sync::mpsc::unbounded_channel();
-    let config = redis::AsyncConnectionConfig::new().set_push_sender(pushes);
-    let mut raw = redis::Client::open(format!("{URL}?protocol=resp3"))
-        .expect("redis url")
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .expect("raw RESP3 connection");
-    raw.subscribe(&topic).await.expect("raw SUBSCRIBE");
+    let mut raw = RawSubscriber::subscribe(&topic).await;
 
     let message = fixture_message();
     writer
@@ -123,17 +99,7 @@ async fn a_version_2_writer_reaches_a_default_reader() {
         assert_eq!(delivery.message(), &message, "{what}");
         delivery.ack().await.expect("ack");
     }
-    let mut payloads = Vec::new();
-    while payloads.len() < 2 {
-        let push = tokio::time::timeout(PATIENCE, pushed.recv())
-            .await
-            .expect("a push in time")
-            .expect("a push");
-        if push.kind == redis::PushKind::Message {
-            let payload: Vec<u8> = redis::from_redis_value(push.data[1].clone()).expect("bytes");
-            payloads.push(payload);
-        }
-    }
+    let payloads = raw.payloads(2).await;
     assert_eq!(payloads[0], FRAMED_V2);
     assert!(
         payloads[1].starts_with(FRAME_MAGIC),
