@@ -15,9 +15,9 @@ use super::dlq::{
     DLQ_AT, DLQ_ATTEMPTS, DLQ_GROUP, DLQ_LAST_ERROR, DLQ_REASON, DLQ_SOURCE_ID, DLQ_TOPIC,
 };
 use super::fields::{append_message_fields, message_from_fields, value_text};
-use super::lease::{
-    AckRequest, DEAD_LETTER_SCRIPT, GIVE_BACK_TO_GROUP_SCRIPT, GiveBack, Held, lease_lost,
-};
+use super::ids::EntryId;
+use super::lease::{AckRequest, GiveBack, Held, lease_lost};
+use super::scripts::{DEAD_LETTER_SCRIPT, GIVE_BACK_TO_GROUP_SCRIPT};
 use super::{Conn, FIELD_REDRIVE_GROUP, RedisStreamsTransport, lock};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
@@ -129,7 +129,7 @@ impl Group {
             .and_then(value_text)
             .is_some_and(|group| *group != *self.group);
         let (message, problem) = message_from_fields(stream_id.map);
-        lock(&self.held).insert(stream_id.id.clone());
+        lock(&self.held).insert(&stream_id.id);
         Entry {
             id: stream_id.id,
             attempt,
@@ -151,7 +151,7 @@ impl Group {
 
     /// Acks `id` together with whatever other acks of this subscription
     /// are waiting; returns once Redis acknowledged it.
-    pub(super) async fn ack(&self, id: String) -> Result<(), Error> {
+    pub(super) async fn ack(&self, id: EntryId) -> Result<(), Error> {
         let closed = || Error::closed("redis-streams subscription");
         let (reply, replied) = oneshot::channel();
         self.acks.send((id, reply)).await.map_err(|_| closed())?;
@@ -369,7 +369,7 @@ pub(super) struct RedisAcker {
 #[async_trait]
 impl Acker for RedisAcker {
     async fn ack(&mut self, message: &RawMessage) -> Result<(), Error> {
-        let acked = self.group.ack(self.id.clone()).await;
+        let acked = self.group.ack(EntryId::of(&self.id)).await;
         if done_with(&acked) {
             // Ours no more either way.
             self.permit = None;
