@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::acker::{Entry, Group, Nacked, RedisAcker};
-use super::ids::{EntryId, stream_id_order};
+use super::ids::stream_id_order;
 use super::lease::{Claim, GiveBack, SCRIPT_BATCH, spawn_keeper};
 use super::{Conn, DLQ_SUFFIX, RedisStreamsTransport, ensure_group, lock};
 use crate::error::Error;
@@ -421,7 +421,7 @@ impl Reader {
     /// reach the handler.
     async fn hand_out(&mut self, entry: Entry) -> Option<Delivery> {
         if entry.foreign {
-            if let Err(error) = self.group.ack(EntryId::of(&entry.id)).await {
+            if let Err(error) = self.group.ack(entry.key.clone()).await {
                 tracing::warn!(%error, id = entry.id, "cannot skip another group's redrive");
                 let back = GiveBack::settled(entry.id, entry.delivery_count);
                 self.group.give_back(&[back], 0).await;
@@ -450,6 +450,7 @@ impl Reader {
         let acker = RedisAcker {
             group: self.group.clone(),
             id: entry.id,
+            key: entry.key,
             attempt: entry.attempt,
             delivery_count: entry.delivery_count,
             permit: Some(entry.permit),

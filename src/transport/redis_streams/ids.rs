@@ -1,9 +1,10 @@
 //! Stream entry ids as numbers: what a subscription holds and acks is kept
-//! as `(ms, seq)` pairs rather than strings, so holding and acking an entry
-//! copies no id, and a batch's id range costs no parsing beyond the first.
+//! as `(ms, seq)` pairs rather than strings, parsed once when the entry is
+//! read, so holding and acking an entry copies no id and a batch's id range
+//! costs no parsing.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// An entry id `<ms>-<seq>` as Redis writes it (decimal, no leading zeros),
 /// or — never seen from Redis, kept for safety — any other text.
@@ -12,6 +13,9 @@ pub(super) enum EntryId {
     Parsed(u64, u64),
     Text(String),
 }
+
+/// The most bytes an id in Redis's form takes: two `u64`s and a dash.
+const MAX_ID_LEN: usize = 41;
 
 impl EntryId {
     /// `id` as numbers when it is in Redis's own form, else as text.
@@ -22,37 +26,64 @@ impl EntryId {
         )
     }
 
-    /// Appends the id as Redis writes it to `out`.
-    pub(super) fn write_to(&self, out: &mut String) {
+    /// Calls `with` on the id as Redis writes it, written on the stack.
+    pub(super) fn with_bytes<R>(&self, with: impl FnOnce(&[u8]) -> R) -> R {
         match self {
             Self::Parsed(ms, seq) => {
-                let _ = write!(out, "{ms}-{seq}");
+                let mut buffer = [0_u8; MAX_ID_LEN];
+                let mut end = MAX_ID_LEN;
+                end = write_digits(&mut buffer[..end], *seq);
+                end -= 1;
+                buffer[end] = b'-';
+                let start = write_digits(&mut buffer[..end], *ms);
+                with(&buffer[start..])
             }
-            Self::Text(text) => out.push_str(text),
+            Self::Text(text) => with(text.as_bytes()),
         }
     }
 
     /// The id as Redis writes it.
     pub(super) fn text(&self) -> String {
-        let mut out = String::new();
-        self.write_to(&mut out);
-        out
+        self.with_bytes(|bytes| String::from_utf8_lossy(bytes).into_owned())
+    }
+}
+
+/// Writes `n` in decimal at the end of `buffer`; returns where it starts.
+/// (The formatting machinery of `Display` costs several times more, on
+/// every ack.)
+fn write_digits(buffer: &mut [u8], mut n: u64) -> usize {
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return at;
+        }
     }
 }
 
 /// `<ms>-<seq>`, both decimal without a sign or leading zeros (so the
-/// numbers written back give the same text).
+/// numbers written back give the same text), in one pass.
 fn parse(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((number(ms)?, number(seq)?))
-}
-
-fn number(digits: &str) -> Option<u64> {
-    let bytes = digits.as_bytes();
-    let canonical = !bytes.is_empty()
-        && bytes.iter().all(u8::is_ascii_digit)
-        && (bytes.len() == 1 || bytes[0] != b'0');
-    if canonical { digits.parse().ok() } else { None }
+    let mut parts = [0_u64; 2];
+    let mut part = 0;
+    let mut digits = 0;
+    for &byte in id.as_bytes() {
+        if byte == b'-' && part == 0 && digits > 0 {
+            part = 1;
+            digits = 0;
+            continue;
+        }
+        if !byte.is_ascii_digit() || (digits == 1 && parts[part] == 0) {
+            return None;
+        }
+        parts[part] = parts[part]
+            .checked_mul(10)?
+            .checked_add(u64::from(byte - b'0'))?;
+        digits += 1;
+    }
+    (part == 1 && digits > 0).then_some((parts[0], parts[1]))
 }
 
 /// The lowest and the highest of `ids` in stream order, as range bounds for
@@ -76,11 +107,11 @@ pub(super) fn id_range(ids: &[EntryId]) -> Option<(EntryId, EntryId)> {
 /// The ids a subscription holds (read, handed out, or waiting out a nack),
 /// whose leases the keeper renews.
 #[derive(Debug, Default)]
-pub(super) struct HeldIds(HashSet<EntryId>);
+pub(super) struct HeldIds(HashSet<EntryId, BuildHasherDefault<IdHasher>>);
 
 impl HeldIds {
-    pub(super) fn insert(&mut self, id: &str) {
-        self.0.insert(EntryId::of(id));
+    pub(super) fn insert(&mut self, id: EntryId) {
+        self.0.insert(id);
     }
 
     /// Whether `id` was held.
@@ -103,6 +134,32 @@ impl HeldIds {
     /// Every id held, as Redis writes them.
     pub(super) fn texts(&self) -> Vec<String> {
         self.0.iter().map(EntryId::text).collect()
+    }
+}
+
+/// A multiply-and-rotate hash for the held set: its keys are ids Redis gave
+/// out, a few hundred at most, so SipHash's guard against chosen keys buys
+/// nothing here and costs more than the rest of holding an entry.
+#[derive(Default)]
+pub(super) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
     }
 }
 
@@ -135,7 +192,20 @@ mod tests {
             assert_eq!(EntryId::of(id).text(), id);
             assert!(matches!(EntryId::of(id), EntryId::Parsed(..)), "{id}");
         }
-        for odd in ["01-1", "1-+1", "+1-1", "1", "a-b", "-", "1-"] {
+        for odd in [
+            "01-1",
+            "1-01",
+            "1-+1",
+            "+1-1",
+            "1",
+            "a-b",
+            "-",
+            "1-",
+            "-1",
+            "1-2-3",
+            "1--2",
+            "18446744073709551616-0",
+        ] {
             assert_eq!(EntryId::of(odd), EntryId::Text(odd.to_owned()), "{odd}");
         }
     }
@@ -157,8 +227,8 @@ mod tests {
     #[test]
     fn held_ids_are_found_by_their_text() {
         let mut held = HeldIds::default();
-        held.insert("5-1");
-        held.insert("odd");
+        held.insert(EntryId::of("5-1"));
+        held.insert(EntryId::of("odd"));
         assert_eq!(held.len(), 2);
         assert!(held.remove("5-1"));
         assert!(!held.remove("5-1"));

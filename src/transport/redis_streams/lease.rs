@@ -159,11 +159,8 @@ impl Group {
             .arg(&self.stream)
             .arg(&*self.group)
             .arg(&self.consumer);
-        let mut text = String::with_capacity(48);
         for id in [&lowest, &highest].into_iter().chain(ids) {
-            text.clear();
-            id.write_to(&mut text);
-            cmd.arg(text.as_str());
+            id.with_bytes(|bytes| cmd.arg(bytes));
         }
         let lost: Vec<usize> = match cmd.query_async(&mut self.conn()).await {
             Err(error) if error.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
