@@ -9,7 +9,6 @@ use uuid::Uuid;
 use super::EventBus;
 use crate::envelope::{Event, EventEnvelope};
 use crate::error::Error;
-use crate::observe::metrics;
 use crate::transport::{RawMessage, header};
 
 impl EventBus {
@@ -137,7 +136,7 @@ impl EventBus {
         }
         .instrument(span)
         .await;
-        metrics::published(
+        self.publish_metrics.record(
             self.transport.name(),
             topic,
             result.is_ok(),
@@ -181,7 +180,7 @@ impl EventBus {
             })
             .instrument(span)
             .await;
-        metrics::published(
+        self.publish_metrics.record(
             self.transport.name(),
             topic,
             result.is_ok(),
