@@ -12,10 +12,13 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use switchboard::transport::redis_streams::{RedisStreamsConfig, RedisStreamsTransport};
-use switchboard::{Event, EventBus, Message, SubscribeOptions, Topology, handler_fn};
+use switchboard::{
+    Event, EventBus, Message, Publisher, RawMessage, SubscribeOptions, Subscriber, Topology,
+    Transport, handler_fn,
+};
 use tokio::sync::{Notify, mpsc};
 
-use super::redis_specific::raw;
+use super::redis_specific::{raw, recv};
 use super::redis_url;
 
 /// A deadline for what should take milliseconds, not a wait.
@@ -185,4 +188,50 @@ async fn a_lone_ack_goes_out_without_waiting_for_more() {
     .expect("the lone ack sent while the consumer runs, without a further message");
     assert_eq!(acked.len(), 1, "{acked:?}");
     consumer.shutdown().await.expect("shutdown");
+}
+
+/// A batch's ownership check reads the consumer's pending entries over the
+/// batch's id range a page at a time: two acks whose range spans 200 held
+/// entries (several pages) are both found and acknowledged, nothing else.
+#[tokio::test]
+async fn a_batch_spanning_many_held_entries_acks_exactly_its_own() {
+    const HELD: usize = 200;
+    let (transport, _prefix) = transport().await;
+    let topic = format!("acks-{}", uuid::Uuid::new_v4().simple());
+    transport
+        .declare(&Topology::new().with_groups(topic.as_str(), ["game"]))
+        .await
+        .expect("declare");
+    let messages: Vec<RawMessage> = (0..HELD).map(|n| RawMessage::new(format!("{n}"))).collect();
+    transport
+        .publish_batch(&topic, messages)
+        .await
+        .expect("publish");
+    let mut subscription = transport
+        .subscribe(&topic, SubscribeOptions::new("game").with_prefetch(HELD))
+        .await
+        .expect("subscribe");
+    let mut deliveries = Vec::new();
+    for _ in 0..HELD {
+        deliveries.push(recv(&mut subscription).await);
+    }
+    let last = deliveries.pop().expect("the last");
+    let first = deliveries.remove(0);
+    let (first_body, last_body) = (first.body().to_vec(), last.body().to_vec());
+    // Both asked for before the keeper runs (one thread): one batch.
+    let (first_acked, last_acked) = tokio::join!(first.ack(), last.ack());
+    first_acked.expect("the first acked");
+    last_acked.expect("the last acked");
+    assert_eq!((first_body, last_body), (b"0".to_vec(), b"199".to_vec()));
+    let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(transport.stream_key(&topic))
+        .arg("game")
+        .query_async(&mut raw().await)
+        .await
+        .expect("XPENDING");
+    assert_eq!(pending.count(), HELD - 2, "only the two acked left the PEL");
+    for delivery in deliveries {
+        delivery.ack().await.expect("ack");
+    }
+    subscription.shutdown().await.expect("shutdown");
 }
