@@ -17,9 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::envelope::{
-    EnvelopePayload, Event, EventEnvelope, Headers, is_supported, major_version,
-};
+use crate::envelope::{EnvelopePayload, Event, EventEnvelope, Headers, major_version};
 use crate::error::{Error, ErrorKind};
 use crate::upcast::Upcasters;
 
@@ -361,12 +359,12 @@ pub(crate) fn check_type_and_version<E: Event>(
             found: quoted(event_type),
         });
     }
-    if major_version(version).is_none() {
+    let Some(found) = major_version(version) else {
         return Err(DecodeError::BadVersion {
             value: quoted(version),
         });
-    }
-    if !is_supported::<E>(version) {
+    };
+    if major_version(E::VERSION) != Some(found) {
         return Err(DecodeError::UnsupportedVersion {
             found: quoted(version),
             supported: E::VERSION,

@@ -655,3 +655,6 @@ mod ordering;
 
 #[path = "redis_streams/schedule.rs"]
 mod schedule;
+
+#[path = "redis_streams/acks.rs"]
+mod acks;

@@ -23,10 +23,12 @@ use crate::transport::{Delivery, GiveBackLimit, OrderingKey, Settled, Subscripti
 
 pub(super) type Settling = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// How many settles may be on their way beyond the handlers running. A few
-/// are enough for acks to go out in batches (a Redis Streams subscription
-/// sends what is waiting in one script); more would only hold more
-/// transport work at once (lapin, for one, runs each ack as a task).
+/// How many settles may be on their way beyond the handlers running, unless
+/// the subscription says otherwise. A few are enough for acks to go out
+/// together; more would only hold more transport work at once (lapin, for
+/// one, runs each ack as a task). A Redis Streams subscription allows its
+/// whole prefetch: it sends every ack waiting as one `XACK`, so the batch
+/// grows to what the handlers finish in one round trip.
 const SETTLES_IN_FLIGHT: usize = 8;
 
 /// A delivery decoded for `E`, with the message its handler gets.
@@ -76,12 +78,16 @@ where
     /// is still unsettled — dropped by a crash, the broker delivers it
     /// again. Settles in flight are bounded by the prefetch (a delivery
     /// holds its prefetch permit until settled) and by
-    /// [`SETTLES_IN_FLIGHT`].
+    /// [`SETTLES_IN_FLIGHT`] (or the subscription's own bound).
     async fn run_unordered(mut self, mut stopped: oneshot::Receiver<()>) -> Result<(), Error> {
         let mut in_flight = FuturesUnordered::<Settling>::new();
         let handlers = Arc::new(Semaphore::new(self.concurrency.min(Semaphore::MAX_PERMITS)));
         let mut permit: Option<OwnedSemaphorePermit> = None;
-        let most_in_flight = self.concurrency.saturating_add(SETTLES_IN_FLIGHT);
+        let settles = self
+            .subscription
+            .settles_in_flight()
+            .unwrap_or(SETTLES_IN_FLIGHT);
+        let most_in_flight = self.concurrency.saturating_add(settles);
         let mut ready = false;
         let mut outcome = Ok(());
         loop {

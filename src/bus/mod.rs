@@ -120,6 +120,8 @@ pub struct EventBus {
     codec: Codec,
     namespace: Option<Arc<str>>,
     retry: PublishRetry,
+    /// Publish metric handles per topic, shared by clones.
+    publish_metrics: crate::observe::metrics::PublishMetrics,
 }
 
 impl EventBus {
@@ -138,6 +140,7 @@ impl EventBus {
             codec: Codec::default(),
             namespace: None,
             retry: PublishRetry::default(),
+            publish_metrics: Default::default(),
         }
     }
 

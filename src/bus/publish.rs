@@ -9,7 +9,6 @@ use uuid::Uuid;
 use super::EventBus;
 use crate::envelope::{Event, EventEnvelope};
 use crate::error::Error;
-use crate::observe::metrics;
 use crate::transport::{RawMessage, header};
 
 impl EventBus {
@@ -115,17 +114,29 @@ impl EventBus {
         };
         let started = std::time::Instant::now();
         let result = async {
-            let message = self.traced_message(envelope)?;
+            // The first attempt takes the message itself; a retry (rare)
+            // encodes it again, rather than every publish copying it (its
+            // headers are a map of owned strings) for a retry that seldom
+            // comes.
+            let mut first = Some(self.traced_message(envelope)?);
+            let (transport, topic) = (&self.transport, &topic);
             self.retry
-                .run(&topic, || match at {
-                    None => self.transport.publish(&topic, message.clone()),
-                    Some(at) => self.transport.publish_at(&topic, message.clone(), at),
+                .run(topic, || {
+                    let message = first
+                        .take()
+                        .map_or_else(|| self.traced_message(envelope), Ok);
+                    async move {
+                        match at {
+                            None => transport.publish(topic, message?).await,
+                            Some(at) => transport.publish_at(topic, message?, at).await,
+                        }
+                    }
                 })
                 .await
         }
         .instrument(span)
         .await;
-        metrics::published(
+        self.publish_metrics.record(
             self.transport.name(),
             topic,
             result.is_ok(),
@@ -169,7 +180,7 @@ impl EventBus {
             })
             .instrument(span)
             .await;
-        metrics::published(
+        self.publish_metrics.record(
             self.transport.name(),
             topic,
             result.is_ok(),

@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use crate::error::ErrorKind;
 
+mod publish_handles;
 #[cfg(feature = "http")]
 mod scrape;
+pub(crate) use publish_handles::PublishMetrics;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use scrape::{PROMETHEUS_CONTENT_TYPE, handler, router};

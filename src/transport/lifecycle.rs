@@ -288,6 +288,7 @@ impl Subscription {
         closed: impl Future<Output = ()> + Send + 'static,
         guard: LiveGuard,
     ) -> Subscription {
+        let settles_in_flight = self.settles_in_flight();
         let (topic, group, deliveries, drain) = self.into_parts();
         let deliveries = deliveries.take_until(closed);
         let drain = async move {
@@ -295,7 +296,11 @@ impl Subscription {
             drop(guard);
             drained
         };
-        Subscription::new(topic, group, deliveries, drain)
+        let subscription = Subscription::new(topic, group, deliveries, drain);
+        match settles_in_flight {
+            Some(most) => subscription.with_settles_in_flight(most),
+            None => subscription,
+        }
     }
 }
 

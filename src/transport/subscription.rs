@@ -24,6 +24,9 @@ pub struct Subscription {
     group: Arc<str>,
     deliveries: BoxStream<'static, Delivery>,
     drain: BoxFuture<'static, Result<(), Error>>,
+    /// How many settles the consume loop may keep on their way beyond its
+    /// running handlers; `None`: the loop's own bound.
+    settles_in_flight: Option<usize>,
 }
 
 /// What a [`Subscription`] is made of: topic, group, deliveries, drain.
@@ -50,7 +53,24 @@ impl Subscription {
             group,
             deliveries: Box::pin(deliveries),
             drain: Box::pin(drain),
+            settles_in_flight: None,
         }
+    }
+
+    /// Lets the consume loop keep up to `most` settles on their way beyond
+    /// its running handlers, for a transport that sends the settles waiting
+    /// together (Redis Streams: one `XACK` of every id settled meanwhile)
+    /// and whose deliveries are bounded on their own (each holds a prefetch
+    /// permit until settled): the more may wait, the fewer commands a
+    /// batch of them costs.
+    pub(crate) fn with_settles_in_flight(mut self, most: usize) -> Self {
+        self.settles_in_flight = Some(most);
+        self
+    }
+
+    /// See [`with_settles_in_flight`](Self::with_settles_in_flight).
+    pub(crate) fn settles_in_flight(&self) -> Option<usize> {
+        self.settles_in_flight
     }
 
     /// The parts [`new`](Self::new) took, for a wrapper (the transport's

@@ -15,9 +15,9 @@ use super::dlq::{
     DLQ_AT, DLQ_ATTEMPTS, DLQ_GROUP, DLQ_LAST_ERROR, DLQ_REASON, DLQ_SOURCE_ID, DLQ_TOPIC,
 };
 use super::fields::{append_message_fields, message_from_fields, value_text};
-use super::lease::{
-    AckRequest, DEAD_LETTER_SCRIPT, GIVE_BACK_TO_GROUP_SCRIPT, GiveBack, Held, lease_lost,
-};
+use super::ids::EntryId;
+use super::lease::{AckRequest, GiveBack, Held, lease_lost};
+use super::scripts::{DEAD_LETTER_SCRIPT, GIVE_BACK_TO_GROUP_SCRIPT};
 use super::{Conn, FIELD_REDRIVE_GROUP, RedisStreamsTransport, lock};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
@@ -105,6 +105,8 @@ impl GivenBack {
 /// prefetch permit from the moment it was asked for.
 pub(super) struct Entry {
     pub(super) id: String,
+    /// `id` as numbers, parsed once: what is held and acked.
+    pub(super) key: EntryId,
     pub(super) attempt: u32,
     pub(super) delivery_count: u32,
     pub(super) message: RawMessage,
@@ -129,9 +131,11 @@ impl Group {
             .and_then(value_text)
             .is_some_and(|group| *group != *self.group);
         let (message, problem) = message_from_fields(stream_id.map);
-        lock(&self.held).insert(stream_id.id.clone());
+        let key = EntryId::of(&stream_id.id);
+        lock(&self.held).insert(key.clone());
         Entry {
             id: stream_id.id,
+            key,
             attempt,
             delivery_count,
             message,
@@ -151,7 +155,7 @@ impl Group {
 
     /// Acks `id` together with whatever other acks of this subscription
     /// are waiting; returns once Redis acknowledged it.
-    pub(super) async fn ack(&self, id: String) -> Result<(), Error> {
+    pub(super) async fn ack(&self, id: EntryId) -> Result<(), Error> {
         let closed = || Error::closed("redis-streams subscription");
         let (reply, replied) = oneshot::channel();
         self.acks.send((id, reply)).await.map_err(|_| closed())?;
@@ -359,6 +363,7 @@ fn done_with(settled: &Result<(), Error>) -> bool {
 pub(super) struct RedisAcker {
     pub(super) group: Arc<Group>,
     pub(super) id: String,
+    pub(super) key: EntryId,
     pub(super) attempt: u32,
     pub(super) delivery_count: u32,
     /// Held until the delivery is settled for good or handed back; counts
@@ -369,7 +374,7 @@ pub(super) struct RedisAcker {
 #[async_trait]
 impl Acker for RedisAcker {
     async fn ack(&mut self, message: &RawMessage) -> Result<(), Error> {
-        let acked = self.group.ack(self.id.clone()).await;
+        let acked = self.group.ack(self.key.clone()).await;
         if done_with(&acked) {
             // Ours no more either way.
             self.permit = None;

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::acker::{Entry, Group, Nacked, RedisAcker};
+use super::ids::stream_id_order;
 use super::lease::{Claim, GiveBack, SCRIPT_BATCH, spawn_keeper};
 use super::{Conn, DLQ_SUFFIX, RedisStreamsTransport, ensure_group, lock};
 use crate::error::Error;
@@ -54,6 +55,7 @@ impl Subscriber for RedisStreamsTransport {
         self.ensure_trimmer(topic);
         let blocking = self.blocking_connection().await?;
         let prefetch = Prefetch::new(options.prefetch);
+        let prefetch_size = prefetch.size();
         let (acks, ack_requests) = mpsc::channel(prefetch.size().clamp(1, SCRIPT_BATCH));
         let group = Arc::new(Group {
             transport: self.clone(),
@@ -98,8 +100,12 @@ impl Subscriber for RedisStreamsTransport {
             // ...then every delivery handed out is settled or dropped.
             prefetch.drained().await
         };
+        // Settles are bounded by the prefetch already (each delivery holds
+        // its permit until settled), and the keeper sends all acks waiting
+        // as one XACK: the consume loop need not hold them back.
         let subscription =
-            Subscription::new(group.topic.clone(), group.group.clone(), deliveries, drain);
+            Subscription::new(group.topic.clone(), group.group.clone(), deliveries, drain)
+                .with_settles_in_flight(prefetch_size);
         Ok(self.inner.lifecycle.track(subscription))
     }
 }
@@ -415,7 +421,7 @@ impl Reader {
     /// reach the handler.
     async fn hand_out(&mut self, entry: Entry) -> Option<Delivery> {
         if entry.foreign {
-            if let Err(error) = self.group.ack(entry.id.clone()).await {
+            if let Err(error) = self.group.ack(entry.key.clone()).await {
                 tracing::warn!(%error, id = entry.id, "cannot skip another group's redrive");
                 let back = GiveBack::settled(entry.id, entry.delivery_count);
                 self.group.give_back(&[back], 0).await;
@@ -444,6 +450,7 @@ impl Reader {
         let acker = RedisAcker {
             group: self.group.clone(),
             id: entry.id,
+            key: entry.key,
             attempt: entry.attempt,
             delivery_count: entry.delivery_count,
             permit: Some(entry.permit),
@@ -510,12 +517,6 @@ fn read_backoff() -> backon::ExponentialBackoff {
         .build()
 }
 
-/// Orders stream ids (`<ms>-<seq>`) numerically.
-fn stream_id_order(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-}
-
 impl Drop for Reader {
     fn drop(&mut self) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -556,16 +557,5 @@ impl Drop for Reader {
             }
         });
         *lock(&self.stopping) = Some(task);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stream_ids_order_numerically() {
-        assert!(stream_id_order("9-1") < stream_id_order("10-0"));
-        assert!(stream_id_order("10-2") < stream_id_order("10-10"));
     }
 }

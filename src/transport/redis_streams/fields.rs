@@ -59,30 +59,51 @@ pub(super) fn message_from_fields(map: HashMap<String, Value>) -> (RawMessage, O
     }
     let mut headers = Headers::new();
     let mut body = Bytes::new();
-    for (field, value) in map {
+    // Every value and field name is moved, not copied: the hot path of
+    // every delivery. A field name becomes its header name in place.
+    for (mut field, value) in map {
         match field.as_str() {
-            // Moved, not copied: the hot path of every delivery.
             FIELD_ENVELOPE => body = value_into_bytes(value).unwrap_or_default(),
             FIELD_EVENT_ID => {
-                if let Some(text) = value_text(&value) {
-                    headers.insert(header::EVENT_ID.to_owned(), text);
+                if let Some(text) = value_into_text(value) {
+                    headers.insert(renamed(field, header::EVENT_ID), text);
                 }
             }
             FIELD_EVENT_TYPE => {
-                if let Some(text) = value_text(&value) {
-                    headers.insert(header::EVENT_TYPE.to_owned(), text);
+                if let Some(text) = value_into_text(value) {
+                    headers.insert(renamed(field, header::EVENT_TYPE), text);
                 }
             }
             other => {
-                if let (Some(name), Some(text)) =
-                    (other.strip_prefix(HEADER_FIELD_PREFIX), value_text(&value))
+                if other.starts_with(HEADER_FIELD_PREFIX)
+                    && let Some(text) = value_into_text(value)
                 {
-                    headers.insert(name.to_owned(), text);
+                    field.drain(..HEADER_FIELD_PREFIX.len());
+                    headers.insert(field, text);
                 }
             }
         }
     }
     (RawMessage { headers, body }, problem)
+}
+
+/// `name` in the buffer of `field` (which holds at least as many bytes).
+fn renamed(mut field: String, name: &str) -> String {
+    field.clear();
+    field.push_str(name);
+    field
+}
+
+/// The text of `value`, its bytes moved when they are UTF-8.
+fn value_into_text(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(
+            String::from_utf8(bytes)
+                .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned()),
+        ),
+        Value::SimpleString(text) => Some(text),
+        other => value_text(&other),
+    }
 }
 
 fn value_into_bytes(value: Value) -> Option<Bytes> {
@@ -114,8 +135,16 @@ mod tests {
         let mut map = HashMap::new();
         map.insert("payload".to_owned(), Value::BulkString(b"x".to_vec()));
         map.insert("h:trace".to_owned(), Value::BulkString(b"7".to_vec()));
+        map.insert("h:odd".to_owned(), Value::BulkString(b"\xff!".to_vec()));
+        map.insert("h:count".to_owned(), Value::Int(3));
         let (message, problem) = message_from_fields(map);
         assert_eq!(message.headers["trace"], "7");
+        assert_eq!(
+            message.headers["odd"], "\u{fffd}!",
+            "invalid UTF-8 is replaced"
+        );
+        assert_eq!(message.headers["count"], "3");
+        assert_eq!(message.headers.len(), 3, "{:?}", message.headers);
         let problem = problem.expect("a problem");
         assert!(problem.contains("no `envelope` field"), "{problem}");
         assert!(problem.contains("payload"), "{problem}");

@@ -6,146 +6,31 @@
 //! acknowledge it from under the member now running it. So every command
 //! that touches an entry this consumer believes it holds is a script that
 //! first looks the id up with `XPENDING <stream> <group> <id> <id> 1 <me>`
-//! and only then claims, acknowledges or dead-letters it — in one step,
-//! since a script runs atomically.
+//! (an ack batch: one `XPENDING` over the batch's id range) and only then
+//! claims, acknowledges or dead-letters it — in one step, since a script
+//! runs atomically.
 //!
-//! The keeper is one task per subscription. It batches acks (handlers that
-//! finish together share one script call), renews the lease on every entry
-//! the subscription holds every `lease_every`, and samples the group's lag.
+//! The keeper is one task per subscription. It batches acks: every ack asked
+//! for while the previous batch was on its way goes out in the next script
+//! call, as one `XACK` of all their ids, and an ack with nothing on its way
+//! goes out at once (never held for company). It also renews the lease on
+//! every entry the subscription holds every `lease_every`, and samples the
+//! group's lag.
 
 use std::collections::HashSet;
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use redis::streams::{StreamClaimReply, StreamId};
-use redis::{RedisResult, Script, Value};
+use redis::{RedisResult, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::acker::Group;
+use super::ids::{EntryId, HeldIds, id_range};
+use super::scripts::{ACK_SCRIPT, CLAIM_SCRIPT, GIVE_BACK_SCRIPT};
 use super::{lock, xinfo};
 use crate::error::{Error, ErrorKind};
 use crate::observe::metrics;
 use crate::transport::redis_support::redis_error;
-
-/// `KEYS[1]` stream; `ARGV` group, consumer, mode, idle ms, ids…
-///
-/// Claims those of `ids` still pending for `consumer`. Modes:
-/// * `renew` — `XCLAIM … JUSTID`: resets their idle time, returns the ids;
-/// * `reread` — `XCLAIM … JUSTID` then `XRANGE` each: the entries again
-///   without raising their delivery counters (after a nack's delay);
-/// * `recover` — plain `XCLAIM`: the entries, counters raised (what an
-///   earlier run under this name left unsettled).
-const CLAIM_OWNED: &str = r"
-local owned = {}
-for i = 5, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
-  if #p > 0 then owned[#owned + 1] = ARGV[i] end
-end
-if #owned == 0 then return {} end
-local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
-for _, id in ipairs(owned) do args[#args + 1] = id end
-local mode = ARGV[3]
-if mode ~= 'recover' then args[#args + 1] = 'JUSTID' end
-local claimed = redis.call(unpack(args))
-if mode ~= 'reread' then return claimed end
-local entries = {}
-for _, id in ipairs(claimed) do
-  local found = redis.call('XRANGE', KEYS[1], id, id)
-  if #found > 0 then entries[#entries + 1] = found[1] end
-end
-return entries
-";
-
-/// `KEYS[1]` stream; `ARGV` group, consumer, idle ms, then pairs of id and
-/// retry count (empty: keep) — hands back those of the ids still pending for
-/// `consumer`: `XCLAIM … IDLE <ms> [RETRYCOUNT n] JUSTID`, so any member's
-/// next `XAUTOCLAIM` takes them. An entry whose delivery ended with an
-/// outcome or never reached a handler gets its delivery counter set back by
-/// one, since that `XAUTOCLAIM` raises it again; returns how many were
-/// handed back.
-const GIVE_BACK_OWNED: &str = r"
-local given = 0
-for i = 4, #ARGV, 2 do
-  local id, retry = ARGV[i], ARGV[i + 1]
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2])
-  if #p > 0 then
-    if retry == '' then
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'IDLE', ARGV[3], 'JUSTID')
-    else
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'IDLE', ARGV[3],
-        'RETRYCOUNT', retry, 'JUSTID')
-    end
-    given = given + 1
-  end
-end
-return given
-";
-
-/// `KEYS[1]` stream, `KEYS[2]` the group's given-back hash; `ARGV` group,
-/// consumer, idle ms, id, retry count, hash field, hash value, hash TTL in
-/// seconds — gives `id` back to the group if it is still pending for
-/// `consumer`: `XCLAIM … IDLE <ms> RETRYCOUNT <n> JUSTID`, so any member's
-/// next `XAUTOCLAIM` takes it (the retry count set back by one, since that
-/// claim raises it again: a give-back is not a delivery without an
-/// outcome), and records how often and since when it was given back in the
-/// hash (whose TTL each give-back renews). Returns 1 if so, 0 if not.
-const GIVE_BACK_TO_GROUP: &str = r"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], ARGV[4], 1, ARGV[2])
-if #p == 0 then return 0 end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'IDLE', ARGV[3],
-  'RETRYCOUNT', ARGV[5], 'JUSTID')
-redis.call('HSET', KEYS[2], ARGV[6], ARGV[7])
-redis.call('EXPIRE', KEYS[2], ARGV[8])
-return 1
-";
-
-/// `KEYS[1]` stream; `ARGV` group, consumer, ids… — acknowledges those of
-/// `ids` still pending for `consumer`; returns 1 or 0 per id.
-const ACK_OWNED: &str = r"
-local result = {}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
-  if #p > 0 then
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-    result[#result + 1] = 1
-  else
-    result[#result + 1] = 0
-  end
-end
-return result
-";
-
-/// `KEYS[1]` stream, `KEYS[2]` dead-letter stream; `ARGV` group, consumer,
-/// id, the dead-letter stream's bound (0: none), then the dead-letter
-/// entry's field/value pairs — adds the entry to the dead-letter stream
-/// (trimmed to the bound) and acknowledges the original, only if `id` is
-/// still pending for `consumer`; returns 0 if not, 1 if moved, 2 if moved
-/// and the bound evicted older dead letters.
-const DEAD_LETTER_OWNED: &str = r"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
-if #p == 0 then return 0 end
-local bound = tonumber(ARGV[4])
-local evicted = 0
-local args = {'XADD', KEYS[2]}
-if bound > 0 then
-  if redis.call('XLEN', KEYS[2]) >= bound then evicted = 1 end
-  args[#args + 1] = 'MAXLEN'
-  args[#args + 1] = '='
-  args[#args + 1] = ARGV[4]
-end
-args[#args + 1] = '*'
-for i = 5, #ARGV do args[#args + 1] = ARGV[i] end
-redis.call(unpack(args))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-return 1 + evicted
-";
-
-static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_OWNED));
-static ACK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACK_OWNED));
-static GIVE_BACK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GIVE_BACK_OWNED));
-pub(super) static GIVE_BACK_TO_GROUP_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(GIVE_BACK_TO_GROUP));
-pub(super) static DEAD_LETTER_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(DEAD_LETTER_OWNED));
 
 /// The most ids one script call carries (Lua's `unpack` has a limit of a
 /// few thousand values).
@@ -260,17 +145,34 @@ impl Group {
         Ok(entries)
     }
 
-    /// Acknowledges those of `ids` still pending for this consumer; one
-    /// flag per id.
-    async fn ack_owned(&self, ids: &[&str]) -> RedisResult<Vec<bool>> {
-        let flags: Vec<i64> = ACK_SCRIPT
-            .key(&self.stream)
+    /// Acknowledges those of `ids` still pending for this consumer; returns
+    /// the positions of those that were not. The `EVALSHA` is written out
+    /// here rather than through a `ScriptInvocation`, which would copy every
+    /// id into an argument of its own first.
+    async fn ack_owned(&self, ids: &[EntryId]) -> RedisResult<Vec<usize>> {
+        let Some((lowest, highest)) = id_range(ids) else {
+            return Ok(Vec::new());
+        };
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(ACK_SCRIPT.get_hash())
+            .arg(1)
+            .arg(&self.stream)
             .arg(&*self.group)
-            .arg(&self.consumer)
-            .arg(ids)
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok(flags.into_iter().map(|flag| flag == 1).collect())
+            .arg(&self.consumer);
+        for id in [&lowest, &highest].into_iter().chain(ids) {
+            id.with_bytes(|bytes| cmd.arg(bytes));
+        }
+        let lost: Vec<usize> = match cmd.query_async(&mut self.conn()).await {
+            Err(error) if error.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+                ACK_SCRIPT.load_async(&mut self.conn()).await?;
+                cmd.query_async(&mut self.conn()).await?
+            }
+            reply => reply?,
+        };
+        Ok(lost
+            .into_iter()
+            .filter_map(|at| at.checked_sub(1))
+            .collect())
     }
 }
 
@@ -286,11 +188,10 @@ pub(super) fn lease_lost(id: &str) -> Error {
 }
 
 /// An id to acknowledge, and where to say how it went.
-pub(super) type AckRequest = (String, oneshot::Sender<Result<(), Error>>);
+pub(super) type AckRequest = (EntryId, oneshot::Sender<Result<(), Error>>);
 
-/// The ids a subscription holds (read, handed out, or waiting out a
-/// nack), whose leases the keeper renews.
-pub(super) type Held = Arc<Mutex<HashSet<String>>>;
+/// The ids a subscription holds, whose leases the keeper renews.
+pub(super) type Held = Arc<Mutex<HeldIds>>;
 
 /// Starts a subscription's keeper (see the module docs); it ends when the
 /// subscription and all its deliveries are gone (every ack sender dropped).
@@ -331,7 +232,7 @@ pub(super) fn spawn_keeper(group: Weak<Group>, mut acks: mpsc::Receiver<AckReque
             };
             let Some(group) = group.upgrade() else {
                 for (id, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(lease_lost(&id)));
+                    let _ = reply.send(Err(lease_lost(&id.text())));
                 }
                 return;
             };
@@ -345,17 +246,24 @@ pub(super) fn spawn_keeper(group: Weak<Group>, mut acks: mpsc::Receiver<AckReque
 }
 
 async fn settle_acks(group: &Group, batch: &mut Vec<AckRequest>) {
-    let ids: Vec<&str> = batch.iter().map(|(id, _)| id.as_str()).collect();
+    let ids: Vec<EntryId> = batch.iter().map(|(id, _)| id.clone()).collect();
     match group.ack_owned(&ids).await {
-        Ok(flags) => {
+        Ok(lost) => {
             {
                 let mut held = lock(&group.held);
-                for (id, _) in batch.iter() {
-                    held.remove(id);
+                for id in &ids {
+                    held.remove_id(id);
                 }
             }
-            for ((id, reply), acked) in batch.drain(..).zip(flags) {
-                let _ = reply.send(if acked { Ok(()) } else { Err(lease_lost(&id)) });
+            // The positions come in order: one pass settles the batch.
+            let mut lost = lost.into_iter().peekable();
+            for (at, (id, reply)) in batch.drain(..).enumerate() {
+                let acked = lost.next_if_eq(&at).is_none();
+                let _ = reply.send(if acked {
+                    Ok(())
+                } else {
+                    Err(lease_lost(&id.text()))
+                });
             }
         }
         Err(error) => {
@@ -370,7 +278,7 @@ async fn settle_acks(group: &Group, batch: &mut Vec<AckRequest>) {
 /// Renews the idle time of every entry the subscription holds; forgets
 /// those another member took over meanwhile.
 async fn renew(group: &Group) {
-    let ids: Vec<String> = lock(&group.held).iter().cloned().collect();
+    let ids: Vec<String> = lock(&group.held).texts();
     if ids.is_empty() {
         return;
     }

@@ -33,8 +33,14 @@
 //!   Every other command goes over one shared connection that reconnects by
 //!   itself ([`ConnectionManager`](redis::aio::ConnectionManager) or a
 //!   cluster connection).
-//! * `ack` is `XACK`; acks of one subscription that finish together share
-//!   one script call (each still returns once Redis has confirmed it).
+//! * `ack` is `XACK`: the acks of one subscription asked for while its
+//!   previous ack batch was on its way go out together, as one script call
+//!   holding one `XACK` of every id (each ack still returns once Redis has
+//!   confirmed it; one with nothing on its way goes out at once). The
+//!   consume loop lets as many settles wait as the prefetch allows, so with
+//!   a fast handler a batch grows to what it finished in one round trip:
+//!   three commands (`EVALSHA`, and the `XPENDING` and `XACK` it runs) per
+//!   batch rather than per message.
 //! * `nack(delay)` keeps the entry pending and waits out the delay in the
 //!   subscription's own timer queue (one per subscription, not a task per
 //!   nack); then the entry is read again under the same id — it is never
@@ -188,11 +194,13 @@ mod connection;
 mod consumer;
 mod dlq;
 mod fields;
+mod ids;
 mod latest;
 mod lease;
 mod lifecycle;
 mod publisher;
 mod schedule;
+mod scripts;
 mod trim;
 mod xinfo;
 
