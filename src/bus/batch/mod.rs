@@ -230,6 +230,8 @@ impl EventBus {
             key.check::<E>()?;
         }
         let slot = spawn_batcher(batching, handler);
-        self.subscribe(options, stack(slot)).await
+        let key_run = options.ordering_key.is_some().then_some(max_messages);
+        self.subscribe_on(self.topic_of::<E>(), options, stack(slot), key_run)
+            .await
     }
 }
