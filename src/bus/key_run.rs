@@ -154,18 +154,21 @@ impl KeyRun {
     /// The loop acked member `index` (it may never have reached a batch).
     pub(crate) fn done(&self, index: usize) {
         let mut state = self.lock();
-        if state.members[index] != Member::HeldBack {
+        // Mostly the batcher has marked it already: nothing to wake it for.
+        if !matches!(state.members[index], Member::HeldBack | Member::Done) {
             state.members[index] = Member::Done;
+            Self::wake(&state);
         }
-        Self::wake(&state);
     }
 
     /// The loop settled member `index` otherwise than by an ack, or put it
     /// back: nothing after it may go on in this run.
     pub(crate) fn broken_at(&self, index: usize) {
         let mut state = self.lock();
-        state.broken = Some(state.broken.map_or(index, |failed| failed.min(index)));
-        Self::wake(&state);
+        if state.broken.is_none_or(|failed| failed > index) {
+            state.broken = Some(index);
+            Self::wake(&state);
+        }
     }
 
     fn wake(state: &State) {

@@ -191,13 +191,43 @@ where
             }
             slot = slots.recv(), if open && !full => match slot {
                 Some(slot) if slot.message.place.is_some() => {
-                    held.push(slot);
-                    admit(&mut held, &mut batch, &changed, batching);
+                    // Only a member that joins can let another one in: the
+                    // held ones are looked at again only then.
+                    if offer(slot, &mut held, &mut batch, &changed, batching) && !held.is_empty() {
+                        admit(&mut held, &mut batch, &changed, batching);
+                    }
                 }
                 Some(slot) => batch.push(slot, batching.max_wait),
                 None => open = false,
             },
             () = sleep_until(batch.due), if !batch.slots.is_empty() && !late => {}
+        }
+    }
+}
+
+/// A member of a run that has just arrived: into the batch being gathered,
+/// answered held back, or held. Whether it joined the batch.
+fn offer<E>(
+    slot: Slot<E>,
+    held: &mut Vec<Slot<E>>,
+    batch: &mut Gathering<E>,
+    changed: &Arc<Notify>,
+    batching: Batching,
+) -> bool {
+    let place = slot.message.place.as_ref().expect("a member of a run");
+    let room = batch.slots.len() < batching.max_messages;
+    match place.run.admit(place.index, batch.number, room, changed) {
+        Admission::Join => {
+            batch.push(slot, batching.max_wait);
+            true
+        }
+        Admission::HoldBack => {
+            let _ = slot.reply.send(Err(Error::held_back()));
+            false
+        }
+        Admission::Wait => {
+            held.push(slot);
+            false
         }
     }
 }
