@@ -404,3 +404,67 @@ async fn out_of_order_arrivals_and_failures_before_the_batch_keep_key_order() {
         "a message ran twice"
     );
 }
+
+/// A batch consumer with an ordering key stopped while a batch of a hot
+/// key's run is in the handler: the batch finishes and is acked, what
+/// waits behind it goes back unhandled, and a consumer of the same group afterwards handles the
+/// rest, so each message is handled once, in order.
+#[tokio::test]
+async fn stopping_mid_run_gives_the_rest_back_in_order() {
+    let transport = MemoryTransport::new();
+    let bus = keyed_bus(Arc::new(transport.clone()), "g").await;
+    let record: Shared = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (started, mut starts) = mpsc::unbounded_channel();
+    let handler = {
+        let (record, gate) = (record.clone(), gate.clone());
+        batch_fn(move |batch: Vec<Message<Keyed>>| {
+            let (record, gate, started) = (record.clone(), gate.clone(), started.clone());
+            async move {
+                // The key's first message comes alone; the run behind it
+                // is held here until the consumer is stopping.
+                if batch.len() > 1 {
+                    started.send(()).ok();
+                    gate.acquire().await.expect("gate").forget();
+                }
+                let mut record = record.lock().unwrap();
+                for message in &batch {
+                    let Keyed { key, seq } = message.payload().clone();
+                    record.succeeded.entry(key).or_default().push(seq);
+                }
+                batch.iter().map(|_| Ok(())).collect::<Results>()
+            }
+        })
+    };
+    let options = || {
+        SubscribeOptions::new("g")
+            .with_prefetch(64)
+            .with_ordering_key(by_key())
+    };
+    let consumer = bus
+        .subscribe_batch(options(), 50, Duration::from_millis(5), handler)
+        .await
+        .expect("subscribe");
+    // All within the prefetch, so what goes back is all that is left.
+    bus.publish_batch(keyed("K", 0..60)).await.expect("publish");
+    starts.recv().await.expect("a batch started");
+    let stopping = tokio::spawn(consumer.shutdown());
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("stopped in time")
+        .expect("joined")
+        .expect("shutdown");
+    let first = record.lock().unwrap().succeeded["K"].clone();
+    assert!(first.len() > 2 && first.len() < 60, "{first:?}");
+    let (done, mut dones) = mpsc::unbounded_channel();
+    let rest = recording(record.clone(), done, |_, _| Ok(()));
+    let consumer = bus
+        .subscribe_batch(options(), 50, Duration::from_millis(5), rest)
+        .await
+        .expect("subscribe again");
+    successes(&mut dones, 60 - first.len(), &record).await;
+    consumer.shutdown().await.expect("shutdown");
+    let record = record.lock().unwrap();
+    assert_eq!(record.succeeded["K"], (0..60).collect::<Vec<_>>());
+}
