@@ -1,6 +1,9 @@
 //! Game applying `trade.executed` to its ledger one by one beside in
-//! batches of 100 ([`EventBus::subscribe_batch`]), in events per second
-//! from the publish of 1 000 trades until the last is applied.
+//! batches of 100 ([`EventBus::subscribe_batch`]), and in batches of 100
+//! ordered by user (`batch_100_by_user`: an `OrderingKey` on the user, so
+//! each user's trades are applied in order; a batch may hold many trades
+//! of one user), in events per second from the publish of 1 000 trades
+//! until the last is applied.
 //!
 //! * `ledger_sqlite`: the ledger is a SQLite file (WAL, `synchronous =
 //!   FULL`): each trade is remembered by event id (so a redelivery is not
@@ -24,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use switchboard::{
-    ConsumerHandle, Error, Event, EventBus, MemoryTransport, Message, SubscribeOptions, batch_fn,
-    handler_fn,
+    ConsumerHandle, Error, Event, EventBus, EventEnvelope, MemoryTransport, Message, OrderingKey,
+    SubscribeOptions, batch_fn, handler_fn,
 };
 use tokio::sync::watch;
 
@@ -138,16 +141,30 @@ async fn sqlite(path: &PathBuf) -> SqlitePool {
     pool
 }
 
+/// How Game consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    OneByOne,
+    Batched,
+    /// Batched, each user's trades in order.
+    BatchedByUser,
+}
+
 /// Subscribes Game's ledger, one by one or in batches; `applied` counts.
 async fn subscribe(
     bus: &EventBus,
     ledger: Ledger,
-    batched: bool,
+    mode: Mode,
     applied: watch::Sender<u64>,
 ) -> ConsumerHandle {
-    let options = SubscribeOptions::new("game").with_prefetch(2 * BATCH);
+    let mut options = SubscribeOptions::new("game").with_prefetch(2 * BATCH);
+    if mode == Mode::BatchedByUser {
+        let by_user =
+            OrderingKey::of(|t: &EventEnvelope<TradeExecuted>| t.payload().user_id.clone());
+        options = options.with_ordering_key(by_user);
+    }
     let applied = Arc::new(applied);
-    if batched {
+    if mode != Mode::OneByOne {
         let handler = batch_fn(move |trades: Vec<Message<TradeExecuted>>| {
             let (ledger, applied) = (ledger.clone(), applied.clone());
             async move {
@@ -190,8 +207,11 @@ fn ledgers(c: &mut Criterion) {
         group.throughput(Throughput::Elements(TRADES));
         group.sample_size(10);
         group.measurement_time(Duration::from_secs(5));
-        for batched in [false, true] {
-            let name = if batched { "batch_100" } else { "one_by_one" };
+        for (mode, name) in [
+            (Mode::OneByOne, "one_by_one"),
+            (Mode::Batched, "batch_100"),
+            (Mode::BatchedByUser, "batch_100_by_user"),
+        ] {
             let path = std::env::temp_dir().join(format!(
                 "switchboard-bench-{}.db",
                 uuid::Uuid::new_v4().simple()
@@ -203,7 +223,7 @@ fn ledgers(c: &mut Criterion) {
                     "sqlite" => Ledger::Sqlite(sqlite(&path).await),
                     _ => Ledger::InMemory(Arc::default()),
                 };
-                subscribe(&bus, ledger, batched, applied).await
+                subscribe(&bus, ledger, mode, applied).await
             });
             let mut next = 0;
             group.bench_function(BenchmarkId::from_parameter(name), |b| {

@@ -165,6 +165,9 @@ pub struct Error {
     retry_after: Option<Duration>,
     attempts: Option<u32>,
     dead_letter: Option<Box<DeadLetter>>,
+    /// Set only by a batch consumer with an ordering key (see
+    /// [`held_back`](Self::held_back)); never by user code.
+    held_back: bool,
     #[source]
     source: Option<BoxError>,
 }
@@ -189,6 +192,7 @@ impl Error {
             retry_after: None,
             attempts: None,
             dead_letter: None,
+            held_back: false,
             source: None,
         }
     }
@@ -330,6 +334,27 @@ impl Error {
         self.source.as_deref()?.downcast_ref::<DecodeError>()
     }
 
+    /// The answer a batch consumer with an ordering key gives a message it
+    /// did not hand to the handler, or whose result it dropped, because an
+    /// earlier message of its key in the same run failed: it goes back to
+    /// the front of its key's queue, unsettled, to be handled again after
+    /// that one. Not retryable, so no retry layer sends it again; the retry
+    /// and dead-letter layers pass it through untouched, the consume loop
+    /// counts it neither as handled nor as failed.
+    pub(crate) fn held_back() -> Self {
+        let mut error = Self::new(
+            ErrorKind::Rejected,
+            "held back behind an earlier message of its key",
+        );
+        error.held_back = true;
+        error
+    }
+
+    /// Whether this is [`held_back`](Self::held_back)'s answer.
+    pub(crate) fn is_held_back(&self) -> bool {
+        self.held_back
+    }
+
     pub(crate) fn closed(what: &str) -> Self {
         Self::new(ErrorKind::Closed, format!("{what} has been shut down"))
     }
@@ -355,6 +380,9 @@ impl fmt::Debug for Error {
         }
         if let Some(letter) = &self.dead_letter {
             debug.field("dead_letter", letter);
+        }
+        if self.held_back {
+            debug.field("held_back", &true);
         }
         if let Some(source) = &self.source {
             debug.field("source", source);

@@ -602,6 +602,9 @@ mod ordering;
 #[path = "bus/batch.rs"]
 mod batch;
 
+#[path = "bus/batch_keyed.rs"]
+mod batch_keyed;
+
 #[path = "bus/stats.rs"]
 mod stats;
 

@@ -52,6 +52,9 @@ pub(super) struct ConsumeLoop<E, H> {
     pub(super) give_back_limit: GiveBackLimit,
     /// Set: handled one message per key at a time (see `ordered`).
     pub(super) ordering_key: Option<OrderingKey>,
+    /// Set for a batch subscription with an ordering key: up to this many
+    /// messages of a key out at once, as a run (see `key_run`).
+    pub(super) key_run: Option<usize>,
     pub(super) _event: std::marker::PhantomData<fn() -> E>,
 }
 
@@ -164,6 +167,7 @@ where
                     topic,
                     group,
                     attempt: delivery.attempt(),
+                    place: None,
                 };
                 Ok(Decoded { delivery, message })
             }

@@ -1,6 +1,7 @@
 //! The per-key queue of an ordered subscription: which messages may start,
-//! so that each key has at most one message in a handler (or waiting out a
-//! retry's delay) and its others wait behind it in arrival order.
+//! so that each key has at most one message — or one run of messages, for a
+//! batch subscription — in a handler (or waiting out a retry's delay) and
+//! its others wait behind it in arrival order.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -59,18 +60,29 @@ impl<T> KeyedQueue<T> {
         }
     }
 
-    /// The oldest waiting message of the key ready longest, its key marked
-    /// busy.
-    pub(super) fn next_ready(&mut self) -> Option<(Arc<str>, T)> {
+    /// The oldest waiting messages of the key ready longest, up to `most`
+    /// (at least one), in arrival order; its key marked busy.
+    pub(super) fn next_run(&mut self, most: usize) -> Option<(Arc<str>, Vec<T>)> {
         let key = self.ready.pop_front()?;
         let state = self.keys.get_mut(&key).expect("a ready key is known");
-        let item = state
-            .waiting
-            .pop_front()
-            .expect("a ready key has a message");
+        let take = most.clamp(1, state.waiting.len());
+        let run: Vec<T> = state.waiting.drain(..take).collect();
+        debug_assert!(!run.is_empty(), "a ready key has a message");
         state.busy = true;
-        self.waiting -= 1;
-        Some((key, item))
+        self.waiting -= run.len();
+        Some((key, run))
+    }
+
+    /// Puts a message of the busy `key` back into its queue at `at` (0 is
+    /// the front): it was let out and must wait for an earlier one.
+    pub(super) fn put_back(&mut self, key: &Arc<str>, at: usize, item: T) {
+        let state = self.keys.entry(key.clone()).or_insert_with(|| Key {
+            busy: true,
+            waiting: VecDeque::new(),
+        });
+        let at = at.min(state.waiting.len());
+        state.waiting.insert(at, item);
+        self.waiting += 1;
     }
 
     /// The message out for `key` is settled for good: the next of its key
@@ -116,16 +128,16 @@ mod tests {
         assert_eq!(queue.waiting, 2);
         assert!(queue.ready.is_empty());
         queue.release(&key("b"));
-        assert!(queue.next_ready().is_none());
+        assert!(queue.next_run(1).is_none());
         queue.release(&key("a"));
-        assert_eq!(queue.next_ready(), Some((key("a"), 3)));
+        assert_eq!(queue.next_run(1), Some((key("a"), vec![3])));
         // Busy again: a newcomer of the key waits behind 4.
         assert_eq!(queue.arrive(key("a"), 5), None);
-        assert!(queue.next_ready().is_none());
+        assert!(queue.next_run(1).is_none());
         queue.release(&key("a"));
-        assert_eq!(queue.next_ready(), Some((key("a"), 4)));
+        assert_eq!(queue.next_run(1), Some((key("a"), vec![4])));
         queue.release(&key("a"));
-        assert_eq!(queue.next_ready(), Some((key("a"), 5)));
+        assert_eq!(queue.next_run(1), Some((key("a"), vec![5])));
         queue.release(&key("a"));
         assert_eq!(queue.waiting, 0);
         assert!(queue.keys.is_empty());
@@ -139,13 +151,34 @@ mod tests {
         }
         queue.release(&key("a"));
         queue.release(&key("b"));
-        assert_eq!(queue.next_ready(), Some((key("a"), 3)));
+        assert_eq!(queue.next_run(1), Some((key("a"), vec![3])));
         queue.release(&key("a"));
         // b became ready before a did again.
-        assert_eq!(queue.next_ready(), Some((key("b"), 4)));
+        assert_eq!(queue.next_run(1), Some((key("b"), vec![4])));
         let mut left = queue.drain();
         left.sort();
         assert_eq!(left, vec![5]);
         assert_eq!(queue.waiting, 0);
+    }
+
+    #[test]
+    fn a_run_takes_the_oldest_of_a_key_and_what_goes_back_waits_in_front() {
+        let mut queue = KeyedQueue::default();
+        assert_eq!(queue.arrive(key("a"), 0), Some(0));
+        for n in 1..=5 {
+            assert_eq!(queue.arrive(key("a"), n), None);
+        }
+        queue.release(&key("a"));
+        assert_eq!(queue.next_run(3), Some((key("a"), vec![1, 2, 3])));
+        assert!(queue.next_run(3).is_none(), "busy while its run is out");
+        // 2 and 3 go back behind 1, in front of the newer 4 and 5.
+        queue.put_back(&key("a"), 0, 2);
+        queue.put_back(&key("a"), 1, 3);
+        assert_eq!(queue.waiting, 4);
+        queue.release(&key("a"));
+        assert_eq!(queue.next_run(10), Some((key("a"), vec![2, 3, 4, 5])));
+        queue.release(&key("a"));
+        assert_eq!(queue.waiting, 0);
+        assert!(queue.keys.is_empty());
     }
 }

@@ -14,6 +14,9 @@ pub struct Message<E> {
     pub(super) topic: Arc<str>,
     pub(super) group: Arc<str>,
     pub(super) attempt: u32,
+    /// Its place in a run of its key, in a batch subscription with an
+    /// ordering key (see `key_run`).
+    pub(super) place: Option<super::key_run::Place>,
 }
 
 impl<E> Message<E> {
@@ -30,6 +33,7 @@ impl<E> Message<E> {
             topic: topic.into(),
             group: group.into(),
             attempt,
+            place: None,
         }
     }
 
@@ -93,6 +97,7 @@ impl<E> Clone for Message<E> {
             topic: self.topic.clone(),
             group: self.group.clone(),
             attempt: self.attempt,
+            place: self.place.clone(),
         }
     }
 }

@@ -57,6 +57,7 @@ mod consume;
 mod dead_letters;
 mod handle;
 mod handler;
+mod key_run;
 mod keyed_queue;
 mod latest;
 mod message;
@@ -407,7 +408,7 @@ impl EventBus {
         H::Error: Into<Error>,
         H::Future: Send + 'static,
     {
-        self.subscribe_on(self.topic_of::<E>(), options, handler)
+        self.subscribe_on(self.topic_of::<E>(), options, handler, None)
             .await
     }
 
@@ -426,15 +427,17 @@ impl EventBus {
         H::Error: Into<Error>,
         H::Future: Send + 'static,
     {
-        self.subscribe_on(self.topic_named(topic), options, handler)
+        self.subscribe_on(self.topic_named(topic), options, handler, None)
             .await
     }
 
+    /// `key_run`: set by a batch subscription, see `ConsumeLoop::key_run`.
     async fn subscribe_on<E, H>(
         &self,
         topic: std::borrow::Cow<'_, str>,
         options: SubscribeOptions,
         handler: H,
+        key_run: Option<usize>,
     ) -> Result<ConsumerHandle, Error>
     where
         E: Event,
@@ -476,6 +479,7 @@ impl EventBus {
             max_deliveries,
             give_back_limit,
             ordering_key,
+            key_run,
             _event: std::marker::PhantomData::<fn() -> E>,
         };
         let (ended, watch_ended) = watch::channel(false);

@@ -41,6 +41,9 @@ impl Counters {
             Ok(()) => {
                 self.handled.fetch_add(1, Ordering::Release);
             }
+            // Put back behind an earlier message of its key, to be handled
+            // later: neither handled nor failed yet.
+            Err(error) if error.is_held_back() => {}
             Err(error) => {
                 let message: String = error.to_string().chars().take(LAST_ERROR_LIMIT).collect();
                 *self

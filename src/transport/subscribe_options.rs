@@ -54,7 +54,10 @@ pub struct SubscribeOptions {
     /// different keys in parallel (default `None`: no order beyond
     /// `concurrency = 1`). Used by the [`EventBus`](crate::EventBus)
     /// consume loop; a raw [`Subscription`](crate::Subscription) hands
-    /// deliveries out as the transport reads them. See [`OrderingKey`].
+    /// deliveries out as the transport reads them. See [`OrderingKey`]. A
+    /// batch consumer hands a key's messages to its handler several at a
+    /// time, in order (see
+    /// [`EventBus::subscribe_batch`](crate::EventBus::subscribe_batch)).
     ///
     /// A message whose outcome is a retry after a delay (an open breaker,
     /// a duplicate still in progress) is not nacked to the transport: the

@@ -1,8 +1,8 @@
 //! Per-key order on RabbitMQ: the shared 100 × 100 case, a hot key whose
 //! first message is retried while its later ones fill the prefetch, and
 //! single active consumer — order across the members of a group, and the
-//! refusal to change the setting of an existing queue — and a batch
-//! consumer that leaves nothing unacknowledged.
+//! refusal to change the setting of an existing queue — and batch
+//! consumers that leave nothing unacknowledged, one batching a hot key.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -233,6 +233,98 @@ async fn a_batch_consumer_handles_everything_and_leaves_the_queue_empty() {
     assert_eq!(handled, 500);
     assert!(largest > 1, "no batch held more than one message");
     let queue = super::config_name(&amqp, &bus.topic_of::<Keyed>(), "batch");
+    let (_connection, channel) = super::raw_channel().await;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+        .await
+        .expect("the queue exists");
+    assert_eq!(declared.message_count(), 0, "every message acknowledged");
+}
+
+/// A hot key in batches: 200 messages of K among 100 of five other keys,
+/// up to 50 a batch, prefetch 64; K's 4th fails once and the retry layer
+/// runs it again. Batches hold many messages of K, every key's messages
+/// are handled in publish order, each once, and nothing is left in the
+/// queue.
+#[tokio::test]
+async fn a_batch_consumer_batches_a_hot_key_in_order_through_a_retry() {
+    use std::sync::Mutex;
+
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    use switchboard::batch_fn;
+    use switchboard::middleware::Resilience;
+
+    let amqp = connect(config(QueueType::Classic)).await;
+    let transport: Arc<dyn Transport> = Arc::new(amqp.clone());
+    let bus = keyed_bus(transport, "hot-batch").await;
+    let resilience = Resilience::from_yaml("retry:\n  backoff_ms: 1\n  max_backoff_ms: 2\n")
+        .expect("resilience");
+    let handled: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let (done, mut dones) = mpsc::unbounded_channel();
+    let handler = {
+        let handled = handled.clone();
+        batch_fn(move |batch: Vec<Message<Keyed>>| {
+            let (handled, done) = (handled.clone(), done.clone());
+            let of_k = batch.iter().filter(|m| m.payload().key == "K").count();
+            async move {
+                let mut failed: Vec<String> = Vec::new();
+                let mut handled = handled.lock().unwrap();
+                batch
+                    .iter()
+                    .map(|message| {
+                        let Keyed { key, seq } = message.payload().clone();
+                        if failed.contains(&key) {
+                            return Err(Error::transient("behind an earlier failure"));
+                        }
+                        if key == "K" && seq == 3 && message.attempt() == 1 {
+                            failed.push(key);
+                            return Err(Error::transient("ledger busy"));
+                        }
+                        handled.entry(key).or_default().push(seq);
+                        done.send(of_k).ok();
+                        Ok(())
+                    })
+                    .collect()
+            }
+        })
+    };
+    let options = SubscribeOptions::new("hot-batch")
+        .with_prefetch(64)
+        .with_ordering_key(by_key());
+    let consumer = bus
+        .subscribe_batch_with(
+            options,
+            50,
+            Duration::from_millis(20),
+            |slot| resilience.consumer("ledger", slot),
+            handler,
+        )
+        .await
+        .expect("subscribe");
+    let others = (0..100).map(|n| keyed(&format!("k{}", n % 5), n / 5));
+    bus.publish_batch((0..200).map(|seq| keyed("K", seq)).chain(others))
+        .await
+        .expect("publish");
+    let mut most_of_k = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        for _ in 0..300 {
+            most_of_k = most_of_k.max(dones.recv().await.expect("running"));
+        }
+    })
+    .await
+    .expect("all handled in time");
+    consumer.shutdown().await.expect("shutdown");
+    assert!(most_of_k >= 2, "no batch held two messages of K");
+    for (key, seqs) in handled.lock().unwrap().iter() {
+        let all = if key == "K" { 200 } else { 20 };
+        assert_eq!(seqs, &(0..all).collect::<Vec<_>>(), "key {key}");
+    }
+    let queue = super::config_name(&amqp, &bus.topic_of::<Keyed>(), "hot-batch");
     let (_connection, channel) = super::raw_channel().await;
     let passive = QueueDeclareOptions {
         passive: true,

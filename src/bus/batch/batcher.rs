@@ -11,11 +11,14 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tower::Service;
 
 use crate::bus::Message;
+use crate::bus::key_run::Admission;
 use crate::error::Error;
 
 /// One message waiting for its batch, and where its result goes.
@@ -104,6 +107,23 @@ where
 
 type Running = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// The batch being gathered: its slots, when it must go, and its number
+/// (runs of a key tell batches apart by it).
+struct Gathering<E> {
+    slots: Vec<Slot<E>>,
+    due: Option<Instant>,
+    number: u64,
+}
+
+impl<E> Gathering<E> {
+    fn push(&mut self, slot: Slot<E>, max_wait: Duration) {
+        if self.slots.is_empty() {
+            self.due = Some(Instant::now() + max_wait);
+        }
+        self.slots.push(slot);
+    }
+}
+
 async fn run<E, H>(mut slots: mpsc::Receiver<Slot<E>>, mut handler: H, batching: Batching)
 where
     E: Send + Sync + 'static,
@@ -112,29 +132,43 @@ where
     H::Future: Send + 'static,
 {
     let mut running = FuturesUnordered::<Running>::new();
-    let mut batch: Vec<Slot<E>> = Vec::with_capacity(batching.max_messages);
-    // When the batch being gathered must go, full or not.
-    let mut due: Option<Instant> = None;
+    let mut batch = Gathering {
+        slots: Vec::with_capacity(batching.max_messages),
+        due: None,
+        number: 0,
+    };
+    // Messages of a key's run that may not join a batch yet (see
+    // `key_run`), in arrival order, and the wake-up the loop sends when it
+    // settles a member of a run itself.
+    let mut held: Vec<Slot<E>> = Vec::new();
+    let changed = Arc::new(Notify::new());
     let mut open = true;
     let mut ready = false;
     loop {
-        let full = batch.len() >= batching.max_messages;
-        let late = due.is_some_and(|due| Instant::now() >= due);
-        let go = !batch.is_empty() && (full || late || !open);
+        let full = batch.slots.len() >= batching.max_messages;
+        let late = batch.due.is_some_and(|due| Instant::now() >= due);
+        let go = !batch.slots.is_empty() && (full || late || !open);
         let room = running.len() < batching.parallel;
         if go && room && ready {
-            let taken = std::mem::replace(&mut batch, Vec::with_capacity(batching.max_messages));
+            let taken =
+                std::mem::replace(&mut batch.slots, Vec::with_capacity(batching.max_messages));
             running.push(call(&mut handler, taken));
             ready = false;
-            due = None;
+            batch.due = None;
+            batch.number += 1;
+            admit(&mut held, &mut batch, &changed, batching);
             continue;
         }
-        if !open && batch.is_empty() && running.is_empty() {
+        if !open && batch.slots.is_empty() && running.is_empty() {
+            // What is still held waits for members that can no longer come:
+            // the consume loop has gone, and with it every caller.
             break;
         }
         tokio::select! {
             biased;
-            Some(()) = running.next(), if !running.is_empty() => {}
+            Some(()) = running.next(), if !running.is_empty() => {
+                admit(&mut held, &mut batch, &changed, batching);
+            }
             readiness = poll_fn(|cx| handler.poll_ready(cx).map_err(Into::into)), if go && room && !ready => {
                 match readiness {
                     Ok(()) => ready = true,
@@ -143,7 +177,8 @@ where
                         // fails with its error, and so does every later one.
                         let error: Error = error;
                         tracing::error!(%error, "batch handler failed for good");
-                        for slot in batch.drain(..).chain(drain(&mut slots).await) {
+                        let waiting = batch.slots.drain(..).chain(held.drain(..));
+                        for slot in waiting.chain(drain(&mut slots).await) {
                             let _ = slot.reply.send(Err(copy(&error)));
                         }
                         while running.next().await.is_some() {}
@@ -151,16 +186,92 @@ where
                     }
                 }
             }
+            () = changed.notified(), if !held.is_empty() => {
+                admit(&mut held, &mut batch, &changed, batching);
+            }
             slot = slots.recv(), if open && !full => match slot {
-                Some(slot) => {
-                    if batch.is_empty() {
-                        due = Some(Instant::now() + batching.max_wait);
+                Some(slot) if slot.message.place.is_some() => {
+                    // Only a member that joins can let another one in: the
+                    // held ones are looked at again only then.
+                    if offer(slot, &mut held, &mut batch, &changed, batching) && !held.is_empty() {
+                        admit(&mut held, &mut batch, &changed, batching);
                     }
-                    batch.push(slot);
                 }
+                Some(slot) => batch.push(slot, batching.max_wait),
                 None => open = false,
             },
-            () = sleep_until(due), if !batch.is_empty() && !late => {}
+            () = sleep_until(batch.due), if !batch.slots.is_empty() && !late => {}
+        }
+    }
+}
+
+/// A member of a run that has just arrived: into the batch being gathered,
+/// answered held back, or held. Whether it joined the batch.
+fn offer<E>(
+    slot: Slot<E>,
+    held: &mut Vec<Slot<E>>,
+    batch: &mut Gathering<E>,
+    changed: &Arc<Notify>,
+    batching: Batching,
+) -> bool {
+    let place = slot.message.place.as_ref().expect("a member of a run");
+    let room = batch.slots.len() < batching.max_messages;
+    match place.run.admit(place.index, batch.number, room, changed) {
+        Admission::Join => {
+            batch.push(slot, batching.max_wait);
+            true
+        }
+        Admission::HoldBack => {
+            let _ = slot.reply.send(Err(Error::held_back()));
+            false
+        }
+        Admission::Wait => {
+            held.push(slot);
+            false
+        }
+    }
+}
+
+/// Moves the held members of runs that may go into the batch being
+/// gathered, in their order, and answers those held back.
+fn admit<E>(
+    held: &mut Vec<Slot<E>>,
+    batch: &mut Gathering<E>,
+    changed: &Arc<Notify>,
+    batching: Batching,
+) {
+    // A member admitted may let a later one of its run in that arrived
+    // before it: go round until nothing moves.
+    let mut moved = true;
+    while moved && !held.is_empty() {
+        moved = false;
+        let mut index = 0;
+        while index < held.len() {
+            let slot = &held[index];
+            if slot.reply.is_closed() {
+                // Its stack gave up on it (a timeout): it is settled
+                // already, and must not run after its key moved on.
+                held.remove(index);
+                continue;
+            }
+            let place = slot
+                .message
+                .place
+                .as_ref()
+                .expect("held slots have a place");
+            let room = batch.slots.len() < batching.max_messages;
+            match place.run.admit(place.index, batch.number, room, changed) {
+                Admission::Wait => index += 1,
+                Admission::Join => {
+                    let slot = held.remove(index);
+                    batch.push(slot, batching.max_wait);
+                    moved = true;
+                }
+                Admission::HoldBack => {
+                    let slot = held.remove(index);
+                    let _ = slot.reply.send(Err(Error::held_back()));
+                }
+            }
         }
     }
 }
@@ -192,7 +303,10 @@ where
 {
     let (messages, replies): (Vec<_>, Vec<_>) = batch
         .into_iter()
-        .map(|slot| (slot.message, slot.reply))
+        .map(|slot| {
+            let place = slot.message.place.clone();
+            (slot.message, (slot.reply, place))
+        })
         .unzip();
     let size = messages.len();
     let called = std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(messages)));
@@ -216,14 +330,28 @@ where
             );
         }
         let mut results = results.into_iter();
-        for reply in replies {
+        // In the batch's order, which is each run's: a member's answer
+        // depends on the earlier members of its run.
+        for (reply, place) in replies {
             let result = results.next().unwrap_or_else(|| {
                 Err(Error::permanent(
                     "the batch handler panicked or returned no result for this message",
                 ))
             });
-            // The slot's caller may be gone (the consumer was aborted).
-            let _ = reply.send(result);
+            match place {
+                // The slot's caller may be gone (the consumer was aborted).
+                None => drop(reply.send(result)),
+                Some(place) => place.run.answer(place.index, |held| {
+                    if held {
+                        let _ = reply.send(Err(Error::held_back()));
+                        return false;
+                    }
+                    let ok = result.is_ok();
+                    // Not delivered: its stack gave up on it, so for its key
+                    // it failed.
+                    reply.send(result).is_ok() && ok
+                }),
+            }
         }
     })
 }

@@ -51,11 +51,30 @@ impl EventBus {
     /// * the handler failing as a whole (its `Err`, or a panic) is each
     ///   message's failure.
     ///
-    /// With an [`OrderingKey`](crate::OrderingKey) a batch holds at most one
-    /// message per key (the consume loop lets one message of a key out at a
-    /// time), so no message of a key can overtake an earlier one that failed:
-    /// the next message of its key waits for it, through its retries, in the
-    /// subscription. Hot keys therefore batch across keys, not within one.
+    /// With an [`OrderingKey`](crate::OrderingKey) a batch may hold several
+    /// messages of a key, in their publish order within the `Vec`: the
+    /// subscription lets a run of up to `max_messages` waiting messages of a
+    /// key out at once, and the batcher puts a key's messages into a batch
+    /// only in order, and never into two batches running at once. Different
+    /// keys still go side by side. No message of a key overtakes an earlier
+    /// one of its key that was not acked:
+    ///
+    /// * when the result of K's message is not `Ok`, K's later messages in
+    ///   that batch, and those of its run still on their way, are **held
+    ///   back**: not acked, whatever the handler answered for them, and not
+    ///   retried, dead-lettered or counted as failures either. They go back,
+    ///   in order, to the front of K's queue in the subscription, keeping
+    ///   their prefetch permits (no nack to the transport), and are handed
+    ///   to the handler again once the failed message is settled for good —
+    ///   acked after its retries, or dead-lettered;
+    /// * the messages of K before it in the batch are acked and never run
+    ///   again.
+    ///
+    /// A handler that keeps a key's order should therefore not act on a
+    /// key's messages after one that failed in the same batch: they come
+    /// again. A per-message timeout must allow for two batches (`max_wait`
+    /// and the run of each), as a message may wait for the batch of the one
+    /// before it of its key.
     ///
     /// Underneath, the transports read and settle in bulk: Redis Streams reads
     /// with `XREADGROUP … COUNT` (up to `RedisStreamsConfig::batch` entries a
@@ -230,6 +249,8 @@ impl EventBus {
             key.check::<E>()?;
         }
         let slot = spawn_batcher(batching, handler);
-        self.subscribe(options, stack(slot)).await
+        let key_run = options.ordering_key.is_some().then_some(max_messages);
+        self.subscribe_on(self.topic_of::<E>(), options, stack(slot), key_run)
+            .await
     }
 }

@@ -116,7 +116,9 @@ where
 /// Turns the error a handler gave up with into one carrying dead-letter
 /// facts and the alert to raise once the letter is stored, logging it.
 fn give_up<E>(message: &Message<E>, error: Error, alert: Arc<dyn DeadLetterAlert>) -> Error {
-    if error.requeue_after().is_some() {
+    // Neither is to be dead-lettered: a requeue comes back, and a message
+    // held back behind an earlier one of its key goes back to its queue.
+    if error.requeue_after().is_some() || error.is_held_back() {
         return error;
     }
     let tried = error.attempts().unwrap_or(1).max(1);

@@ -250,6 +250,9 @@ where
                 let result = service.call(request.clone()).await.map_err(Into::into);
                 let error = match result {
                     Ok(response) => return Ok(response),
+                    // Not a failure: the batch consumer has put the message
+                    // back behind an earlier one of its key.
+                    Err(error) if error.is_held_back() => return Err(error),
                     Err(error) => error,
                 };
                 let scheduled = match delays.next() {

@@ -322,3 +322,25 @@ async fn a_requeue_set_further_in_is_left_as_it_is() {
         .unwrap_err();
     assert_eq!(error.requeue_after(), Some(Duration::from_secs(30)));
 }
+
+/// A batch consumer's "held back behind an earlier message of its key" is
+/// no failure: the retry layer does not send it again, and the dead-letter
+/// layer attaches no letter.
+#[tokio::test(start_paused = true)]
+async fn a_held_back_answer_passes_retry_and_dead_letters_untouched() {
+    use crate::middleware::dead_letter::{DeadLetteringLayer, LogOnly};
+
+    let calls = Arc::new(Mutex::new(0));
+    let counted = calls.clone();
+    let handler = DeadLetteringLayer::new(Arc::new(LogOnly)).layer(
+        RetryLayer::for_messages(steady()).layer(service_fn(move |_: Message<Ping>| {
+            *counted.lock().unwrap() += 1;
+            async { Err::<(), _>(Error::held_back()) }
+        })),
+    );
+    let error = handler.oneshot(message(1, 1)).await.unwrap_err();
+    assert!(error.is_held_back());
+    assert_eq!(*calls.lock().unwrap(), 1, "not retried");
+    assert_eq!(error.attempts(), None);
+    assert!(error.dead_letter().is_none());
+}
