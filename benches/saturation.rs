@@ -31,7 +31,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    TradeExecuted, amqp_url, declare_raw_queue, raw_decode, raw_encode, redis_url, unique,
+    TradeExecuted, amqp_url, declare_raw_queue, raw_decode, raw_encode, raw_stream_consumer,
+    redis_url, unique,
 };
 use futures_util::StreamExt;
 use lapin::options::{
@@ -180,64 +181,15 @@ async fn switchboard_streams(events: usize) -> Sample {
 }
 
 async fn raw_streams(events: usize) -> Sample {
-    let client = redis::Client::open(redis_url()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("raw connection");
     let key = format!("{}:raw", unique("saturation"));
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&key)
-        .arg("game")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .expect("XGROUP CREATE");
-    let mut reader = client
-        .get_multiplexed_async_connection_with_config(
-            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
-        )
-        .await
-        .expect("raw blocking connection");
     let finish = Finish::new(events);
-    let consumer = {
-        let (key, finish, mut acker) = (key.clone(), finish.clone(), conn.clone());
-        tokio::spawn(async move {
-            loop {
-                let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg("game")
-                    .arg("c1")
-                    .arg("COUNT")
-                    .arg(COUNT)
-                    .arg("BLOCK")
-                    .arg(0)
-                    .arg("STREAMS")
-                    .arg(&key)
-                    .arg(">")
-                    .query_async(&mut reader)
-                    .await
-                    .expect("XREADGROUP");
-                let mut ids = Vec::new();
-                for entry in reply.keys.into_iter().flat_map(|key| key.ids) {
-                    let Some(redis::Value::BulkString(body)) = entry.map.get("envelope") else {
-                        panic!("no envelope field");
-                    };
-                    raw_decode(body);
-                    finish.one();
-                    ids.push(entry.id);
-                }
-                let _: () = redis::cmd("XACK")
-                    .arg(&key)
-                    .arg("game")
-                    .arg(&ids)
-                    .query_async(&mut acker)
-                    .await
-                    .expect("XACK");
-            }
+    let (mut conn, consumer) = {
+        let finish = finish.clone();
+        raw_stream_consumer(&key, COUNT, move |body| {
+            raw_decode(body);
+            finish.one();
         })
+        .await
     };
     let sample = finish
         .time(async {

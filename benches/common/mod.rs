@@ -453,6 +453,75 @@ async fn grpc() -> Path {
 
 // ---- Redis Streams ------------------------------------------------------
 
+/// A raw redis-rs consumer of group `game` on stream `key` (created here):
+/// a blocking `XREADGROUP COUNT <count>` on a connection of its own, each
+/// entry's `envelope` field handed to `handle`, then one `XACK` of the
+/// read's ids. Returns a connection for publishing and the consumer's task.
+pub async fn raw_stream_consumer(
+    key: &str,
+    count: usize,
+    handle: impl Fn(&[u8]) + Send + 'static,
+) -> (
+    redis::aio::MultiplexedConnection,
+    tokio::task::JoinHandle<()>,
+) {
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection");
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg("game")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await
+        .expect("XGROUP CREATE");
+    let mut reader = client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await
+        .expect("raw blocking connection");
+    let (key, mut acker) = (key.to_owned(), conn.clone());
+    let consumer = tokio::spawn(async move {
+        loop {
+            let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("game")
+                .arg("c1")
+                .arg("COUNT")
+                .arg(count)
+                .arg("BLOCK")
+                .arg(0)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(">")
+                .query_async(&mut reader)
+                .await
+                .expect("XREADGROUP");
+            let mut ids = Vec::new();
+            for entry in reply.keys.into_iter().flat_map(|key| key.ids) {
+                let Some(redis::Value::BulkString(body)) = entry.map.get("envelope") else {
+                    panic!("no envelope field");
+                };
+                handle(body);
+                ids.push(entry.id);
+            }
+            let _: () = redis::cmd("XACK")
+                .arg(&key)
+                .arg("game")
+                .arg(&ids)
+                .query_async(&mut acker)
+                .await
+                .expect("XACK");
+        }
+    });
+    (conn, consumer)
+}
+
 async fn redis_streams() -> Path {
     let prefix = format!("{}:", unique("streams"));
     let config = RedisStreamsConfig::default().with_key_prefix(prefix.clone());
@@ -468,63 +537,11 @@ async fn redis_streams() -> Path {
 
     // Raw: XADD with the same three fields; a consumer reading with a
     // blocking XREADGROUP, decoding, handling, then one XACK for the batch.
-    let client = redis::Client::open(redis_url()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("raw connection");
     let key = format!("{prefix}raw");
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&key)
-        .arg("game")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .expect("XGROUP CREATE");
-    let mut reader = client
-        .get_multiplexed_async_connection_with_config(
-            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
-        )
-        .await
-        .expect("raw blocking connection");
     let raw_waiters = Waiters::default();
-    let raw_consumer = {
-        let (key, waiters, mut acker) = (key.clone(), raw_waiters.clone(), conn.clone());
-        tokio::spawn(async move {
-            loop {
-                let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg("game")
-                    .arg("c1")
-                    .arg("COUNT")
-                    .arg(64)
-                    .arg("BLOCK")
-                    .arg(0)
-                    .arg("STREAMS")
-                    .arg(&key)
-                    .arg(">")
-                    .query_async(&mut reader)
-                    .await
-                    .expect("XREADGROUP");
-                let mut ids = Vec::new();
-                for entry in reply.keys.into_iter().flat_map(|key| key.ids) {
-                    let Some(redis::Value::BulkString(body)) = entry.map.get("envelope") else {
-                        panic!("no envelope field");
-                    };
-                    waiters.fire(raw_decode(body));
-                    ids.push(entry.id);
-                }
-                let _: () = redis::cmd("XACK")
-                    .arg(&key)
-                    .arg("game")
-                    .arg(&ids)
-                    .query_async(&mut acker)
-                    .await
-                    .expect("XACK");
-            }
-        })
+    let (conn, raw_consumer) = {
+        let waiters = raw_waiters.clone();
+        raw_stream_consumer(&key, 64, move |body| waiters.fire(raw_decode(body))).await
     };
     let xadd = |key: &str, n: u64| {
         let mut add = redis::cmd("XADD");
