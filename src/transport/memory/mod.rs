@@ -247,7 +247,14 @@ impl MemoryTransport {
 
     /// Hands `messages` to every group of `topic`, or keeps them for the
     /// first group it gets (see the module docs).
-    fn enqueue(&self, topic: &Topic, messages: Vec<RawMessage>) -> Result<(), Error> {
+    /// Takes an iterator rather than a `Vec` so that a single publish
+    /// (`iter::once`) allocates no list for its one message.
+    fn enqueue<I>(&self, topic: &Topic, messages: I) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = RawMessage>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let messages = messages.into_iter();
         // The read lock is held throughout, so a group created meanwhile
         // (under the write lock) finds every kept message.
         let groups = read(&topic.groups);
@@ -416,7 +423,7 @@ impl Publisher for MemoryTransport {
         validate_name("topic", topic)?;
         let topic = self.topic_or_create(topic);
         let latest = message.clone();
-        self.enqueue(&topic, vec![message])?;
+        self.enqueue(&topic, std::iter::once(message))?;
         *lock(&topic.latest) = Some(latest);
         Ok(())
     }
