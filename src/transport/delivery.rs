@@ -66,6 +66,15 @@ pub use crate::dead_letter::DeadLetter;
 pub trait Acker: Send + Sync {
     /// The message was handled: forget it.
     async fn ack(&mut self, message: &RawMessage) -> Result<(), Error>;
+
+    /// [`ack`](Self::ack) done at once, for a transport whose ack needs no
+    /// waiting (no broker round trip): `Some` with its result, which
+    /// [`Delivery::ack`] takes instead of calling `ack` (so without the
+    /// boxed future `ack` costs). The default, `None`, says to call `ack`.
+    fn ack_at_once(&mut self, message: &RawMessage) -> Option<Result<(), Error>> {
+        let _ = message;
+        None
+    }
     /// Deliver the message again after `delay`, with its attempt count raised.
     async fn nack(&mut self, message: &RawMessage, delay: Duration) -> Result<(), Error>;
     /// Move the message to the dead-letter queue with `letter`'s facts, then
@@ -212,7 +221,11 @@ impl Delivery {
 
     /// Acknowledges the message: it will not be delivered to this group again.
     pub async fn ack(mut self) -> Result<(), SettleError> {
-        match self.acker.ack(&self.message).await {
+        let acked = match self.acker.ack_at_once(&self.message) {
+            Some(acked) => acked,
+            None => self.acker.ack(&self.message).await,
+        };
+        match acked {
             Ok(()) => {
                 self.settled = true;
                 Ok(())

@@ -125,6 +125,11 @@ impl Acker for MemoryAcker {
         Ok(())
     }
 
+    fn ack_at_once(&mut self, _message: &RawMessage) -> Option<Result<(), Error>> {
+        self.permit = None;
+        Some(Ok(()))
+    }
+
     async fn nack(&mut self, message: &RawMessage, delay: Duration) -> Result<(), Error> {
         let entry = self.entry(message.clone());
         let Some(permit) = self.permit.take() else {

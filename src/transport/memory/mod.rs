@@ -203,6 +203,17 @@ impl MemoryTransport {
         read(&self.inner.topics).get(name).cloned()
     }
 
+    /// The topic to publish to, created if new. Only a new name is
+    /// validated: every topic in the map got there through a checked name
+    /// (publish, subscribe, a validated topology), so a known one is valid.
+    fn publish_topic(&self, name: &str) -> Result<Arc<Topic>, Error> {
+        if let Some(topic) = self.topic(name) {
+            return Ok(topic);
+        }
+        validate_name("topic", name)?;
+        Ok(self.topic_or_create(name))
+    }
+
     fn topic_or_create(&self, name: &str) -> Arc<Topic> {
         if let Some(topic) = self.topic(name) {
             return topic;
@@ -247,7 +258,14 @@ impl MemoryTransport {
 
     /// Hands `messages` to every group of `topic`, or keeps them for the
     /// first group it gets (see the module docs).
-    fn enqueue(&self, topic: &Topic, messages: Vec<RawMessage>) -> Result<(), Error> {
+    /// Takes an iterator rather than a `Vec` so that a single publish
+    /// (`iter::once`) allocates no list for its one message.
+    fn enqueue<I>(&self, topic: &Topic, messages: I) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = RawMessage>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let messages = messages.into_iter();
         // The read lock is held throughout, so a group created meanwhile
         // (under the write lock) finds every kept message.
         let groups = read(&topic.groups);
@@ -413,10 +431,9 @@ impl GroupQueue {
 impl Publisher for MemoryTransport {
     async fn publish(&self, topic: &str, message: RawMessage) -> Result<(), Error> {
         self.inner.lifecycle.check()?;
-        validate_name("topic", topic)?;
-        let topic = self.topic_or_create(topic);
+        let topic = self.publish_topic(topic)?;
         let latest = message.clone();
-        self.enqueue(&topic, vec![message])?;
+        self.enqueue(&topic, std::iter::once(message))?;
         *lock(&topic.latest) = Some(latest);
         Ok(())
     }

@@ -106,7 +106,7 @@ async fn publish_when_due(queue: DelayQueue<Due>, transport: Weak<Inner>) {
         };
         let transport = MemoryTransport { inner };
         let topic = transport.topic_or_create(&due.topic);
-        match transport.enqueue(&topic, vec![due.message.clone()]) {
+        match transport.enqueue(&topic, std::iter::once(due.message.clone())) {
             Ok(()) => {}
             Err(error) if error.is_retryable() => {
                 // A full group queue: the message stays scheduled, a little

@@ -172,6 +172,10 @@ impl Acker for PubSubAcker {
         Ok(())
     }
 
+    fn ack_at_once(&mut self, _message: &RawMessage) -> Option<Result<(), Error>> {
+        Some(Ok(()))
+    }
+
     async fn nack(&mut self, _message: &RawMessage, _delay: Duration) -> Result<(), Error> {
         Err(Error::unsupported(
             NAME,
