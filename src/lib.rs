@@ -81,6 +81,8 @@
 
 #[cfg(feature = "auth")]
 pub mod auth;
+#[cfg(any(feature = "auth", feature = "console"))]
+mod bearer;
 mod bus;
 pub mod cloudevents;
 mod codec;

@@ -381,12 +381,8 @@ impl TokenVerifier {
             .get(AUTHORIZATION)
             .ok_or(AuthError::MissingCredentials)?;
         let value = value.to_str().map_err(|_| AuthError::NotBearer)?;
-        let (scheme, token) = value.split_once(' ').ok_or(AuthError::NotBearer)?;
-        // RFC 7235: the scheme is case-insensitive.
-        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-            return Err(AuthError::NotBearer);
-        }
-        self.verify(token.trim())
+        let token = crate::bearer::token(value).ok_or(AuthError::NotBearer)?;
+        self.verify(token)
     }
 
     fn refusal(&self, error: jsonwebtoken::errors::Error) -> AuthError {

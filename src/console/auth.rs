@@ -52,13 +52,8 @@ impl Operators {
         let value = value
             .to_str()
             .map_err(|_| unauthorized("unreadable Authorization header"))?;
-        let token = match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => return Err(unauthorized("not a bearer token")),
-        };
-        if token.is_empty() {
-            return Err(unauthorized("empty bearer token"));
-        }
+        let token = crate::bearer::token(value)
+            .ok_or_else(|| unauthorized("not a bearer token, or an empty one"))?;
         if let Some(expected) = &self.token
             && constant_time_eq(expected.as_bytes(), token.as_bytes())
         {
