@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 use redis::RedisResult;
-use redis::streams::{StreamId, StreamPendingCountReply};
+use redis::streams::StreamPendingCountReply;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::dlq::{
@@ -17,6 +17,7 @@ use super::dlq::{
 use super::fields::{append_message_fields, message_from_fields, value_text};
 use super::ids::EntryId;
 use super::lease::{AckRequest, GiveBack, Held, lease_lost};
+use super::reply::StreamEntry;
 use super::scripts::{DEAD_LETTER_SCRIPT, GIVE_BACK_TO_GROUP_SCRIPT};
 use super::{Conn, FIELD_REDRIVE_GROUP, RedisStreamsTransport, lock};
 use crate::error::{Error, ErrorKind};
@@ -120,21 +121,21 @@ pub(super) struct Entry {
 impl Group {
     pub(super) fn entry(
         &self,
-        stream_id: StreamId,
+        stream_entry: StreamEntry,
         attempt: u32,
         delivery_count: u32,
         permit: OwnedSemaphorePermit,
     ) -> Entry {
-        let foreign = stream_id
-            .map
-            .get(FIELD_REDRIVE_GROUP)
+        let foreign = stream_entry
+            .field(FIELD_REDRIVE_GROUP)
             .and_then(value_text)
             .is_some_and(|group| *group != *self.group);
-        let (message, problem) = message_from_fields(stream_id.map);
-        let key = EntryId::of(&stream_id.id);
+        let StreamEntry { id, fields } = stream_entry;
+        let (message, problem) = message_from_fields(fields);
+        let key = EntryId::of(&id);
         lock(&self.held).insert(key.clone());
         Entry {
-            id: stream_id.id,
+            id,
             key,
             attempt,
             delivery_count,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_core::future::BoxFuture;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::streams::StreamAutoClaimReply;
 use redis::{RedisError, RedisResult, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::acker::{Entry, Group, Nacked, RedisAcker};
 use super::ids::stream_id_order;
 use super::lease::{Claim, GiveBack, SCRIPT_BATCH, spawn_keeper};
+use super::reply::{ReadEntries, StreamEntry};
 use super::{Conn, DLQ_SUFFIX, RedisStreamsTransport, ensure_group, lock};
 use crate::error::Error;
 use crate::transport::delay::DelayQueue;
@@ -110,7 +111,7 @@ impl Subscriber for RedisStreamsTransport {
     }
 }
 
-type ReadFuture = BoxFuture<'static, RedisResult<Option<StreamReadReply>>>;
+type ReadFuture = BoxFuture<'static, RedisResult<Option<ReadEntries>>>;
 
 /// A blocking read in flight, with the permits for every entry it may
 /// return. Kept across polls: dropping it could lose the entries its reply
@@ -143,7 +144,7 @@ struct Reader {
 
 /// What woke a waiting reader.
 enum Woke {
-    Read(RedisResult<Option<StreamReadReply>>),
+    Read(RedisResult<Option<ReadEntries>>),
     Due(Nacked),
     Nothing,
 }
@@ -255,21 +256,20 @@ impl Reader {
 
     async fn read_done(
         &mut self,
-        reply: RedisResult<Option<StreamReadReply>>,
+        reply: RedisResult<Option<ReadEntries>>,
         mut permits: OwnedSemaphorePermit,
     ) {
         match reply {
             Ok(reply) => {
                 self.backoff = None;
-                for key in reply.map(|reply| reply.keys).unwrap_or_default() {
-                    for id in key.ids {
-                        // Redis returns at most COUNT entries, one per permit.
-                        let Some(permit) = permits.split(1) else {
-                            break;
-                        };
-                        let entry = self.group.entry(id, 1, 1, permit);
-                        self.buffer.push_back(entry);
-                    }
+                let ReadEntries(read) = reply.unwrap_or_default();
+                for read in read {
+                    // Redis returns at most COUNT entries, one per permit.
+                    let Some(permit) = permits.split(1) else {
+                        break;
+                    };
+                    let entry = self.group.entry(read, 1, 1, permit);
+                    self.buffer.push_back(entry);
                 }
             }
             Err(error) => {
@@ -378,10 +378,9 @@ impl Reader {
             claimed = reply.claimed.len(),
             "took over idle pending entries",
         );
-        self.buffer_claimed(reply.claimed, &counts, &mut permits, |after| {
-            after.unwrap_or(1)
-        })
-        .await;
+        let claimed = reply.claimed.into_iter().map(StreamEntry::from).collect();
+        self.buffer_claimed(claimed, &counts, &mut permits, |after| after.unwrap_or(1))
+            .await;
         Ok(())
     }
 
@@ -389,7 +388,7 @@ impl Reader {
     /// `count` makes of what `XPENDING` listed for the entry.
     async fn buffer_claimed(
         &mut self,
-        claimed: Vec<StreamId>,
+        claimed: Vec<StreamEntry>,
         pending: &[(String, u32)],
         permits: &mut OwnedSemaphorePermit,
         count: impl Fn(Option<u32>) -> u32,
@@ -544,9 +543,8 @@ impl Drop for Reader {
                         .query_async(&mut group.conn())
                         .await;
                 }
-                if let Ok(Some(reply)) = read.reply.await {
-                    let read = reply.keys.into_iter().flat_map(|key| key.ids);
-                    unhandled.extend(read.map(|id| GiveBack::settled(id.id, 1)));
+                if let Ok(Some(ReadEntries(read))) = read.reply.await {
+                    unhandled.extend(read.into_iter().map(|entry| GiveBack::settled(entry.id, 1)));
                 }
                 drop(read.permits);
             }

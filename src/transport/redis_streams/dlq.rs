@@ -6,6 +6,7 @@ use redis::Value;
 use redis::streams::{StreamId, StreamRangeReply};
 
 use super::fields::{message_from_fields, value_text};
+use super::reply::StreamEntry;
 use super::{FIELD_REDRIVE_GROUP, RedisStreamsTransport};
 use crate::error::{Error, ErrorKind};
 use crate::transport::redis_support::redis_error;
@@ -189,7 +190,7 @@ fn not_found(topic: &str, id: &str) -> Error {
 
 fn dead_lettered_from(topic: &str, entry: &StreamId) -> DeadLettered {
     let text = |field: &str| entry.map.get(field).and_then(value_text);
-    let (message, _) = message_from_fields(entry.map.clone());
+    let (message, _) = message_from_fields(StreamEntry::from(entry.clone()).fields);
     let id = message
         .headers
         .get(header::EVENT_ID)

@@ -1,7 +1,5 @@
 //! How a message is laid out in a stream entry's fields, both ways.
 
-use std::collections::HashMap;
-
 use bytes::Bytes;
 use redis::{Cmd, Value};
 
@@ -47,39 +45,47 @@ fn envelope_ids(body: &[u8]) -> EnvelopeIds {
 
 /// The message an entry carries, and why it cannot be handed out when it
 /// cannot (no `envelope` field).
-pub(super) fn message_from_fields(map: HashMap<String, Value>) -> (RawMessage, Option<String>) {
+pub(super) fn message_from_fields(fields: Vec<(Vec<u8>, Value)>) -> (RawMessage, Option<String>) {
     let mut problem = None;
-    if !map.contains_key(FIELD_ENVELOPE) {
-        let mut fields: Vec<&str> = map.keys().map(String::as_str).collect();
-        fields.sort_unstable();
+    if !fields
+        .iter()
+        .any(|(name, _)| name == FIELD_ENVELOPE.as_bytes())
+    {
+        let mut names: Vec<String> = fields
+            .iter()
+            .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+            .collect();
+        names.sort_unstable();
         problem = Some(format!(
             "stream entry has no `{FIELD_ENVELOPE}` field (fields: {})",
-            fields.join(", ")
+            names.join(", ")
         ));
     }
     let mut headers = Headers::new();
     let mut body = Bytes::new();
     // Every value and field name is moved, not copied: the hot path of
     // every delivery. A field name becomes its header name in place.
-    for (mut field, value) in map {
-        match field.as_str() {
-            FIELD_ENVELOPE => body = value_into_bytes(value).unwrap_or_default(),
-            FIELD_EVENT_ID => {
+    for (mut field, value) in fields {
+        match field.as_slice() {
+            name if name == FIELD_ENVELOPE.as_bytes() => {
+                body = value_into_bytes(value).unwrap_or_default()
+            }
+            name if name == FIELD_EVENT_ID.as_bytes() => {
                 if let Some(text) = value_into_text(value) {
                     headers.insert(renamed(field, header::EVENT_ID), text);
                 }
             }
-            FIELD_EVENT_TYPE => {
+            name if name == FIELD_EVENT_TYPE.as_bytes() => {
                 if let Some(text) = value_into_text(value) {
                     headers.insert(renamed(field, header::EVENT_TYPE), text);
                 }
             }
-            other => {
-                if other.starts_with(HEADER_FIELD_PREFIX)
+            name => {
+                if name.starts_with(HEADER_FIELD_PREFIX.as_bytes())
                     && let Some(text) = value_into_text(value)
                 {
                     field.drain(..HEADER_FIELD_PREFIX.len());
-                    headers.insert(field, text);
+                    headers.insert(text_of(field), text);
                 }
             }
         }
@@ -87,20 +93,24 @@ pub(super) fn message_from_fields(map: HashMap<String, Value>) -> (RawMessage, O
     (RawMessage { headers, body }, problem)
 }
 
-/// `name` in the buffer of `field` (which holds at least as many bytes).
-fn renamed(mut field: String, name: &str) -> String {
+/// `name` in the buffer of `field`.
+fn renamed(mut field: Vec<u8>, name: &str) -> String {
     field.clear();
-    field.push_str(name);
-    field
+    let mut renamed = text_of(field);
+    renamed.push_str(name);
+    renamed
+}
+
+/// `bytes` as text, moved when they are UTF-8 (invalid sequences replaced).
+fn text_of(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
 }
 
 /// The text of `value`, its bytes moved when they are UTF-8.
 fn value_into_text(value: Value) -> Option<String> {
     match value {
-        Value::BulkString(bytes) => Some(
-            String::from_utf8(bytes)
-                .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned()),
-        ),
+        Value::BulkString(bytes) => Some(text_of(bytes)),
         Value::SimpleString(text) => Some(text),
         other => value_text(&other),
     }
@@ -132,19 +142,25 @@ mod tests {
 
     #[test]
     fn an_entry_without_envelope_is_a_problem_naming_its_fields() {
-        let mut map = HashMap::new();
-        map.insert("payload".to_owned(), Value::BulkString(b"x".to_vec()));
-        map.insert("h:trace".to_owned(), Value::BulkString(b"7".to_vec()));
-        map.insert("h:odd".to_owned(), Value::BulkString(b"\xff!".to_vec()));
-        map.insert("h:count".to_owned(), Value::Int(3));
-        let (message, problem) = message_from_fields(map);
+        let fields = vec![
+            (b"payload".to_vec(), Value::BulkString(b"x".to_vec())),
+            (b"h:trace".to_vec(), Value::BulkString(b"7".to_vec())),
+            (b"h:odd".to_vec(), Value::BulkString(b"\xff!".to_vec())),
+            (b"h:count".to_vec(), Value::Int(3)),
+            (b"h:\xfe".to_vec(), Value::BulkString(b"name".to_vec())),
+        ];
+        let (message, problem) = message_from_fields(fields);
         assert_eq!(message.headers["trace"], "7");
         assert_eq!(
             message.headers["odd"], "\u{fffd}!",
             "invalid UTF-8 is replaced"
         );
         assert_eq!(message.headers["count"], "3");
-        assert_eq!(message.headers.len(), 3, "{:?}", message.headers);
+        assert_eq!(
+            message.headers["\u{fffd}"], "name",
+            "an invalid header name is replaced too"
+        );
+        assert_eq!(message.headers.len(), 4, "{:?}", message.headers);
         let problem = problem.expect("a problem");
         assert!(problem.contains("no `envelope` field"), "{problem}");
         assert!(problem.contains("payload"), "{problem}");
@@ -163,14 +179,16 @@ mod tests {
                 _ => String::new(),
             })
             .collect();
-        let mut map = HashMap::new();
-        for pair in args[1..].chunks(2) {
-            map.insert(
-                pair[0].clone(),
-                Value::BulkString(pair[1].clone().into_bytes()),
-            );
-        }
-        let (back, problem) = message_from_fields(map);
+        let fields = args[1..]
+            .chunks(2)
+            .map(|pair| {
+                (
+                    pair[0].clone().into_bytes(),
+                    Value::BulkString(pair[1].clone().into_bytes()),
+                )
+            })
+            .collect();
+        let (back, problem) = message_from_fields(fields);
         assert!(problem.is_none());
         assert_eq!(back.body, message.body);
         assert_eq!(back.headers["note"], "a b;c");

@@ -6,6 +6,7 @@ use redis::streams::StreamRangeReply;
 use super::FIELD_REDRIVE_GROUP;
 use super::connection::Conn;
 use super::fields::message_from_fields;
+use super::reply::StreamEntry;
 use crate::error::Error;
 use crate::transport::RawMessage;
 use crate::transport::redis_support::redis_error;
@@ -36,5 +37,5 @@ pub(super) async fn read_latest(mut conn: Conn, stream: &str) -> Result<Option<R
         .ids
         .into_iter()
         .nth(newest_original)
-        .map(|entry| message_from_fields(entry.map).0))
+        .map(|entry| message_from_fields(StreamEntry::from(entry).fields).0))
 }

@@ -20,12 +20,13 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, Weak};
 
-use redis::streams::{StreamClaimReply, StreamId};
+use redis::streams::StreamClaimReply;
 use redis::{RedisResult, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::acker::Group;
 use super::ids::{EntryId, HeldIds, id_range};
+use super::reply::StreamEntry;
 use super::scripts::{ACK_SCRIPT, CLAIM_SCRIPT, GIVE_BACK_SCRIPT};
 use super::{lock, xinfo};
 use crate::error::{Error, ErrorKind};
@@ -133,14 +134,14 @@ impl Group {
         &self,
         mode: Claim,
         ids: &[String],
-    ) -> RedisResult<Vec<StreamId>> {
+    ) -> RedisResult<Vec<StreamEntry>> {
         let mut entries = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(SCRIPT_BATCH) {
             let reply: StreamClaimReply = self
                 .claim_invocation(mode, chunk)
                 .invoke_async(&mut self.conn())
                 .await?;
-            entries.extend(reply.ids);
+            entries.extend(reply.ids.into_iter().map(StreamEntry::from));
         }
         Ok(entries)
     }

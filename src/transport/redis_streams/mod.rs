@@ -199,6 +199,7 @@ mod latest;
 mod lease;
 mod lifecycle;
 mod publisher;
+mod reply;
 mod schedule;
 mod scripts;
 mod trim;
