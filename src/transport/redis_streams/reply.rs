@@ -108,7 +108,7 @@ fn push_entries(listed: Value, entries: &mut Vec<StreamEntry>) -> Result<(), Par
 
 /// `[name, value, name, value, ...]` as pairs.
 fn pairs(flat: Vec<Value>) -> Result<Vec<(Vec<u8>, Value)>, ParsingError> {
-    if flat.len() % 2 != 0 {
+    if !flat.len().is_multiple_of(2) {
         return Err(format!("{} field names and values: not pairs", flat.len()).into());
     }
     let mut fields = Vec::with_capacity(flat.len() / 2);
