@@ -161,24 +161,32 @@ impl EventBus {
             count = tracing::field::Empty,
             transport = self.transport.name(),
         );
-        let mut ids = Vec::new();
-        let mut messages = Vec::new();
-        span.in_scope(|| {
-            for payload in payloads {
-                let envelope = EventEnvelope::new(&*self.source, payload);
-                ids.push(envelope.event_id());
-                messages.push(self.traced_message(&envelope)?);
-            }
-            Ok::<_, Error>(())
-        })?;
-        span.record("count", ids.len());
+        let envelopes: Vec<EventEnvelope<E>> = payloads
+            .into_iter()
+            .map(|payload| EventEnvelope::new(&*self.source, payload))
+            .collect();
+        let encode = || -> Result<Vec<RawMessage>, Error> {
+            span.in_scope(|| {
+                envelopes
+                    .iter()
+                    .map(|envelope| self.traced_message(envelope))
+                    .collect()
+            })
+        };
+        // As for one message: the first attempt takes the messages
+        // themselves, a retry (rare) encodes them again, rather than every
+        // batch copying each message's headers for a retry seldom needed.
+        let mut first = Some(encode()?);
+        span.record("count", envelopes.len());
         let started = std::time::Instant::now();
+        let (transport, topic_name) = (&self.transport, &*topic);
         let result = self
             .retry
             .run(&topic, || {
-                self.transport.publish_batch(&topic, messages.clone())
+                let messages = first.take().map_or_else(encode, Ok);
+                async move { transport.publish_batch(topic_name, messages?).await }
             })
-            .instrument(span)
+            .instrument(span.clone())
             .await;
         self.publish_metrics.record(
             self.transport.name(),
@@ -186,7 +194,7 @@ impl EventBus {
             result.is_ok(),
             started.elapsed(),
         );
-        result.map(|()| ids)
+        result.map(|()| envelopes.iter().map(EventEnvelope::event_id).collect())
     }
 
     fn raw_message<T: serde::Serialize>(
