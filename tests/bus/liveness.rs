@@ -115,6 +115,39 @@ async fn a_publish_rides_out_lost_connections_within_its_deadline() {
     assert!(received.try_recv().is_err(), "delivered once");
 }
 
+/// A batch is tried again as a whole: every attempt carries every message
+/// (the first takes them as encoded, a retry encodes them again), so all
+/// arrive, in order, under the ids the call returned.
+#[tokio::test(start_paused = true)]
+async fn a_batch_rides_out_lost_connections_whole_and_in_order() {
+    let (bus, flaky) = flaky_bus(Fault::LoseFirst(2), Duration::from_secs(10));
+    let (seen, mut received) = mpsc::unbounded_channel();
+    let consumer = bus
+        .subscribe::<Ping, _>(
+            SubscribeOptions::new("g"),
+            switchboard::handler_fn(move |message: Message<Ping>| {
+                let seen = seen.clone();
+                async move {
+                    seen.send((message.event_id(), message.payload().n)).ok();
+                    Ok::<_, Error>(())
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    let ids = bus
+        .publish_batch([Ping { n: 1 }, Ping { n: 2 }, Ping { n: 3 }])
+        .await
+        .unwrap();
+    // Two attempts failed on their first message; the third sent all three.
+    assert_eq!(flaky.calls.load(Ordering::SeqCst), 5);
+    for (id, n) in ids.iter().zip(1..) {
+        assert_eq!(received.recv().await, Some((*id, n)));
+    }
+    consumer.shutdown().await.unwrap();
+    assert!(received.try_recv().is_err(), "each delivered once");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_publish_that_outlives_its_deadline_says_how_many_attempts_it_made() {
     let (bus, flaky) = flaky_bus(Fault::LoseFirst(u32::MAX), Duration::from_secs(3));
