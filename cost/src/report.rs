@@ -1,7 +1,11 @@
 //! `report`: every path on both sides, each once with `n` and once with
 //! `2n` messages in a process of its own (under callgrind unless `--short`);
 //! per message is the difference divided by `n`, so connecting, declaring
-//! and starting the runtime drop out. Writes `cost.json` and `cost.md`.
+//! and starting the runtime drop out. Each side is measured `--repeats`
+//! times (3 unless `--short`) and the repeat with the median instruction
+//! count stands: a client's I/O thread wakes a varying number of times per
+//! message, so one run can differ from the next by a few percent (the
+//! RabbitMQ paths the most). Writes `cost.json` and `cost.md`.
 
 use std::path::{Path as FsPath, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,6 +29,7 @@ const RUN_DEADLINE: Duration = Duration::from_secs(600);
 struct Options {
     short: bool,
     n: u64,
+    repeats: usize,
     out: Option<PathBuf>,
     paths: Vec<Path>,
 }
@@ -33,6 +38,7 @@ fn options(args: &[String]) -> Options {
     let mut options = Options {
         short: false,
         n: 0,
+        repeats: 0,
         out: None,
         paths: Vec::new(),
     };
@@ -41,6 +47,13 @@ fn options(args: &[String]) -> Options {
         match arg.as_str() {
             "--short" => options.short = true,
             "--n" => options.n = args.next().expect("--n N").parse().expect("N"),
+            "--repeats" => {
+                options.repeats = args
+                    .next()
+                    .expect("--repeats R")
+                    .parse()
+                    .expect("R, a number")
+            }
             "--out" => options.out = Some(args.next().expect("--out DIR").into()),
             "--path" => options
                 .paths
@@ -50,6 +63,9 @@ fn options(args: &[String]) -> Options {
     }
     if options.n == 0 {
         options.n = if options.short { 100 } else { 1000 };
+    }
+    if options.repeats == 0 {
+        options.repeats = if options.short { 1 } else { 3 };
     }
     if options.paths.is_empty() {
         options.paths = Path::ALL.to_vec();
@@ -112,28 +128,32 @@ pub fn run(args: &[String]) {
     for &path in &options.paths {
         let mut sides = Vec::new();
         for side in [Side::Raw, Side::Switchboard] {
-            let once = measure(&exe, &scratch, callgrind, path, side, n);
-            let twice = measure(&exe, &scratch, callgrind, path, side, 2 * n);
-            let per = |a: u64, b: u64| (b as f64 - a as f64) / n as f64;
-            let per_option = |a: Option<u64>, b: Option<u64>| Some(per(a?, b?));
-            let cost = PerMessage {
-                instructions: per_option(once.instructions, twice.instructions),
-                allocations: per(once.counted.allocations, twice.counted.allocations),
-                bytes: per(once.counted.bytes, twice.counted.bytes),
-                reads: per_option(once.counted.reads, twice.counted.reads),
-                commands: per_option(once.counted.commands, twice.counted.commands),
-                by_command: twice
-                    .counted
-                    .by_command
-                    .iter()
-                    .map(|(command, &calls)| {
-                        let before = once.counted.by_command.get(command).copied().unwrap_or(0);
-                        (command.clone(), per(before, calls))
-                    })
-                    .collect(),
+            let mut repeats: Vec<PerMessage> = (0..options.repeats)
+                .map(|_| per_message(&exe, &scratch, callgrind, path, side, n))
+                .collect();
+            repeats.sort_by(|a, b| {
+                a.instructions
+                    .partial_cmp(&b.instructions)
+                    .expect("numbers")
+            });
+            let spread = match (repeats.first(), repeats.last()) {
+                (
+                    Some(PerMessage {
+                        instructions: Some(low),
+                        ..
+                    }),
+                    Some(PerMessage {
+                        instructions: Some(high),
+                        ..
+                    }),
+                ) => {
+                    format!(" (repeats {low:.0}–{high:.0})")
+                }
+                _ => String::new(),
             };
+            let cost = repeats.swap_remove(repeats.len() / 2);
             eprintln!(
-                "  {:<24} {:<11} instructions {:>9} allocations {:>6.1} bytes {:>8.0}",
+                "  {:<24} {:<11} instructions {:>9}{spread} allocations {:>6.1} bytes {:>8.0}",
                 path.name(),
                 side.name(),
                 cost.instructions
@@ -175,6 +195,7 @@ pub fn run(args: &[String]) {
         "command": std::env::var("COST_COMMAND").unwrap_or_else(|_| "scripts/cost".to_owned()),
         "note": std::env::var("COST_NOTE").ok(),
         "n": n,
+        "repeats": options.repeats,
         "short": options.short,
         "batch": crate::paths::BATCH,
         "runtime": "tokio current_thread",
@@ -193,6 +214,38 @@ pub fn run(args: &[String]) {
         std::fs::write(out.join("cost.json"), json).expect("cost.json");
         std::fs::write(out.join("cost.md"), table).expect("cost.md");
         eprintln!("wrote {0}/cost.json and {0}/cost.md", out.display());
+    }
+}
+
+/// One side of one path per message: a process with `n` messages and one
+/// with `2n`, the difference divided by `n`.
+fn per_message(
+    exe: &FsPath,
+    scratch: &FsPath,
+    callgrind: bool,
+    path: Path,
+    side: Side,
+    n: u64,
+) -> PerMessage {
+    let once = measure(exe, scratch, callgrind, path, side, n);
+    let twice = measure(exe, scratch, callgrind, path, side, 2 * n);
+    let per = |a: u64, b: u64| (b as f64 - a as f64) / n as f64;
+    let per_option = |a: Option<u64>, b: Option<u64>| Some(per(a?, b?));
+    PerMessage {
+        instructions: per_option(once.instructions, twice.instructions),
+        allocations: per(once.counted.allocations, twice.counted.allocations),
+        bytes: per(once.counted.bytes, twice.counted.bytes),
+        reads: per_option(once.counted.reads, twice.counted.reads),
+        commands: per_option(once.counted.commands, twice.counted.commands),
+        by_command: twice
+            .counted
+            .by_command
+            .iter()
+            .map(|(command, &calls)| {
+                let before = once.counted.by_command.get(command).copied().unwrap_or(0);
+                (command.clone(), per(before, calls))
+            })
+            .collect(),
     }
 }
 
@@ -310,12 +363,14 @@ fn markdown(report: &Value) -> String {
     out.push_str(&format!(
         "Client-side work per message, switchboard beside the raw client doing the same by hand \
          (the same SPEC envelope built and parsed with serde_json), {} and {} messages per \
-         process, the difference divided by {} so set-up drops out. Instructions from \
+         process, the difference divided by {} so set-up drops out; each side measured {} \
+         times, the median kept. Instructions from \
          `valgrind --tool=callgrind` (client process only), allocations from a counting global \
          allocator. COUNT and prefetch {} on both sides, a `{}` runtime.\n\n",
         report["n"],
         report["n"].as_u64().unwrap_or(0) * 2,
         report["n"],
+        report["repeats"],
         report["batch"],
         report["runtime"].as_str().unwrap_or("")
     ));
