@@ -415,13 +415,13 @@ fn markdown(report: &Value) -> String {
             None => "",
         };
         out.push_str(&format!(
-            "| {} | {} ({}×{}) | {} (+{}{}) | {} | {} | {} |\n",
+            "| {} | {} ({}×{}) | {} ({}{}) | {} | {} | {} |\n",
             path["label"].as_str().unwrap_or(""),
             pair("instructions", 0),
             number(&path["instructions_ratio"], 2),
             mark(&path["instructions_goal_met"]),
             pair("allocations", 1),
-            number(&path["extra_allocations"], 1),
+            signed(&path["extra_allocations"]),
             mark(&path["allocations_goal_met"]),
             pair("bytes", 0),
             pair("reads", 3),
@@ -432,6 +432,15 @@ fn markdown(report: &Value) -> String {
         "\nGoals: instructions ≤ 1.10 × raw; allocations ≤ raw + 4 (publish), + 8 (consume); ✗ marks a miss.\n",
     );
     out
+}
+
+/// `value` with its sign, to one digit: `+5.0`, `−4.8`.
+fn signed(value: &Value) -> String {
+    match value.as_f64() {
+        Some(v) if v < 0.0 => format!("−{:.1}", -v),
+        Some(v) => format!("+{v:.1}"),
+        None => "–".to_owned(),
+    }
 }
 
 /// `compare A B`: the largest relative difference between two reports'
