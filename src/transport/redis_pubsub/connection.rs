@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use bytes::Bytes;
 use redis::aio::{ConnectionManagerConfig, MultiplexedConnection};
 use redis::{
     AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value,
 };
 use tokio::sync::{Notify, watch};
 
-use super::frame::decode_payload;
+use super::frame::decode_owned;
 use super::inbox::{Inbox, Incoming};
 use super::{Channels, Inner, RedisPubSubOptions, RedisPubSubTransport};
 use crate::error::{Error, ErrorKind};
@@ -401,8 +400,8 @@ fn incoming(push: PushInfo, fixed_topic: Option<&Arc<str>>) -> Option<Incoming> 
         _ => return None,
     };
     let payload = match data.next()? {
-        Value::BulkString(bytes) => Bytes::from(bytes),
-        Value::SimpleString(text) => Bytes::from(text),
+        Value::BulkString(bytes) => bytes,
+        Value::SimpleString(text) => text.into_bytes(),
         _ => return None,
     };
     let topic = match (fixed_topic, channel) {
@@ -413,6 +412,6 @@ fn incoming(push: PushInfo, fixed_topic: Option<&Arc<str>>) -> Option<Incoming> 
     };
     Some(Incoming {
         topic,
-        message: decode_payload(payload),
+        message: decode_owned(payload),
     })
 }

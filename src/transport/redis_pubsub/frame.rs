@@ -161,26 +161,51 @@ fn encode_v2(message: &RawMessage) -> Result<Bytes, Error> {
 /// assert_eq!(message.body.as_ref(), br#"{"event_type":"price.updated"}"#);
 /// ```
 pub fn decode_payload(payload: Bytes) -> RawMessage {
+    match unframe(&payload) {
+        Some((headers, head)) => RawMessage {
+            headers,
+            body: payload.slice(head..),
+        },
+        None => RawMessage::new(payload),
+    }
+}
+
+/// [`decode_payload`] of a payload received into a buffer of its own (as
+/// redis-rs hands it over): the frame's head is cut off the buffer itself,
+/// a short move, so the body is a `Bytes` over that buffer. `Bytes::slice`
+/// would allocate a shared header per message.
+pub(super) fn decode_owned(mut payload: Vec<u8>) -> RawMessage {
+    match unframe(&payload) {
+        Some((headers, head)) => {
+            payload.drain(..head);
+            RawMessage {
+                headers,
+                body: Bytes::from(payload),
+            }
+        }
+        None => RawMessage::new(payload),
+    }
+}
+
+/// The headers of a framed payload and the length of its head (magic and
+/// header block); `None` for a payload without a frame, or with a damaged
+/// header block (logged), whose bytes are the body whole.
+fn unframe(payload: &[u8]) -> Option<(Headers, usize)> {
     let unframed = if let Some(rest) = payload.strip_prefix(FRAME_MAGIC.as_slice()) {
         decode_v1(rest)
     } else if let Some(rest) = payload.strip_prefix(FRAME_MAGIC_V2.as_slice()) {
         decode_v2(rest)
     } else {
-        return RawMessage::new(payload);
+        return None;
     };
-    match unframed {
-        Some((headers, header_block)) => RawMessage {
-            headers,
-            body: payload.slice(FRAME_MAGIC.len() + header_block..),
-        },
-        None => {
-            tracing::warn!(
-                bytes = payload.len(),
-                "pub/sub frame with a damaged header block; delivered whole as the body"
-            );
-            RawMessage::new(payload)
-        }
+    if unframed.is_none() {
+        tracing::warn!(
+            bytes = payload.len(),
+            "pub/sub frame with a damaged header block; delivered whole as the body"
+        );
     }
+    // Both magics are as long as each other.
+    unframed.map(|(headers, header_block)| (headers, FRAME_MAGIC.len() + header_block))
 }
 
 /// The headers of a version 1 frame and the length of its header block.
@@ -285,6 +310,25 @@ mod tests {
             let message = decode_payload(Bytes::copy_from_slice(damaged));
             assert!(message.headers.is_empty());
             assert_eq!(message.body.as_ref(), damaged);
+            assert_eq!(decode_owned(damaged.to_vec()), message);
         }
+    }
+
+    #[test]
+    fn an_owned_buffer_reads_as_every_frame_and_plain_payload_does() {
+        let message = RawMessage::new("ü body").with_header("a", "1 \"q\"");
+        for payload in [
+            encode_payload(&message).unwrap(),
+            encode_payload_with(&message, FrameVersion::V2).unwrap(),
+            Bytes::from_static(br#"{"event_type":"price.updated"}"#),
+            Bytes::new(),
+        ] {
+            let owned = decode_owned(payload.to_vec());
+            assert_eq!(owned, decode_payload(payload));
+        }
+        assert_eq!(
+            decode_owned(encode_payload(&message).unwrap().to_vec()),
+            message
+        );
     }
 }
