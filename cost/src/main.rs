@@ -9,7 +9,7 @@
 //! switchboard-cost feed PATH SIDE N NAME      (its feeder)
 //! switchboard-cost compare A.json B.json      (largest difference of two reports)
 //! switchboard-cost rate [--n N]               (default-settings Redis consumer rate)
-//! switchboard-cost dedupe [--n N]             (in-process dedupe store per message)
+//! switchboard-cost dedupe [--n N] [--held H] [--capacity C]  (in-process dedupe store per message)
 //! ```
 
 mod count;

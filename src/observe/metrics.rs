@@ -414,8 +414,10 @@ pub(crate) fn consumer_state(
     .set(level);
 }
 
-pub(crate) fn dedupe_evicted(store: &'static str) {
-    metrics::counter!(DEDUPE_EVICTIONS_TOTAL, "store" => store).increment(1);
+/// The eviction counter of a dedupe store, to look up once and keep: a
+/// store full to capacity evicts on every new mark.
+pub(crate) fn dedupe_evictions(store: &'static str) -> metrics::Counter {
+    metrics::counter!(DEDUPE_EVICTIONS_TOTAL, "store" => store)
 }
 
 /// The `outcome` / `kind` label of an error kind: one snake-case word, the

@@ -7,14 +7,15 @@
 //! `and_compute_with`, rehashing). A mutex per shard around a plain
 //! `HashMap` does the same checks in a fraction of that.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use hashbrown::HashTable;
 
 use super::store::{DedupeStore, Mark};
 use crate::error::Error;
@@ -55,46 +56,124 @@ use crate::error::Error;
 #[derive(Clone)]
 pub struct MemoryDedupeStore {
     shards: Arc<[Mutex<Shard>]>,
-    /// The marks one shard holds at most.
-    per_shard: usize,
     hasher: RandomState,
+    /// What expiry times count from (they are nanoseconds since).
+    epoch: Instant,
     /// Marks evicted for room before their TTL ran out; shared by clones.
-    evictions: Arc<AtomicU64>,
+    evictions: Arc<Evictions>,
+}
+
+/// Marks evicted for room before their TTL ran out.
+#[derive(Default)]
+struct Evictions {
+    total: AtomicU64,
+    /// The metric, looked up in the recorder at the first eviction and kept:
+    /// a full store evicts on every new mark.
+    metric: OnceLock<metrics::Counter>,
+}
+
+impl Evictions {
+    fn count(&self) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.metric
+            .get_or_init(|| crate::observe::metrics::dedupe_evictions("memory"))
+            .increment(1);
+    }
 }
 
 /// One shard: the marks, and the order they were written in.
-#[derive(Default)]
 struct Shard {
-    marks: HashMap<Arc<str>, Slot>,
+    /// Each mark under its key's hash, which was computed once per call and
+    /// also chose the shard.
+    marks: HashTable<Slot>,
     /// Every write, oldest first, with the stamp it gave its mark and when
     /// that write expires; an entry whose mark was written again since
     /// (another stamp) or removed is skipped when it comes up.
     written: VecDeque<Written>,
     next_stamp: u64,
+    /// The marks it holds at most.
+    capacity: usize,
+    /// The store's count of evictions.
+    evictions: Arc<Evictions>,
 }
 
+/// A write, as `written` remembers it: the hash and the stamp find its mark
+/// again without the key (stamps are unique in a shard).
 struct Written {
-    key: Arc<str>,
+    hash: u64,
     stamp: u64,
-    expires: Instant,
+    expires: u64,
 }
 
+/// A mark: 128 bytes, key and token included, so a lookup reads one place.
 struct Slot {
-    /// The same allocation as the map's key, for `written`.
-    key: Arc<str>,
-    /// The holder's fencing token while in progress; `None` once done.
-    token: Option<Arc<str>>,
-    expires: Instant,
+    hash: u64,
+    /// The write that made the mark what it is; see `Written`.
     stamp: u64,
+    /// Nanoseconds after the store's epoch.
+    expires: u64,
+    /// The key is `text[..key_len]`; the holder's fencing token the rest,
+    /// while in progress.
+    key_len: usize,
+    /// In progress (held under the token); `false` once done.
+    held: bool,
+    text: Text,
+}
+
+/// A mark's key and its holder's token end to end: inline when they are as
+/// short as the layer's (a group and an event id, 32 hex characters), so a
+/// new mark allocates nothing and a lookup finds the key beside its mark.
+enum Text {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<[u8]>),
+}
+
+/// The inline room, which makes a `Slot` 128 bytes, two cache lines.
+const INLINE: usize = 86;
+
+impl Text {
+    fn new(key: &str, token: &str) -> Self {
+        let len = key.len() + token.len();
+        if len > INLINE {
+            return Self::Heap([key.as_bytes(), token.as_bytes()].concat().into());
+        }
+        let mut bytes = [0; INLINE];
+        bytes[..key.len()].copy_from_slice(key.as_bytes());
+        bytes[key.len()..len].copy_from_slice(token.as_bytes());
+        Self::Inline {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Heap(bytes) => bytes,
+        }
+    }
 }
 
 impl Slot {
-    fn live(&self, now: Instant) -> bool {
+    fn key(&self) -> &[u8] {
+        &self.text.bytes()[..self.key_len]
+    }
+
+    fn live(&self, now: u64) -> bool {
         self.expires > now
     }
 
-    fn held_by(&self, token: &str, now: Instant) -> bool {
-        self.live(now) && self.token.as_deref() == Some(token)
+    /// Whether `token` holds this mark in progress: compared exactly.
+    fn held_by(&self, token: &str, now: u64) -> bool {
+        self.held && self.live(now) && &self.text.bytes()[self.key_len..] == token.as_bytes()
+    }
+
+    fn mark(&self) -> Mark {
+        if self.held {
+            Mark::InProgress
+        } else {
+            Mark::Done
+        }
     }
 }
 
@@ -105,66 +184,133 @@ const MARKS_PER_SHARD: u64 = 4096;
 /// wait for each other.
 const MOST_SHARDS: u64 = 16;
 
+/// A key and its hash, computed once per call: it chooses the shard and the
+/// bucket.
+#[derive(Clone, Copy)]
+struct Key<'a> {
+    text: &'a str,
+    hash: u64,
+}
+
 impl Shard {
-    fn stamp(&mut self) -> u64 {
-        self.next_stamp += 1;
-        self.next_stamp
+    fn new(capacity: usize, evictions: Arc<Evictions>) -> Self {
+        Self {
+            marks: HashTable::new(),
+            written: VecDeque::new(),
+            next_stamp: 0,
+            capacity,
+            evictions,
+        }
     }
 
-    /// Stores a new mark of `key` (which has none, or an expired one).
-    fn insert(&mut self, key: &str, token: Arc<str>, expires: Instant) {
-        let key: Arc<str> = Arc::from(key);
-        let stamp = self.stamp();
+    fn find_mut(&mut self, key: Key<'_>) -> Option<&mut Slot> {
+        self.marks
+            .find_mut(key.hash, |slot| slot.key() == key.text.as_bytes())
+    }
+
+    /// Marks `key` in progress under `token` unless a live mark exists,
+    /// whose state is returned. A new mark makes room for itself first, so
+    /// the table never holds more than the capacity.
+    fn begin(&mut self, key: Key<'_>, token: &str, expires: u64, now: u64) -> Mark {
+        let stamp = self.next_stamp + 1;
+        let slot = || Slot {
+            hash: key.hash,
+            stamp,
+            expires,
+            key_len: key.text.len(),
+            held: true,
+            text: Text::new(key.text, token),
+        };
+        match self.find_mut(key) {
+            Some(found) if found.live(now) => return found.mark(),
+            // An expired mark of the key, taken over: its `written` entries
+            // have another stamp now, and are skipped.
+            Some(expired) => *expired = slot(),
+            None => {
+                self.trim(now, self.capacity - 1);
+                self.marks.insert_unique(key.hash, slot(), |slot| slot.hash);
+            }
+        }
+        self.next_stamp = stamp;
         self.written.push_back(Written {
-            key: key.clone(),
+            hash: key.hash,
             stamp,
             expires,
         });
-        let slot = Slot {
-            key: key.clone(),
-            token: Some(token),
-            expires,
-            stamp,
-        };
-        self.marks.insert(key, slot);
+        self.trim(now, self.capacity);
+        Mark::Acquired
     }
 
-    /// Writes `key`'s existing mark again: the given token, a new expiry.
-    fn rewrite(&mut self, key: &str, token: Option<Arc<str>>, expires: Instant) {
-        let stamp = self.stamp();
-        let Some(slot) = self.marks.get_mut(key) else {
-            return;
+    /// Writes `token`'s mark of `key` again with a new expiry, in progress
+    /// while `held`, else done; `false`, changing nothing, unless `token`
+    /// holds it.
+    fn rewrite(&mut self, key: Key<'_>, token: &str, held: bool, expires: u64, now: u64) -> bool {
+        let Some(slot) = self
+            .marks
+            .find_mut(key.hash, |slot| slot.key() == key.text.as_bytes())
+        else {
+            return false;
         };
-        (slot.token, slot.expires, slot.stamp) = (token, expires, stamp);
-        let key = slot.key.clone();
-        self.written.push_back(Written {
-            key,
-            stamp,
-            expires,
-        });
+        if !slot.held_by(token, now) {
+            return false;
+        }
+        slot.held = held;
+        slot.expires = expires;
+        // The last write in this shard was this mark's (as when it is done
+        // right after it was taken): that entry is rewritten rather than a
+        // second one queued, the mark's place in the order being the same.
+        if let Some(last) = self
+            .written
+            .back_mut()
+            .filter(|last| last.stamp == slot.stamp)
+        {
+            last.expires = expires;
+        } else {
+            self.next_stamp += 1;
+            slot.stamp = self.next_stamp;
+            self.written.push_back(Written {
+                hash: key.hash,
+                stamp: slot.stamp,
+                expires,
+            });
+        }
+        self.trim(now, self.capacity);
+        true
     }
 
-    /// Makes room: writes expired by now go first (their marks with them,
-    /// unless written again since), then, past `capacity`, the marks
-    /// written longest ago (counted as evictions).
-    fn trim(&mut self, now: Instant, capacity: usize, evictions: &AtomicU64) {
+    /// Drops writes expired by now (their marks with them, unless written
+    /// again since), then, while more than `capacity` marks are held, the
+    /// marks written longest ago (counted as evictions).
+    fn trim(&mut self, now: u64, capacity: usize) {
         while let Some(oldest) = self.written.front() {
             let expired = oldest.expires <= now;
             if !expired && self.marks.len() <= capacity {
                 break;
             }
-            let current = self
-                .marks
-                .get(&oldest.key)
-                .is_some_and(|slot| slot.stamp == oldest.stamp);
-            if current {
-                self.marks.remove(&oldest.key);
+            let (hash, stamp) = (oldest.hash, oldest.stamp);
+            // The stamp alone tells the mark: no key to compare.
+            if let Ok(current) = self.marks.find_entry(hash, |slot| slot.stamp == stamp) {
+                current.remove();
                 if !expired {
-                    evictions.fetch_add(1, Ordering::Relaxed);
-                    crate::observe::metrics::dedupe_evicted("memory");
+                    self.evictions.count();
                 }
             }
             self.written.pop_front();
+        }
+    }
+
+    /// Removes `token`'s in-progress mark of `key`; `false` unless `token`
+    /// holds it. Its entries in `written` are skipped when they come up.
+    fn release(&mut self, key: Key<'_>, token: &str, now: u64) -> bool {
+        let found = self
+            .marks
+            .find_entry(key.hash, |slot| slot.key() == key.text.as_bytes());
+        match found {
+            Ok(found) if found.get().held_by(token, now) => {
+                found.remove();
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -184,11 +330,15 @@ impl MemoryDedupeStore {
     pub fn with_capacity(capacity: u64) -> Self {
         let capacity = capacity.max(1);
         let shards = (capacity / MARKS_PER_SHARD).clamp(1, MOST_SHARDS);
+        let per_shard = capacity.div_ceil(shards) as usize;
+        let evictions = Arc::new(Evictions::default());
         Self {
-            shards: (0..shards).map(|_| Mutex::default()).collect(),
-            per_shard: capacity.div_ceil(shards) as usize,
+            shards: (0..shards)
+                .map(|_| Mutex::new(Shard::new(per_shard, evictions.clone())))
+                .collect(),
             hasher: RandomState::new(),
-            evictions: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+            evictions,
         }
     }
 
@@ -196,7 +346,7 @@ impl MemoryDedupeStore {
     /// before their TTL ran out. Each of them is an event whose duplicates
     /// are no longer caught.
     pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
+        self.evictions.total.load(Ordering::Relaxed)
     }
 
     /// The marks held now (expired ones not yet dropped included).
@@ -210,28 +360,44 @@ impl MemoryDedupeStore {
     /// Whether a live mark of `key` is held.
     #[cfg(test)]
     fn holds(&self, key: &str) -> bool {
-        let now = Instant::now();
-        self.shard(key)
-            .marks
-            .get(key)
-            .is_some_and(|slot| slot.live(now))
+        let (key, mut shard) = self.shard(key);
+        let now = self.now();
+        shard.find_mut(key).is_some_and(|slot| slot.live(now))
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
-        let index = self.hasher.hash_one(key) as usize % self.shards.len();
-        lock(&self.shards[index])
+    /// The entries of the write order, over every shard.
+    #[cfg(test)]
+    fn lock_written_len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| lock(shard).written.len())
+            .sum()
     }
 
-    /// When a mark written now with `ttl` expires.
-    fn expiry(now: Instant, ttl: Duration) -> Instant {
-        // A TTL past what `Instant` can hold: a year is as good as never.
-        now.checked_add(ttl)
-            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+    /// `key` with its hash, and its shard, locked. The shard takes bits of
+    /// the hash that the shard's table leaves alone (it takes the lowest for
+    /// the bucket and the highest seven as a tag), so each shard's keys
+    /// still spread over all of its buckets.
+    fn shard<'k>(&self, key: &'k str) -> (Key<'k>, MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(key);
+        let index = (hash >> 32) as usize % self.shards.len();
+        (Key { text: key, hash }, lock(&self.shards[index]))
+    }
+
+    /// Now, in nanoseconds after the epoch.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// When a mark written at `now` with `ttl` expires: a TTL past what
+    /// the clock holds (584 years) is never.
+    fn expiry(now: u64, ttl: Duration) -> u64 {
+        now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))
     }
 }
 
 /// A poisoned shard still holds consistent marks: every change to it is
-/// one `HashMap` or `VecDeque` call.
+/// one table or `VecDeque` call, or a store of plain fields.
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -245,60 +411,27 @@ impl Default for MemoryDedupeStore {
 #[async_trait]
 impl DedupeStore for MemoryDedupeStore {
     async fn try_begin(&self, key: &str, token: &str, ttl: Duration) -> Result<Mark, Error> {
-        let now = Instant::now();
-        let mut shard = self.shard(key);
-        if let Some(slot) = shard.marks.get(key).filter(|slot| slot.live(now)) {
-            return Ok(if slot.token.is_some() {
-                Mark::InProgress
-            } else {
-                Mark::Done
-            });
-        }
-        shard.insert(key, token.into(), Self::expiry(now, ttl));
-        shard.trim(now, self.per_shard, &self.evictions);
-        Ok(Mark::Acquired)
+        let (key, mut shard) = self.shard(key);
+        let now = self.now();
+        Ok(shard.begin(key, token, Self::expiry(now, ttl), now))
     }
 
     async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
-        let now = Instant::now();
-        let mut shard = self.shard(key);
-        let Some(slot) = shard.marks.get(key).filter(|slot| slot.held_by(token, now)) else {
-            return Ok(false);
-        };
-        let token = slot.token.clone();
-        shard.rewrite(key, token, Self::expiry(now, ttl));
-        shard.trim(now, self.per_shard, &self.evictions);
-        Ok(true)
+        let (key, mut shard) = self.shard(key);
+        let now = self.now();
+        Ok(shard.rewrite(key, token, true, Self::expiry(now, ttl), now))
     }
 
     async fn complete(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, Error> {
-        let now = Instant::now();
-        let mut shard = self.shard(key);
-        if !shard
-            .marks
-            .get(key)
-            .is_some_and(|slot| slot.held_by(token, now))
-        {
-            return Ok(false);
-        }
-        shard.rewrite(key, None, Self::expiry(now, ttl));
-        shard.trim(now, self.per_shard, &self.evictions);
-        Ok(true)
+        let (key, mut shard) = self.shard(key);
+        let now = self.now();
+        Ok(shard.rewrite(key, token, false, Self::expiry(now, ttl), now))
     }
 
     async fn release(&self, key: &str, token: &str) -> Result<bool, Error> {
-        let now = Instant::now();
-        let mut shard = self.shard(key);
-        if !shard
-            .marks
-            .get(key)
-            .is_some_and(|slot| slot.held_by(token, now))
-        {
-            return Ok(false);
-        }
-        // Its entries in `written` are skipped when they come up.
-        shard.marks.remove(key);
-        Ok(true)
+        let (key, mut shard) = self.shard(key);
+        let now = self.now();
+        Ok(shard.release(key, token, now))
     }
 }
 
@@ -312,174 +445,4 @@ impl fmt::Debug for MemoryDedupeStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINUTE: Duration = Duration::from_secs(60);
-
-    #[tokio::test]
-    async fn only_the_token_holding_the_mark_can_complete_or_release_it() {
-        let store = MemoryDedupeStore::new();
-        assert_eq!(
-            store.try_begin("k", "a", MINUTE).await.unwrap(),
-            Mark::Acquired
-        );
-        assert!(!store.complete("k", "b", MINUTE).await.unwrap());
-        assert!(!store.release("k", "b").await.unwrap());
-        assert_eq!(
-            store.try_begin("k", "b", MINUTE).await.unwrap(),
-            Mark::InProgress
-        );
-        assert!(store.release("k", "a").await.unwrap());
-        // Released: the next holder takes it, and the old token is powerless.
-        assert_eq!(
-            store.try_begin("k", "b", MINUTE).await.unwrap(),
-            Mark::Acquired
-        );
-        assert!(!store.complete("k", "a", MINUTE).await.unwrap());
-        assert!(store.complete("k", "b", MINUTE).await.unwrap());
-        assert_eq!(store.try_begin("k", "c", MINUTE).await.unwrap(), Mark::Done);
-        // A done mark is no longer anyone's to release.
-        assert!(!store.release("k", "b").await.unwrap());
-        assert_eq!(store.try_begin("k", "c", MINUTE).await.unwrap(), Mark::Done);
-    }
-
-    #[tokio::test]
-    async fn keys_are_independent() {
-        let store = MemoryDedupeStore::new();
-        assert_eq!(
-            store.try_begin("g1:e", "a", MINUTE).await.unwrap(),
-            Mark::Acquired
-        );
-        assert_eq!(
-            store.try_begin("g2:e", "a", MINUTE).await.unwrap(),
-            Mark::Acquired
-        );
-    }
-
-    #[tokio::test]
-    async fn an_in_progress_mark_expires_after_its_ttl() {
-        // The store keeps std's clock, so this waits in real time, bounded.
-        let store = MemoryDedupeStore::new();
-        let ttl = Duration::from_millis(50);
-        assert_eq!(
-            store.try_begin("k", "dead", ttl).await.unwrap(),
-            Mark::Acquired
-        );
-        assert_eq!(
-            store.try_begin("k", "b", MINUTE).await.unwrap(),
-            Mark::InProgress
-        );
-        let taken_over = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                if store.try_begin("k", "b", MINUTE).await.unwrap() == Mark::Acquired {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-        assert!(taken_over.is_ok(), "the expired mark was never freed");
-        // The holder whose mark expired cannot complete the new one's.
-        assert!(!store.complete("k", "dead", MINUTE).await.unwrap());
-    }
-
-    #[test]
-    fn at_capacity_the_marks_written_longest_ago_make_room_and_are_counted() {
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-
-        const CAPACITY: u64 = 64;
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        let store = MemoryDedupeStore::with_capacity(CAPACITY);
-        let keys: Vec<String> = (0..2 * CAPACITY).map(|n| format!("g:{n}")).collect();
-        metrics::with_local_recorder(&recorder, || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                for key in &keys {
-                    assert_eq!(
-                        store.try_begin(key, "a", MINUTE).await.unwrap(),
-                        Mark::Acquired
-                    );
-                    assert!(store.complete(key, "a", MINUTE).await.unwrap());
-                }
-            });
-        });
-
-        let (older, recent) = keys.split_at(CAPACITY as usize);
-        assert_eq!(store.len(), CAPACITY as usize);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            for key in older {
-                assert!(!store.holds(key), "{key} was kept");
-            }
-            for key in recent {
-                assert_eq!(
-                    store.try_begin(key, "b", MINUTE).await.unwrap(),
-                    Mark::Done,
-                    "a duplicate of {key} was not caught"
-                );
-            }
-        });
-        assert_eq!(store.evictions(), CAPACITY);
-        assert_eq!(
-            store.clone().evictions(),
-            CAPACITY,
-            "clones share the count"
-        );
-        let evicted: Vec<_> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter(|(key, ..)| {
-                key.key().name() == crate::observe::metrics::DEDUPE_EVICTIONS_TOTAL
-                    && key
-                        .key()
-                        .labels()
-                        .any(|label| label.key() == "store" && label.value() == "memory")
-            })
-            .map(|(.., value)| value)
-            .collect();
-        assert_eq!(evicted, vec![DebugValue::Counter(CAPACITY)]);
-    }
-
-    #[tokio::test]
-    async fn only_the_holder_extends_its_mark() {
-        let store = MemoryDedupeStore::new();
-        assert!(!store.extend("k", "a", MINUTE).await.unwrap(), "no mark");
-        store.try_begin("k", "a", MINUTE).await.unwrap();
-        assert!(!store.extend("k", "b", MINUTE).await.unwrap());
-        assert!(store.extend("k", "a", MINUTE).await.unwrap());
-        assert_eq!(
-            store.try_begin("k", "b", MINUTE).await.unwrap(),
-            Mark::InProgress,
-            "extending keeps the mark in progress"
-        );
-        assert!(store.complete("k", "a", MINUTE).await.unwrap());
-        assert!(
-            !store.extend("k", "a", MINUTE).await.unwrap(),
-            "a done mark is no longer the holder's"
-        );
-        assert_eq!(store.try_begin("k", "b", MINUTE).await.unwrap(), Mark::Done);
-    }
-
-    #[tokio::test]
-    async fn an_extended_mark_outlives_its_first_ttl() {
-        // The store keeps std's clock, so this waits in real time, briefly.
-        let store = MemoryDedupeStore::new();
-        let short = Duration::from_millis(100);
-        store.try_begin("k", "a", short).await.unwrap();
-        assert!(store.extend("k", "a", MINUTE).await.unwrap());
-        tokio::time::sleep(3 * short).await;
-        assert_eq!(
-            store.try_begin("k", "b", MINUTE).await.unwrap(),
-            Mark::InProgress,
-            "the mark expired after its first TTL"
-        );
-        assert!(store.complete("k", "a", MINUTE).await.unwrap());
-    }
-}
+mod tests;

@@ -88,7 +88,8 @@ mod store;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -207,9 +208,45 @@ impl<S> Dedupe<S> {
     }
 }
 
-/// The key of a message's mark: its group and event id.
+/// The key of a message's mark: its group and event id (`group:` and the
+/// hyphenated id), written without the formatting machinery.
 pub(crate) fn key_of<E>(message: &Message<E>) -> String {
-    format!("{}:{}", message.group(), message.event_id())
+    let group = message.group();
+    let mut id = Uuid::encode_buffer();
+    let id = message.event_id().hyphenated().encode_lower(&mut id);
+    let mut key = String::with_capacity(group.len() + 1 + id.len());
+    key.push_str(group);
+    key.push(':');
+    key.push_str(id);
+    key
+}
+
+/// A delivery's fencing token: 32 hex characters no other delivery gets.
+///
+/// A random base drawn once per process plus a count: the count keeps the
+/// tokens of one process apart, the base those of replicas sharing a store.
+/// A fresh random UUID per delivery did the same at the price of a system
+/// call (the random source), an allocation and formatting on every first
+/// delivery.
+#[derive(Clone, Copy)]
+struct Token([u8; 32]);
+
+impl Token {
+    fn next() -> Self {
+        static BASE: OnceLock<u128> = OnceLock::new();
+        static ISSUED: AtomicU64 = AtomicU64::new(0);
+        let base = *BASE.get_or_init(|| Uuid::new_v4().as_u128());
+        let issued = ISSUED.fetch_add(1, Ordering::Relaxed);
+        let mut text = [0; 32];
+        Uuid::from_u128(base.wrapping_add(u128::from(issued)))
+            .simple()
+            .encode_lower(&mut text);
+        Self(text)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
 }
 
 impl<S, E> Service<Message<E>> for Dedupe<S>
@@ -236,9 +273,9 @@ where
             let event_id = message.event_id();
             let key = key_of(&message);
             let (topic, group) = (message.shared_topic(), message.shared_group());
-            let token = Uuid::new_v4().simple().to_string();
+            let token = Token::next();
             let mark = store
-                .try_begin(&key, &token, ttls.in_progress)
+                .try_begin(&key, token.as_str(), ttls.in_progress)
                 .await
                 .map_err(|error| {
                     // Not the message's fault: try it again later.
@@ -294,7 +331,7 @@ fn renewal_period(in_progress: Duration) -> Duration {
 struct HeldMark {
     store: Arc<dyn DedupeStore>,
     key: String,
-    token: String,
+    token: Token,
     held: bool,
 }
 
@@ -322,7 +359,7 @@ impl HeldMark {
                     owned = self.renewed(extended);
                 }
                 _ = ticks.tick(), if owned && renewal.is_none() => {
-                    renewal = Some(self.store.extend(&self.key, &self.token, ttl));
+                    renewal = Some(self.store.extend(&self.key, self.token.as_str(), ttl));
                 }
             }
         }
@@ -353,7 +390,11 @@ impl HeldMark {
 
     async fn complete(&mut self, ttl: Duration) {
         self.held = false;
-        match self.store.complete(&self.key, &self.token, ttl).await {
+        match self
+            .store
+            .complete(&self.key, self.token.as_str(), ttl)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => tracing::warn!(
                 key = %self.key,
@@ -370,7 +411,7 @@ impl HeldMark {
 
     async fn release(&mut self) {
         self.held = false;
-        if let Err(error) = self.store.release(&self.key, &self.token).await {
+        if let Err(error) = self.store.release(&self.key, self.token.as_str()).await {
             tracing::warn!(
                 key = %self.key,
                 %error,
@@ -389,12 +430,9 @@ impl Drop for HeldMark {
             return;
         };
         let store = self.store.clone();
-        let (key, token) = (
-            std::mem::take(&mut self.key),
-            std::mem::take(&mut self.token),
-        );
+        let (key, token) = (std::mem::take(&mut self.key), self.token);
         runtime.spawn(async move {
-            let _ = store.release(&key, &token).await;
+            let _ = store.release(&key, token.as_str()).await;
         });
     }
 }
