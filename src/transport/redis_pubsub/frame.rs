@@ -2,7 +2,7 @@
 //! `\0SB1` (headers as JSON) or `\0SB2` (headers length-prefixed, no JSON);
 //! see the module docs, "Wire format".
 
-use bytes::{BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 
 use crate::envelope::Headers;
 use crate::error::{Error, ErrorKind};
@@ -171,19 +171,17 @@ pub fn decode_payload(payload: Bytes) -> RawMessage {
 }
 
 /// [`decode_payload`] of a payload received into a buffer of its own (as
-/// redis-rs hands it over): the frame's head is cut off the buffer itself,
-/// a short move, so the body is a `Bytes` over that buffer. `Bytes::slice`
-/// would allocate a shared header per message.
-pub(super) fn decode_owned(mut payload: Vec<u8>) -> RawMessage {
-    match unframe(&payload) {
+/// redis-rs hands it over): the body is that buffer with its start moved
+/// past the frame's head. `Bytes::slice` would allocate a shared header
+/// per message.
+pub(super) fn decode_owned(payload: Vec<u8>) -> RawMessage {
+    let mut body = Bytes::from(payload);
+    match unframe(&body) {
         Some((headers, head)) => {
-            payload.drain(..head);
-            RawMessage {
-                headers,
-                body: Bytes::from(payload),
-            }
+            body.advance(head);
+            RawMessage { headers, body }
         }
-        None => RawMessage::new(payload),
+        None => RawMessage::new(body),
     }
 }
 
