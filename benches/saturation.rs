@@ -20,8 +20,8 @@
 //! repeats. Goal: switchboard ≥ 0.9 × raw end to end, CPU per event ≤ 1.2 ×.
 //!
 //! `cargo bench --bench saturation` (Redis and RabbitMQ on 127.0.0.1);
-//! `SATURATION_EVENTS` (default 20 000) and `SATURATION_REPEATS` (default
-//! 3). Run by `cargo test` (no `--bench`), it moves 300 events once per
+//! `SATURATION_EVENTS` (default 20 000), `SATURATION_REPEATS` (default
+//! 3) and `SATURATION_PATHS` (say `redis,memory`: only those paths). Run by `cargo test` (no `--bench`), it moves 300 events once per
 //! side: a smoke test.
 
 mod common;
@@ -371,7 +371,18 @@ fn main() {
             ),
             ("memory bus", |n| Box::pin(memory(n)), None),
         ];
-        for (name, switchboard, raw) in paths {
+        // `SATURATION_PATHS=redis` (say): only the paths whose name holds
+        // one of the comma-separated words, case aside.
+        let only = std::env::var("SATURATION_PATHS")
+            .unwrap_or_default()
+            .to_lowercase();
+        let wanted = |name: &str| {
+            only.is_empty()
+                || only
+                    .split(',')
+                    .any(|word| name.to_lowercase().contains(word.trim()))
+        };
+        for (name, switchboard, raw) in paths.into_iter().filter(|(name, ..)| wanted(name)) {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             for _ in 0..repeats {
                 if let Some(raw) = raw {
