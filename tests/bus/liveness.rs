@@ -9,10 +9,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchboard::config::RetryConfig;
 use switchboard::{
-    Capabilities, ConsumerHealth, Error, ErrorKind, EventBus, MemoryTransport, Message, Publisher,
-    RawMessage, SubscribeOptions, Subscriber, Subscription, Topology, Transport,
+    Capabilities, ConsumerHandle, ConsumerHealth, Error, ErrorKind, EventBus, MemoryTransport,
+    Message, Publisher, RawMessage, SubscribeOptions, Subscriber, Subscription, Topology,
+    Transport,
 };
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use super::Ping;
 
@@ -88,40 +90,10 @@ fn flaky_bus(fault: Fault, deadline: Duration) -> (EventBus, Arc<Flaky>) {
     (bus, flaky)
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_publish_rides_out_lost_connections_within_its_deadline() {
-    let (bus, flaky) = flaky_bus(Fault::LoseFirst(4), Duration::from_secs(10));
-    let (seen, mut received) = mpsc::unbounded_channel();
-    let consumer = bus
-        .subscribe::<Ping, _>(
-            SubscribeOptions::new("g"),
-            switchboard::handler_fn(move |message: Message<Ping>| {
-                let seen = seen.clone();
-                async move {
-                    seen.send(message.payload().n).ok();
-                    Ok::<_, Error>(())
-                }
-            }),
-        )
-        .await
-        .unwrap();
-    let started = tokio::time::Instant::now();
-    bus.publish(Ping { n: 7 }).await.unwrap();
-    // Waits of 100 + 200 + 400 + 800 ms before the fifth attempt.
-    assert_eq!(started.elapsed(), Duration::from_millis(1_500));
-    assert_eq!(flaky.calls.load(Ordering::SeqCst), 5);
-    assert_eq!(received.recv().await, Some(7));
-    consumer.shutdown().await.unwrap();
-    assert!(received.try_recv().is_err(), "delivered once");
-}
-
-/// A batch is tried again as a whole: every attempt carries every message
-/// (the first takes them as encoded, a retry encodes them again), so all
-/// arrive, in order, under the ids the call returned.
-#[tokio::test(start_paused = true)]
-async fn a_batch_rides_out_lost_connections_whole_and_in_order() {
-    let (bus, flaky) = flaky_bus(Fault::LoseFirst(2), Duration::from_secs(10));
-    let (seen, mut received) = mpsc::unbounded_channel();
+/// A consumer of group `g` that sends on each `Ping` it handles, as its
+/// event id and number.
+async fn pings_seen(bus: &EventBus) -> (ConsumerHandle, mpsc::UnboundedReceiver<(Uuid, u64)>) {
+    let (seen, received) = mpsc::unbounded_channel();
     let consumer = bus
         .subscribe::<Ping, _>(
             SubscribeOptions::new("g"),
@@ -135,6 +107,30 @@ async fn a_batch_rides_out_lost_connections_whole_and_in_order() {
         )
         .await
         .unwrap();
+    (consumer, received)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_publish_rides_out_lost_connections_within_its_deadline() {
+    let (bus, flaky) = flaky_bus(Fault::LoseFirst(4), Duration::from_secs(10));
+    let (consumer, mut received) = pings_seen(&bus).await;
+    let started = tokio::time::Instant::now();
+    let id = bus.publish(Ping { n: 7 }).await.unwrap();
+    // Waits of 100 + 200 + 400 + 800 ms before the fifth attempt.
+    assert_eq!(started.elapsed(), Duration::from_millis(1_500));
+    assert_eq!(flaky.calls.load(Ordering::SeqCst), 5);
+    assert_eq!(received.recv().await, Some((id, 7)));
+    consumer.shutdown().await.unwrap();
+    assert!(received.try_recv().is_err(), "delivered once");
+}
+
+/// A batch is tried again as a whole: every attempt carries every message
+/// (the first takes them as encoded, a retry encodes them again), so all
+/// arrive, in order, under the ids the call returned.
+#[tokio::test(start_paused = true)]
+async fn a_batch_rides_out_lost_connections_whole_and_in_order() {
+    let (bus, flaky) = flaky_bus(Fault::LoseFirst(2), Duration::from_secs(10));
+    let (consumer, mut received) = pings_seen(&bus).await;
     let ids = bus
         .publish_batch([Ping { n: 1 }, Ping { n: 2 }, Ping { n: 3 }])
         .await
