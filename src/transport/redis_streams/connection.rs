@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::aio::ConnectionLike;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::{GroupStart, Inner, RedisStreamsConfig, RedisStreamsTransport};
 use crate::error::Error;
@@ -37,6 +38,20 @@ impl Conn {
 
     pub(super) fn is_cluster(&self) -> bool {
         matches!(self.link, Link::Cluster(_))
+    }
+
+    /// `cmd.query_async(conn)`, its outcome recorded as every command's,
+    /// without the boxed future the [`ConnectionLike`] impl wraps around
+    /// the connection's own: one allocation fewer per publish.
+    ///
+    /// [`ConnectionLike`]: redis::aio::ConnectionLike
+    pub(super) async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
+        let reply = match &mut self.link {
+            Link::Single(conn) => conn.req_packed_command(cmd).await,
+            Link::Cluster(conn) => conn.req_packed_command(cmd).await,
+        };
+        self.seen.record(&reply);
+        Ok(redis::from_redis_value(reply?.extract_error()?)?)
     }
 }
 

@@ -36,8 +36,9 @@ impl Publisher for RedisStreamsTransport {
         validate_name("topic", topic)?;
         self.ensure_trimmer(topic);
         let cmd = self.xadd(topic, &message);
-        let _: Value = cmd
-            .query_async(&mut self.conn())
+        let _: Value = self
+            .conn()
+            .query(&cmd)
             .await
             .map_err(|error| redis_error("XADD", error))?;
         Ok(())
