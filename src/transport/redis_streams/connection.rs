@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionLike;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
@@ -43,8 +42,6 @@ impl Conn {
     /// `cmd.query_async(conn)`, its outcome recorded as every command's,
     /// without the boxed future the [`ConnectionLike`] impl wraps around
     /// the connection's own: one allocation fewer per publish.
-    ///
-    /// [`ConnectionLike`]: redis::aio::ConnectionLike
     pub(super) async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
         let reply = match &mut self.link {
             Link::Single(conn) => conn.req_packed_command(cmd).await,
@@ -55,7 +52,7 @@ impl Conn {
     }
 }
 
-impl redis::aio::ConnectionLike for Conn {
+impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         let Self { link, seen } = self;
         let reply = match link {
