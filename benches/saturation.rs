@@ -31,15 +31,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    TradeExecuted, amqp_url, declare_raw_queue, raw_decode, raw_encode, raw_stream_consumer,
-    redis_url, unique,
+    TradeExecuted, amqp_url, declare_raw_queue, raw_decode, raw_encode, raw_queue_consumer,
+    raw_stream_consumer, redis_url, unique,
 };
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 use switchboard::transport::amqp::{AmqpConfig, AmqpTransport};
 use switchboard::transport::redis_streams::{RedisStreamsConfig, RedisStreamsTransport};
@@ -247,20 +243,8 @@ async fn raw_amqp(events: usize) -> Sample {
         .expect("confirm_select");
     let queue = unique("saturation-raw");
     declare_raw_queue(&publisher, &queue).await;
-    let consuming = connection.create_channel().await.expect("channel");
-    consuming
-        .basic_qos(PREFETCH as u16, BasicQosOptions::default())
-        .await
-        .expect("basic_qos");
-    let mut deliveries = consuming
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("basic_consume");
+    let (_consuming, mut deliveries) =
+        raw_queue_consumer(&connection, &queue, PREFETCH as u16).await;
     let finish = Finish::new(events);
     let consumer = {
         let finish = finish.clone();

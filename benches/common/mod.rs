@@ -710,6 +710,31 @@ pub async fn declare_raw_queue(channel: &lapin::Channel, queue: &str) {
         .expect("queue_declare");
 }
 
+/// A lapin consumer of `queue` on a channel of its own with `prefetch`
+/// unacked deliveries at most, as a raw lapin service reads; the channel
+/// is returned to be kept open as long as the consumer.
+pub async fn raw_queue_consumer(
+    connection: &lapin::Connection,
+    queue: &str,
+    prefetch: u16,
+) -> (lapin::Channel, lapin::Consumer) {
+    let consuming = connection.create_channel().await.expect("channel");
+    consuming
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("basic_qos");
+    let deliveries = consuming
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("basic_consume");
+    (consuming, deliveries)
+}
+
 async fn amqp() -> Path {
     let exchange = unique("amqp");
     let config = AmqpConfig::new(amqp_url())
@@ -763,20 +788,7 @@ async fn amqp() -> Path {
         )
         .await
         .expect("queue_bind");
-    let consuming = connection.create_channel().await.expect("channel");
-    consuming
-        .basic_qos(64, BasicQosOptions::default())
-        .await
-        .expect("basic_qos");
-    let mut deliveries = consuming
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("basic_consume");
+    let (consuming, mut deliveries) = raw_queue_consumer(&connection, &queue, 64).await;
     let raw_waiters = Waiters::default();
     let raw_consumer = {
         let waiters = raw_waiters.clone();

@@ -43,27 +43,25 @@ impl Conn {
     /// without the boxed future the [`ConnectionLike`] impl wraps around
     /// the connection's own: one allocation fewer per publish.
     pub(super) async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
+        let reply = self.send(cmd).await?;
+        Ok(redis::from_redis_value(reply.extract_error()?)?)
+    }
+
+    /// Sends `cmd` on the link and records the outcome: what every command
+    /// of this transport goes through.
+    async fn send(&mut self, cmd: &Cmd) -> RedisResult<Value> {
         let reply = match &mut self.link {
             Link::Single(conn) => conn.req_packed_command(cmd).await,
             Link::Cluster(conn) => conn.req_packed_command(cmd).await,
         };
         self.seen.record(&reply);
-        Ok(redis::from_redis_value(reply?.extract_error()?)?)
+        reply
     }
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let Self { link, seen } = self;
-        let reply = match link {
-            Link::Single(conn) => conn.req_packed_command(cmd),
-            Link::Cluster(conn) => conn.req_packed_command(cmd),
-        };
-        Box::pin(async move {
-            let reply = reply.await;
-            seen.record(&reply);
-            reply
-        })
+        Box::pin(self.send(cmd))
     }
 
     fn req_packed_commands<'a>(
